@@ -1,0 +1,312 @@
+//! Control protocol between `mftctl` and `mftd`.
+//!
+//! A Unix-domain stream socket (mode 0600) carrying **newline-delimited
+//! JSON**: one object per line, at most [`MAX_LINE`] bytes per line. Every
+//! message is a tagged enum (`"type": "..."`, snake_case).
+//!
+//! A session starts with a version exchange:
+//!
+//! ```text
+//! → {"type":"hello","protocol":1,"client":"mftctl 0.1.0"}
+//! ← {"type":"hello","protocol":1,"daemon":"mftd 0.1.0","pid":4242}
+//! ```
+//!
+//! A different `protocol` is answered with an `error` of code
+//! `version_mismatch` naming both versions. Then the client sends requests;
+//! each gets exactly one response, except `watch`, which turns the connection
+//! into a stream of `progress` responses ending with the download's final one
+//! (state `done`, `failed` or `cancelled`).
+//!
+//! ```text
+//! → {"type":"servers_list"}
+//! ← {"type":"servers","servers":[{"port":5001,"state":"running","connections":0,...}]}
+//! → {"type":"server_stop","port":5003}
+//! ← {"type":"ok","message":"stopped listener 5003 (closed 2 connections)"}
+//! → {"type":"get","remote_path":"big.iso","sources":["127.0.0.1:5001"],"output_dir":"/tmp"}
+//! ← {"type":"accepted","id":1,"destination":"/tmp/big.iso"}
+//! → {"type":"watch","id":1,"interval_ms":1000}
+//! ← {"type":"progress","download":{"id":1,"state":"active",...}}
+//! → {"type":"bogus"}
+//! ← {"type":"error","code":"bad_request","message":"unknown variant `bogus`..."}
+//! ```
+//!
+//! A line that is not valid JSON or not a known request gets an `error`
+//! response and the connection stays open; a line longer than [`MAX_LINE`]
+//! gets an `error` and the connection is closed (the rest of the line cannot
+//! be skipped safely).
+
+use serde::{Deserialize, Serialize};
+
+use crate::range::Range;
+
+/// Control protocol version.
+pub const PROTOCOL: u32 = 1;
+/// Longest request or response line, newline excluded.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// A request from `mftctl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    Hello { protocol: u32, client: String },
+    Status,
+    ServersList,
+    ServerStop { port: u16 },
+    ServerStart { port: u16 },
+    ServerAdd {
+        #[serde(default)]
+        port: Option<u16>,
+        #[serde(default)]
+        rate_limit: Option<u64>,
+    },
+    ServerLimit { port: u16, rate_limit: u64 },
+    Get(GetRequest),
+    DownloadsList,
+    DownloadShow { id: u64 },
+    DownloadCancel { id: u64 },
+    /// Stream `progress` for a download every `interval_ms` until it ends.
+    Watch { id: u64, interval_ms: u64 },
+    Shutdown,
+}
+
+/// Start a download.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GetRequest {
+    /// Path of the file on the servers, relative to their export root.
+    pub remote_path: String,
+    /// `host:port` of each source.
+    pub sources: Vec<String>,
+    /// Absolute output directory; the daemon's download directory if absent.
+    #[serde(default)]
+    pub output_dir: Option<String>,
+    /// Replace an existing file at the destination.
+    #[serde(default)]
+    pub force: bool,
+    /// TCP connections per source; the daemon's default if absent.
+    #[serde(default)]
+    pub connections_per_source: Option<u32>,
+}
+
+/// A response from `mftd`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    Hello { protocol: u32, daemon: String, pid: u32 },
+    Ok { message: String },
+    Error { code: ErrorCode, message: String },
+    Status(StatusInfo),
+    Servers { servers: Vec<ListenerInfo> },
+    Accepted { id: u64, destination: String },
+    Downloads { downloads: Vec<DownloadInfo> },
+    Download { download: DownloadInfo },
+    Progress { download: DownloadInfo },
+}
+
+/// Stable error codes of the control protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    VersionMismatch,
+    LineTooLong,
+    UnknownPort,
+    PortInUse,
+    UnknownDownload,
+    BadPath,
+    OutputDir,
+    Exists,
+    InvalidArgument,
+    ShuttingDown,
+    Internal,
+}
+
+/// `status`: the daemon at a glance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusInfo {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    pub listen: String,
+    pub export_dir: String,
+    pub download_dir: String,
+    pub socket: String,
+    pub listeners: Vec<ListenerInfo>,
+    pub downloads: Vec<DownloadInfo>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenerState {
+    Running,
+    Stopped,
+}
+
+/// One transfer listener, as `servers list` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListenerInfo {
+    pub port: u16,
+    pub address: String,
+    pub state: ListenerState,
+    /// Connections open right now.
+    pub connections: u64,
+    /// Connections accepted since start.
+    pub total_connections: u64,
+    /// File bytes sent since start (all connections).
+    pub bytes_sent: u64,
+    /// Bytes per second over the last sampling interval.
+    pub rate: u64,
+    /// Bandwidth cap in bytes per second, 0 for none.
+    pub rate_limit: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DownloadState {
+    /// Asking the sources about the file.
+    Starting,
+    Active,
+    /// Every source is unreachable; retrying with backoff.
+    Waiting,
+    Paused,
+    /// All bytes are in; final checks, fsync and rename.
+    Verifying,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl DownloadState {
+    pub fn is_final(self) -> bool {
+        matches!(self, DownloadState::Done | DownloadState::Failed | DownloadState::Cancelled)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceState {
+    Connecting,
+    Active,
+    /// Unreachable for now; retried with backoff.
+    Waiting,
+    /// Dropped for this download (too many bad pieces, protocol violations).
+    Failed,
+    /// Serves a different version of the file than the other sources.
+    Excluded,
+    /// Nothing left for it to do.
+    Idle,
+}
+
+/// One source of one download.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceInfo {
+    pub address: String,
+    pub state: SourceState,
+    /// Bytes from this source that ended up in the file.
+    pub bytes: u64,
+    /// Bytes read off the wire (includes duplicates and discarded data).
+    pub bytes_received: u64,
+    /// Bytes per second over the last sampling interval.
+    pub speed: u64,
+    /// `bytes` as a fraction of the file size (0..=1).
+    pub share: f64,
+    /// Ranges finished by this source.
+    pub ranges_done: u64,
+    /// Pieces from this source that failed verification.
+    pub strikes: u32,
+    pub connections: u32,
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+/// One download, as `downloads show` and `progress` carry it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DownloadInfo {
+    pub id: u64,
+    pub remote_path: String,
+    pub destination: String,
+    pub state: DownloadState,
+    /// File size, once a source has answered.
+    #[serde(default)]
+    pub size: Option<u64>,
+    /// Bytes written to the file.
+    pub bytes_done: u64,
+    /// Pieces verified / total.
+    pub pieces_verified: u64,
+    pub pieces_total: u64,
+    pub speed: u64,
+    #[serde(default)]
+    pub eta_secs: Option<u64>,
+    pub elapsed_ms: u64,
+    pub sources: Vec<SourceInfo>,
+    /// BLAKE3 root identity of the file (hex), once known.
+    #[serde(default)]
+    pub identity: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Missing ranges (only in `downloads show`, for debugging).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<Range>,
+}
+
+impl DownloadInfo {
+    pub fn percent(&self) -> f64 {
+        match self.size {
+            Some(0) => 100.0,
+            Some(s) => self.bytes_done as f64 * 100.0 / s as f64,
+            None => 0.0,
+        }
+    }
+}
+
+impl Response {
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+        Response::Error { code, message: message.into() }
+    }
+    pub fn ok(message: impl Into<String>) -> Response {
+        Response::Ok { message: message.into() }
+    }
+}
+
+/// Encodes a message as one line, newline included.
+pub fn to_line<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Serializing these types cannot fail: no maps with non-string keys, no
+    // custom serializers.
+    let mut v = serde_json::to_vec(msg).unwrap_or_else(|e| {
+        format!("{{\"type\":\"error\",\"code\":\"internal\",\"message\":\"cannot encode: {e}\"}}").into_bytes()
+    });
+    v.push(b'\n');
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_tagged_snake_case() {
+        let r = Request::ServerStop { port: 5003 };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(s, r#"{"type":"server_stop","port":5003}"#);
+        let back: Request = serde_json::from_str(&s).unwrap();
+        assert_eq!(back, r);
+        let g: Request = serde_json::from_str(
+            r#"{"type":"get","remote_path":"a","sources":["127.0.0.1:5001"]}"#,
+        )
+        .unwrap();
+        assert!(matches!(g, Request::Get(GetRequest { ref remote_path, .. }) if remote_path == "a"));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for s in ["", "{", "[]", "{\"type\":\"nope\"}", "{\"type\":\"server_stop\",\"port\":70000}", "\u{0}"] {
+            assert!(serde_json::from_str::<Request>(s).is_err(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn line_ends_in_newline() {
+        let l = to_line(&Response::ok("x"));
+        assert_eq!(l.last(), Some(&b'\n'));
+        assert_eq!(l.iter().filter(|b| **b == b'\n').count(), 1);
+    }
+}

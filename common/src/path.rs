@@ -1,0 +1,112 @@
+//! Path rules shared by the export jail (server) and destination naming
+//! (client). These checks are purely lexical; the server additionally resolves
+//! the path beneath its export root so symlinks cannot lead out.
+
+use crate::proto::MAX_PATH;
+
+/// Why a remote path is refused before touching the file system.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("path is empty")]
+    Empty,
+    #[error("path is longer than {MAX_PATH} bytes")]
+    TooLong,
+    #[error("path is absolute; paths are relative to the export directory")]
+    Absolute,
+    #[error("path contains a `..` component")]
+    DotDot,
+    #[error("path contains a NUL byte")]
+    Nul,
+    #[error("path contains a backslash")]
+    Backslash,
+    #[error("path contains a control character")]
+    Control,
+    #[error("path names a directory, not a file")]
+    NotAFile,
+}
+
+/// Checks a remote path and returns it with empty and `.` components removed
+/// (`a//./b` becomes `a/b`).
+pub fn normalize_remote(path: &str) -> Result<String, PathError> {
+    if path.is_empty() {
+        return Err(PathError::Empty);
+    }
+    if path.len() > MAX_PATH {
+        return Err(PathError::TooLong);
+    }
+    if path.starts_with('/') {
+        return Err(PathError::Absolute);
+    }
+    if path.contains('\0') {
+        return Err(PathError::Nul);
+    }
+    if path.contains('\\') {
+        return Err(PathError::Backslash);
+    }
+    if path.chars().any(char::is_control) {
+        return Err(PathError::Control);
+    }
+    let mut parts = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return Err(PathError::DotDot),
+            p => parts.push(p),
+        }
+    }
+    if parts.is_empty() || path.ends_with('/') {
+        return Err(PathError::NotAFile);
+    }
+    Ok(parts.join("/"))
+}
+
+/// The local file name a download of `remote` is saved under: the last
+/// component of the checked remote path. It can never contain a `/` or be
+/// `.`/`..`, so joining it to the output directory stays inside it.
+pub fn local_name(remote: &str) -> Result<String, PathError> {
+    let norm = normalize_remote(remote)?;
+    let name = norm.rsplit('/').next().unwrap_or(&norm).to_string();
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_and_normalizes() {
+        assert_eq!(normalize_remote("a.bin").unwrap(), "a.bin");
+        assert_eq!(normalize_remote("dir/./sub//f").unwrap(), "dir/sub/f");
+        assert_eq!(normalize_remote("..hidden").unwrap(), "..hidden");
+        assert_eq!(normalize_remote("ünïcode/ファイル").unwrap(), "ünïcode/ファイル");
+    }
+
+    #[test]
+    fn rejects_every_bad_form() {
+        let long = "a".repeat(MAX_PATH + 1);
+        let cases: &[(&str, PathError)] = &[
+            ("", PathError::Empty),
+            (&long, PathError::TooLong),
+            ("/etc/passwd", PathError::Absolute),
+            ("../x", PathError::DotDot),
+            ("a/../../x", PathError::DotDot),
+            ("a/..", PathError::DotDot),
+            ("a\0b", PathError::Nul),
+            ("a\\..\\b", PathError::Backslash),
+            ("a\nb", PathError::Control),
+            (".", PathError::NotAFile),
+            ("dir/", PathError::NotAFile),
+            ("//", PathError::Absolute),
+        ];
+        for (p, want) in cases {
+            assert_eq!(normalize_remote(p).as_ref(), Err(want), "path {p:?}");
+        }
+    }
+
+    #[test]
+    fn local_name_is_last_component() {
+        assert_eq!(local_name("iso/big.iso").unwrap(), "big.iso");
+        assert_eq!(local_name("big.iso").unwrap(), "big.iso");
+        assert!(local_name("../../.ssh/authorized_keys").is_err());
+    }
+}

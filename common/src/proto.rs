@@ -1,0 +1,545 @@
+//! Transfer protocol v1 frames: encoding, decoding and limits.
+//!
+//! The normative description is in the [crate docs](crate). This module turns
+//! frames into bytes and back; it never allocates more than [`MAX_FRAME`] for
+//! a frame no matter what a peer announces.
+
+use std::fmt;
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Protocol version spoken by this build.
+pub const VERSION: u16 = 1;
+/// Magic bytes opening every `HELLO`.
+pub const MAGIC: [u8; 4] = *b"MFTD";
+/// Largest frame body accepted from a peer, checked before allocating.
+pub const MAX_FRAME: u32 = 1 << 20;
+/// Longest path accepted, in bytes.
+pub const MAX_PATH: usize = 4096;
+/// Largest byte range one `READ` may ask for.
+pub const MAX_READ: u64 = 16 << 20;
+/// Smallest piece size; see [`piece_size_for`].
+pub const MIN_PIECE: u32 = 256 << 10;
+/// Most pieces a file is cut into; bounds the size of `STAT_OK`.
+pub const MAX_PIECES: u64 = 16384;
+/// Size of the fixed frame header: type (1) + length (4).
+pub const HEADER_LEN: usize = 5;
+
+pub const T_HELLO: u8 = 0x01;
+pub const T_STAT: u8 = 0x02;
+pub const T_READ: u8 = 0x03;
+pub const T_STAT_OK: u8 = 0x82;
+pub const T_DATA: u8 = 0x83;
+pub const T_ERROR: u8 = 0x7f;
+
+/// Stable error codes carried by `ERROR` frames. Numbers never change meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// Frame could not be parsed (unknown type, short body, bad UTF-8...).
+    BadFrame = 1,
+    /// First frame was not a valid `HELLO`.
+    BadHandshake = 2,
+    /// Peers speak different protocol versions.
+    VersionMismatch = 3,
+    /// Path is malformed: empty, absolute, `..`, NUL, backslash, too long.
+    BadPath = 4,
+    /// No such file under the export root.
+    NotFound = 5,
+    /// Path resolves outside the export root or is not readable.
+    PathRefused = 6,
+    /// Path is a directory, device, FIFO or socket.
+    NotRegular = 7,
+    /// Byte range is outside the file or longer than `MAX_READ`.
+    BadRange = 8,
+    /// File changed since the client's `STAT`.
+    FileChanged = 9,
+    /// Listener is at its connection cap.
+    Busy = 10,
+    /// Server-side I/O error.
+    Io = 11,
+    /// Any code this build does not know.
+    Unknown = 0xffff,
+}
+
+impl ErrorCode {
+    pub fn from_u16(v: u16) -> ErrorCode {
+        use ErrorCode::*;
+        match v {
+            1 => BadFrame,
+            2 => BadHandshake,
+            3 => VersionMismatch,
+            4 => BadPath,
+            5 => NotFound,
+            6 => PathRefused,
+            7 => NotRegular,
+            8 => BadRange,
+            9 => FileChanged,
+            10 => Busy,
+            11 => Io,
+            _ => Unknown,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        use ErrorCode::*;
+        match self {
+            BadFrame => "bad_frame",
+            BadHandshake => "bad_handshake",
+            VersionMismatch => "version_mismatch",
+            BadPath => "bad_path",
+            NotFound => "not_found",
+            PathRefused => "path_refused",
+            NotRegular => "not_regular",
+            BadRange => "bad_range",
+            FileChanged => "file_changed",
+            Busy => "busy",
+            Io => "io",
+            Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A `READ` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadReq {
+    pub id: u32,
+    pub offset: u64,
+    pub len: u64,
+    /// File version the client expects (from its `STAT`).
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub path: String,
+}
+
+/// Header of a `DATA` answer; `len` raw bytes follow it on the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataHeader {
+    pub id: u32,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// A file's content identity: per-piece BLAKE3 hashes and their root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub size: u64,
+    pub piece_size: u32,
+    pub hashes: Vec<[u8; 32]>,
+    pub root: [u8; 32],
+}
+
+impl Identity {
+    /// Builds an identity from piece hashes, computing the root.
+    pub fn from_hashes(size: u64, piece_size: u32, hashes: Vec<[u8; 32]>) -> Identity {
+        let root = root_of(size, piece_size, &hashes);
+        Identity { size, piece_size, hashes, root }
+    }
+
+    pub fn piece_count(&self) -> usize {
+        self.hashes.len()
+    }
+
+    /// Byte range `[start, end)` of piece `i`.
+    pub fn piece_range(&self, i: usize) -> (u64, u64) {
+        let start = i as u64 * self.piece_size as u64;
+        (start, (start + self.piece_size as u64).min(self.size))
+    }
+
+    pub fn root_hex(&self) -> String {
+        hex::encode(self.root)
+    }
+}
+
+/// Root hash over a file's size, piece size and piece hashes.
+pub fn root_of(size: u64, piece_size: u32, hashes: &[[u8; 32]]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(&size.to_be_bytes());
+    h.update(&piece_size.to_be_bytes());
+    for p in hashes {
+        h.update(p);
+    }
+    *h.finalize().as_bytes()
+}
+
+/// Piece size for a file of `size` bytes: [`MIN_PIECE`], doubled until the
+/// file has at most [`MAX_PIECES`] pieces.
+pub fn piece_size_for(size: u64) -> u32 {
+    let mut p = MIN_PIECE as u64;
+    while size.div_ceil(p) > MAX_PIECES && p < (1u64 << 31) {
+        p *= 2;
+    }
+    p as u32
+}
+
+/// Number of pieces of a file.
+pub fn piece_count_for(size: u64, piece_size: u32) -> u64 {
+    size.div_ceil(piece_size as u64)
+}
+
+/// `STAT_OK` contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatInfo {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub identity: Identity,
+}
+
+/// An `ERROR` frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorFrame {
+    pub id: u32,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Every frame of protocol v1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Hello { magic: [u8; 4], version: u16, flags: u16 },
+    Stat { path: String },
+    Read(ReadReq),
+    StatOk(StatInfo),
+    Data(DataHeader),
+    Error(ErrorFrame),
+}
+
+/// Why bytes from a peer could not be turned into a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error("connection closed by peer")]
+    Closed,
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(u32),
+    #[error("unknown frame type 0x{0:02x}")]
+    UnknownType(u8),
+    #[error("malformed {kind} frame: {why}")]
+    Malformed { kind: &'static str, why: &'static str },
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl Frame {
+    /// The frame as bytes on the wire, header included.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut body = Vec::new();
+        let kind = match self {
+            Frame::Hello { magic, version, flags } => {
+                body.extend_from_slice(magic);
+                body.extend_from_slice(&version.to_be_bytes());
+                body.extend_from_slice(&flags.to_be_bytes());
+                T_HELLO
+            }
+            Frame::Stat { path } => {
+                body.extend_from_slice(path.as_bytes());
+                T_STAT
+            }
+            Frame::Read(r) => {
+                body.extend_from_slice(&r.id.to_be_bytes());
+                body.extend_from_slice(&r.offset.to_be_bytes());
+                body.extend_from_slice(&r.len.to_be_bytes());
+                body.extend_from_slice(&r.size.to_be_bytes());
+                body.extend_from_slice(&r.mtime_ns.to_be_bytes());
+                body.extend_from_slice(r.path.as_bytes());
+                T_READ
+            }
+            Frame::StatOk(s) => {
+                body.extend_from_slice(&s.size.to_be_bytes());
+                body.extend_from_slice(&s.mtime_ns.to_be_bytes());
+                body.extend_from_slice(&s.identity.piece_size.to_be_bytes());
+                body.extend_from_slice(&(s.identity.hashes.len() as u32).to_be_bytes());
+                body.extend_from_slice(&s.identity.root);
+                for h in &s.identity.hashes {
+                    body.extend_from_slice(h);
+                }
+                T_STAT_OK
+            }
+            Frame::Data(d) => {
+                body.extend_from_slice(&d.id.to_be_bytes());
+                body.extend_from_slice(&d.offset.to_be_bytes());
+                body.extend_from_slice(&d.len.to_be_bytes());
+                T_DATA
+            }
+            Frame::Error(e) => {
+                body.extend_from_slice(&e.id.to_be_bytes());
+                body.extend_from_slice(&(e.code as u16).to_be_bytes());
+                // Messages are for people; keep them short enough to never
+                // push a frame near the limit.
+                let msg = truncate_utf8(&e.message, 1024);
+                body.extend_from_slice(msg.as_bytes());
+                T_ERROR
+            }
+        };
+        let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+        out.push(kind);
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Decodes a frame body of type `kind`. Total: never panics.
+    pub fn decode(kind: u8, body: &[u8]) -> Result<Frame, ProtoError> {
+        let mut c = Cursor { buf: body, kind: kind_name(kind) };
+        let frame = match kind {
+            T_HELLO => {
+                let magic = c.array::<4>()?;
+                let version = c.u16()?;
+                let flags = c.u16()?;
+                c.end()?;
+                Frame::Hello { magic, version, flags }
+            }
+            T_STAT => Frame::Stat { path: c.path()? },
+            T_READ => {
+                let id = c.u32()?;
+                let offset = c.u64()?;
+                let len = c.u64()?;
+                let size = c.u64()?;
+                let mtime_ns = c.u64()? as i64;
+                let path = c.path()?;
+                Frame::Read(ReadReq { id, offset, len, size, mtime_ns, path })
+            }
+            T_STAT_OK => {
+                let size = c.u64()?;
+                let mtime_ns = c.u64()? as i64;
+                let piece_size = c.u32()?;
+                let count = c.u32()? as usize;
+                let root = c.array::<32>()?;
+                if piece_size == 0 {
+                    return Err(c.bad("piece size is zero"));
+                }
+                if piece_count_for(size, piece_size) != count as u64 {
+                    return Err(c.bad("piece count does not match size and piece size"));
+                }
+                if c.buf.len() != count.saturating_mul(32) {
+                    return Err(c.bad("hash list length does not match piece count"));
+                }
+                let mut hashes = Vec::with_capacity(count);
+                for _ in 0..count {
+                    hashes.push(c.array::<32>()?);
+                }
+                let identity = Identity { size, piece_size, hashes, root };
+                if root_of(size, piece_size, &identity.hashes) != root {
+                    return Err(c.bad("root hash does not match piece hashes"));
+                }
+                Frame::StatOk(StatInfo { size, mtime_ns, identity })
+            }
+            T_DATA => {
+                let id = c.u32()?;
+                let offset = c.u64()?;
+                let len = c.u64()?;
+                c.end()?;
+                Frame::Data(DataHeader { id, offset, len })
+            }
+            T_ERROR => {
+                let id = c.u32()?;
+                let code = ErrorCode::from_u16(c.u16()?);
+                let message = String::from_utf8_lossy(c.buf).into_owned();
+                Frame::Error(ErrorFrame { id, code, message })
+            }
+            other => return Err(ProtoError::UnknownType(other)),
+        };
+        Ok(frame)
+    }
+}
+
+/// Reads one frame. The announced length is checked against [`MAX_FRAME`]
+/// before the body buffer is allocated. Callers wrap this in a timeout.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ProtoError> {
+    let mut header = [0u8; HEADER_LEN];
+    match r.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(ProtoError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let kind = header[0];
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+    if len > MAX_FRAME {
+        return Err(ProtoError::TooLarge(len));
+    }
+    if !matches!(kind, T_HELLO | T_STAT | T_READ | T_STAT_OK | T_DATA | T_ERROR) {
+        return Err(ProtoError::UnknownType(kind));
+    }
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body).await.map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            ProtoError::Closed
+        } else {
+            e.into()
+        }
+    })?;
+    Frame::decode(kind, &body)
+}
+
+fn kind_name(kind: u8) -> &'static str {
+    match kind {
+        T_HELLO => "HELLO",
+        T_STAT => "STAT",
+        T_READ => "READ",
+        T_STAT_OK => "STAT_OK",
+        T_DATA => "DATA",
+        T_ERROR => "ERROR",
+        _ => "unknown",
+    }
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+struct Cursor<'a> {
+    buf: &'a [u8],
+    kind: &'static str,
+}
+
+impl<'a> Cursor<'a> {
+    fn bad(&self, why: &'static str) -> ProtoError {
+        ProtoError::Malformed { kind: self.kind, why }
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
+        if self.buf.len() < n {
+            return Err(self.bad("body too short"));
+        }
+        let (a, b) = self.buf.split_at(n);
+        self.buf = b;
+        Ok(a)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], ProtoError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+    fn u16(&mut self) -> Result<u16, ProtoError> {
+        Ok(u16::from_be_bytes(self.array()?))
+    }
+    fn u32(&mut self) -> Result<u32, ProtoError> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64, ProtoError> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+    fn end(&self) -> Result<(), ProtoError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(self.bad("trailing bytes"))
+        }
+    }
+    /// The rest of the body as a path. Only length and UTF-8 are checked
+    /// here; the path rules live in [`crate::path`] so the server can answer
+    /// `BAD_PATH` with a reason instead of `BAD_FRAME`.
+    fn path(&mut self) -> Result<String, ProtoError> {
+        let rest = std::mem::take(&mut self.buf);
+        if rest.len() > MAX_PATH {
+            return Err(self.bad("path longer than 4096 bytes"));
+        }
+        String::from_utf8(rest.to_vec()).map_err(|_| self.bad("path is not valid UTF-8"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn roundtrip(f: Frame) {
+        let bytes = f.encode();
+        let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
+        assert_eq!(len, bytes.len() - HEADER_LEN);
+        let back = Frame::decode(bytes[0], &bytes[HEADER_LEN..]).expect("decodes");
+        assert_eq!(back, f);
+    }
+
+    fn ident(size: u64) -> Identity {
+        let ps = piece_size_for(size);
+        let n = piece_count_for(size, ps) as usize;
+        let hashes = (0..n).map(|i| *blake3::hash(&i.to_be_bytes()).as_bytes()).collect();
+        Identity::from_hashes(size, ps, hashes)
+    }
+
+    #[test]
+    fn every_frame_roundtrips() {
+        roundtrip(Frame::Hello { magic: MAGIC, version: VERSION, flags: 0 });
+        roundtrip(Frame::Stat { path: "iso/big.iso".into() });
+        roundtrip(Frame::Read(ReadReq {
+            id: 7,
+            offset: 1 << 20,
+            len: 512 << 10,
+            size: 1 << 30,
+            mtime_ns: -5,
+            path: "a/b".into(),
+        }));
+        for size in [0, 1, 256 << 10, (256 << 10) + 1, 5 << 30] {
+            roundtrip(Frame::StatOk(StatInfo { size, mtime_ns: 1_700_000_000_000_000_000, identity: ident(size) }));
+        }
+        roundtrip(Frame::Data(DataHeader { id: 1, offset: 2, len: 3 }));
+        roundtrip(Frame::Error(ErrorFrame { id: 0, code: ErrorCode::NotFound, message: "no such file".into() }));
+    }
+
+    #[test]
+    fn stat_ok_for_largest_file_fits_in_a_frame() {
+        let size = u64::MAX / 2;
+        let ps = piece_size_for(size);
+        assert!(piece_count_for(size, ps) <= MAX_PIECES || ps == 1 << 31);
+        // 1 TiB: the common "huge" case must fit easily.
+        let ps = piece_size_for(1 << 40);
+        assert!(piece_count_for(1 << 40, ps) * 32 + 56 <= MAX_FRAME as u64);
+    }
+
+    #[test]
+    fn piece_size_grows_with_file() {
+        assert_eq!(piece_size_for(0), MIN_PIECE);
+        assert_eq!(piece_size_for(1 << 30), MIN_PIECE);
+        assert_eq!(piece_size_for(8 << 30), 512 << 10);
+        assert_eq!(piece_count_for(0, MIN_PIECE), 0);
+        assert_eq!(piece_count_for(1, MIN_PIECE), 1);
+    }
+
+    #[test]
+    fn stat_ok_with_forged_root_is_rejected() {
+        let mut s = StatInfo { size: 1000, mtime_ns: 0, identity: ident(1000) };
+        s.identity.root[0] ^= 1;
+        let bytes = Frame::StatOk(s).encode();
+        assert!(Frame::decode(bytes[0], &bytes[HEADER_LEN..]).is_err());
+    }
+
+    #[tokio::test]
+    async fn oversized_frame_rejected_before_allocation() {
+        let mut bytes = vec![T_STAT];
+        bytes.extend_from_slice(&u32::MAX.to_be_bytes());
+        let mut r = &bytes[..];
+        assert!(matches!(read_frame(&mut r).await, Err(ProtoError::TooLarge(_))));
+    }
+
+    #[tokio::test]
+    async fn truncated_frame_is_closed_not_panic() {
+        let bytes = Frame::Stat { path: "abc".into() }.encode();
+        let mut r = &bytes[..bytes.len() - 1];
+        assert!(matches!(read_frame(&mut r).await, Err(ProtoError::Closed)));
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(kind in any::<u8>(), body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Frame::decode(kind, &body);
+        }
+
+        #[test]
+        fn read_roundtrips(id in any::<u32>(), offset in any::<u64>(), len in any::<u64>(),
+                           size in any::<u64>(), mtime in any::<i64>(), path in "[a-z/._-]{1,64}") {
+            roundtrip(Frame::Read(ReadReq { id, offset, len, size, mtime_ns: mtime, path }));
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! Configuration: command-line flags, the TOML config file, and defaults,
+//! merged in that order of precedence (flags win).
+//!
+//! Default locations: when run as root (as a system service) the config is
+//! `/etc/mftd/mftd.toml`, state `/var/lib/mftd`, socket `/run/mftd/mftd.sock`;
+//! systemd's `CONFIGURATION_DIRECTORY`, `STATE_DIRECTORY` and
+//! `RUNTIME_DIRECTORY` override those when set. For a normal user everything
+//! lives under the XDG directories (via the `directories` crate).
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use serde::Deserialize;
+
+use mftd_common::paths::{default_socket_path, env_dir, project_dirs, system_mode};
+use mftd_common::rate::parse_rate;
+
+/// Command-line flags of `mftd`.
+#[derive(Debug, Parser, Default)]
+#[command(name = "mftd", version, about = "Multi-server file transfer daemon")]
+pub struct Args {
+    /// TOML config file (default: /etc/mftd/mftd.toml as root, else the XDG config dir).
+    #[arg(long, value_name = "FILE", env = "MFTD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory whose files the transfer listeners serve.
+    #[arg(long, value_name = "DIR")]
+    pub export: Option<PathBuf>,
+    /// Address the transfer listeners bind to (default 127.0.0.1).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<IpAddr>,
+    /// Number of transfer listeners, on consecutive ports from --base-port.
+    #[arg(long, value_name = "N")]
+    pub servers: Option<u16>,
+    /// First listener port (default 5001).
+    #[arg(long, value_name = "PORT")]
+    pub base_port: Option<u16>,
+    /// Explicit listener ports (overrides --servers/--base-port); 0 picks a free port.
+    #[arg(long, value_name = "P1,P2,...", value_delimiter = ',')]
+    pub ports: Option<Vec<u16>>,
+    /// Bandwidth cap for every listener, bytes/s with K/M/G suffix (0 = none).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub rate_limit: Option<u64>,
+    /// Log a one-line status of every listener this often (0 = off).
+    #[arg(long, value_name = "SECS")]
+    pub status_interval: Option<u64>,
+    /// Control socket path.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Directory for download manifests and daemon state.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Where downloads go when `mftctl get` gives no -o.
+    #[arg(long, value_name = "DIR")]
+    pub download_dir: Option<PathBuf>,
+    /// Most simultaneous connections per listener.
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<u32>,
+    /// TCP connections a download opens to each source.
+    #[arg(long, value_name = "N")]
+    pub connections_per_server: Option<u32>,
+    /// Seconds without a byte before a source connection is abandoned.
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout: Option<u64>,
+    /// More log output (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// The config file. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub export: Option<PathBuf>,
+    pub listen: Option<IpAddr>,
+    pub servers: Option<u16>,
+    pub base_port: Option<u16>,
+    pub ports: Option<Vec<u16>>,
+    pub rate_limit: Option<RateValue>,
+    pub status_interval: Option<u64>,
+    pub socket: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub download_dir: Option<PathBuf>,
+    pub max_connections: Option<u32>,
+    pub connections_per_server: Option<u32>,
+    pub idle_timeout: Option<u64>,
+}
+
+/// A rate in the config: a number of bytes/s or a string like `"20M"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RateValue {
+    Bytes(u64),
+    Text(String),
+}
+
+impl RateValue {
+    fn parse(&self) -> anyhow::Result<u64> {
+        match self {
+            RateValue::Bytes(b) => Ok(*b),
+            RateValue::Text(t) => parse_rate(t).map_err(anyhow::Error::msg),
+        }
+    }
+}
+
+/// Effective configuration after merging.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub export: PathBuf,
+    pub listen: IpAddr,
+    pub ports: Vec<u16>,
+    pub rate_limit: u64,
+    pub status_interval: u64,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub download_dir: PathBuf,
+    pub max_connections: u32,
+    pub connections_per_server: u32,
+    pub idle_timeout: Duration,
+    pub config_file: Option<PathBuf>,
+}
+
+pub const DEFAULT_BASE_PORT: u16 = 5001;
+pub const DEFAULT_SERVERS: u16 = 4;
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 64;
+/// Two connections per source: measured on loopback, the second connection
+/// hides the request round trip between pipelined reads on fast links; more
+/// brings nothing but sockets.
+pub const DEFAULT_CONNECTIONS_PER_SERVER: u32 = 2;
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 10;
+
+/// Default config file location.
+pub fn default_config_path() -> Option<PathBuf> {
+    if let Some(d) = env_dir("CONFIGURATION_DIRECTORY") {
+        return Some(d.join("mftd.toml"));
+    }
+    if system_mode() {
+        return Some(PathBuf::from("/etc/mftd/mftd.toml"));
+    }
+    project_dirs().map(|p| p.config_dir().join("mftd.toml"))
+}
+
+fn default_state_dir() -> PathBuf {
+    if let Some(d) = env_dir("STATE_DIRECTORY") {
+        return d;
+    }
+    if system_mode() {
+        return PathBuf::from("/var/lib/mftd");
+    }
+    project_dirs()
+        .map(|p| p.state_dir().unwrap_or(p.data_local_dir()).to_path_buf())
+        .unwrap_or_else(|| PathBuf::from(".mftd-state"))
+}
+
+fn default_export_dir(state: &Path) -> PathBuf {
+    if system_mode() || std::env::var_os("STATE_DIRECTORY").is_some() {
+        return state.join("export");
+    }
+    project_dirs().map(|p| p.data_dir().join("export")).unwrap_or_else(|| state.join("export"))
+}
+
+fn default_download_dir(state: &Path) -> PathBuf {
+    if system_mode() || std::env::var_os("STATE_DIRECTORY").is_some() {
+        return state.join("downloads");
+    }
+    directories::UserDirs::new()
+        .and_then(|u| u.download_dir().map(Path::to_path_buf))
+        .unwrap_or_else(|| state.join("downloads"))
+}
+
+impl Config {
+    /// Merges flags over the config file over defaults.
+    pub fn load(args: &Args) -> anyhow::Result<Config> {
+        let (file, config_file) = match &args.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read config file {}", p.display()))?;
+                (parse_file(&text, p)?, Some(p.clone()))
+            }
+            None => match default_config_path() {
+                Some(p) if p.exists() => {
+                    let text = std::fs::read_to_string(&p)
+                        .with_context(|| format!("cannot read config file {}", p.display()))?;
+                    (parse_file(&text, &p)?, Some(p))
+                }
+                _ => (FileConfig::default(), None),
+            },
+        };
+        Config::merge(args, file, config_file)
+    }
+
+    pub fn merge(args: &Args, file: FileConfig, config_file: Option<PathBuf>) -> anyhow::Result<Config> {
+        let state_dir = args.state_dir.clone().or(file.state_dir).unwrap_or_else(default_state_dir);
+        let export = args.export.clone().or(file.export).unwrap_or_else(|| default_export_dir(&state_dir));
+        let download_dir =
+            args.download_dir.clone().or(file.download_dir).unwrap_or_else(|| default_download_dir(&state_dir));
+        let socket = args.socket.clone().or(file.socket).unwrap_or_else(default_socket_path);
+        let listen = args.listen.or(file.listen).unwrap_or(IpAddr::from([127, 0, 0, 1]));
+
+        // Ports: explicit lists win; a flag for count/base overrides the file's list.
+        let ports = if let Some(p) = &args.ports {
+            p.clone()
+        } else if args.servers.is_some() || args.base_port.is_some() {
+            let n = args.servers.or(file.servers).unwrap_or(DEFAULT_SERVERS);
+            let base = args.base_port.or(file.base_port).unwrap_or(DEFAULT_BASE_PORT);
+            consecutive(base, n)?
+        } else if let Some(p) = file.ports {
+            p
+        } else {
+            let n = file.servers.unwrap_or(DEFAULT_SERVERS);
+            let base = file.base_port.unwrap_or(DEFAULT_BASE_PORT);
+            consecutive(base, n)?
+        };
+        let mut seen = std::collections::HashSet::new();
+        for p in &ports {
+            if *p != 0 && !seen.insert(*p) {
+                bail!("port {p} is listed twice");
+            }
+        }
+
+        let rate_limit = match (args.rate_limit, &file.rate_limit) {
+            (Some(r), _) => r,
+            (None, Some(r)) => r.parse().context("invalid rate_limit in config file")?,
+            (None, None) => 0,
+        };
+        let max_connections = args.max_connections.or(file.max_connections).unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            bail!("max_connections must be at least 1");
+        }
+        let connections_per_server =
+            args.connections_per_server.or(file.connections_per_server).unwrap_or(DEFAULT_CONNECTIONS_PER_SERVER);
+        if !(1..=16).contains(&connections_per_server) {
+            bail!("connections_per_server must be between 1 and 16");
+        }
+        let idle = args.idle_timeout.or(file.idle_timeout).unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS);
+        if idle == 0 {
+            bail!("idle_timeout must be at least 1 second");
+        }
+        Ok(Config {
+            export,
+            listen,
+            ports,
+            rate_limit,
+            status_interval: args.status_interval.or(file.status_interval).unwrap_or(0),
+            socket,
+            state_dir,
+            download_dir,
+            max_connections,
+            connections_per_server,
+            idle_timeout: Duration::from_secs(idle),
+            config_file,
+        })
+    }
+}
+
+fn parse_file(text: &str, path: &Path) -> anyhow::Result<FileConfig> {
+    toml::from_str(text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+fn consecutive(base: u16, n: u16) -> anyhow::Result<Vec<u16>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let last = base as u32 + n as u32 - 1;
+    if base == 0 || last > u16::MAX as u32 {
+        bail!("--servers {n} from --base-port {base} does not fit in the port range 1-65535");
+    }
+    Ok((base..=last as u16).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_file() {
+        let file: FileConfig = toml::from_str(
+            "ports = [6001, 6002]\nrate_limit = \"20M\"\nexport = \"/srv/x\"\nidle_timeout = 3\n",
+        )
+        .unwrap();
+        let args = Args { rate_limit: Some(1024), ..Args::default() };
+        let c = Config::merge(&args, file, None).unwrap();
+        assert_eq!(c.ports, vec![6001, 6002]);
+        assert_eq!(c.rate_limit, 1024);
+        assert_eq!(c.export, PathBuf::from("/srv/x"));
+        assert_eq!(c.idle_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn servers_and_base_port_make_consecutive_ports() {
+        let args = Args { servers: Some(3), base_port: Some(7000), ..Args::default() };
+        let c = Config::merge(&args, FileConfig::default(), None).unwrap();
+        assert_eq!(c.ports, vec![7000, 7001, 7002]);
+        let c = Config::merge(&Args::default(), FileConfig::default(), None).unwrap();
+        assert_eq!(c.ports, vec![5001, 5002, 5003, 5004]);
+    }
+
+    #[test]
+    fn bad_files_are_errors() {
+        assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+        assert!(toml::from_str::<FileConfig>("ports = \"x\"").is_err());
+        let args = Args { ports: Some(vec![5001, 5001]), ..Args::default() };
+        assert!(Config::merge(&args, FileConfig::default(), None).is_err());
+        let args = Args { servers: Some(10), base_port: Some(65530), ..Args::default() };
+        assert!(Config::merge(&args, FileConfig::default(), None).is_err());
+    }
+}

@@ -1,0 +1,242 @@
+//! The control socket: a Unix-domain socket speaking newline-delimited JSON
+//! (see [`mftd_common::control`]).
+//!
+//! Owns: creating the socket safely (refusing to start if another daemon
+//! answers on it, removing only a stale *socket*, mode 0600 set before
+//! `listen()`), checking the peer's credentials, reading bounded lines, and
+//! dispatching requests. Must never: let a bad line end the daemon, or
+//! delete a file at the socket path that is not a socket.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixListener as StdUnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, UnixAddr};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{debug, info, warn};
+
+use mftd_common::control::{to_line, DownloadState, ErrorCode, Request, Response, MAX_LINE, PROTOCOL};
+
+use crate::Daemon;
+
+/// A bound control socket; unlinked when dropped.
+pub struct ControlSocket {
+    pub listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl ControlSocket {
+    /// Creates the socket at `path`.
+    pub fn bind(path: &Path) -> anyhow::Result<ControlSocket> {
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() && !dir.exists() {
+                std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+            }
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                // Someone may be listening: ask before removing anything.
+                match std::os::unix::net::UnixStream::connect(path) {
+                    Ok(_) => bail!(
+                        "another mftd is already running on {} (stop it with `mftctl shutdown`, or give this one another --socket)",
+                        path.display()
+                    ),
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused || e.kind() == io::ErrorKind::NotFound => {
+                        info!(path = %path.display(), "removing stale control socket");
+                        std::fs::remove_file(path)
+                            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+                    }
+                    Err(e) => bail!("cannot check existing socket {}: {e}", path.display()),
+                }
+            }
+            Ok(_) => bail!("{} exists and is not a socket; refusing to replace it", path.display()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => bail!("cannot inspect {}: {e}", path.display()),
+        }
+        let fd: OwnedFd = socket::socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)
+            .context("cannot create control socket")?;
+        let addr = UnixAddr::new(path).with_context(|| format!("invalid socket path {}", path.display()))?;
+        socket::bind(fd.as_raw_fd(), &addr).with_context(|| format!("cannot bind control socket {}", path.display()))?;
+        // Restrict before anyone can connect: connect() needs listen().
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot chmod {}", path.display()))?;
+        socket::listen(&fd, socket::Backlog::new(128).unwrap_or(socket::Backlog::MAXCONN))
+            .with_context(|| format!("cannot listen on {}", path.display()))?;
+        let std_listener = StdUnixListener::from(fd);
+        let listener = UnixListener::from_std(std_listener).context("cannot register control socket")?;
+        Ok(ControlSocket { listener, path: path.to_path_buf() })
+    }
+}
+
+/// Accepts control connections until shutdown.
+pub async fn serve(sock: ControlSocket, daemon: Arc<Daemon>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = daemon.shutdown.cancelled() => break,
+            r = sock.listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let d = daemon.clone();
+                daemon.tracker.spawn(async move {
+                    if let Err(e) = handle_conn(stream, d).await {
+                        debug!(error = %e, "control connection ended");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "control accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    drop(sock);
+}
+
+/// Only root and the daemon's own user may drive it.
+fn peer_allowed(stream: &UnixStream) -> bool {
+    match socket::getsockopt(stream, sockopt::PeerCredentials) {
+        Ok(cred) => cred.uid() == 0 || cred.uid() == nix::unistd::geteuid().as_raw(),
+        Err(_) => false,
+    }
+}
+
+/// Reads one line of at most `MAX_LINE` bytes. `Ok(None)` on EOF,
+/// `Err(LineTooLong)` when the limit is hit.
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> io::Result<Option<()>> {
+    buf.clear();
+    loop {
+        let avail = r.fill_buf().await?;
+        if avail.is_empty() {
+            return Ok(if buf.is_empty() { None } else { Some(()) });
+        }
+        let (take, done) = match avail.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (avail.len(), false),
+        };
+        if buf.len() + take > MAX_LINE + 1 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "line too long"));
+        }
+        buf.extend_from_slice(&avail[..take]);
+        r.consume(take);
+        if done {
+            buf.pop();
+            return Ok(Some(()));
+        }
+    }
+}
+
+async fn send<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, resp: &Response) -> io::Result<()> {
+    w.write_all(&to_line(resp)).await?;
+    w.flush().await
+}
+
+async fn handle_conn(stream: UnixStream, daemon: Arc<Daemon>) -> io::Result<()> {
+    if !peer_allowed(&stream) {
+        let (_, mut w) = stream.into_split();
+        let _ = send(&mut w, &Response::error(ErrorCode::BadRequest, "permission denied: only root or mftd's own user may use this socket")).await;
+        return Ok(());
+    }
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    let mut line = Vec::new();
+    loop {
+        let got = tokio::select! {
+            _ = daemon.shutdown.cancelled() => return Ok(()),
+            g = read_line(&mut r, &mut line) => g,
+        };
+        match got {
+            Ok(None) => return Ok(()),
+            Ok(Some(())) => {}
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                let _ = send(&mut w, &Response::error(ErrorCode::LineTooLong, format!("request longer than {MAX_LINE} bytes"))).await;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+        let text = String::from_utf8_lossy(&line);
+        if text.trim().is_empty() {
+            continue;
+        }
+        let req: Request = match serde_json::from_str(&text) {
+            Ok(r) => r,
+            Err(e) => {
+                send(&mut w, &Response::error(ErrorCode::BadRequest, format!("malformed request: {e}"))).await?;
+                continue;
+            }
+        };
+        match req {
+            Request::Hello { protocol, .. } => {
+                let resp = if protocol == PROTOCOL {
+                    Response::Hello { protocol: PROTOCOL, daemon: format!("mftd {}", env!("CARGO_PKG_VERSION")), pid: std::process::id() }
+                } else {
+                    Response::error(
+                        ErrorCode::VersionMismatch,
+                        format!("mftd speaks control protocol {PROTOCOL}, mftctl sent {protocol}; use matching versions"),
+                    )
+                };
+                send(&mut w, &resp).await?;
+            }
+            Request::Watch { id, interval_ms } => {
+                watch(&daemon, id, interval_ms, &mut w).await?;
+                return Ok(());
+            }
+            Request::Shutdown => {
+                send(&mut w, &Response::ok("mftd is shutting down")).await?;
+                info!("shutdown requested over the control socket");
+                daemon.shutdown.cancel();
+                return Ok(());
+            }
+            other => {
+                let resp = crate::handlers::handle(&daemon, other);
+                send(&mut w, &resp).await?;
+            }
+        }
+    }
+}
+
+/// Streams `progress` for download `id` every `interval_ms` and once more
+/// when it ends.
+async fn watch<W: tokio::io::AsyncWrite + Unpin>(daemon: &Daemon, id: u64, interval_ms: u64, w: &mut W) -> io::Result<()> {
+    let Some(dl) = daemon.downloads.get(id) else {
+        let r = crate::download::unknown(id);
+        return send(w, &Response::error(r.0, r.1)).await;
+    };
+    let interval = Duration::from_millis(interval_ms.clamp(50, 60_000));
+    let mut state = dl.subscribe();
+    loop {
+        let info = dl.info(false);
+        let last = info.state.is_final();
+        send(w, &Response::Progress { download: info }).await?;
+        if last {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            r = state.changed() => {
+                if r.is_err() { return Ok(()); }
+                // Report state changes promptly, final ones above all.
+                if !matches!(*state.borrow(), DownloadState::Done | DownloadState::Failed | DownloadState::Cancelled) {
+                    continue;
+                }
+            }
+            _ = daemon.shutdown.cancelled() => {
+                let info = dl.info(false);
+                return send(w, &Response::Progress { download: info }).await;
+            }
+        }
+    }
+}

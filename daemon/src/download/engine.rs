@@ -1,0 +1,702 @@
+//! The download engine: runs one download from its sources to a verified
+//! file.
+//!
+//! Every source gets `connections_per_source` workers. A worker connects,
+//! STATs the file, takes part in choosing the file's identity (the version
+//! most sources agree on; others are excluded and named), then pulls ranges
+//! from the [`Scheduler`] and writes what arrives straight to its offset in
+//! `NAME.mftpart`. A worker whose connection fails retries with capped
+//! exponential backoff plus jitter; its unfinished range is taken over by
+//! others from the exact byte reached. Completed pieces are read back and
+//! verified against their BLAKE3 hash; a bad piece is fetched again and its
+//! senders get a strike (dropped after [`MAX_STRIKES`]). When every piece is
+//! verified the whole file is hashed again, fsynced and renamed into place.
+//!
+//! Must never: write a byte that was not claimed first, let an unverified
+//! byte reach the final name, or follow a symlink at the destination.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::sync::{mpsc, Notify, OnceCell, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use mftd_common::control::{DownloadState, SourceState};
+use mftd_common::proto::{ErrorCode, Identity, StatInfo};
+use mftd_common::range::Range;
+
+use super::client::{ClientError, Conn};
+use super::scheduler::{ConnId, Scheduler, SourceId};
+use super::{part_path, Download};
+use crate::identity::hash_file;
+
+/// Bad pieces a source may send before it is dropped from the download.
+pub const MAX_STRIKES: u32 = 3;
+/// Size of one READ request.
+pub const BLOCK: u64 = 512 << 10;
+/// READs in flight per connection.
+pub const WINDOW: usize = 4;
+/// Receive buffer: bytes are claimed and written in pieces of this size.
+const BUF: usize = 256 << 10;
+/// First retry delay after a failure and the cap of the exponential backoff.
+pub const BACKOFF_START: Duration = Duration::from_millis(250);
+pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// How long identity election waits for more sources after the first answer.
+const ELECTION_WINDOW: Duration = Duration::from_secs(1);
+
+/// The file version the download is fetching, chosen by majority.
+struct Chosen {
+    identity: Identity,
+    file: Arc<File>,
+    sched: Mutex<Scheduler>,
+}
+
+enum Outcome {
+    Complete,
+    Fatal(String),
+}
+
+struct Engine {
+    dl: Arc<Download>,
+    /// Cancelled when the download ends for any reason: stops all workers.
+    workers: CancellationToken,
+    chosen: OnceCell<Arc<Chosen>>,
+    offers: Mutex<Vec<(SourceId, Identity, Instant)>>,
+    /// Sources that will never offer (permanent errors) or were dropped.
+    dead: Mutex<HashMap<SourceId, String>>,
+    strikes: Mutex<HashMap<SourceId, u32>>,
+    next_conn: AtomicU64,
+    live_workers: AtomicUsize,
+    /// Woken when work may have become available (failures, bad pieces).
+    changed: Notify,
+    verify_slots: Semaphore,
+    outcome: mpsc::Sender<Outcome>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs a download to its end. Never panics on peer or disk input.
+pub async fn run(dl: Arc<Download>) {
+    let (tx, mut rx) = mpsc::channel(8);
+    let eng = Arc::new(Engine {
+        dl: dl.clone(),
+        workers: dl.token.child_token(),
+        chosen: OnceCell::new(),
+        offers: Mutex::new(Vec::new()),
+        dead: Mutex::new(HashMap::new()),
+        strikes: Mutex::new(HashMap::new()),
+        next_conn: AtomicU64::new(1),
+        live_workers: AtomicUsize::new(0),
+        changed: Notify::new(),
+        verify_slots: Semaphore::new(2),
+        outcome: tx,
+    });
+    info!(remote = %dl.remote_path, dest = %dl.destination.display(), sources = ?dl.sources, "download started");
+    let mut tasks = tokio::task::JoinSet::new();
+    for src in 0..dl.sources.len() {
+        for _ in 0..dl.connections_per_source {
+            eng.live_workers.fetch_add(1, Ordering::SeqCst);
+            tasks.spawn(worker(eng.clone(), src));
+        }
+    }
+    let outcome = tokio::select! {
+        o = rx.recv() => o,
+        _ = dl.token.cancelled() => None,
+    };
+    eng.workers.cancel();
+    // Workers stop at their next await; bound the wait anyway.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;
+    tasks.abort_all();
+
+    match outcome {
+        Some(Outcome::Complete) => {
+            dl.set_state(DownloadState::Verifying);
+            match finish(&eng).await {
+                Ok(()) => {
+                    info!(dest = %dl.destination.display(), "download complete");
+                    dl.set_state(DownloadState::Done);
+                }
+                Err(e) => {
+                    warn!(error = %e, "final check failed");
+                    let _ = std::fs::remove_file(dl.part_path());
+                    dl.fail(e);
+                }
+            }
+        }
+        Some(Outcome::Fatal(e)) => {
+            warn!(error = %e, "download failed");
+            let _ = std::fs::remove_file(dl.part_path());
+            dl.fail(e);
+        }
+        None => {
+            // Cancelled by the user (state already set) or daemon shutdown.
+            if dl.state() == DownloadState::Cancelled {
+                let _ = std::fs::remove_file(dl.part_path());
+                info!("download cancelled");
+            } else {
+                dl.fail("mftd shut down before the download finished".into());
+            }
+        }
+    }
+}
+
+/// fsync, whole-file check against the identity, rename, directory fsync.
+async fn finish(eng: &Arc<Engine>) -> Result<(), String> {
+    let chosen = eng.chosen.get().cloned().ok_or("no file version was chosen")?;
+    let dest = eng.dl.destination.clone();
+    let force = eng.dl.force;
+    tokio::task::spawn_blocking(move || {
+        let part = part_path(&dest);
+        chosen.file.sync_all().map_err(|e| format!("cannot fsync {}: {e}", part.display()))?;
+        let again = hash_file(&chosen.file, chosen.identity.size)
+            .map_err(|e| format!("cannot re-read {}: {e}", part.display()))?;
+        if again.root != chosen.identity.root {
+            return Err(format!("{} does not match the file's identity after download", part.display()));
+        }
+        rename_into_place(&part, &dest, force)?;
+        Ok(())
+    })
+    .await
+    .map_err(|e| format!("final check task failed: {e}"))?
+}
+
+fn rename_into_place(part: &Path, dest: &Path, force: bool) -> Result<(), String> {
+    use nix::fcntl::{renameat2, RenameFlags};
+    let flags = if force { RenameFlags::empty() } else { RenameFlags::RENAME_NOREPLACE };
+    renameat2(None, part, None, dest, flags).map_err(|e| match e {
+        nix::errno::Errno::EEXIST => format!("{} appeared while downloading; not replacing it without --force", dest.display()),
+        e => format!("cannot rename {} to {}: {e}", part.display(), dest.display()),
+    })?;
+    if let Some(dir) = dest.parent() {
+        if let Ok(d) = File::open(dir) {
+            d.sync_all().map_err(|e| format!("cannot fsync {}: {e}", dir.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates `NAME.mftpart` (never through a symlink) at the file's size.
+fn create_part(dest: &Path, size: u64) -> Result<File, String> {
+    let part = part_path(dest);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .custom_flags(libc_o_nofollow())
+        .open(&part)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) {
+                format!("{} is a symlink; refusing to write through it", part.display())
+            } else {
+                format!("cannot create {}: {e}", part.display())
+            }
+        })?;
+    if size > 0 {
+        use std::os::fd::AsRawFd;
+        match nix::fcntl::posix_fallocate(file.as_raw_fd(), 0, size as i64) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::ENOSPC) => {
+                let _ = std::fs::remove_file(&part);
+                return Err(format!("not enough disk space for {} ({size} bytes)", dest.display()));
+            }
+            Err(_) => file.set_len(size).map_err(|e| format!("cannot size {}: {e}", part.display()))?,
+        }
+    }
+    Ok(file)
+}
+
+fn libc_o_nofollow() -> i32 {
+    nix::fcntl::OFlag::O_NOFOLLOW.bits()
+}
+
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff(BACKOFF_START)
+    }
+    /// Next delay: doubling up to the cap, with ±25 % jitter so many
+    /// clients do not retry in lockstep.
+    fn next(&mut self) -> Duration {
+        let base = self.0;
+        self.0 = (self.0 * 2).min(BACKOFF_CAP);
+        let jitter = rand::thread_rng().gen_range(0.75..1.25);
+        base.mul_f64(jitter).min(BACKOFF_CAP)
+    }
+}
+
+impl Engine {
+    fn set_source(&self, src: SourceId, f: impl FnOnce(&mut super::SourceProgress)) {
+        let mut p = self.dl.progress();
+        if let Some(s) = p.sources.get_mut(src) {
+            f(s);
+        }
+    }
+
+    fn is_dead(&self, src: SourceId) -> bool {
+        lock(&self.dead).contains_key(&src)
+    }
+
+    /// A source will never be useful for this download.
+    fn kill_source(&self, src: SourceId, state: SourceState, why: String) {
+        let first = lock(&self.dead).insert(src, why.clone()).is_none();
+        if first {
+            warn!(source = %self.dl.sources[src], reason = %why, "source dropped");
+        }
+        self.set_source(src, |s| {
+            s.state = state;
+            s.last_error = Some(why);
+        });
+        self.changed.notify_waiters();
+    }
+
+    /// Recomputes whether the download is waiting (no source connected).
+    fn refresh_state(&self) {
+        let p = self.dl.progress();
+        if p.state.is_final() || p.state == DownloadState::Verifying {
+            return;
+        }
+        let connected = p.sources.iter().any(|s| s.connections > 0);
+        let known = p.size.is_some();
+        drop(p);
+        let state = match (connected, known) {
+            (true, true) => DownloadState::Active,
+            (true, false) => DownloadState::Starting,
+            (false, _) => DownloadState::Waiting,
+        };
+        self.dl.set_state(state);
+    }
+
+    /// Takes part in choosing the file version. Returns the chosen version
+    /// if this source serves it.
+    async fn elect(self: &Arc<Self>, src: SourceId, stat: &StatInfo) -> Result<Arc<Chosen>, String> {
+        {
+            let mut offers = lock(&self.offers);
+            if !offers.iter().any(|o| o.0 == src) {
+                offers.push((src, stat.identity.clone(), Instant::now()));
+            }
+        }
+        let deadline = {
+            let offers = lock(&self.offers);
+            offers.iter().map(|o| o.2).min().unwrap_or_else(Instant::now) + ELECTION_WINDOW
+        };
+        loop {
+            if let Some(c) = self.chosen.get() {
+                return self.compare(c, stat);
+            }
+            let ready = {
+                let offers = lock(&self.offers);
+                let dead = lock(&self.dead);
+                let undecided = (0..self.dl.sources.len())
+                    .filter(|s| !dead.contains_key(s) && !offers.iter().any(|o| o.0 == *s))
+                    .count();
+                undecided == 0 || Instant::now() >= deadline
+            };
+            if ready {
+                let eng = self.clone();
+                let c = self
+                    .chosen
+                    .get_or_try_init(|| async move { eng.prepare().await })
+                    .await
+                    .map_err(|e| {
+                        let _ = self.outcome.try_send(Outcome::Fatal(e.clone()));
+                        e
+                    })?;
+                return self.compare(c, stat);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = self.workers.cancelled() => return Err("cancelled".into()),
+            }
+        }
+    }
+
+    fn compare(&self, c: &Chosen, stat: &StatInfo) -> Result<Arc<Chosen>, String> {
+        if stat.size == c.identity.size && stat.identity.root == c.identity.root {
+            self.chosen.get().cloned().ok_or_else(|| "no version chosen".into())
+        } else {
+            Err(format!(
+                "serves a different version of {} ({} bytes, identity {}) than the other sources ({} bytes, identity {})",
+                self.dl.remote_path,
+                stat.size,
+                &hex::encode(stat.identity.root)[..16],
+                c.identity.size,
+                &c.identity.root_hex()[..16],
+            ))
+        }
+    }
+
+    /// Chooses the majority version among the offers and creates the part file.
+    async fn prepare(self: Arc<Self>) -> Result<Arc<Chosen>, String> {
+        let identity = {
+            let offers = lock(&self.offers);
+            // (identity, votes, first seen)
+            let mut counts: Vec<(&Identity, usize, Instant)> = Vec::new();
+            for (_, id, at) in offers.iter() {
+                match counts.iter_mut().find(|c| c.0.size == id.size && c.0.root == id.root) {
+                    Some(c) => c.1 += 1,
+                    None => counts.push((id, 1, *at)),
+                }
+            }
+            counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.2.cmp(&b.2)));
+            counts.first().map(|c| c.0.clone()).ok_or("no source answered")?
+        };
+        let dest = self.dl.destination.clone();
+        let size = identity.size;
+        let file = tokio::task::spawn_blocking(move || create_part(&dest, size))
+            .await
+            .map_err(|e| format!("prepare task failed: {e}"))??;
+        {
+            let mut p = self.dl.progress();
+            p.size = Some(size);
+            p.identity = Some(identity.root_hex());
+            p.pieces_total = identity.piece_count() as u64;
+        }
+        info!(size, identity = %identity.root_hex(), "file version chosen");
+        let sched = Scheduler::new(size, identity.piece_size);
+        let complete = sched.is_complete();
+        let chosen = Arc::new(Chosen { identity, file: Arc::new(file), sched: Mutex::new(sched) });
+        if complete {
+            // A zero-byte file has nothing to fetch.
+            let _ = self.outcome.try_send(Outcome::Complete);
+        }
+        Ok(chosen)
+    }
+
+    fn strike(&self, src: SourceId, piece: usize) {
+        let n = {
+            let mut s = lock(&self.strikes);
+            let n = s.entry(src).or_insert(0);
+            *n += 1;
+            *n
+        };
+        warn!(source = %self.dl.sources[src], piece, strikes = n, "piece failed verification");
+        self.set_source(src, |s| {
+            s.strikes = n;
+            s.last_error = Some(format!("piece {piece} failed verification"));
+        });
+        if n >= MAX_STRIKES {
+            self.kill_source(src, SourceState::Failed, format!("sent {n} pieces that failed verification"));
+        }
+    }
+
+    /// All workers of all sources gave up: fail with every source's reason.
+    fn check_all_dead(&self) {
+        if self.live_workers.load(Ordering::SeqCst) > 0 {
+            return;
+        }
+        let dead = lock(&self.dead);
+        let reasons: Vec<String> = (0..self.dl.sources.len())
+            .map(|s| format!("{}: {}", self.dl.sources[s], dead.get(&s).map(String::as_str).unwrap_or("gave up")))
+            .collect();
+        let _ = self.outcome.try_send(Outcome::Fatal(format!("no usable source ({})", reasons.join("; "))));
+    }
+}
+
+
+/// Why a worker's connection ended.
+enum WorkerEnd {
+    /// Nothing left to fetch.
+    Done,
+    /// Download over or cancelled.
+    Stopped,
+    /// Connection failed; retry after a backoff.
+    Retry(String),
+    /// This source is of no further use.
+    Dead(SourceState, String),
+}
+
+/// One connection slot to one source, for the whole download.
+async fn worker(eng: Arc<Engine>, src: SourceId) {
+    let addr = eng.dl.sources[src].clone();
+    let mut backoff = Backoff::new();
+    loop {
+        if eng.workers.is_cancelled() || eng.is_dead(src) {
+            break;
+        }
+        let end = tokio::select! {
+            e = session(&eng, src, &addr, &mut backoff) => e,
+            _ = eng.workers.cancelled() => WorkerEnd::Stopped,
+        };
+        match end {
+            WorkerEnd::Done | WorkerEnd::Stopped => break,
+            WorkerEnd::Dead(state, why) => {
+                eng.kill_source(src, state, why);
+                break;
+            }
+            WorkerEnd::Retry(why) => {
+                let delay = backoff.next();
+                debug!(source = %addr, error = %why, retry_in = ?delay, "source connection failed");
+                eng.set_source(src, |s| {
+                    s.last_error = Some(why);
+                    if s.connections == 0 && matches!(s.state, SourceState::Active | SourceState::Connecting) {
+                        s.state = SourceState::Waiting;
+                    }
+                });
+                eng.refresh_state();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = eng.workers.cancelled() => break,
+                }
+            }
+        }
+    }
+    eng.live_workers.fetch_sub(1, Ordering::SeqCst);
+    eng.check_all_dead();
+}
+
+/// One connection: connect, STAT, elect, fetch until it ends.
+async fn session(eng: &Arc<Engine>, src: SourceId, addr: &str, backoff: &mut Backoff) -> WorkerEnd {
+    let idle = eng.dl.idle_timeout;
+    let mut conn = match Conn::connect(addr, idle).await {
+        Ok(c) => c,
+        Err(e) if e.is_permanent() => return WorkerEnd::Dead(SourceState::Failed, e.to_string()),
+        Err(e) => return WorkerEnd::Retry(e.to_string()),
+    };
+    let stat = match conn.stat(&eng.dl.remote_path).await {
+        Ok(s) => s,
+        Err(ClientError::Server { code: ErrorCode::NotFound, .. }) => {
+            return WorkerEnd::Dead(SourceState::Failed, format!("{} not found on this server", eng.dl.remote_path))
+        }
+        Err(e) if e.is_permanent() => return WorkerEnd::Dead(SourceState::Failed, e.to_string()),
+        Err(e) => return WorkerEnd::Retry(e.to_string()),
+    };
+    let chosen = match eng.elect(src, &stat).await {
+        Ok(c) => c,
+        Err(e) if eng.workers.is_cancelled() => return WorkerEnd::Retry(e),
+        Err(e) => return WorkerEnd::Dead(SourceState::Excluded, e),
+    };
+    // Connected and serving the right file: reset the backoff.
+    *backoff = Backoff::new();
+    eng.set_source(src, |s| {
+        s.connections += 1;
+        s.state = SourceState::Active;
+    });
+    eng.refresh_state();
+    let conn_id = eng.next_conn.fetch_add(1, Ordering::Relaxed);
+    let end = fetch(eng, &chosen, src, conn_id, &mut conn, &stat).await;
+    lock(&chosen.sched).release(conn_id);
+    eng.changed.notify_waiters();
+    eng.set_source(src, |s| {
+        s.connections = s.connections.saturating_sub(1);
+        if s.connections == 0 && s.state == SourceState::Active {
+            s.state = if matches!(end, WorkerEnd::Done) { SourceState::Idle } else { SourceState::Waiting };
+        }
+    });
+    eng.refresh_state();
+    end
+}
+
+/// Pulls work and fetches it over `conn` until there is none left.
+async fn fetch(
+    eng: &Arc<Engine>,
+    chosen: &Arc<Chosen>,
+    src: SourceId,
+    conn_id: ConnId,
+    conn: &mut Conn,
+    stat: &StatInfo,
+) -> WorkerEnd {
+    let path = eng.dl.remote_path.clone();
+    let mut inflight: VecDeque<(u32, Range)> = VecDeque::new();
+    let mut buf = vec![0u8; BUF];
+    loop {
+        if eng.is_dead(src) {
+            return WorkerEnd::Stopped;
+        }
+        // Keep WINDOW requests in flight.
+        while inflight.len() < WINDOW {
+            let next = {
+                let mut s = lock(&chosen.sched);
+                if inflight.is_empty() && s.fully_requested(conn_id) {
+                    s.assign(conn_id, src, Instant::now());
+                }
+                s.next_request(conn_id, BLOCK)
+            };
+            let Some(r) = next else { break };
+            match conn.request(&path, stat.size, stat.mtime_ns, r).await {
+                Ok(id) => inflight.push_back((id, r)),
+                Err(e) => return WorkerEnd::Retry(e.to_string()),
+            }
+        }
+        let Some((id, r)) = inflight.pop_front() else {
+            if lock(&chosen.sched).is_complete() {
+                return WorkerEnd::Done;
+            }
+            // Nothing to do now; wait for a failure elsewhere, a bad piece,
+            // or for a slow owner to become worth duplicating.
+            let changed = eng.changed.notified();
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            continue;
+        };
+        match conn.data_header(id, r).await {
+            Ok(()) => {}
+            Err(ClientError::Server { code: ErrorCode::FileChanged, message }) => {
+                return WorkerEnd::Dead(SourceState::Excluded, format!("file changed on the server: {message}"))
+            }
+            Err(e) if e.is_permanent() => return WorkerEnd::Dead(SourceState::Failed, e.to_string()),
+            Err(e) => return WorkerEnd::Retry(e.to_string()),
+        }
+        // Payload: claim and write it as it arrives, so a failure mid-range
+        // loses nothing that reached us.
+        let mut pos = r.start;
+        while pos < r.end {
+            let want = ((r.end - pos) as usize).min(BUF);
+            let mut filled = 0;
+            let mut err = None;
+            while filled < want {
+                match conn.read_some(&mut buf[filled..want]).await {
+                    Ok(n) => filled += n,
+                    Err(e) => {
+                        err = Some(e);
+                        break;
+                    }
+                }
+            }
+            if filled > 0 {
+                let got = Range::new(pos, pos + filled as u64);
+                buf = match store(eng, chosen, src, conn_id, got, buf).await {
+                    Ok(b) => b,
+                    Err(fatal) => {
+                        let _ = eng.outcome.try_send(Outcome::Fatal(fatal));
+                        return WorkerEnd::Stopped;
+                    }
+                };
+                pos = got.end;
+            }
+            if let Some(e) = err {
+                return WorkerEnd::Retry(e.to_string());
+            }
+        }
+        eng.set_source(src, |s| s.ranges_done += 1);
+    }
+}
+
+/// Claims `got`, writes the claimed parts at their offsets, commits them and
+/// starts verification of completed pieces. Returns the buffer.
+async fn store(
+    eng: &Arc<Engine>,
+    chosen: &Arc<Chosen>,
+    src: SourceId,
+    conn_id: ConnId,
+    got: Range,
+    buf: Vec<u8>,
+) -> Result<Vec<u8>, String> {
+    let claims = lock(&chosen.sched).claim(conn_id, got, Instant::now());
+    eng.set_source(src, |s| s.bytes_received += got.len());
+    if claims.is_empty() {
+        return Ok(buf);
+    }
+    let file = chosen.file.clone();
+    let c2 = claims.clone();
+    let (buf, res) = tokio::task::spawn_blocking(move || {
+        let mut res: io::Result<()> = Ok(());
+        for c in &c2 {
+            let a = (c.start - got.start) as usize;
+            let b = (c.end - got.start) as usize;
+            if let Err(e) = file.write_all_at(&buf[a..b], c.start) {
+                res = Err(e);
+                break;
+            }
+        }
+        (buf, res)
+    })
+    .await
+    .map_err(|e| format!("write task failed: {e}"))?;
+    if let Err(e) = res {
+        let mut s = lock(&chosen.sched);
+        for c in claims {
+            s.unclaim(c);
+        }
+        return Err(format!("cannot write {}: {e}", eng.dl.part_path().display()));
+    }
+    let mut ready = Vec::new();
+    let written: u64 = claims.iter().map(|c| c.len()).sum();
+    {
+        let mut s = lock(&chosen.sched);
+        for c in &claims {
+            ready.extend(s.commit(src, *c));
+        }
+    }
+    {
+        let mut p = eng.dl.progress();
+        p.bytes_done += written;
+        if let Some(s) = p.sources.get_mut(src) {
+            s.bytes += written;
+        }
+    }
+    for piece in ready {
+        let eng = eng.clone();
+        let chosen = chosen.clone();
+        tokio::spawn(async move { verify(eng, chosen, piece).await });
+    }
+    Ok(buf)
+}
+
+/// Reads piece `p` back from disk and checks its hash.
+async fn verify(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize) {
+    let Ok(_slot) = eng.verify_slots.acquire().await else { return };
+    let c2 = chosen.clone();
+    let ok = tokio::task::spawn_blocking(move || {
+        let (start, end) = c2.identity.piece_range(p);
+        let mut buf = vec![0u8; (end - start) as usize];
+        match c2.file.read_exact_at(&mut buf, start) {
+            Ok(()) => Ok(*blake3::hash(&buf).as_bytes() == c2.identity.hashes[p]),
+            Err(e) => Err(e),
+        }
+    })
+    .await;
+    match ok {
+        Ok(Ok(true)) => {
+            let complete = {
+                let mut s = lock(&chosen.sched);
+                s.piece_verified(p);
+                s.is_complete()
+            };
+            eng.dl.progress().pieces_verified += 1;
+            if complete {
+                let _ = eng.outcome.try_send(Outcome::Complete);
+                eng.changed.notify_waiters();
+            }
+        }
+        Ok(Ok(false)) => {
+            let bad = lock(&chosen.sched).piece_failed(p);
+            let len = chosen.sched_piece_len(p);
+            {
+                let mut prog = eng.dl.progress();
+                prog.bytes_done = prog.bytes_done.saturating_sub(len);
+            }
+            for s in bad.contributors {
+                eng.strike(s, p);
+            }
+            eng.changed.notify_waiters();
+        }
+        Ok(Err(e)) => {
+            let _ = eng.outcome.try_send(Outcome::Fatal(format!("cannot read back {}: {e}", eng.dl.part_path().display())));
+        }
+        Err(e) => {
+            let _ = eng.outcome.try_send(Outcome::Fatal(format!("verification task failed: {e}")));
+        }
+    }
+}
+
+impl Chosen {
+    fn sched_piece_len(&self, p: usize) -> u64 {
+        let (s, e) = self.identity.piece_range(p);
+        e - s
+    }
+}

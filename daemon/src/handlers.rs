@@ -1,0 +1,76 @@
+//! One function per control request (except `hello`, `watch` and
+//! `shutdown`, which shape the connection itself and live in `control`).
+
+use mftd_common::control::{ErrorCode, Request, Response, StatusInfo};
+use mftd_common::rate::format_rate;
+
+use crate::listener::ListenerError;
+use crate::Daemon;
+
+pub fn handle(d: &Daemon, req: Request) -> Response {
+    match req {
+        Request::Status => status(d),
+        Request::ServersList => Response::Servers { servers: d.listeners.list() },
+        Request::ServerStop { port } => match d.listeners.stop(port) {
+            Ok(n) => Response::ok(format!("stopped listener {port} (closed {n} connection{})", if n == 1 { "" } else { "s" })),
+            Err(e) => listener_error(e),
+        },
+        Request::ServerStart { port } => match d.listeners.start(port) {
+            Ok(()) => Response::ok(format!("started listener {port}")),
+            Err(e) => listener_error(e),
+        },
+        Request::ServerAdd { port, rate_limit } => {
+            let rate = rate_limit.unwrap_or(d.config.rate_limit);
+            match d.listeners.add(port.unwrap_or(0), rate) {
+                Ok(p) => Response::ok(format!("added listener {p} (rate limit {})", format_rate(rate))),
+                Err(e) => listener_error(e),
+            }
+        }
+        Request::ServerLimit { port, rate_limit } => match d.listeners.set_limit(port, rate_limit) {
+            Ok(()) => Response::ok(format!("listener {port} rate limit is now {}", format_rate(rate_limit))),
+            Err(e) => listener_error(e),
+        },
+        Request::Get(g) => match d.downloads.start(g) {
+            Ok(dl) => Response::Accepted { id: dl.id, destination: dl.destination.display().to_string() },
+            Err(r) => Response::error(r.0, r.1),
+        },
+        Request::DownloadsList => Response::Downloads { downloads: d.downloads.all().iter().map(|x| x.info(false)).collect() },
+        Request::DownloadShow { id } => match d.downloads.get(id) {
+            Some(dl) => Response::Download { download: dl.info(true) },
+            None => {
+                let r = crate::download::unknown(id);
+                Response::error(r.0, r.1)
+            }
+        },
+        Request::DownloadCancel { id } => match d.downloads.cancel(id) {
+            Ok(dl) => Response::ok(format!("cancelled download {id}; removed {}", dl.part_path().display())),
+            Err(r) => Response::error(r.0, r.1),
+        },
+        Request::Hello { .. } | Request::Watch { .. } | Request::Shutdown => {
+            Response::error(ErrorCode::Internal, "request handled elsewhere")
+        }
+    }
+}
+
+fn listener_error(e: ListenerError) -> Response {
+    let code = match e {
+        ListenerError::Unknown(_) => ErrorCode::UnknownPort,
+        ListenerError::InUse(_) | ListenerError::Exists(_) => ErrorCode::PortInUse,
+        _ => ErrorCode::InvalidArgument,
+    };
+    Response::error(code, e.to_string())
+}
+
+fn status(d: &Daemon) -> Response {
+    Response::Status(StatusInfo {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        pid: std::process::id(),
+        uptime_secs: d.started.elapsed().as_secs(),
+        listen: d.config.listen.to_string(),
+        export_dir: d.config.export.display().to_string(),
+        download_dir: d.config.download_dir.display().to_string(),
+        socket: d.config.socket.display().to_string(),
+        listeners: d.listeners.list(),
+        downloads: d.downloads.all().iter().map(|x| x.info(false)).collect(),
+    })
+}

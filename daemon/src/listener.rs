@@ -1,0 +1,290 @@
+//! Transfer listeners: the set of TCP ports this daemon serves files on.
+//!
+//! Owns: binding, the accept loop with its connection cap and accept-error
+//! backoff, per-listener statistics, and stopping/starting/adding listeners
+//! at run time. Stopping a listener closes its socket *and* its open
+//! connections, so clients fail over at once instead of finishing on a port
+//! the operator wanted gone.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, info_span, warn, Instrument};
+
+use mftd_common::control::{ListenerInfo, ListenerState};
+use mftd_common::proto::{ErrorCode, ErrorFrame, Frame};
+
+use crate::ratelimit::RateLimiter;
+use crate::serve::{serve_connection, ServeContext};
+
+/// Counters of one listener; they survive stop/start.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    pub bytes_sent: AtomicU64,
+    pub connections: AtomicU64,
+    pub total_connections: AtomicU64,
+    /// Bytes/s over the last sampling period.
+    pub rate: AtomicU64,
+    sample: Mutex<Option<(Instant, u64)>>,
+}
+
+/// What the accept loop and its connections share.
+#[derive(Debug)]
+pub struct ListenerShared {
+    pub port: u16,
+    pub stats: ListenerStats,
+    pub limiter: RateLimiter,
+}
+
+struct Entry {
+    shared: Arc<ListenerShared>,
+    addr: SocketAddr,
+    /// Cancelled to stop this listener and all its connections.
+    running: Option<CancellationToken>,
+}
+
+/// Why a listener operation failed; each names the port.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    #[error("port {0} is already in use by another program or mftd; choose another port (or stop that program)")]
+    InUse(u16),
+    #[error("no listener on port {0}; `mftctl servers list` shows the ports")]
+    Unknown(u16),
+    #[error("listener {0} is already running")]
+    AlreadyRunning(u16),
+    #[error("listener {0} is already stopped")]
+    AlreadyStopped(u16),
+    #[error("a listener on port {0} already exists")]
+    Exists(u16),
+    #[error("permission denied binding port {0}; ports below 1024 need privileges")]
+    Permission(u16),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+}
+
+pub struct Listeners {
+    ip: IpAddr,
+    max_connections: u32,
+    ctx: Arc<ServeContext>,
+    entries: Mutex<BTreeMap<u16, Entry>>,
+    parent: CancellationToken,
+    tracker: TaskTracker,
+}
+
+fn bind(addr: SocketAddr) -> Result<TcpListener, ListenerError> {
+    let sock = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }
+        .map_err(|source| ListenerError::Bind { addr, source })?;
+    // Reuse TIME_WAIT addresses so a quick restart or `servers start` works.
+    let _ = sock.set_reuseaddr(true);
+    let map = |source: io::Error| match source.kind() {
+        io::ErrorKind::AddrInUse => ListenerError::InUse(addr.port()),
+        io::ErrorKind::PermissionDenied => ListenerError::Permission(addr.port()),
+        _ => ListenerError::Bind { addr, source },
+    };
+    sock.bind(addr).map_err(map)?;
+    sock.listen(1024).map_err(map)
+}
+
+impl Listeners {
+    pub fn new(
+        ip: IpAddr,
+        max_connections: u32,
+        ctx: Arc<ServeContext>,
+        parent: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Listeners {
+        Listeners { ip, max_connections, ctx, entries: Mutex::new(BTreeMap::new()), parent, tracker }
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, BTreeMap<u16, Entry>> {
+        // A poisoned lock only means a panic elsewhere mid-update of plain
+        // data; the map itself is still consistent.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Binds a new listener (port 0 picks a free one) and starts serving.
+    pub fn add(&self, port: u16, rate_limit: u64) -> Result<u16, ListenerError> {
+        if port != 0 && self.entries().contains_key(&port) {
+            return Err(ListenerError::Exists(port));
+        }
+        let listener = bind(SocketAddr::new(self.ip, port))?;
+        let addr = listener.local_addr().map_err(|source| ListenerError::Bind { addr: SocketAddr::new(self.ip, port), source })?;
+        let port = addr.port();
+        let shared = Arc::new(ListenerShared {
+            port,
+            stats: ListenerStats::default(),
+            limiter: RateLimiter::new(rate_limit),
+        });
+        let token = self.spawn(listener, shared.clone());
+        self.entries().insert(port, Entry { shared, addr, running: Some(token) });
+        info!(port, %addr, rate_limit, "listener started");
+        Ok(port)
+    }
+
+    fn spawn(&self, listener: TcpListener, shared: Arc<ListenerShared>) -> CancellationToken {
+        let token = self.parent.child_token();
+        let sem = Arc::new(Semaphore::new(self.max_connections as usize));
+        let ctx = self.ctx.clone();
+        let tracker = self.tracker.clone();
+        let t = token.clone();
+        let span = info_span!("listener", port = shared.port);
+        self.tracker.spawn(accept_loop(listener, shared, ctx, sem, t, tracker).instrument(span));
+        token
+    }
+
+    /// Stops a listener: closes its port and its connections. Returns how
+    /// many connections were closed.
+    pub fn stop(&self, port: u16) -> Result<u64, ListenerError> {
+        let mut entries = self.entries();
+        let e = entries.get_mut(&port).ok_or(ListenerError::Unknown(port))?;
+        let token = e.running.take().ok_or(ListenerError::AlreadyStopped(port))?;
+        let open = e.shared.stats.connections.load(Ordering::Relaxed);
+        token.cancel();
+        info!(port, closed = open, "listener stopped");
+        Ok(open)
+    }
+
+    /// Reopens a stopped listener on the same address.
+    pub fn start(&self, port: u16) -> Result<(), ListenerError> {
+        let (addr, shared) = {
+            let entries = self.entries();
+            let e = entries.get(&port).ok_or(ListenerError::Unknown(port))?;
+            if e.running.is_some() {
+                return Err(ListenerError::AlreadyRunning(port));
+            }
+            (e.addr, e.shared.clone())
+        };
+        let listener = bind(addr)?;
+        let token = self.spawn(listener, shared);
+        if let Some(e) = self.entries().get_mut(&port) {
+            e.running = Some(token);
+        }
+        info!(port, "listener restarted");
+        Ok(())
+    }
+
+    pub fn set_limit(&self, port: u16, rate: u64) -> Result<(), ListenerError> {
+        let entries = self.entries();
+        let e = entries.get(&port).ok_or(ListenerError::Unknown(port))?;
+        e.shared.limiter.set_rate(rate);
+        info!(port, rate, "rate limit changed");
+        Ok(())
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.entries().keys().copied().collect()
+    }
+
+    pub fn list(&self) -> Vec<ListenerInfo> {
+        self.entries()
+            .values()
+            .map(|e| {
+                let s = &e.shared.stats;
+                ListenerInfo {
+                    port: e.shared.port,
+                    address: e.addr.to_string(),
+                    state: if e.running.is_some() { ListenerState::Running } else { ListenerState::Stopped },
+                    connections: s.connections.load(Ordering::Relaxed),
+                    total_connections: s.total_connections.load(Ordering::Relaxed),
+                    bytes_sent: s.bytes_sent.load(Ordering::Relaxed),
+                    rate: s.rate.load(Ordering::Relaxed),
+                    rate_limit: e.shared.limiter.rate(),
+                }
+            })
+            .collect()
+    }
+
+    /// Updates each listener's current send rate; called about once a second.
+    pub fn sample_rates(&self) {
+        let now = Instant::now();
+        for e in self.entries().values() {
+            let s = &e.shared.stats;
+            let bytes = s.bytes_sent.load(Ordering::Relaxed);
+            let mut sample = s.sample.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((t, b)) = *sample {
+                let dt = now.duration_since(t).as_secs_f64();
+                if dt > 0.0 {
+                    s.rate.store(((bytes - b) as f64 / dt) as u64, Ordering::Relaxed);
+                }
+            }
+            *sample = Some((now, bytes));
+        }
+    }
+
+    /// Stops every listener (daemon shutdown).
+    pub fn stop_all(&self) {
+        for e in self.entries().values_mut() {
+            if let Some(t) = e.running.take() {
+                t.cancel();
+            }
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<ListenerShared>,
+    ctx: Arc<ServeContext>,
+    sem: Arc<Semaphore>,
+    token: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            _ = token.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (mut stream, peer) = match accepted {
+            Ok(x) => {
+                backoff = Duration::from_millis(10);
+                x
+            }
+            Err(e) => {
+                // EMFILE, ENFILE, ENOBUFS...: the listener must survive them.
+                warn!(error = %e, retry_in = ?backoff, "accept failed");
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        shared.stats.total_connections.fetch_add(1, Ordering::Relaxed);
+        let Ok(permit) = sem.clone().try_acquire_owned() else {
+            warn!(%peer, "connection cap reached; refusing");
+            tracker.spawn(async move {
+                let frame = Frame::Error(ErrorFrame {
+                    id: 0,
+                    code: ErrorCode::Busy,
+                    message: "listener is at its connection cap; try another server".into(),
+                });
+                let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_all(&frame.encode())).await;
+            });
+            continue;
+        };
+        let shared2 = shared.clone();
+        let ctx2 = ctx.clone();
+        let conn_token = token.child_token();
+        let span = info_span!("conn", port = shared.port, %peer);
+        shared.stats.connections.fetch_add(1, Ordering::Relaxed);
+        tracker.spawn(
+            async move {
+                serve_connection(stream, ctx2, shared2.clone(), conn_token).await;
+                shared2.stats.connections.fetch_sub(1, Ordering::Relaxed);
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}

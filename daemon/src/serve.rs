@@ -1,0 +1,280 @@
+//! Server side of the transfer protocol: one task per accepted connection.
+//!
+//! Owns: the handshake, request dispatch, and sending file bytes with
+//! `sendfile`. Must never: read a path that the jail did not open, allocate
+//! for a frame before checking its size, or wait on a peer without a timeout.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncWriteExt, Interest};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use mftd_common::proto::{
+    read_frame, DataHeader, ErrorCode, ErrorFrame, Frame, ProtoError, ReadReq, StatInfo, MAGIC, MAX_READ, VERSION,
+};
+
+use crate::identity::{mtime_ns, IdentityCache};
+use crate::jail::{Jail, JailError};
+use crate::listener::ListenerShared;
+
+/// How long a new connection may take to send its `HELLO`.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may sit without sending a request.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long writing one frame (not file data) may take.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What every connection of every listener needs.
+#[derive(Debug)]
+pub struct ServeContext {
+    pub jail: Jail,
+    pub identities: IdentityCache,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("{0}")]
+    Proto(#[from] ProtoError),
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("timed out")]
+    Timeout,
+    #[error("cancelled")]
+    Cancelled,
+    #[error("{0}")]
+    Closed(String),
+}
+
+/// Serves one connection until the peer leaves, breaks the protocol, times
+/// out, or `token` is cancelled (listener stopped, daemon shutting down).
+pub async fn serve_connection(
+    mut stream: TcpStream,
+    ctx: Arc<ServeContext>,
+    listener: Arc<ListenerShared>,
+    token: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let result = tokio::select! {
+        r = run(&mut stream, &ctx, &listener, &token) => r,
+        _ = token.cancelled() => Err(ConnError::Cancelled),
+    };
+    match result {
+        Ok(()) | Err(ConnError::Cancelled) => {}
+        Err(ConnError::Proto(ProtoError::Closed)) => debug!("peer closed"),
+        Err(e) => debug!(error = %e, "connection ended"),
+    }
+}
+
+async fn send_error(stream: &mut TcpStream, id: u32, code: ErrorCode, message: impl Into<String>) -> Result<(), ConnError> {
+    let frame = Frame::Error(ErrorFrame { id, code, message: message.into() });
+    write_frame(stream, &frame).await
+}
+
+async fn write_frame(stream: &mut TcpStream, frame: &Frame) -> Result<(), ConnError> {
+    match timeout(WRITE_TIMEOUT, stream.write_all(&frame.encode())).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(ConnError::Timeout),
+    }
+}
+
+async fn run(
+    stream: &mut TcpStream,
+    ctx: &ServeContext,
+    listener: &ListenerShared,
+    token: &CancellationToken,
+) -> Result<(), ConnError> {
+    // Handshake.
+    let hello = match timeout(HANDSHAKE_TIMEOUT, read_frame(stream)).await {
+        Err(_) => {
+            let _ = send_error(stream, 0, ErrorCode::BadHandshake, "no HELLO within 10 s").await;
+            return Err(ConnError::Timeout);
+        }
+        Ok(r) => r,
+    };
+    match hello {
+        Ok(Frame::Hello { magic, version, .. }) if magic == MAGIC => {
+            if version != VERSION {
+                let msg = format!("server speaks mftd transfer protocol {VERSION}, client sent {version}");
+                send_error(stream, 0, ErrorCode::VersionMismatch, msg.clone()).await?;
+                return Err(ConnError::Closed(msg));
+            }
+            write_frame(stream, &Frame::Hello { magic: MAGIC, version: VERSION, flags: 0 }).await?;
+        }
+        Ok(_) | Err(ProtoError::Malformed { .. }) | Err(ProtoError::UnknownType(_)) | Err(ProtoError::TooLarge(_)) => {
+            send_error(stream, 0, ErrorCode::BadHandshake, "expected HELLO with magic MFTD").await?;
+            return Err(ConnError::Closed("bad handshake".into()));
+        }
+        Err(e) => return Err(e.into()),
+    }
+
+    let mut open: Option<OpenFile> = None;
+    loop {
+        let frame = match timeout(IDLE_TIMEOUT, read_frame(stream)).await {
+            Err(_) => return Err(ConnError::Timeout),
+            Ok(Err(ProtoError::Closed)) => return Ok(()),
+            Ok(Err(e @ (ProtoError::Malformed { .. } | ProtoError::UnknownType(_) | ProtoError::TooLarge(_)))) => {
+                send_error(stream, 0, ErrorCode::BadFrame, e.to_string()).await?;
+                return Err(e.into());
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Ok(Ok(f)) => f,
+        };
+        match frame {
+            Frame::Stat { path } => handle_stat(stream, ctx, &path).await?,
+            Frame::Read(req) => handle_read(stream, ctx, listener, token, &mut open, req).await?,
+            other => {
+                let name = match other {
+                    Frame::Hello { .. } => "HELLO",
+                    Frame::StatOk(_) => "STAT_OK",
+                    Frame::Data(_) => "DATA",
+                    _ => "ERROR",
+                };
+                send_error(stream, 0, ErrorCode::BadFrame, format!("unexpected {name} frame from client")).await?;
+                return Err(ConnError::Closed("unexpected frame".into()));
+            }
+        }
+    }
+}
+
+fn jail_message(e: &JailError, path: &str) -> String {
+    match e {
+        // Uniform on purpose: the peer must not learn what lies outside.
+        JailError::Refused => format!("{path:?}: not accessible"),
+        JailError::Io(_) => format!("{path:?}: server i/o error"),
+        other => format!("{path:?}: {other}"),
+    }
+}
+
+async fn handle_stat(stream: &mut TcpStream, ctx: &ServeContext, path: &str) -> Result<(), ConnError> {
+    let (file, meta) = match ctx.jail.open(path) {
+        Ok(x) => x,
+        Err(e) => {
+            debug!(path, error = %e, "STAT refused");
+            return send_error(stream, 0, e.code(), jail_message(&e, path)).await;
+        }
+    };
+    let identity = match ctx.identities.get(&file, &meta).await {
+        Ok(id) => id,
+        Err(e) => {
+            warn!(path, error = %e, "hashing failed");
+            return send_error(stream, 0, ErrorCode::Io, format!("{path:?}: cannot read file")).await;
+        }
+    };
+    // The file may have changed while it was hashed; the identity is only
+    // valid for the version it was computed from.
+    let now = file.metadata()?;
+    if now.size() != meta.size() || mtime_ns(&now) != mtime_ns(&meta) {
+        return send_error(stream, 0, ErrorCode::FileChanged, format!("{path:?} changed while being hashed; retry"))
+            .await;
+    }
+    let info = StatInfo { size: meta.size(), mtime_ns: mtime_ns(&meta), identity: (*identity).clone() };
+    write_frame(stream, &Frame::StatOk(info)).await
+}
+
+struct OpenFile {
+    path: String,
+    file: File,
+}
+
+async fn handle_read(
+    stream: &mut TcpStream,
+    ctx: &ServeContext,
+    listener: &ListenerShared,
+    token: &CancellationToken,
+    open: &mut Option<OpenFile>,
+    req: ReadReq,
+) -> Result<(), ConnError> {
+    let id = req.id;
+    if req.len > MAX_READ {
+        return send_error(stream, id, ErrorCode::BadRange, format!("READ of {} bytes exceeds {MAX_READ}", req.len))
+            .await;
+    }
+    // Reuse the descriptor from the previous READ of the same path.
+    if open.as_ref().map(|o| o.path != req.path).unwrap_or(true) {
+        match ctx.jail.open(&req.path) {
+            Ok((file, _)) => *open = Some(OpenFile { path: req.path.clone(), file }),
+            Err(e) => {
+                *open = None;
+                return send_error(stream, id, e.code(), jail_message(&e, &req.path)).await;
+            }
+        }
+    }
+    let Some(of) = open.as_ref() else { return Ok(()) };
+    let meta = of.file.metadata()?;
+    if meta.size() != req.size || mtime_ns(&meta) != req.mtime_ns {
+        return send_error(stream, id, ErrorCode::FileChanged, format!("{:?} changed since STAT", req.path)).await;
+    }
+    match req.offset.checked_add(req.len) {
+        Some(end) if end <= meta.size() => {}
+        _ => {
+            return send_error(
+                stream,
+                id,
+                ErrorCode::BadRange,
+                format!("range {}+{} is outside the {}-byte file", req.offset, req.len, meta.size()),
+            )
+            .await
+        }
+    }
+    write_frame(stream, &Frame::Data(DataHeader { id, offset: req.offset, len: req.len })).await?;
+    send_range(stream, &of.file, req.offset, req.len, listener, token).await
+}
+
+/// Sends `len` bytes of `file` from `offset` with `sendfile`, paced by the
+/// listener's rate limiter.
+async fn send_range(
+    stream: &TcpStream,
+    file: &File,
+    offset: u64,
+    len: u64,
+    listener: &ListenerShared,
+    token: &CancellationToken,
+) -> Result<(), ConnError> {
+    let mut off = offset as i64;
+    let mut left = len;
+    while left > 0 {
+        if token.is_cancelled() {
+            return Err(ConnError::Cancelled);
+        }
+        let chunk = left.min(listener.limiter.chunk());
+        listener.limiter.acquire(chunk).await;
+        let mut chunk_left = chunk;
+        while chunk_left > 0 {
+            let sent = match timeout(WRITE_TIMEOUT, async {
+                loop {
+                    stream.writable().await?;
+                    match stream.try_io(Interest::WRITABLE, || {
+                        nix::sys::sendfile::sendfile(stream.as_fd(), file.as_fd(), Some(&mut off), chunk_left as usize)
+                            .map_err(io::Error::from)
+                    }) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        r => return r,
+                    }
+                }
+            })
+            .await
+            {
+                Err(_) => return Err(ConnError::Timeout),
+                Ok(r) => r?,
+            };
+            if sent == 0 {
+                // The file shrank under us; we promised `len` bytes, so the
+                // only honest thing left is to close the connection.
+                return Err(ConnError::Closed("file shrank while sending".into()));
+            }
+            chunk_left -= sent as u64;
+            left -= sent as u64;
+            listener.stats.bytes_sent.fetch_add(sent as u64, Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
