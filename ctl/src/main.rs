@@ -1,1 +1,257 @@
-fn main(){}
+//! `mftctl`: drives a running `mftd` over its control socket.
+//!
+//! Every failure prints one sentence a person can act on and exits non-zero
+//! (1 for errors, 2 for bad usage). With `--json`, stdout carries only JSON:
+//! one object per line.
+
+mod client;
+mod display;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use mftd_common::control::{GetRequest, Request, Response};
+use mftd_common::rate::parse_rate;
+
+use client::{Client, CtlError};
+
+#[derive(Debug, Parser)]
+#[command(name = "mftctl", version, about = "Control a running mftd")]
+struct Cli {
+    /// Control socket of the daemon (default: as mftd's; env MFTD_SOCKET).
+    #[arg(long, value_name = "PATH", global = true)]
+    socket: Option<PathBuf>,
+    /// Machine-readable JSON on stdout, one object per line.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Daemon, listeners and downloads at a glance.
+    Status,
+    /// Manage transfer listeners.
+    #[command(subcommand)]
+    Servers(ServersCmd),
+    /// Download a file from one or more servers.
+    Get(GetArgs),
+    /// Inspect and manage downloads.
+    #[command(subcommand)]
+    Downloads(DownloadsCmd),
+    /// Stop the daemon.
+    Shutdown,
+}
+
+#[derive(Debug, Subcommand)]
+enum ServersCmd {
+    /// Port, state, connections, bytes sent, current rate and limit of each listener.
+    List,
+    /// Close a listener and its connections (clients fail over to other servers).
+    Stop { port: u16 },
+    /// Reopen a stopped listener.
+    Start { port: u16 },
+    /// Open a new listener.
+    Add {
+        /// Port to listen on (default: any free port).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Bandwidth cap, bytes/s with K/M/G suffix (0 = none).
+        #[arg(long, value_parser = parse_rate, value_name = "RATE")]
+        rate_limit: Option<u64>,
+    },
+    /// Change a listener's bandwidth cap (0 = none).
+    Limit {
+        port: u16,
+        #[arg(value_parser = parse_rate, value_name = "RATE")]
+        rate: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DownloadsCmd {
+    /// All downloads of this daemon run.
+    List,
+    /// One download with per-source detail.
+    Show { id: u64 },
+    /// Stop a download and remove its partial file.
+    Cancel { id: u64 },
+}
+
+#[derive(Debug, clap::Args)]
+struct GetArgs {
+    /// Path of the file on the servers, relative to their export directory.
+    remote_path: String,
+    /// Sources as HOST:PORT; repeat or separate with commas.
+    #[arg(long, value_delimiter = ',', value_name = "HOST:PORT")]
+    from: Vec<String>,
+    /// Host of the sources given with --ports.
+    #[arg(long, requires = "ports")]
+    host: Option<String>,
+    /// Ports on --host.
+    #[arg(long, value_delimiter = ',', requires = "host", value_name = "P1,P2,...")]
+    ports: Vec<u16>,
+    /// Output directory (default: the daemon's download directory).
+    #[arg(short = 'o', long = "output", value_name = "DIR")]
+    output: Option<PathBuf>,
+    /// Seconds between progress updates.
+    #[arg(long, default_value_t = 1.0, value_name = "SECS")]
+    interval: f64,
+    /// Do not persist resume state for this download (a crash then starts over).
+    #[arg(long)]
+    no_resume: bool,
+    /// Return as soon as the download is accepted, printing its ID.
+    #[arg(long)]
+    detach: bool,
+    /// Replace an existing file at the destination.
+    #[arg(long)]
+    force: bool,
+    /// TCP connections per source (default: the daemon's setting).
+    #[arg(long, value_name = "N")]
+    connections_per_server: Option<u32>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = cli.json;
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            if json {
+                println!("{}", serde_json::json!({"type": "error", "code": e.code(), "message": e.to_string()}));
+            }
+            eprintln!("mftctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, CtlError> {
+    let socket = cli.socket.clone().unwrap_or_else(mftd_common::paths::default_socket_path);
+    let json = cli.json;
+    match cli.cmd {
+        Cmd::Get(args) => get(&socket, json, args),
+        Cmd::Status => simple(&socket, json, Request::Status),
+        Cmd::Shutdown => simple(&socket, json, Request::Shutdown),
+        Cmd::Servers(s) => simple(
+            &socket,
+            json,
+            match s {
+                ServersCmd::List => Request::ServersList,
+                ServersCmd::Stop { port } => Request::ServerStop { port },
+                ServersCmd::Start { port } => Request::ServerStart { port },
+                ServersCmd::Add { port, rate_limit } => Request::ServerAdd { port, rate_limit },
+                ServersCmd::Limit { port, rate } => Request::ServerLimit { port, rate_limit: rate },
+            },
+        ),
+        Cmd::Downloads(d) => simple(
+            &socket,
+            json,
+            match d {
+                DownloadsCmd::List => Request::DownloadsList,
+                DownloadsCmd::Show { id } => Request::DownloadShow { id },
+                DownloadsCmd::Cancel { id } => Request::DownloadCancel { id },
+            },
+        ),
+    }
+}
+
+/// One request, one response, printed.
+fn simple(socket: &std::path::Path, json: bool, req: Request) -> Result<ExitCode, CtlError> {
+    let mut c = Client::connect(socket)?;
+    let resp = c.request(&req)?;
+    if let Response::Error { .. } = resp {
+        return Err(CtlError::from_response(resp));
+    }
+    if json {
+        display::print_json(&resp);
+    } else {
+        display::print_human(&resp);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sources(args: &GetArgs) -> Result<Vec<String>, CtlError> {
+    let mut out: Vec<String> = args.from.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    if let Some(h) = &args.host {
+        let host = if h.contains(':') && !h.starts_with('[') { format!("[{h}]") } else { h.clone() };
+        out.extend(args.ports.iter().map(|p| format!("{host}:{p}")));
+    }
+    if out.is_empty() {
+        return Err(CtlError::Usage("no sources: give --from HOST:PORT[,HOST:PORT...] or --host HOST --ports P1,P2,...".into()));
+    }
+    Ok(out)
+}
+
+fn get(socket: &std::path::Path, json: bool, args: GetArgs) -> Result<ExitCode, CtlError> {
+    let sources = sources(&args)?;
+    if !(args.interval > 0.0 && args.interval <= 3600.0) {
+        return Err(CtlError::Usage("--interval must be between 0 and 3600 seconds".into()));
+    }
+    let output_dir = match &args.output {
+        Some(o) => {
+            let abs = if o.is_absolute() {
+                o.clone()
+            } else {
+                std::env::current_dir().map_err(|e| CtlError::Usage(format!("cannot resolve {}: {e}", o.display())))?.join(o)
+            };
+            Some(abs.display().to_string())
+        }
+        None => None,
+    };
+    let _ = args.no_resume; // Downloads are not persisted across daemon restarts yet.
+    let mut c = Client::connect(socket)?;
+    let resp = c.request(&Request::Get(GetRequest {
+        remote_path: args.remote_path.clone(),
+        sources,
+        output_dir,
+        force: args.force,
+        connections_per_source: args.connections_per_server,
+    }))?;
+    let (id, destination) = match resp {
+        Response::Accepted { id, ref destination } => (id, destination.clone()),
+        other => return Err(CtlError::from_response(other)),
+    };
+    if json {
+        display::print_json(&resp);
+    } else if args.detach {
+        println!("{id}");
+    } else {
+        eprintln!("download {id}: {} -> {destination}", args.remote_path);
+    }
+    if args.detach {
+        return Ok(ExitCode::SUCCESS);
+    }
+    client::install_sigint();
+    let interval_ms = (args.interval * 1000.0) as u64;
+    let mut watcher = Client::connect(socket)?;
+    watcher.send(&Request::Watch { id, interval_ms })?;
+    let mut view = display::ProgressView::new(json);
+    loop {
+        let resp = match watcher.recv_interruptible()? {
+            Some(r) => r,
+            None => {
+                view.clear();
+                eprintln!("mftctl: detached; download {id} continues in mftd (see `mftctl downloads show {id}`)");
+                return Ok(ExitCode::from(130));
+            }
+        };
+        match resp {
+            Response::Progress { download } => {
+                view.update(&download);
+                if download.state.is_final() {
+                    view.finish(&download);
+                    return Ok(if download.state == mftd_common::control::DownloadState::Done {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    });
+                }
+            }
+            other => return Err(CtlError::from_response(other)),
+        }
+    }
+}

@@ -238,6 +238,11 @@ impl Config {
         if idle == 0 {
             bail!("idle_timeout must be at least 1 second");
         }
+        // Relative paths are taken from where mftd was started, once, so
+        // messages and status always show where things really are.
+        let cwd = std::env::current_dir().context("cannot read the current directory")?;
+        let abs = |p: PathBuf| if p.is_absolute() { p } else { cwd.join(p) };
+        let (export, state_dir, download_dir, socket) = (abs(export), abs(state_dir), abs(download_dir), abs(socket));
         Ok(Config {
             export,
             listen,

@@ -1,1 +1,319 @@
+//! Helpers for end-to-end tests: run the real `mftd` in a temp dir, drive it
+//! with the real `mftctl`, and check what a user would check.
+//!
+//! The binaries are found next to the test executable's target directory
+//! (`target/<profile>/mftd`); `make test` builds them first. `MFTD_BIN_DIR`
+//! overrides the location.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use mftd_common::proto::{Frame, HEADER_LEN};
+
+/// Directory holding the built `mftd` and `mftctl`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("MFTD_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    // target/<profile>/deps/<test-binary>
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+    assert!(
+        dir.join("mftd").exists() && dir.join("mftctl").exists(),
+        "mftd/mftctl not built in {}; run `make test` (or `cargo build --bins` first)",
+        dir.display()
+    );
+    dir
+}
+
+pub fn mftd_bin() -> PathBuf {
+    bin_dir().join("mftd")
+}
+pub fn mftctl_bin() -> PathBuf {
+    bin_dir().join("mftctl")
+}
+
+/// Deterministic pseudo-random content (xorshift), fast for large files.
+pub fn write_file(path: &Path, size: u64, seed: u64) {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+    let mut f = std::fs::File::create(path).expect("create test file");
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut left = size;
+    let mut buf = vec![0u8; 1 << 20];
+    while left > 0 {
+        for chunk in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let b = x.to_le_bytes();
+            chunk.copy_from_slice(&b[..chunk.len()]);
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n]).expect("write test file");
+        left -= n as u64;
+    }
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    let mut f = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// A running `mftd`, killed (by PID) when dropped.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub socket: PathBuf,
+    pub export: PathBuf,
+    pub downloads: PathBuf,
+    pub ports: Vec<u16>,
+}
+
+pub struct DaemonBuilder {
+    listeners: usize,
+    extra: Vec<String>,
+}
+
+impl DaemonBuilder {
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.extra.push(a.into());
+        self
+    }
+    pub fn start(self) -> Daemon {
+        Daemon::start_with(self.listeners, &self.extra)
+    }
+}
+
+impl Daemon {
+    /// A daemon with `n` listeners on free ports.
+    pub fn builder(n: usize) -> DaemonBuilder {
+        DaemonBuilder { listeners: n, extra: Vec::new() }
+    }
+
+    pub fn start(n: usize) -> Daemon {
+        Daemon::start_with(n, &[])
+    }
+
+    fn start_with(n: usize, extra: &[String]) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let export = dir.path().join("export");
+        let downloads = dir.path().join("downloads");
+        std::fs::create_dir_all(&export).expect("mkdir export");
+        std::fs::create_dir_all(&downloads).expect("mkdir downloads");
+        let socket = dir.path().join("mftd.sock");
+        let mut d = Daemon { child: None, socket, export, downloads, ports: Vec::new(), dir };
+        d.spawn(n, extra);
+        d
+    }
+
+    pub fn command(&self, n: usize, extra: &[String]) -> Command {
+        let mut cmd = Command::new(mftd_bin());
+        cmd.arg("--socket")
+            .arg(&self.socket)
+            .arg("--export")
+            .arg(&self.export)
+            .arg("--state-dir")
+            .arg(self.dir.path().join("state"))
+            .arg("--download-dir")
+            .arg(&self.downloads)
+            // A missing config file must not pick up the user's.
+            .env("MFTD_CONFIG", self.dir.path().join("none.toml"))
+            .env_remove("MFTD_SOCKET");
+        if n > 0 && !extra.iter().any(|a| a == "--ports") {
+            cmd.arg("--ports").arg(vec!["0"; n].join(","));
+        } else if n == 0 && !extra.iter().any(|a| a == "--ports") {
+            cmd.arg("--servers").arg("0");
+        }
+        cmd.args(extra);
+        cmd
+    }
+
+    fn spawn(&mut self, n: usize, extra: &[String]) {
+        let log = std::fs::File::create(self.dir.path().join("mftd.log")).expect("log file");
+        let mut cmd = self.command(n, extra);
+        // MFTD_CONFIG pointing at a missing file would be an error; use an empty one.
+        std::fs::write(self.dir.path().join("none.toml"), "").expect("config");
+        cmd.stdout(Stdio::null()).stderr(log);
+        let child = cmd.spawn().expect("spawn mftd");
+        self.child = Some(child);
+        self.wait_ready();
+        self.ports = self.servers().iter().map(|s| s["port"].as_u64().expect("port") as u16).collect();
+    }
+
+    /// Polls until the control socket answers (at most 10 s).
+    pub fn wait_ready(&mut self) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("mftd exited early with {st}: {}", self.log());
+                }
+            }
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                let out = self.ctl(&["servers", "list"]);
+                if out.status.success() {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("mftd did not become ready: {}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mftd.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// Runs `mftctl --socket S ARGS`.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(mftctl_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .env_remove("MFTD_SOCKET")
+            .output()
+            .expect("run mftctl")
+    }
+
+    /// Runs `mftctl --json ...` and parses every stdout line.
+    pub fn ctl_json(&self, args: &[&str]) -> (Output, Vec<serde_json::Value>) {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.ctl(&a);
+        let lines = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+            .collect();
+        (out, lines)
+    }
+
+    pub fn servers(&self) -> Vec<serde_json::Value> {
+        let (out, lines) = self.ctl_json(&["servers", "list"]);
+        assert!(out.status.success(), "servers list failed: {}", stderr(&out));
+        lines[0]["servers"].as_array().expect("servers array").clone()
+    }
+
+    pub fn bytes_sent(&self, port: u16) -> u64 {
+        self.servers().iter().find(|s| s["port"] == port).map(|s| s["bytes_sent"].as_u64().unwrap_or(0)).unwrap_or(0)
+    }
+
+    pub fn sources(&self) -> Vec<String> {
+        self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect()
+    }
+
+    /// Sends SIGTERM and waits (at most `limit`) for the exit status.
+    pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(st)) = child.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Waits for the process to exit on its own (at most `limit`).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(st)) = child.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A raw transfer-protocol client for poking listeners directly.
+pub struct RawConn {
+    pub s: TcpStream,
+}
+
+impl RawConn {
+    pub fn connect(port: u16) -> RawConn {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        RawConn { s }
+    }
+
+    pub fn hello(port: u16) -> RawConn {
+        let mut c = RawConn::connect(port);
+        c.send(&Frame::Hello { magic: mftd_common::proto::MAGIC, version: mftd_common::proto::VERSION, flags: 0 });
+        match c.recv() {
+            Some(Frame::Hello { .. }) => c,
+            other => panic!("handshake failed: {other:?}"),
+        }
+    }
+
+    pub fn send(&mut self, f: &Frame) {
+        self.s.write_all(&f.encode()).expect("send frame");
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).expect("send bytes");
+    }
+
+    /// Next frame, or None if the server closed the connection.
+    pub fn recv(&mut self) -> Option<Frame> {
+        let mut h = [0u8; HEADER_LEN];
+        self.s.read_exact(&mut h).ok()?;
+        let len = u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize;
+        assert!(len <= mftd_common::proto::MAX_FRAME as usize, "server sent oversized frame");
+        let mut body = vec![0u8; len];
+        self.s.read_exact(&mut body).ok()?;
+        Some(Frame::decode(h[0], &body).expect("server frame decodes"))
+    }
+
+    pub fn read_payload(&mut self, len: u64) -> Vec<u8> {
+        let mut v = vec![0u8; len as usize];
+        self.s.read_exact(&mut v).expect("payload");
+        v
+    }
+}

@@ -475,7 +475,7 @@ async fn session(eng: &Arc<Engine>, src: SourceId, addr: &str, backoff: &mut Bac
     };
     let chosen = match eng.elect(src, &stat).await {
         Ok(c) => c,
-        Err(e) if eng.workers.is_cancelled() => return WorkerEnd::Retry(e),
+        Err(_) if eng.workers.is_cancelled() => return WorkerEnd::Stopped,
         Err(e) => return WorkerEnd::Dead(SourceState::Excluded, e),
     };
     // Connected and serving the right file: reset the backoff.

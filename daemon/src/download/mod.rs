@@ -84,7 +84,7 @@ impl Download {
 
     pub fn set_state(&self, state: DownloadState) {
         let mut p = self.progress();
-        if p.state.is_final() {
+        if p.state.is_final() || p.state == state {
             return;
         }
         p.state = state;

@@ -1,0 +1,223 @@
+//! How responses look: tables for people, JSON lines for programs.
+
+use std::io::{IsTerminal, Write};
+
+use mftd_common::control::{DownloadInfo, ListenerInfo, Response};
+use mftd_common::human_bytes;
+use mftd_common::rate::format_rate;
+
+/// Prints the payload of a response as one JSON line.
+pub fn print_json(r: &Response) {
+    let v = match serde_json::to_value(r) {
+        Ok(v) => v,
+        Err(e) => serde_json::json!({"type": "error", "message": e.to_string()}),
+    };
+    println!("{v}");
+}
+
+fn duration(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+fn speed(bps: u64) -> String {
+    format!("{}/s", human_bytes(bps))
+}
+
+pub fn listeners_table(ls: &[ListenerInfo]) -> String {
+    let mut out = format!("{:<6} {:<8} {:>5} {:>12} {:>12} {:>12}\n", "PORT", "STATE", "CONNS", "SENT", "RATE", "LIMIT");
+    for l in ls {
+        let state = serde_json::to_value(l.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        out.push_str(&format!(
+            "{:<6} {:<8} {:>5} {:>12} {:>12} {:>12}\n",
+            l.port,
+            state,
+            l.connections,
+            human_bytes(l.bytes_sent),
+            speed(l.rate),
+            format_rate(l.rate_limit)
+        ));
+    }
+    out
+}
+
+fn state_name<T: serde::Serialize>(s: &T) -> String {
+    serde_json::to_value(s).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+}
+
+pub fn download_line(d: &DownloadInfo) -> String {
+    let size = d.size.map(human_bytes).unwrap_or_else(|| "?".into());
+    format!(
+        "{:>4}  {:<10} {:>6.1}%  {:>10} of {:<10} {:>12}  {}",
+        d.id,
+        state_name(&d.state),
+        d.percent(),
+        human_bytes(d.bytes_done),
+        size,
+        speed(d.speed),
+        d.destination
+    )
+}
+
+fn sources_table(d: &DownloadInfo) -> String {
+    let mut out = format!("  {:<24} {:<9} {:>12} {:>12} {:>7} {:>7}  {}\n", "SOURCE", "STATE", "BYTES", "SPEED", "SHARE", "STRIKES", "LAST ERROR");
+    for s in &d.sources {
+        out.push_str(&format!(
+            "  {:<24} {:<9} {:>12} {:>12} {:>6.1}% {:>7}  {}\n",
+            s.address,
+            state_name(&s.state),
+            human_bytes(s.bytes),
+            speed(s.speed),
+            s.share * 100.0,
+            s.strikes,
+            s.last_error.as_deref().unwrap_or("")
+        ));
+    }
+    out
+}
+
+pub fn print_human(r: &Response) {
+    match r {
+        Response::Ok { message } => println!("{message}"),
+        Response::Servers { servers } => print!("{}", listeners_table(servers)),
+        Response::Status(s) => {
+            println!("mftd {} (pid {}), up {}", s.version, s.pid, duration(s.uptime_secs));
+            println!("socket     {}", s.socket);
+            println!("export     {}", s.export_dir);
+            println!("downloads  {}", s.download_dir);
+            println!("listen     {}", s.listen);
+            let running = s.listeners.iter().filter(|l| l.state == mftd_common::control::ListenerState::Running).count();
+            println!("\nlisteners: {running} running, {} stopped", s.listeners.len() - running);
+            print!("{}", listeners_table(&s.listeners));
+            let active = s.downloads.iter().filter(|d| !d.state.is_final()).count();
+            println!("\ndownloads: {active} active, {} total", s.downloads.len());
+            for d in &s.downloads {
+                println!("{}", download_line(d));
+            }
+        }
+        Response::Downloads { downloads } => {
+            if downloads.is_empty() {
+                println!("no downloads");
+            }
+            for d in downloads {
+                println!("{}", download_line(d));
+            }
+        }
+        Response::Download { download: d } | Response::Progress { download: d } => {
+            println!("{}", download_line(d));
+            println!("  remote    {}", d.remote_path);
+            if let Some(id) = &d.identity {
+                println!("  identity  blake3:{id}");
+            }
+            println!("  pieces    {}/{}", d.pieces_verified, d.pieces_total);
+            if let Some(e) = &d.error {
+                println!("  error     {e}");
+            }
+            print!("{}", sources_table(d));
+        }
+        Response::Accepted { id, destination } => println!("download {id} accepted: {destination}"),
+        Response::Hello { daemon, .. } => println!("{daemon}"),
+        Response::Error { message, .. } => eprintln!("{message}"),
+    }
+}
+
+/// Live progress of one download: redrawn in place on a terminal, one
+/// line per update otherwise, JSON lines with `--json`.
+pub struct ProgressView {
+    json: bool,
+    tty: bool,
+    drawn: usize,
+}
+
+impl ProgressView {
+    pub fn new(json: bool) -> ProgressView {
+        ProgressView { json, tty: std::io::stdout().is_terminal(), drawn: 0 }
+    }
+
+    pub fn clear(&mut self) {
+        if self.tty && self.drawn > 0 {
+            print!("\x1b[{}A\x1b[J", self.drawn);
+            let _ = std::io::stdout().flush();
+            self.drawn = 0;
+        }
+    }
+
+    pub fn update(&mut self, d: &DownloadInfo) {
+        if self.json {
+            print_json(&Response::Progress { download: d.clone() });
+            return;
+        }
+        if d.state.is_final() {
+            return;
+        }
+        let eta = d.eta_secs.map(duration).unwrap_or_else(|| "-".into());
+        let total = format!(
+            "[{}] {:>5.1}%  {} / {}  {}  eta {}",
+            state_name(&d.state),
+            d.percent(),
+            human_bytes(d.bytes_done),
+            d.size.map(human_bytes).unwrap_or_else(|| "?".into()),
+            speed(d.speed),
+            eta
+        );
+        if self.tty {
+            self.clear();
+            let mut text = String::new();
+            for s in &d.sources {
+                text.push_str(&format!(
+                    "  {:<24} {:<9} {:>10} {:>12} {:>6.1}%\n",
+                    s.address,
+                    state_name(&s.state),
+                    human_bytes(s.bytes),
+                    speed(s.speed),
+                    s.share * 100.0
+                ));
+            }
+            text.push_str(&format!("  total {total}\n"));
+            print!("{text}");
+            self.drawn = d.sources.len() + 1;
+        } else {
+            let per: Vec<String> = d
+                .sources
+                .iter()
+                .map(|s| format!("{} {} {} {}", s.address, state_name(&s.state), human_bytes(s.bytes), speed(s.speed)))
+                .collect();
+            println!("{total} | {}", per.join(" | "));
+        }
+        let _ = std::io::stdout().flush();
+    }
+
+    pub fn finish(&mut self, d: &DownloadInfo) {
+        if self.json {
+            return;
+        }
+        self.clear();
+        let secs = d.elapsed_ms as f64 / 1000.0;
+        let size = d.size.unwrap_or(0);
+        match d.state {
+            mftd_common::control::DownloadState::Done => {
+                println!("downloaded {} ({}) in {:.2}s, {}", d.destination, human_bytes(size), secs, speed((size as f64 / secs.max(1e-3)) as u64));
+            }
+            _ => println!("download {} {}: {}", d.id, state_name(&d.state), d.error.as_deref().unwrap_or("")),
+        }
+        println!("  {:<24} {:>12} {:>7} {:>12}", "SOURCE", "BYTES", "SHARE", "AVG SPEED");
+        for s in &d.sources {
+            println!(
+                "  {:<24} {:>12} {:>6.1}% {:>12}",
+                s.address,
+                human_bytes(s.bytes),
+                s.share * 100.0,
+                speed((s.bytes as f64 / secs.max(1e-3)) as u64)
+            );
+        }
+        if let Some(id) = &d.identity {
+            if d.state == mftd_common::control::DownloadState::Done {
+                println!("  verified blake3:{id}");
+            }
+        }
+        let _ = std::io::stdout().flush();
+    }
+}

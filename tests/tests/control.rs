@@ -1,0 +1,122 @@
+//! The control socket and the daemon lifecycle.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::Duration;
+
+use mftd_tests::{mftctl_bin, stderr, stdout, Daemon};
+
+fn raw_request(d: &Daemon, line: &[u8]) -> serde_json::Value {
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(line).unwrap();
+    let mut r = BufReader::new(s);
+    let mut resp = String::new();
+    r.read_line(&mut resp).unwrap();
+    serde_json::from_str(&resp).unwrap_or_else(|e| panic!("bad reply {resp:?}: {e}"))
+}
+
+#[test]
+fn malformed_requests_get_errors_and_daemon_keeps_serving() {
+    let d = Daemon::start(1);
+    for bad in [&b"this is not json\n"[..], b"{\"type\":\"nope\"}\n", b"{\"type\":\"server_stop\",\"port\":99999}\n", b"[1,2,3]\n", b"\xff\xfe\n"] {
+        let v = raw_request(&d, bad);
+        assert_eq!(v["type"], "error", "{v}");
+        assert_eq!(v["code"], "bad_request", "{v}");
+    }
+    // Same connection keeps working after an error.
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    s.write_all(b"garbage\n{\"type\":\"servers_list\"}\n").unwrap();
+    let mut r = BufReader::new(s);
+    let mut l1 = String::new();
+    let mut l2 = String::new();
+    r.read_line(&mut l1).unwrap();
+    r.read_line(&mut l2).unwrap();
+    assert!(l1.contains("\"error\""), "{l1}");
+    assert!(l2.contains("\"servers\""), "{l2}");
+    // An over-long line is refused without killing the daemon.
+    let mut big = vec![b'x'; (1 << 20) + 10];
+    big.push(b'\n');
+    let v = raw_request(&d, &big);
+    assert_eq!(v["code"], "line_too_long");
+    // A version mismatch names both versions.
+    let v = raw_request(&d, b"{\"type\":\"hello\",\"protocol\":99,\"client\":\"x\"}\n");
+    assert_eq!(v["code"], "version_mismatch");
+    assert!(v["message"].as_str().unwrap().contains("99"));
+    assert!(d.ctl(&["status"]).status.success());
+}
+
+#[test]
+fn second_daemon_on_same_socket_refuses() {
+    let d = Daemon::start(1);
+    let out = d.command(1, &[]).output().unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("another mftd is already running"), "{err}");
+    assert!(d.ctl(&["status"]).status.success(), "first daemon still serves");
+}
+
+#[test]
+fn stale_socket_is_replaced_and_socket_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut d = Daemon::start(1);
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // SIGKILL leaves a stale socket file behind; the next start must cope.
+    d.kill();
+    assert!(d.socket.exists());
+    let mut cmd = d.command(1, &[]);
+    let child = cmd.stderr(std::process::Stdio::null()).spawn().unwrap();
+    d.child = Some(child);
+    d.wait_ready();
+    assert!(d.ctl(&["status"]).status.success());
+}
+
+#[test]
+fn sigterm_and_shutdown_exit_zero() {
+    let mut d = Daemon::start(2);
+    let st = d.terminate(Duration::from_secs(5)).expect("mftd exits within 5 s of SIGTERM");
+    assert!(st.success(), "exit status {st}");
+    assert!(!d.socket.exists(), "socket unlinked on exit");
+
+    let mut d = Daemon::start(1);
+    let out = d.ctl(&["shutdown"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let st = d.wait_exit(Duration::from_secs(5)).expect("mftd exits after shutdown");
+    assert!(st.success(), "exit status {st}");
+}
+
+#[test]
+fn ctl_without_daemon_says_how_to_start_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nope.sock");
+    let out = Command::new(mftctl_bin()).arg("--socket").arg(&sock).arg("status").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("mftd is not running") && err.contains("systemctl start mftd"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one sentence: {err}");
+    // --json still prints only JSON on stdout.
+    let out = Command::new(mftctl_bin()).arg("--socket").arg(&sock).arg("--json").arg("status").output().unwrap();
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(v["code"], "not_running");
+}
+
+#[test]
+fn port_in_use_is_a_clear_startup_error() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(mftd_tests::mftd_bin())
+        .args(["--ports", &port, "--export"])
+        .arg(dir.path())
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--socket")
+        .arg(dir.path().join("s"))
+        .env("MFTD_CONFIG", "/dev/null")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains(&format!("port {port} is already in use")), "{}", stderr(&out));
+}

@@ -1,0 +1,171 @@
+//! Downloads through the real binaries: sizes around the piece size, one and
+//! four servers, checked by sha256 and by the bytes each listener sent.
+
+use mftd_tests::{sha256_file, stderr, stdout, write_file, Daemon};
+
+const PIECE: u64 = 256 << 10;
+
+/// Downloads `name` from the given sources into a fresh client daemon and
+/// returns the downloaded file's path.
+fn fetch(server: &Daemon, client: &Daemon, name: &str, sources: &[String]) -> std::path::PathBuf {
+    let out = client.ctl(&["get", name, "--from", &sources.join(","), "-o", client.downloads.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "get failed ({}): {}\n{}\nserver log:\n{}\nclient log:\n{}",
+        out.status,
+        stdout(&out),
+        stderr(&out),
+        server.log(),
+        client.log()
+    );
+    client.downloads.join(name)
+}
+
+#[test]
+fn sizes_from_one_and_four_servers() {
+    let server = Daemon::start(4);
+    let client = Daemon::start(0);
+    let sizes = [0, 1, 3 * PIECE + 17, PIECE, 64 << 20];
+    for (i, &size) in sizes.iter().enumerate() {
+        let name = format!("f{i}.bin");
+        write_file(&server.export.join(&name), size, i as u64 + 1);
+        let want = sha256_file(&server.export.join(&name));
+        // One server.
+        let one = fetch(&server, &client, &name, &server.sources()[..1]);
+        assert_eq!(sha256_file(&one), want, "size {size} from 1 server");
+        assert_eq!(std::fs::metadata(&one).unwrap().len(), size);
+        std::fs::remove_file(&one).unwrap();
+        // Four servers.
+        let before: Vec<u64> = server.ports.iter().map(|p| server.bytes_sent(*p)).collect();
+        let four = fetch(&server, &client, &name, &server.sources());
+        assert_eq!(sha256_file(&four), want, "size {size} from 4 servers");
+        let after: Vec<u64> = server.ports.iter().map(|p| server.bytes_sent(*p)).collect();
+        let sent: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        let total: u64 = sent.iter().sum();
+        assert!(total >= size, "listeners sent {total} < {size}");
+        if size >= 64 << 20 {
+            // Every server contributed, and duplicates were few.
+            assert!(sent.iter().all(|&s| s > 0), "a server sent nothing: {sent:?}");
+            assert!(total <= size + (8 << 20), "too many duplicate bytes: {sent:?}");
+        }
+        assert!(!client.downloads.join(format!("{name}.mftpart")).exists(), "part file left behind");
+        std::fs::remove_file(&four).unwrap();
+    }
+}
+
+#[test]
+fn get_reports_per_server_result_and_json_events() {
+    let server = Daemon::start(4);
+    let client = Daemon::start(0);
+    write_file(&server.export.join("dir/data.bin"), 5 << 20, 9);
+    let (out, lines) = client.ctl_json(&["get", "dir/data.bin", "--from", &server.sources().join(","), "-o", client.downloads.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(lines[0]["type"], "accepted");
+    let last = lines.last().unwrap();
+    assert_eq!(last["type"], "progress");
+    assert_eq!(last["download"]["state"], "done");
+    let srcs = last["download"]["sources"].as_array().unwrap();
+    assert_eq!(srcs.len(), 4);
+    let sum: u64 = srcs.iter().map(|s| s["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(sum, 5 << 20, "per-source bytes add up to the file size");
+    assert_eq!(sha256_file(&client.downloads.join("data.bin")), sha256_file(&server.export.join("dir/data.bin")));
+
+    // Human output names every source in the summary.
+    std::fs::remove_file(client.downloads.join("data.bin")).unwrap();
+    let out = client.ctl(&["get", "dir/data.bin", "--from", &server.sources().join(","), "-o", client.downloads.to_str().unwrap()]);
+    assert!(out.status.success());
+    let text = stdout(&out);
+    for p in &server.ports {
+        assert!(text.contains(&format!("127.0.0.1:{p}")), "summary lacks port {p}: {text}");
+    }
+    assert!(text.contains("verified blake3:"), "{text}");
+}
+
+#[test]
+fn several_downloads_at_once() {
+    let server = Daemon::start(2);
+    let client = Daemon::start(0);
+    for i in 0..3 {
+        write_file(&server.export.join(format!("c{i}")), 8 << 20, 100 + i);
+    }
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let out = client.ctl(&["get", &format!("c{i}"), "--from", &server.sources().join(","), "--detach"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        ids.push(stdout(&out).trim().to_string());
+    }
+    let start = std::time::Instant::now();
+    loop {
+        let (_, lines) = client.ctl_json(&["downloads", "list"]);
+        let ds = lines[0]["downloads"].as_array().unwrap().clone();
+        if ds.len() == 3 && ds.iter().all(|d| d["state"] == "done") {
+            break;
+        }
+        assert!(start.elapsed().as_secs() < 30, "downloads did not finish: {ds:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for i in 0..3 {
+        assert_eq!(
+            sha256_file(&client.downloads.join(format!("c{i}"))),
+            sha256_file(&server.export.join(format!("c{i}")))
+        );
+    }
+}
+
+#[test]
+fn file_not_found_is_a_clear_error() {
+    let server = Daemon::start(2);
+    let client = Daemon::start(0);
+    let out = client.ctl(&["get", "missing.iso", "--from", &server.sources().join(","), "-o", client.downloads.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out) + &stderr(&out);
+    assert!(text.contains("missing.iso not found"), "{text}");
+    assert!(!client.downloads.join("missing.iso.mftpart").exists());
+}
+
+#[test]
+fn bad_output_dir_and_existing_file_are_refused() {
+    let server = Daemon::start(1);
+    let client = Daemon::start(0);
+    write_file(&server.export.join("x"), 10, 1);
+    let nowhere = client.dir.path().join("no/such/dir");
+    let out = client.ctl(&["get", "x", "--from", &server.sources()[0], "-o", nowhere.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+
+    let file_as_dir = client.dir.path().join("afile");
+    std::fs::write(&file_as_dir, b"x").unwrap();
+    let out = client.ctl(&["get", "x", "--from", &server.sources()[0], "-o", file_as_dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("not a directory"), "{}", stderr(&out));
+
+    std::fs::write(client.downloads.join("x"), b"precious").unwrap();
+    let out = client.ctl(&["get", "x", "--from", &server.sources()[0], "-o", client.downloads.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+    assert_eq!(std::fs::read(client.downloads.join("x")).unwrap(), b"precious");
+    let out = client.ctl(&["get", "x", "--from", &server.sources()[0], "-o", client.downloads.to_str().unwrap(), "--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(sha256_file(&client.downloads.join("x")), sha256_file(&server.export.join("x")));
+}
+
+#[test]
+fn server_with_a_different_version_is_excluded() {
+    // Capped so the download outlasts the election even on a loaded machine.
+    let good = Daemon::builder(2).arg("--rate-limit").arg("3M").start();
+    let odd = Daemon::start(1);
+    let client = Daemon::start(0);
+    write_file(&good.export.join("v.bin"), 6 << 20, 7);
+    write_file(&odd.export.join("v.bin"), 6 << 20, 8);
+    let mut sources = good.sources();
+    sources.push(odd.sources()[0].clone());
+    let (out, lines) = client.ctl_json(&["get", "v.bin", "--from", &sources.join(","), "-o", client.downloads.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(sha256_file(&client.downloads.join("v.bin")), sha256_file(&good.export.join("v.bin")));
+    let last = &lines.last().unwrap()["download"];
+    let odd_src = last["sources"].as_array().unwrap().iter().find(|s| s["address"] == odd.sources()[0].as_str()).unwrap().clone();
+    assert_eq!(odd_src["state"], "excluded", "{odd_src}");
+    assert!(odd_src["last_error"].as_str().unwrap().contains("different version"), "{odd_src}");
+    assert_eq!(odd_src["bytes"], 0);
+    assert_eq!(odd.bytes_sent(odd.ports[0]), 0, "excluded server sent file bytes");
+}

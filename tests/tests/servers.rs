@@ -1,0 +1,88 @@
+//! Listener management through `mftctl servers ...`.
+
+use std::net::TcpStream;
+use std::time::Duration;
+
+use mftd_tests::{sha256_file, stderr, stdout, write_file, Daemon};
+
+#[test]
+fn list_shows_state_and_bytes_sent() {
+    let server = Daemon::start(3);
+    let client = Daemon::start(0);
+    write_file(&server.export.join("a"), 2 << 20, 3);
+    let servers = server.servers();
+    assert_eq!(servers.len(), 3);
+    for s in &servers {
+        assert_eq!(s["state"], "running");
+        assert_eq!(s["bytes_sent"], 0);
+        assert_eq!(s["rate_limit"], 0);
+    }
+    let out = client.ctl(&["get", "a", "--from", &server.sources()[0], "-o", client.downloads.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sent: Vec<u64> = server.servers().iter().map(|s| s["bytes_sent"].as_u64().unwrap()).collect();
+    assert_eq!(sent[0], 2 << 20, "{sent:?}");
+    assert_eq!(sent[1] + sent[2], 0, "{sent:?}");
+    let table = stdout(&server.ctl(&["servers", "list"]));
+    assert!(table.contains("PORT") && table.contains("2.0 MiB"), "{table}");
+}
+
+#[test]
+fn stop_refuses_connections_and_start_reopens() {
+    let server = Daemon::start(2);
+    let port = server.ports[1];
+    let out = server.ctl(&["servers", "stop", &port.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains(&format!("stopped listener {port}")), "{}", stdout(&out));
+    // Give the accept loop a moment to drop the socket.
+    let mut refused = false;
+    for _ in 0..100 {
+        if TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_err() {
+            refused = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(refused, "port {port} still accepts connections after stop");
+    let st = server.servers().into_iter().find(|s| s["port"] == port).unwrap();
+    assert_eq!(st["state"], "stopped");
+
+    // Stopping twice and unknown ports are clear errors.
+    let out = server.ctl(&["servers", "stop", &port.to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("already stopped"), "{}", stderr(&out));
+    let out = server.ctl(&["servers", "stop", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no listener on port 1"), "{}", stderr(&out));
+
+    let out = server.ctl(&["servers", "start", &port.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(TcpStream::connect(("127.0.0.1", port)).is_ok(), "port {port} not reopened");
+    write_file(&server.export.join("b"), 300_000, 4);
+    let client = Daemon::start(0);
+    let out = client.ctl(&["get", "b", "--from", &format!("127.0.0.1:{port}"), "-o", client.downloads.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(sha256_file(&client.downloads.join("b")), sha256_file(&server.export.join("b")));
+}
+
+#[test]
+fn add_and_limit_listeners() {
+    let server = Daemon::start(1);
+    let (out, lines) = server.ctl_json(&["servers", "add", "--rate-limit", "800K"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(lines[0]["message"].as_str().unwrap().contains("added listener"));
+    let servers = server.servers();
+    assert_eq!(servers.len(), 2);
+    let added = servers.iter().find(|s| s["port"] != server.ports[0]).unwrap();
+    assert_eq!(added["rate_limit"], 800 * 1024);
+    let p = added["port"].as_u64().unwrap().to_string();
+    let out = server.ctl(&["servers", "limit", &p, "0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let added = server.servers().into_iter().find(|s| s["port"].to_string() == p).unwrap();
+    assert_eq!(added["rate_limit"], 0);
+    // Adding a port that is taken names the port.
+    let out = server.ctl(&["servers", "add", "--port", &server.ports[0].to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains(&server.ports[0].to_string()), "{}", stderr(&out));
+    let out = server.ctl(&["servers", "limit", &p, "fast"]);
+    assert_eq!(out.status.code(), Some(2), "bad RATE is a usage error");
+}
