@@ -85,6 +85,10 @@ pub struct GetRequest {
     /// TCP connections per source; the daemon's default if absent.
     #[serde(default)]
     pub connections_per_source: Option<u32>,
+    /// Fail the download after this many seconds in a row without any
+    /// reachable source; wait forever if absent.
+    #[serde(default)]
+    pub give_up_after_secs: Option<u64>,
 }
 
 /// A response from `mftd`.

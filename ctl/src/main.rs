@@ -112,6 +112,26 @@ struct GetArgs {
     /// TCP connections per source (default: the daemon's setting).
     #[arg(long, value_name = "N")]
     connections_per_server: Option<u32>,
+    /// Fail if no source is reachable for this long (e.g. 90s, 10m, 2h);
+    /// by default the download waits as long as it takes.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    give_up_after: Option<u64>,
+}
+
+/// `90`, `90s`, `10m`, `2h` → seconds.
+fn parse_duration(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('s') => (&t[..t.len() - 1], 1),
+        Some('m') => (&t[..t.len() - 1], 60),
+        Some('h') => (&t[..t.len() - 1], 3600),
+        _ => (t, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}: use e.g. 90s, 10m or 2h"))?;
+    if n == 0 {
+        return Err("duration must be positive".into());
+    }
+    n.checked_mul(mult).ok_or_else(|| format!("duration {s:?} is too long"))
 }
 
 fn main() -> ExitCode {
@@ -210,6 +230,7 @@ fn get(socket: &std::path::Path, json: bool, args: GetArgs) -> Result<ExitCode, 
         output_dir,
         force: args.force,
         connections_per_source: args.connections_per_server,
+        give_up_after_secs: args.give_up_after,
     }))?;
     let (id, destination) = match resp {
         Response::Accepted { id, ref destination } => (id, destination.clone()),

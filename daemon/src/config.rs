@@ -86,6 +86,14 @@ pub struct FileConfig {
     pub max_connections: Option<u32>,
     pub connections_per_server: Option<u32>,
     pub idle_timeout: Option<u64>,
+    /// Per-listener settings: `[listener.5001]` with `rate_limit = "4M"`.
+    pub listener: Option<std::collections::BTreeMap<String, ListenerFileConfig>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerFileConfig {
+    pub rate_limit: Option<RateValue>,
 }
 
 /// A rate in the config: a number of bytes/s or a string like `"20M"`.
@@ -119,6 +127,8 @@ pub struct Config {
     pub max_connections: u32,
     pub connections_per_server: u32,
     pub idle_timeout: Duration,
+    /// Rate limits of individual listeners, over `rate_limit`.
+    pub listener_limits: std::collections::BTreeMap<u16, u64>,
     pub config_file: Option<PathBuf>,
 }
 
@@ -234,6 +244,13 @@ impl Config {
         if !(1..=16).contains(&connections_per_server) {
             bail!("connections_per_server must be between 1 and 16");
         }
+        let mut listener_limits = std::collections::BTreeMap::new();
+        for (port, lc) in file.listener.unwrap_or_default() {
+            let p: u16 = port.parse().ok().filter(|p| *p > 0).with_context(|| format!("[listener.{port}]: not a port number"))?;
+            if let Some(r) = &lc.rate_limit {
+                listener_limits.insert(p, r.parse().with_context(|| format!("invalid rate_limit in [listener.{port}]"))?);
+            }
+        }
         let idle = args.idle_timeout.or(file.idle_timeout).unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS);
         if idle == 0 {
             bail!("idle_timeout must be at least 1 second");
@@ -255,6 +272,7 @@ impl Config {
             max_connections,
             connections_per_server,
             idle_timeout: Duration::from_secs(idle),
+            listener_limits,
             config_file,
         })
     }
@@ -291,6 +309,10 @@ mod tests {
         assert_eq!(c.rate_limit, 1024);
         assert_eq!(c.export, PathBuf::from("/srv/x"));
         assert_eq!(c.idle_timeout, Duration::from_secs(3));
+        let file: FileConfig = toml::from_str("[listener.5001]\nrate_limit = \"4M\"\n[listener.5002]\nrate_limit = 0\n").unwrap();
+        let c = Config::merge(&Args::default(), file, None).unwrap();
+        assert_eq!(c.listener_limits.get(&5001), Some(&(4 << 20)));
+        assert_eq!(c.listener_limits.get(&5002), Some(&0));
     }
 
     #[test]

@@ -63,7 +63,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, ready: impl FnOnce
     let tracker = TaskTracker::new();
     let listeners = Listeners::new(config.listen, config.max_connections, ctx, shutdown.child_token(), tracker.clone());
     for &port in &config.ports {
-        listeners.add(port, config.rate_limit)?;
+        listeners.add(port, config.listener_limits.get(&port).copied().unwrap_or(config.rate_limit))?;
     }
     let downloads = Downloads::new(
         DownloadDefaults {

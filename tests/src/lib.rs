@@ -317,3 +317,136 @@ impl RawConn {
         v
     }
 }
+
+/// Polls `cond` every 20 ms until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+impl Daemon {
+    /// Starts a download detached; returns its ID.
+    pub fn get_detached(&self, remote: &str, sources: &[String], extra: &[&str]) -> u64 {
+        let from = sources.join(",");
+        let mut args = vec!["get", remote, "--from", &from, "--detach"];
+        let out_dir = self.downloads.to_str().expect("utf-8 path").to_string();
+        args.extend_from_slice(&["-o", &out_dir]);
+        args.extend_from_slice(extra);
+        let out = self.ctl(&args);
+        assert!(out.status.success(), "get failed: {}", stderr(&out));
+        stdout(&out).trim().parse().expect("download id")
+    }
+
+    /// `downloads show ID` as JSON.
+    pub fn download(&self, id: u64) -> serde_json::Value {
+        let (out, lines) = self.ctl_json(&["downloads", "show", &id.to_string()]);
+        assert!(out.status.success(), "show failed: {}", stderr(&out));
+        lines[0]["download"].clone()
+    }
+
+    /// Waits for a download to end; returns its final JSON.
+    pub fn wait_download(&self, id: u64, limit: Duration) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        let ok = wait_until(limit, || {
+            last = self.download(id);
+            matches!(last["state"].as_str(), Some("done" | "failed" | "cancelled"))
+        });
+        assert!(ok, "download {id} did not end within {limit:?}: {last}\n{}", self.log());
+        last
+    }
+}
+
+/// A TCP proxy in front of a listener that forwards the first `limit`
+/// bytes from server to client on each connection and then goes silent while
+/// keeping the connection open: a source that "stops sending mid-range".
+pub struct StallProxy {
+    pub port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl StallProxy {
+    pub fn start(upstream: u16, limit: u64) -> StallProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let (s2, c2) = (stop.clone(), conns.clone());
+        std::thread::spawn(move || {
+            // Bounded: ends when the proxy is dropped (or after 10 minutes).
+            let start = Instant::now();
+            while !s2.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(600) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let _ = client.set_nonblocking(false);
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else { continue };
+                if let Ok(mut g) = c2.lock() {
+                    g.extend([client.try_clone().expect("clone"), server.try_clone().expect("clone")]);
+                }
+                let (mut cr, mut sw) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut cr, &mut sw);
+                });
+                let (mut sr, mut cw) = (server, client);
+                std::thread::spawn(move || {
+                    let mut left = limit;
+                    let mut buf = [0u8; 16 << 10];
+                    while left > 0 {
+                        let n = match sr.read(&mut buf[..(left.min(16 << 10)) as usize]) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if cw.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                        left -= n as u64;
+                    }
+                    // Silent from now on; the connection stays open until the
+                    // proxy is dropped.
+                    let _ = sr.read_to_end(&mut Vec::new());
+                });
+            }
+        });
+        StallProxy { port, stop, conns }
+    }
+}
+
+impl Drop for StallProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(g) = self.conns.lock() {
+            for c in g.iter() {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// Overwrites bytes of a file but keeps its size and modification time, so
+/// a server that already hashed it keeps announcing the old identity: a
+/// server that serves corrupt data under a good identity.
+pub fn corrupt_keeping_mtime(path: &Path, offsets: &[u64]) {
+    use std::os::unix::fs::FileExt;
+    let meta = std::fs::metadata(path).expect("stat");
+    let mtime = meta.modified().expect("mtime");
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).expect("open rw");
+    for &o in offsets {
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, o).expect("read byte");
+        b[0] ^= 0xff;
+        f.write_all_at(&b, o).expect("write byte");
+    }
+    f.set_modified(mtime).expect("restore mtime");
+    f.sync_all().expect("sync");
+}

@@ -40,8 +40,14 @@ use crate::identity::hash_file;
 
 /// Bad pieces a source may send before it is dropped from the download.
 pub const MAX_STRIKES: u32 = 3;
-/// Size of one READ request.
-pub const BLOCK: u64 = 512 << 10;
+/// Size of one READ request: about [`BLOCK_TIME`] of the connection's
+/// measured speed, between these bounds. Small blocks on slow links keep the
+/// bytes in flight (which cannot be handed to a faster source) to about
+/// `WINDOW × BLOCK_TIME`; large blocks on fast links keep the request rate low.
+pub const BLOCK_MIN: u64 = 64 << 10;
+pub const BLOCK_MAX: u64 = 512 << 10;
+const BLOCK_FIRST: u64 = 256 << 10;
+const BLOCK_TIME: f64 = 0.025;
 /// READs in flight per connection.
 pub const WINDOW: usize = 4;
 /// Receive buffer: bytes are claimed and written in pieces of this size.
@@ -109,14 +115,35 @@ pub async fn run(dl: Arc<Download>) {
             tasks.spawn(worker(eng.clone(), src));
         }
     }
-    let outcome = tokio::select! {
-        o = rx.recv() => o,
-        _ = dl.token.cancelled() => None,
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let outcome = loop {
+        tokio::select! {
+            o = rx.recv() => break o,
+            _ = dl.token.cancelled() => break None,
+            _ = tick.tick(), if dl.give_up_after.is_some() => {
+                let limit = dl.give_up_after.unwrap_or_default();
+                let since = dl.progress().waiting_since;
+                if since.is_some_and(|t| t.elapsed() >= limit) {
+                    let reasons: Vec<String> = dl.progress().sources.iter()
+                        .map(|s| format!("{}: {}", s.address, s.last_error.as_deref().unwrap_or("unreachable")))
+                        .collect();
+                    break Some(Outcome::Fatal(format!(
+                        "gave up after {}s without a reachable source ({})", limit.as_secs(), reasons.join("; "))));
+                }
+            }
+        }
     };
     eng.workers.cancel();
     // Workers stop at their next await; bound the wait anyway.
     let _ = tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;
     tasks.abort_all();
+    // Workers cancelled mid-session did not get to count themselves out.
+    for s in dl.progress().sources.iter_mut() {
+        s.connections = 0;
+        if matches!(s.state, SourceState::Active | SourceState::Connecting | SourceState::Waiting) {
+            s.state = SourceState::Idle;
+        }
+    }
 
     match outcome {
         Some(Outcome::Complete) => {
@@ -259,6 +286,9 @@ impl Engine {
             s.state = state;
             s.last_error = Some(why);
         });
+        if let Some(c) = self.chosen.get() {
+            lock(&c.sched).source_dead(src);
+        }
         self.changed.notify_waiters();
     }
 
@@ -365,7 +395,11 @@ impl Engine {
             p.pieces_total = identity.piece_count() as u64;
         }
         info!(size, identity = %identity.root_hex(), "file version chosen");
-        let sched = Scheduler::new(size, identity.piece_size);
+        let mut sched = Scheduler::new(size, identity.piece_size);
+        sched.set_sources(self.dl.sources.len());
+        for s in lock(&self.dead).keys() {
+            sched.source_dead(*s);
+        }
         let complete = sched.is_complete();
         let chosen = Arc::new(Chosen { identity, file: Arc::new(file), sched: Mutex::new(sched) });
         if complete {
@@ -486,8 +520,16 @@ async fn session(eng: &Arc<Engine>, src: SourceId, addr: &str, backoff: &mut Bac
     });
     eng.refresh_state();
     let conn_id = eng.next_conn.fetch_add(1, Ordering::Relaxed);
+    // Give the range back even if this future is dropped (download over).
+    struct Open<'a>(&'a Chosen, ConnId);
+    impl Drop for Open<'_> {
+        fn drop(&mut self) {
+            lock(&self.0.sched).release(self.1);
+        }
+    }
+    let guard = Open(&chosen, conn_id);
     let end = fetch(eng, &chosen, src, conn_id, &mut conn, &stat).await;
-    lock(&chosen.sched).release(conn_id);
+    drop(guard);
     eng.changed.notify_waiters();
     eng.set_source(src, |s| {
         s.connections = s.connections.saturating_sub(1);
@@ -519,10 +561,17 @@ async fn fetch(
         while inflight.len() < WINDOW {
             let next = {
                 let mut s = lock(&chosen.sched);
+                let now = Instant::now();
                 if inflight.is_empty() && s.fully_requested(conn_id) {
-                    s.assign(conn_id, src, Instant::now());
+                    s.assign(conn_id, src, now);
                 }
-                s.next_request(conn_id, BLOCK)
+                let speed = s.conn_speed(conn_id, now);
+                let block = if speed <= 0.0 {
+                    BLOCK_FIRST
+                } else {
+                    ((speed * BLOCK_TIME) as u64).clamp(BLOCK_MIN, BLOCK_MAX)
+                };
+                s.next_request(conn_id, block)
             };
             let Some(r) = next else { break };
             match conn.request(&path, stat.size, stat.mtime_ns, r).await {
@@ -675,12 +724,17 @@ async fn verify(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize) {
         }
         Ok(Ok(false)) => {
             let bad = lock(&chosen.sched).piece_failed(p);
-            let len = chosen.sched_piece_len(p);
             {
+                // Those bytes are no longer part of the file.
                 let mut prog = eng.dl.progress();
-                prog.bytes_done = prog.bytes_done.saturating_sub(len);
+                for &(s, n) in &bad.contributors {
+                    prog.bytes_done = prog.bytes_done.saturating_sub(n);
+                    if let Some(sp) = prog.sources.get_mut(s) {
+                        sp.bytes = sp.bytes.saturating_sub(n);
+                    }
+                }
             }
-            for s in bad.contributors {
+            for (s, _) in bad.contributors {
                 eng.strike(s, p);
             }
             eng.changed.notify_waiters();
@@ -691,12 +745,5 @@ async fn verify(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize) {
         Err(e) => {
             let _ = eng.outcome.try_send(Outcome::Fatal(format!("verification task failed: {e}")));
         }
-    }
-}
-
-impl Chosen {
-    fn sched_piece_len(&self, p: usize) -> u64 {
-        let (s, e) = self.identity.piece_range(p);
-        e - s
     }
 }

@@ -59,6 +59,8 @@ pub struct Progress {
     pub sources: Vec<SourceProgress>,
     sample: Option<(Instant, u64)>,
     finished: Option<Instant>,
+    /// Since when the download has been `waiting` without interruption.
+    pub waiting_since: Option<Instant>,
 }
 
 /// One download: what was asked and how it is going.
@@ -71,6 +73,7 @@ pub struct Download {
     pub force: bool,
     pub connections_per_source: u32,
     pub idle_timeout: Duration,
+    pub give_up_after: Option<Duration>,
     pub token: CancellationToken,
     started: Instant,
     progress: Mutex<Progress>,
@@ -88,6 +91,7 @@ impl Download {
             return;
         }
         p.state = state;
+        p.waiting_since = if state == DownloadState::Waiting { Some(Instant::now()) } else { None };
         if state.is_final() {
             p.finished = Some(Instant::now());
         }
@@ -155,7 +159,7 @@ impl Download {
             bytes_done: p.bytes_done,
             pieces_verified: p.pieces_verified,
             pieces_total: p.pieces_total,
-            speed: p.speed,
+            speed: if p.state.is_final() { 0 } else { p.speed },
             eta_secs,
             elapsed_ms: end.duration_since(self.started).as_millis() as u64,
             sources: p
@@ -166,7 +170,7 @@ impl Download {
                     state: s.state,
                     bytes: s.bytes,
                     bytes_received: s.bytes_received,
-                    speed: s.speed,
+                    speed: if p.state.is_final() { 0 } else { s.speed },
                     share: match size {
                         Some(sz) if sz > 0 => s.bytes as f64 / sz as f64,
                         _ => 0.0,
@@ -289,6 +293,7 @@ impl Downloads {
             force: req.force,
             connections_per_source: req.connections_per_source.unwrap_or(self.defaults.connections_per_server).clamp(1, 16),
             idle_timeout: self.defaults.idle_timeout,
+            give_up_after: req.give_up_after_secs.map(Duration::from_secs),
             token: self.parent.child_token(),
             started: Instant::now(),
             progress: Mutex::new(Progress {
@@ -317,6 +322,7 @@ impl Downloads {
                     .collect(),
                 sample: None,
                 finished: None,
+                waiting_since: None,
             }),
             sources,
             state_tx,

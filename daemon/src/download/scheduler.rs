@@ -76,7 +76,8 @@ impl Meter {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadPiece {
     pub piece: usize,
-    pub contributors: Vec<SourceId>,
+    /// Who wrote how many bytes of the bad piece.
+    pub contributors: Vec<(SourceId, u64)>,
 }
 
 #[derive(Debug)]
@@ -90,11 +91,16 @@ pub struct Scheduler {
     verified: Vec<bool>,
     verified_count: usize,
     verifying: HashSet<usize>,
-    contributors: HashMap<usize, Vec<SourceId>>,
+    /// Bytes each source wrote into each unverified piece.
+    contributors: HashMap<usize, Vec<(SourceId, u64)>>,
     /// Sources that sent a bad copy of a piece; asked last for it.
     avoid: HashMap<usize, HashSet<SourceId>>,
     assignments: HashMap<ConnId, Assignment>,
     meters: HashMap<ConnId, Meter>,
+    /// Sources still in the download (not dropped or excluded), when the
+    /// engine has told us; otherwise other sources count as alive while they
+    /// hold an assignment.
+    alive: Vec<bool>,
 }
 
 impl Scheduler {
@@ -114,6 +120,7 @@ impl Scheduler {
             avoid: HashMap::new(),
             assignments: HashMap::new(),
             meters: HashMap::new(),
+            alive: Vec::new(),
         }
     }
 
@@ -176,10 +183,16 @@ impl Scheduler {
     /// is nothing useful for it to do right now.
     pub fn assign(&mut self, conn: ConnId, source: SourceId, now: Instant) -> Option<Range> {
         self.assignments.remove(&conn);
-        // 1. Unassigned bytes, avoiding pieces this source sent bad copies of.
+        // 1. Unassigned bytes, avoiding pieces this source sent bad copies
+        // of while another source is at work to fetch them instead.
         let unassigned = self.unassigned();
-        let avoided = |r: &Range| self.pieces_of(*r).any(|p| self.avoid.get(&p).is_some_and(|s| s.contains(&source)));
-        let pick = unassigned.iter().find(|r| !avoided(r)).or_else(|| unassigned.first()).copied();
+        let others_alive = self.assignments.values().any(|a| a.source != source)
+            || self.alive.iter().enumerate().any(|(s, a)| s != source && *a);
+        let pick = unassigned
+            .iter()
+            .find(|r| !self.avoided(source, **r))
+            .or_else(|| if others_alive { None } else { unassigned.first() })
+            .copied();
         if let Some(r) = pick {
             // End on a piece boundary so pieces complete early and verify.
             let mut end = (r.start + self.chunk).min(r.end);
@@ -196,7 +209,7 @@ impl Scheduler {
         let my_rate = self.conn_rate(conn, now);
         let mut best: Option<(ConnId, f64)> = None;
         for (&c, a) in &self.assignments {
-            if a.end.saturating_sub(a.requested) < MIN_SPLIT {
+            if a.end.saturating_sub(a.requested) < MIN_SPLIT || self.avoided(source, Range::new(a.requested, a.end)) {
                 continue;
             }
             let t = (a.end - a.start) as f64 / self.conn_rate(c, now).max(1.0);
@@ -224,7 +237,7 @@ impl Scheduler {
         // 3. End game: duplicate a slow owner's outstanding bytes.
         let mut best: Option<(ConnId, f64)> = None;
         for (&c, a) in &self.assignments {
-            if a.source == source || a.duplicated || a.start >= a.end {
+            if a.source == source || a.duplicated || a.start >= a.end || self.avoided(source, Range::new(a.start, a.end)) {
                 continue;
             }
             let t = (a.end - a.start) as f64 / self.conn_rate(c, now).max(1.0);
@@ -240,6 +253,24 @@ impl Scheduler {
             }
         }
         None
+    }
+
+    /// The download has `n` sources, all usable for now.
+    pub fn set_sources(&mut self, n: usize) {
+        self.alive = vec![true; n];
+    }
+
+    /// `source` was dropped or excluded: pieces it sent bad copies of may
+    /// no longer wait for it to be replaced by another source.
+    pub fn source_dead(&mut self, source: SourceId) {
+        if let Some(a) = self.alive.get_mut(source) {
+            *a = false;
+        }
+    }
+
+    /// Whether `r` touches a piece `source` sent a bad copy of.
+    fn avoided(&self, source: SourceId, r: Range) -> bool {
+        !self.avoid.is_empty() && self.pieces_of(r).any(|p| self.avoid.get(&p).is_some_and(|s| s.contains(&source)))
     }
 
     fn give(&mut self, conn: ConnId, source: SourceId, r: Range, duplicated: bool) -> Range {
@@ -292,9 +323,11 @@ impl Scheduler {
         self.received.insert(r);
         let mut ready = Vec::new();
         for p in self.pieces_of(r) {
+            let part = self.piece_range(p).intersect(&r).map(|x| x.len()).unwrap_or(0);
             let c = self.contributors.entry(p).or_default();
-            if !c.contains(&source) {
-                c.push(source);
+            match c.iter_mut().find(|(s, _)| *s == source) {
+                Some((_, n)) => *n += part,
+                None => c.push((source, part)),
             }
             if !self.verified[p] && !self.verifying.contains(&p) && self.received.contains_range(self.piece_range(p)) {
                 self.verifying.insert(p);
@@ -324,7 +357,7 @@ impl Scheduler {
         let r = self.piece_range(p);
         self.received.remove(r);
         let contributors = self.contributors.remove(&p).unwrap_or_default();
-        self.avoid.entry(p).or_default().extend(contributors.iter().copied());
+        self.avoid.entry(p).or_default().extend(contributors.iter().map(|(s, _)| *s));
         BadPiece { piece: p, contributors }
     }
 
@@ -347,6 +380,11 @@ impl Scheduler {
             }
         }
         self.meters.remove(&conn);
+    }
+
+    /// Estimated bytes/s of a connection (0 when unknown).
+    pub fn conn_speed(&self, conn: ConnId, now: Instant) -> f64 {
+        self.conn_rate(conn, now)
     }
 
     /// Active assignment of a connection, for status displays and tests.
@@ -517,7 +555,7 @@ mod tests {
         let g = s.claim(1, r, now);
         assert_eq!(s.commit(0, g[0]), vec![0]);
         let bad = s.piece_failed(0);
-        assert_eq!(bad.contributors, vec![0]);
+        assert_eq!(bad.contributors, vec![(0, PS as u64)]);
         assert_eq!(s.missing(), vec![r]);
         s.release(1);
         // Source 1 gets it; source 0 would too, but only as a last resort.

@@ -1,0 +1,284 @@
+//! The download engine against real daemons: load balancing over capped
+//! listeners, failover, total outages, stalled and lying sources.
+
+use std::time::{Duration, Instant};
+
+use mftd_common::proto::Frame;
+use mftd_tests::{corrupt_keeping_mtime, sha256_file, stderr, wait_until, write_file, Daemon, RawConn, StallProxy};
+
+const MIB: u64 = 1 << 20;
+/// Bytes one connection may have in flight: WINDOW × BLOCK_MAX.
+const WINDOW_BYTES: u64 = 4 * 512 * 1024;
+
+/// Hashes the file on the server now, so timings measure the transfer.
+fn warm(d: &Daemon, name: &str) {
+    let mut c = RawConn::hello(d.ports[0]);
+    c.send(&Frame::Stat { path: name.into() });
+    assert!(matches!(c.recv(), Some(Frame::StatOk(_))));
+}
+
+fn received_total(dl: &serde_json::Value) -> u64 {
+    dl["sources"].as_array().unwrap().iter().map(|s| s["bytes_received"].as_u64().unwrap()).sum()
+}
+
+fn source<'a>(dl: &'a serde_json::Value, addr: &str) -> &'a serde_json::Value {
+    dl["sources"].as_array().unwrap().iter().find(|s| s["address"] == addr).unwrap()
+}
+
+#[test]
+fn capped_listeners_share_in_proportion_and_finish_near_ideal() {
+    let server = Daemon::start(4);
+    let caps = [4 * MIB, 8 * MIB, 16 * MIB, 32 * MIB];
+    for (p, c) in server.ports.iter().zip(caps) {
+        assert!(server.ctl(&["servers", "limit", &p.to_string(), &c.to_string()]).status.success());
+    }
+    let size = 120 * MIB;
+    write_file(&server.export.join("big"), size, 11);
+    warm(&server, "big");
+    let client = Daemon::start(0);
+    let id = client.get_detached("big", &server.sources(), &[]);
+    let dl = client.wait_download(id, Duration::from_secs(30));
+    assert_eq!(dl["state"], "done", "{dl}");
+    assert_eq!(sha256_file(&client.downloads.join("big")), sha256_file(&server.export.join("big")));
+    let sum: u64 = caps.iter().sum();
+    let ideal = size as f64 / sum as f64;
+    let took = dl["elapsed_ms"].as_f64().unwrap() / 1000.0;
+    let shares: Vec<f64> = dl["sources"].as_array().unwrap().iter().map(|s| s["share"].as_f64().unwrap()).collect();
+    println!("capped 4/8/16/32 MiB/s, {size} bytes: {took:.3}s, ideal {ideal:.3}s, ratio {:.3}, shares {shares:?}", took / ideal);
+    assert!(took <= ideal * 1.15, "took {took:.2}s, ideal {ideal:.2}s");
+    for (share, cap) in shares.iter().zip(caps) {
+        let want = cap as f64 / sum as f64;
+        assert!((share - want).abs() <= 0.03, "share {share:.3} vs bandwidth share {want:.3}: {shares:?}");
+    }
+}
+
+#[test]
+fn listener_rate_limit_holds_within_two_percent() {
+    let server = Daemon::builder(1).arg("--rate-limit").arg("8M").start();
+    write_file(&server.export.join("r"), 28 * MIB, 12);
+    warm(&server, "r");
+    let client = Daemon::start(0);
+    let id = client.get_detached("r", &server.sources(), &[]);
+    // Measure the listener's own counter over the middle of the transfer.
+    assert!(wait_until(Duration::from_secs(10), || server.bytes_sent(server.ports[0]) > 2 * MIB));
+    let (t0, b0) = (Instant::now(), server.bytes_sent(server.ports[0]));
+    std::thread::sleep(Duration::from_millis(2500));
+    let (t1, b1) = (Instant::now(), server.bytes_sent(server.ports[0]));
+    let rate = (b1 - b0) as f64 / (t1 - t0).as_secs_f64();
+    println!("8 MiB/s cap measured at {:.3} MiB/s", rate / MIB as f64);
+    assert!((rate / (8.0 * MIB as f64) - 1.0).abs() <= 0.02, "rate {rate}");
+    assert_eq!(client.wait_download(id, Duration::from_secs(20))["state"], "done");
+}
+
+#[test]
+fn stopped_listener_fails_over_at_the_exact_byte() {
+    let server = Daemon::builder(4).arg("--rate-limit").arg("8M").start();
+    let size = 64 * MIB;
+    write_file(&server.export.join("f"), size, 13);
+    warm(&server, "f");
+    let client = Daemon::start(0);
+    let id = client.get_detached("f", &server.sources(), &[]);
+    assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > size / 4));
+    let victim = server.ports[2];
+    let out = server.ctl(&["servers", "stop", &victim.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dl = client.wait_download(id, Duration::from_secs(30));
+    assert_eq!(dl["state"], "done", "{dl}");
+    assert_eq!(sha256_file(&client.downloads.join("f")), sha256_file(&server.export.join("f")));
+    let total = received_total(&dl);
+    println!("one listener stopped: received {total} bytes for a {size}-byte file (+{})", total - size);
+    // One failure: at most one pipelined window per connection of that source.
+    assert!(total <= size + 2 * WINDOW_BYTES, "received {total}");
+    let v = source(&dl, &format!("127.0.0.1:{victim}"));
+    assert!(v["last_error"].is_string(), "{v}");
+}
+
+#[test]
+fn killed_server_daemon_fails_over() {
+    let mut a = Daemon::builder(2).arg("--rate-limit").arg("8M").start();
+    let b = Daemon::builder(2).arg("--rate-limit").arg("8M").start();
+    let size = 48 * MIB;
+    write_file(&a.export.join("k"), size, 14);
+    write_file(&b.export.join("k"), size, 14);
+    warm(&a, "k");
+    warm(&b, "k");
+    let client = Daemon::start(0);
+    let mut sources = a.sources();
+    sources.extend(b.sources());
+    let id = client.get_detached("k", &sources, &[]);
+    assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > size / 4));
+    a.kill(); // SIGKILL
+    let dl = client.wait_download(id, Duration::from_secs(30));
+    assert_eq!(dl["state"], "done", "{dl}");
+    assert_eq!(sha256_file(&client.downloads.join("k")), sha256_file(&b.export.join("k")));
+    let total = received_total(&dl);
+    println!("server SIGKILLed: received {total} bytes for {size} (+{})", total - size);
+    // Two listeners died, two connections each.
+    assert!(total <= size + 4 * WINDOW_BYTES, "received {total}");
+}
+
+#[test]
+fn total_outage_waits_then_resumes_by_itself() {
+    let server = Daemon::builder(2).arg("--rate-limit").arg("8M").start();
+    let size = 40 * MIB;
+    write_file(&server.export.join("o"), size, 15);
+    warm(&server, "o");
+    let client = Daemon::start(0);
+    let id = client.get_detached("o", &server.sources(), &[]);
+    assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > size / 5));
+    for p in &server.ports {
+        assert!(server.ctl(&["servers", "stop", &p.to_string()]).status.success());
+    }
+    assert!(
+        wait_until(Duration::from_secs(15), || client.download(id)["state"] == "waiting"),
+        "never showed waiting: {}",
+        client.download(id)
+    );
+    let frozen = client.download(id)["bytes_done"].as_u64().unwrap();
+    // Waiting costs no CPU to speak of: sample the client's CPU time.
+    let cpu0 = cpu_ticks(client.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let cpu1 = cpu_ticks(client.pid());
+    println!("CPU while waiting: {} ticks in 2 s", cpu1 - cpu0);
+    assert!(cpu1 - cpu0 <= 10, "busy while waiting: {} ticks", cpu1 - cpu0);
+    assert_eq!(client.download(id)["bytes_done"].as_u64().unwrap(), frozen);
+    for p in &server.ports {
+        assert!(server.ctl(&["servers", "start", &p.to_string()]).status.success());
+    }
+    let dl = client.wait_download(id, Duration::from_secs(30));
+    assert_eq!(dl["state"], "done", "{dl}");
+    assert_eq!(sha256_file(&client.downloads.join("o")), sha256_file(&server.export.join("o")));
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn download_started_before_any_source_is_up() {
+    // Ports that nothing listens on yet.
+    let ports: Vec<u16> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
+        .collect();
+    let client = Daemon::start(0);
+    let sources: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let id = client.get_detached("late", &sources, &[]);
+    assert!(wait_until(Duration::from_secs(10), || client.download(id)["state"] == "waiting"));
+    let ports_arg = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+    let server = Daemon::builder(0).arg("--ports").arg(ports_arg).start();
+    write_file(&server.export.join("late"), 5 * MIB, 16);
+    let dl = client.wait_download(id, Duration::from_secs(30));
+    assert_eq!(dl["state"], "done", "{dl}");
+    assert_eq!(sha256_file(&client.downloads.join("late")), sha256_file(&server.export.join("late")));
+}
+
+#[test]
+fn give_up_after_fails_a_download_with_no_source() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let client = Daemon::start(0);
+    let t = Instant::now();
+    let out = client.ctl(&["get", "x", "--from", &format!("127.0.0.1:{port}"), "--give-up-after", "2s", "-o", client.downloads.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).is_empty() || !stderr(&out).contains("panic"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("gave up after 2s"), "{text}");
+    assert!(t.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn stalled_source_is_abandoned_within_the_idle_timeout() {
+    let server = Daemon::builder(2).start();
+    let size = 16 * MIB;
+    write_file(&server.export.join("s"), size, 17);
+    warm(&server, "s");
+    // Proxy forwards the handshake, STAT answer and ~1 MiB, then goes silent.
+    let proxy = StallProxy::start(server.ports[0], MIB);
+    let client = Daemon::builder(0).arg("--idle-timeout").arg("2").start();
+    let stalled = format!("127.0.0.1:{}", proxy.port);
+    // The good source is capped so the stalled one gets work to sit on.
+    assert!(server.ctl(&["servers", "limit", &server.ports[1].to_string(), "4M"]).status.success());
+    let t = Instant::now();
+    let id = client.get_detached("s", &[stalled.clone(), format!("127.0.0.1:{}", server.ports[1])], &["--connections-per-server", "1"]);
+    let dl = client.wait_download(id, Duration::from_secs(30));
+    let took = t.elapsed();
+    assert_eq!(dl["state"], "done", "{dl}");
+    assert_eq!(sha256_file(&client.downloads.join("s")), sha256_file(&server.export.join("s")));
+    let s = source(&dl, &stalled);
+    println!("stalled source: {s}; took {took:?}");
+    assert!(s["bytes"].as_u64().unwrap() < size, "{s}");
+    // 16 MiB at 4 MiB/s is 4 s; a stall costs at most the idle timeout on top.
+    assert!(took < Duration::from_secs(4 + 2 + 3), "took {took:?}");
+    drop(proxy);
+}
+
+#[test]
+fn corrupt_pieces_are_refetched_and_the_liar_is_dropped() {
+    let liar = Daemon::start(1);
+    let good = Daemon::builder(1).arg("--rate-limit").arg("4M").start();
+    let size = 4 * MIB;
+    write_file(&liar.export.join("c"), size, 18);
+    write_file(&good.export.join("c"), size, 18);
+    warm(&liar, "c");
+    warm(&good, "c");
+    // Every piece of the liar's copy now has a flipped byte, while it still
+    // announces the identity of the good file.
+    let offsets: Vec<u64> = (0..16).map(|i| i * 256 * 1024 + 1000).collect();
+    corrupt_keeping_mtime(&liar.export.join("c"), &offsets);
+    let client = Daemon::start(0);
+    let liar_addr = liar.sources()[0].clone();
+    let id = client.get_detached("c", &[liar_addr.clone(), good.sources()[0].clone()], &[]);
+    let dl = client.wait_download(id, Duration::from_secs(30));
+    assert_eq!(dl["state"], "done", "{dl}");
+    assert_eq!(sha256_file(&client.downloads.join("c")), sha256_file(&good.export.join("c")));
+    let l = source(&dl, &liar_addr);
+    println!("liar: {l}");
+    // Dropped at the third strike; pieces already in flight may add more.
+    assert!(l["strikes"].as_u64().unwrap() >= 3, "{l}");
+    assert_eq!(l["state"], "failed", "{l}");
+    assert!(l["last_error"].as_str().unwrap().contains("failed verification"), "{l}");
+}
+
+#[test]
+fn one_corrupt_piece_is_refetched_from_another_source() {
+    let liar = Daemon::start(1);
+    let good = Daemon::start(1);
+    let size = 8 * MIB;
+    write_file(&liar.export.join("p"), size, 19);
+    write_file(&good.export.join("p"), size, 19);
+    warm(&liar, "p");
+    // One flipped byte in piece 5 of the liar's copy, same announced identity.
+    corrupt_keeping_mtime(&liar.export.join("p"), &[5 * 256 * 1024 + 77]);
+    // The good source is down at first, so the liar fetches everything,
+    // piece 5 included.
+    let good_port = good.ports[0].to_string();
+    assert!(good.ctl(&["servers", "stop", &good_port]).status.success());
+    let client = Daemon::start(0);
+    let liar_addr = liar.sources()[0].clone();
+    let good_addr = good.sources()[0].clone();
+    let id = client.get_detached("p", &[liar_addr.clone(), good_addr.clone()], &[]);
+    assert!(
+        wait_until(Duration::from_secs(15), || source(&client.download(id), &liar_addr)["strikes"] == 1),
+        "liar never struck: {}",
+        client.download(id)
+    );
+    // The bad piece is not taken from the liar again while another source
+    // may still deliver it.
+    std::thread::sleep(Duration::from_millis(500));
+    let dl = client.download(id);
+    assert_ne!(dl["state"], "done");
+    assert_eq!(source(&dl, &liar_addr)["strikes"], 1, "{dl}");
+    assert!(good.ctl(&["servers", "start", &good_port]).status.success());
+    let dl = client.wait_download(id, Duration::from_secs(30));
+    assert_eq!(dl["state"], "done", "{dl}");
+    assert_eq!(sha256_file(&client.downloads.join("p")), sha256_file(&good.export.join("p")));
+    let l = source(&dl, &liar_addr);
+    let g = source(&dl, &good_addr);
+    println!("liar: {l}\ngood: {g}");
+    assert_eq!(l["strikes"], 1, "{l}");
+    assert_ne!(l["state"], "failed", "{l}");
+    assert_eq!(g["bytes"], 256 * 1024, "the good source sent exactly the bad piece: {g}");
+}
