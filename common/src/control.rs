@@ -63,7 +63,14 @@ pub enum Request {
     Get(GetRequest),
     DownloadsList,
     DownloadShow { id: u64 },
+    DownloadPause { id: u64 },
+    DownloadResume { id: u64 },
     DownloadCancel { id: u64 },
+    /// Continue one download, or every paused/interrupted one.
+    GetResume {
+        #[serde(default)]
+        id: Option<u64>,
+    },
     /// Stream `progress` for a download every `interval_ms` until it ends.
     Watch { id: u64, interval_ms: u64 },
     Shutdown,
@@ -89,6 +96,9 @@ pub struct GetRequest {
     /// reachable source; wait forever if absent.
     #[serde(default)]
     pub give_up_after_secs: Option<u64>,
+    /// Do not persist a manifest: a daemon crash then starts over.
+    #[serde(default)]
+    pub no_resume: bool,
 }
 
 /// A response from `mftd`.
@@ -100,7 +110,14 @@ pub enum Response {
     Error { code: ErrorCode, message: String },
     Status(StatusInfo),
     Servers { servers: Vec<ListenerInfo> },
-    Accepted { id: u64, destination: String },
+    Accepted {
+        id: u64,
+        destination: String,
+        /// An interrupted download of the same file continued instead.
+        #[serde(default)]
+        resumed: bool,
+    },
+    Resumed { ids: Vec<u64> },
     Downloads { downloads: Vec<DownloadInfo> },
     Download { download: DownloadInfo },
     Progress { download: DownloadInfo },
@@ -136,6 +153,9 @@ pub struct StatusInfo {
     pub socket: String,
     pub listeners: Vec<ListenerInfo>,
     pub downloads: Vec<DownloadInfo>,
+    /// Manifests that could not be loaded, as "path: reason".
+    #[serde(default)]
+    pub damaged_manifests: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

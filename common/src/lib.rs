@@ -94,6 +94,7 @@
 //! See [`control`]: newline-delimited JSON over a Unix-domain socket.
 
 pub mod control;
+pub mod manifest;
 pub mod path;
 pub mod paths;
 pub mod proto;

@@ -92,6 +92,9 @@ pub fn print_human(r: &Response) {
             let running = s.listeners.iter().filter(|l| l.state == mftd_common::control::ListenerState::Running).count();
             println!("\nlisteners: {running} running, {} stopped", s.listeners.len() - running);
             print!("{}", listeners_table(&s.listeners));
+            for d in &s.damaged_manifests {
+                println!("damaged manifest: {d}");
+            }
             let active = s.downloads.iter().filter(|d| !d.state.is_final()).count();
             println!("\ndownloads: {active} active, {} total", s.downloads.len());
             for d in &s.downloads {
@@ -118,7 +121,15 @@ pub fn print_human(r: &Response) {
             }
             print!("{}", sources_table(d));
         }
-        Response::Accepted { id, destination } => println!("download {id} accepted: {destination}"),
+        Response::Accepted { id, destination, resumed } => {
+            let how = if *resumed { "resumed" } else { "accepted" };
+            println!("download {id} {how}: {destination}")
+        }
+        Response::Resumed { ids } if ids.is_empty() => println!("nothing to resume"),
+        Response::Resumed { ids } => {
+            let list: Vec<String> = ids.iter().map(u64::to_string).collect();
+            println!("resumed download{} {}", if ids.len() == 1 { "" } else { "s" }, list.join(", "))
+        }
         Response::Hello { daemon, .. } => println!("{daemon}"),
         Response::Error { message, .. } => eprintln!("{message}"),
     }

@@ -77,6 +77,10 @@ enum DownloadsCmd {
     List,
     /// One download with per-source detail.
     Show { id: u64 },
+    /// Stop a download, keeping its data and progress for later.
+    Pause { id: u64 },
+    /// Continue a paused download.
+    Resume { id: u64 },
     /// Stop a download and remove its partial file.
     Cancel { id: u64 },
 }
@@ -84,7 +88,12 @@ enum DownloadsCmd {
 #[derive(Debug, clap::Args)]
 struct GetArgs {
     /// Path of the file on the servers, relative to their export directory.
-    remote_path: String,
+    #[arg(required_unless_present = "resume")]
+    remote_path: Option<String>,
+    /// Continue interrupted downloads: all of them, or the one with this ID.
+    #[arg(long, value_name = "ID", num_args = 0..=1, default_missing_value = "all",
+          conflicts_with_all = ["from", "host", "ports", "output", "force", "no_resume"])]
+    resume: Option<String>,
     /// Sources as HOST:PORT; repeat or separate with commas.
     #[arg(long, value_delimiter = ',', value_name = "HOST:PORT")]
     from: Vec<String>,
@@ -173,6 +182,8 @@ fn run(cli: Cli) -> Result<ExitCode, CtlError> {
             match d {
                 DownloadsCmd::List => Request::DownloadsList,
                 DownloadsCmd::Show { id } => Request::DownloadShow { id },
+                DownloadsCmd::Pause { id } => Request::DownloadPause { id },
+                DownloadsCmd::Resume { id } => Request::DownloadResume { id },
                 DownloadsCmd::Cancel { id } => Request::DownloadCancel { id },
             },
         ),
@@ -207,6 +218,10 @@ fn sources(args: &GetArgs) -> Result<Vec<String>, CtlError> {
 }
 
 fn get(socket: &std::path::Path, json: bool, args: GetArgs) -> Result<ExitCode, CtlError> {
+    if let Some(which) = &args.resume {
+        return get_resume(socket, json, which, &args);
+    }
+    let remote_path = args.remote_path.clone().unwrap_or_default();
     let sources = sources(&args)?;
     if !(args.interval > 0.0 && args.interval <= 3600.0) {
         return Err(CtlError::Usage("--interval must be between 0 and 3600 seconds".into()));
@@ -222,18 +237,18 @@ fn get(socket: &std::path::Path, json: bool, args: GetArgs) -> Result<ExitCode, 
         }
         None => None,
     };
-    let _ = args.no_resume; // Downloads are not persisted across daemon restarts yet.
     let mut c = Client::connect(socket)?;
     let resp = c.request(&Request::Get(GetRequest {
-        remote_path: args.remote_path.clone(),
+        remote_path: remote_path.clone(),
         sources,
         output_dir,
         force: args.force,
         connections_per_source: args.connections_per_server,
         give_up_after_secs: args.give_up_after,
+        no_resume: args.no_resume,
     }))?;
-    let (id, destination) = match resp {
-        Response::Accepted { id, ref destination } => (id, destination.clone()),
+    let (id, destination, resumed) = match resp {
+        Response::Accepted { id, ref destination, resumed } => (id, destination.clone(), resumed),
         other => return Err(CtlError::from_response(other)),
     };
     if json {
@@ -241,11 +256,53 @@ fn get(socket: &std::path::Path, json: bool, args: GetArgs) -> Result<ExitCode, 
     } else if args.detach {
         println!("{id}");
     } else {
-        eprintln!("download {id}: {} -> {destination}", args.remote_path);
+        let how = if resumed { "resuming interrupted download" } else { "download" };
+        eprintln!("{how} {id}: {remote_path} -> {destination}");
+        if args.no_resume {
+            eprintln!("resume state is off for this download: if mftd stops, it starts over");
+        }
     }
     if args.detach {
         return Ok(ExitCode::SUCCESS);
     }
+    follow(socket, json, id, &args)
+}
+
+/// `get --resume [ID]`: continue interrupted downloads and follow them.
+fn get_resume(socket: &std::path::Path, json: bool, which: &str, args: &GetArgs) -> Result<ExitCode, CtlError> {
+    let id = match which {
+        "all" => None,
+        n => Some(n.parse::<u64>().map_err(|_| CtlError::Usage(format!("--resume takes a download ID, not {n:?}")))?),
+    };
+    let mut c = Client::connect(socket)?;
+    let resp = c.request(&Request::GetResume { id })?;
+    let ids = match &resp {
+        Response::Resumed { ids } => ids.clone(),
+        _ => return Err(CtlError::from_response(resp)),
+    };
+    if json {
+        display::print_json(&resp);
+    } else if args.detach || ids.is_empty() {
+        display::print_human(&resp);
+    }
+    if args.detach {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut code = ExitCode::SUCCESS;
+    for id in ids {
+        if !json {
+            eprintln!("resumed download {id}");
+        }
+        let c = follow(socket, json, id, args)?;
+        if c != ExitCode::SUCCESS {
+            code = c;
+        }
+    }
+    Ok(code)
+}
+
+/// Streams a download's progress until it ends.
+fn follow(socket: &std::path::Path, json: bool, id: u64, args: &GetArgs) -> Result<ExitCode, CtlError> {
     client::install_sigint();
     let interval_ms = (args.interval * 1000.0) as u64;
     let mut watcher = Client::connect(socket)?;
@@ -263,6 +320,14 @@ fn get(socket: &std::path::Path, json: bool, args: GetArgs) -> Result<ExitCode, 
         match resp {
             Response::Progress { download } => {
                 view.update(&download);
+                if download.state == mftd_common::control::DownloadState::Paused {
+                    view.clear();
+                    let why = download.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
+                    if !json {
+                        eprintln!("download {id} is paused{why}; `mftctl downloads resume {id}` continues it");
+                    }
+                    return Ok(ExitCode::FAILURE);
+                }
                 if download.state.is_final() {
                     view.finish(&download);
                     return Ok(if download.state == mftd_common::control::DownloadState::Done {

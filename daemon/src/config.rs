@@ -64,6 +64,15 @@ pub struct Args {
     /// Seconds without a byte before a source connection is abandoned.
     #[arg(long, value_name = "SECS")]
     pub idle_timeout: Option<u64>,
+    /// Write download progress to disk at least this often, in seconds (default 1).
+    #[arg(long, value_name = "SECS")]
+    pub checkpoint_interval: Option<f64>,
+    /// ...and after at most this many new bytes (default 64M).
+    #[arg(long, value_name = "BYTES", value_parser = parse_rate)]
+    pub checkpoint_bytes: Option<u64>,
+    /// Continue interrupted downloads by themselves after a restart.
+    #[arg(long)]
+    pub auto_resume: bool,
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -86,6 +95,9 @@ pub struct FileConfig {
     pub max_connections: Option<u32>,
     pub connections_per_server: Option<u32>,
     pub idle_timeout: Option<u64>,
+    pub checkpoint_interval: Option<f64>,
+    pub checkpoint_bytes: Option<RateValue>,
+    pub auto_resume: Option<bool>,
     /// Per-listener settings: `[listener.5001]` with `rate_limit = "4M"`.
     pub listener: Option<std::collections::BTreeMap<String, ListenerFileConfig>>,
 }
@@ -127,6 +139,9 @@ pub struct Config {
     pub max_connections: u32,
     pub connections_per_server: u32,
     pub idle_timeout: Duration,
+    pub checkpoint_interval: Duration,
+    pub checkpoint_bytes: u64,
+    pub auto_resume: bool,
     /// Rate limits of individual listeners, over `rate_limit`.
     pub listener_limits: std::collections::BTreeMap<u16, u64>,
     pub config_file: Option<PathBuf>,
@@ -251,6 +266,16 @@ impl Config {
                 listener_limits.insert(p, r.parse().with_context(|| format!("invalid rate_limit in [listener.{port}]"))?);
             }
         }
+        let cp_secs = args.checkpoint_interval.or(file.checkpoint_interval).unwrap_or(1.0);
+        if !(0.01..=3600.0).contains(&cp_secs) {
+            bail!("checkpoint_interval must be between 0.01 and 3600 seconds");
+        }
+        let checkpoint_bytes = match (args.checkpoint_bytes, &file.checkpoint_bytes) {
+            (Some(b), _) => b,
+            (None, Some(b)) => b.parse().context("invalid checkpoint_bytes in config file")?,
+            (None, None) => 64 << 20,
+        }
+        .max(1);
         let idle = args.idle_timeout.or(file.idle_timeout).unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS);
         if idle == 0 {
             bail!("idle_timeout must be at least 1 second");
@@ -273,6 +298,9 @@ impl Config {
             connections_per_server,
             idle_timeout: Duration::from_secs(idle),
             listener_limits,
+            checkpoint_interval: Duration::from_secs_f64(cp_secs),
+            checkpoint_bytes,
+            auto_resume: args.auto_resume || file.auto_resume.unwrap_or(false),
             config_file,
         })
     }

@@ -219,7 +219,8 @@ async fn watch<W: tokio::io::AsyncWrite + Unpin>(daemon: &Daemon, id: u64, inter
     let mut state = dl.subscribe();
     loop {
         let info = dl.info(false);
-        let last = info.state.is_final();
+        // A paused download's run is over: the stream ends with it.
+        let last = info.state.is_final() || info.state == DownloadState::Paused;
         send(w, &Response::Progress { download: info }).await?;
         if last {
             return Ok(());
@@ -229,7 +230,7 @@ async fn watch<W: tokio::io::AsyncWrite + Unpin>(daemon: &Daemon, id: u64, inter
             r = state.changed() => {
                 if r.is_err() { return Ok(()); }
                 // Report state changes promptly, final ones above all.
-                if !matches!(*state.borrow(), DownloadState::Done | DownloadState::Failed | DownloadState::Cancelled) {
+                if !matches!(*state.borrow(), DownloadState::Done | DownloadState::Failed | DownloadState::Cancelled | DownloadState::Paused) {
                     continue;
                 }
             }

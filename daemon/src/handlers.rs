@@ -31,7 +31,23 @@ pub fn handle(d: &Daemon, req: Request) -> Response {
             Err(e) => listener_error(e),
         },
         Request::Get(g) => match d.downloads.start(g) {
-            Ok(dl) => Response::Accepted { id: dl.id, destination: dl.destination.display().to_string() },
+            Ok((dl, resumed)) => Response::Accepted { id: dl.id, destination: dl.destination.display().to_string(), resumed },
+            Err(r) => Response::error(r.0, r.1),
+        },
+        Request::GetResume { id: Some(id) } => match d.downloads.resume(id) {
+            Ok(dl) => Response::Resumed { ids: vec![dl.id] },
+            Err(r) => Response::error(r.0, r.1),
+        },
+        Request::GetResume { id: None } => {
+            let ids = d.downloads.resumable().into_iter().filter_map(|id| d.downloads.resume(id).ok().map(|dl| dl.id)).collect();
+            Response::Resumed { ids }
+        }
+        Request::DownloadPause { id } => match d.downloads.pause(id) {
+            Ok(_) => Response::ok(format!("pausing download {id}; `mftctl downloads resume {id}` continues it")),
+            Err(r) => Response::error(r.0, r.1),
+        },
+        Request::DownloadResume { id } => match d.downloads.resume(id) {
+            Ok(_) => Response::ok(format!("resumed download {id}")),
             Err(r) => Response::error(r.0, r.1),
         },
         Request::DownloadsList => Response::Downloads { downloads: d.downloads.all().iter().map(|x| x.info(false)).collect() },
@@ -72,5 +88,6 @@ fn status(d: &Daemon) -> Response {
         socket: d.config.socket.display().to_string(),
         listeners: d.listeners.list(),
         downloads: d.downloads.all().iter().map(|x| x.info(false)).collect(),
+        damaged_manifests: d.downloads.damaged(),
     })
 }

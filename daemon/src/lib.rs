@@ -13,6 +13,7 @@ pub mod jail;
 pub mod listener;
 pub mod ratelimit;
 pub mod serve;
+pub mod store;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -65,15 +66,21 @@ pub async fn run(config: Config, shutdown: CancellationToken, ready: impl FnOnce
     for &port in &config.ports {
         listeners.add(port, config.listener_limits.get(&port).copied().unwrap_or(config.rate_limit))?;
     }
+    let store = store::Store::new(&config.state_dir)
+        .with_context(|| format!("cannot create {}", config.state_dir.join("downloads").display()))?;
     let downloads = Downloads::new(
         DownloadDefaults {
             download_dir: config.download_dir.clone(),
             connections_per_server: config.connections_per_server,
             idle_timeout: config.idle_timeout,
+            checkpoint_interval: config.checkpoint_interval,
+            checkpoint_bytes: config.checkpoint_bytes,
         },
         shutdown.child_token(),
         tracker.clone(),
+        store,
     );
+    downloads.load(config.auto_resume);
     let daemon = Arc::new(Daemon {
         config,
         started: Instant::now(),

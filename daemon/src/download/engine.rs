@@ -35,7 +35,8 @@ use mftd_common::range::Range;
 
 use super::client::{ClientError, Conn};
 use super::scheduler::{ConnId, Scheduler, SourceId};
-use super::{part_path, Download};
+use super::{part_path, Download, StopReason};
+use mftd_common::manifest::{piece_runs, ManifestFile};
 use crate::identity::hash_file;
 
 /// Bad pieces a source may send before it is dropped from the download.
@@ -68,6 +69,9 @@ struct Chosen {
 enum Outcome {
     Complete,
     Fatal(String),
+    /// Persisting failed (fsync, manifest write): stop and keep the last
+    /// good manifest, never trusting data written since.
+    Suspend(String),
 }
 
 struct Engine {
@@ -115,6 +119,9 @@ pub async fn run(dl: Arc<Download>) {
             tasks.spawn(worker(eng.clone(), src));
         }
     }
+    if dl.store.is_some() {
+        tasks.spawn(checkpointer(eng.clone()));
+    }
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let outcome = loop {
         tokio::select! {
@@ -145,34 +152,146 @@ pub async fn run(dl: Arc<Download>) {
         }
     }
 
+    let store = dl.store.clone();
+    let forget = |why: &str| {
+        let _ = std::fs::remove_file(dl.part_path());
+        if let Some(st) = &store {
+            st.remove(dl.id);
+        }
+        info!("{why}: removed partial file and manifest");
+    };
     match outcome {
         Some(Outcome::Complete) => {
             dl.set_state(DownloadState::Verifying);
             match finish(&eng).await {
                 Ok(()) => {
+                    if let Some(st) = &store {
+                        st.remove(dl.id);
+                    }
                     info!(dest = %dl.destination.display(), "download complete");
                     dl.set_state(DownloadState::Done);
                 }
                 Err(e) => {
                     warn!(error = %e, "final check failed");
-                    let _ = std::fs::remove_file(dl.part_path());
+                    forget("final check failed");
                     dl.fail(e);
                 }
             }
         }
         Some(Outcome::Fatal(e)) => {
             warn!(error = %e, "download failed");
-            let _ = std::fs::remove_file(dl.part_path());
+            // Keep what is on disk if there is something worth resuming.
+            let worth = dl.progress().bytes_done > 0 && store.is_some();
+            if worth && checkpoint(&eng, false).await.is_ok() {
+                info!("partial data kept; `mftctl get --resume {}` retries", dl.id);
+            } else {
+                forget("download failed");
+            }
             dl.fail(e);
         }
-        None => {
-            // Cancelled by the user (state already set) or daemon shutdown.
-            if dl.state() == DownloadState::Cancelled {
-                let _ = std::fs::remove_file(dl.part_path());
-                info!("download cancelled");
-            } else {
-                dl.fail("mftd shut down before the download finished".into());
+        Some(Outcome::Suspend(e)) => {
+            warn!(error = %e, "cannot persist progress; download paused, last good manifest kept");
+            dl.progress().error = Some(format!("{e}; fix the problem and resume the download"));
+            dl.set_state(DownloadState::Paused);
+        }
+        None => match dl.stop_reason() {
+            Some(StopReason::Cancel) => {
+                forget("download cancelled");
+                dl.set_state(DownloadState::Cancelled);
             }
+            Some(StopReason::Pause) => match checkpoint(&eng, true).await {
+                Ok(()) => {
+                    info!("download paused");
+                    dl.set_state(DownloadState::Paused);
+                }
+                Err(e) => {
+                    dl.progress().error = Some(e);
+                    dl.set_state(DownloadState::Paused);
+                }
+            },
+            None if store.is_some() => {
+                // Daemon shutdown: persist, and come back paused next time.
+                if let Err(e) = checkpoint(&eng, false).await {
+                    warn!(error = %e, "could not persist progress at shutdown");
+                }
+                info!("download state saved for the next start");
+                dl.set_state(DownloadState::Paused);
+            }
+            None => {
+                forget("mftd stopped and this download has no resume state");
+                dl.fail("mftd shut down; this download was started with --no-resume".into());
+            }
+        },
+    }
+}
+
+/// Writes the manifest: fdatasync the data first, then claim it.
+async fn checkpoint(eng: &Arc<Engine>, paused: bool) -> Result<(), String> {
+    let Some(store) = eng.dl.store.clone() else { return Ok(()) };
+    let mut m = eng.dl.base_manifest();
+    m.paused = paused;
+    match eng.chosen.get() {
+        Some(c) => {
+            let (verified, received) = {
+                let s = lock(&c.sched);
+                (piece_runs(s.verified_pieces()), s.received_unverified())
+            };
+            m.file = Some(ManifestFile {
+                size: c.identity.size,
+                piece_size: c.identity.piece_size,
+                identity: c.identity.root_hex(),
+            });
+            m.verified = verified;
+            m.received = received;
+            let file = c.file.clone();
+            let part = eng.dl.part_path();
+            tokio::task::spawn_blocking(move || file.sync_data())
+                .await
+                .map_err(|e| format!("fdatasync task failed: {e}"))?
+                .map_err(|e| format!("fdatasync of {} failed: {e}", part.display()))?;
+        }
+        None => {
+            // Progress from a previous run is not known to the scheduler
+            // yet; the manifest on disk already has it.
+            if lock(&eng.dl.resume).is_some() {
+                return Ok(());
+            }
+        }
+    }
+    let path = store.path(m.id);
+    tokio::task::spawn_blocking(move || store.save(&m))
+        .await
+        .map_err(|e| format!("manifest task failed: {e}"))?
+        .map_err(|e| format!("cannot write manifest {}: {e}", path.display()))
+}
+
+/// Checkpoints while bytes arrive: at least every `checkpoint_interval`, and
+/// after at most `checkpoint_bytes` new bytes.
+async fn checkpointer(eng: Arc<Engine>) {
+    let interval = eng.dl.checkpoint_interval;
+    let poll = (interval / 4).clamp(Duration::from_millis(10), Duration::from_millis(50));
+    let mut last = Instant::now();
+    let mut last_sig = (0u64, 0usize);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(poll) => {}
+            _ = eng.workers.cancelled() => return,
+        }
+        let Some(c) = eng.chosen.get() else { continue };
+        let sig = {
+            let s = lock(&c.sched);
+            (s.received_bytes(), s.verified_count())
+        };
+        if sig == last_sig {
+            continue;
+        }
+        if last.elapsed() >= interval || sig.0.abs_diff(last_sig.0) >= eng.dl.checkpoint_bytes {
+            if let Err(e) = checkpoint(&eng, false).await {
+                let _ = eng.outcome.try_send(Outcome::Suspend(e));
+                return;
+            }
+            last = Instant::now();
+            last_sig = sig;
         }
     }
 }
@@ -212,9 +331,49 @@ fn rename_into_place(part: &Path, dest: &Path, force: bool) -> Result<(), String
     Ok(())
 }
 
-/// Creates `NAME.mftpart` (never through a symlink) at the file's size.
-fn create_part(dest: &Path, size: u64) -> Result<File, String> {
+/// Opens `NAME.mftpart` for a download of `size` bytes, never through a
+/// symlink. With `reuse`, an existing part file is kept and the ranges to
+/// re-verify are returned: what the manifest claims (`claimed`) if the file
+/// is consistent with it, otherwise whatever the file holds.
+fn open_part(dest: &Path, size: u64, claimed: Option<Vec<Range>>, reuse: bool) -> Result<(File, Vec<Range>), String> {
     let part = part_path(dest);
+    if reuse {
+        if let Ok(meta) = std::fs::symlink_metadata(&part) {
+            if meta.file_type().is_file() {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc_o_nofollow())
+                    .open(&part)
+                    .map_err(|e| format!("cannot open {}: {e}", part.display()))?;
+                let len = meta.len();
+                let ranges = match claimed {
+                    Some(r) if len == size => r,
+                    Some(_) => {
+                        warn!(part = %part.display(), len, size, "partial file does not match its manifest; re-verifying all of it");
+                        vec![Range::new(0, len.min(size))]
+                    }
+                    None => {
+                        info!(part = %part.display(), "found a partial file without a manifest; re-verifying it");
+                        vec![Range::new(0, len.min(size))]
+                    }
+                };
+                if len != size {
+                    file.set_len(size).map_err(|e| format!("cannot size {}: {e}", part.display()))?;
+                }
+                return Ok((file, ranges));
+            }
+        }
+        if claimed.as_ref().is_some_and(|c| !c.is_empty()) {
+            warn!(part = %part.display(), "partial file is missing; starting over");
+        }
+    }
+    Ok((create_part(&part, dest, size)?, Vec::new()))
+}
+
+/// Creates `NAME.mftpart` (never through a symlink) at the file's size.
+fn create_part(part: &Path, dest: &Path, size: u64) -> Result<File, String> {
+    let part = part.to_path_buf();
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -383,9 +542,36 @@ impl Engine {
             counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.2.cmp(&b.2)));
             counts.first().map(|c| c.0.clone()).ok_or("no source answered")?
         };
+        let resume = lock(&self.dl.resume).clone();
+        let claimed = match resume.as_ref().and_then(|m| m.file.as_ref().map(|f| (m, f))) {
+            Some((m, f)) => {
+                if f.size != identity.size || f.identity != identity.root_hex() || f.piece_size != identity.piece_size {
+                    return Err(format!(
+                        "the remote file changed since download {} started (was {} bytes, identity {}; the sources now serve {} bytes, identity {}); refusing to mix versions: cancel it and start again",
+                        self.dl.id,
+                        f.size,
+                        &f.identity[..f.identity.len().min(16)],
+                        identity.size,
+                        &identity.root_hex()[..16]
+                    ));
+                }
+                let mut ranges: Vec<Range> = m
+                    .verified
+                    .iter()
+                    .map(|&(a, b)| {
+                        let ps = f.piece_size as u64;
+                        Range::new((a * ps).min(f.size), (b * ps).min(f.size))
+                    })
+                    .collect();
+                ranges.extend(m.received.iter().copied());
+                Some(ranges)
+            }
+            None => None,
+        };
         let dest = self.dl.destination.clone();
         let size = identity.size;
-        let file = tokio::task::spawn_blocking(move || create_part(&dest, size))
+        let reuse = self.dl.store.is_some();
+        let (file, preload) = tokio::task::spawn_blocking(move || open_part(&dest, size, claimed, reuse))
             .await
             .map_err(|e| format!("prepare task failed: {e}"))??;
         {
@@ -400,11 +586,26 @@ impl Engine {
         for s in lock(&self.dead).keys() {
             sched.source_dead(*s);
         }
+        // Bytes already on disk are re-verified, never trusted: they count
+        // as received and every complete piece goes through verification.
+        let mut recheck = Vec::new();
+        for r in &preload {
+            recheck.extend(sched.preload(*r));
+        }
+        if !preload.is_empty() {
+            info!(bytes = sched.received_bytes(), pieces = recheck.len(), "re-verifying data already on disk");
+        }
+        self.dl.progress().bytes_done = sched.received_bytes();
         let complete = sched.is_complete();
         let chosen = Arc::new(Chosen { identity, file: Arc::new(file), sched: Mutex::new(sched) });
         if complete {
             // A zero-byte file has nothing to fetch.
             let _ = self.outcome.try_send(Outcome::Complete);
+        }
+        for p in recheck {
+            let eng = self.clone();
+            let c = chosen.clone();
+            tokio::spawn(async move { verify(eng, c, p).await });
         }
         Ok(chosen)
     }
@@ -675,15 +876,16 @@ async fn store(
     }
     let mut ready = Vec::new();
     let written: u64 = claims.iter().map(|c| c.len()).sum();
-    {
+    let total = {
         let mut s = lock(&chosen.sched);
         for c in &claims {
             ready.extend(s.commit(src, *c));
         }
-    }
+        s.received_bytes()
+    };
     {
         let mut p = eng.dl.progress();
-        p.bytes_done += written;
+        p.bytes_done = total;
         if let Some(s) = p.sources.get_mut(src) {
             s.bytes += written;
         }
@@ -723,12 +925,16 @@ async fn verify(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize) {
             }
         }
         Ok(Ok(false)) => {
-            let bad = lock(&chosen.sched).piece_failed(p);
+            let (bad, total) = {
+                let mut s = lock(&chosen.sched);
+                let bad = s.piece_failed(p);
+                (bad, s.received_bytes())
+            };
             {
                 // Those bytes are no longer part of the file.
                 let mut prog = eng.dl.progress();
+                prog.bytes_done = total;
                 for &(s, n) in &bad.contributors {
-                    prog.bytes_done = prog.bytes_done.saturating_sub(n);
                     if let Some(sp) = prog.sources.get_mut(s) {
                         sp.bytes = sp.bytes.saturating_sub(n);
                     }

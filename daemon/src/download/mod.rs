@@ -18,7 +18,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{info_span, Instrument};
 
 use mftd_common::control::{DownloadInfo, DownloadState, ErrorCode, GetRequest, SourceInfo, SourceState};
+use mftd_common::manifest::{Manifest, FORMAT, VERSION};
 use mftd_common::path::local_name;
+use tracing::{info, warn};
+
+use crate::store::{Damaged, Store};
 
 /// Settings every download starts from.
 #[derive(Debug, Clone)]
@@ -26,6 +30,17 @@ pub struct DownloadDefaults {
     pub download_dir: PathBuf,
     pub connections_per_server: u32,
     pub idle_timeout: Duration,
+    /// Checkpoint at least this often while bytes arrive...
+    pub checkpoint_interval: Duration,
+    /// ...and after at most this many new bytes.
+    pub checkpoint_bytes: u64,
+}
+
+/// Why a download's run was stopped from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Pause,
+    Cancel,
 }
 
 /// A request that could not be accepted: code and a sentence for the user.
@@ -63,7 +78,9 @@ pub struct Progress {
     pub waiting_since: Option<Instant>,
 }
 
-/// One download: what was asked and how it is going.
+/// One run of one download: what was asked and how it is going. Pausing
+/// ends a run; resuming starts a new `Download` with the same ID from the
+/// manifest on disk.
 #[derive(Debug)]
 pub struct Download {
     pub id: u64,
@@ -74,7 +91,14 @@ pub struct Download {
     pub connections_per_source: u32,
     pub idle_timeout: Duration,
     pub give_up_after: Option<Duration>,
+    pub checkpoint_interval: Duration,
+    pub checkpoint_bytes: u64,
+    /// Manifests are written for this download (`--no-resume` turns it off).
+    pub store: Option<Store>,
     pub token: CancellationToken,
+    /// Progress to continue from, taken by the engine when it starts.
+    pub resume: Mutex<Option<Manifest>>,
+    pub stop: Mutex<Option<StopReason>>,
     started: Instant,
     progress: Mutex<Progress>,
     state_tx: watch::Sender<DownloadState>,
@@ -99,6 +123,15 @@ impl Download {
         self.state_tx.send_replace(state);
     }
 
+    /// Sets a state even after a final one (cancelling a failed download).
+    pub fn set_state_force(&self, state: DownloadState) {
+        let mut p = self.progress();
+        p.state = state;
+        p.finished.get_or_insert_with(Instant::now);
+        drop(p);
+        self.state_tx.send_replace(state);
+    }
+
     pub fn fail(&self, error: String) {
         self.progress().error = Some(error);
         self.set_state(DownloadState::Failed);
@@ -110,6 +143,30 @@ impl Download {
 
     pub fn subscribe(&self) -> watch::Receiver<DownloadState> {
         self.state_tx.subscribe()
+    }
+
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        *self.stop.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The manifest for this download without progress.
+    pub fn base_manifest(&self) -> Manifest {
+        Manifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            id: self.id,
+            remote_path: self.remote_path.clone(),
+            sources: self.sources.clone(),
+            destination: self.destination.display().to_string(),
+            force: self.force,
+            connections_per_source: self.connections_per_source,
+            give_up_after_secs: self.give_up_after.map(|d| d.as_secs()),
+            paused: false,
+            file: None,
+            verified: Vec::new(),
+            received: Vec::new(),
+            checksum: String::new(),
+        }
     }
 
     pub fn part_path(&self) -> PathBuf {
@@ -201,6 +258,8 @@ pub struct Downloads {
     defaults: DownloadDefaults,
     parent: CancellationToken,
     tracker: TaskTracker,
+    store: Store,
+    damaged: Mutex<Vec<Damaged>>,
 }
 
 /// `host:port` with a numeric port; hosts may be names, IPv4 or `[IPv6]`.
@@ -216,9 +275,61 @@ pub fn check_source(s: &str) -> Result<String, String> {
     }
 }
 
+/// What a new run of a download is made of.
+struct Spec {
+    id: u64,
+    remote_path: String,
+    destination: PathBuf,
+    sources: Vec<String>,
+    force: bool,
+    connections_per_source: u32,
+    give_up_after: Option<Duration>,
+    persist: bool,
+    resume: Option<Manifest>,
+}
+
+fn new_progress(sources: &[String], state: DownloadState) -> Progress {
+    Progress {
+        state,
+        size: None,
+        identity: None,
+        error: None,
+        bytes_done: 0,
+        pieces_verified: 0,
+        pieces_total: 0,
+        speed: 0,
+        sources: sources
+            .iter()
+            .map(|a| SourceProgress {
+                address: a.clone(),
+                state: SourceState::Connecting,
+                bytes: 0,
+                bytes_received: 0,
+                speed: 0,
+                ranges_done: 0,
+                strikes: 0,
+                connections: 0,
+                last_error: None,
+                sample_bytes: 0,
+            })
+            .collect(),
+        sample: None,
+        finished: None,
+        waiting_since: None,
+    }
+}
+
 impl Downloads {
-    pub fn new(defaults: DownloadDefaults, parent: CancellationToken, tracker: TaskTracker) -> Downloads {
-        Downloads { next_id: AtomicU64::new(1), map: Mutex::new(BTreeMap::new()), defaults, parent, tracker }
+    pub fn new(defaults: DownloadDefaults, parent: CancellationToken, tracker: TaskTracker, store: Store) -> Downloads {
+        Downloads {
+            next_id: AtomicU64::new(1),
+            map: Mutex::new(BTreeMap::new()),
+            defaults,
+            parent,
+            tracker,
+            store,
+            damaged: Mutex::new(Vec::new()),
+        }
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Download>>> {
@@ -233,8 +344,110 @@ impl Downloads {
         self.map().values().cloned().collect()
     }
 
-    /// Checks a `get` request and starts the download.
-    pub fn start(&self, req: GetRequest) -> Result<Arc<Download>, Rejected> {
+    /// Manifests that could not be loaded, as "path: reason".
+    pub fn damaged(&self) -> Vec<String> {
+        self.damaged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|d| format!("{}: {}", d.path.display(), d.error))
+            .collect()
+    }
+
+    fn build(&self, spec: Spec, state: DownloadState) -> Arc<Download> {
+        let (state_tx, _) = watch::channel(state);
+        let mut progress = new_progress(&spec.sources, state);
+        if let Some(f) = spec.resume.as_ref().and_then(|m| m.file.as_ref()) {
+            progress.size = Some(f.size);
+            progress.identity = Some(f.identity.clone());
+            progress.pieces_total = f.size.div_ceil(f.piece_size as u64);
+        }
+        if let Some(m) = &spec.resume {
+            let piece = m.file.as_ref().map(|f| f.piece_size as u64).unwrap_or(0);
+            let size = m.file.as_ref().map(|f| f.size).unwrap_or(0);
+            let verified: u64 = m.verified_pieces().map(|p| (piece.saturating_mul(p + 1)).min(size).saturating_sub(piece * p)).sum();
+            let partial: u64 = m.received.iter().map(|r| r.len()).sum();
+            progress.bytes_done = verified + partial;
+        }
+        Arc::new(Download {
+            id: spec.id,
+            remote_path: spec.remote_path,
+            destination: spec.destination,
+            sources: spec.sources,
+            force: spec.force,
+            connections_per_source: spec.connections_per_source,
+            idle_timeout: self.defaults.idle_timeout,
+            give_up_after: spec.give_up_after,
+            checkpoint_interval: self.defaults.checkpoint_interval,
+            checkpoint_bytes: self.defaults.checkpoint_bytes,
+            store: spec.persist.then(|| self.store.clone()),
+            token: self.parent.child_token(),
+            resume: Mutex::new(spec.resume),
+            stop: Mutex::new(None),
+            started: Instant::now(),
+            progress: Mutex::new(progress),
+            state_tx,
+        })
+    }
+
+    fn spawn(&self, dl: Arc<Download>) {
+        self.map().insert(dl.id, dl.clone());
+        let span = info_span!("download", download_id = dl.id);
+        self.tracker.spawn(engine::run(dl).instrument(span));
+    }
+
+    fn spec_from(m: Manifest) -> Spec {
+        Spec {
+            id: m.id,
+            remote_path: m.remote_path.clone(),
+            destination: PathBuf::from(&m.destination),
+            sources: m.sources.clone(),
+            force: m.force,
+            connections_per_source: m.connections_per_source.clamp(1, 16),
+            give_up_after: m.give_up_after_secs.map(Duration::from_secs),
+            persist: true,
+            resume: Some(m),
+        }
+    }
+
+    /// Loads every manifest after a start. Downloads come back `paused`, or
+    /// running if `auto_resume` is set and the user had not paused them.
+    pub fn load(&self, auto_resume: bool) {
+        let (good, bad) = self.store.load_all();
+        for d in &bad {
+            warn!(
+                manifest = %d.path.display(),
+                reason = %d.error,
+                "damaged download manifest; left in place. Its partial file, if any, is re-verified when the same `mftctl get` is run again"
+            );
+        }
+        *self.damaged.lock().unwrap_or_else(|p| p.into_inner()) = bad;
+        let mut max = 0;
+        for m in good {
+            max = max.max(m.id);
+            let paused = m.paused;
+            let dest = PathBuf::from(&m.destination);
+            if !dest.is_absolute() || local_name(&m.remote_path).is_err() {
+                warn!(id = m.id, "manifest names an unsafe destination; ignoring it");
+                continue;
+            }
+            let spec = Self::spec_from(m);
+            if auto_resume && !paused {
+                info!(id = spec.id, "resuming download after restart");
+                let dl = self.build(spec, DownloadState::Starting);
+                self.spawn(dl);
+            } else {
+                info!(id = spec.id, "download loaded as paused; `mftctl get --resume` continues it");
+                let dl = self.build(spec, DownloadState::Paused);
+                self.map().insert(dl.id, dl);
+            }
+        }
+        self.next_id.fetch_max(max + 1, Ordering::Relaxed);
+    }
+
+    /// Checks a `get` request and starts the download, or resumes the
+    /// download already writing the same file. Returns whether it resumed.
+    pub fn start(&self, req: GetRequest) -> Result<(Arc<Download>, bool), Rejected> {
         let name = local_name(&req.remote_path)
             .map_err(|e| Rejected(ErrorCode::BadPath, format!("invalid remote path {:?}: {e}", req.remote_path)))?;
         let mut sources: Vec<String> = Vec::new();
@@ -271,77 +484,134 @@ impl Downloads {
             ));
         }
         let destination = dir.join(&name);
+
+        // The same file into the same place: continue that download.
+        let existing = self.map().values().find(|d| d.destination == destination && !d.state().is_final()).cloned();
+        if let Some(other) = existing {
+            if other.remote_path != req.remote_path {
+                return Err(Rejected(
+                    ErrorCode::Exists,
+                    format!("download {} is already writing {} (from {})", other.id, destination.display(), other.remote_path),
+                ));
+            }
+            if other.state() == DownloadState::Paused {
+                let dl = self.resume_with(other.id, Some(sources))?;
+                return Ok((dl, true));
+            }
+            return Ok((other, true));
+        }
         if !req.force && std::fs::symlink_metadata(&destination).is_ok() {
             return Err(Rejected(
                 ErrorCode::Exists,
                 format!("{} already exists; remove it or pass --force to replace it", destination.display()),
             ));
         }
-        let mut map = self.map();
-        if let Some(other) = map.values().find(|d| d.destination == destination && !d.state().is_final()) {
-            return Err(Rejected(
-                ErrorCode::Exists,
-                format!("download {} is already writing {}", other.id, destination.display()),
-            ));
-        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (state_tx, _) = watch::channel(DownloadState::Starting);
-        let dl = Arc::new(Download {
+        let spec = Spec {
             id,
             remote_path: req.remote_path.clone(),
             destination,
+            sources,
             force: req.force,
             connections_per_source: req.connections_per_source.unwrap_or(self.defaults.connections_per_server).clamp(1, 16),
-            idle_timeout: self.defaults.idle_timeout,
             give_up_after: req.give_up_after_secs.map(Duration::from_secs),
-            token: self.parent.child_token(),
-            started: Instant::now(),
-            progress: Mutex::new(Progress {
-                state: DownloadState::Starting,
-                size: None,
-                identity: None,
-                error: None,
-                bytes_done: 0,
-                pieces_verified: 0,
-                pieces_total: 0,
-                speed: 0,
-                sources: sources
-                    .iter()
-                    .map(|a| SourceProgress {
-                        address: a.clone(),
-                        state: SourceState::Connecting,
-                        bytes: 0,
-                        bytes_received: 0,
-                        speed: 0,
-                        ranges_done: 0,
-                        strikes: 0,
-                        connections: 0,
-                        last_error: None,
-                        sample_bytes: 0,
-                    })
-                    .collect(),
-                sample: None,
-                finished: None,
-                waiting_since: None,
-            }),
-            sources,
-            state_tx,
-        });
-        map.insert(id, dl.clone());
-        drop(map);
-        let span = info_span!("download", download_id = id);
-        self.tracker.spawn(engine::run(dl.clone()).instrument(span));
+            persist: !req.no_resume,
+            resume: None,
+        };
+        let dl = self.build(spec, DownloadState::Starting);
+        if let Some(store) = &dl.store {
+            // The manifest exists before the first byte is written.
+            store.save(&dl.base_manifest()).map_err(|e| {
+                Rejected(ErrorCode::Internal, format!("cannot write manifest {}: {e}", store.path(id).display()))
+            })?;
+        }
+        self.spawn(dl.clone());
+        Ok((dl, false))
+    }
+
+    /// Stops a running download, keeping its data and manifest.
+    pub fn pause(&self, id: u64) -> Result<Arc<Download>, Rejected> {
+        let dl = self.get(id).ok_or_else(|| unknown(id))?;
+        match dl.state() {
+            DownloadState::Paused => return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} is already paused"))),
+            s if s.is_final() => {
+                return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} has already ended ({})", state_word(s))))
+            }
+            _ => {}
+        }
+        if dl.store.is_none() {
+            return Err(Rejected(
+                ErrorCode::InvalidArgument,
+                format!("download {id} was started with --no-resume and cannot be paused; cancel it instead"),
+            ));
+        }
+        *dl.stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(StopReason::Pause);
+        dl.token.cancel();
         Ok(dl)
     }
 
-    /// Cancels a download; its partial file is removed.
+    /// Continues a paused (or failed but resumable) download from its manifest.
+    pub fn resume(&self, id: u64) -> Result<Arc<Download>, Rejected> {
+        self.resume_with(id, None)
+    }
+
+    fn resume_with(&self, id: u64, sources: Option<Vec<String>>) -> Result<Arc<Download>, Rejected> {
+        let dl = self.get(id).ok_or_else(|| unknown(id))?;
+        match dl.state() {
+            DownloadState::Paused | DownloadState::Failed => {}
+            DownloadState::Done | DownloadState::Cancelled => {
+                return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} has already ended ({})", state_word(dl.state()))))
+            }
+            _ => return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} is already running"))),
+        }
+        let mut m = self.store.load(id).map_err(|d| {
+            Rejected(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "cannot resume download {id}: manifest {} is damaged ({}); run the same `mftctl get` again to re-verify its data",
+                    d.path.display(),
+                    d.error
+                ),
+            )
+        })?;
+        m.paused = false;
+        if let Some(s) = sources {
+            m.sources = s;
+        }
+        let mut spec = Self::spec_from(m);
+        spec.id = id;
+        let dl = self.build(spec, DownloadState::Starting);
+        self.spawn(dl.clone());
+        Ok(dl)
+    }
+
+    /// IDs of downloads that `get --resume` without an ID continues.
+    pub fn resumable(&self) -> Vec<u64> {
+        self.map()
+            .values()
+            .filter(|d| d.state() == DownloadState::Paused || (d.state() == DownloadState::Failed && self.store.path(d.id).exists()))
+            .map(|d| d.id)
+            .collect()
+    }
+
+    /// Cancels a download; its partial file and manifest are removed.
     pub fn cancel(&self, id: u64) -> Result<Arc<Download>, Rejected> {
         let dl = self.get(id).ok_or_else(|| unknown(id))?;
-        if dl.state().is_final() {
-            return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} has already ended ({:?})", dl.state())));
+        match dl.state() {
+            DownloadState::Done | DownloadState::Cancelled => {
+                return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} has already ended ({})", state_word(dl.state()))))
+            }
+            DownloadState::Paused | DownloadState::Failed => {
+                // No engine runs: clean up here.
+                let _ = std::fs::remove_file(dl.part_path());
+                self.store.remove(id);
+                dl.set_state_force(DownloadState::Cancelled);
+            }
+            _ => {
+                *dl.stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(StopReason::Cancel);
+                dl.token.cancel();
+            }
         }
-        dl.set_state(DownloadState::Cancelled);
-        dl.token.cancel();
         Ok(dl)
     }
 
@@ -350,6 +620,10 @@ impl Downloads {
             d.sample();
         }
     }
+}
+
+pub fn state_word(s: DownloadState) -> String {
+    serde_json::to_value(s).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
 }
 
 pub fn unknown(id: u64) -> Rejected {

@@ -361,11 +361,46 @@ impl Scheduler {
         BadPiece { piece: p, contributors }
     }
 
-    /// Marks pieces as already verified (resume).
-    pub fn mark_verified(&mut self, p: usize) {
-        let r = self.piece_range(p);
+    /// Bytes found on disk (resume): they count as received, and the
+    /// pieces they complete are returned for verification. Nobody gets a
+    /// strike if they turn out bad.
+    pub fn preload(&mut self, r: Range) -> Vec<usize> {
+        let r = Range::new(r.start.min(self.size), r.end.min(self.size));
         self.received.insert(r);
-        self.piece_verified(p);
+        let mut ready = Vec::new();
+        for p in self.pieces_of(r) {
+            if !self.verified[p] && !self.verifying.contains(&p) && self.received.contains_range(self.piece_range(p)) {
+                self.verifying.insert(p);
+                ready.push(p);
+            }
+        }
+        ready
+    }
+
+    /// Indices of verified pieces, ascending.
+    pub fn verified_pieces(&self) -> impl Iterator<Item = u64> + '_ {
+        self.verified.iter().enumerate().filter(|(_, v)| **v).map(|(i, _)| i as u64)
+    }
+
+    /// Received byte ranges outside verified pieces (exact partial progress).
+    pub fn received_unverified(&self) -> Vec<Range> {
+        let mut out = Vec::new();
+        for r in self.received.ranges() {
+            let mut cur = r.start;
+            while cur < r.end {
+                let p = (cur / self.piece_size) as usize;
+                let pr = self.piece_range(p);
+                let end = pr.end.min(r.end);
+                if !self.verified.get(p).copied().unwrap_or(false) {
+                    match out.last_mut() {
+                        Some(Range { end: e, .. }) if *e == cur => *e = end,
+                        _ => out.push(Range::new(cur, end)),
+                    }
+                }
+                cur = end;
+            }
+        }
+        out
     }
 
     /// `conn` is gone (failed, cancelled or done); its bytes that did not
