@@ -354,7 +354,7 @@ fn open_part(dest: &Path, size: u64, claimed: Option<Vec<Range>>, reuse: bool) -
                         vec![Range::new(0, len.min(size))]
                     }
                     None => {
-                        info!(part = %part.display(), "found a partial file without a manifest; re-verifying it");
+                        info!(part = %part.display(), "found a partial file without recorded progress; re-verifying it");
                         vec![Range::new(0, len.min(size))]
                     }
                 };
@@ -581,6 +581,18 @@ impl Engine {
             p.pieces_total = identity.piece_count() as u64;
         }
         info!(size, identity = %identity.root_hex(), "file version chosen");
+        // Record the file version before the first byte is written, so a
+        // restart can tell whether the remote file changed.
+        if let (Some(store), false) = (&self.dl.store, resume.as_ref().is_some_and(|m| m.file.is_some())) {
+            let mut m = self.dl.base_manifest();
+            m.file = Some(ManifestFile { size, piece_size: identity.piece_size, identity: identity.root_hex() });
+            let store = store.clone();
+            let path = store.path(m.id);
+            tokio::task::spawn_blocking(move || store.save(&m))
+                .await
+                .map_err(|e| format!("manifest task failed: {e}"))?
+                .map_err(|e| format!("cannot write manifest {}: {e}", path.display()))?;
+        }
         let mut sched = Scheduler::new(size, identity.piece_size);
         sched.set_sources(self.dl.sources.len());
         for s in lock(&self.dead).keys() {

@@ -1,0 +1,307 @@
+//! Crash-safe resume: SIGKILL at random moments, SIGTERM, damaged
+//! manifests, pause/resume/cancel, and safe destinations.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use mftd_common::proto::Frame;
+use mftd_tests::{sha256_file, stderr, stdout, wait_until, write_file, Daemon, RawConn};
+use rand::{Rng, SeedableRng};
+
+const MIB: u64 = 1 << 20;
+/// Most bytes one connection can have in flight: WINDOW × BLOCK_MAX.
+const WINDOW_BYTES: u64 = 4 * 512 * 1024;
+
+fn warm(d: &Daemon, name: &str) {
+    let mut c = RawConn::hello(d.ports[0]);
+    c.send(&Frame::Stat { path: name.into() });
+    assert!(matches!(c.recv(), Some(Frame::StatOk(_))));
+}
+
+fn sent_total(server: &Daemon) -> u64 {
+    server.ports.iter().map(|p| server.bytes_sent(*p)).sum()
+}
+
+fn manifests(client: &Daemon) -> Vec<PathBuf> {
+    let dir = client.dir.path().join("state/downloads");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    v.retain(|p| p.extension().is_some_and(|x| x == "json"));
+    v
+}
+
+/// Restarts a killed or stopped client daemon on the same dirs and socket.
+fn restart(client: &mut Daemon, extra: &[String]) {
+    let log = std::fs::OpenOptions::new().append(true).create(true).open(client.dir.path().join("mftd.log")).unwrap();
+    let mut cmd = client.command(0, extra);
+    cmd.stdout(std::process::Stdio::null()).stderr(log);
+    client.child = Some(cmd.spawn().unwrap());
+    client.wait_ready();
+}
+
+#[test]
+fn twenty_sigkills_then_resume_to_the_right_file() {
+    let server = Daemon::builder(4).arg("--rate-limit").arg("4M").start();
+    let size = 64 * MIB;
+    write_file(&server.export.join("big"), size, 21);
+    warm(&server, "big");
+    let want = sha256_file(&server.export.join("big"));
+    // Checkpoint often so a kill loses little.
+    let extra: Vec<String> = vec!["--checkpoint-interval".into(), "0.05".into()];
+    let mut client = Daemon::builder(0).arg("--checkpoint-interval").arg("0.05").start();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    let id = client.get_detached("big", &server.sources(), &[]);
+    let kills = 20;
+    let mut done_before_last_kill = 0;
+    for k in 0..kills {
+        // Let it run a random while, then kill without warning.
+        let ms = rng.gen_range(100..400);
+        std::thread::sleep(Duration::from_millis(ms));
+        let before = client.download(id);
+        done_before_last_kill = before["bytes_done"].as_u64().unwrap_or(0);
+        if before["state"] == "done" {
+            break;
+        }
+        client.kill();
+        restart(&mut client, &extra);
+        let st = client.download(id);
+        assert_eq!(st["state"], "paused", "after kill {k}: {st}");
+        let out = client.ctl(&["get", "--resume", "--detach"]);
+        assert!(out.status.success(), "resume after kill {k}: {}", stderr(&out));
+    }
+    let dl = client.wait_download(id, Duration::from_secs(60));
+    assert_eq!(dl["state"], "done", "{dl}\n{}", client.log());
+    assert_eq!(sha256_file(&client.downloads.join("big")), want);
+    assert!(manifests(&client).is_empty(), "manifest removed after success");
+    let sent = sent_total(&server);
+    let conns = 4 * 2;
+    let bound = size + kills * conns * WINDOW_BYTES;
+    println!(
+        "{kills} SIGKILLs: servers sent {sent} bytes for a {size}-byte file (+{} = {:.1}%), bound {bound}; {done_before_last_kill} bytes done before the last kill",
+        sent - size,
+        (sent - size) as f64 * 100.0 / size as f64
+    );
+    assert!(sent <= bound, "sent {sent} > {bound}");
+}
+
+#[test]
+fn sigterm_persists_and_next_start_resumes() {
+    let server = Daemon::builder(2).arg("--rate-limit").arg("8M").start();
+    let size = 32 * MIB;
+    write_file(&server.export.join("t"), size, 22);
+    warm(&server, "t");
+    let mut client = Daemon::start(0);
+    let id = client.get_detached("t", &server.sources(), &[]);
+    assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 8 * MIB));
+    let t = Instant::now();
+    let st = client.terminate(Duration::from_secs(5)).expect("exits within 5 s of SIGTERM with a download in flight");
+    assert!(st.success(), "{st}");
+    println!("SIGTERM with a download in flight: exited in {:?}", t.elapsed());
+    assert_eq!(manifests(&client).len(), 1);
+    let sent_before = sent_total(&server);
+    restart(&mut client, &[]);
+    let dl = client.download(id);
+    assert_eq!(dl["state"], "paused", "{dl}");
+    assert!(dl["bytes_done"].as_u64().unwrap() >= 8 * MIB, "progress kept: {dl}");
+    let out = client.ctl(&["get", "--resume", &id.to_string()]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), client.log());
+    assert_eq!(sha256_file(&client.downloads.join("t")), sha256_file(&server.export.join("t")));
+    let resent = sent_total(&server) - sent_before;
+    println!("after restart the servers sent {resent} more bytes of {size}");
+    assert!(resent < size - 6 * MIB, "the second run fetched {resent} bytes: progress was not reused");
+}
+
+#[test]
+fn damaged_manifests_are_reported_and_data_is_reverified() {
+    let server = Daemon::builder(1).arg("--rate-limit").arg("8M").start();
+    let size = 24 * MIB;
+    write_file(&server.export.join("d"), size, 23);
+    warm(&server, "d");
+    for (i, damage) in ["truncate", "zero", "version", "inconsistent"].iter().enumerate() {
+        let mut client = Daemon::start(0);
+        let id = client.get_detached("d", &server.sources(), &[]);
+        assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 8 * MIB));
+        client.kill();
+        let m = client.dir.path().join(format!("state/downloads/{id}.json"));
+        let text = std::fs::read(&m).unwrap();
+        let reason = match *damage {
+            "truncate" => {
+                std::fs::write(&m, &text[..text.len() / 3]).unwrap();
+                "not valid manifest JSON"
+            }
+            "zero" => {
+                std::fs::write(&m, vec![0u8; text.len()]).unwrap();
+                "all zero bytes"
+            }
+            "version" => {
+                let s = String::from_utf8(text).unwrap().replace("\"version\": 1", "\"version\": 99");
+                std::fs::write(&m, s).unwrap();
+                "version 99 is not supported"
+            }
+            _ => {
+                // The manifest is fine but the data file no longer matches it.
+                let part = client.downloads.join("d.mftpart");
+                let f = std::fs::OpenOptions::new().write(true).open(&part).unwrap();
+                f.set_len(3 * MIB).unwrap();
+                ""
+            }
+        };
+        let sent_before = server.bytes_sent(server.ports[0]);
+        restart(&mut client, &[]);
+        let (out, lines) = client.ctl_json(&["status"]);
+        assert!(out.status.success());
+        let damaged = lines[0]["damaged_manifests"].as_array().unwrap();
+        if reason.is_empty() {
+            assert!(damaged.is_empty(), "{damaged:?}");
+        } else {
+            assert_eq!(damaged.len(), 1, "{damage}: {damaged:?}");
+            let msg = damaged[0].as_str().unwrap();
+            assert!(msg.contains(&m.display().to_string()) && msg.contains(reason), "{damage}: {msg}");
+            assert!(client.log().contains("damaged download manifest"), "logged");
+        }
+        // Recover: the same get re-verifies what is on disk and finishes.
+        let out = if reason.is_empty() {
+            client.ctl(&["get", "--resume", &id.to_string()])
+        } else {
+            client.ctl(&["get", "d", "--from", &server.sources()[0], "-o", client.downloads.to_str().unwrap()])
+        };
+        assert!(out.status.success(), "{damage}: {}\n{}", stderr(&out), client.log());
+        assert_eq!(sha256_file(&client.downloads.join("d")), sha256_file(&server.export.join("d")), "{damage}");
+        let resent = server.bytes_sent(server.ports[0]) - sent_before;
+        println!("{damage}: re-fetched {resent} of {size} bytes");
+        if *damage != "inconsistent" {
+            assert!(resent <= size - 6 * MIB, "{damage}: data on disk was not reused ({resent} bytes fetched again)");
+        }
+        assert!(client.log().contains("re-verifying"), "{damage}: {}", client.log());
+        std::fs::remove_file(client.downloads.join("d")).unwrap();
+        let _ = i;
+    }
+}
+
+#[test]
+fn no_resume_leaves_no_manifest() {
+    let server = Daemon::builder(1).arg("--rate-limit").arg("8M").start();
+    write_file(&server.export.join("n"), 8 * MIB, 24);
+    let client = Daemon::start(0);
+    let out = client.ctl(&["get", "n", "--from", &server.sources()[0], "--no-resume", "--detach", "-o", client.downloads.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id: u64 = stdout(&out).trim().parse().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > MIB));
+    assert!(manifests(&client).is_empty(), "manifest written during a --no-resume download");
+    let dl = client.wait_download(id, Duration::from_secs(20));
+    assert_eq!(dl["state"], "done");
+    assert!(manifests(&client).is_empty());
+    // And the CLI says what --no-resume means.
+    let out = client.ctl(&["get", "n", "--from", &server.sources()[0], "--no-resume", "--force", "-o", client.downloads.to_str().unwrap()]);
+    assert!(stderr(&out).contains("starts over"), "{}", stderr(&out));
+}
+
+#[test]
+fn pause_resume_cancel() {
+    let server = Daemon::builder(2).arg("--rate-limit").arg("4M").start();
+    write_file(&server.export.join("m"), 24 * MIB, 25);
+    warm(&server, "m");
+    let client = Daemon::start(0);
+    let id = client.get_detached("m", &server.sources(), &[]);
+    assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 2 * MIB));
+    let out = client.ctl(&["downloads", "pause", &id.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(wait_until(Duration::from_secs(5), || client.download(id)["state"] == "paused"));
+    // Pause releases connections.
+    assert!(wait_until(Duration::from_secs(5), || server.servers().iter().all(|s| s["connections"] == 0)));
+    let frozen = client.download(id)["bytes_done"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(client.download(id)["bytes_done"].as_u64().unwrap(), frozen);
+    assert_eq!(manifests(&client).len(), 1);
+    // Pausing twice is an error with a sentence.
+    let out = client.ctl(&["downloads", "pause", &id.to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("already paused"));
+
+    let out = client.ctl(&["downloads", "resume", &id.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dl = client.wait_download(id, Duration::from_secs(30));
+    assert_eq!(dl["state"], "done", "{dl}");
+    assert_eq!(sha256_file(&client.downloads.join("m")), sha256_file(&server.export.join("m")));
+
+    // Cancel removes the partial file and the manifest.
+    let id2 = client.get_detached("m", &server.sources(), &["--force"]);
+    assert!(wait_until(Duration::from_secs(10), || client.download(id2)["bytes_done"].as_u64().unwrap() > MIB));
+    let out = client.ctl(&["downloads", "cancel", &id2.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(wait_until(Duration::from_secs(5), || client.download(id2)["state"] == "cancelled"));
+    assert!(wait_until(Duration::from_secs(5), || !client.downloads.join("m.mftpart").exists()));
+    assert!(manifests(&client).is_empty());
+    let out = client.ctl(&["downloads", "cancel", "999"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no download with ID 999"));
+}
+
+#[test]
+fn same_get_again_continues_the_interrupted_download() {
+    let server = Daemon::builder(1).arg("--rate-limit").arg("8M").start();
+    write_file(&server.export.join("g"), 24 * MIB, 26);
+    warm(&server, "g");
+    let mut client = Daemon::builder(0).arg("--checkpoint-interval").arg("0.1").start();
+    let id = client.get_detached("g", &server.sources(), &[]);
+    assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 8 * MIB));
+    client.kill();
+    restart(&mut client, &["--checkpoint-interval".into(), "0.1".into()]);
+    let sent_before = sent_total(&server);
+    let (out, lines) = client.ctl_json(&["get", "g", "--from", &server.sources()[0], "-o", client.downloads.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(lines[0]["type"], "accepted");
+    assert_eq!(lines[0]["id"], id);
+    assert_eq!(lines[0]["resumed"], true);
+    assert_eq!(sha256_file(&client.downloads.join("g")), sha256_file(&server.export.join("g")));
+    assert!(sent_total(&server) - sent_before < 18 * MIB);
+}
+
+#[test]
+fn changed_remote_file_is_not_mixed() {
+    let server = Daemon::builder(1).arg("--rate-limit").arg("8M").start();
+    write_file(&server.export.join("c"), 16 * MIB, 27);
+    warm(&server, "c");
+    let mut client = Daemon::start(0);
+    let id = client.get_detached("c", &server.sources(), &[]);
+    assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 2 * MIB));
+    client.kill();
+    write_file(&server.export.join("c"), 16 * MIB, 28); // new version
+    restart(&mut client, &[]);
+    let out = client.ctl(&["get", "--resume", &id.to_string()]);
+    assert_eq!(out.status.code(), Some(1), "{}\n{}\n{}", stdout(&out), stderr(&out), client.log());
+    let dl = client.download(id);
+    assert_eq!(dl["state"], "failed");
+    assert!(dl["error"].as_str().unwrap().contains("remote file changed"), "{dl}");
+    assert!(!client.downloads.join("c").exists());
+}
+
+#[test]
+fn auto_resume_continues_after_restart() {
+    let server = Daemon::builder(1).arg("--rate-limit").arg("8M").start();
+    write_file(&server.export.join("a"), 16 * MIB, 29);
+    warm(&server, "a");
+    let mut client = Daemon::start(0);
+    let id = client.get_detached("a", &server.sources(), &[]);
+    assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 2 * MIB));
+    client.kill();
+    restart(&mut client, &["--auto-resume".into()]);
+    let dl = client.wait_download(id, Duration::from_secs(30));
+    assert_eq!(dl["state"], "done", "{dl}");
+    assert_eq!(sha256_file(&client.downloads.join("a")), sha256_file(&server.export.join("a")));
+}
+
+#[test]
+fn symlink_planted_at_the_part_file_is_not_followed() {
+    let server = Daemon::start(1);
+    write_file(&server.export.join("s"), MIB, 30);
+    let client = Daemon::start(0);
+    let target = client.dir.path().join("victim");
+    std::fs::write(&target, b"do not touch").unwrap();
+    std::os::unix::fs::symlink(&target, client.downloads.join("s.mftpart")).unwrap();
+    let out = client.ctl(&["get", "s", "--from", &server.sources()[0], "-o", client.downloads.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("symlink"), "{}", stdout(&out));
+    assert_eq!(std::fs::read(&target).unwrap(), b"do not touch");
+}
