@@ -67,6 +67,7 @@ fn twenty_sigkills_then_resume_to_the_right_file() {
         restart(&mut client, &extra);
         let st = client.download(id);
         assert_eq!(st["state"], "paused", "after kill {k}: {st}");
+        println!("kill {k}: {done_before_last_kill} bytes done before, {} claimed after, servers sent {}", st["bytes_done"], sent_total(&server));
         let out = client.ctl(&["get", "--resume", "--detach"]);
         assert!(out.status.success(), "resume after kill {k}: {}", stderr(&out));
     }
