@@ -27,11 +27,21 @@ impl std::fmt::Display for CtlError {
                 "mftd is not running: no socket at {}; start it with `systemctl start mftd` or `mftd` (or pass --socket)",
                 p.display()
             ),
-            CtlError::Permission(p) => write!(
-                f,
-                "permission denied on {}; run mftctl as the user mftd runs as, or as root",
-                p.display()
-            ),
+            CtlError::Permission(p) => {
+                use std::os::unix::fs::MetadataExt;
+                let group = std::fs::metadata(p)
+                    .ok()
+                    .and_then(|m| nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(m.gid())).ok().flatten())
+                    .map(|g| g.name);
+                match group {
+                    Some(g) if g != "root" => write!(
+                        f,
+                        "permission denied on {}; join the {g} group (`sudo usermod -aG {g} $USER`, then log in again) or run as root",
+                        p.display()
+                    ),
+                    _ => write!(f, "permission denied on {}; run mftctl as the user mftd runs as, or as root", p.display()),
+                }
+            }
             CtlError::Io(p, e) => write!(f, "lost the connection to mftd at {}: {e}", p.display()),
             CtlError::Protocol(m) => write!(f, "unexpected answer from mftd: {m}"),
             CtlError::Daemon { message, .. } => write!(f, "{message}"),

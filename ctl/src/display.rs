@@ -135,79 +135,145 @@ pub fn print_human(r: &Response) {
     }
 }
 
-/// Live progress of one download: redrawn in place on a terminal, one
-/// line per update otherwise, JSON lines with `--json`.
+/// Live progress of one download: an indicatif display on a terminal (one
+/// row per source plus a total bar), one plain line per update otherwise,
+/// and JSON events with `--json`: `progress` snapshots, `source_state` when a
+/// source changes state, and a final `done` or `error`.
 pub struct ProgressView {
     json: bool,
     tty: bool,
-    drawn: usize,
+    multi: Option<indicatif::MultiProgress>,
+    rows: Vec<indicatif::ProgressBar>,
+    total: Option<indicatif::ProgressBar>,
+    /// Last state seen per source, to report changes.
+    states: Vec<(String, String)>,
+}
+
+fn source_row(s: &mftd_common::control::SourceInfo) -> String {
+    format!(
+        "{:<24} {:<9} {:>10} {:>12} {:>6.1}%",
+        s.address,
+        state_name(&s.state),
+        human_bytes(s.bytes),
+        speed(s.speed),
+        s.share * 100.0
+    )
 }
 
 impl ProgressView {
     pub fn new(json: bool) -> ProgressView {
-        ProgressView { json, tty: std::io::stdout().is_terminal(), drawn: 0 }
+        ProgressView {
+            json,
+            tty: std::io::stdout().is_terminal(),
+            multi: None,
+            rows: Vec::new(),
+            total: None,
+            states: Vec::new(),
+        }
     }
 
     pub fn clear(&mut self) {
-        if self.tty && self.drawn > 0 {
-            print!("\x1b[{}A\x1b[J", self.drawn);
-            let _ = std::io::stdout().flush();
-            self.drawn = 0;
+        for r in self.rows.drain(..) {
+            r.finish_and_clear();
+        }
+        if let Some(t) = self.total.take() {
+            t.finish_and_clear();
+        }
+        if let Some(m) = self.multi.take() {
+            let _ = m.clear();
+        }
+    }
+
+    fn json_events(&mut self, d: &DownloadInfo) {
+        for (i, s) in d.sources.iter().enumerate() {
+            let st = state_name(&s.state);
+            let changed = match self.states.get(i) {
+                Some((addr, old)) => addr != &s.address || old != &st,
+                None => true,
+            };
+            if changed {
+                println!(
+                    "{}",
+                    serde_json::json!({"type": "source_state", "id": d.id, "address": s.address, "state": st, "last_error": s.last_error})
+                );
+            }
+        }
+        self.states = d.sources.iter().map(|s| (s.address.clone(), state_name(&s.state))).collect();
+        print_json(&Response::Progress { download: d.clone() });
+    }
+
+    fn draw_tty(&mut self, d: &DownloadInfo) {
+        use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+        if self.multi.is_none() {
+            let m = MultiProgress::with_draw_target(ProgressDrawTarget::stdout_with_hz(10));
+            let row_style = ProgressStyle::with_template("  {msg}").unwrap_or_else(|_| ProgressStyle::default_bar());
+            for _ in &d.sources {
+                let b = m.add(ProgressBar::new(0));
+                b.set_style(row_style.clone());
+                self.rows.push(b);
+            }
+            let t = m.add(ProgressBar::new(d.size.unwrap_or(0)));
+            t.set_style(
+                ProgressStyle::with_template("  total [{bar:30}] {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            self.total = Some(t);
+            self.multi = Some(m);
+        }
+        for (row, s) in self.rows.iter().zip(&d.sources) {
+            row.set_message(source_row(s));
+        }
+        if let Some(t) = &self.total {
+            t.set_length(d.size.unwrap_or(0).max(1));
+            t.set_position(d.bytes_done);
+            t.set_message(total_line(d));
         }
     }
 
     pub fn update(&mut self, d: &DownloadInfo) {
         if self.json {
-            print_json(&Response::Progress { download: d.clone() });
+            self.json_events(d);
             return;
         }
         if d.state.is_final() {
             return;
         }
-        let eta = d.eta_secs.map(duration).unwrap_or_else(|| "-".into());
-        let total = format!(
-            "[{}] {:>5.1}%  {} / {}  {}  eta {}",
-            state_name(&d.state),
-            d.percent(),
-            human_bytes(d.bytes_done),
-            d.size.map(human_bytes).unwrap_or_else(|| "?".into()),
-            speed(d.speed),
-            eta
-        );
         if self.tty {
-            self.clear();
-            let mut text = String::new();
-            for s in &d.sources {
-                text.push_str(&format!(
-                    "  {:<24} {:<9} {:>10} {:>12} {:>6.1}%\n",
-                    s.address,
-                    state_name(&s.state),
-                    human_bytes(s.bytes),
-                    speed(s.speed),
-                    s.share * 100.0
-                ));
-            }
-            text.push_str(&format!("  total {total}\n"));
-            print!("{text}");
-            self.drawn = d.sources.len() + 1;
+            self.draw_tty(d);
         } else {
             let per: Vec<String> = d
                 .sources
                 .iter()
                 .map(|s| format!("{} {} {} {}", s.address, state_name(&s.state), human_bytes(s.bytes), speed(s.speed)))
                 .collect();
-            println!("{total} | {}", per.join(" | "));
+            println!("{} | {}", total_line(d), per.join(" | "));
         }
         let _ = std::io::stdout().flush();
     }
 
     pub fn finish(&mut self, d: &DownloadInfo) {
+        let secs = d.elapsed_ms as f64 / 1000.0;
+        let size = d.size.unwrap_or(0);
         if self.json {
+            let (kind, extra) = match d.state {
+                mftd_common::control::DownloadState::Done => ("done", serde_json::json!(null)),
+                _ => ("error", serde_json::json!(d.error)),
+            };
+            let sources: Vec<serde_json::Value> = d
+                .sources
+                .iter()
+                .map(|s| serde_json::json!({"address": s.address, "bytes": s.bytes, "avg_speed": (s.bytes as f64 / secs.max(1e-3)) as u64}))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"type": kind, "id": d.id, "state": state_name(&d.state), "destination": d.destination,
+                    "size": size, "bytes": d.bytes_done, "elapsed_ms": d.elapsed_ms, "identity": d.identity,
+                    "message": extra, "sources": sources})
+            );
             return;
         }
         self.clear();
-        let secs = d.elapsed_ms as f64 / 1000.0;
-        let size = d.size.unwrap_or(0);
         match d.state {
             mftd_common::control::DownloadState::Done => {
                 println!("downloaded {} ({}) in {:.2}s, {}", d.destination, human_bytes(size), secs, speed((size as f64 / secs.max(1e-3)) as u64));
@@ -231,4 +297,17 @@ impl ProgressView {
         }
         let _ = std::io::stdout().flush();
     }
+}
+
+fn total_line(d: &DownloadInfo) -> String {
+    let eta = d.eta_secs.map(duration).unwrap_or_else(|| "-".into());
+    format!(
+        "[{}] {:>5.1}%  {} / {}  {}  eta {}",
+        state_name(&d.state),
+        d.percent(),
+        human_bytes(d.bytes_done),
+        d.size.map(human_bytes).unwrap_or_else(|| "?".into()),
+        speed(d.speed),
+        eta
+    )
 }

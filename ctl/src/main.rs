@@ -44,6 +44,11 @@ enum Cmd {
     Downloads(DownloadsCmd),
     /// Stop the daemon.
     Shutdown,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Write man pages for mftctl into DIR.
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -77,6 +82,13 @@ enum DownloadsCmd {
     List,
     /// One download with per-source detail.
     Show { id: u64 },
+    /// Follow a running download's live progress (Ctrl-C detaches).
+    Watch {
+        id: u64,
+        /// Seconds between updates.
+        #[arg(long, default_value_t = 1.0, value_name = "SECS")]
+        interval: f64,
+    },
     /// Stop a download, keeping its data and progress for later.
     Pause { id: u64 },
     /// Continue a paused download.
@@ -144,6 +156,11 @@ fn parse_duration(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
+    // Behave like other Unix tools when piped into `head`: die quietly on
+    // SIGPIPE instead of panicking on a failed write.
+    // SAFETY: setting a signal disposition to its default at startup, before
+    // any thread exists.
+    let _ = unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) };
     let cli = Cli::parse();
     let json = cli.json;
     match run(cli) {
@@ -176,6 +193,18 @@ fn run(cli: Cli) -> Result<ExitCode, CtlError> {
                 ServersCmd::Limit { port, rate } => Request::ServerLimit { port, rate_limit: rate },
             },
         ),
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "mftctl", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Manpages { dir } => manpages(&dir),
+        Cmd::Downloads(DownloadsCmd::Watch { id, interval }) => {
+            if !(interval > 0.0 && interval <= 3600.0) {
+                return Err(CtlError::Usage("--interval must be between 0 and 3600 seconds".into()));
+            }
+            follow(&socket, json, id, interval)
+        }
         Cmd::Downloads(d) => simple(
             &socket,
             json,
@@ -185,9 +214,34 @@ fn run(cli: Cli) -> Result<ExitCode, CtlError> {
                 DownloadsCmd::Pause { id } => Request::DownloadPause { id },
                 DownloadsCmd::Resume { id } => Request::DownloadResume { id },
                 DownloadsCmd::Cancel { id } => Request::DownloadCancel { id },
+                DownloadsCmd::Watch { .. } => unreachable_watch(),
             },
         ),
     }
+}
+
+fn unreachable_watch() -> Request {
+    // `downloads watch` is dispatched before this match.
+    Request::DownloadsList
+}
+
+/// Writes `mftctl.1` and one page per subcommand.
+fn manpages(dir: &std::path::Path) -> Result<ExitCode, CtlError> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir).map_err(|e| CtlError::Usage(format!("cannot create {}: {e}", dir.display())))?;
+    let cmd = Cli::command();
+    let write = |name: String, cmd: clap::Command| -> Result<(), CtlError> {
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(cmd).render(&mut buf).map_err(|e| CtlError::Usage(format!("cannot render {name}: {e}")))?;
+        let p = dir.join(format!("{name}.1"));
+        std::fs::write(&p, buf).map_err(|e| CtlError::Usage(format!("cannot write {}: {e}", p.display())))
+    };
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("mftctl-{}", sub.get_name());
+        write(name.clone(), sub.clone().name(name))?;
+    }
+    write("mftctl".into(), cmd)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// One request, one response, printed.
@@ -265,7 +319,7 @@ fn get(socket: &std::path::Path, json: bool, args: GetArgs) -> Result<ExitCode, 
     if args.detach {
         return Ok(ExitCode::SUCCESS);
     }
-    follow(socket, json, id, &args)
+    follow(socket, json, id, args.interval)
 }
 
 /// `get --resume [ID]`: continue interrupted downloads and follow them.
@@ -293,7 +347,7 @@ fn get_resume(socket: &std::path::Path, json: bool, which: &str, args: &GetArgs)
         if !json {
             eprintln!("resumed download {id}");
         }
-        let c = follow(socket, json, id, args)?;
+        let c = follow(socket, json, id, args.interval)?;
         if c != ExitCode::SUCCESS {
             code = c;
         }
@@ -302,9 +356,9 @@ fn get_resume(socket: &std::path::Path, json: bool, which: &str, args: &GetArgs)
 }
 
 /// Streams a download's progress until it ends.
-fn follow(socket: &std::path::Path, json: bool, id: u64, args: &GetArgs) -> Result<ExitCode, CtlError> {
+fn follow(socket: &std::path::Path, json: bool, id: u64, interval: f64) -> Result<ExitCode, CtlError> {
     client::install_sigint();
-    let interval_ms = (args.interval * 1000.0) as u64;
+    let interval_ms = (interval * 1000.0) as u64;
     let mut watcher = Client::connect(socket)?;
     watcher.send(&Request::Watch { id, interval_ms })?;
     let mut view = display::ProgressView::new(json);

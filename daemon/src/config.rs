@@ -73,6 +73,15 @@ pub struct Args {
     /// Continue interrupted downloads by themselves after a restart.
     #[arg(long)]
     pub auto_resume: bool,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9105); off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Print the effective configuration, and where each value came from, then exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// Write the mftd(8) man page into DIR and exit.
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub manpage: Option<PathBuf>,
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -98,6 +107,7 @@ pub struct FileConfig {
     pub checkpoint_interval: Option<f64>,
     pub checkpoint_bytes: Option<RateValue>,
     pub auto_resume: Option<bool>,
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Per-listener settings: `[listener.5001]` with `rate_limit = "4M"`.
     pub listener: Option<std::collections::BTreeMap<String, ListenerFileConfig>>,
 }
@@ -142,6 +152,9 @@ pub struct Config {
     pub checkpoint_interval: Duration,
     pub checkpoint_bytes: u64,
     pub auto_resume: bool,
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Where each setting came from: key → "default", "config file" or "flag".
+    pub origins: std::collections::BTreeMap<&'static str, &'static str>,
     /// Rate limits of individual listeners, over `rate_limit`.
     pub listener_limits: std::collections::BTreeMap<u16, u64>,
     pub config_file: Option<PathBuf>,
@@ -217,6 +230,41 @@ impl Config {
     }
 
     pub fn merge(args: &Args, file: FileConfig, config_file: Option<PathBuf>) -> anyhow::Result<Config> {
+        fn from<A, B>(flag: &Option<A>, file: &Option<B>) -> &'static str {
+            if flag.is_some() {
+                "flag"
+            } else if file.is_some() {
+                "config file"
+            } else {
+                "default"
+            }
+        }
+        let mut origins = std::collections::BTreeMap::new();
+        origins.insert("export", from(&args.export, &file.export));
+        origins.insert("listen", from(&args.listen, &file.listen));
+        origins.insert(
+            "ports",
+            if args.ports.is_some() || args.servers.is_some() || args.base_port.is_some() {
+                "flag"
+            } else if file.ports.is_some() || file.servers.is_some() || file.base_port.is_some() {
+                "config file"
+            } else {
+                "default"
+            },
+        );
+        origins.insert("rate_limit", from(&args.rate_limit, &file.rate_limit));
+        origins.insert("status_interval", from(&args.status_interval, &file.status_interval));
+        origins.insert("socket", from(&args.socket, &file.socket));
+        origins.insert("state_dir", from(&args.state_dir, &file.state_dir));
+        origins.insert("download_dir", from(&args.download_dir, &file.download_dir));
+        origins.insert("max_connections", from(&args.max_connections, &file.max_connections));
+        origins.insert("connections_per_server", from(&args.connections_per_server, &file.connections_per_server));
+        origins.insert("idle_timeout", from(&args.idle_timeout, &file.idle_timeout));
+        origins.insert("checkpoint_interval", from(&args.checkpoint_interval, &file.checkpoint_interval));
+        origins.insert("checkpoint_bytes", from(&args.checkpoint_bytes, &file.checkpoint_bytes));
+        origins.insert("auto_resume", from(&args.auto_resume.then_some(()), &file.auto_resume));
+        origins.insert("metrics_listen", from(&args.metrics_listen, &file.metrics_listen));
+        origins.insert("listener", from(&None::<()>, &file.listener));
         let state_dir = args.state_dir.clone().or(file.state_dir).unwrap_or_else(default_state_dir);
         let export = args.export.clone().or(file.export).unwrap_or_else(|| default_export_dir(&state_dir));
         let download_dir =
@@ -301,8 +349,46 @@ impl Config {
             checkpoint_interval: Duration::from_secs_f64(cp_secs),
             checkpoint_bytes,
             auto_resume: args.auto_resume || file.auto_resume.unwrap_or(false),
+            metrics_listen: args.metrics_listen.or(file.metrics_listen),
+            origins,
             config_file,
         })
+    }
+
+    /// The effective configuration as TOML, each value annotated with where
+    /// it came from (`--print-config`).
+    pub fn describe(&self) -> String {
+        let q = |p: &Path| format!("{:?}", p.display().to_string());
+        let mut lines: Vec<(&str, String)> = vec![
+            ("export", q(&self.export)),
+            ("listen", format!("{:?}", self.listen.to_string())),
+            ("ports", format!("{:?}", self.ports)),
+            ("rate_limit", self.rate_limit.to_string()),
+            ("status_interval", self.status_interval.to_string()),
+            ("socket", q(&self.socket)),
+            ("state_dir", q(&self.state_dir)),
+            ("download_dir", q(&self.download_dir)),
+            ("max_connections", self.max_connections.to_string()),
+            ("connections_per_server", self.connections_per_server.to_string()),
+            ("idle_timeout", self.idle_timeout.as_secs().to_string()),
+            ("checkpoint_interval", self.checkpoint_interval.as_secs_f64().to_string()),
+            ("checkpoint_bytes", self.checkpoint_bytes.to_string()),
+            ("auto_resume", self.auto_resume.to_string()),
+        ];
+        if let Some(m) = self.metrics_listen {
+            lines.push(("metrics_listen", format!("{:?}", m.to_string())));
+        }
+        let mut out = match &self.config_file {
+            Some(p) => format!("# effective mftd configuration; config file: {}\n", p.display()),
+            None => "# effective mftd configuration; no config file\n".to_string(),
+        };
+        for (k, v) in lines {
+            out.push_str(&format!("{k} = {v}  # {}\n", self.origins.get(k).copied().unwrap_or("default")));
+        }
+        for (port, rate) in &self.listener_limits {
+            out.push_str(&format!("\n[listener.{port}]\nrate_limit = {rate}  # config file\n"));
+        }
+        out
     }
 }
 
@@ -337,6 +423,10 @@ mod tests {
         assert_eq!(c.rate_limit, 1024);
         assert_eq!(c.export, PathBuf::from("/srv/x"));
         assert_eq!(c.idle_timeout, Duration::from_secs(3));
+        let text = c.describe();
+        assert!(text.contains("rate_limit = 1024  # flag"), "{text}");
+        assert!(text.contains("ports = [6001, 6002]  # config file"), "{text}");
+        assert!(text.contains("listen = \"127.0.0.1\"  # default"), "{text}");
         let file: FileConfig = toml::from_str("[listener.5001]\nrate_limit = \"4M\"\n[listener.5002]\nrate_limit = 0\n").unwrap();
         let c = Config::merge(&Args::default(), file, None).unwrap();
         assert_eq!(c.listener_limits.get(&5001), Some(&(4 << 20)));

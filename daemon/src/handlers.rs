@@ -71,7 +71,7 @@ pub fn handle(d: &Daemon, req: Request) -> Response {
 fn listener_error(e: ListenerError) -> Response {
     let code = match e {
         ListenerError::Unknown(_) => ErrorCode::UnknownPort,
-        ListenerError::InUse(_) | ListenerError::Exists(_) => ErrorCode::PortInUse,
+        ListenerError::InUse(..) | ListenerError::Exists(_) => ErrorCode::PortInUse,
         _ => ErrorCode::InvalidArgument,
     };
     Response::error(code, e.to_string())

@@ -11,6 +11,7 @@ pub mod handlers;
 pub mod identity;
 pub mod jail;
 pub mod listener;
+pub mod metrics;
 pub mod ratelimit;
 pub mod serve;
 pub mod store;
@@ -61,6 +62,10 @@ pub async fn run(config: Config, shutdown: CancellationToken, ready: impl FnOnce
         .with_context(|| format!("cannot open export directory {}", config.export.display()))?;
     let ctx = Arc::new(ServeContext { jail, identities: Default::default() });
 
+    let metrics = match config.metrics_listen {
+        Some(a) => Some(metrics::bind(a).await?),
+        None => None,
+    };
     let tracker = TaskTracker::new();
     let listeners = Listeners::new(config.listen, config.max_connections, ctx, shutdown.child_token(), tracker.clone());
     for &port in &config.ports {
@@ -114,6 +119,9 @@ pub async fn run(config: Config, shutdown: CancellationToken, ready: impl FnOnce
         });
     }
 
+    if let Some(m) = metrics {
+        tracker.spawn(metrics::serve(m, daemon.clone()));
+    }
     info!(
         socket = %daemon.config.socket.display(),
         export = %daemon.config.export.display(),

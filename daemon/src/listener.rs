@@ -55,8 +55,9 @@ struct Entry {
 /// Why a listener operation failed; each names the port.
 #[derive(Debug, thiserror::Error)]
 pub enum ListenerError {
-    #[error("port {0} is already in use by another program or mftd; choose another port (or stop that program)")]
-    InUse(u16),
+    /// Port, and " by NAME (pid N)" when the owner could be found.
+    #[error("port {0} is already in use{1}; choose another port (or stop that program)")]
+    InUse(u16, String),
     #[error("no listener on port {0}; `mftctl servers list` shows the ports")]
     Unknown(u16),
     #[error("listener {0} is already running")]
@@ -80,13 +81,50 @@ pub struct Listeners {
     tracker: TaskTracker,
 }
 
+/// Which process listens on a TCP port, as "NAME (pid N)", from /proc.
+/// Best effort: `None` when it cannot be told (other users' processes).
+pub fn port_owner(port: u16) -> Option<String> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address is HEXIP:HEXPORT; state 0A is LISTEN.
+            let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else { continue };
+            let p = local.rsplit(':').next().and_then(|h| u16::from_str_radix(h, 16).ok());
+            if p == Some(port) && *state == "0A" {
+                inodes.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    let procs = std::fs::read_dir("/proc").ok()?;
+    for entry in procs.flatten().take(100_000) {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else { continue };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                if inodes.iter().any(|i| target.as_os_str() == i.as_str()) {
+                    let name = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+                    return Some(format!("{} (pid {pid})", name.trim()));
+                }
+            }
+        }
+    }
+    None
+}
+
 fn bind(addr: SocketAddr) -> Result<TcpListener, ListenerError> {
     let sock = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }
         .map_err(|source| ListenerError::Bind { addr, source })?;
     // Reuse TIME_WAIT addresses so a quick restart or `servers start` works.
     let _ = sock.set_reuseaddr(true);
     let map = |source: io::Error| match source.kind() {
-        io::ErrorKind::AddrInUse => ListenerError::InUse(addr.port()),
+        io::ErrorKind::AddrInUse => {
+            ListenerError::InUse(addr.port(), port_owner(addr.port()).map(|o| format!(" by {o}")).unwrap_or_default())
+        }
         io::ErrorKind::PermissionDenied => ListenerError::Permission(addr.port()),
         _ => ListenerError::Bind { addr, source },
     };

@@ -25,6 +25,20 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
+    if let Some(dir) = &args.manpage {
+        use clap::CommandFactory;
+        let mut buf = Vec::new();
+        let page = std::fs::create_dir_all(dir)
+            .and_then(|_| clap_mangen::Man::new(Args::command()).section("8").render(&mut buf))
+            .and_then(|_| std::fs::write(dir.join("mftd.8"), &buf));
+        return match page {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mftd: cannot write the man page into {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match Config::load(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -32,6 +46,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.print_config {
+        print!("{}", config.describe());
+        return ExitCode::SUCCESS;
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -61,8 +61,7 @@ fn get_reports_per_server_result_and_json_events() {
     let (out, lines) = client.ctl_json(&["get", "dir/data.bin", "--from", &server.sources().join(","), "-o", client.downloads.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(lines[0]["type"], "accepted");
-    let last = lines.last().unwrap();
-    assert_eq!(last["type"], "progress");
+    let last = lines.iter().rev().find(|l| l["type"] == "progress").unwrap();
     assert_eq!(last["download"]["state"], "done");
     let srcs = last["download"]["sources"].as_array().unwrap();
     assert_eq!(srcs.len(), 4);
@@ -162,7 +161,7 @@ fn server_with_a_different_version_is_excluded() {
     let (out, lines) = client.ctl_json(&["get", "v.bin", "--from", &sources.join(","), "-o", client.downloads.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(sha256_file(&client.downloads.join("v.bin")), sha256_file(&good.export.join("v.bin")));
-    let last = &lines.last().unwrap()["download"];
+    let last = &lines.iter().rev().find(|l| l["type"] == "progress").unwrap()["download"];
     let odd_src = last["sources"].as_array().unwrap().iter().find(|s| s["address"] == odd.sources()[0].as_str()).unwrap().clone();
     assert_eq!(odd_src["state"], "excluded", "{odd_src}");
     assert!(odd_src["last_error"].as_str().unwrap().contains("different version"), "{odd_src}");

@@ -1,0 +1,242 @@
+//! What an operator sees: progress in JSON, plain and terminal modes, the
+//! `servers list`/`status` schemas, metrics, config, completions, man pages.
+
+use std::process::Command;
+use std::time::Duration;
+
+use mftd_tests::{mftctl_bin, mftd_bin, sha256_file, stderr, stdout, wait_until, write_file, Daemon};
+
+const MIB: u64 = 1 << 20;
+
+fn capped_server(n: usize) -> Daemon {
+    // Capped so the download lasts long enough for several progress updates.
+    Daemon::builder(n).arg("--rate-limit").arg("4M").start()
+}
+
+#[test]
+fn json_stream_has_per_source_progress_and_a_done_event_that_adds_up() {
+    let server = capped_server(4);
+    let size = 24 * MIB;
+    write_file(&server.export.join("j"), size, 31);
+    let client = Daemon::start(0);
+    let (out, lines) = client.ctl_json(&[
+        "get", "j", "--from", &server.sources().join(","), "-o", client.downloads.to_str().unwrap(), "--interval", "0.2",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(lines[0]["type"], "accepted");
+    let progress: Vec<_> = lines.iter().filter(|l| l["type"] == "progress").collect();
+    assert!(progress.len() >= 3, "only {} progress events", progress.len());
+    // Every source shows up with progress while the download runs.
+    for addr in server.sources() {
+        assert!(
+            progress.iter().any(|p| p["download"]["sources"].as_array().unwrap().iter().any(|s| s["address"] == addr.as_str() && s["bytes"].as_u64().unwrap() > 0 && s["state"] == "active")),
+            "no active progress for {addr}"
+        );
+        assert!(lines.iter().any(|l| l["type"] == "source_state" && l["address"] == addr.as_str()), "no source_state for {addr}");
+    }
+    let done = lines.last().unwrap();
+    assert_eq!(done["type"], "done", "{done}");
+    assert_eq!(done["size"], size);
+    let sum: u64 = done["sources"].as_array().unwrap().iter().map(|s| s["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(sum, size, "per-source bytes add up to the file size: {done}");
+    assert!(done["identity"].as_str().unwrap().len() == 64);
+    assert_eq!(sha256_file(&client.downloads.join("j")), sha256_file(&server.export.join("j")));
+}
+
+#[test]
+fn plain_mode_prints_per_source_lines() {
+    let server = capped_server(4);
+    write_file(&server.export.join("p"), 16 * MIB, 32);
+    let client = Daemon::start(0);
+    let out = client.ctl(&["get", "p", "--from", &server.sources().join(","), "-o", client.downloads.to_str().unwrap(), "--interval", "0.3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let progress_lines: Vec<&str> = text.lines().filter(|l| l.starts_with('[')).collect();
+    assert!(progress_lines.len() >= 2, "{text}");
+    for addr in server.sources() {
+        assert!(progress_lines.iter().any(|l| l.contains(&addr)), "{addr} missing from plain lines:\n{text}");
+    }
+    assert!(!text.contains('\x1b'), "no terminal escapes when stdout is not a terminal");
+    assert!(text.contains("verified blake3:") && text.contains("AVG SPEED"), "{text}");
+}
+
+#[test]
+fn live_display_in_a_pseudo_terminal_shows_sources_and_total() {
+    let server = capped_server(4);
+    write_file(&server.export.join("t"), 16 * MIB, 33);
+    let client = Daemon::start(0);
+    let cmd = format!(
+        "{} --socket {} get t --from {} -o {} --interval 0.2",
+        mftctl_bin().display(),
+        client.socket.display(),
+        server.sources().join(","),
+        client.downloads.display()
+    );
+    // `script` runs the command in a real pty and copies what it drew.
+    let out = Command::new("script").args(["-qfec", &cmd, "/dev/null"]).env("TERM", "xterm").output().expect("run script(1)");
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let screen = stdout(&out);
+    for addr in server.sources() {
+        assert!(screen.contains(&addr), "{addr} not drawn:\n{screen}");
+    }
+    assert!(screen.contains("total ["), "no total row:\n{screen}");
+    assert!(screen.contains("eta"), "{screen}");
+    assert!(screen.contains('\x1b'), "the display redraws in place on a terminal");
+    assert_eq!(sha256_file(&client.downloads.join("t")), sha256_file(&server.export.join("t")));
+}
+
+#[test]
+fn watch_attaches_to_a_running_download() {
+    let server = capped_server(2);
+    write_file(&server.export.join("w"), 12 * MIB, 34);
+    let client = Daemon::start(0);
+    let id = client.get_detached("w", &server.sources(), &[]);
+    let (out, lines) = client.ctl_json(&["downloads", "watch", &id.to_string(), "--interval", "0.2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(lines.iter().any(|l| l["type"] == "progress"));
+    assert_eq!(lines.last().unwrap()["type"], "done");
+}
+
+#[test]
+fn servers_list_and_status_json_schemas() {
+    let server = Daemon::start(2);
+    let (out, lines) = server.ctl_json(&["servers", "list"]);
+    assert!(out.status.success());
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["type"], "servers");
+    for s in lines[0]["servers"].as_array().unwrap() {
+        for (k, kind) in [
+            ("port", "u"), ("address", "s"), ("state", "s"), ("connections", "u"), ("total_connections", "u"),
+            ("bytes_sent", "u"), ("rate", "u"), ("rate_limit", "u"),
+        ] {
+            let v = &s[k];
+            assert!(if kind == "u" { v.is_u64() } else { v.is_string() }, "servers[].{k} should be {kind}: {s}");
+        }
+        assert!(["running", "stopped"].contains(&s["state"].as_str().unwrap()));
+    }
+    let (out, lines) = server.ctl_json(&["status"]);
+    assert!(out.status.success());
+    let st = &lines[0];
+    assert_eq!(st["type"], "status");
+    for k in ["version", "listen", "export_dir", "download_dir", "socket"] {
+        assert!(st[k].is_string(), "status.{k}: {st}");
+    }
+    for k in ["pid", "uptime_secs"] {
+        assert!(st[k].is_u64(), "status.{k}: {st}");
+    }
+    for k in ["listeners", "downloads", "damaged_manifests"] {
+        assert!(st[k].is_array(), "status.{k}: {st}");
+    }
+    // Human output of stop says how many connections it closed.
+    let out = server.ctl(&["servers", "stop", &server.ports[0].to_string()]);
+    assert!(stdout(&out).contains("closed 0 connections"), "{}", stdout(&out));
+}
+
+#[test]
+fn metrics_endpoint_moves_during_a_download() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let server = Daemon::builder(2).arg("--rate-limit").arg("4M").arg("--metrics-listen").arg(format!("127.0.0.1:{port}")).start();
+    write_file(&server.export.join("m"), 12 * MIB, 35);
+    let client = Daemon::start(0);
+    let scrape = |p: u16| -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", p)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        body
+    };
+    let value = |text: &str, series: &str| -> u64 {
+        text.lines().find(|l| l.starts_with(series)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    let id = client.get_detached("m", &server.sources(), &[]);
+    let series = format!("mftd_listener_bytes_sent_total{{port=\"{}\"}}", server.ports[0]);
+    assert!(wait_until(Duration::from_secs(10), || value(&scrape(port), &series) > 0));
+    let a = value(&scrape(port), &series);
+    std::thread::sleep(Duration::from_millis(500));
+    let m = scrape(port);
+    let b = value(&m, &series);
+    assert!(b > a, "listener counter did not move: {a} -> {b}");
+    assert!(m.contains("# TYPE mftd_listener_bytes_sent_total counter"), "{m}");
+    assert!(m.contains(&format!("mftd_listener_connections{{port=\"{}\"}}", server.ports[0])));
+    client.wait_download(id, Duration::from_secs(20));
+
+    // The downloading side exports per-download, per-source series.
+    let cport = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let client2 = Daemon::builder(0).arg("--metrics-listen").arg(format!("127.0.0.1:{cport}")).start();
+    let id2 = client2.get_detached("m", &server.sources(), &[]);
+    let src = format!("mftd_download_source_bytes_received_total{{id=\"{id2}\",source=\"{}\"}}", server.sources()[0]);
+    assert!(wait_until(Duration::from_secs(10), || value(&scrape(cport), &src) > 0));
+    let x = value(&scrape(cport), &src);
+    std::thread::sleep(Duration::from_millis(500));
+    let text = scrape(cport);
+    assert!(value(&text, &src) > x, "source counter did not move");
+    assert!(text.contains(&format!("mftd_download_state{{id=\"{id2}\",state=\"active\"}} 1")), "{text}");
+    // Anything else is a 404, and the daemon keeps serving.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", cport)).unwrap();
+    s.write_all(b"GET /../../etc/passwd HTTP/1.1\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 404"));
+    client2.wait_download(id2, Duration::from_secs(20));
+}
+
+#[test]
+fn print_config_shows_origins() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("mftd.toml");
+    std::fs::write(&cfg, "ports = [7001, 7002]\nrate_limit = \"20M\"\nmetrics_listen = \"127.0.0.1:9105\"\n\n[listener.7002]\nrate_limit = \"1M\"\n").unwrap();
+    let out = Command::new(mftd_bin()).args(["--config", cfg.to_str().unwrap(), "--rate-limit", "5M", "--print-config"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("ports = [7001, 7002]  # config file"), "{text}");
+    assert!(text.contains(&format!("rate_limit = {}  # flag", 5 * MIB)), "{text}");
+    assert!(text.contains("idle_timeout = 10  # default"), "{text}");
+    assert!(text.contains("metrics_listen = \"127.0.0.1:9105\"  # config file"), "{text}");
+    assert!(text.contains("[listener.7002]"), "{text}");
+    // A config with a typo is an error that names the file.
+    std::fs::write(&cfg, "prots = [1]\n").unwrap();
+    let out = Command::new(mftd_bin()).args(["--config", cfg.to_str().unwrap(), "--print-config"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains(cfg.to_str().unwrap()), "{}", stderr(&out));
+}
+
+#[test]
+fn completions_and_man_pages() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(mftctl_bin()).args(["completions", shell]).output().unwrap();
+        assert!(out.status.success());
+        let text = stdout(&out);
+        assert!(text.contains("servers") && text.contains("downloads"), "{shell}: {text}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    assert!(Command::new(mftctl_bin()).arg("manpages").arg(dir.path()).status().unwrap().success());
+    assert!(Command::new(mftd_bin()).arg("--manpage").arg(dir.path()).status().unwrap().success());
+    let ctl = std::fs::read_to_string(dir.path().join("mftctl.1")).unwrap();
+    assert!(ctl.contains(".TH mftctl"), "{ctl}");
+    let d = std::fs::read_to_string(dir.path().join("mftd.8")).unwrap();
+    assert!(d.contains("rate\\-limit"), "{d}");
+    assert!(dir.path().join("mftctl-get.1").exists());
+}
+
+#[test]
+fn errors_say_what_to_do() {
+    // Port taken by another program: name it.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(mftd_bin())
+        .args(["--ports", &port, "--export"])
+        .arg(dir.path())
+        .arg("--state-dir")
+        .arg(dir.path().join("s"))
+        .arg("--socket")
+        .arg(dir.path().join("sock"))
+        .env("MFTD_CONFIG", "/dev/null")
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(err.contains("already in use by") && err.contains("(pid"), "{err}");
+}
