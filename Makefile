@@ -5,7 +5,7 @@ CARGO ?= cargo
 PREFIX ?= /usr/local
 DESTDIR ?=
 
-.PHONY: all build release test demo clean fmt lint
+.PHONY: all build release test demo bench man clean fmt lint
 
 all: build
 
@@ -22,6 +22,16 @@ test: build
 
 demo: release
 	bash scripts/demo.sh
+
+# Throughput against curl/nginx and aria2c on loopback; installs them if missing.
+bench: release
+	bash scripts/bench.sh
+
+# Man pages generated from the clap definitions.
+man: build
+	mkdir -p target/man
+	target/debug/mftd --manpage target/man
+	target/debug/mftctl manpages target/man
 
 fmt:
 	$(CARGO) fmt --all
