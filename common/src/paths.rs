@@ -43,3 +43,19 @@ pub fn default_socket_path() -> PathBuf {
     }
     std::env::temp_dir().join(format!("mftd-{}", nix::unistd::geteuid())).join("mftd.sock")
 }
+
+/// The socket `mftctl` talks to by default: the daemon default for this
+/// user, or, for a non-root operator whose own daemon is not running, the
+/// system service's `/run/mftd/mftd.sock` (usable by the `mftd` group).
+pub fn client_socket_path() -> PathBuf {
+    let own = default_socket_path();
+    if std::env::var_os("MFTD_SOCKET").is_some() || own.exists() {
+        return own;
+    }
+    let system = PathBuf::from("/run/mftd/mftd.sock");
+    if system.exists() {
+        system
+    } else {
+        own
+    }
+}

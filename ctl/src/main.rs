@@ -176,7 +176,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode, CtlError> {
-    let socket = cli.socket.clone().unwrap_or_else(mftd_common::paths::default_socket_path);
+    let socket = cli.socket.clone().unwrap_or_else(mftd_common::paths::client_socket_path);
     let json = cli.json;
     match cli.cmd {
         Cmd::Get(args) => get(&socket, json, args),

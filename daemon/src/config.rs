@@ -19,7 +19,7 @@ use mftd_common::paths::{default_socket_path, env_dir, project_dirs, system_mode
 use mftd_common::rate::parse_rate;
 
 /// Command-line flags of `mftd`.
-#[derive(Debug, Parser, Default)]
+#[derive(Debug, Parser, Default, Clone)]
 #[command(name = "mftd", version, about = "Multi-server file transfer daemon")]
 pub struct Args {
     /// TOML config file (default: /etc/mftd/mftd.toml as root, else the XDG config dir).
@@ -49,6 +49,10 @@ pub struct Args {
     /// Control socket path.
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Make the control socket usable by this group (mode 0660) so operators
+    /// need no root for mftctl.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
     /// Directory for download manifests and daemon state.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
@@ -99,6 +103,7 @@ pub struct FileConfig {
     pub rate_limit: Option<RateValue>,
     pub status_interval: Option<u64>,
     pub socket: Option<PathBuf>,
+    pub socket_group: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub download_dir: Option<PathBuf>,
     pub max_connections: Option<u32>,
@@ -144,6 +149,7 @@ pub struct Config {
     pub rate_limit: u64,
     pub status_interval: u64,
     pub socket: PathBuf,
+    pub socket_group: Option<String>,
     pub state_dir: PathBuf,
     pub download_dir: PathBuf,
     pub max_connections: u32,
@@ -255,6 +261,7 @@ impl Config {
         origins.insert("rate_limit", from(&args.rate_limit, &file.rate_limit));
         origins.insert("status_interval", from(&args.status_interval, &file.status_interval));
         origins.insert("socket", from(&args.socket, &file.socket));
+        origins.insert("socket_group", from(&args.socket_group, &file.socket_group));
         origins.insert("state_dir", from(&args.state_dir, &file.state_dir));
         origins.insert("download_dir", from(&args.download_dir, &file.download_dir));
         origins.insert("max_connections", from(&args.max_connections, &file.max_connections));
@@ -340,6 +347,7 @@ impl Config {
             rate_limit,
             status_interval: args.status_interval.or(file.status_interval).unwrap_or(0),
             socket,
+            socket_group: args.socket_group.clone().or(file.socket_group),
             state_dir,
             download_dir,
             max_connections,
@@ -375,6 +383,9 @@ impl Config {
             ("checkpoint_bytes", self.checkpoint_bytes.to_string()),
             ("auto_resume", self.auto_resume.to_string()),
         ];
+        if let Some(g) = &self.socket_group {
+            lines.push(("socket_group", format!("{g:?}")));
+        }
         if let Some(m) = self.metrics_listen {
             lines.push(("metrics_listen", format!("{:?}", m.to_string())));
         }

@@ -29,6 +29,8 @@ use crate::Daemon;
 pub struct ControlSocket {
     pub listener: UnixListener,
     path: PathBuf,
+    /// Group whose members may use the socket, if configured.
+    pub group: Option<nix::unistd::Gid>,
 }
 
 impl Drop for ControlSocket {
@@ -39,11 +41,25 @@ impl Drop for ControlSocket {
 
 impl ControlSocket {
     /// Creates the socket at `path`.
-    pub fn bind(path: &Path) -> anyhow::Result<ControlSocket> {
+    pub fn bind(path: &Path, group: Option<&str>) -> anyhow::Result<ControlSocket> {
+        let gid = match group {
+            Some(name) => Some(
+                nix::unistd::Group::from_name(name)
+                    .ok()
+                    .flatten()
+                    .map(|g| g.gid)
+                    .with_context(|| format!("socket group {name:?} does not exist; create it (groupadd {name}) or drop socket_group"))?,
+            ),
+            None => None,
+        };
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() && !dir.exists() {
                 std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+                let mode = if gid.is_some() { 0o750 } else { 0o700 };
+                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode));
+                if gid.is_some() {
+                    let _ = nix::unistd::chown(dir, None, gid);
+                }
             }
         }
         match std::fs::symlink_metadata(path) {
@@ -71,18 +87,24 @@ impl ControlSocket {
         let addr = UnixAddr::new(path).with_context(|| format!("invalid socket path {}", path.display()))?;
         socket::bind(fd.as_raw_fd(), &addr).with_context(|| format!("cannot bind control socket {}", path.display()))?;
         // Restrict before anyone can connect: connect() needs listen().
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        let mode = if gid.is_some() { 0o660 } else { 0o600 };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
             .with_context(|| format!("cannot chmod {}", path.display()))?;
+        if gid.is_some() {
+            nix::unistd::chown(path, None, gid)
+                .with_context(|| format!("cannot give {} to group {}", path.display(), group.unwrap_or("")))?;
+        }
         socket::listen(&fd, socket::Backlog::new(128).unwrap_or(socket::Backlog::MAXCONN))
             .with_context(|| format!("cannot listen on {}", path.display()))?;
         let std_listener = StdUnixListener::from(fd);
         let listener = UnixListener::from_std(std_listener).context("cannot register control socket")?;
-        Ok(ControlSocket { listener, path: path.to_path_buf() })
+        Ok(ControlSocket { listener, path: path.to_path_buf(), group: gid })
     }
 }
 
 /// Accepts control connections until shutdown.
 pub async fn serve(sock: ControlSocket, daemon: Arc<Daemon>) {
+    let group = sock.group;
     loop {
         let accepted = tokio::select! {
             _ = daemon.shutdown.cancelled() => break,
@@ -92,7 +114,7 @@ pub async fn serve(sock: ControlSocket, daemon: Arc<Daemon>) {
             Ok((stream, _)) => {
                 let d = daemon.clone();
                 daemon.tracker.spawn(async move {
-                    if let Err(e) = handle_conn(stream, d).await {
+                    if let Err(e) = handle_conn(stream, d, group).await {
                         debug!(error = %e, "control connection ended");
                     }
                 });
@@ -106,12 +128,22 @@ pub async fn serve(sock: ControlSocket, daemon: Arc<Daemon>) {
     drop(sock);
 }
 
-/// Only root and the daemon's own user may drive it.
-fn peer_allowed(stream: &UnixStream) -> bool {
-    match socket::getsockopt(stream, sockopt::PeerCredentials) {
-        Ok(cred) => cred.uid() == 0 || cred.uid() == nix::unistd::geteuid().as_raw(),
-        Err(_) => false,
+/// Root, the daemon's own user, and members of the socket group may drive
+/// it. The file mode already says so; this is the second lock.
+fn peer_allowed(stream: &UnixStream, group: Option<nix::unistd::Gid>) -> bool {
+    let Ok(cred) = socket::getsockopt(stream, sockopt::PeerCredentials) else { return false };
+    if cred.uid() == 0 || cred.uid() == nix::unistd::geteuid().as_raw() {
+        return true;
     }
+    let Some(g) = group else { return false };
+    if cred.gid() == g.as_raw() {
+        return true;
+    }
+    // Supplementary groups of the peer process.
+    std::fs::read_to_string(format!("/proc/{}/status", cred.pid()))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Groups:")).map(str::to_owned))
+        .is_some_and(|l| l.split_whitespace().skip(1).any(|x| x.parse::<u32>().ok() == Some(g.as_raw())))
 }
 
 /// Reads one line of at most `MAX_LINE` bytes. `Ok(None)` on EOF,
@@ -144,8 +176,8 @@ async fn send<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, resp: &Response) -> i
     w.flush().await
 }
 
-async fn handle_conn(stream: UnixStream, daemon: Arc<Daemon>) -> io::Result<()> {
-    if !peer_allowed(&stream) {
+async fn handle_conn(stream: UnixStream, daemon: Arc<Daemon>, group: Option<nix::unistd::Gid>) -> io::Result<()> {
+    if !peer_allowed(&stream, group) {
         let (_, mut w) = stream.into_split();
         let _ = send(&mut w, &Response::error(ErrorCode::BadRequest, "permission denied: only root or mftd's own user may use this socket")).await;
         return Ok(());

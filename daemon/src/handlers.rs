@@ -20,7 +20,7 @@ pub fn handle(d: &Daemon, req: Request) -> Response {
             Err(e) => listener_error(e),
         },
         Request::ServerAdd { port, rate_limit } => {
-            let rate = rate_limit.unwrap_or(d.config.rate_limit);
+            let rate = rate_limit.unwrap_or(d.config().rate_limit);
             match d.listeners.add(port.unwrap_or(0), rate) {
                 Ok(p) => Response::ok(format!("added listener {p} (rate limit {})", format_rate(rate))),
                 Err(e) => listener_error(e),
@@ -78,14 +78,15 @@ fn listener_error(e: ListenerError) -> Response {
 }
 
 fn status(d: &Daemon) -> Response {
+    let cfg = d.config();
     Response::Status(StatusInfo {
         version: env!("CARGO_PKG_VERSION").to_string(),
         pid: std::process::id(),
         uptime_secs: d.started.elapsed().as_secs(),
-        listen: d.config.listen.to_string(),
-        export_dir: d.config.export.display().to_string(),
-        download_dir: d.config.download_dir.display().to_string(),
-        socket: d.config.socket.display().to_string(),
+        listen: cfg.listen.to_string(),
+        export_dir: cfg.export.display().to_string(),
+        download_dir: cfg.download_dir.display().to_string(),
+        socket: cfg.socket.display().to_string(),
         listeners: d.listeners.list(),
         downloads: d.downloads.all().iter().map(|x| x.info(false)).collect(),
         damaged_manifests: d.downloads.damaged(),

@@ -12,6 +12,7 @@ pub mod identity;
 pub mod jail;
 pub mod listener;
 pub mod metrics;
+pub mod notify;
 pub mod ratelimit;
 pub mod serve;
 pub mod store;
@@ -31,7 +32,8 @@ use serve::ServeContext;
 
 /// Everything the control handlers reach.
 pub struct Daemon {
-    pub config: Config,
+    /// Replaced as a whole on reload (SIGHUP).
+    config: std::sync::RwLock<Config>,
     pub started: Instant,
     pub listeners: Listeners,
     pub downloads: Downloads,
@@ -40,15 +42,86 @@ pub struct Daemon {
     pub tracker: TaskTracker,
 }
 
+impl Daemon {
+    /// The current configuration.
+    pub fn config(&self) -> Config {
+        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// One line for systemd's STATUS= and the logs.
+    pub fn summary(&self) -> String {
+        let ls = self.listeners.list();
+        let running = ls.iter().filter(|l| l.state == mftd_common::control::ListenerState::Running).count();
+        let active = self.downloads.all().iter().filter(|d| !d.state().is_final() && d.state() != mftd_common::control::DownloadState::Paused).count();
+        format!("{running}/{} listeners running, {active} downloads active", ls.len())
+    }
+
+    /// Applies a re-read configuration: listeners are added, removed and
+    /// re-limited to match it; running downloads are not touched. Other
+    /// settings take effect for what starts after the reload.
+    pub fn reload(&self, new: Config) {
+        notify::reloading();
+        let old = self.config();
+        if new.ports.contains(&0) {
+            warn!("reload: port 0 in the config cannot be matched to running listeners; the listener set is left as is");
+        } else {
+            let current = self.listeners.ports();
+            for port in &current {
+                if !new.ports.contains(port) {
+                    match self.listeners.remove(*port) {
+                        Ok(n) => info!(port, closed = n, "reload: listener removed"),
+                        Err(e) => warn!(port, error = %e, "reload: cannot remove listener"),
+                    }
+                }
+            }
+            for port in &new.ports {
+                let limit = new.listener_limits.get(port).copied().unwrap_or(new.rate_limit);
+                if current.contains(port) {
+                    if self.listeners.limit(*port) != Some(limit) {
+                        let _ = self.listeners.set_limit(*port, limit);
+                    }
+                } else {
+                    match self.listeners.add(*port, limit) {
+                        Ok(_) => info!(port, "reload: listener added"),
+                        Err(e) => warn!(port, error = %e, "reload: cannot add listener"),
+                    }
+                }
+            }
+        }
+        for (what, changed) in [
+            ("listen", old.listen != new.listen),
+            ("export", old.export != new.export),
+            ("socket", old.socket != new.socket),
+            ("state_dir", old.state_dir != new.state_dir),
+            ("metrics_listen", old.metrics_listen != new.metrics_listen),
+        ] {
+            if changed {
+                warn!(setting = what, "reload: this setting only changes with a restart");
+            }
+        }
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = new;
+        info!("configuration reloaded");
+        notify::ready(&self.summary());
+    }
+}
+
+/// Re-reads the configuration on SIGHUP.
+pub type Reloader = Box<dyn Fn() -> anyhow::Result<Config> + Send + Sync>;
+
 /// How long shutdown waits for connections and downloads to wind down.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 
 /// Runs the daemon until `shutdown` is cancelled. `ready` is called once
 /// every listener is bound and the control socket accepts connections.
-pub async fn run(config: Config, shutdown: CancellationToken, ready: impl FnOnce(&Daemon)) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    shutdown: CancellationToken,
+    reloader: Option<Reloader>,
+    ready: impl FnOnce(&Daemon),
+) -> anyhow::Result<()> {
     // The control socket first: a second daemon on the same socket must
     // say so, not complain about ports.
-    let sock = control::ControlSocket::bind(&config.socket)?;
+    let sock = control::ControlSocket::bind(&config.socket, config.socket_group.as_deref())?;
 
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("cannot create state directory {}", config.state_dir.display()))?;
@@ -87,7 +160,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, ready: impl FnOnce
     );
     downloads.load(config.auto_resume);
     let daemon = Arc::new(Daemon {
-        config,
+        config: std::sync::RwLock::new(config),
         started: Instant::now(),
         listeners,
         downloads,
@@ -101,6 +174,9 @@ pub async fn run(config: Config, shutdown: CancellationToken, ready: impl FnOnce
         tracker.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(500));
             let mut last_status = Instant::now();
+            let watchdog = notify::watchdog_interval();
+            let mut last_ping = Instant::now();
+            let mut last_summary = String::new();
             loop {
                 tokio::select! {
                     _ = d.shutdown.cancelled() => break,
@@ -108,7 +184,18 @@ pub async fn run(config: Config, shutdown: CancellationToken, ready: impl FnOnce
                 }
                 d.listeners.sample_rates();
                 d.downloads.sample();
-                let every = d.config.status_interval;
+                if let Some(w) = watchdog {
+                    if last_ping.elapsed() >= w {
+                        notify::watchdog();
+                        last_ping = Instant::now();
+                    }
+                }
+                let summary = d.summary();
+                if summary != last_summary {
+                    notify::status(&summary);
+                    last_summary = summary;
+                }
+                let every = d.config().status_interval;
                 if every > 0 && last_status.elapsed() >= Duration::from_secs(every) {
                     last_status = Instant::now();
                     for l in d.listeners.list() {
@@ -122,17 +209,39 @@ pub async fn run(config: Config, shutdown: CancellationToken, ready: impl FnOnce
     if let Some(m) = metrics {
         tracker.spawn(metrics::serve(m, daemon.clone()));
     }
+    if let Some(reload) = reloader {
+        let d = daemon.clone();
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot install the SIGHUP handler")?;
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = d.shutdown.cancelled() => break,
+                    r = hup.recv() => if r.is_none() { break },
+                }
+                info!("SIGHUP: reloading configuration");
+                match reload() {
+                    Ok(c) => d.reload(c),
+                    Err(e) => warn!(error = %format!("{e:#}"), "reload failed; keeping the current configuration"),
+                }
+            }
+        });
+    }
+    let cfg = daemon.config();
     info!(
-        socket = %daemon.config.socket.display(),
-        export = %daemon.config.export.display(),
+        socket = %cfg.socket.display(),
+        export = %cfg.export.display(),
         ports = ?daemon.listeners.ports(),
         "mftd ready"
     );
+    // Listeners are bound and the control socket listens: tell systemd.
+    notify::ready(&daemon.summary());
     ready(&daemon);
     control::serve(sock, daemon.clone()).await;
 
     // One shutdown path for signals and `mftctl shutdown`.
     info!("shutting down");
+    notify::stopping();
     daemon.listeners.stop_all();
     tracker.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {

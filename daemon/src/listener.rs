@@ -210,6 +210,20 @@ impl Listeners {
         Ok(())
     }
 
+    /// Stops a listener and forgets it (reload removed it from the config).
+    pub fn remove(&self, port: u16) -> Result<u64, ListenerError> {
+        let e = self.entries().remove(&port).ok_or(ListenerError::Unknown(port))?;
+        let open = e.shared.stats.connections.load(Ordering::Relaxed);
+        if let Some(t) = e.running {
+            t.cancel();
+        }
+        Ok(open)
+    }
+
+    pub fn limit(&self, port: u16) -> Option<u64> {
+        self.entries().get(&port).map(|e| e.shared.limiter.rate())
+    }
+
     pub fn set_limit(&self, port: u16, rate: u64) -> Result<(), ListenerError> {
         let entries = self.entries();
         let e = entries.get(&port).ok_or(ListenerError::Unknown(port))?;

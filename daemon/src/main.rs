@@ -70,7 +70,9 @@ fn main() -> ExitCode {
             }
             s.cancel();
         });
-        mftd::run(config, shutdown, |_| {}).await
+        let reload_args = args.clone();
+        let reloader: mftd::Reloader = Box::new(move || Config::load(&reload_args));
+        mftd::run(config, shutdown, Some(reloader), |_| {}).await
     });
     // Tasks that ignored the grace period must not hold up the exit.
     rt.shutdown_timeout(std::time::Duration::from_millis(500));
