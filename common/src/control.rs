@@ -99,6 +99,10 @@ pub struct GetRequest {
     /// Do not persist a manifest: a daemon crash then starts over.
     #[serde(default)]
     pub no_resume: bool,
+    /// File with the shared secret for servers that require
+    /// authentication, read by the daemon; its own `auth_secret_file` if absent.
+    #[serde(default)]
+    pub secret_file: Option<String>,
 }
 
 /// A response from `mftd`.

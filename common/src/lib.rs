@@ -33,6 +33,8 @@
 //! | 0x82 | STAT_OK  | server → client | size u64 · mtime_ns i64 · piece_size u32 · count u32 · root \[32\] · count × hash \[32\] |
 //! | 0x83 | DATA     | server → client | id u32 · offset u64 · len u64, then `len` raw bytes outside the frame |
 //! | 0x7f | ERROR    | server → client | id u32 (0: not about a request) · code u16 · message (UTF-8, rest)     |
+//! | 0x84 | CHALLENGE| server → client | nonce \[32\] (only when the listener requires authentication)          |
+//! | 0x04 | AUTH     | client → server | mac \[32\] = HMAC-SHA256(secret, `"mftd-auth-v1"` · nonce)             |
 //!
 //! ## Handshake
 //! The client sends `HELLO` with version 1; the server answers `HELLO` with its
@@ -41,6 +43,19 @@
 //! sent 2`) and closes. A first frame that is not `HELLO`, or a wrong magic,
 //! gets `BAD_HANDSHAKE` and the connection is closed. The server waits at most
 //! 10 s for the `HELLO`.
+//!
+//! ## Authentication (optional)
+//! A listener configured with a shared secret (`auth_secret_file`) answers a
+//! valid `HELLO` with `CHALLENGE` (32 random bytes) instead of `HELLO`. The
+//! client answers `AUTH` with HMAC-SHA256 keyed by the secret over
+//! `"mftd-auth-v1"` followed by the nonce; the server checks it in constant
+//! time and then sends its `HELLO`, or `ERROR AUTH_FAILED` and closes. The
+//! whole exchange must finish within the handshake timeout. A client sets
+//! `FLAG_AUTH` (0x0001) in its `HELLO` flags when it has a secret; a client
+//! without one receiving `CHALLENGE` reports that the server requires
+//! authentication. The secret itself never crosses the wire. Listeners may
+//! also restrict peers to CIDR ranges (`allow`); others get
+//! `ERROR NOT_ALLOWED` and are disconnected before any other byte.
 //!
 //! ## STAT
 //! `STAT "iso/big.iso"` asks for a file's size, modification time
@@ -84,9 +99,14 @@
 //!
 //! ## Limits and timeouts
 //! * frames: 1 MiB body; paths: 4096 bytes; one `READ`: 16 MiB;
-//! * the server waits 10 s for the handshake and closes a connection that sends
-//!   no request for 60 s; each listener serves at most a configured number of
-//!   connections at once (default 64) and answers the next with `BUSY`;
+//! * the server waits 10 s for the handshake (`handshake_timeout`) and closes a
+//!   connection that sends no request for 60 s (`serve_idle_timeout`); each
+//!   listener serves at most `max_connections` connections at once (default
+//!   64) and each client address at most `max_connections_per_ip` across all
+//!   listeners (default 16); the next gets `BUSY`;
+//! * requests are read one at a time: a client that pipelines more than the
+//!   server is answering is held back by TCP flow control, so the server never
+//!   buffers more than one request per connection;
 //! * the client gives up on a connection that delivers no byte for its idle
 //!   timeout (default 10 s) and continues the range elsewhere.
 //!

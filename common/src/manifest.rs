@@ -64,6 +64,9 @@ pub struct Manifest {
     pub connections_per_source: u32,
     #[serde(default)]
     pub give_up_after_secs: Option<u64>,
+    /// Where the shared secret for the sources is read from (never the secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<String>,
     /// Paused by the user: not resumed by `auto_resume`.
     #[serde(default)]
     pub paused: bool,
@@ -204,6 +207,7 @@ mod tests {
             force: false,
             connections_per_source: 2,
             give_up_after_secs: None,
+            secret_file: None,
             paused: false,
             file: Some(ManifestFile { size: 10 << 20, piece_size: 256 << 10, identity: "ab".repeat(32) }),
             verified: vec![(0, 4), (6, 7)],

@@ -29,6 +29,8 @@ pub const HEADER_LEN: usize = 5;
 pub const T_HELLO: u8 = 0x01;
 pub const T_STAT: u8 = 0x02;
 pub const T_READ: u8 = 0x03;
+pub const T_AUTH: u8 = 0x04;
+pub const T_CHALLENGE: u8 = 0x84;
 pub const T_STAT_OK: u8 = 0x82;
 pub const T_DATA: u8 = 0x83;
 pub const T_ERROR: u8 = 0x7f;
@@ -58,6 +60,10 @@ pub enum ErrorCode {
     Busy = 10,
     /// Server-side I/O error.
     Io = 11,
+    /// Authentication required and missing or wrong.
+    AuthFailed = 12,
+    /// The client's address is not in the listener's allow list.
+    NotAllowed = 13,
     /// Any code this build does not know.
     Unknown = 0xffff,
 }
@@ -77,6 +83,8 @@ impl ErrorCode {
             9 => FileChanged,
             10 => Busy,
             11 => Io,
+            12 => AuthFailed,
+            13 => NotAllowed,
             _ => Unknown,
         }
     }
@@ -95,6 +103,8 @@ impl ErrorCode {
             FileChanged => "file_changed",
             Busy => "busy",
             Io => "io",
+            AuthFailed => "auth_failed",
+            NotAllowed => "not_allowed",
             Unknown => "unknown",
         }
     }
@@ -208,6 +218,34 @@ pub enum Frame {
     StatOk(StatInfo),
     Data(DataHeader),
     Error(ErrorFrame),
+    /// Server → client when authentication is required: a fresh nonce.
+    Challenge { nonce: [u8; 32] },
+    /// Client → server: HMAC-SHA256 over the nonce with the shared secret.
+    Auth { mac: [u8; 32] },
+}
+
+/// HELLO flag: the client can answer an authentication challenge.
+pub const FLAG_AUTH: u16 = 0x0001;
+
+/// Answer to a challenge: HMAC-SHA256(secret, "mftd-auth-v1" · nonce).
+pub fn auth_mac(secret: &[u8], nonce: &[u8; 32]) -> [u8; 32] {
+    use hmac::{Hmac, Mac};
+    let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(secret).unwrap_or_else(|_| {
+        // HMAC accepts keys of any length; this branch cannot be taken.
+        <Hmac<sha2::Sha256> as Mac>::new_from_slice(&[0u8; 32]).expect("32-byte key")
+    });
+    m.update(b"mftd-auth-v1");
+    m.update(nonce);
+    m.finalize().into_bytes().into()
+}
+
+/// Checks an answer in constant time.
+pub fn auth_ok(secret: &[u8], nonce: &[u8; 32], mac: &[u8; 32]) -> bool {
+    use hmac::{Hmac, Mac};
+    let Ok(mut m) = <Hmac<sha2::Sha256> as Mac>::new_from_slice(secret) else { return false };
+    m.update(b"mftd-auth-v1");
+    m.update(nonce);
+    m.verify_slice(mac).is_ok()
 }
 
 /// Why bytes from a peer could not be turned into a frame.
@@ -265,6 +303,14 @@ impl Frame {
                 body.extend_from_slice(&d.offset.to_be_bytes());
                 body.extend_from_slice(&d.len.to_be_bytes());
                 T_DATA
+            }
+            Frame::Challenge { nonce } => {
+                body.extend_from_slice(nonce);
+                T_CHALLENGE
+            }
+            Frame::Auth { mac } => {
+                body.extend_from_slice(mac);
+                T_AUTH
             }
             Frame::Error(e) => {
                 body.extend_from_slice(&e.id.to_be_bytes());
@@ -336,6 +382,16 @@ impl Frame {
                 c.end()?;
                 Frame::Data(DataHeader { id, offset, len })
             }
+            T_CHALLENGE => {
+                let nonce = c.array::<32>()?;
+                c.end()?;
+                Frame::Challenge { nonce }
+            }
+            T_AUTH => {
+                let mac = c.array::<32>()?;
+                c.end()?;
+                Frame::Auth { mac }
+            }
             T_ERROR => {
                 let id = c.u32()?;
                 let code = ErrorCode::from_u16(c.u16()?);
@@ -362,7 +418,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ProtoE
     if len > MAX_FRAME {
         return Err(ProtoError::TooLarge(len));
     }
-    if !matches!(kind, T_HELLO | T_STAT | T_READ | T_STAT_OK | T_DATA | T_ERROR) {
+    if !matches!(kind, T_HELLO | T_STAT | T_READ | T_AUTH | T_STAT_OK | T_DATA | T_ERROR | T_CHALLENGE) {
         return Err(ProtoError::UnknownType(kind));
     }
     let mut body = vec![0u8; len as usize];
@@ -381,6 +437,8 @@ fn kind_name(kind: u8) -> &'static str {
         T_HELLO => "HELLO",
         T_STAT => "STAT",
         T_READ => "READ",
+        T_AUTH => "AUTH",
+        T_CHALLENGE => "CHALLENGE",
         T_STAT_OK => "STAT_OK",
         T_DATA => "DATA",
         T_ERROR => "ERROR",
@@ -485,6 +543,8 @@ mod tests {
             roundtrip(Frame::StatOk(StatInfo { size, mtime_ns: 1_700_000_000_000_000_000, identity: ident(size) }));
         }
         roundtrip(Frame::Data(DataHeader { id: 1, offset: 2, len: 3 }));
+        roundtrip(Frame::Challenge { nonce: [7; 32] });
+        roundtrip(Frame::Auth { mac: [9; 32] });
         roundtrip(Frame::Error(ErrorFrame { id: 0, code: ErrorCode::NotFound, message: "no such file".into() }));
     }
 
@@ -496,6 +556,15 @@ mod tests {
         // 1 TiB: the common "huge" case must fit easily.
         let ps = piece_size_for(1 << 40);
         assert!(piece_count_for(1 << 40, ps) * 32 + 56 <= MAX_FRAME as u64);
+    }
+
+    #[test]
+    fn auth_mac_checks() {
+        let n = [3u8; 32];
+        let mac = auth_mac(b"s3cret", &n);
+        assert!(auth_ok(b"s3cret", &n, &mac));
+        assert!(!auth_ok(b"other", &n, &mac));
+        assert!(!auth_ok(b"s3cret", &[4u8; 32], &mac));
     }
 
     #[test]

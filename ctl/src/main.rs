@@ -137,6 +137,10 @@ struct GetArgs {
     /// by default the download waits as long as it takes.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     give_up_after: Option<u64>,
+    /// File with the shared secret for servers that require authentication
+    /// (read by mftd; default: mftd's own auth_secret_file).
+    #[arg(long, value_name = "FILE")]
+    secret_file: Option<PathBuf>,
 }
 
 /// `90`, `90s`, `10m`, `2h` → seconds.
@@ -300,6 +304,13 @@ fn get(socket: &std::path::Path, json: bool, args: GetArgs) -> Result<ExitCode, 
         connections_per_source: args.connections_per_server,
         give_up_after_secs: args.give_up_after,
         no_resume: args.no_resume,
+        secret_file: match &args.secret_file {
+            Some(f) if f.is_relative() => Some(
+                std::env::current_dir().map_err(|e| CtlError::Usage(format!("cannot resolve {}: {e}", f.display())))?.join(f).display().to_string(),
+            ),
+            Some(f) => Some(f.display().to_string()),
+            None => None,
+        },
     }))?;
     let (id, destination, resumed) = match resp {
         Response::Accepted { id, ref destination, resumed } => (id, destination.clone(), resumed),

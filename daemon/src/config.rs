@@ -62,6 +62,22 @@ pub struct Args {
     /// Most simultaneous connections per listener.
     #[arg(long, value_name = "N")]
     pub max_connections: Option<u32>,
+    /// Most simultaneous connections from one client address, all listeners together.
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_ip: Option<u32>,
+    /// Seconds a new transfer connection has to complete its handshake.
+    #[arg(long, value_name = "SECS")]
+    pub handshake_timeout: Option<u64>,
+    /// Seconds a transfer connection may stay silent before it is closed.
+    #[arg(long, value_name = "SECS")]
+    pub serve_idle_timeout: Option<u64>,
+    /// File holding the shared secret that clients must prove (listeners)
+    /// and that downloads prove to servers. Never pass secrets on the command line.
+    #[arg(long, value_name = "FILE")]
+    pub auth_secret_file: Option<PathBuf>,
+    /// Client address ranges the listeners accept (CIDR, comma-separated); default all.
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
+    pub allow: Option<Vec<String>>,
     /// TCP connections a download opens to each source.
     #[arg(long, value_name = "N")]
     pub connections_per_server: Option<u32>,
@@ -107,6 +123,11 @@ pub struct FileConfig {
     pub state_dir: Option<PathBuf>,
     pub download_dir: Option<PathBuf>,
     pub max_connections: Option<u32>,
+    pub max_connections_per_ip: Option<u32>,
+    pub handshake_timeout: Option<u64>,
+    pub serve_idle_timeout: Option<u64>,
+    pub auth_secret_file: Option<PathBuf>,
+    pub allow: Option<Vec<String>>,
     pub connections_per_server: Option<u32>,
     pub idle_timeout: Option<u64>,
     pub checkpoint_interval: Option<f64>,
@@ -121,6 +142,8 @@ pub struct FileConfig {
 #[serde(deny_unknown_fields)]
 pub struct ListenerFileConfig {
     pub rate_limit: Option<RateValue>,
+    /// CIDR ranges this listener accepts, over the global `allow`.
+    pub allow: Option<Vec<String>>,
 }
 
 /// A rate in the config: a number of bytes/s or a string like `"20M"`.
@@ -153,6 +176,13 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub download_dir: PathBuf,
     pub max_connections: u32,
+    pub max_connections_per_ip: u32,
+    pub handshake_timeout: Duration,
+    pub serve_idle_timeout: Duration,
+    pub auth_secret_file: Option<PathBuf>,
+    /// Address ranges listeners accept; `None` = everyone.
+    pub allow: Option<Vec<ipnet::IpNet>>,
+    pub listener_allow: std::collections::BTreeMap<u16, Vec<ipnet::IpNet>>,
     pub connections_per_server: u32,
     pub idle_timeout: Duration,
     pub checkpoint_interval: Duration,
@@ -265,6 +295,11 @@ impl Config {
         origins.insert("state_dir", from(&args.state_dir, &file.state_dir));
         origins.insert("download_dir", from(&args.download_dir, &file.download_dir));
         origins.insert("max_connections", from(&args.max_connections, &file.max_connections));
+        origins.insert("max_connections_per_ip", from(&args.max_connections_per_ip, &file.max_connections_per_ip));
+        origins.insert("handshake_timeout", from(&args.handshake_timeout, &file.handshake_timeout));
+        origins.insert("serve_idle_timeout", from(&args.serve_idle_timeout, &file.serve_idle_timeout));
+        origins.insert("auth_secret_file", from(&args.auth_secret_file, &file.auth_secret_file));
+        origins.insert("allow", from(&args.allow, &file.allow));
         origins.insert("connections_per_server", from(&args.connections_per_server, &file.connections_per_server));
         origins.insert("idle_timeout", from(&args.idle_timeout, &file.idle_timeout));
         origins.insert("checkpoint_interval", from(&args.checkpoint_interval, &file.checkpoint_interval));
@@ -315,12 +350,26 @@ impl Config {
             bail!("connections_per_server must be between 1 and 16");
         }
         let mut listener_limits = std::collections::BTreeMap::new();
+        let mut listener_allow = std::collections::BTreeMap::new();
         for (port, lc) in file.listener.unwrap_or_default() {
             let p: u16 = port.parse().ok().filter(|p| *p > 0).with_context(|| format!("[listener.{port}]: not a port number"))?;
             if let Some(r) = &lc.rate_limit {
                 listener_limits.insert(p, r.parse().with_context(|| format!("invalid rate_limit in [listener.{port}]"))?);
             }
+            if let Some(a) = &lc.allow {
+                listener_allow.insert(p, parse_cidrs(a).with_context(|| format!("invalid allow in [listener.{port}]"))?);
+            }
         }
+        let allow = match args.allow.as_ref().or(file.allow.as_ref()) {
+            Some(a) => Some(parse_cidrs(a).context("invalid allow list")?),
+            None => None,
+        };
+        let max_connections_per_ip = args.max_connections_per_ip.or(file.max_connections_per_ip).unwrap_or(16);
+        if max_connections_per_ip == 0 {
+            bail!("max_connections_per_ip must be at least 1");
+        }
+        let handshake_timeout = args.handshake_timeout.or(file.handshake_timeout).unwrap_or(10).max(1);
+        let serve_idle_timeout = args.serve_idle_timeout.or(file.serve_idle_timeout).unwrap_or(60).max(1);
         let cp_secs = args.checkpoint_interval.or(file.checkpoint_interval).unwrap_or(1.0);
         if !(0.01..=3600.0).contains(&cp_secs) {
             bail!("checkpoint_interval must be between 0.01 and 3600 seconds");
@@ -351,6 +400,12 @@ impl Config {
             state_dir,
             download_dir,
             max_connections,
+            max_connections_per_ip,
+            handshake_timeout: Duration::from_secs(handshake_timeout),
+            serve_idle_timeout: Duration::from_secs(serve_idle_timeout),
+            auth_secret_file: args.auth_secret_file.clone().or(file.auth_secret_file).map(abs),
+            allow,
+            listener_allow,
             connections_per_server,
             idle_timeout: Duration::from_secs(idle),
             listener_limits,
@@ -383,6 +438,15 @@ impl Config {
             ("checkpoint_bytes", self.checkpoint_bytes.to_string()),
             ("auto_resume", self.auto_resume.to_string()),
         ];
+        lines.push(("max_connections_per_ip", self.max_connections_per_ip.to_string()));
+        lines.push(("handshake_timeout", self.handshake_timeout.as_secs().to_string()));
+        lines.push(("serve_idle_timeout", self.serve_idle_timeout.as_secs().to_string()));
+        if let Some(f) = &self.auth_secret_file {
+            lines.push(("auth_secret_file", q(f)));
+        }
+        if let Some(a) = &self.allow {
+            lines.push(("allow", format!("{:?}", a.iter().map(|n| n.to_string()).collect::<Vec<_>>())));
+        }
         if let Some(g) = &self.socket_group {
             lines.push(("socket_group", format!("{g:?}")));
         }
@@ -401,6 +465,37 @@ impl Config {
         }
         out
     }
+}
+
+/// `10.0.0.0/8`, `::1/128`, or a bare address (a single host).
+pub fn parse_cidrs(list: &[String]) -> anyhow::Result<Vec<ipnet::IpNet>> {
+    list.iter()
+        .map(|s| {
+            let s = s.trim();
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| anyhow::anyhow!("{s:?} is not an address range like 10.0.0.0/8"))
+        })
+        .collect()
+}
+
+/// Reads a shared secret: the file's bytes without surrounding whitespace;
+/// 1 to 4096 bytes. The secret is never logged.
+pub fn read_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read secret file {}", path.display()))?;
+    if meta.len() > 4096 {
+        bail!("secret file {} is larger than 4096 bytes", path.display());
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(file = %path.display(), "secret file is readable by group or others; chmod 600 it");
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read secret file {}", path.display()))?;
+    let trimmed = bytes.trim_ascii().to_vec();
+    if trimmed.is_empty() {
+        bail!("secret file {} is empty", path.display());
+    }
+    Ok(trimmed)
 }
 
 fn parse_file(text: &str, path: &Path) -> anyhow::Result<FileConfig> {

@@ -86,6 +86,7 @@ impl Daemon {
                         Err(e) => warn!(port, error = %e, "reload: cannot add listener"),
                     }
                 }
+                self.listeners.set_allow(*port, new.listener_allow.get(port).cloned());
             }
         }
         for (what, changed) in [
@@ -133,7 +134,23 @@ pub async fn run(
     }
     let jail = jail::Jail::new(&config.export)
         .with_context(|| format!("cannot open export directory {}", config.export.display()))?;
-    let ctx = Arc::new(ServeContext { jail, identities: Default::default() });
+    let secret = match &config.auth_secret_file {
+        Some(p) => Some(config::read_secret(p)?),
+        None => None,
+    };
+    if secret.is_some() {
+        info!("transfer listeners require authentication");
+    }
+    let ctx = Arc::new(ServeContext {
+        jail,
+        identities: Default::default(),
+        secret: secret.clone(),
+        handshake_timeout: config.handshake_timeout,
+        idle_timeout: config.serve_idle_timeout,
+        max_per_ip: config.max_connections_per_ip,
+        per_ip: Default::default(),
+        allow: config.allow.clone(),
+    });
 
     let metrics = match config.metrics_listen {
         Some(a) => Some(metrics::bind(a).await?),
@@ -142,7 +159,10 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let listeners = Listeners::new(config.listen, config.max_connections, ctx, shutdown.child_token(), tracker.clone());
     for &port in &config.ports {
-        listeners.add(port, config.listener_limits.get(&port).copied().unwrap_or(config.rate_limit))?;
+        let p = listeners.add(port, config.listener_limits.get(&port).copied().unwrap_or(config.rate_limit))?;
+        if let Some(a) = config.listener_allow.get(&port) {
+            listeners.set_allow(p, Some(a.clone()));
+        }
     }
     let store = store::Store::new(&config.state_dir)
         .with_context(|| format!("cannot create {}", config.state_dir.join("downloads").display()))?;
@@ -153,6 +173,7 @@ pub async fn run(
             idle_timeout: config.idle_timeout,
             checkpoint_interval: config.checkpoint_interval,
             checkpoint_bytes: config.checkpoint_bytes,
+            secret_file: config.auth_secret_file.clone(),
         },
         shutdown.child_token(),
         tracker.clone(),

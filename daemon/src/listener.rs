@@ -43,6 +43,8 @@ pub struct ListenerShared {
     pub port: u16,
     pub stats: ListenerStats,
     pub limiter: RateLimiter,
+    /// Address ranges this listener accepts, over the global list.
+    pub allow: std::sync::RwLock<Option<Vec<ipnet::IpNet>>>,
 }
 
 struct Entry {
@@ -161,6 +163,7 @@ impl Listeners {
             port,
             stats: ListenerStats::default(),
             limiter: RateLimiter::new(rate_limit),
+            allow: std::sync::RwLock::new(None),
         });
         let token = self.spawn(listener, shared.clone());
         self.entries().insert(port, Entry { shared, addr, running: Some(token) });
@@ -218,6 +221,13 @@ impl Listeners {
             t.cancel();
         }
         Ok(open)
+    }
+
+    /// Sets (or clears) the address ranges one listener accepts.
+    pub fn set_allow(&self, port: u16, allow: Option<Vec<ipnet::IpNet>>) {
+        if let Some(e) = self.entries().get(&port) {
+            *e.shared.allow.write().unwrap_or_else(|p| p.into_inner()) = allow;
+        }
     }
 
     pub fn limit(&self, port: u16) -> Option<u64> {
@@ -296,7 +306,7 @@ async fn accept_loop(
             _ = token.cancelled() => break,
             r = listener.accept() => r,
         };
-        let (mut stream, peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(x) => {
                 backoff = Duration::from_millis(10);
                 x
@@ -313,16 +323,27 @@ async fn accept_loop(
             }
         };
         shared.stats.total_connections.fetch_add(1, Ordering::Relaxed);
+        let ip = peer.ip().to_canonical();
+        let allowed = {
+            let own = shared.allow.read().unwrap_or_else(|p| p.into_inner());
+            match own.as_ref().or(ctx.allow.as_ref()) {
+                Some(nets) => nets.iter().any(|n| n.contains(&ip)),
+                None => true,
+            }
+        };
+        if !allowed {
+            warn!(%peer, "address not in the allow list; refusing");
+            refuse(&tracker, stream, ErrorCode::NotAllowed, "your address is not allowed on this listener");
+            continue;
+        }
+        let Some(ip_slot) = ctx.enter(ip) else {
+            warn!(%peer, "per-address connection cap reached; refusing");
+            refuse(&tracker, stream, ErrorCode::Busy, "too many connections from your address");
+            continue;
+        };
         let Ok(permit) = sem.clone().try_acquire_owned() else {
             warn!(%peer, "connection cap reached; refusing");
-            tracker.spawn(async move {
-                let frame = Frame::Error(ErrorFrame {
-                    id: 0,
-                    code: ErrorCode::Busy,
-                    message: "listener is at its connection cap; try another server".into(),
-                });
-                let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_all(&frame.encode())).await;
-            });
+            refuse(&tracker, stream, ErrorCode::Busy, "listener is at its connection cap; try another server");
             continue;
         };
         let shared2 = shared.clone();
@@ -335,8 +356,17 @@ async fn accept_loop(
                 serve_connection(stream, ctx2, shared2.clone(), conn_token).await;
                 shared2.stats.connections.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
+                drop(ip_slot);
             }
             .instrument(span),
         );
     }
+}
+
+/// Sends one ERROR frame (bounded to 2 s) and closes.
+fn refuse(tracker: &TaskTracker, mut stream: tokio::net::TcpStream, code: ErrorCode, message: &str) {
+    let frame = Frame::Error(ErrorFrame { id: 0, code, message: message.into() });
+    tracker.spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_all(&frame.encode())).await;
+    });
 }

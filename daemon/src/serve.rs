@@ -26,10 +26,6 @@ use crate::identity::{mtime_ns, IdentityCache};
 use crate::jail::{Jail, JailError};
 use crate::listener::ListenerShared;
 
-/// How long a new connection may take to send its `HELLO`.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a connection may sit without sending a request.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long writing one frame (not file data) may take.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -38,6 +34,48 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct ServeContext {
     pub jail: Jail,
     pub identities: IdentityCache,
+    /// Shared secret clients must prove, if authentication is on.
+    pub secret: Option<Vec<u8>>,
+    /// How long a new connection may take to complete the handshake.
+    pub handshake_timeout: Duration,
+    /// How long a connection may sit without sending a request.
+    pub idle_timeout: Duration,
+    /// Connections per client address over all listeners.
+    pub max_per_ip: u32,
+    pub per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>,
+    /// Address ranges accepted when a listener has no list of its own.
+    pub allow: Option<Vec<ipnet::IpNet>>,
+}
+
+impl ServeContext {
+    /// Counts a connection from `ip`; `None` if it is over the cap.
+    pub fn enter(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<IpSlot> {
+        let mut m = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= self.max_per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot { ctx: self.clone(), ip })
+    }
+}
+
+/// One counted connection from an address; released on drop.
+pub struct IpSlot {
+    ctx: Arc<ServeContext>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut m = self.ctx.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,10 +130,11 @@ async fn run(
     listener: &ListenerShared,
     token: &CancellationToken,
 ) -> Result<(), ConnError> {
-    // Handshake.
-    let hello = match timeout(HANDSHAKE_TIMEOUT, read_frame(stream)).await {
+    // Handshake, authentication included, within one deadline.
+    let deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
+    let hello = match tokio::time::timeout_at(deadline, read_frame(stream)).await {
         Err(_) => {
-            let _ = send_error(stream, 0, ErrorCode::BadHandshake, "no HELLO within 10 s").await;
+            let _ = send_error(stream, 0, ErrorCode::BadHandshake, "no HELLO within the handshake timeout").await;
             return Err(ConnError::Timeout);
         }
         Ok(r) => r,
@@ -106,6 +145,19 @@ async fn run(
                 let msg = format!("server speaks mftd transfer protocol {VERSION}, client sent {version}");
                 send_error(stream, 0, ErrorCode::VersionMismatch, msg.clone()).await?;
                 return Err(ConnError::Closed(msg));
+            }
+            if let Some(secret) = &ctx.secret {
+                let nonce: [u8; 32] = rand::random();
+                write_frame(stream, &Frame::Challenge { nonce }).await?;
+                let answer = match tokio::time::timeout_at(deadline, read_frame(stream)).await {
+                    Err(_) => None,
+                    Ok(Ok(Frame::Auth { mac })) => Some(mac),
+                    Ok(_) => None,
+                };
+                if !answer.is_some_and(|mac| mftd_common::proto::auth_ok(secret, &nonce, &mac)) {
+                    let _ = send_error(stream, 0, ErrorCode::AuthFailed, "authentication failed: wrong or missing shared secret").await;
+                    return Err(ConnError::Closed("authentication failed".into()));
+                }
             }
             write_frame(stream, &Frame::Hello { magic: MAGIC, version: VERSION, flags: 0 }).await?;
         }
@@ -118,7 +170,7 @@ async fn run(
 
     let mut open: Option<OpenFile> = None;
     loop {
-        let frame = match timeout(IDLE_TIMEOUT, read_frame(stream)).await {
+        let frame = match timeout(ctx.idle_timeout, read_frame(stream)).await {
             Err(_) => return Err(ConnError::Timeout),
             Ok(Err(ProtoError::Closed)) => return Ok(()),
             Ok(Err(e @ (ProtoError::Malformed { .. } | ProtoError::UnknownType(_) | ProtoError::TooLarge(_)))) => {
@@ -136,6 +188,8 @@ async fn run(
                     Frame::Hello { .. } => "HELLO",
                     Frame::StatOk(_) => "STAT_OK",
                     Frame::Data(_) => "DATA",
+                    Frame::Challenge { .. } => "CHALLENGE",
+                    Frame::Auth { .. } => "AUTH",
                     _ => "ERROR",
                 };
                 send_error(stream, 0, ErrorCode::BadFrame, format!("unexpected {name} frame from client")).await?;

@@ -160,6 +160,7 @@ mod tests {
             force: false,
             connections_per_source: 1,
             give_up_after_secs: None,
+            secret_file: None,
             paused: false,
             file: None,
             verified: vec![],

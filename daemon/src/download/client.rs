@@ -49,6 +49,8 @@ impl ClientError {
                     | ErrorCode::BadPath
                     | ErrorCode::NotRegular
                     | ErrorCode::VersionMismatch
+                    | ErrorCode::AuthFailed
+                    | ErrorCode::NotAllowed
             ),
             ClientError::Protocol(_) => true,
             _ => false,
@@ -74,7 +76,7 @@ pub struct Conn {
 
 impl Conn {
     /// Connects and completes the handshake.
-    pub async fn connect(addr: &str, idle: Duration) -> Result<Conn, ClientError> {
+    pub async fn connect(addr: &str, idle: Duration, secret: Option<&[u8]>) -> Result<Conn, ClientError> {
         let stream = match timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             Err(_) => return Err(ClientError::ConnectTimeout),
             Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => return Err(ClientError::Refused),
@@ -86,8 +88,20 @@ impl Conn {
         };
         let _ = stream.set_nodelay(true);
         let mut c = Conn { stream, idle, next_id: 1 };
-        c.send(&Frame::Hello { magic: MAGIC, version: VERSION, flags: 0 }).await?;
-        match c.recv(idle).await? {
+        let flags = if secret.is_some() { mftd_common::proto::FLAG_AUTH } else { 0 };
+        c.send(&Frame::Hello { magic: MAGIC, version: VERSION, flags }).await?;
+        let mut answer = c.recv(idle).await?;
+        if let Frame::Challenge { nonce } = answer {
+            let Some(secret) = secret else {
+                return Err(ClientError::Server {
+                    code: ErrorCode::AuthFailed,
+                    message: "the server requires authentication; set auth_secret_file (or get --secret-file)".into(),
+                });
+            };
+            c.send(&Frame::Auth { mac: mftd_common::proto::auth_mac(secret, &nonce) }).await?;
+            answer = c.recv(idle).await?;
+        }
+        match answer {
             Frame::Hello { magic, version, .. } if magic == MAGIC && version == VERSION => Ok(c),
             Frame::Hello { version, .. } => Err(ClientError::Protocol(format!(
                 "server speaks mftd transfer protocol {version}, this client {VERSION}"

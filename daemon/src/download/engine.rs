@@ -707,7 +707,7 @@ async fn worker(eng: Arc<Engine>, src: SourceId) {
 /// One connection: connect, STAT, elect, fetch until it ends.
 async fn session(eng: &Arc<Engine>, src: SourceId, addr: &str, backoff: &mut Backoff) -> WorkerEnd {
     let idle = eng.dl.idle_timeout;
-    let mut conn = match Conn::connect(addr, idle).await {
+    let mut conn = match Conn::connect(addr, idle, eng.dl.secret.as_deref().map(|s| s.as_slice())).await {
         Ok(c) => c,
         Err(e) if e.is_permanent() => return WorkerEnd::Dead(SourceState::Failed, e.to_string()),
         Err(e) => return WorkerEnd::Retry(e.to_string()),

@@ -34,6 +34,8 @@ pub struct DownloadDefaults {
     pub checkpoint_interval: Duration,
     /// ...and after at most this many new bytes.
     pub checkpoint_bytes: u64,
+    /// The daemon's own secret file, used when a `get` names none.
+    pub secret_file: Option<PathBuf>,
 }
 
 /// Why a download's run was stopped from outside.
@@ -95,6 +97,9 @@ pub struct Download {
     pub checkpoint_bytes: u64,
     /// Manifests are written for this download (`--no-resume` turns it off).
     pub store: Option<Store>,
+    /// Shared secret for sources that require authentication.
+    pub secret: Option<Arc<Vec<u8>>>,
+    pub secret_file: Option<PathBuf>,
     pub token: CancellationToken,
     /// Progress to continue from, taken by the engine when it starts.
     pub resume: Mutex<Option<Manifest>>,
@@ -161,6 +166,7 @@ impl Download {
             force: self.force,
             connections_per_source: self.connections_per_source,
             give_up_after_secs: self.give_up_after.map(|d| d.as_secs()),
+            secret_file: self.secret_file.as_ref().map(|p| p.display().to_string()),
             paused: false,
             file: None,
             verified: Vec::new(),
@@ -286,6 +292,7 @@ struct Spec {
     give_up_after: Option<Duration>,
     persist: bool,
     resume: Option<Manifest>,
+    secret_file: Option<PathBuf>,
 }
 
 fn new_progress(sources: &[String], state: DownloadState) -> Progress {
@@ -354,7 +361,14 @@ impl Downloads {
             .collect()
     }
 
-    fn build(&self, spec: Spec, state: DownloadState) -> Arc<Download> {
+    fn build(&self, spec: Spec, state: DownloadState) -> Result<Arc<Download>, Rejected> {
+        let secret_file = spec.secret_file.clone().or_else(|| self.defaults.secret_file.clone());
+        let secret = match &secret_file {
+            Some(p) => Some(Arc::new(
+                crate::config::read_secret(p).map_err(|e| Rejected(ErrorCode::InvalidArgument, format!("{e:#}")))?,
+            )),
+            None => None,
+        };
         let (state_tx, _) = watch::channel(state);
         let mut progress = new_progress(&spec.sources, state);
         if let Some(f) = spec.resume.as_ref().and_then(|m| m.file.as_ref()) {
@@ -369,7 +383,7 @@ impl Downloads {
             let partial: u64 = m.received.iter().map(|r| r.len()).sum();
             progress.bytes_done = verified + partial;
         }
-        Arc::new(Download {
+        Ok(Arc::new(Download {
             id: spec.id,
             remote_path: spec.remote_path,
             destination: spec.destination,
@@ -381,13 +395,15 @@ impl Downloads {
             checkpoint_interval: self.defaults.checkpoint_interval,
             checkpoint_bytes: self.defaults.checkpoint_bytes,
             store: spec.persist.then(|| self.store.clone()),
+            secret,
+            secret_file,
             token: self.parent.child_token(),
             resume: Mutex::new(spec.resume),
             stop: Mutex::new(None),
             started: Instant::now(),
             progress: Mutex::new(progress),
             state_tx,
-        })
+        }))
     }
 
     fn spawn(&self, dl: Arc<Download>) {
@@ -406,6 +422,7 @@ impl Downloads {
             connections_per_source: m.connections_per_source.clamp(1, 16),
             give_up_after: m.give_up_after_secs.map(Duration::from_secs),
             persist: true,
+            secret_file: m.secret_file.as_ref().map(PathBuf::from),
             resume: Some(m),
         }
     }
@@ -432,14 +449,18 @@ impl Downloads {
                 continue;
             }
             let spec = Self::spec_from(m);
-            if auto_resume && !paused {
-                info!(id = spec.id, "resuming download after restart");
-                let dl = self.build(spec, DownloadState::Starting);
-                self.spawn(dl);
-            } else {
-                info!(id = spec.id, "download loaded as paused; `mftctl get --resume` continues it");
-                let dl = self.build(spec, DownloadState::Paused);
-                self.map().insert(dl.id, dl);
+            let id = spec.id;
+            let state = if auto_resume && !paused { DownloadState::Starting } else { DownloadState::Paused };
+            match self.build(spec, state) {
+                Ok(dl) if state == DownloadState::Starting => {
+                    info!(id, "resuming download after restart");
+                    self.spawn(dl);
+                }
+                Ok(dl) => {
+                    info!(id, "download loaded as paused; `mftctl get --resume` continues it");
+                    self.map().insert(dl.id, dl);
+                }
+                Err(e) => warn!(id, error = %e.1, "cannot load download"),
             }
         }
         self.next_id.fetch_max(max + 1, Ordering::Relaxed);
@@ -517,8 +538,9 @@ impl Downloads {
             give_up_after: req.give_up_after_secs.map(Duration::from_secs),
             persist: !req.no_resume,
             resume: None,
+            secret_file: req.secret_file.as_ref().map(PathBuf::from),
         };
-        let dl = self.build(spec, DownloadState::Starting);
+        let dl = self.build(spec, DownloadState::Starting)?;
         if let Some(store) = &dl.store {
             // The manifest exists before the first byte is written.
             store.save(&dl.base_manifest()).map_err(|e| {
@@ -580,7 +602,7 @@ impl Downloads {
         }
         let mut spec = Self::spec_from(m);
         spec.id = id;
-        let dl = self.build(spec, DownloadState::Starting);
+        let dl = self.build(spec, DownloadState::Starting)?;
         self.spawn(dl.clone());
         Ok(dl)
     }

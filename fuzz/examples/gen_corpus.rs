@@ -1,0 +1,162 @@
+//! Regenerates the committed seed corpus under `fuzz/corpus/` from real
+//! values of the `mftd-common` types. Run from the repository root:
+//!
+//!     cargo run --manifest-path fuzz/Cargo.toml --example gen_corpus
+//!
+//! Seeds are small on purpose; the fuzzer grows its own working copy.
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use mftd_common::control::{GetRequest, Request};
+use mftd_common::manifest::{Manifest, ManifestFile, FORMAT, VERSION as MANIFEST_VERSION};
+use mftd_common::proto::{
+    piece_count_for, piece_size_for, DataHeader, ErrorCode, ErrorFrame, Frame, Identity, ReadReq, StatInfo,
+    HEADER_LEN, MAGIC, VERSION,
+};
+use mftd_common::range::Range;
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) {
+    fs::write(dir.join(name), bytes).unwrap();
+}
+
+fn ident(size: u64) -> Identity {
+    let ps = piece_size_for(size);
+    let n = piece_count_for(size, ps) as usize;
+    let hashes = (0..n as u64).map(piece_hash).collect();
+    Identity::from_hashes(size, ps, hashes)
+}
+
+// Any 32 bytes do as a piece hash (the root is computed from them).
+fn piece_hash(i: u64) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    for (k, b) in out.iter_mut().enumerate() {
+        *b = (i as u8).wrapping_mul(31).wrapping_add(k as u8 * 7);
+    }
+    out
+}
+
+fn frames() -> Vec<(&'static str, Frame)> {
+    vec![
+        ("hello", Frame::Hello { magic: MAGIC, version: VERSION, flags: 0 }),
+        ("stat", Frame::Stat { path: "iso/big.iso".into() }),
+        (
+            "read",
+            Frame::Read(ReadReq { id: 7, offset: 1 << 20, len: 512 << 10, size: 1 << 30, mtime_ns: -5, path: "a/b".into() }),
+        ),
+        ("stat_ok_empty", Frame::StatOk(StatInfo { size: 0, mtime_ns: 1_700_000_000_000_000_000, identity: ident(0) })),
+        ("stat_ok_1piece", Frame::StatOk(StatInfo { size: 1000, mtime_ns: 1, identity: ident(1000) })),
+        (
+            "stat_ok_2pieces",
+            Frame::StatOk(StatInfo { size: (256 << 10) + 1, mtime_ns: 2, identity: ident((256 << 10) + 1) }),
+        ),
+        ("data", Frame::Data(DataHeader { id: 1, offset: 2, len: 3 })),
+        ("error", Frame::Error(ErrorFrame { id: 0, code: ErrorCode::NotFound, message: "no such file".into() })),
+    ]
+}
+
+fn requests() -> Vec<(&'static str, Request)> {
+    vec![
+        ("hello", Request::Hello { protocol: 1, client: "mftctl 0.1.0".into() }),
+        ("status", Request::Status),
+        ("servers_list", Request::ServersList),
+        ("server_stop", Request::ServerStop { port: 5003 }),
+        ("server_start", Request::ServerStart { port: 5003 }),
+        ("server_add", Request::ServerAdd { port: Some(5004), rate_limit: Some(1 << 20) }),
+        ("server_limit", Request::ServerLimit { port: 5001, rate_limit: 0 }),
+        (
+            "get_full",
+            Request::Get(GetRequest {
+                remote_path: "iso/big.iso".into(),
+                sources: vec!["127.0.0.1:5001".into(), "[::1]:5002".into()],
+                output_dir: Some("/tmp".into()),
+                force: true,
+                connections_per_source: Some(4),
+                give_up_after_secs: Some(30),
+                no_resume: false,
+            }),
+        ),
+        ("downloads_list", Request::DownloadsList),
+        ("download_show", Request::DownloadShow { id: 1 }),
+        ("download_pause", Request::DownloadPause { id: 1 }),
+        ("download_resume", Request::DownloadResume { id: 1 }),
+        ("download_cancel", Request::DownloadCancel { id: 1 }),
+        ("get_resume", Request::GetResume { id: None }),
+        ("watch", Request::Watch { id: 1, interval_ms: 1000 }),
+        ("shutdown", Request::Shutdown),
+    ]
+}
+
+fn manifest(file: bool) -> Manifest {
+    Manifest {
+        format: FORMAT.into(),
+        version: MANIFEST_VERSION,
+        id: 3,
+        remote_path: "iso/big.iso".into(),
+        sources: vec!["127.0.0.1:5001".into(), "127.0.0.1:5002".into()],
+        destination: "/tmp/big.iso".into(),
+        force: false,
+        connections_per_source: 2,
+        give_up_after_secs: if file { None } else { Some(60) },
+        paused: !file,
+        file: file.then(|| ManifestFile { size: 10 << 20, piece_size: 256 << 10, identity: "ab".repeat(32) }),
+        verified: if file { vec![(0, 4), (6, 7)] } else { vec![] },
+        received: if file { vec![Range::new(5 << 18, (5 << 18) + 1000)] } else { vec![] },
+        checksum: String::new(),
+    }
+}
+
+fn main() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus");
+
+    // frame: decode form (type byte + body) and whole wire streams.
+    let dir = root.join("frame");
+    fs::create_dir_all(&dir).unwrap();
+    let mut stream = Vec::new();
+    for (name, f) in frames() {
+        let wire = f.encode();
+        let mut decode_form = vec![wire[0]];
+        decode_form.extend_from_slice(&wire[HEADER_LEN..]);
+        write(&dir, &format!("decode_{name}"), &decode_form);
+        stream.extend_from_slice(&wire);
+    }
+    let hello = frames()[0].1.encode();
+    let stat = frames()[1].1.encode();
+    write(&dir, "stream_hello_stat", &[hello.clone(), stat].concat());
+    write(&dir, "stream_all_types", &stream);
+    let mut truncated = hello;
+    truncated.pop();
+    write(&dir, "stream_truncated_hello", &truncated);
+
+    // control: one JSON line per request type, plus hand-written minimal ones.
+    let dir = root.join("control");
+    fs::create_dir_all(&dir).unwrap();
+    for (name, r) in requests() {
+        let mut line = serde_json::to_vec(&r).unwrap();
+        line.push(b'\n');
+        write(&dir, name, &line);
+    }
+    write(&dir, "get_minimal", br#"{"type":"get","remote_path":"a","sources":["127.0.0.1:5001"]}"#);
+    write(&dir, "server_add_empty", br#"{"type":"server_add"}"#);
+    write(&dir, "bad_unknown_type", br#"{"type":"bogus"}"#);
+    write(&dir, "bad_port_range", br#"{"type":"server_stop","port":70000}"#);
+
+    // manifest: valid encodings and typical damage.
+    let dir = root.join("manifest");
+    fs::create_dir_all(&dir).unwrap();
+    let good = manifest(true).encode();
+    assert!(Manifest::decode(&good).is_ok());
+    write(&dir, "valid_with_file", &good);
+    let no_file = manifest(false).encode();
+    assert!(Manifest::decode(&no_file).is_ok());
+    write(&dir, "valid_no_file", &no_file);
+    write(&dir, "damaged_truncated", &good[..good.len() / 2]);
+    let s = String::from_utf8(good.clone()).unwrap();
+    write(&dir, "damaged_checksum", s.replacen("\"id\": 3", "\"id\": 4", 1).as_bytes());
+    write(&dir, "damaged_version", s.replacen("\"version\": 1", "\"version\": 7", 1).as_bytes());
+    let mut inconsistent = manifest(true);
+    inconsistent.received = vec![Range::new(0, 11 << 20)];
+    write(&dir, "inconsistent_received", &inconsistent.encode());
+    write(&dir, "zeroed", &[0u8; 64]);
+
+    println!("seed corpus written under {}", root.display());
+}
