@@ -161,6 +161,7 @@ probe_alloc "$out_disk"
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 
 start_all="$(now)"
+load_start="$(cut -d' ' -f1-3 /proc/loadavg)"
 mkdir -p "$tmp/export" "$tmp/state" "$tmp/dl" "$tmp/nginx/logs"
 SIZE=$((SIZE_MIB * 1024 * 1024))
 CAP_SIZE=$((CAP_SIZE_MIB * 1024 * 1024))
@@ -342,7 +343,7 @@ done
 echo "(throughput ratios: > 1 means mftd is faster)"
 echo
 echo "capped: listeners at 4/8/16/32 MiB/s, $CAP_SIZE_MIB MiB: median ${cap_med}s, ideal ${cap_ideal}s, time/ideal ${cap_ratio} (runs:$(printf ' %s' "${cap_times[@]}"))"
-echo "total bench time ${elapsed}s"
+echo "total bench time ${elapsed}s; load average at start: $load_start, at end: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) CPUs; other load skews the numbers)"
 echo
 summary="BENCH-SUMMARY: size_mib=$SIZE_MIB runs=$RUNS"
 for tg in "${TARGETS[@]}"; do

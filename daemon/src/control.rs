@@ -178,8 +178,13 @@ async fn send<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, resp: &Response) -> i
 
 async fn handle_conn(stream: UnixStream, daemon: Arc<Daemon>, group: Option<nix::unistd::Gid>) -> io::Result<()> {
     if !peer_allowed(&stream, group) {
-        let (_, mut w) = stream.into_split();
-        let _ = send(&mut w, &Response::error(ErrorCode::BadRequest, "permission denied: only root or mftd's own user may use this socket")).await;
+        let (r, mut w) = stream.into_split();
+        // Let the client's first line arrive (bounded) so it reads our
+        // answer instead of a broken pipe.
+        let mut r = BufReader::new(r);
+        let mut first = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(1), read_line(&mut r, &mut first)).await;
+        let _ = send(&mut w, &Response::error(ErrorCode::BadRequest, "permission denied: only root, mftd's own user or its socket group may use this socket")).await;
         return Ok(());
     }
     let (r, mut w) = stream.into_split();

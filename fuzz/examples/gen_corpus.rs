@@ -8,12 +8,13 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use mftd_common::control::{GetRequest, Request};
-use mftd_common::manifest::{Manifest, ManifestFile, FORMAT, VERSION as MANIFEST_VERSION};
+use mftd_common::manifest::{Manifest, FORMAT, VERSION as MANIFEST_VERSION};
 use mftd_common::proto::{
     piece_count_for, piece_size_for, DataHeader, ErrorCode, ErrorFrame, Frame, Identity, ReadReq, StatInfo,
     HEADER_LEN, MAGIC, VERSION,
 };
 use mftd_common::range::Range;
+use serde_json::json;
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) {
     fs::write(dir.join(name), bytes).unwrap();
@@ -51,6 +52,8 @@ fn frames() -> Vec<(&'static str, Frame)> {
         ),
         ("data", Frame::Data(DataHeader { id: 1, offset: 2, len: 3 })),
         ("error", Frame::Error(ErrorFrame { id: 0, code: ErrorCode::NotFound, message: "no such file".into() })),
+        ("challenge", Frame::Challenge { nonce: [0x5a; 32] }),
+        ("auth", Frame::Auth { mac: piece_hash(9) }),
     ]
 }
 
@@ -65,15 +68,20 @@ fn requests() -> Vec<(&'static str, Request)> {
         ("server_limit", Request::ServerLimit { port: 5001, rate_limit: 0 }),
         (
             "get_full",
-            Request::Get(GetRequest {
-                remote_path: "iso/big.iso".into(),
-                sources: vec!["127.0.0.1:5001".into(), "[::1]:5002".into()],
-                output_dir: Some("/tmp".into()),
-                force: true,
-                connections_per_source: Some(4),
-                give_up_after_secs: Some(30),
-                no_resume: false,
-            }),
+            // Built from JSON so fields added later with serde defaults need no edit here.
+            Request::Get(
+                serde_json::from_value::<GetRequest>(json!({
+                    "remote_path": "iso/big.iso",
+                    "sources": ["127.0.0.1:5001", "[::1]:5002"],
+                    "output_dir": "/tmp",
+                    "force": true,
+                    "connections_per_source": 4,
+                    "give_up_after_secs": 30,
+                    "no_resume": false,
+                    "secret_file": "/etc/mftd/secret",
+                }))
+                .unwrap(),
+            ),
         ),
         ("downloads_list", Request::DownloadsList),
         ("download_show", Request::DownloadShow { id: 1 }),
@@ -86,23 +94,33 @@ fn requests() -> Vec<(&'static str, Request)> {
     ]
 }
 
+// Built from JSON so fields added later with serde defaults need no edit here.
 fn manifest(file: bool) -> Manifest {
-    Manifest {
-        format: FORMAT.into(),
-        version: MANIFEST_VERSION,
-        id: 3,
-        remote_path: "iso/big.iso".into(),
-        sources: vec!["127.0.0.1:5001".into(), "127.0.0.1:5002".into()],
-        destination: "/tmp/big.iso".into(),
-        force: false,
-        connections_per_source: 2,
-        give_up_after_secs: if file { None } else { Some(60) },
-        paused: !file,
-        file: file.then(|| ManifestFile { size: 10 << 20, piece_size: 256 << 10, identity: "ab".repeat(32) }),
-        verified: if file { vec![(0, 4), (6, 7)] } else { vec![] },
-        received: if file { vec![Range::new(5 << 18, (5 << 18) + 1000)] } else { vec![] },
-        checksum: String::new(),
-    }
+    let v = if file {
+        json!({
+            "format": FORMAT, "version": MANIFEST_VERSION, "id": 3,
+            "remote_path": "iso/big.iso",
+            "sources": ["127.0.0.1:5001", "127.0.0.1:5002"],
+            "destination": "/tmp/big.iso",
+            "force": false, "connections_per_source": 2, "give_up_after_secs": null,
+            "secret_file": "/etc/mftd/secret",
+            "paused": false,
+            "file": { "size": 10u64 << 20, "piece_size": 256u32 << 10, "identity": "ab".repeat(32) },
+            "verified": [[0, 4], [6, 7]],
+            "received": [Range::new(5 << 18, (5 << 18) + 1000)],
+            "checksum": "",
+        })
+    } else {
+        json!({
+            "format": FORMAT, "version": MANIFEST_VERSION, "id": 4,
+            "remote_path": "notes.txt",
+            "sources": ["127.0.0.1:5001"],
+            "destination": "/tmp/notes.txt",
+            "connections_per_source": 1, "give_up_after_secs": 60,
+            "paused": true,
+        })
+    };
+    serde_json::from_value(v).unwrap()
 }
 
 fn main() {

@@ -296,6 +296,11 @@ impl RawConn {
         self.s.write_all(&f.encode()).expect("send frame");
     }
 
+    /// Like `send`, but a closed connection is not an error.
+    pub fn try_send(&mut self, f: &Frame) {
+        let _ = self.s.write_all(&f.encode());
+    }
+
     pub fn send_raw(&mut self, bytes: &[u8]) {
         self.s.write_all(bytes).expect("send bytes");
     }
@@ -449,4 +454,115 @@ pub fn corrupt_keeping_mtime(path: &Path, offsets: &[u64]) {
     }
     f.set_modified(mtime).expect("restore mtime");
     f.sync_all().expect("sync");
+}
+
+/// How a [`LyingServer`] misbehaves when asked for bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lie {
+    /// DATA announcing more bytes than were asked for.
+    LongerRange,
+    /// DATA whose offset + length overflows u64.
+    OverflowRange,
+    /// DATA announcing a length near u64::MAX.
+    HugeLength,
+    /// A frame header announcing a body near u32::MAX.
+    HugeFrame,
+}
+
+/// A transfer server that tells the truth about the file (it relays the
+/// handshake and STAT to a real listener) and then lies in its DATA answers.
+pub struct LyingServer {
+    pub port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LyingServer {
+    pub fn start(upstream: u16, lie: Lie) -> LyingServer {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while !s2.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(300) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let _ = client.set_nonblocking(false);
+                std::thread::spawn(move || lie_to(client, upstream, lie));
+            }
+        });
+        LyingServer { port, stop }
+    }
+}
+
+impl Drop for LyingServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn lie_to(client: TcpStream, upstream: u16, lie: Lie) {
+    // The client hangs up on a liar; that must not panic this thread.
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lie_to_inner(client, upstream, lie)));
+}
+
+fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie) {
+    use mftd_common::proto::DataHeader;
+    let _ = client.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut c = RawConn { s: client };
+    let mut up = RawConn::hello(upstream);
+    // Handshake: answer HELLO ourselves.
+    match c.recv() {
+        Some(Frame::Hello { .. }) => c.try_send(&Frame::Hello { magic: mftd_common::proto::MAGIC, version: mftd_common::proto::VERSION, flags: 0 }),
+        _ => return,
+    }
+    loop {
+        let Some(f) = c.recv() else { return };
+        match f {
+            Frame::Stat { .. } => {
+                up.try_send(&f);
+                let Some(answer) = up.recv() else { return };
+                c.try_send(&answer);
+            }
+            Frame::Read(r) => {
+                match lie {
+                    Lie::LongerRange => {
+                        c.try_send(&Frame::Data(DataHeader { id: r.id, offset: r.offset, len: r.len + 4096 }));
+                        let _ = c.s.write_all(&vec![0x55u8; (r.len + 4096) as usize]);
+                    }
+                    Lie::OverflowRange => {
+                        c.try_send(&Frame::Data(DataHeader { id: r.id, offset: u64::MAX - 10, len: r.len }));
+                    }
+                    Lie::HugeLength => {
+                        c.try_send(&Frame::Data(DataHeader { id: r.id, offset: r.offset, len: u64::MAX - 5 }));
+                        let _ = c.s.write_all(&vec![0x55u8; 1 << 20]);
+                    }
+                    Lie::HugeFrame => {
+                        let mut h = vec![mftd_common::proto::T_DATA];
+                        h.extend_from_slice(&(u32::MAX - 3).to_be_bytes());
+                        let _ = c.s.write_all(&h);
+                        let _ = c.s.write_all(&vec![0u8; 1 << 16]);
+                    }
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
+/// Resident memory of a process in KiB.
+pub fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Open file descriptors of a process.
+pub fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }

@@ -81,7 +81,7 @@ struct Engine {
     chosen: OnceCell<Arc<Chosen>>,
     offers: Mutex<Vec<(SourceId, Identity, Instant)>>,
     /// Sources that will never offer (permanent errors) or were dropped.
-    dead: Mutex<HashMap<SourceId, String>>,
+    dead: Mutex<HashMap<SourceId, (SourceState, String)>>,
     strikes: Mutex<HashMap<SourceId, u32>>,
     next_conn: AtomicU64,
     live_workers: AtomicUsize,
@@ -145,7 +145,11 @@ pub async fn run(dl: Arc<Download>) {
     let _ = tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;
     tasks.abort_all();
     // Workers cancelled mid-session did not get to count themselves out.
-    for s in dl.progress().sources.iter_mut() {
+    let dead: Vec<SourceId> = lock(&eng.dead).keys().copied().collect();
+    for (i, s) in dl.progress().sources.iter_mut().enumerate() {
+        if dead.contains(&i) {
+            continue;
+        }
         s.connections = 0;
         if matches!(s.state, SourceState::Active | SourceState::Connecting | SourceState::Waiting) {
             s.state = SourceState::Idle;
@@ -425,9 +429,15 @@ impl Backoff {
 
 impl Engine {
     fn set_source(&self, src: SourceId, f: impl FnOnce(&mut super::SourceProgress)) {
+        let dead = lock(&self.dead).get(&src).map(|d| d.0);
         let mut p = self.dl.progress();
         if let Some(s) = p.sources.get_mut(src) {
             f(s);
+            // A dropped or excluded source stays so, whatever a straggling
+            // connection of it reports.
+            if let Some(state) = dead {
+                s.state = state;
+            }
         }
     }
 
@@ -437,7 +447,7 @@ impl Engine {
 
     /// A source will never be useful for this download.
     fn kill_source(&self, src: SourceId, state: SourceState, why: String) {
-        let first = lock(&self.dead).insert(src, why.clone()).is_none();
+        let first = lock(&self.dead).insert(src, (state, why.clone())).is_none();
         if first {
             warn!(source = %self.dl.sources[src], reason = %why, "source dropped");
         }
@@ -646,7 +656,7 @@ impl Engine {
         }
         let dead = lock(&self.dead);
         let reasons: Vec<String> = (0..self.dl.sources.len())
-            .map(|s| format!("{}: {}", self.dl.sources[s], dead.get(&s).map(String::as_str).unwrap_or("gave up")))
+            .map(|s| format!("{}: {}", self.dl.sources[s], dead.get(&s).map(|d| d.1.as_str()).unwrap_or("gave up")))
             .collect();
         let _ = self.outcome.try_send(Outcome::Fatal(format!("no usable source ({})", reasons.join("; "))));
     }

@@ -1,0 +1,387 @@
+//! Hostile peers, hostile paths, floods and faults. Every case ends by
+//! checking that the daemon still serves a normal download correctly.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::symlink;
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use mftd_common::proto::{ErrorCode, Frame, ReadReq};
+use mftd_tests::{fd_count, mftctl_bin, rss_kib, sha256_file, stderr, stdout, wait_until, write_file, Daemon, Lie, LyingServer, RawConn};
+
+const MIB: u64 = 1 << 20;
+const SENTINEL: &[u8] = b"SENTINEL-outside-the-export-root-do-not-serve";
+
+/// A normal download from `server` into a fresh client must still work.
+fn still_serves(server: &Daemon) {
+    write_file(&server.export.join("canary.bin"), 3 * MIB + 5, 99);
+    let client = Daemon::start(0);
+    let out = client.ctl(&["get", "canary.bin", "--from", &server.sources().join(","), "-o", client.downloads.to_str().unwrap()]);
+    assert!(out.status.success(), "normal download failed afterwards: {}\n{}", stderr(&out), server.log());
+    assert_eq!(sha256_file(&client.downloads.join("canary.bin")), sha256_file(&server.export.join("canary.bin")));
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Sends raw bytes after a handshake and returns everything the server
+/// answers until it closes or goes quiet.
+fn raw_exchange(port: u16, bytes: &[u8]) -> Vec<u8> {
+    let mut c = RawConn::hello(port);
+    c.s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    c.send_raw(bytes);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match c.s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    out
+}
+
+fn stat_frame(path: &[u8]) -> Vec<u8> {
+    let mut f = vec![mftd_common::proto::T_STAT];
+    f.extend_from_slice(&(path.len() as u32).to_be_bytes());
+    f.extend_from_slice(path);
+    f
+}
+
+#[test]
+fn hostile_paths_get_uniform_errors_and_no_sentinel_byte() {
+    let server = Daemon::start(1);
+    std::fs::write(server.dir.path().join("secret"), SENTINEL).unwrap();
+    std::fs::write(server.export.join("ok"), b"fine").unwrap();
+    let long = vec![b'a'; 64 << 10];
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("../x", b"../secret".to_vec()),
+        ("/etc/passwd", b"/etc/passwd".to_vec()),
+        ("a/../../x", b"a/../../secret".to_vec()),
+        ("NUL", b"ok\0../../secret".to_vec()),
+        ("64 KiB", long),
+        ("invalid UTF-8", vec![0xff, 0xfe, b'/', b's']),
+        ("backslashes", b"..\\..\\secret".to_vec()),
+    ];
+    for (name, path) in &cases {
+        let answer = raw_exchange(server.ports[0], &stat_frame(path));
+        assert!(!contains(&answer, SENTINEL), "{name}: sentinel bytes served");
+        assert!(answer.len() >= 5, "{name}: no answer");
+        let body_len = u32::from_be_bytes([answer[1], answer[2], answer[3], answer[4]]) as usize;
+        let f = Frame::decode(answer[0], &answer[5..5 + body_len.min(answer.len() - 5)]).expect("decodes");
+        match f {
+            Frame::Error(e) => assert!(matches!(e.code, ErrorCode::BadPath | ErrorCode::BadFrame), "{name}: {e:?}"),
+            other => panic!("{name}: not refused: {other:?}"),
+        }
+        // READ with the same path, as a raw frame.
+        let mut r = Frame::Read(ReadReq { id: 1, offset: 0, len: 8, size: 45, mtime_ns: 0, path: String::new() }).encode();
+        r.truncate(5 + 36);
+        r.extend_from_slice(path);
+        let len = (r.len() - 5) as u32;
+        r[1..5].copy_from_slice(&len.to_be_bytes());
+        let answer = raw_exchange(server.ports[0], &r);
+        assert!(!contains(&answer, SENTINEL), "{name}: sentinel bytes served on READ");
+    }
+    still_serves(&server);
+}
+
+#[test]
+fn swapping_a_parent_for_a_symlink_never_leaks() {
+    let server = Daemon::start(1);
+    let outside = server.dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("f.txt"), SENTINEL).unwrap();
+    let d = server.export.join("d");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("f.txt"), vec![b'G'; SENTINEL.len()]).unwrap();
+    // Symlinks that point out, file and directory, are refused outright.
+    symlink(outside.join("f.txt"), server.export.join("out-file")).unwrap();
+    symlink(&outside, server.export.join("out-dir")).unwrap();
+    let mut c = RawConn::hello(server.ports[0]);
+    for p in ["out-file", "out-dir/f.txt"] {
+        c.send(&Frame::Stat { path: p.into() });
+        assert!(matches!(c.recv(), Some(Frame::Error(e)) if e.code == ErrorCode::PathRefused), "{p}");
+    }
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (s2, d2, real, out2) = (stop.clone(), d.clone(), server.export.join("d.real"), outside.clone());
+    let swapper = std::thread::spawn(move || {
+        let mut swaps = 0u64;
+        let start = Instant::now();
+        while !s2.load(std::sync::atomic::Ordering::SeqCst) && swaps < 20_000 && start.elapsed() < Duration::from_secs(20) {
+            if std::fs::rename(&d2, &real).is_ok() {
+                let _ = symlink(&out2, &d2);
+                let _ = std::fs::remove_file(&d2);
+                let _ = std::fs::rename(&real, &d2);
+                swaps += 1;
+            }
+        }
+        swaps
+    });
+    let mut leaked = 0;
+    let mut served = 0;
+    let mut requests = 0;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(4) {
+        c.send(&Frame::Stat { path: "d/f.txt".into() });
+        requests += 1;
+        match c.recv() {
+            Some(Frame::StatOk(s)) => {
+                c.send(&Frame::Read(ReadReq { id: 2, offset: 0, len: s.size, size: s.size, mtime_ns: s.mtime_ns, path: "d/f.txt".into() }));
+                requests += 1;
+                match c.recv() {
+                    Some(Frame::Data(h)) => {
+                        let bytes = c.read_payload(h.len);
+                        served += 1;
+                        if contains(&bytes, b"SENTINEL") {
+                            leaked += 1;
+                        }
+                    }
+                    Some(Frame::Error(_)) => {}
+                    other => panic!("{other:?}"),
+                }
+            }
+            Some(Frame::Error(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let swaps = swapper.join().unwrap();
+    println!("{swaps} directory/symlink swaps, {requests} requests, {served} reads served, {leaked} leaked");
+    assert!(swaps >= 1000, "only {swaps} swaps");
+    assert!(served > 0, "nothing served at all");
+    assert_eq!(leaked, 0, "sentinel bytes leaked");
+    let _ = std::fs::remove_file(&d);
+    if !d.exists() {
+        let _ = std::fs::rename(server.export.join("d.real"), &d);
+    }
+    still_serves(&server);
+}
+
+#[test]
+fn lying_servers_are_dropped_and_the_others_finish() {
+    let server = Daemon::builder(2).arg("--rate-limit").arg("6M").start();
+    let size = 8 * MIB;
+    write_file(&server.export.join("l"), size, 51);
+    for lie in [Lie::LongerRange, Lie::OverflowRange, Lie::HugeLength, Lie::HugeFrame] {
+        let liar = LyingServer::start(server.ports[0], lie);
+        let client = Daemon::start(0);
+        let liar_addr = format!("127.0.0.1:{}", liar.port);
+        let id = client.get_detached("l", &[liar_addr.clone(), server.sources()[1].clone()], &[]);
+        let dl = client.wait_download(id, Duration::from_secs(30));
+        assert_eq!(dl["state"], "done", "{lie:?}: {dl}");
+        assert_eq!(sha256_file(&client.downloads.join("l")), sha256_file(&server.export.join("l")), "{lie:?}");
+        let l = dl["sources"].as_array().unwrap().iter().find(|s| s["address"] == liar_addr.as_str()).unwrap().clone();
+        println!("{lie:?}: {l}");
+        assert_eq!(l["state"], "failed", "{lie:?}: {l}");
+        let err = l["last_error"].as_str().unwrap();
+        assert!(err.contains("protocol violation") || err.contains("exceeds"), "{lie:?}: {err}");
+        assert!(rss_kib(client.pid()) < 200 * 1024, "{lie:?}: client memory grew to {} KiB", rss_kib(client.pid()));
+        // Nothing but the file was written to the output directory.
+        let names: Vec<String> = std::fs::read_dir(&client.downloads).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, vec!["l".to_string()], "{lie:?}");
+    }
+    // A hostile remote name never escapes the output directory.
+    let client = Daemon::start(0);
+    let out = client.ctl(&["get", "../../.ssh/authorized_keys", "--from", &server.sources()[0], "-o", client.downloads.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("invalid remote path"), "{}", stderr(&out));
+    assert!(!client.dir.path().join(".ssh").exists());
+    still_serves(&server);
+}
+
+/// Connects from another loopback address so the flood has its own
+/// per-address budget and the canary download keeps 127.0.0.1's.
+fn connect_from(src: &str, port: u16) -> Option<TcpStream> {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).ok()?;
+    let local: SocketAddr = format!("{src}:0").parse().ok()?;
+    let SocketAddr::V4(l4) = local else { return None };
+    bind(fd.as_raw_fd(), &SockaddrIn::from(l4)).ok()?;
+    let remote: SocketAddr = format!("127.0.0.1:{port}").parse().ok()?;
+    let SocketAddr::V4(r4) = remote else { return None };
+    connect(fd.as_raw_fd(), &SockaddrIn::from(r4)).ok()?;
+    // SAFETY: fresh connected socket we own.
+    Some(unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) })
+}
+
+#[test]
+fn floods_of_silent_connections_are_capped_and_timed_out() {
+    let server = Daemon::builder(2)
+        .arg("--handshake-timeout").arg("2")
+        .arg("--serve-idle-timeout").arg("2")
+        .arg("--max-connections-per-ip").arg("16")
+        .arg("--max-connections").arg("200")
+        .start();
+    let pid = server.pid();
+    let fds_before = fd_count(pid);
+    // 1,000 connections that send nothing.
+    let mut silent = Vec::new();
+    for _ in 0..1000 {
+        if let Some(s) = connect_from("127.0.0.2", server.ports[0]) {
+            silent.push(s);
+        }
+    }
+    // And connections that complete the handshake, then go quiet.
+    let mut quiet = Vec::new();
+    for _ in 0..20 {
+        if let Some(s) = connect_from("127.0.0.3", server.ports[1]) {
+            let mut c = RawConn { s };
+            c.send(&Frame::Hello { magic: mftd_common::proto::MAGIC, version: mftd_common::proto::VERSION, flags: 0 });
+            quiet.push(c);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let peak = fd_count(pid);
+    println!("fds before {fds_before}, during the flood {peak}");
+    assert!(peak < fds_before + 16 + 16 + 50, "descriptors not bounded by the per-address cap: {peak}");
+    // A normal download from 127.0.0.1 completes meanwhile.
+    still_serves(&server);
+    // Over-cap connections were told BUSY; the rest are closed by the timeouts.
+    let mut busy = 0;
+    for s in silent.iter_mut().chain(quiet.iter_mut().map(|c| &mut c.s)) {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    }
+    for s in silent.iter_mut().skip(16).take(50) {
+        let mut buf = [0u8; 256];
+        if let Ok(n) = s.read(&mut buf) {
+            if n > 5 && Frame::decode(buf[0], &buf[5..n]).is_ok_and(|f| matches!(f, Frame::Error(e) if e.code == ErrorCode::Busy)) {
+                busy += 1;
+            }
+        }
+    }
+    assert!(busy >= 40, "over-cap connections not refused with BUSY ({busy} of 50)");
+    let t = Instant::now();
+    assert!(wait_until(Duration::from_secs(8), || fd_count(pid) <= fds_before + 4), "connections not closed by the timeouts: {} fds", fd_count(pid));
+    println!("flood drained in {:?}", t.elapsed());
+    let mut closed = 0;
+    for c in quiet.iter_mut().take(16) {
+        let mut buf = [0u8; 64];
+        // The HELLO answer, then EOF once the idle timeout fires.
+        let _ = c.s.read(&mut buf);
+        if matches!(c.s.read(&mut buf), Ok(0) | Err(_)) {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 15, "quiet connections not closed: {closed}");
+    still_serves(&server);
+}
+
+#[test]
+fn control_socket_abuse_is_refused_and_daemon_keeps_serving() {
+    let server = Daemon::start(1);
+    // A 100 MiB line.
+    let mut s = UnixStream::connect(&server.socket).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    let chunk = vec![b'x'; 1 << 20];
+    for _ in 0..100 {
+        if s.write_all(&chunk).is_err() {
+            break; // the daemon hung up after the limit, as it should
+        }
+    }
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    let _ = r.read_line(&mut line);
+    assert!(line.contains("line_too_long"), "{line}");
+    // Deeply nested JSON and unknown types.
+    for bad in ["[".repeat(100_000), "{\"type\":\"rm_rf\"}".to_string(), "{\"type\":\"get\",\"remote_path\":{}}".to_string()] {
+        let mut s = UnixStream::connect(&server.socket).unwrap();
+        s.write_all(bad.as_bytes()).unwrap();
+        s.write_all(b"\n").unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.contains("\"error\""), "{line}");
+    }
+    // Another uid: the socket mode stops it...
+    let out = Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(mftctl_bin())
+        .arg("--socket")
+        .arg(&server.socket)
+        .arg("status")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("permission denied"), "{}", stderr(&out));
+    // ...and if the mode were opened up, the peer-credential check would.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&server.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(mftctl_bin())
+        .arg("--socket")
+        .arg(&server.socket)
+        .arg("status")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("permission denied"), "{}", stderr(&out));
+    assert!(server.ctl(&["status"]).status.success());
+    still_serves(&server);
+}
+
+#[test]
+fn shared_secret_authentication() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "correct-horse-battery-staple-7d1f";
+    let good = dir.path().join("secret");
+    std::fs::write(&good, format!("{secret}\n")).unwrap();
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "not-the-secret").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for f in [&good, &wrong] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let server = Daemon::builder(2).arg("--auth-secret-file").arg(good.to_str().unwrap()).start();
+    write_file(&server.export.join("a"), 2 * MIB, 61);
+    // Right secret: works.
+    let client = Daemon::builder(0).arg("--auth-secret-file").arg(good.to_str().unwrap()).start();
+    let out = client.ctl(&["get", "a", "--from", &server.sources().join(","), "-o", client.downloads.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(sha256_file(&client.downloads.join("a")), sha256_file(&server.export.join("a")));
+    // Missing secret: refused with a message that says what to do.
+    let anon = Daemon::start(0);
+    let out = anon.ctl(&["get", "a", "--from", &server.sources()[0], "-o", anon.downloads.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("requires authentication"), "{}", stdout(&out));
+    // Wrong secret: refused.
+    let out = anon.ctl(&["get", "a", "--from", &server.sources()[0], "--secret-file", wrong.to_str().unwrap(), "-o", anon.downloads.to_str().unwrap(), "--force"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("authentication failed"), "{}", stdout(&out));
+    // Raw: a client that skips AUTH gets AUTH_FAILED.
+    let mut c = RawConn::connect(server.ports[0]);
+    c.send(&Frame::Hello { magic: mftd_common::proto::MAGIC, version: 1, flags: 0 });
+    assert!(matches!(c.recv(), Some(Frame::Challenge { .. })));
+    c.send(&Frame::Stat { path: "a".into() });
+    assert!(matches!(c.recv(), Some(Frame::Error(e)) if e.code == ErrorCode::AuthFailed));
+    // The secret is never on a command line or in a log.
+    for pid in [server.pid(), client.pid()] {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        assert!(!contains(&cmdline, secret.as_bytes()), "secret in argv of {pid}");
+    }
+    let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    assert!(!contains(&ps.stdout, secret.as_bytes()), "secret visible in ps");
+    for log in [server.log(), client.log(), anon.log()] {
+        assert!(!log.contains(secret), "secret in a log");
+    }
+    // The next valid download still works.
+    let out = client.ctl(&["get", "a", "--from", &server.sources().join(","), "-o", client.downloads.to_str().unwrap(), "--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn allow_list_refuses_other_addresses() {
+    let server = Daemon::builder(1).arg("--allow").arg("127.0.0.1/32").start();
+    let mut s = connect_from("127.0.0.9", server.ports[0]).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).unwrap();
+    let f = Frame::decode(buf[0], &buf[5..n]).unwrap();
+    assert!(matches!(f, Frame::Error(ref e) if e.code == ErrorCode::NotAllowed), "{f:?}");
+    still_serves(&server);
+}
