@@ -331,6 +331,34 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn parsing_never_panics(s in "\\PC{0,200}") {
+            let _ = serde_json::from_str::<Request>(&s);
+        }
+
+        #[test]
+        fn structured_garbage_never_panics(port in proptest::prelude::any::<i64>(), t in "[a-z_]{0,20}", n in 0usize..200) {
+            let line = format!("{{\"type\":\"{t}\",\"port\":{port},\"id\":{port},\"sources\":{}}}", "[".repeat(n));
+            let _ = serde_json::from_str::<Request>(&line);
+        }
+
+        #[test]
+        fn requests_roundtrip(port in proptest::prelude::any::<u16>(), id in proptest::prelude::any::<u64>(), path in "[a-z/.]{1,40}") {
+            for r in [
+                Request::ServerStop { port },
+                Request::ServerLimit { port, rate_limit: id },
+                Request::DownloadShow { id },
+                Request::GetResume { id: Some(id) },
+                Request::Get(GetRequest { remote_path: path.clone(), sources: vec![format!("h:{port}")], output_dir: None, force: false,
+                    connections_per_source: None, give_up_after_secs: Some(id), no_resume: true, secret_file: None }),
+            ] {
+                let back: Request = serde_json::from_slice(&to_line(&r)).unwrap();
+                proptest::prop_assert_eq!(back, r);
+            }
+        }
+    }
+
     #[test]
     fn line_ends_in_newline() {
         let l = to_line(&Response::ok("x"));

@@ -241,6 +241,30 @@ mod tests {
         assert!(matches!(Manifest::decode(b"{\"format\":\"other\"}"), Err(ManifestError::WrongFormat(_))));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = Manifest::decode(&bytes);
+        }
+
+        /// Flipping any byte of a valid manifest is either caught or harmless.
+        #[test]
+        fn damaged_manifests_are_caught(pos in 0usize..4096, val in proptest::prelude::any::<u8>()) {
+            let good = sample().encode();
+            let mut bad = good.clone();
+            let i = pos % bad.len();
+            bad[i] = val;
+            if let Ok(m) = Manifest::decode(&bad) {
+                // Only whitespace-level changes can survive the checksum.
+                let mut a = m.clone();
+                a.checksum.clear();
+                let mut b = Manifest::decode(&good).unwrap();
+                b.checksum.clear();
+                proptest::prop_assert_eq!(a, b);
+            }
+        }
+    }
+
     #[test]
     fn runs_compress() {
         assert_eq!(piece_runs([0, 1, 2, 5, 6, 9]), vec![(0, 3), (5, 7), (9, 10)]);
