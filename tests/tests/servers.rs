@@ -77,7 +77,7 @@ fn add_and_limit_listeners() {
     let p = added["port"].as_u64().unwrap().to_string();
     let out = server.ctl(&["servers", "limit", &p, "0"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let added = server.servers().into_iter().find(|s| s["port"].to_string() == p).unwrap();
+    let added = server.servers().into_iter().find(|s| s["port"] == p.parse::<u64>().unwrap()).unwrap();
     assert_eq!(added["rate_limit"], 0);
     // Adding a port that is taken names the port.
     let out = server.ctl(&["servers", "add", "--port", &server.ports[0].to_string()]);

@@ -509,9 +509,8 @@ impl Engine {
                     .chosen
                     .get_or_try_init(|| async move { eng.prepare().await })
                     .await
-                    .map_err(|e| {
+                    .inspect_err(|e| {
                         let _ = self.outcome.try_send(Outcome::Fatal(e.clone()));
-                        e
                     })?;
                 return self.compare(c, stat);
             }
