@@ -223,17 +223,9 @@ impl Daemon {
 
     /// Sends SIGTERM and waits (at most `limit`) for the exit status.
     pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let child = self.child.as_mut()?;
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if let Ok(Some(st)) = child.try_wait() {
-                self.child = None;
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        let pid = self.child.as_ref()?.id() as i32;
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+        self.wait_exit(limit)
     }
 
     /// Waits for the process to exit on its own (at most `limit`).
@@ -565,4 +557,15 @@ pub fn rss_kib(pid: i32) -> u64 {
 /// Open file descriptors of a process.
 pub fn fd_count(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// The size of one pipelined window: most bytes one connection may have
+/// requested and not yet received (WINDOW × BLOCK_MAX in the engine).
+pub const WINDOW_BYTES: u64 = 4 * 512 * 1024;
+
+/// Makes a server hash `name` now (one STAT), so timings measure transfers.
+pub fn warm(d: &Daemon, name: &str) {
+    let mut c = RawConn::hello(d.ports[0]);
+    c.send(&Frame::Stat { path: name.into() });
+    assert!(matches!(c.recv(), Some(Frame::StatOk(_))), "STAT {name} failed");
 }

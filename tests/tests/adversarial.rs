@@ -271,6 +271,18 @@ fn floods_of_silent_connections_are_capped_and_timed_out() {
     still_serves(&server);
 }
 
+/// `mftctl status` run as uid/gid 65534 with no supplementary groups.
+fn as_nobody(server: &Daemon) -> std::process::Output {
+    Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(mftctl_bin())
+        .arg("--socket")
+        .arg(&server.socket)
+        .arg("status")
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn control_socket_abuse_is_refused_and_daemon_keeps_serving() {
     let server = Daemon::start(1);
@@ -298,27 +310,13 @@ fn control_socket_abuse_is_refused_and_daemon_keeps_serving() {
         assert!(line.contains("\"error\""), "{line}");
     }
     // Another uid: the socket mode stops it...
-    let out = Command::new("setpriv")
-        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
-        .arg(mftctl_bin())
-        .arg("--socket")
-        .arg(&server.socket)
-        .arg("status")
-        .output()
-        .unwrap();
+    let out = as_nobody(&server);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("permission denied"), "{}", stderr(&out));
     // ...and if the mode were opened up, the peer-credential check would.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&server.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let out = Command::new("setpriv")
-        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
-        .arg(mftctl_bin())
-        .arg("--socket")
-        .arg(&server.socket)
-        .arg("status")
-        .output()
-        .unwrap();
+    let out = as_nobody(&server);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("permission denied"), "{}", stderr(&out));
     assert!(server.ctl(&["status"]).status.success());

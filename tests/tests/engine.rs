@@ -3,19 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use mftd_common::proto::Frame;
-use mftd_tests::{corrupt_keeping_mtime, sha256_file, stderr, wait_until, write_file, Daemon, RawConn, StallProxy};
+use mftd_tests::{warm, WINDOW_BYTES, corrupt_keeping_mtime, sha256_file, stderr, wait_until, write_file, Daemon, StallProxy};
 
 const MIB: u64 = 1 << 20;
-/// Bytes one connection may have in flight: WINDOW × BLOCK_MAX.
-const WINDOW_BYTES: u64 = 4 * 512 * 1024;
 
-/// Hashes the file on the server now, so timings measure the transfer.
-fn warm(d: &Daemon, name: &str) {
-    let mut c = RawConn::hello(d.ports[0]);
-    c.send(&Frame::Stat { path: name.into() });
-    assert!(matches!(c.recv(), Some(Frame::StatOk(_))));
-}
 
 fn received_total(dl: &serde_json::Value) -> u64 {
     dl["sources"].as_array().unwrap().iter().map(|s| s["bytes_received"].as_u64().unwrap()).sum()

@@ -4,19 +4,11 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use mftd_common::proto::Frame;
-use mftd_tests::{sha256_file, stderr, stdout, wait_until, write_file, Daemon, RawConn};
+use mftd_tests::{warm, WINDOW_BYTES, sha256_file, stderr, stdout, wait_until, write_file, Daemon};
 use rand::{Rng, SeedableRng};
 
 const MIB: u64 = 1 << 20;
-/// Most bytes one connection can have in flight: WINDOW × BLOCK_MAX.
-const WINDOW_BYTES: u64 = 4 * 512 * 1024;
 
-fn warm(d: &Daemon, name: &str) {
-    let mut c = RawConn::hello(d.ports[0]);
-    c.send(&Frame::Stat { path: name.into() });
-    assert!(matches!(c.recv(), Some(Frame::StatOk(_))));
-}
 
 fn sent_total(server: &Daemon) -> u64 {
     server.ports.iter().map(|p| server.bytes_sent(*p)).sum()
