@@ -17,7 +17,7 @@ ZSHCOMPDIR = $(PREFIX)/share/zsh/site-functions
 FISHCOMPDIR = $(PREFIX)/share/fish/vendor_completions.d
 TARGET = target/$(PROFILE)
 
-.PHONY: all build release test demo bench man install uninstall check-units systemd-test clean fmt lint
+.PHONY: all build release test demo bench man install uninstall check-units systemd-test fuzz clean fmt lint
 
 all: build
 
@@ -48,6 +48,10 @@ demo: release
 # Throughput against curl/nginx and aria2c on loopback; installs them if missing.
 bench: release
 	bash scripts/bench.sh
+
+# libFuzzer targets in fuzz/ on stable (RUSTC_BOOTSTRAP=1); FUZZ_SECS per target (default 60).
+fuzz:
+	bash scripts/fuzz.sh
 
 # Man pages generated from the clap definitions.
 man: build

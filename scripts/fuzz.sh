@@ -66,7 +66,7 @@ for t in $TARGETS; do
         failed+=("$t")
         summary+=("$(printf '%-9s CRASH  executions=%-10s time=%ss  exit=%s' "$t" "${execs:-?}" "$dt" "$rc")")
         echo "!! $t failed (exit $rc)"
-        grep -m1 -A4 -E "panicked at|ERROR: libFuzzer|ERROR: AddressSanitizer" "$log" || tail -n 40 "$log"
+        { grep -m1 -A4 -E "panicked at|ERROR: libFuzzer|ERROR: AddressSanitizer" "$log" || tail -n 40 "$log"; } | cut -c1-400
         for c in "${crashes[@]}"; do
             echo "-- input $c ($(stat -c %s "$c") bytes), hex:"
             od -An -tx1 -v "$c" | tr -d ' \n' | head -c 4096; echo

@@ -23,6 +23,8 @@ pub const MAX_READ: u64 = 16 << 20;
 pub const MIN_PIECE: u32 = 256 << 10;
 /// Most pieces a file is cut into; bounds the size of `STAT_OK`.
 pub const MAX_PIECES: u64 = 16384;
+/// Longest ERROR message kept, in bytes (longer ones are cut on both sides).
+pub const MAX_ERROR_MESSAGE: usize = 1024;
 /// Size of the fixed frame header: type (1) + length (4).
 pub const HEADER_LEN: usize = 5;
 
@@ -317,7 +319,7 @@ impl Frame {
                 body.extend_from_slice(&(e.code as u16).to_be_bytes());
                 // Messages are for people; keep them short enough to never
                 // push a frame near the limit.
-                let msg = truncate_utf8(&e.message, 1024);
+                let msg = truncate_utf8(&e.message, MAX_ERROR_MESSAGE);
                 body.extend_from_slice(msg.as_bytes());
                 T_ERROR
             }
@@ -395,7 +397,10 @@ impl Frame {
             T_ERROR => {
                 let id = c.u32()?;
                 let code = ErrorCode::from_u16(c.u16()?);
-                let message = String::from_utf8_lossy(c.buf).into_owned();
+                // Same cap as `encode`, so a decoded frame re-encodes to
+                // itself (found by the `frame` fuzz target).
+                let lossy = String::from_utf8_lossy(c.buf);
+                let message = truncate_utf8(&lossy, MAX_ERROR_MESSAGE).to_string();
                 Frame::Error(ErrorFrame { id, code, message })
             }
             other => return Err(ProtoError::UnknownType(other)),
@@ -556,6 +561,16 @@ mod tests {
         // 1 TiB: the common "huge" case must fit easily.
         let ps = piece_size_for(1 << 40);
         assert!(piece_count_for(1 << 40, ps) * 32 + 56 <= MAX_FRAME as u64);
+    }
+
+    #[test]
+    fn long_error_messages_roundtrip_after_the_cut() {
+        // Fuzzer finding: 342 invalid bytes become 1026 bytes of U+FFFD.
+        let mut body = vec![0, 0, 0, 0, 0, 0];
+        body.extend(std::iter::repeat_n(0xff, 342));
+        let f = Frame::decode(T_ERROR, &body).unwrap();
+        let bytes = f.encode();
+        assert_eq!(Frame::decode(bytes[0], &bytes[HEADER_LEN..]).unwrap(), f);
     }
 
     #[test]

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use mftd_common::control::{GetRequest, Request};
 use mftd_common::manifest::{Manifest, FORMAT, VERSION as MANIFEST_VERSION};
 use mftd_common::proto::{
-    piece_count_for, piece_size_for, DataHeader, ErrorCode, ErrorFrame, Frame, Identity, ReadReq, StatInfo,
-    HEADER_LEN, MAGIC, VERSION,
+    piece_count_for, piece_size_for, DataHeader, ErrorCode, ErrorFrame, Frame, Identity, ReadReq, StatInfo, HEADER_LEN,
+    MAGIC, VERSION,
 };
 use mftd_common::range::Range;
 use serde_json::json;
@@ -42,7 +42,14 @@ fn frames() -> Vec<(&'static str, Frame)> {
         ("stat", Frame::Stat { path: "iso/big.iso".into() }),
         (
             "read",
-            Frame::Read(ReadReq { id: 7, offset: 1 << 20, len: 512 << 10, size: 1 << 30, mtime_ns: -5, path: "a/b".into() }),
+            Frame::Read(ReadReq {
+                id: 7,
+                offset: 1 << 20,
+                len: 512 << 10,
+                size: 1 << 30,
+                mtime_ns: -5,
+                path: "a/b".into(),
+            }),
         ),
         ("stat_ok_empty", Frame::StatOk(StatInfo { size: 0, mtime_ns: 1_700_000_000_000_000_000, identity: ident(0) })),
         ("stat_ok_1piece", Frame::StatOk(StatInfo { size: 1000, mtime_ns: 1, identity: ident(1000) })),

@@ -14,9 +14,8 @@ use std::sync::LazyLock;
 use libfuzzer_sys::fuzz_target;
 use mftd_common::proto::{read_frame, Frame, HEADER_LEN};
 
-static RT: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
-    tokio::runtime::Builder::new_current_thread().build().expect("current-thread runtime")
-});
+static RT: LazyLock<tokio::runtime::Runtime> =
+    LazyLock::new(|| tokio::runtime::Builder::new_current_thread().build().expect("current-thread runtime"));
 
 fn assert_roundtrip(frame: &Frame) {
     let bytes = frame.encode();
