@@ -88,6 +88,7 @@ pub struct Daemon {
 pub struct DaemonBuilder {
     listeners: usize,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl DaemonBuilder {
@@ -95,22 +96,26 @@ impl DaemonBuilder {
         self.extra.push(a.into());
         self
     }
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
     pub fn start(self) -> Daemon {
-        Daemon::start_with(self.listeners, &self.extra)
+        Daemon::start_with(self.listeners, &self.extra, &self.env)
     }
 }
 
 impl Daemon {
     /// A daemon with `n` listeners on free ports.
     pub fn builder(n: usize) -> DaemonBuilder {
-        DaemonBuilder { listeners: n, extra: Vec::new() }
+        DaemonBuilder { listeners: n, extra: Vec::new(), env: Vec::new() }
     }
 
     pub fn start(n: usize) -> Daemon {
-        Daemon::start_with(n, &[])
+        Daemon::start_with(n, &[], &[])
     }
 
-    fn start_with(n: usize, extra: &[String]) -> Daemon {
+    fn start_with(n: usize, extra: &[String], env: &[(String, String)]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let export = dir.path().join("export");
         let downloads = dir.path().join("downloads");
@@ -118,7 +123,7 @@ impl Daemon {
         std::fs::create_dir_all(&downloads).expect("mkdir downloads");
         let socket = dir.path().join("mftd.sock");
         let mut d = Daemon { child: None, socket, export, downloads, ports: Vec::new(), dir };
-        d.spawn(n, extra);
+        d.spawn(n, extra, env);
         d
     }
 
@@ -144,9 +149,10 @@ impl Daemon {
         cmd
     }
 
-    fn spawn(&mut self, n: usize, extra: &[String]) {
+    fn spawn(&mut self, n: usize, extra: &[String], env: &[(String, String)]) {
         let log = std::fs::File::create(self.dir.path().join("mftd.log")).expect("log file");
         let mut cmd = self.command(n, extra);
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         // MFTD_CONFIG pointing at a missing file would be an error; use an empty one.
         std::fs::write(self.dir.path().join("none.toml"), "").expect("config");
         cmd.stdout(Stdio::null()).stderr(log);

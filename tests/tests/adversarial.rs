@@ -90,7 +90,19 @@ fn hostile_paths_get_uniform_errors_and_no_sentinel_byte() {
 
 #[test]
 fn swapping_a_parent_for_a_symlink_never_leaks() {
-    let server = Daemon::start(1);
+    swap_race(Daemon::start(1));
+}
+
+/// The same race against the fallback resolver used where openat2 is
+/// unavailable (old kernels, seccomp sandboxes such as systemd's
+/// RestrictSUIDSGID=).
+#[test]
+fn swapping_a_parent_never_leaks_with_the_walking_resolver() {
+    let server = Daemon::builder(1).env("MFTD_JAIL_RESOLVER", "walk").start();
+    swap_race(server);
+}
+
+fn swap_race(server: Daemon) {
     let outside = server.dir.path().join("outside");
     std::fs::create_dir_all(&outside).unwrap();
     std::fs::write(outside.join("f.txt"), SENTINEL).unwrap();
