@@ -395,3 +395,29 @@ fn allow_list_refuses_other_addresses() {
     assert!(matches!(f, Frame::Error(ref e) if e.code == ErrorCode::NotAllowed), "{f:?}");
     still_serves(&server);
 }
+
+#[test]
+fn accept_errors_back_off_and_the_listener_survives() {
+    // Few descriptors: a small flood makes accept() fail with EMFILE.
+    let server = Daemon::builder(1).arg("--max-connections-per-ip").arg("1000").arg("--handshake-timeout").arg("2").start();
+    let pid = server.pid().to_string();
+    let out = Command::new("prlimit").args(["--pid", &pid, "--nofile=48:"]).output().expect("prlimit");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut flood = Vec::new();
+    for _ in 0..120 {
+        if let Some(s) = connect_from("127.0.0.4", server.ports[0]) {
+            flood.push(s);
+        }
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || server.log().contains("accept failed")),
+        "accept never failed; the test did not exercise EMFILE:\n{}",
+        server.log()
+    );
+    drop(flood);
+    // Once the flood is gone (closed by us and by the handshake timeout),
+    // the same listener serves again.
+    let out = Command::new("prlimit").args(["--pid", &pid, "--nofile=1024:"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    still_serves(&server);
+}
