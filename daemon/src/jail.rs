@@ -268,10 +268,6 @@ mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
 
-    fn setup() -> (tempfile::TempDir, Jail) {
-        setup_with(Resolver::Openat2)
-    }
-
     fn setup_with(resolver: Resolver) -> (tempfile::TempDir, Jail) {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("export");
