@@ -129,17 +129,16 @@ impl Daemon {
 
     pub fn command(&self, n: usize, extra: &[String]) -> Command {
         let mut cmd = Command::new(mftd_bin());
-        cmd.arg("--socket")
-            .arg(&self.socket)
-            .arg("--export")
-            .arg(&self.export)
-            .arg("--state-dir")
-            .arg(self.dir.path().join("state"))
-            .arg("--download-dir")
-            .arg(&self.downloads)
-            // A missing config file must not pick up the user's.
-            .env("MFTD_CONFIG", self.dir.path().join("none.toml"))
-            .env_remove("MFTD_SOCKET");
+        let given = |flag: &str| extra.iter().any(|a| a == flag);
+        cmd.arg("--socket").arg(&self.socket).arg("--export").arg(&self.export);
+        if !given("--state-dir") {
+            cmd.arg("--state-dir").arg(self.dir.path().join("state"));
+        }
+        if !given("--download-dir") {
+            cmd.arg("--download-dir").arg(&self.downloads);
+        }
+        // A missing config file must not pick up the user's.
+        cmd.env("MFTD_CONFIG", self.dir.path().join("none.toml")).env_remove("MFTD_SOCKET");
         if n > 0 && !extra.iter().any(|a| a == "--ports") {
             cmd.arg("--ports").arg(vec!["0"; n].join(","));
         } else if n == 0 && !extra.iter().any(|a| a == "--ports") {

@@ -298,3 +298,84 @@ fn symlink_planted_at_the_part_file_is_not_followed() {
     assert!(stdout(&out).contains("symlink"), "{}", stdout(&out));
     assert_eq!(std::fs::read(&target).unwrap(), b"do not touch");
 }
+
+/// A tmpfs of `size` mounted at `path` for one test; unmounted on drop.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(path: &std::path::Path, size: &str) -> Option<SmallFs> {
+        std::fs::create_dir_all(path).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
+            .arg(path)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        ok.then(|| SmallFs(path.to_path_buf()))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_pauses_with_the_error_and_keeps_the_last_manifest() {
+    let server = Daemon::builder(1).arg("--rate-limit").arg("4M").start();
+    write_file(&server.export.join("f"), 16 * MIB, 71);
+    warm(&server, "f");
+    // The state directory lives on a 1 MiB file system we can fill up.
+    let base = tempfile::tempdir().unwrap();
+    let state = base.path().join("state");
+    let Some(_fs) = SmallFs::mount(&state, "1m") else {
+        panic!("cannot mount a tmpfs for the full-disk test (needs root; make test runs as root in CI)");
+    };
+    let client = Daemon::builder(0).arg("--state-dir").arg(state.to_str().unwrap()).arg("--checkpoint-interval").arg("0.1").start();
+    let id = client.get_detached("f", &server.sources(), &[]);
+    assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 2 * MIB));
+    let manifest = state.join(format!("downloads/{id}.json"));
+    let before = std::fs::read(&manifest).unwrap();
+    // Fill the file system: the next checkpoint cannot be written.
+    let filler = state.join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 2 << 20]);
+    assert!(
+        wait_until(Duration::from_secs(10), || client.download(id)["state"] == "paused"),
+        "download did not pause on a full disk: {}",
+        client.download(id)
+    );
+    let dl = client.download(id);
+    let err = dl["error"].as_str().unwrap_or("");
+    println!("full disk: {err}");
+    assert!(err.contains("cannot write manifest") && err.contains("No space left"), "{dl}");
+    // The previous manifest is intact and still decodes.
+    let now = std::fs::read(&manifest).unwrap();
+    assert!(mftd_common::manifest::Manifest::decode(&now).is_ok(), "manifest damaged");
+    assert!(mftd_common::manifest::Manifest::decode(&before).is_ok());
+    assert!(client.ctl(&["status"]).status.success(), "daemon keeps serving");
+    // Free the space and resume: the file completes correctly.
+    std::fs::remove_file(&filler).unwrap();
+    let out = client.ctl(&["downloads", "resume", &id.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dl = client.wait_download(id, Duration::from_secs(30));
+    assert_eq!(dl["state"], "done", "{dl}");
+    assert_eq!(sha256_file(&client.downloads.join("f")), sha256_file(&server.export.join("f")));
+}
+
+#[test]
+fn no_space_for_the_file_is_a_clear_error() {
+    let server = Daemon::start(1);
+    write_file(&server.export.join("big"), 8 * MIB, 72);
+    let base = tempfile::tempdir().unwrap();
+    let out_dir = base.path().join("out");
+    let Some(_fs) = SmallFs::mount(&out_dir, "2m") else {
+        panic!("cannot mount a tmpfs for the full-disk test (needs root)");
+    };
+    let client = Daemon::start(0);
+    let out = client.ctl(&["get", "big", "--from", &server.sources()[0], "-o", out_dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("not enough disk space"), "{}", stdout(&out));
+    assert!(!out_dir.join("big.mftpart").exists(), "partial file left behind");
+    assert!(client.ctl(&["status"]).status.success());
+}
