@@ -36,6 +36,23 @@
 //! | 0x84 | CHALLENGE| server → client | nonce \[32\] (only when the listener requires authentication)          |
 //! | 0x04 | AUTH     | client → server | mac \[32\] = HMAC-SHA256(secret, `"mftd-auth-v1"` · nonce)             |
 //!
+//! ## Examples on the wire (hex; spaces separate fields)
+//!
+//! ```text
+//! HELLO v1, no flags     01 00000008 4d465444 0001 0000
+//! STAT "a.bin"           02 00000005 612e62696e
+//! READ id 7, 512 KiB at 0 of a 1 MiB file, mtime 1.7e18 ns, "a.bin"
+//!                        03 00000029 00000007 0000000000000000 0000000000080000
+//!                           0000000000100000 17979cfe362a0000 612e62696e
+//! STAT_OK, 1-byte file   82 00000058 0000000000000001 17979cfe362a0000 00040000 00000001
+//!                           <root: 32 bytes> <hash of piece 0: 32 bytes>
+//! DATA answering it      83 00000014 00000007 0000000000000000 0000000000080000
+//!                           <524288 raw bytes follow, outside the frame>
+//! ERROR NOT_FOUND        7f 00000012 00000000 0005 6e6f2073756368...  ("no such file")
+//! CHALLENGE              84 00000020 <32 random bytes>
+//! AUTH                   04 00000020 <HMAC-SHA256, 32 bytes>
+//! ```
+//!
 //! ## Handshake
 //! The client sends `HELLO` with version 1; the server answers `HELLO` with its
 //! own version, or an `ERROR` with code `VERSION_MISMATCH` whose message names
@@ -84,8 +101,9 @@
 //!
 //! ## ERROR codes (stable)
 //! See [`proto::ErrorCode`]. After an `ERROR` about a request the connection
-//! stays usable; after `BAD_HANDSHAKE`, `VERSION_MISMATCH`, `BAD_FRAME` and
-//! `BUSY` the server closes it.
+//! stays usable; after `BAD_HANDSHAKE`, `VERSION_MISMATCH`, `BAD_FRAME`,
+//! `BUSY`, `AUTH_FAILED` and `NOT_ALLOWED` the server closes it. An `ERROR`
+//! message is at most 1024 bytes of UTF-8; longer ones are cut.
 //!
 //! ## Paths and the export jail
 //! A path is relative to the listener's export root, UTF-8, `/`-separated, at

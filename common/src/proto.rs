@@ -563,6 +563,25 @@ mod tests {
         assert!(piece_count_for(1 << 40, ps) * 32 + 56 <= MAX_FRAME as u64);
     }
 
+    /// The hex examples in the crate docs are what the encoder produces.
+    #[test]
+    fn documented_examples_match_the_encoder() {
+        let hex = |f: Frame| hex::encode(f.encode());
+        assert_eq!(hex(Frame::Hello { magic: MAGIC, version: 1, flags: 0 }), "01000000084d46544400010000");
+        assert_eq!(hex(Frame::Stat { path: "a.bin".into() }), "0200000005612e62696e");
+        assert_eq!(
+            hex(Frame::Read(ReadReq { id: 7, offset: 0, len: 512 << 10, size: 1 << 20, mtime_ns: 1_700_000_000_000_000_000, path: "a.bin".into() })),
+            "03000000290000000700000000000000000000000000080000000000000010000017979cfe362a0000612e62696e"
+        );
+        assert_eq!(hex(Frame::Data(DataHeader { id: 7, offset: 0, len: 512 << 10 })), "830000001400000007000000000000000000000000000800 00".replace(' ', ""));
+        assert_eq!(
+            hex(Frame::Error(ErrorFrame { id: 0, code: ErrorCode::NotFound, message: "no such file".into() })),
+            "7f000000120000000000056e6f20737563682066696c65"
+        );
+        let ok = hex(Frame::StatOk(StatInfo { size: 1, mtime_ns: 1_700_000_000_000_000_000, identity: Identity::from_hashes(1, MIN_PIECE, vec![[0; 32]]) }));
+        assert!(ok.starts_with("8200000058000000000000000117979cfe362a00000004000000000001"), "{ok}");
+    }
+
     #[test]
     fn long_error_messages_roundtrip_after_the_cut() {
         // Fuzzer finding: 342 invalid bytes become 1026 bytes of U+FFFD.
