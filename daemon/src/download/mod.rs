@@ -506,8 +506,16 @@ impl Downloads {
         }
         let destination = dir.join(&name);
 
-        // The same file into the same place: continue that download.
-        let existing = self.map().values().find(|d| d.destination == destination && !d.state().is_final()).cloned();
+        // The same file into the same place: continue that download (also a
+        // failed one whose data and manifest were kept).
+        let existing = self
+            .map()
+            .values()
+            .find(|d| {
+                d.destination == destination
+                    && (!d.state().is_final() || (d.state() == DownloadState::Failed && self.store.path(d.id).exists()))
+            })
+            .cloned();
         if let Some(other) = existing {
             if other.remote_path != req.remote_path {
                 return Err(Rejected(
@@ -515,7 +523,7 @@ impl Downloads {
                     format!("download {} is already writing {} (from {})", other.id, destination.display(), other.remote_path),
                 ));
             }
-            if other.state() == DownloadState::Paused {
+            if matches!(other.state(), DownloadState::Paused | DownloadState::Failed) {
                 let dl = self.resume_with(other.id, Some(sources))?;
                 return Ok((dl, true));
             }
@@ -585,6 +593,17 @@ impl Downloads {
                 return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} has already ended ({})", state_word(dl.state()))))
             }
             _ => return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} is already running"))),
+        }
+        // Two downloads must never write the same part file.
+        if let Some(other) = self
+            .map()
+            .values()
+            .find(|d| d.id != id && d.destination == dl.destination && !d.state().is_final() && d.state() != DownloadState::Paused)
+        {
+            return Err(Rejected(
+                ErrorCode::Exists,
+                format!("download {} is already writing {}; cancel one of them", other.id, dl.destination.display()),
+            ));
         }
         let mut m = self.store.load(id).map_err(|d| {
             Rejected(
