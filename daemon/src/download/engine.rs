@@ -7,13 +7,17 @@
 //! from the [`Scheduler`] and writes what arrives straight to its offset in
 //! `NAME.mftpart`. A worker whose connection fails retries with capped
 //! exponential backoff plus jitter; its unfinished range is taken over by
-//! others from the exact byte reached. Completed pieces are read back and
-//! verified against their BLAKE3 hash; a bad piece is fetched again and its
-//! senders get a strike (dropped after [`MAX_STRIKES`]). When every piece is
-//! verified the whole file is hashed again, fsynced and renamed into place.
+//! others from the exact byte reached. Completed pieces are verified against
+//! their BLAKE3 hash: from the bytes as they were written when one
+//! connection wrote the whole piece in its current generation, otherwise by
+//! reading the piece back. A bad piece is fetched again and its senders get a
+//! strike (dropped after [`MAX_STRIKES`]). When every piece is verified the
+//! file is fsynced and renamed into place.
 //!
 //! Must never: write a byte that was not claimed first, let an unverified
-//! byte reach the final name, or follow a symlink at the destination.
+//! byte reach the final name, or follow a symlink at the destination. Two
+//! runs never write the same part file: it is `flock`ed for the run's
+//! lifetime, and a run waits for its blocking writes before it ends.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -90,6 +94,9 @@ struct Engine {
     changed: Notify,
     verify_slots: Semaphore,
     outcome: mpsc::Sender<Outcome>,
+    /// Blocking writes and verifications still running; the run waits for
+    /// them so nothing from it lands after it ended.
+    in_flight: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -111,6 +118,7 @@ pub async fn run(dl: Arc<Download>) {
         changed: Notify::new(),
         verify_slots: Semaphore::new(2),
         outcome: tx,
+        in_flight: AtomicUsize::new(0),
     });
     info!(remote = %dl.remote_path, dest = %dl.destination.display(), sources = ?dl.sources, "download started");
     let mut tasks = tokio::task::JoinSet::new();
@@ -145,6 +153,13 @@ pub async fn run(dl: Arc<Download>) {
     // Workers stop at their next await; bound the wait anyway.
     let _ = tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;
     tasks.abort_all();
+    // A write or verification handed to the blocking pool cannot be
+    // cancelled; wait (bounded) until they are done before the next run
+    // could open the file.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while eng.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     // Workers cancelled mid-session did not get to count themselves out.
     let dead: Vec<SourceId> = lock(&eng.dead).keys().copied().collect();
     for (i, s) in dl.progress().sources.iter_mut().enumerate() {
@@ -177,8 +192,10 @@ pub async fn run(dl: Arc<Download>) {
                     dl.set_state(DownloadState::Done);
                 }
                 Err(e) => {
-                    warn!(error = %e, "final check failed");
-                    forget("final check failed");
+                    // The data is verified; keep it (and the manifest) so a
+                    // later `get --resume` or `--force` need not fetch it again.
+                    warn!(error = %e, "could not put the file in place");
+                    let _ = checkpoint(&eng, false).await;
                     dl.fail(e);
                 }
             }
@@ -358,6 +375,7 @@ fn open_part(dest: &Path, size: u64, claimed: Option<Vec<Range>>, reuse: bool) -
                     .custom_flags(libc_o_nofollow())
                     .open(&part)
                     .map_err(|e| format!("cannot open {}: {e}", part.display()))?;
+                lock_part(&file, &part)?;
                 let len = meta.len();
                 let ranges = match claimed {
                     Some(r) if len == size => r,
@@ -386,11 +404,12 @@ fn open_part(dest: &Path, size: u64, claimed: Option<Vec<Range>>, reuse: bool) -
 /// Creates `NAME.mftpart` (never through a symlink) at the file's size.
 fn create_part(part: &Path, dest: &Path, size: u64) -> Result<File, String> {
     let part = part.to_path_buf();
+    // Lock before truncating: another download may be writing this file.
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(false)
         .mode(0o644)
         .custom_flags(libc_o_nofollow())
         .open(&part)
@@ -401,6 +420,8 @@ fn create_part(part: &Path, dest: &Path, size: u64) -> Result<File, String> {
                 format!("cannot create {}: {e}", part.display())
             }
         })?;
+    lock_part(&file, &part)?;
+    file.set_len(0).map_err(|e| format!("cannot truncate {}: {e}", part.display()))?;
     if size > 0 {
         use std::os::fd::AsRawFd;
         match nix::fcntl::posix_fallocate(file.as_raw_fd(), 0, size as i64) {
@@ -413,6 +434,30 @@ fn create_part(part: &Path, dest: &Path, size: u64) -> Result<File, String> {
         }
     }
     Ok(file)
+}
+
+/// Takes an exclusive lock on a part file for as long as the file stays
+/// open, so two downloads can never write (or truncate) the same one.
+fn lock_part(file: &File, part: &Path) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    #[allow(deprecated)] // nix's Flock wrapper would take ownership of the File.
+    let r = nix::fcntl::flock(file.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock);
+    match r {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EWOULDBLOCK) => {
+            Err(format!("another download is already writing {}; cancel it or choose another -o", part.display()))
+        }
+        Err(e) => Err(format!("cannot lock {}: {e}", part.display())),
+    }
+}
+
+/// Whether some running download holds the lock on `part`.
+pub fn part_in_use(part: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = OpenOptions::new().read(true).custom_flags(libc_o_nofollow()).open(part) else { return false };
+    #[allow(deprecated)]
+    let r = nix::fcntl::flock(f.as_raw_fd(), nix::fcntl::FlockArg::LockSharedNonblock);
+    matches!(r, Err(nix::errno::Errno::EWOULDBLOCK))
 }
 
 fn libc_o_nofollow() -> i32 {
@@ -634,7 +679,7 @@ impl Engine {
         for p in recheck {
             let eng = self.clone();
             let c = chosen.clone();
-            tokio::spawn(async move { verify(eng, c, p, None).await });
+            spawn_verify(eng, c, p, None);
         }
         Ok(chosen)
     }
@@ -659,6 +704,10 @@ impl Engine {
     /// All workers of all sources gave up: fail with every source's reason.
     fn check_all_dead(&self) {
         if self.live_workers.load(Ordering::SeqCst) > 0 {
+            return;
+        }
+        // Workers also end because everything is there; that is no failure.
+        if self.chosen.get().is_some_and(|c| lock(&c.sched).is_complete()) {
             return;
         }
         let dead = lock(&self.dead);
@@ -737,6 +786,15 @@ async fn session(eng: &Arc<Engine>, src: SourceId, addr: &str, backoff: &mut Bac
         Err(e) if e.is_permanent() => return WorkerEnd::Dead(SourceState::Failed, e.to_string()),
         Err(e) => return WorkerEnd::Retry(e.to_string()),
     };
+    // The piece size follows from the file size; a server announcing another
+    // could make us allocate or hash absurd pieces.
+    let want = mftd_common::proto::piece_size_for(stat.size);
+    if stat.identity.piece_size != want {
+        return WorkerEnd::Dead(
+            SourceState::Failed,
+            format!("protocol violation: piece size {} for a {}-byte file (expected {want})", stat.identity.piece_size, stat.size),
+        );
+    }
     let chosen = match eng.elect(src, &stat).await {
         Ok(c) => c,
         Err(_) if eng.workers.is_cancelled() => return WorkerEnd::Stopped,
@@ -877,7 +935,15 @@ async fn store(
     buf: Vec<u8>,
     hasher: &mut Option<PieceHasher>,
 ) -> Result<Vec<u8>, String> {
-    let claims = lock(&chosen.sched).claim(conn_id, got, Instant::now());
+    let piece_size = chosen.identity.piece_size as u64;
+    let (claims, gens) = {
+        let mut s = lock(&chosen.sched);
+        let claims = s.claim(conn_id, got, Instant::now());
+        let first = (got.start / piece_size) as usize;
+        let last = (got.end.saturating_sub(1) / piece_size) as usize;
+        let gens: Vec<(usize, u32)> = (first..=last).map(|p| (p, s.generation(p))).collect();
+        (claims, gens)
+    };
     eng.set_source(src, |s| s.bytes_received += got.len());
     if claims.is_empty() {
         *hasher = None;
@@ -889,7 +955,6 @@ async fn store(
     // in stream; anything else is verified by reading the piece back.
     let all_ours = claims.len() == 1 && claims[0] == got;
     let mut ph = if all_ours { hasher.take() } else { None };
-    let piece_size = chosen.identity.piece_size as u64;
     let size = chosen.identity.size;
     let work = move || {
         let mut res: io::Result<()> = Ok(());
@@ -909,15 +974,16 @@ async fn store(
                 let piece_start = piece as u64 * piece_size;
                 let piece_end = (piece_start + piece_size).min(size);
                 let end = piece_end.min(got.end);
+                let gen = gens.iter().find(|(p, _)| *p == piece).map(|(_, g)| *g).unwrap_or(u32::MAX);
                 if at == piece_start {
-                    ph = Some(PieceHasher { piece, next: at, hasher: blake3::Hasher::new() });
+                    ph = Some(PieceHasher { piece, gen, next: at, hasher: blake3::Hasher::new() });
                 }
                 match ph.as_mut() {
-                    Some(h) if h.piece == piece && h.next == at => {
+                    Some(h) if h.piece == piece && h.next == at && h.gen == gen => {
                         h.hasher.update(&buf[(at - got.start) as usize..(end - got.start) as usize]);
                         h.next = end;
                         if end == piece_end {
-                            hashed.push((piece, *h.hasher.finalize().as_bytes()));
+                            hashed.push((piece, gen, *h.hasher.finalize().as_bytes()));
                             ph = None;
                         }
                     }
@@ -930,8 +996,16 @@ async fn store(
         }
         (buf, res, ph, hashed)
     };
+    eng.in_flight.fetch_add(1, Ordering::SeqCst);
+    let guard = InFlight(eng.clone());
     let (buf, res, ph, hashed) =
-        tokio::task::spawn_blocking(work).await.map_err(|e| format!("write task failed: {e}"))?;
+        tokio::task::spawn_blocking(move || {
+            let r = work();
+            drop(guard);
+            r
+        })
+        .await
+        .map_err(|e| format!("write task failed: {e}"))?;
     *hasher = ph;
     if let Err(e) = res {
         let mut s = lock(&chosen.sched);
@@ -942,12 +1016,15 @@ async fn store(
     }
     let mut ready = Vec::new();
     let written: u64 = claims.iter().map(|c| c.len()).sum();
-    let total = {
+    let (total, hashed) = {
         let mut s = lock(&chosen.sched);
         for c in &claims {
             ready.extend(s.commit(src, *c));
         }
-        s.received_bytes()
+        // A hash started before the piece last failed describes an old copy.
+        let hashed: Vec<(usize, [u8; 32])> =
+            hashed.into_iter().filter(|(p, g, _)| s.generation(*p) == *g).map(|(p, _, h)| (p, h)).collect();
+        (s.received_bytes(), hashed)
     };
     {
         let mut p = eng.dl.progress();
@@ -960,14 +1037,25 @@ async fn store(
         let eng = eng.clone();
         let chosen = chosen.clone();
         let known = hashed.iter().find(|(p, _)| *p == piece).map(|(_, h)| *h);
-        tokio::spawn(async move { verify(eng, chosen, piece, known).await });
+        spawn_verify(eng, chosen, piece, known);
     }
     Ok(buf)
+}
+
+/// Counts one blocking task of the engine while it lives.
+struct InFlight(Arc<Engine>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// BLAKE3 state of the piece a connection is writing from its first byte.
 pub struct PieceHasher {
     piece: usize,
+    /// The piece's generation when hashing started (see `Scheduler::generation`).
+    gen: u32,
     /// Next byte expected; anything else ends in-stream hashing.
     next: u64,
     hasher: blake3::Hasher,
@@ -976,7 +1064,22 @@ pub struct PieceHasher {
 /// Checks piece `p` against its hash: the hash computed while its bytes
 /// were written when one connection wrote all of them (`known`), otherwise
 /// by reading the piece back from disk.
+/// Starts verifying piece `p`; counted in `in_flight` until done.
+fn spawn_verify(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize, known: Option<[u8; 32]>) {
+    eng.in_flight.fetch_add(1, Ordering::SeqCst);
+    let guard = InFlight(eng.clone());
+    tokio::spawn(async move {
+        let _guard = guard;
+        verify(eng, chosen, p, known).await
+    });
+}
+
 async fn verify(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize, known: Option<[u8; 32]>) {
+    // The run is over (paused, cancelled, shut down): the next run
+    // re-verifies whatever this one did not.
+    if eng.workers.is_cancelled() {
+        return;
+    }
     let ok = match known {
         Some(h) => Ok(Ok(h == chosen.identity.hashes[p])),
         None => read_back(&eng, &chosen, p).await,
@@ -989,11 +1092,16 @@ async fn read_back(eng: &Arc<Engine>, chosen: &Arc<Chosen>, p: usize) -> Result<
     let c2 = chosen.clone();
     tokio::task::spawn_blocking(move || {
         let (start, end) = c2.identity.piece_range(p);
-        let mut buf = vec![0u8; (end - start) as usize];
-        match c2.file.read_exact_at(&mut buf, start) {
-            Ok(()) => Ok(*blake3::hash(&buf).as_bytes() == c2.identity.hashes[p]),
-            Err(e) => Err(e),
+        let mut h = blake3::Hasher::new();
+        let mut buf = vec![0u8; ((end - start) as usize).min(1 << 20)];
+        let mut at = start;
+        while at < end {
+            let n = ((end - at) as usize).min(buf.len());
+            c2.file.read_exact_at(&mut buf[..n], at)?;
+            h.update(&buf[..n]);
+            at += n as u64;
         }
+        Ok(*h.finalize().as_bytes() == c2.identity.hashes[p])
     })
     .await
 }
@@ -1040,5 +1148,29 @@ fn settle(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize, ok: Result<io::Result
         Err(e) => {
             let _ = eng.outcome.try_send(Outcome::Fatal(format!("verification task failed: {e}")));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_part_file_is_never_shared_between_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("f");
+        let (first, _) = open_part(&dest, 1000, None, true).unwrap();
+        assert!(part_in_use(&part_path(&dest)));
+        // A second run, resuming or starting over, is refused while the
+        // first holds the file, and nothing gets truncated.
+        std::fs::write(part_path(&dest), vec![7u8; 1000]).unwrap();
+        let err = open_part(&dest, 1000, None, true).unwrap_err();
+        assert!(err.contains("another download is already writing"), "{err}");
+        let err = open_part(&dest, 1000, None, false).unwrap_err();
+        assert!(err.contains("another download is already writing"), "{err}");
+        assert_eq!(std::fs::read(part_path(&dest)).unwrap(), vec![7u8; 1000]);
+        drop(first);
+        assert!(!part_in_use(&part_path(&dest)));
+        assert!(open_part(&dest, 1000, None, true).is_ok());
     }
 }

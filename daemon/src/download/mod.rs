@@ -564,6 +564,9 @@ impl Downloads {
         let dl = self.get(id).ok_or_else(|| unknown(id))?;
         match dl.state() {
             DownloadState::Paused => return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} is already paused"))),
+            DownloadState::Verifying => {
+                return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} is finishing; it cannot be paused now")))
+            }
             s if s.is_final() => {
                 return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} has already ended ({})", state_word(s))))
             }
@@ -643,10 +646,16 @@ impl Downloads {
                 return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} has already ended ({})", state_word(dl.state()))))
             }
             DownloadState::Paused | DownloadState::Failed => {
-                // No engine runs: clean up here.
-                let _ = std::fs::remove_file(dl.part_path());
+                // No engine runs: clean up here, unless another download
+                // (same destination) is writing that part file now.
+                if !engine::part_in_use(&dl.part_path()) {
+                    let _ = std::fs::remove_file(dl.part_path());
+                }
                 self.store.remove(id);
                 dl.set_state_force(DownloadState::Cancelled);
+            }
+            DownloadState::Verifying => {
+                return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} is finishing; it cannot be cancelled now")))
             }
             _ => {
                 *dl.stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(StopReason::Cancel);

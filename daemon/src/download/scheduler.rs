@@ -97,6 +97,7 @@ pub struct Scheduler {
     avoid: HashMap<usize, HashSet<SourceId>>,
     assignments: HashMap<ConnId, Assignment>,
     meters: HashMap<ConnId, Meter>,
+    generations: HashMap<usize, u32>,
     /// Sources still in the download (not dropped or excluded), when the
     /// engine has told us; otherwise other sources count as alive while they
     /// hold an assignment.
@@ -121,6 +122,7 @@ impl Scheduler {
             assignments: HashMap::new(),
             meters: HashMap::new(),
             alive: Vec::new(),
+            generations: HashMap::new(),
         }
     }
 
@@ -186,13 +188,7 @@ impl Scheduler {
         // 1. Unassigned bytes, avoiding pieces this source sent bad copies
         // of while another source is at work to fetch them instead.
         let unassigned = self.unassigned();
-        let others_alive = self.assignments.values().any(|a| a.source != source)
-            || self.alive.iter().enumerate().any(|(s, a)| s != source && *a);
-        let pick = unassigned
-            .iter()
-            .find(|r| !self.avoided(source, **r))
-            .or_else(|| if others_alive { None } else { unassigned.first() })
-            .copied();
+        let pick = unassigned.iter().find(|r| !self.avoided(source, **r)).copied();
         if let Some(r) = pick {
             // End on a piece boundary so pieces complete early and verify.
             let mut end = (r.start + self.chunk).min(r.end);
@@ -268,9 +264,31 @@ impl Scheduler {
         }
     }
 
-    /// Whether `r` touches a piece `source` sent a bad copy of.
+    /// Whether `source` should leave `r` to others: it touches a piece this
+    /// source sent a bad copy of, and some other source that did not is
+    /// still in the download. When every remaining source sent a bad copy,
+    /// nobody is avoided (otherwise the piece would never be fetched).
     fn avoided(&self, source: SourceId, r: Range) -> bool {
-        !self.avoid.is_empty() && self.pieces_of(r).any(|p| self.avoid.get(&p).is_some_and(|s| s.contains(&source)))
+        if self.avoid.is_empty() {
+            return false;
+        }
+        self.pieces_of(r).any(|p| {
+            let Some(bad) = self.avoid.get(&p) else { return false };
+            bad.contains(&source) && self.someone_else_for(p, source, bad)
+        })
+    }
+
+    /// Another usable source exists that did not send a bad copy of `p`.
+    fn someone_else_for(&self, _p: usize, source: SourceId, bad: &HashSet<SourceId>) -> bool {
+        let by_assignment = self.assignments.values().any(|a| a.source != source && !bad.contains(&a.source));
+        let by_liveness = self.alive.iter().enumerate().any(|(s, alive)| *alive && s != source && !bad.contains(&s));
+        by_assignment || by_liveness
+    }
+
+    /// Generation of piece `p`: bumped every time it fails, so a hash
+    /// computed over an earlier copy is never taken for the current one.
+    pub fn generation(&self, p: usize) -> u32 {
+        self.generations.get(&p).copied().unwrap_or(0)
     }
 
     fn give(&mut self, conn: ConnId, source: SourceId, r: Range, duplicated: bool) -> Range {
@@ -353,6 +371,7 @@ impl Scheduler {
 
     /// Piece `p` failed verification: forget its bytes and report who sent them.
     pub fn piece_failed(&mut self, p: usize) -> BadPiece {
+        *self.generations.entry(p).or_insert(0) += 1;
         self.verifying.remove(&p);
         let r = self.piece_range(p);
         self.received.remove(r);
@@ -579,6 +598,29 @@ mod tests {
         let stolen = s.assign(2, 1, now).unwrap();
         assert!(stolen.start >= 512 << 10 && stolen.end == 4 << 20, "{stolen:?}");
         assert_eq!(s.assignment(1).unwrap().end, stolen.start);
+    }
+
+    /// Review finding: two sources both wrote part of a bad piece; neither
+    /// may refuse it forever.
+    #[test]
+    fn a_piece_both_sources_spoiled_is_still_fetched() {
+        let mut s = Scheduler::new(PS as u64, PS);
+        s.set_sources(2);
+        let now = Instant::now();
+        let r = s.assign(1, 0, now).unwrap();
+        s.next_request(1, r.len());
+        let half = Range::new(0, r.len() / 2);
+        let g = s.claim(1, half, now);
+        s.commit(0, g[0]);
+        let rest = Range::new(r.len() / 2, r.len());
+        let g = s.claim(2, rest, now);
+        assert_eq!(s.commit(1, g[0]), vec![0]);
+        let bad = s.piece_failed(0);
+        assert_eq!(bad.contributors.len(), 2);
+        s.release(1);
+        s.release(2);
+        assert_eq!(s.generation(0), 1);
+        assert!(s.assign(3, 0, now).is_some() || s.assign(4, 1, now).is_some(), "nobody fetches the piece again");
     }
 
     #[test]
