@@ -48,31 +48,52 @@ pub const MAX_LINE: usize = 1 << 20;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
-    Hello { protocol: u32, client: String },
+    Hello {
+        protocol: u32,
+        client: String,
+    },
     Status,
     ServersList,
-    ServerStop { port: u16 },
-    ServerStart { port: u16 },
+    ServerStop {
+        port: u16,
+    },
+    ServerStart {
+        port: u16,
+    },
     ServerAdd {
         #[serde(default)]
         port: Option<u16>,
         #[serde(default)]
         rate_limit: Option<u64>,
     },
-    ServerLimit { port: u16, rate_limit: u64 },
+    ServerLimit {
+        port: u16,
+        rate_limit: u64,
+    },
     Get(GetRequest),
     DownloadsList,
-    DownloadShow { id: u64 },
-    DownloadPause { id: u64 },
-    DownloadResume { id: u64 },
-    DownloadCancel { id: u64 },
+    DownloadShow {
+        id: u64,
+    },
+    DownloadPause {
+        id: u64,
+    },
+    DownloadResume {
+        id: u64,
+    },
+    DownloadCancel {
+        id: u64,
+    },
     /// Continue one download, or every paused/interrupted one.
     GetResume {
         #[serde(default)]
         id: Option<u64>,
     },
     /// Stream `progress` for a download every `interval_ms` until it ends.
-    Watch { id: u64, interval_ms: u64 },
+    Watch {
+        id: u64,
+        interval_ms: u64,
+    },
     Shutdown,
 }
 
@@ -109,11 +130,22 @@ pub struct GetRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
-    Hello { protocol: u32, daemon: String, pid: u32 },
-    Ok { message: String },
-    Error { code: ErrorCode, message: String },
+    Hello {
+        protocol: u32,
+        daemon: String,
+        pid: u32,
+    },
+    Ok {
+        message: String,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
     Status(StatusInfo),
-    Servers { servers: Vec<ListenerInfo> },
+    Servers {
+        servers: Vec<ListenerInfo>,
+    },
     Accepted {
         id: u64,
         destination: String,
@@ -121,10 +153,18 @@ pub enum Response {
         #[serde(default)]
         resumed: bool,
     },
-    Resumed { ids: Vec<u64> },
-    Downloads { downloads: Vec<DownloadInfo> },
-    Download { download: DownloadInfo },
-    Progress { download: DownloadInfo },
+    Resumed {
+        ids: Vec<u64>,
+    },
+    Downloads {
+        downloads: Vec<DownloadInfo>,
+    },
+    Download {
+        download: DownloadInfo,
+    },
+    Progress {
+        download: DownloadInfo,
+    },
 }
 
 /// Stable error codes of the control protocol.
@@ -317,10 +357,8 @@ mod tests {
         assert_eq!(s, r#"{"type":"server_stop","port":5003}"#);
         let back: Request = serde_json::from_str(&s).unwrap();
         assert_eq!(back, r);
-        let g: Request = serde_json::from_str(
-            r#"{"type":"get","remote_path":"a","sources":["127.0.0.1:5001"]}"#,
-        )
-        .unwrap();
+        let g: Request =
+            serde_json::from_str(r#"{"type":"get","remote_path":"a","sources":["127.0.0.1:5001"]}"#).unwrap();
         assert!(matches!(g, Request::Get(GetRequest { ref remote_path, .. }) if remote_path == "a"));
     }
 

@@ -214,16 +214,26 @@ pub struct ErrorFrame {
 /// Every frame of protocol v1.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    Hello { magic: [u8; 4], version: u16, flags: u16 },
-    Stat { path: String },
+    Hello {
+        magic: [u8; 4],
+        version: u16,
+        flags: u16,
+    },
+    Stat {
+        path: String,
+    },
     Read(ReadReq),
     StatOk(StatInfo),
     Data(DataHeader),
     Error(ErrorFrame),
     /// Server → client when authentication is required: a fresh nonce.
-    Challenge { nonce: [u8; 32] },
+    Challenge {
+        nonce: [u8; 32],
+    },
     /// Client → server: HMAC-SHA256 over the nonce with the shared secret.
-    Auth { mac: [u8; 32] },
+    Auth {
+        mac: [u8; 32],
+    },
 }
 
 /// HELLO flag: the client can answer an authentication challenge.
@@ -570,15 +580,29 @@ mod tests {
         assert_eq!(hex(Frame::Hello { magic: MAGIC, version: 1, flags: 0 }), "01000000084d46544400010000");
         assert_eq!(hex(Frame::Stat { path: "a.bin".into() }), "0200000005612e62696e");
         assert_eq!(
-            hex(Frame::Read(ReadReq { id: 7, offset: 0, len: 512 << 10, size: 1 << 20, mtime_ns: 1_700_000_000_000_000_000, path: "a.bin".into() })),
+            hex(Frame::Read(ReadReq {
+                id: 7,
+                offset: 0,
+                len: 512 << 10,
+                size: 1 << 20,
+                mtime_ns: 1_700_000_000_000_000_000,
+                path: "a.bin".into()
+            })),
             "03000000290000000700000000000000000000000000080000000000000010000017979cfe362a0000612e62696e"
         );
-        assert_eq!(hex(Frame::Data(DataHeader { id: 7, offset: 0, len: 512 << 10 })), "830000001400000007000000000000000000000000000800 00".replace(' ', ""));
+        assert_eq!(
+            hex(Frame::Data(DataHeader { id: 7, offset: 0, len: 512 << 10 })),
+            "830000001400000007000000000000000000000000000800 00".replace(' ', "")
+        );
         assert_eq!(
             hex(Frame::Error(ErrorFrame { id: 0, code: ErrorCode::NotFound, message: "no such file".into() })),
             "7f000000120000000000056e6f20737563682066696c65"
         );
-        let ok = hex(Frame::StatOk(StatInfo { size: 1, mtime_ns: 1_700_000_000_000_000_000, identity: Identity::from_hashes(1, MIN_PIECE, vec![[0; 32]]) }));
+        let ok = hex(Frame::StatOk(StatInfo {
+            size: 1,
+            mtime_ns: 1_700_000_000_000_000_000,
+            identity: Identity::from_hashes(1, MIN_PIECE, vec![[0; 32]]),
+        }));
         assert!(ok.starts_with("8200000058000000000000000117979cfe362a00000004000000000001"), "{ok}");
     }
 

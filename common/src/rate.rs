@@ -10,7 +10,8 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
     if num.is_empty() {
         return Err(format!("invalid rate {s:?}: expected a number such as 800K, 20M or 1G"));
     }
-    let mult: u64 = match suffix.to_ascii_lowercase().trim_end_matches("/s").trim_end_matches('b').trim_end_matches('i') {
+    let mult: u64 = match suffix.to_ascii_lowercase().trim_end_matches("/s").trim_end_matches('b').trim_end_matches('i')
+    {
         "" => 1,
         "k" => 1 << 10,
         "m" => 1 << 20,

@@ -103,7 +103,9 @@ impl Client {
         })?;
         let writer = stream.try_clone().map_err(|e| CtlError::Io(path.to_path_buf(), e))?;
         let mut c = Client { path: path.to_path_buf(), reader: BufReader::new(stream), writer };
-        match c.request(&Request::Hello { protocol: PROTOCOL, client: format!("mftctl {}", env!("CARGO_PKG_VERSION")) })? {
+        match c
+            .request(&Request::Hello { protocol: PROTOCOL, client: format!("mftctl {}", env!("CARGO_PKG_VERSION")) })?
+        {
             Response::Hello { .. } => Ok(c),
             Response::Error { code: ErrorCode::BadRequest, message } if message.contains("permission") => {
                 Err(CtlError::Permission(path.to_path_buf()))
@@ -123,7 +125,10 @@ impl Client {
             .read_line(&mut line)
             .map_err(|e| CtlError::Io(self.path.clone(), e))?;
         if n == 0 {
-            return Err(CtlError::Io(self.path.clone(), io::Error::new(io::ErrorKind::UnexpectedEof, "mftd closed the connection")));
+            return Err(CtlError::Io(
+                self.path.clone(),
+                io::Error::new(io::ErrorKind::UnexpectedEof, "mftd closed the connection"),
+            ));
         }
         serde_json::from_str(line.trim_end()).map_err(|e| CtlError::Protocol(format!("{e}: {}", line.trim_end())))
     }
@@ -145,7 +150,12 @@ impl Client {
                 }
                 Ok(_) if buf.ends_with(b"\n") => break,
                 Ok(_) => continue,
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                    ) =>
+                {
                     if buf.len() > MAX_LINE {
                         return Err(CtlError::Protocol("response line too long".into()));
                     }
@@ -155,7 +165,9 @@ impl Client {
             }
         }
         let text = String::from_utf8_lossy(&buf);
-        serde_json::from_str(text.trim_end()).map(Some).map_err(|e| CtlError::Protocol(format!("{e}: {}", text.trim_end())))
+        serde_json::from_str(text.trim_end())
+            .map(Some)
+            .map_err(|e| CtlError::Protocol(format!("{e}: {}", text.trim_end())))
     }
 
     pub fn request(&mut self, req: &Request) -> Result<Response, CtlError> {

@@ -28,7 +28,8 @@ fn speed(bps: u64) -> String {
 }
 
 pub fn listeners_table(ls: &[ListenerInfo]) -> String {
-    let mut out = format!("{:<6} {:<8} {:>5} {:>12} {:>12} {:>12}\n", "PORT", "STATE", "CONNS", "SENT", "RATE", "LIMIT");
+    let mut out =
+        format!("{:<6} {:<8} {:>5} {:>12} {:>12} {:>12}\n", "PORT", "STATE", "CONNS", "SENT", "RATE", "LIMIT");
     for l in ls {
         let state = serde_json::to_value(l.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
         out.push_str(&format!(
@@ -63,7 +64,10 @@ pub fn download_line(d: &DownloadInfo) -> String {
 }
 
 fn sources_table(d: &DownloadInfo) -> String {
-    let mut out = format!("  {:<24} {:<9} {:>12} {:>12} {:>7} {:>7}  {}\n", "SOURCE", "STATE", "BYTES", "SPEED", "SHARE", "STRIKES", "LAST ERROR");
+    let mut out = format!(
+        "  {:<24} {:<9} {:>12} {:>12} {:>7} {:>7}  {}\n",
+        "SOURCE", "STATE", "BYTES", "SPEED", "SHARE", "STRIKES", "LAST ERROR"
+    );
     for s in &d.sources {
         out.push_str(&format!(
             "  {:<24} {:<9} {:>12} {:>12} {:>6.1}% {:>7}  {}\n",
@@ -89,7 +93,8 @@ pub fn print_human(r: &Response) {
             println!("export     {}", s.export_dir);
             println!("downloads  {}", s.download_dir);
             println!("listen     {}", s.listen);
-            let running = s.listeners.iter().filter(|l| l.state == mftd_common::control::ListenerState::Running).count();
+            let running =
+                s.listeners.iter().filter(|l| l.state == mftd_common::control::ListenerState::Running).count();
             println!("\nlisteners: {running} running, {} stopped", s.listeners.len() - running);
             print!("{}", listeners_table(&s.listeners));
             for d in &s.damaged_manifests {
@@ -276,7 +281,13 @@ impl ProgressView {
         self.clear();
         match d.state {
             mftd_common::control::DownloadState::Done => {
-                println!("downloaded {} ({}) in {:.2}s, {}", d.destination, human_bytes(size), secs, speed((size as f64 / secs.max(1e-3)) as u64));
+                println!(
+                    "downloaded {} ({}) in {:.2}s, {}",
+                    d.destination,
+                    human_bytes(size),
+                    secs,
+                    speed((size as f64 / secs.max(1e-3)) as u64)
+                );
             }
             _ => println!("download {} {}: {}", d.id, state_name(&d.state), d.error.as_deref().unwrap_or("")),
         }

@@ -164,7 +164,8 @@ fn main() -> ExitCode {
     // SIGPIPE instead of panicking on a failed write.
     // SAFETY: setting a signal disposition to its default at startup, before
     // any thread exists.
-    let _ = unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) };
+    let _ =
+        unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) };
     let cli = Cli::parse();
     let json = cli.json;
     match run(cli) {
@@ -236,7 +237,9 @@ fn manpages(dir: &std::path::Path) -> Result<ExitCode, CtlError> {
     let cmd = Cli::command();
     let write = |name: String, cmd: clap::Command| -> Result<(), CtlError> {
         let mut buf = Vec::new();
-        clap_mangen::Man::new(cmd).render(&mut buf).map_err(|e| CtlError::Usage(format!("cannot render {name}: {e}")))?;
+        clap_mangen::Man::new(cmd)
+            .render(&mut buf)
+            .map_err(|e| CtlError::Usage(format!("cannot render {name}: {e}")))?;
         let p = dir.join(format!("{name}.1"));
         std::fs::write(&p, buf).map_err(|e| CtlError::Usage(format!("cannot write {}: {e}", p.display())))
     };
@@ -270,7 +273,9 @@ fn sources(args: &GetArgs) -> Result<Vec<String>, CtlError> {
         out.extend(args.ports.iter().map(|p| format!("{host}:{p}")));
     }
     if out.is_empty() {
-        return Err(CtlError::Usage("no sources: give --from HOST:PORT[,HOST:PORT...] or --host HOST --ports P1,P2,...".into()));
+        return Err(CtlError::Usage(
+            "no sources: give --from HOST:PORT[,HOST:PORT...] or --host HOST --ports P1,P2,...".into(),
+        ));
     }
     Ok(out)
 }
@@ -289,7 +294,9 @@ fn get(socket: &std::path::Path, json: bool, args: GetArgs) -> Result<ExitCode, 
             let abs = if o.is_absolute() {
                 o.clone()
             } else {
-                std::env::current_dir().map_err(|e| CtlError::Usage(format!("cannot resolve {}: {e}", o.display())))?.join(o)
+                std::env::current_dir()
+                    .map_err(|e| CtlError::Usage(format!("cannot resolve {}: {e}", o.display())))?
+                    .join(o)
             };
             Some(abs.display().to_string())
         }
@@ -306,7 +313,11 @@ fn get(socket: &std::path::Path, json: bool, args: GetArgs) -> Result<ExitCode, 
         no_resume: args.no_resume,
         secret_file: match &args.secret_file {
             Some(f) if f.is_relative() => Some(
-                std::env::current_dir().map_err(|e| CtlError::Usage(format!("cannot resolve {}: {e}", f.display())))?.join(f).display().to_string(),
+                std::env::current_dir()
+                    .map_err(|e| CtlError::Usage(format!("cannot resolve {}: {e}", f.display())))?
+                    .join(f)
+                    .display()
+                    .to_string(),
             ),
             Some(f) => Some(f.display().to_string()),
             None => None,

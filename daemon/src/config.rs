@@ -249,8 +249,8 @@ impl Config {
     pub fn load(args: &Args) -> anyhow::Result<Config> {
         let (file, config_file) = match &args.config {
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("cannot read config file {}", p.display()))?;
+                let text =
+                    std::fs::read_to_string(p).with_context(|| format!("cannot read config file {}", p.display()))?;
                 (parse_file(&text, p)?, Some(p.clone()))
             }
             None => match default_config_path() {
@@ -352,12 +352,18 @@ impl Config {
         let mut listener_limits = std::collections::BTreeMap::new();
         let mut listener_allow = std::collections::BTreeMap::new();
         for (port, lc) in file.listener.unwrap_or_default() {
-            let p: u16 = port.parse().ok().filter(|p| *p > 0).with_context(|| format!("[listener.{port}]: not a port number"))?;
+            let p: u16 = port
+                .parse()
+                .ok()
+                .filter(|p| *p > 0)
+                .with_context(|| format!("[listener.{port}]: not a port number"))?;
             if let Some(r) = &lc.rate_limit {
-                listener_limits.insert(p, r.parse().with_context(|| format!("invalid rate_limit in [listener.{port}]"))?);
+                listener_limits
+                    .insert(p, r.parse().with_context(|| format!("invalid rate_limit in [listener.{port}]"))?);
             }
             if let Some(a) = &lc.allow {
-                listener_allow.insert(p, parse_cidrs(a).with_context(|| format!("invalid allow in [listener.{port}]"))?);
+                listener_allow
+                    .insert(p, parse_cidrs(a).with_context(|| format!("invalid allow in [listener.{port}]"))?);
             }
         }
         let allow = match args.allow.as_ref().or(file.allow.as_ref()) {
@@ -519,10 +525,9 @@ mod tests {
 
     #[test]
     fn flags_win_over_file() {
-        let file: FileConfig = toml::from_str(
-            "ports = [6001, 6002]\nrate_limit = \"20M\"\nexport = \"/srv/x\"\nidle_timeout = 3\n",
-        )
-        .unwrap();
+        let file: FileConfig =
+            toml::from_str("ports = [6001, 6002]\nrate_limit = \"20M\"\nexport = \"/srv/x\"\nidle_timeout = 3\n")
+                .unwrap();
         let args = Args { rate_limit: Some(1024), ..Args::default() };
         let c = Config::merge(&args, file, None).unwrap();
         assert_eq!(c.ports, vec![6001, 6002]);
@@ -533,7 +538,8 @@ mod tests {
         assert!(text.contains("rate_limit = 1024  # flag"), "{text}");
         assert!(text.contains("ports = [6001, 6002]  # config file"), "{text}");
         assert!(text.contains("listen = \"127.0.0.1\"  # default"), "{text}");
-        let file: FileConfig = toml::from_str("[listener.5001]\nrate_limit = \"4M\"\n[listener.5002]\nrate_limit = 0\n").unwrap();
+        let file: FileConfig =
+            toml::from_str("[listener.5001]\nrate_limit = \"4M\"\n[listener.5002]\nrate_limit = 0\n").unwrap();
         let c = Config::merge(&Args::default(), file, None).unwrap();
         assert_eq!(c.listener_limits.get(&5001), Some(&(4 << 20)));
         assert_eq!(c.listener_limits.get(&5002), Some(&0));

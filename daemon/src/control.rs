@@ -43,13 +43,11 @@ impl ControlSocket {
     /// Creates the socket at `path`.
     pub fn bind(path: &Path, group: Option<&str>) -> anyhow::Result<ControlSocket> {
         let gid = match group {
-            Some(name) => Some(
-                nix::unistd::Group::from_name(name)
-                    .ok()
-                    .flatten()
-                    .map(|g| g.gid)
-                    .with_context(|| format!("socket group {name:?} does not exist; create it (groupadd {name}) or drop socket_group"))?,
-            ),
+            Some(name) => {
+                Some(nix::unistd::Group::from_name(name).ok().flatten().map(|g| g.gid).with_context(|| {
+                    format!("socket group {name:?} does not exist; create it (groupadd {name}) or drop socket_group")
+                })?)
+            }
             None => None,
         };
         if let Some(dir) = path.parent() {
@@ -82,10 +80,16 @@ impl ControlSocket {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => bail!("cannot inspect {}: {e}", path.display()),
         }
-        let fd: OwnedFd = socket::socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)
-            .context("cannot create control socket")?;
+        let fd: OwnedFd = socket::socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .context("cannot create control socket")?;
         let addr = UnixAddr::new(path).with_context(|| format!("invalid socket path {}", path.display()))?;
-        socket::bind(fd.as_raw_fd(), &addr).with_context(|| format!("cannot bind control socket {}", path.display()))?;
+        socket::bind(fd.as_raw_fd(), &addr)
+            .with_context(|| format!("cannot bind control socket {}", path.display()))?;
         // Restrict before anyone can connect: connect() needs listen().
         let mode = if gid.is_some() { 0o660 } else { 0o600 };
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
@@ -184,7 +188,14 @@ async fn handle_conn(stream: UnixStream, daemon: Arc<Daemon>, group: Option<nix:
         let mut r = BufReader::new(r);
         let mut first = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(1), read_line(&mut r, &mut first)).await;
-        let _ = send(&mut w, &Response::error(ErrorCode::BadRequest, "permission denied: only root, mftd's own user or its socket group may use this socket")).await;
+        let _ = send(
+            &mut w,
+            &Response::error(
+                ErrorCode::BadRequest,
+                "permission denied: only root, mftd's own user or its socket group may use this socket",
+            ),
+        )
+        .await;
         return Ok(());
     }
     let (r, mut w) = stream.into_split();
@@ -199,7 +210,11 @@ async fn handle_conn(stream: UnixStream, daemon: Arc<Daemon>, group: Option<nix:
             Ok(None) => return Ok(()),
             Ok(Some(())) => {}
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                let _ = send(&mut w, &Response::error(ErrorCode::LineTooLong, format!("request longer than {MAX_LINE} bytes"))).await;
+                let _ = send(
+                    &mut w,
+                    &Response::error(ErrorCode::LineTooLong, format!("request longer than {MAX_LINE} bytes")),
+                )
+                .await;
                 return Ok(());
             }
             Err(e) => return Err(e),
@@ -218,11 +233,17 @@ async fn handle_conn(stream: UnixStream, daemon: Arc<Daemon>, group: Option<nix:
         match req {
             Request::Hello { protocol, .. } => {
                 let resp = if protocol == PROTOCOL {
-                    Response::Hello { protocol: PROTOCOL, daemon: format!("mftd {}", env!("CARGO_PKG_VERSION")), pid: std::process::id() }
+                    Response::Hello {
+                        protocol: PROTOCOL,
+                        daemon: format!("mftd {}", env!("CARGO_PKG_VERSION")),
+                        pid: std::process::id(),
+                    }
                 } else {
                     Response::error(
                         ErrorCode::VersionMismatch,
-                        format!("mftd speaks control protocol {PROTOCOL}, mftctl sent {protocol}; use matching versions"),
+                        format!(
+                            "mftd speaks control protocol {PROTOCOL}, mftctl sent {protocol}; use matching versions"
+                        ),
                     )
                 };
                 send(&mut w, &resp).await?;
@@ -247,7 +268,12 @@ async fn handle_conn(stream: UnixStream, daemon: Arc<Daemon>, group: Option<nix:
 
 /// Streams `progress` for download `id` every `interval_ms` and once more
 /// when it ends.
-async fn watch<W: tokio::io::AsyncWrite + Unpin>(daemon: &Daemon, id: u64, interval_ms: u64, w: &mut W) -> io::Result<()> {
+async fn watch<W: tokio::io::AsyncWrite + Unpin>(
+    daemon: &Daemon,
+    id: u64,
+    interval_ms: u64,
+    w: &mut W,
+) -> io::Result<()> {
     let Some(dl) = daemon.downloads.get(id) else {
         let r = crate::download::unknown(id);
         return send(w, &Response::error(r.0, r.1)).await;

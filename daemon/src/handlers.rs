@@ -12,7 +12,10 @@ pub fn handle(d: &Daemon, req: Request) -> Response {
         Request::Status => status(d),
         Request::ServersList => Response::Servers { servers: d.listeners.list() },
         Request::ServerStop { port } => match d.listeners.stop(port) {
-            Ok(n) => Response::ok(format!("stopped listener {port} (closed {n} connection{})", if n == 1 { "" } else { "s" })),
+            Ok(n) => Response::ok(format!(
+                "stopped listener {port} (closed {n} connection{})",
+                if n == 1 { "" } else { "s" }
+            )),
             Err(e) => listener_error(e),
         },
         Request::ServerStart { port } => match d.listeners.start(port) {
@@ -31,7 +34,9 @@ pub fn handle(d: &Daemon, req: Request) -> Response {
             Err(e) => listener_error(e),
         },
         Request::Get(g) => match d.downloads.start(g) {
-            Ok((dl, resumed)) => Response::Accepted { id: dl.id, destination: dl.destination.display().to_string(), resumed },
+            Ok((dl, resumed)) => {
+                Response::Accepted { id: dl.id, destination: dl.destination.display().to_string(), resumed }
+            }
             Err(r) => Response::error(r.0, r.1),
         },
         Request::GetResume { id: Some(id) } => match d.downloads.resume(id) {
@@ -39,7 +44,12 @@ pub fn handle(d: &Daemon, req: Request) -> Response {
             Err(r) => Response::error(r.0, r.1),
         },
         Request::GetResume { id: None } => {
-            let ids = d.downloads.resumable().into_iter().filter_map(|id| d.downloads.resume(id).ok().map(|dl| dl.id)).collect();
+            let ids = d
+                .downloads
+                .resumable()
+                .into_iter()
+                .filter_map(|id| d.downloads.resume(id).ok().map(|dl| dl.id))
+                .collect();
             Response::Resumed { ids }
         }
         Request::DownloadPause { id } => match d.downloads.pause(id) {
@@ -50,7 +60,9 @@ pub fn handle(d: &Daemon, req: Request) -> Response {
             Ok(_) => Response::ok(format!("resumed download {id}")),
             Err(r) => Response::error(r.0, r.1),
         },
-        Request::DownloadsList => Response::Downloads { downloads: d.downloads.all().iter().map(|x| x.info(false)).collect() },
+        Request::DownloadsList => {
+            Response::Downloads { downloads: d.downloads.all().iter().map(|x| x.info(false)).collect() }
+        }
         Request::DownloadShow { id } => match d.downloads.get(id) {
             Some(dl) => Response::Download { download: dl.info(true) },
             None => {

@@ -157,8 +157,13 @@ impl Jail {
                 continue;
             }
             let Some(dir) = stack.last() else { return Err(JailError::Refused) };
-            let fd = nix::fcntl::openat(Some(dir.as_raw_fd()), comp.as_str(), OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
-                .map_err(map_errno)?;
+            let fd = nix::fcntl::openat(
+                Some(dir.as_raw_fd()),
+                comp.as_str(),
+                OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(map_errno)?;
             // SAFETY: fresh descriptor from openat.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             let meta = File::from(fd.try_clone().map_err(JailError::Io)?).metadata().map_err(JailError::Io)?;

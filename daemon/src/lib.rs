@@ -52,7 +52,12 @@ impl Daemon {
     pub fn summary(&self) -> String {
         let ls = self.listeners.list();
         let running = ls.iter().filter(|l| l.state == mftd_common::control::ListenerState::Running).count();
-        let active = self.downloads.all().iter().filter(|d| !d.state().is_final() && d.state() != mftd_common::control::DownloadState::Paused).count();
+        let active = self
+            .downloads
+            .all()
+            .iter()
+            .filter(|d| !d.state().is_final() && d.state() != mftd_common::control::DownloadState::Paused)
+            .count();
         format!("{running}/{} listeners running, {active} downloads active", ls.len())
     }
 
@@ -63,7 +68,9 @@ impl Daemon {
         notify::reloading();
         let old = self.config();
         if new.ports.contains(&0) {
-            warn!("reload: port 0 in the config cannot be matched to running listeners; the listener set is left as is");
+            warn!(
+                "reload: port 0 in the config cannot be matched to running listeners; the listener set is left as is"
+            );
         } else {
             let current = self.listeners.ports();
             for port in &current {

@@ -157,7 +157,9 @@ impl Listeners {
             return Err(ListenerError::Exists(port));
         }
         let listener = bind(SocketAddr::new(self.ip, port))?;
-        let addr = listener.local_addr().map_err(|source| ListenerError::Bind { addr: SocketAddr::new(self.ip, port), source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| ListenerError::Bind { addr: SocketAddr::new(self.ip, port), source })?;
         let port = addr.port();
         let shared = Arc::new(ListenerShared {
             port,

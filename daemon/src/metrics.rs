@@ -67,7 +67,10 @@ async fn answer(mut stream: TcpStream, d: &Daemon) -> std::io::Result<()> {
     } else {
         ("404 Not Found", "text/plain; charset=utf-8", "only /metrics is served here\n".to_string())
     };
-    let resp = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
     stream.write_all(resp.as_bytes()).await?;
     stream.shutdown().await
 }
@@ -126,7 +129,8 @@ pub fn render(d: &Daemon) -> String {
             (DownloadState::Failed, "failed"),
             (DownloadState::Cancelled, "cancelled"),
         ] {
-            let _ = writeln!(o, "mftd_download_state{{id=\"{}\",state=\"{name}\"}} {}", dl.id, u8::from(dl.state == st));
+            let _ =
+                writeln!(o, "mftd_download_state{{id=\"{}\",state=\"{name}\"}} {}", dl.id, u8::from(dl.state == st));
         }
     }
     family(&mut o, "mftd_download_size_bytes", "gauge", "Size of the file being downloaded.");
@@ -137,7 +141,13 @@ pub fn render(d: &Daemon) -> String {
     }
     family(&mut o, "mftd_download_bytes_done", "gauge", "Bytes of the file on disk.");
     for dl in &ds {
-        let _ = writeln!(o, "mftd_download_bytes_done{{id=\"{}\",path=\"{}\"}} {}", dl.id, esc(&dl.remote_path), dl.bytes_done);
+        let _ = writeln!(
+            o,
+            "mftd_download_bytes_done{{id=\"{}\",path=\"{}\"}} {}",
+            dl.id,
+            esc(&dl.remote_path),
+            dl.bytes_done
+        );
     }
     family(&mut o, "mftd_download_speed_bytes", "gauge", "Download speed over the last sampling interval.");
     for dl in &ds {
@@ -146,25 +156,49 @@ pub fn render(d: &Daemon) -> String {
     family(&mut o, "mftd_download_source_bytes_received_total", "counter", "Bytes received from a source.");
     for dl in &ds {
         for s in &dl.sources {
-            let _ = writeln!(o, "mftd_download_source_bytes_received_total{{id=\"{}\",source=\"{}\"}} {}", dl.id, esc(&s.address), s.bytes_received);
+            let _ = writeln!(
+                o,
+                "mftd_download_source_bytes_received_total{{id=\"{}\",source=\"{}\"}} {}",
+                dl.id,
+                esc(&s.address),
+                s.bytes_received
+            );
         }
     }
     family(&mut o, "mftd_download_source_speed_bytes", "gauge", "Bytes per second from a source.");
     for dl in &ds {
         for s in &dl.sources {
-            let _ = writeln!(o, "mftd_download_source_speed_bytes{{id=\"{}\",source=\"{}\"}} {}", dl.id, esc(&s.address), s.speed);
+            let _ = writeln!(
+                o,
+                "mftd_download_source_speed_bytes{{id=\"{}\",source=\"{}\"}} {}",
+                dl.id,
+                esc(&s.address),
+                s.speed
+            );
         }
     }
     family(&mut o, "mftd_download_source_strikes_total", "counter", "Pieces from a source that failed verification.");
     for dl in &ds {
         for s in &dl.sources {
-            let _ = writeln!(o, "mftd_download_source_strikes_total{{id=\"{}\",source=\"{}\"}} {}", dl.id, esc(&s.address), s.strikes);
+            let _ = writeln!(
+                o,
+                "mftd_download_source_strikes_total{{id=\"{}\",source=\"{}\"}} {}",
+                dl.id,
+                esc(&s.address),
+                s.strikes
+            );
         }
     }
     family(&mut o, "mftd_download_source_up", "gauge", "1 if the source is active for the download.");
     for dl in &ds {
         for s in &dl.sources {
-            let _ = writeln!(o, "mftd_download_source_up{{id=\"{}\",source=\"{}\"}} {}", dl.id, esc(&s.address), u8::from(s.state == SourceState::Active));
+            let _ = writeln!(
+                o,
+                "mftd_download_source_up{{id=\"{}\",source=\"{}\"}} {}",
+                dl.id,
+                esc(&s.address),
+                u8::from(s.state == SourceState::Active)
+            );
         }
     }
     o

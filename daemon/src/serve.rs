@@ -112,7 +112,12 @@ pub async fn serve_connection(
     }
 }
 
-async fn send_error(stream: &mut TcpStream, id: u32, code: ErrorCode, message: impl Into<String>) -> Result<(), ConnError> {
+async fn send_error(
+    stream: &mut TcpStream,
+    id: u32,
+    code: ErrorCode,
+    message: impl Into<String>,
+) -> Result<(), ConnError> {
     let frame = Frame::Error(ErrorFrame { id, code, message: message.into() });
     write_frame(stream, &frame).await
 }
@@ -155,7 +160,13 @@ async fn run(
                     Ok(_) => None,
                 };
                 if !answer.is_some_and(|mac| mftd_common::proto::auth_ok(secret, &nonce, &mac)) {
-                    let _ = send_error(stream, 0, ErrorCode::AuthFailed, "authentication failed: wrong or missing shared secret").await;
+                    let _ = send_error(
+                        stream,
+                        0,
+                        ErrorCode::AuthFailed,
+                        "authentication failed: wrong or missing shared secret",
+                    )
+                    .await;
                     return Err(ConnError::Closed("authentication failed".into()));
                 }
             }

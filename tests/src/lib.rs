@@ -514,7 +514,11 @@ fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie) {
     let mut up = RawConn::hello(upstream);
     // Handshake: answer HELLO ourselves.
     match c.recv() {
-        Some(Frame::Hello { .. }) => c.try_send(&Frame::Hello { magic: mftd_common::proto::MAGIC, version: mftd_common::proto::VERSION, flags: 0 }),
+        Some(Frame::Hello { .. }) => c.try_send(&Frame::Hello {
+            magic: mftd_common::proto::MAGIC,
+            version: mftd_common::proto::VERSION,
+            flags: 0,
+        }),
         _ => return,
     }
     loop {
@@ -525,27 +529,25 @@ fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie) {
                 let Some(answer) = up.recv() else { return };
                 c.try_send(&answer);
             }
-            Frame::Read(r) => {
-                match lie {
-                    Lie::LongerRange => {
-                        c.try_send(&Frame::Data(DataHeader { id: r.id, offset: r.offset, len: r.len + 4096 }));
-                        let _ = c.s.write_all(&vec![0x55u8; (r.len + 4096) as usize]);
-                    }
-                    Lie::OverflowRange => {
-                        c.try_send(&Frame::Data(DataHeader { id: r.id, offset: u64::MAX - 10, len: r.len }));
-                    }
-                    Lie::HugeLength => {
-                        c.try_send(&Frame::Data(DataHeader { id: r.id, offset: r.offset, len: u64::MAX - 5 }));
-                        let _ = c.s.write_all(&vec![0x55u8; 1 << 20]);
-                    }
-                    Lie::HugeFrame => {
-                        let mut h = vec![mftd_common::proto::T_DATA];
-                        h.extend_from_slice(&(u32::MAX - 3).to_be_bytes());
-                        let _ = c.s.write_all(&h);
-                        let _ = c.s.write_all(&vec![0u8; 1 << 16]);
-                    }
+            Frame::Read(r) => match lie {
+                Lie::LongerRange => {
+                    c.try_send(&Frame::Data(DataHeader { id: r.id, offset: r.offset, len: r.len + 4096 }));
+                    let _ = c.s.write_all(&vec![0x55u8; (r.len + 4096) as usize]);
                 }
-            }
+                Lie::OverflowRange => {
+                    c.try_send(&Frame::Data(DataHeader { id: r.id, offset: u64::MAX - 10, len: r.len }));
+                }
+                Lie::HugeLength => {
+                    c.try_send(&Frame::Data(DataHeader { id: r.id, offset: r.offset, len: u64::MAX - 5 }));
+                    let _ = c.s.write_all(&vec![0x55u8; 1 << 20]);
+                }
+                Lie::HugeFrame => {
+                    let mut h = vec![mftd_common::proto::T_DATA];
+                    h.extend_from_slice(&(u32::MAX - 3).to_be_bytes());
+                    let _ = c.s.write_all(&h);
+                    let _ = c.s.write_all(&vec![0u8; 1 << 16]);
+                }
+            },
             _ => return,
         }
     }
@@ -555,7 +557,9 @@ fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie) {
 pub fn rss_kib(pid: i32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 

@@ -9,7 +9,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use mftd_common::proto::{ErrorCode, Frame, ReadReq};
-use mftd_tests::{fd_count, mftctl_bin, rss_kib, sha256_file, stderr, stdout, wait_until, write_file, Daemon, Lie, LyingServer, RawConn};
+use mftd_tests::{
+    fd_count, mftctl_bin, rss_kib, sha256_file, stderr, stdout, wait_until, write_file, Daemon, Lie, LyingServer,
+    RawConn,
+};
 
 const MIB: u64 = 1 << 20;
 const SENTINEL: &[u8] = b"SENTINEL-outside-the-export-root-do-not-serve";
@@ -18,7 +21,14 @@ const SENTINEL: &[u8] = b"SENTINEL-outside-the-export-root-do-not-serve";
 fn still_serves(server: &Daemon) {
     write_file(&server.export.join("canary.bin"), 3 * MIB + 5, 99);
     let client = Daemon::start(0);
-    let out = client.ctl(&["get", "canary.bin", "--from", &server.sources().join(","), "-o", client.downloads.to_str().unwrap()]);
+    let out = client.ctl(&[
+        "get",
+        "canary.bin",
+        "--from",
+        &server.sources().join(","),
+        "-o",
+        client.downloads.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "normal download failed afterwards: {}\n{}", stderr(&out), server.log());
     assert_eq!(sha256_file(&client.downloads.join("canary.bin")), sha256_file(&server.export.join("canary.bin")));
 }
@@ -77,7 +87,8 @@ fn hostile_paths_get_uniform_errors_and_no_sentinel_byte() {
             other => panic!("{name}: not refused: {other:?}"),
         }
         // READ with the same path, as a raw frame.
-        let mut r = Frame::Read(ReadReq { id: 1, offset: 0, len: 8, size: 45, mtime_ns: 0, path: String::new() }).encode();
+        let mut r =
+            Frame::Read(ReadReq { id: 1, offset: 0, len: 8, size: 45, mtime_ns: 0, path: String::new() }).encode();
         r.truncate(5 + 36);
         r.extend_from_slice(path);
         let len = (r.len() - 5) as u32;
@@ -123,7 +134,10 @@ fn swap_race(server: Daemon) {
     let swapper = std::thread::spawn(move || {
         let mut swaps = 0u64;
         let start = Instant::now();
-        while !s2.load(std::sync::atomic::Ordering::SeqCst) && swaps < 20_000 && start.elapsed() < Duration::from_secs(20) {
+        while !s2.load(std::sync::atomic::Ordering::SeqCst)
+            && swaps < 20_000
+            && start.elapsed() < Duration::from_secs(20)
+        {
             if std::fs::rename(&d2, &real).is_ok() {
                 let _ = symlink(&out2, &d2);
                 let _ = std::fs::remove_file(&d2);
@@ -142,7 +156,14 @@ fn swap_race(server: Daemon) {
         requests += 1;
         match c.recv() {
             Some(Frame::StatOk(s)) => {
-                c.send(&Frame::Read(ReadReq { id: 2, offset: 0, len: s.size, size: s.size, mtime_ns: s.mtime_ns, path: "d/f.txt".into() }));
+                c.send(&Frame::Read(ReadReq {
+                    id: 2,
+                    offset: 0,
+                    len: s.size,
+                    size: s.size,
+                    mtime_ns: s.mtime_ns,
+                    path: "d/f.txt".into(),
+                }));
                 requests += 1;
                 match c.recv() {
                     Some(Frame::Data(h)) => {
@@ -193,12 +214,22 @@ fn lying_servers_are_dropped_and_the_others_finish() {
         assert!(err.contains("protocol violation") || err.contains("exceeds"), "{lie:?}: {err}");
         assert!(rss_kib(client.pid()) < 200 * 1024, "{lie:?}: client memory grew to {} KiB", rss_kib(client.pid()));
         // Nothing but the file was written to the output directory.
-        let names: Vec<String> = std::fs::read_dir(&client.downloads).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let names: Vec<String> = std::fs::read_dir(&client.downloads)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         assert_eq!(names, vec!["l".to_string()], "{lie:?}");
     }
     // A hostile remote name never escapes the output directory.
     let client = Daemon::start(0);
-    let out = client.ctl(&["get", "../../.ssh/authorized_keys", "--from", &server.sources()[0], "-o", client.downloads.to_str().unwrap()]);
+    let out = client.ctl(&[
+        "get",
+        "../../.ssh/authorized_keys",
+        "--from",
+        &server.sources()[0],
+        "-o",
+        client.downloads.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("invalid remote path"), "{}", stderr(&out));
     assert!(!client.dir.path().join(".ssh").exists());
@@ -224,10 +255,14 @@ fn connect_from(src: &str, port: u16) -> Option<TcpStream> {
 #[test]
 fn floods_of_silent_connections_are_capped_and_timed_out() {
     let server = Daemon::builder(2)
-        .arg("--handshake-timeout").arg("2")
-        .arg("--serve-idle-timeout").arg("2")
-        .arg("--max-connections-per-ip").arg("16")
-        .arg("--max-connections").arg("200")
+        .arg("--handshake-timeout")
+        .arg("2")
+        .arg("--serve-idle-timeout")
+        .arg("2")
+        .arg("--max-connections-per-ip")
+        .arg("16")
+        .arg("--max-connections")
+        .arg("200")
         .start();
     let pid = server.pid();
     let fds_before = fd_count(pid);
@@ -261,14 +296,21 @@ fn floods_of_silent_connections_are_capped_and_timed_out() {
     for s in silent.iter_mut().skip(16).take(50) {
         let mut buf = [0u8; 256];
         if let Ok(n) = s.read(&mut buf) {
-            if n > 5 && Frame::decode(buf[0], &buf[5..n]).is_ok_and(|f| matches!(f, Frame::Error(e) if e.code == ErrorCode::Busy)) {
+            if n > 5
+                && Frame::decode(buf[0], &buf[5..n])
+                    .is_ok_and(|f| matches!(f, Frame::Error(e) if e.code == ErrorCode::Busy))
+            {
                 busy += 1;
             }
         }
     }
     assert!(busy >= 40, "over-cap connections not refused with BUSY ({busy} of 50)");
     let t = Instant::now();
-    assert!(wait_until(Duration::from_secs(8), || fd_count(pid) <= fds_before + 4), "connections not closed by the timeouts: {} fds", fd_count(pid));
+    assert!(
+        wait_until(Duration::from_secs(8), || fd_count(pid) <= fds_before + 4),
+        "connections not closed by the timeouts: {} fds",
+        fd_count(pid)
+    );
     println!("flood drained in {:?}", t.elapsed());
     let mut closed = 0;
     for c in quiet.iter_mut().take(16) {
@@ -312,7 +354,9 @@ fn control_socket_abuse_is_refused_and_daemon_keeps_serving() {
     let _ = r.read_line(&mut line);
     assert!(line.contains("line_too_long"), "{line}");
     // Deeply nested JSON and unknown types.
-    for bad in ["[".repeat(100_000), "{\"type\":\"rm_rf\"}".to_string(), "{\"type\":\"get\",\"remote_path\":{}}".to_string()] {
+    for bad in
+        ["[".repeat(100_000), "{\"type\":\"rm_rf\"}".to_string(), "{\"type\":\"get\",\"remote_path\":{}}".to_string()]
+    {
         let mut s = UnixStream::connect(&server.socket).unwrap();
         s.write_all(bad.as_bytes()).unwrap();
         s.write_all(b"\n").unwrap();
@@ -351,7 +395,8 @@ fn shared_secret_authentication() {
     write_file(&server.export.join("a"), 2 * MIB, 61);
     // Right secret: works.
     let client = Daemon::builder(0).arg("--auth-secret-file").arg(good.to_str().unwrap()).start();
-    let out = client.ctl(&["get", "a", "--from", &server.sources().join(","), "-o", client.downloads.to_str().unwrap()]);
+    let out =
+        client.ctl(&["get", "a", "--from", &server.sources().join(","), "-o", client.downloads.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(sha256_file(&client.downloads.join("a")), sha256_file(&server.export.join("a")));
     // Missing secret: refused with a message that says what to do.
@@ -360,7 +405,17 @@ fn shared_secret_authentication() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout(&out).contains("requires authentication"), "{}", stdout(&out));
     // Wrong secret: refused.
-    let out = anon.ctl(&["get", "a", "--from", &server.sources()[0], "--secret-file", wrong.to_str().unwrap(), "-o", anon.downloads.to_str().unwrap(), "--force"]);
+    let out = anon.ctl(&[
+        "get",
+        "a",
+        "--from",
+        &server.sources()[0],
+        "--secret-file",
+        wrong.to_str().unwrap(),
+        "-o",
+        anon.downloads.to_str().unwrap(),
+        "--force",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout(&out).contains("authentication failed"), "{}", stdout(&out));
     // Raw: a client that skips AUTH gets AUTH_FAILED.
@@ -380,7 +435,15 @@ fn shared_secret_authentication() {
         assert!(!log.contains(secret), "secret in a log");
     }
     // The next valid download still works.
-    let out = client.ctl(&["get", "a", "--from", &server.sources().join(","), "-o", client.downloads.to_str().unwrap(), "--force"]);
+    let out = client.ctl(&[
+        "get",
+        "a",
+        "--from",
+        &server.sources().join(","),
+        "-o",
+        client.downloads.to_str().unwrap(),
+        "--force",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
@@ -399,7 +462,8 @@ fn allow_list_refuses_other_addresses() {
 #[test]
 fn accept_errors_back_off_and_the_listener_survives() {
     // Few descriptors: a small flood makes accept() fail with EMFILE.
-    let server = Daemon::builder(1).arg("--max-connections-per-ip").arg("1000").arg("--handshake-timeout").arg("2").start();
+    let server =
+        Daemon::builder(1).arg("--max-connections-per-ip").arg("1000").arg("--handshake-timeout").arg("2").start();
     let pid = server.pid().to_string();
     let out = Command::new("prlimit").args(["--pid", &pid, "--nofile=48:"]).output().expect("prlimit");
     assert!(out.status.success(), "{}", stderr(&out));

@@ -20,7 +20,13 @@ fn raw_request(d: &Daemon, line: &[u8]) -> serde_json::Value {
 #[test]
 fn malformed_requests_get_errors_and_daemon_keeps_serving() {
     let d = Daemon::start(1);
-    for bad in [&b"this is not json\n"[..], b"{\"type\":\"nope\"}\n", b"{\"type\":\"server_stop\",\"port\":99999}\n", b"[1,2,3]\n", b"\xff\xfe\n"] {
+    for bad in [
+        &b"this is not json\n"[..],
+        b"{\"type\":\"nope\"}\n",
+        b"{\"type\":\"server_stop\",\"port\":99999}\n",
+        b"[1,2,3]\n",
+        b"\xff\xfe\n",
+    ] {
         let v = raw_request(&d, bad);
         assert_eq!(v["type"], "error", "{v}");
         assert_eq!(v["code"], "bad_request", "{v}");

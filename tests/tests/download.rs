@@ -58,7 +58,14 @@ fn get_reports_per_server_result_and_json_events() {
     let server = Daemon::start(4);
     let client = Daemon::start(0);
     write_file(&server.export.join("dir/data.bin"), 5 << 20, 9);
-    let (out, lines) = client.ctl_json(&["get", "dir/data.bin", "--from", &server.sources().join(","), "-o", client.downloads.to_str().unwrap()]);
+    let (out, lines) = client.ctl_json(&[
+        "get",
+        "dir/data.bin",
+        "--from",
+        &server.sources().join(","),
+        "-o",
+        client.downloads.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(lines[0]["type"], "accepted");
     let last = lines.iter().rev().find(|l| l["type"] == "progress").unwrap();
@@ -71,7 +78,14 @@ fn get_reports_per_server_result_and_json_events() {
 
     // Human output names every source in the summary.
     std::fs::remove_file(client.downloads.join("data.bin")).unwrap();
-    let out = client.ctl(&["get", "dir/data.bin", "--from", &server.sources().join(","), "-o", client.downloads.to_str().unwrap()]);
+    let out = client.ctl(&[
+        "get",
+        "dir/data.bin",
+        "--from",
+        &server.sources().join(","),
+        "-o",
+        client.downloads.to_str().unwrap(),
+    ]);
     assert!(out.status.success());
     let text = stdout(&out);
     for p in &server.ports {
@@ -115,7 +129,14 @@ fn several_downloads_at_once() {
 fn file_not_found_is_a_clear_error() {
     let server = Daemon::start(2);
     let client = Daemon::start(0);
-    let out = client.ctl(&["get", "missing.iso", "--from", &server.sources().join(","), "-o", client.downloads.to_str().unwrap()]);
+    let out = client.ctl(&[
+        "get",
+        "missing.iso",
+        "--from",
+        &server.sources().join(","),
+        "-o",
+        client.downloads.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let text = stdout(&out) + &stderr(&out);
     assert!(text.contains("missing.iso not found"), "{text}");
@@ -143,7 +164,8 @@ fn bad_output_dir_and_existing_file_are_refused() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
     assert_eq!(std::fs::read(client.downloads.join("x")).unwrap(), b"precious");
-    let out = client.ctl(&["get", "x", "--from", &server.sources()[0], "-o", client.downloads.to_str().unwrap(), "--force"]);
+    let out =
+        client.ctl(&["get", "x", "--from", &server.sources()[0], "-o", client.downloads.to_str().unwrap(), "--force"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(sha256_file(&client.downloads.join("x")), sha256_file(&server.export.join("x")));
 }
@@ -158,11 +180,13 @@ fn server_with_a_different_version_is_excluded() {
     write_file(&odd.export.join("v.bin"), 6 << 20, 8);
     let mut sources = good.sources();
     sources.push(odd.sources()[0].clone());
-    let (out, lines) = client.ctl_json(&["get", "v.bin", "--from", &sources.join(","), "-o", client.downloads.to_str().unwrap()]);
+    let (out, lines) =
+        client.ctl_json(&["get", "v.bin", "--from", &sources.join(","), "-o", client.downloads.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(sha256_file(&client.downloads.join("v.bin")), sha256_file(&good.export.join("v.bin")));
     let last = &lines.iter().rev().find(|l| l["type"] == "progress").unwrap()["download"];
-    let odd_src = last["sources"].as_array().unwrap().iter().find(|s| s["address"] == odd.sources()[0].as_str()).unwrap().clone();
+    let odd_src =
+        last["sources"].as_array().unwrap().iter().find(|s| s["address"] == odd.sources()[0].as_str()).unwrap().clone();
     assert_eq!(odd_src["state"], "excluded", "{odd_src}");
     assert!(odd_src["last_error"].as_str().unwrap().contains("different version"), "{odd_src}");
     assert_eq!(odd_src["bytes"], 0);

@@ -3,10 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use mftd_tests::{warm, WINDOW_BYTES, corrupt_keeping_mtime, sha256_file, stderr, wait_until, write_file, Daemon, StallProxy};
+use mftd_tests::{
+    corrupt_keeping_mtime, sha256_file, stderr, wait_until, warm, write_file, Daemon, StallProxy, WINDOW_BYTES,
+};
 
 const MIB: u64 = 1 << 20;
-
 
 fn received_total(dl: &serde_json::Value) -> u64 {
     dl["sources"].as_array().unwrap().iter().map(|s| s["bytes_received"].as_u64().unwrap()).sum()
@@ -35,7 +36,10 @@ fn capped_listeners_share_in_proportion_and_finish_near_ideal() {
     let ideal = size as f64 / sum as f64;
     let took = dl["elapsed_ms"].as_f64().unwrap() / 1000.0;
     let shares: Vec<f64> = dl["sources"].as_array().unwrap().iter().map(|s| s["share"].as_f64().unwrap()).collect();
-    println!("capped 4/8/16/32 MiB/s, {size} bytes: {took:.3}s, ideal {ideal:.3}s, ratio {:.3}, shares {shares:?}", took / ideal);
+    println!(
+        "capped 4/8/16/32 MiB/s, {size} bytes: {took:.3}s, ideal {ideal:.3}s, ratio {:.3}, shares {shares:?}",
+        took / ideal
+    );
     assert!(took <= ideal * 1.15, "took {took:.2}s, ideal {ideal:.2}s");
     for (share, cap) in shares.iter().zip(caps) {
         let want = cap as f64 / sum as f64;
@@ -159,9 +163,8 @@ fn cpu_ticks(pid: i32) -> u64 {
 #[test]
 fn download_started_before_any_source_is_up() {
     // Ports that nothing listens on yet.
-    let ports: Vec<u16> = (0..2)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
-        .collect();
+    let ports: Vec<u16> =
+        (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
     let client = Daemon::start(0);
     let sources: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let id = client.get_detached("late", &sources, &[]);
@@ -179,7 +182,16 @@ fn give_up_after_fails_a_download_with_no_source() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let client = Daemon::start(0);
     let t = Instant::now();
-    let out = client.ctl(&["get", "x", "--from", &format!("127.0.0.1:{port}"), "--give-up-after", "2s", "-o", client.downloads.to_str().unwrap()]);
+    let out = client.ctl(&[
+        "get",
+        "x",
+        "--from",
+        &format!("127.0.0.1:{port}"),
+        "--give-up-after",
+        "2s",
+        "-o",
+        client.downloads.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).is_empty() || !stderr(&out).contains("panic"));
     let text = String::from_utf8_lossy(&out.stdout);
@@ -200,7 +212,11 @@ fn stalled_source_is_abandoned_within_the_idle_timeout() {
     // The good source is capped so the stalled one gets work to sit on.
     assert!(server.ctl(&["servers", "limit", &server.ports[1].to_string(), "4M"]).status.success());
     let t = Instant::now();
-    let id = client.get_detached("s", &[stalled.clone(), format!("127.0.0.1:{}", server.ports[1])], &["--connections-per-server", "1"]);
+    let id = client.get_detached(
+        "s",
+        &[stalled.clone(), format!("127.0.0.1:{}", server.ports[1])],
+        &["--connections-per-server", "1"],
+    );
     let dl = client.wait_download(id, Duration::from_secs(30));
     let took = t.elapsed();
     assert_eq!(dl["state"], "done", "{dl}");

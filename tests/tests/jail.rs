@@ -47,7 +47,14 @@ fn traversal_and_symlink_escapes_are_refused_then_valid_request_succeeds() {
         }
     }
     // READ of an escaping path is refused as well, with the request id.
-    c.send(&Frame::Read(ReadReq { id: 42, offset: 0, len: 8, size: SENTINEL.len() as u64, mtime_ns: 0, path: "link-out".into() }));
+    c.send(&Frame::Read(ReadReq {
+        id: 42,
+        offset: 0,
+        len: 8,
+        size: SENTINEL.len() as u64,
+        mtime_ns: 0,
+        path: "link-out".into(),
+    }));
     match c.recv() {
         Some(Frame::Error(e)) => {
             assert_eq!(e.id, 42);
@@ -74,7 +81,14 @@ fn traversal_and_symlink_escapes_are_refused_then_valid_request_succeeds() {
         match stat(&mut c, p) {
             Frame::StatOk(s) => {
                 assert_eq!(s.size, 1000);
-                c.send(&Frame::Read(ReadReq { id: 7, offset: 0, len: 1000, size: s.size, mtime_ns: s.mtime_ns, path: p.into() }));
+                c.send(&Frame::Read(ReadReq {
+                    id: 7,
+                    offset: 0,
+                    len: 1000,
+                    size: s.size,
+                    mtime_ns: s.mtime_ns,
+                    path: p.into(),
+                }));
                 match c.recv() {
                     Some(Frame::Data(h)) => assert_eq!((h.id, h.len), (7, 1000)),
                     other => panic!("{other:?}"),
@@ -114,7 +128,14 @@ fn bad_handshake_version_and_ranges() {
             other => panic!("{offset}+{len}: {other:?}"),
         }
     }
-    c.send(&Frame::Read(ReadReq { id: 1, offset: 0, len: 1, size: s.size + 1, mtime_ns: s.mtime_ns, path: "ok.bin".into() }));
+    c.send(&Frame::Read(ReadReq {
+        id: 1,
+        offset: 0,
+        len: 1,
+        size: s.size + 1,
+        mtime_ns: s.mtime_ns,
+        path: "ok.bin".into(),
+    }));
     match c.recv() {
         Some(Frame::Error(e)) => assert_eq!(e.code, ErrorCode::FileChanged),
         other => panic!("{other:?}"),

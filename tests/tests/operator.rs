@@ -20,7 +20,14 @@ fn json_stream_has_per_source_progress_and_a_done_event_that_adds_up() {
     write_file(&server.export.join("j"), size, 31);
     let client = Daemon::start(0);
     let (out, lines) = client.ctl_json(&[
-        "get", "j", "--from", &server.sources().join(","), "-o", client.downloads.to_str().unwrap(), "--interval", "0.2",
+        "get",
+        "j",
+        "--from",
+        &server.sources().join(","),
+        "-o",
+        client.downloads.to_str().unwrap(),
+        "--interval",
+        "0.2",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(lines[0]["type"], "accepted");
@@ -29,10 +36,17 @@ fn json_stream_has_per_source_progress_and_a_done_event_that_adds_up() {
     // Every source shows up with progress while the download runs.
     for addr in server.sources() {
         assert!(
-            progress.iter().any(|p| p["download"]["sources"].as_array().unwrap().iter().any(|s| s["address"] == addr.as_str() && s["bytes"].as_u64().unwrap() > 0 && s["state"] == "active")),
+            progress.iter().any(|p| p["download"]["sources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["address"] == addr.as_str() && s["bytes"].as_u64().unwrap() > 0 && s["state"] == "active")),
             "no active progress for {addr}"
         );
-        assert!(lines.iter().any(|l| l["type"] == "source_state" && l["address"] == addr.as_str()), "no source_state for {addr}");
+        assert!(
+            lines.iter().any(|l| l["type"] == "source_state" && l["address"] == addr.as_str()),
+            "no source_state for {addr}"
+        );
     }
     let done = lines.last().unwrap();
     assert_eq!(done["type"], "done", "{done}");
@@ -48,7 +62,16 @@ fn plain_mode_prints_per_source_lines() {
     let server = capped_server(4);
     write_file(&server.export.join("p"), 16 * MIB, 32);
     let client = Daemon::start(0);
-    let out = client.ctl(&["get", "p", "--from", &server.sources().join(","), "-o", client.downloads.to_str().unwrap(), "--interval", "0.3"]);
+    let out = client.ctl(&[
+        "get",
+        "p",
+        "--from",
+        &server.sources().join(","),
+        "-o",
+        client.downloads.to_str().unwrap(),
+        "--interval",
+        "0.3",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     let progress_lines: Vec<&str> = text.lines().filter(|l| l.starts_with('[')).collect();
@@ -73,7 +96,8 @@ fn live_display_in_a_pseudo_terminal_shows_sources_and_total() {
         client.downloads.display()
     );
     // `script` runs the command in a real pty and copies what it drew.
-    let out = Command::new("script").args(["-qfec", &cmd, "/dev/null"]).env("TERM", "xterm").output().expect("run script(1)");
+    let out =
+        Command::new("script").args(["-qfec", &cmd, "/dev/null"]).env("TERM", "xterm").output().expect("run script(1)");
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     let screen = stdout(&out);
     for addr in server.sources() {
@@ -106,8 +130,14 @@ fn servers_list_and_status_json_schemas() {
     assert_eq!(lines[0]["type"], "servers");
     for s in lines[0]["servers"].as_array().unwrap() {
         for (k, kind) in [
-            ("port", "u"), ("address", "s"), ("state", "s"), ("connections", "u"), ("total_connections", "u"),
-            ("bytes_sent", "u"), ("rate", "u"), ("rate_limit", "u"),
+            ("port", "u"),
+            ("address", "s"),
+            ("state", "s"),
+            ("connections", "u"),
+            ("total_connections", "u"),
+            ("bytes_sent", "u"),
+            ("rate", "u"),
+            ("rate_limit", "u"),
         ] {
             let v = &s[k];
             assert!(if kind == "u" { v.is_u64() } else { v.is_string() }, "servers[].{k} should be {kind}: {s}");
@@ -135,7 +165,12 @@ fn servers_list_and_status_json_schemas() {
 #[test]
 fn metrics_endpoint_moves_during_a_download() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let server = Daemon::builder(2).arg("--rate-limit").arg("4M").arg("--metrics-listen").arg(format!("127.0.0.1:{port}")).start();
+    let server = Daemon::builder(2)
+        .arg("--rate-limit")
+        .arg("4M")
+        .arg("--metrics-listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .start();
     write_file(&server.export.join("m"), 12 * MIB, 35);
     let client = Daemon::start(0);
     let scrape = |p: u16| -> String {
@@ -148,7 +183,11 @@ fn metrics_endpoint_moves_during_a_download() {
         body
     };
     let value = |text: &str, series: &str| -> u64 {
-        text.lines().find(|l| l.starts_with(series)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(0)
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
     };
     let id = client.get_detached("m", &server.sources(), &[]);
     let series = format!("mftd_listener_bytes_sent_total{{port=\"{}\"}}", server.ports[0]);
@@ -188,7 +227,10 @@ fn print_config_shows_origins() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("mftd.toml");
     std::fs::write(&cfg, "ports = [7001, 7002]\nrate_limit = \"20M\"\nmetrics_listen = \"127.0.0.1:9105\"\n\n[listener.7002]\nrate_limit = \"1M\"\n").unwrap();
-    let out = Command::new(mftd_bin()).args(["--config", cfg.to_str().unwrap(), "--rate-limit", "5M", "--print-config"]).output().unwrap();
+    let out = Command::new(mftd_bin())
+        .args(["--config", cfg.to_str().unwrap(), "--rate-limit", "5M", "--print-config"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(text.contains("ports = [7001, 7002]  # config file"), "{text}");

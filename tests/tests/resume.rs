@@ -4,11 +4,10 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use mftd_tests::{warm, WINDOW_BYTES, sha256_file, stderr, stdout, wait_until, write_file, Daemon};
+use mftd_tests::{sha256_file, stderr, stdout, wait_until, warm, write_file, Daemon, WINDOW_BYTES};
 use rand::{Rng, SeedableRng};
 
 const MIB: u64 = 1 << 20;
-
 
 fn sent_total(server: &Daemon) -> u64 {
     server.ports.iter().map(|p| server.bytes_sent(*p)).sum()
@@ -16,9 +15,8 @@ fn sent_total(server: &Daemon) -> u64 {
 
 fn manifests(client: &Daemon) -> Vec<PathBuf> {
     let dir = client.dir.path().join("state/downloads");
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
+    let mut v: Vec<PathBuf> =
+        std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
     v.retain(|p| p.extension().is_some_and(|x| x == "json"));
     v
 }
@@ -59,7 +57,11 @@ fn twenty_sigkills_then_resume_to_the_right_file() {
         restart(&mut client, &extra);
         let st = client.download(id);
         assert_eq!(st["state"], "paused", "after kill {k}: {st}");
-        println!("kill {k}: {done_before_last_kill} bytes done before, {} claimed after, servers sent {}", st["bytes_done"], sent_total(&server));
+        println!(
+            "kill {k}: {done_before_last_kill} bytes done before, {} claimed after, servers sent {}",
+            st["bytes_done"],
+            sent_total(&server)
+        );
         let out = client.ctl(&["get", "--resume", "--detach"]);
         assert!(out.status.success(), "resume after kill {k}: {}", stderr(&out));
     }
@@ -177,7 +179,16 @@ fn no_resume_leaves_no_manifest() {
     let server = Daemon::builder(1).arg("--rate-limit").arg("8M").start();
     write_file(&server.export.join("n"), 8 * MIB, 24);
     let client = Daemon::start(0);
-    let out = client.ctl(&["get", "n", "--from", &server.sources()[0], "--no-resume", "--detach", "-o", client.downloads.to_str().unwrap()]);
+    let out = client.ctl(&[
+        "get",
+        "n",
+        "--from",
+        &server.sources()[0],
+        "--no-resume",
+        "--detach",
+        "-o",
+        client.downloads.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let id: u64 = stdout(&out).trim().parse().unwrap();
     assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > MIB));
@@ -186,7 +197,16 @@ fn no_resume_leaves_no_manifest() {
     assert_eq!(dl["state"], "done");
     assert!(manifests(&client).is_empty());
     // And the CLI says what --no-resume means.
-    let out = client.ctl(&["get", "n", "--from", &server.sources()[0], "--no-resume", "--force", "-o", client.downloads.to_str().unwrap()]);
+    let out = client.ctl(&[
+        "get",
+        "n",
+        "--from",
+        &server.sources()[0],
+        "--no-resume",
+        "--force",
+        "-o",
+        client.downloads.to_str().unwrap(),
+    ]);
     assert!(stderr(&out).contains("starts over"), "{}", stderr(&out));
 }
 
@@ -242,7 +262,8 @@ fn same_get_again_continues_the_interrupted_download() {
     client.kill();
     restart(&mut client, &["--checkpoint-interval".into(), "0.1".into()]);
     let sent_before = sent_total(&server);
-    let (out, lines) = client.ctl_json(&["get", "g", "--from", &server.sources()[0], "-o", client.downloads.to_str().unwrap()]);
+    let (out, lines) =
+        client.ctl_json(&["get", "g", "--from", &server.sources()[0], "-o", client.downloads.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(lines[0]["type"], "accepted");
     assert_eq!(lines[0]["id"], id);
@@ -332,7 +353,12 @@ fn a_full_disk_pauses_with_the_error_and_keeps_the_last_manifest() {
     let Some(_fs) = SmallFs::mount(&state, "1m") else {
         panic!("cannot mount a tmpfs for the full-disk test (needs root; make test runs as root in CI)");
     };
-    let client = Daemon::builder(0).arg("--state-dir").arg(state.to_str().unwrap()).arg("--checkpoint-interval").arg("0.1").start();
+    let client = Daemon::builder(0)
+        .arg("--state-dir")
+        .arg(state.to_str().unwrap())
+        .arg("--checkpoint-interval")
+        .arg("0.1")
+        .start();
     let id = client.get_detached("f", &server.sources(), &[]);
     assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 2 * MIB));
     let manifest = state.join(format!("downloads/{id}.json"));

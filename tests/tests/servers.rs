@@ -59,7 +59,8 @@ fn stop_refuses_connections_and_start_reopens() {
     assert!(TcpStream::connect(("127.0.0.1", port)).is_ok(), "port {port} not reopened");
     write_file(&server.export.join("b"), 300_000, 4);
     let client = Daemon::start(0);
-    let out = client.ctl(&["get", "b", "--from", &format!("127.0.0.1:{port}"), "-o", client.downloads.to_str().unwrap()]);
+    let out =
+        client.ctl(&["get", "b", "--from", &format!("127.0.0.1:{port}"), "-o", client.downloads.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(sha256_file(&client.downloads.join("b")), sha256_file(&server.export.join("b")));
 }

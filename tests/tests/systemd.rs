@@ -48,9 +48,15 @@ fn ready_only_after_listeners_accept_then_status_and_watchdog() {
                 // The moment READY=1 arrives, every listener and the control
                 // socket must already accept connections.
                 for p in &ports {
-                    assert!(std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok(), "listener {p} not accepting at READY=1");
+                    assert!(
+                        std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok(),
+                        "listener {p} not accepting at READY=1"
+                    );
                 }
-                assert!(std::os::unix::net::UnixStream::connect(dir.path().join("mftd.sock")).is_ok(), "control socket not ready at READY=1");
+                assert!(
+                    std::os::unix::net::UnixStream::connect(dir.path().join("mftd.sock")).is_ok(),
+                    "control socket not ready at READY=1"
+                );
                 ready_at = Some(start.elapsed());
             }
             if let Some(s) = line.strip_prefix("STATUS=") {
@@ -92,11 +98,16 @@ fn sighup_adds_removes_and_relimits_listeners_while_a_download_runs() {
     server.kill();
     let log = std::fs::File::create(server.dir.path().join("mftd.log")).unwrap();
     let mut cmd = Command::new(mftd_bin());
-    cmd.arg("--config").arg(&cfg)
-        .arg("--export").arg(&server.export)
-        .arg("--state-dir").arg(server.dir.path().join("state"))
-        .arg("--socket").arg(&server.socket)
-        .stdout(Stdio::null()).stderr(log);
+    cmd.arg("--config")
+        .arg(&cfg)
+        .arg("--export")
+        .arg(&server.export)
+        .arg("--state-dir")
+        .arg(server.dir.path().join("state"))
+        .arg("--socket")
+        .arg(&server.socket)
+        .stdout(Stdio::null())
+        .stderr(log);
     server.child = Some(cmd.spawn().unwrap());
     server.wait_ready();
     let size = 24 * MIB;
@@ -105,7 +116,8 @@ fn sighup_adds_removes_and_relimits_listeners_while_a_download_runs() {
     let id = client.get_detached("h", &[format!("127.0.0.1:{a}"), format!("127.0.0.1:{b}")], &[]);
     assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 2 * MIB));
 
-    std::fs::write(&cfg, format!("ports = [{b}, {c}]\nrate_limit = \"4M\"\n[listener.{b}]\nrate_limit = \"8M\"\n")).unwrap();
+    std::fs::write(&cfg, format!("ports = [{b}, {c}]\nrate_limit = \"4M\"\n[listener.{b}]\nrate_limit = \"8M\"\n"))
+        .unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(server.pid()), nix::sys::signal::Signal::SIGHUP).unwrap();
     assert!(
         wait_until(Duration::from_secs(5), || {
@@ -170,14 +182,34 @@ fn make_install_into_destdir_produces_the_documented_tree() {
     assert!(unit.contains("ExecStart=/usr/bin/mftd"), "{unit}");
     assert!(unit.contains("Type=notify"));
     // The installed default config is valid and all comments.
-    let out = Command::new(d.join("usr/bin/mftd")).arg("--config").arg(d.join("etc/mftd/mftd.toml")).arg("--print-config").output().unwrap();
+    let out = Command::new(d.join("usr/bin/mftd"))
+        .arg("--config")
+        .arg(d.join("etc/mftd/mftd.toml"))
+        .arg("--print-config")
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     // An existing config survives a re-install; uninstall removes the rest.
     std::fs::write(d.join("etc/mftd/mftd.toml"), "rate_limit = \"1M\"\n").unwrap();
-    let again = Command::new("make").arg("-C").arg(repo).arg("install").arg(format!("DESTDIR={}", d.display())).arg("PREFIX=/usr").arg("PROFILE=debug").output().unwrap();
+    let again = Command::new("make")
+        .arg("-C")
+        .arg(repo)
+        .arg("install")
+        .arg(format!("DESTDIR={}", d.display()))
+        .arg("PREFIX=/usr")
+        .arg("PROFILE=debug")
+        .output()
+        .unwrap();
     assert!(again.status.success());
     assert_eq!(std::fs::read_to_string(d.join("etc/mftd/mftd.toml")).unwrap(), "rate_limit = \"1M\"\n");
-    let un = Command::new("make").arg("-C").arg(repo).arg("uninstall").arg(format!("DESTDIR={}", d.display())).arg("PREFIX=/usr").output().unwrap();
+    let un = Command::new("make")
+        .arg("-C")
+        .arg(repo)
+        .arg("uninstall")
+        .arg(format!("DESTDIR={}", d.display()))
+        .arg("PREFIX=/usr")
+        .output()
+        .unwrap();
     assert!(un.status.success());
     assert!(!d.join("usr/bin/mftd").exists() && !d.join("usr/lib/systemd/system/mftd.service").exists());
 }

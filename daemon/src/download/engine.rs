@@ -329,7 +329,8 @@ async fn finish(eng: &Arc<Engine>) -> Result<(), String> {
         // its hash after it was written; the piece hashes must add up to
         // the announced root identity.
         let all = lock(&chosen.sched).verified_count() == chosen.identity.piece_count();
-        let root = mftd_common::proto::root_of(chosen.identity.size, chosen.identity.piece_size, &chosen.identity.hashes);
+        let root =
+            mftd_common::proto::root_of(chosen.identity.size, chosen.identity.piece_size, &chosen.identity.hashes);
         if !all || root != chosen.identity.root {
             return Err(format!("{} is not fully verified against the file's identity", part.display()));
         }
@@ -349,7 +350,9 @@ fn rename_into_place(part: &Path, dest: &Path, force: bool) -> Result<(), String
     use nix::fcntl::{renameat2, RenameFlags};
     let flags = if force { RenameFlags::empty() } else { RenameFlags::RENAME_NOREPLACE };
     renameat2(None, part, None, dest, flags).map_err(|e| match e {
-        nix::errno::Errno::EEXIST => format!("{} appeared while downloading; not replacing it without --force", dest.display()),
+        nix::errno::Errno::EEXIST => {
+            format!("{} appeared while downloading; not replacing it without --force", dest.display())
+        }
         e => format!("cannot rename {} to {}: {e}", part.display(), dest.display()),
     })?;
     if let Some(dir) = dest.parent() {
@@ -558,13 +561,9 @@ impl Engine {
             };
             if ready {
                 let eng = self.clone();
-                let c = self
-                    .chosen
-                    .get_or_try_init(|| async move { eng.prepare().await })
-                    .await
-                    .inspect_err(|e| {
-                        let _ = self.outcome.try_send(Outcome::Fatal(e.clone()));
-                    })?;
+                let c = self.chosen.get_or_try_init(|| async move { eng.prepare().await }).await.inspect_err(|e| {
+                    let _ = self.outcome.try_send(Outcome::Fatal(e.clone()));
+                })?;
                 return self.compare(c, stat);
             }
             tokio::select! {
@@ -718,7 +717,6 @@ impl Engine {
     }
 }
 
-
 /// Why a worker's connection ended.
 enum WorkerEnd {
     /// Nothing left to fetch.
@@ -792,7 +790,10 @@ async fn session(eng: &Arc<Engine>, src: SourceId, addr: &str, backoff: &mut Bac
     if stat.identity.piece_size != want {
         return WorkerEnd::Dead(
             SourceState::Failed,
-            format!("protocol violation: piece size {} for a {}-byte file (expected {want})", stat.identity.piece_size, stat.size),
+            format!(
+                "protocol violation: piece size {} for a {}-byte file (expected {want})",
+                stat.identity.piece_size, stat.size
+            ),
         );
     }
     let chosen = match eng.elect(src, &stat).await {
@@ -855,11 +856,8 @@ async fn fetch(
                     s.assign(conn_id, src, now);
                 }
                 let speed = s.conn_speed(conn_id, now);
-                let block = if speed <= 0.0 {
-                    BLOCK_FIRST
-                } else {
-                    ((speed * BLOCK_TIME) as u64).clamp(BLOCK_MIN, BLOCK_MAX)
-                };
+                let block =
+                    if speed <= 0.0 { BLOCK_FIRST } else { ((speed * BLOCK_TIME) as u64).clamp(BLOCK_MIN, BLOCK_MAX) };
                 s.next_request(conn_id, block)
             };
             let Some(r) = next else { break };
@@ -998,14 +996,13 @@ async fn store(
     };
     eng.in_flight.fetch_add(1, Ordering::SeqCst);
     let guard = InFlight(eng.clone());
-    let (buf, res, ph, hashed) =
-        tokio::task::spawn_blocking(move || {
-            let r = work();
-            drop(guard);
-            r
-        })
-        .await
-        .map_err(|e| format!("write task failed: {e}"))?;
+    let (buf, res, ph, hashed) = tokio::task::spawn_blocking(move || {
+        let r = work();
+        drop(guard);
+        r
+    })
+    .await
+    .map_err(|e| format!("write task failed: {e}"))?;
     *hasher = ph;
     if let Err(e) = res {
         let mut s = lock(&chosen.sched);
@@ -1087,7 +1084,11 @@ async fn verify(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize, known: Option<[
     settle(eng, chosen, p, ok);
 }
 
-async fn read_back(eng: &Arc<Engine>, chosen: &Arc<Chosen>, p: usize) -> Result<io::Result<bool>, tokio::task::JoinError> {
+async fn read_back(
+    eng: &Arc<Engine>,
+    chosen: &Arc<Chosen>,
+    p: usize,
+) -> Result<io::Result<bool>, tokio::task::JoinError> {
     let Ok(_slot) = eng.verify_slots.acquire().await else { return Ok(Ok(false)) };
     let c2 = chosen.clone();
     tokio::task::spawn_blocking(move || {
@@ -1143,7 +1144,8 @@ fn settle(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize, ok: Result<io::Result
             eng.changed.notify_waiters();
         }
         Ok(Err(e)) => {
-            let _ = eng.outcome.try_send(Outcome::Fatal(format!("cannot read back {}: {e}", eng.dl.part_path().display())));
+            let _ =
+                eng.outcome.try_send(Outcome::Fatal(format!("cannot read back {}: {e}", eng.dl.part_path().display())));
         }
         Err(e) => {
             let _ = eng.outcome.try_send(Outcome::Fatal(format!("verification task failed: {e}")));

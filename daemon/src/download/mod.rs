@@ -379,7 +379,8 @@ impl Downloads {
         if let Some(m) = &spec.resume {
             let piece = m.file.as_ref().map(|f| f.piece_size as u64).unwrap_or(0);
             let size = m.file.as_ref().map(|f| f.size).unwrap_or(0);
-            let verified: u64 = m.verified_pieces().map(|p| (piece.saturating_mul(p + 1)).min(size).saturating_sub(piece * p)).sum();
+            let verified: u64 =
+                m.verified_pieces().map(|p| (piece.saturating_mul(p + 1)).min(size).saturating_sub(piece * p)).sum();
             let partial: u64 = m.received.iter().map(|r| r.len()).sum();
             progress.bytes_done = verified + partial;
         }
@@ -479,14 +480,20 @@ impl Downloads {
             }
         }
         if sources.is_empty() {
-            return Err(Rejected(ErrorCode::InvalidArgument, "no sources given; use --from HOST:PORT or --host with --ports".into()));
+            return Err(Rejected(
+                ErrorCode::InvalidArgument,
+                "no sources given; use --from HOST:PORT or --host with --ports".into(),
+            ));
         }
         let dir = match &req.output_dir {
             Some(d) => PathBuf::from(d),
             None => self.defaults.download_dir.clone(),
         };
         if !dir.is_absolute() {
-            return Err(Rejected(ErrorCode::OutputDir, format!("output directory {} must be an absolute path", dir.display())));
+            return Err(Rejected(
+                ErrorCode::OutputDir,
+                format!("output directory {} must be an absolute path", dir.display()),
+            ));
         }
         if req.output_dir.is_none() && !dir.exists() {
             std::fs::create_dir_all(&dir).map_err(|e| {
@@ -495,8 +502,18 @@ impl Downloads {
         }
         match std::fs::metadata(&dir) {
             Ok(m) if m.is_dir() => {}
-            Ok(_) => return Err(Rejected(ErrorCode::OutputDir, format!("output directory {} is not a directory", dir.display()))),
-            Err(_) => return Err(Rejected(ErrorCode::OutputDir, format!("output directory {} does not exist; create it first", dir.display()))),
+            Ok(_) => {
+                return Err(Rejected(
+                    ErrorCode::OutputDir,
+                    format!("output directory {} is not a directory", dir.display()),
+                ))
+            }
+            Err(_) => {
+                return Err(Rejected(
+                    ErrorCode::OutputDir,
+                    format!("output directory {} does not exist; create it first", dir.display()),
+                ))
+            }
         }
         if nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK).is_err() {
             return Err(Rejected(
@@ -520,7 +537,12 @@ impl Downloads {
             if other.remote_path != req.remote_path {
                 return Err(Rejected(
                     ErrorCode::Exists,
-                    format!("download {} is already writing {} (from {})", other.id, destination.display(), other.remote_path),
+                    format!(
+                        "download {} is already writing {} (from {})",
+                        other.id,
+                        destination.display(),
+                        other.remote_path
+                    ),
                 ));
             }
             if matches!(other.state(), DownloadState::Paused | DownloadState::Failed) {
@@ -542,7 +564,10 @@ impl Downloads {
             destination,
             sources,
             force: req.force,
-            connections_per_source: req.connections_per_source.unwrap_or(self.defaults.connections_per_server).clamp(1, 16),
+            connections_per_source: req
+                .connections_per_source
+                .unwrap_or(self.defaults.connections_per_server)
+                .clamp(1, 16),
             give_up_after: req.give_up_after_secs.map(Duration::from_secs),
             persist: !req.no_resume,
             resume: None,
@@ -563,12 +588,20 @@ impl Downloads {
     pub fn pause(&self, id: u64) -> Result<Arc<Download>, Rejected> {
         let dl = self.get(id).ok_or_else(|| unknown(id))?;
         match dl.state() {
-            DownloadState::Paused => return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} is already paused"))),
+            DownloadState::Paused => {
+                return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} is already paused")))
+            }
             DownloadState::Verifying => {
-                return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} is finishing; it cannot be paused now")))
+                return Err(Rejected(
+                    ErrorCode::InvalidArgument,
+                    format!("download {id} is finishing; it cannot be paused now"),
+                ))
             }
             s if s.is_final() => {
-                return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} has already ended ({})", state_word(s))))
+                return Err(Rejected(
+                    ErrorCode::InvalidArgument,
+                    format!("download {id} has already ended ({})", state_word(s)),
+                ))
             }
             _ => {}
         }
@@ -593,16 +626,17 @@ impl Downloads {
         match dl.state() {
             DownloadState::Paused | DownloadState::Failed => {}
             DownloadState::Done | DownloadState::Cancelled => {
-                return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} has already ended ({})", state_word(dl.state()))))
+                return Err(Rejected(
+                    ErrorCode::InvalidArgument,
+                    format!("download {id} has already ended ({})", state_word(dl.state())),
+                ))
             }
             _ => return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} is already running"))),
         }
         // Two downloads must never write the same part file.
-        if let Some(other) = self
-            .map()
-            .values()
-            .find(|d| d.id != id && d.destination == dl.destination && !d.state().is_final() && d.state() != DownloadState::Paused)
-        {
+        if let Some(other) = self.map().values().find(|d| {
+            d.id != id && d.destination == dl.destination && !d.state().is_final() && d.state() != DownloadState::Paused
+        }) {
             return Err(Rejected(
                 ErrorCode::Exists,
                 format!("download {} is already writing {}; cancel one of them", other.id, dl.destination.display()),
@@ -633,7 +667,10 @@ impl Downloads {
     pub fn resumable(&self) -> Vec<u64> {
         self.map()
             .values()
-            .filter(|d| d.state() == DownloadState::Paused || (d.state() == DownloadState::Failed && self.store.path(d.id).exists()))
+            .filter(|d| {
+                d.state() == DownloadState::Paused
+                    || (d.state() == DownloadState::Failed && self.store.path(d.id).exists())
+            })
             .map(|d| d.id)
             .collect()
     }
@@ -643,7 +680,10 @@ impl Downloads {
         let dl = self.get(id).ok_or_else(|| unknown(id))?;
         match dl.state() {
             DownloadState::Done | DownloadState::Cancelled => {
-                return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} has already ended ({})", state_word(dl.state()))))
+                return Err(Rejected(
+                    ErrorCode::InvalidArgument,
+                    format!("download {id} has already ended ({})", state_word(dl.state())),
+                ))
             }
             DownloadState::Paused | DownloadState::Failed => {
                 // No engine runs: clean up here, unless another download
@@ -655,7 +695,10 @@ impl Downloads {
                 dl.set_state_force(DownloadState::Cancelled);
             }
             DownloadState::Verifying => {
-                return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} is finishing; it cannot be cancelled now")))
+                return Err(Rejected(
+                    ErrorCode::InvalidArgument,
+                    format!("download {id} is finishing; it cannot be cancelled now"),
+                ))
             }
             _ => {
                 *dl.stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(StopReason::Cancel);

@@ -233,7 +233,11 @@ impl Scheduler {
         // 3. End game: duplicate a slow owner's outstanding bytes.
         let mut best: Option<(ConnId, f64)> = None;
         for (&c, a) in &self.assignments {
-            if a.source == source || a.duplicated || a.start >= a.end || self.avoided(source, Range::new(a.start, a.end)) {
+            if a.source == source
+                || a.duplicated
+                || a.start >= a.end
+                || self.avoided(source, Range::new(a.start, a.end))
+            {
                 continue;
             }
             let t = (a.end - a.start) as f64 / self.conn_rate(c, now).max(1.0);
@@ -292,7 +296,8 @@ impl Scheduler {
     }
 
     fn give(&mut self, conn: ConnId, source: SourceId, r: Range, duplicated: bool) -> Range {
-        self.assignments.insert(conn, Assignment { source, start: r.start, requested: r.start, end: r.end, duplicated });
+        self.assignments
+            .insert(conn, Assignment { source, start: r.start, requested: r.start, end: r.end, duplicated });
         self.meters.entry(conn).or_insert(Meter { last: Instant::now(), rate: 0.0 });
         r
     }
@@ -488,7 +493,13 @@ mod tests {
 
     impl Sim {
         fn new(size: u64) -> Sim {
-            Sim { s: Scheduler::new(size, PS), inflight: HashMap::new(), gen: [0; 4], writes: vec![0; size as usize / 4096 + 1], corrupt_next: false }
+            Sim {
+                s: Scheduler::new(size, PS),
+                inflight: HashMap::new(),
+                gen: [0; 4],
+                writes: vec![0; size as usize / 4096 + 1],
+                corrupt_next: false,
+            }
         }
         fn conn(&self, slot: u8) -> ConnId {
             self.gen[slot as usize] * 10 + slot as u64
