@@ -333,6 +333,15 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 }
 
 impl Daemon {
+    /// Runs `mftctl get REMOTE --from FROM -o <downloads> EXTRA...` and waits
+    /// for it to end.
+    pub fn get(&self, remote: &str, from: &str, extra: &[&str]) -> Output {
+        let out_dir = self.downloads.to_str().expect("utf-8 path").to_string();
+        let mut args = vec!["get", remote, "--from", from, "-o", &out_dir];
+        args.extend_from_slice(extra);
+        self.ctl(&args)
+    }
+
     /// Starts a download detached; returns its ID.
     pub fn get_detached(&self, remote: &str, sources: &[String], extra: &[&str]) -> u64 {
         let from = sources.join(",");

@@ -21,14 +21,7 @@ const SENTINEL: &[u8] = b"SENTINEL-outside-the-export-root-do-not-serve";
 fn still_serves(server: &Daemon) {
     write_file(&server.export.join("canary.bin"), 3 * MIB + 5, 99);
     let client = Daemon::start(0);
-    let out = client.ctl(&[
-        "get",
-        "canary.bin",
-        "--from",
-        &server.sources().join(","),
-        "-o",
-        client.downloads.to_str().unwrap(),
-    ]);
+    let out = client.get("canary.bin", &server.sources().join(","), &[]);
     assert!(out.status.success(), "normal download failed afterwards: {}\n{}", stderr(&out), server.log());
     assert_eq!(sha256_file(&client.downloads.join("canary.bin")), sha256_file(&server.export.join("canary.bin")));
 }
@@ -222,14 +215,7 @@ fn lying_servers_are_dropped_and_the_others_finish() {
     }
     // A hostile remote name never escapes the output directory.
     let client = Daemon::start(0);
-    let out = client.ctl(&[
-        "get",
-        "../../.ssh/authorized_keys",
-        "--from",
-        &server.sources()[0],
-        "-o",
-        client.downloads.to_str().unwrap(),
-    ]);
+    let out = client.get("../../.ssh/authorized_keys", &server.sources()[0], &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("invalid remote path"), "{}", stderr(&out));
     assert!(!client.dir.path().join(".ssh").exists());
@@ -395,27 +381,16 @@ fn shared_secret_authentication() {
     write_file(&server.export.join("a"), 2 * MIB, 61);
     // Right secret: works.
     let client = Daemon::builder(0).arg("--auth-secret-file").arg(good.to_str().unwrap()).start();
-    let out =
-        client.ctl(&["get", "a", "--from", &server.sources().join(","), "-o", client.downloads.to_str().unwrap()]);
+    let out = client.get("a", &server.sources().join(","), &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(sha256_file(&client.downloads.join("a")), sha256_file(&server.export.join("a")));
     // Missing secret: refused with a message that says what to do.
     let anon = Daemon::start(0);
-    let out = anon.ctl(&["get", "a", "--from", &server.sources()[0], "-o", anon.downloads.to_str().unwrap()]);
+    let out = anon.get("a", &server.sources()[0], &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout(&out).contains("requires authentication"), "{}", stdout(&out));
     // Wrong secret: refused.
-    let out = anon.ctl(&[
-        "get",
-        "a",
-        "--from",
-        &server.sources()[0],
-        "--secret-file",
-        wrong.to_str().unwrap(),
-        "-o",
-        anon.downloads.to_str().unwrap(),
-        "--force",
-    ]);
+    let out = anon.get("a", &server.sources()[0], &["--secret-file", wrong.to_str().unwrap(), "--force"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout(&out).contains("authentication failed"), "{}", stdout(&out));
     // Raw: a client that skips AUTH gets AUTH_FAILED.
@@ -435,15 +410,7 @@ fn shared_secret_authentication() {
         assert!(!log.contains(secret), "secret in a log");
     }
     // The next valid download still works.
-    let out = client.ctl(&[
-        "get",
-        "a",
-        "--from",
-        &server.sources().join(","),
-        "-o",
-        client.downloads.to_str().unwrap(),
-        "--force",
-    ]);
+    let out = client.get("a", &server.sources().join(","), &["--force"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
 

@@ -8,7 +8,7 @@ const PIECE: u64 = 256 << 10;
 /// Downloads `name` from the given sources into a fresh client daemon and
 /// returns the downloaded file's path.
 fn fetch(server: &Daemon, client: &Daemon, name: &str, sources: &[String]) -> std::path::PathBuf {
-    let out = client.ctl(&["get", name, "--from", &sources.join(","), "-o", client.downloads.to_str().unwrap()]);
+    let out = client.get(name, &sources.join(","), &[]);
     assert!(
         out.status.success(),
         "get failed ({}): {}\n{}\nserver log:\n{}\nclient log:\n{}",
@@ -78,14 +78,7 @@ fn get_reports_per_server_result_and_json_events() {
 
     // Human output names every source in the summary.
     std::fs::remove_file(client.downloads.join("data.bin")).unwrap();
-    let out = client.ctl(&[
-        "get",
-        "dir/data.bin",
-        "--from",
-        &server.sources().join(","),
-        "-o",
-        client.downloads.to_str().unwrap(),
-    ]);
+    let out = client.get("dir/data.bin", &server.sources().join(","), &[]);
     assert!(out.status.success());
     let text = stdout(&out);
     for p in &server.ports {
@@ -129,14 +122,7 @@ fn several_downloads_at_once() {
 fn file_not_found_is_a_clear_error() {
     let server = Daemon::start(2);
     let client = Daemon::start(0);
-    let out = client.ctl(&[
-        "get",
-        "missing.iso",
-        "--from",
-        &server.sources().join(","),
-        "-o",
-        client.downloads.to_str().unwrap(),
-    ]);
+    let out = client.get("missing.iso", &server.sources().join(","), &[]);
     assert_eq!(out.status.code(), Some(1));
     let text = stdout(&out) + &stderr(&out);
     assert!(text.contains("missing.iso not found"), "{text}");
@@ -160,12 +146,11 @@ fn bad_output_dir_and_existing_file_are_refused() {
     assert!(stderr(&out).contains("not a directory"), "{}", stderr(&out));
 
     std::fs::write(client.downloads.join("x"), b"precious").unwrap();
-    let out = client.ctl(&["get", "x", "--from", &server.sources()[0], "-o", client.downloads.to_str().unwrap()]);
+    let out = client.get("x", &server.sources()[0], &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
     assert_eq!(std::fs::read(client.downloads.join("x")).unwrap(), b"precious");
-    let out =
-        client.ctl(&["get", "x", "--from", &server.sources()[0], "-o", client.downloads.to_str().unwrap(), "--force"]);
+    let out = client.get("x", &server.sources()[0], &["--force"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(sha256_file(&client.downloads.join("x")), sha256_file(&server.export.join("x")));
 }

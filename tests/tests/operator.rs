@@ -62,16 +62,7 @@ fn plain_mode_prints_per_source_lines() {
     let server = capped_server(4);
     write_file(&server.export.join("p"), 16 * MIB, 32);
     let client = Daemon::start(0);
-    let out = client.ctl(&[
-        "get",
-        "p",
-        "--from",
-        &server.sources().join(","),
-        "-o",
-        client.downloads.to_str().unwrap(),
-        "--interval",
-        "0.3",
-    ]);
+    let out = client.get("p", &server.sources().join(","), &["--interval", "0.3"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     let progress_lines: Vec<&str> = text.lines().filter(|l| l.starts_with('[')).collect();

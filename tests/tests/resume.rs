@@ -159,7 +159,7 @@ fn damaged_manifests_are_reported_and_data_is_reverified() {
         let out = if reason.is_empty() {
             client.ctl(&["get", "--resume", &id.to_string()])
         } else {
-            client.ctl(&["get", "d", "--from", &server.sources()[0], "-o", client.downloads.to_str().unwrap()])
+            client.get("d", &server.sources()[0], &[])
         };
         assert!(out.status.success(), "{damage}: {}\n{}", stderr(&out), client.log());
         assert_eq!(sha256_file(&client.downloads.join("d")), sha256_file(&server.export.join("d")), "{damage}");
@@ -179,16 +179,7 @@ fn no_resume_leaves_no_manifest() {
     let server = Daemon::builder(1).arg("--rate-limit").arg("8M").start();
     write_file(&server.export.join("n"), 8 * MIB, 24);
     let client = Daemon::start(0);
-    let out = client.ctl(&[
-        "get",
-        "n",
-        "--from",
-        &server.sources()[0],
-        "--no-resume",
-        "--detach",
-        "-o",
-        client.downloads.to_str().unwrap(),
-    ]);
+    let out = client.get("n", &server.sources()[0], &["--no-resume", "--detach"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let id: u64 = stdout(&out).trim().parse().unwrap();
     assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > MIB));
@@ -197,16 +188,7 @@ fn no_resume_leaves_no_manifest() {
     assert_eq!(dl["state"], "done");
     assert!(manifests(&client).is_empty());
     // And the CLI says what --no-resume means.
-    let out = client.ctl(&[
-        "get",
-        "n",
-        "--from",
-        &server.sources()[0],
-        "--no-resume",
-        "--force",
-        "-o",
-        client.downloads.to_str().unwrap(),
-    ]);
+    let out = client.get("n", &server.sources()[0], &["--no-resume", "--force"]);
     assert!(stderr(&out).contains("starts over"), "{}", stderr(&out));
 }
 
@@ -314,7 +296,7 @@ fn symlink_planted_at_the_part_file_is_not_followed() {
     let target = client.dir.path().join("victim");
     std::fs::write(&target, b"do not touch").unwrap();
     std::os::unix::fs::symlink(&target, client.downloads.join("s.mftpart")).unwrap();
-    let out = client.ctl(&["get", "s", "--from", &server.sources()[0], "-o", client.downloads.to_str().unwrap()]);
+    let out = client.get("s", &server.sources()[0], &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout(&out).contains("symlink"), "{}", stdout(&out));
     assert_eq!(std::fs::read(&target).unwrap(), b"do not touch");

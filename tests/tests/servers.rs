@@ -17,7 +17,7 @@ fn list_shows_state_and_bytes_sent() {
         assert_eq!(s["bytes_sent"], 0);
         assert_eq!(s["rate_limit"], 0);
     }
-    let out = client.ctl(&["get", "a", "--from", &server.sources()[0], "-o", client.downloads.to_str().unwrap()]);
+    let out = client.get("a", &server.sources()[0], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let sent: Vec<u64> = server.servers().iter().map(|s| s["bytes_sent"].as_u64().unwrap()).collect();
     assert_eq!(sent[0], 2 << 20, "{sent:?}");
@@ -59,8 +59,7 @@ fn stop_refuses_connections_and_start_reopens() {
     assert!(TcpStream::connect(("127.0.0.1", port)).is_ok(), "port {port} not reopened");
     write_file(&server.export.join("b"), 300_000, 4);
     let client = Daemon::start(0);
-    let out =
-        client.ctl(&["get", "b", "--from", &format!("127.0.0.1:{port}"), "-o", client.downloads.to_str().unwrap()]);
+    let out = client.get("b", &format!("127.0.0.1:{port}"), &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(sha256_file(&client.downloads.join("b")), sha256_file(&server.export.join("b")));
 }
