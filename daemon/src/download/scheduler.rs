@@ -157,11 +157,13 @@ impl Scheduler {
 
     /// Bytes not on disk and not claimed, in order.
     pub fn missing(&self) -> Vec<Range> {
-        let mut claimed = self.received.clone();
-        for r in self.writing.ranges() {
-            claimed.insert(r);
-        }
-        claimed.gaps(Range::new(0, self.size))
+        self.unclaimed(Range::new(0, self.size))
+    }
+
+    /// Parts of `r` neither on disk nor being written. Runs on every chunk
+    /// received, so it works on `r` alone instead of copying the sets.
+    fn unclaimed(&self, r: Range) -> Vec<Range> {
+        self.received.gaps(r).into_iter().flat_map(|g| self.writing.gaps(g)).collect()
     }
 
     /// Missing bytes that no connection is responsible for.
@@ -328,11 +330,7 @@ impl Scheduler {
         if let Some(a) = self.assignments.get_mut(&conn) {
             a.start = a.start.max(r.end);
         }
-        let mut claimed = self.received.clone();
-        for w in self.writing.ranges() {
-            claimed.insert(w);
-        }
-        let gaps = claimed.gaps(r);
+        let gaps = self.unclaimed(r);
         for g in &gaps {
             self.writing.insert(*g);
         }
