@@ -204,30 +204,23 @@ fn run(cli: Cli) -> Result<ExitCode, CtlError> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Manpages { dir } => manpages(&dir),
-        Cmd::Downloads(DownloadsCmd::Watch { id, interval }) => {
-            if !(interval > 0.0 && interval <= 3600.0) {
-                return Err(CtlError::Usage("--interval must be between 0 and 3600 seconds".into()));
-            }
-            follow(&socket, json, id, interval)
-        }
-        Cmd::Downloads(d) => simple(
-            &socket,
-            json,
-            match d {
+        Cmd::Downloads(d) => {
+            let req = match d {
+                DownloadsCmd::Watch { id, interval } => {
+                    if !(interval > 0.0 && interval <= 3600.0) {
+                        return Err(CtlError::Usage("--interval must be between 0 and 3600 seconds".into()));
+                    }
+                    return follow(&socket, json, id, interval);
+                }
                 DownloadsCmd::List => Request::DownloadsList,
                 DownloadsCmd::Show { id } => Request::DownloadShow { id },
                 DownloadsCmd::Pause { id } => Request::DownloadPause { id },
                 DownloadsCmd::Resume { id } => Request::DownloadResume { id },
                 DownloadsCmd::Cancel { id } => Request::DownloadCancel { id },
-                DownloadsCmd::Watch { .. } => unreachable_watch(),
-            },
-        ),
+            };
+            simple(&socket, json, req)
+        }
     }
-}
-
-fn unreachable_watch() -> Request {
-    // `downloads watch` is dispatched before this match.
-    Request::DownloadsList
 }
 
 /// Writes `mftctl.1` and one page per subcommand.

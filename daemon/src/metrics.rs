@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
-use mftd_common::control::{DownloadState, ListenerState, SourceState};
+use mftd_common::control::{DownloadInfo, DownloadState, ListenerInfo, ListenerState, SourceInfo, SourceState};
 
 use crate::Daemon;
 
@@ -80,126 +80,127 @@ fn esc(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+/// One metric family: its HELP and TYPE lines, then one sample per row of
+/// (labels, value); labels are preformatted (`port="5001"`), empty for none.
+fn series(o: &mut String, name: &str, kind: &str, help: &str, rows: impl IntoIterator<Item = (String, u64)>) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, value) in rows {
+        if labels.is_empty() {
+            let _ = writeln!(o, "{name} {value}");
+        } else {
+            let _ = writeln!(o, "{name}{{{labels}}} {value}");
+        }
+    }
 }
 
 /// The whole exposition, from the same data `status` shows.
 pub fn render(d: &Daemon) -> String {
     let mut o = String::new();
-    family(&mut o, "mftd_uptime_seconds", "gauge", "Seconds since mftd started.");
-    let _ = writeln!(o, "mftd_uptime_seconds {}", d.started.elapsed().as_secs());
+    series(
+        &mut o,
+        "mftd_uptime_seconds",
+        "gauge",
+        "Seconds since mftd started.",
+        [(String::new(), d.started.elapsed().as_secs())],
+    );
 
     let ls = d.listeners.list();
-    family(&mut o, "mftd_listener_up", "gauge", "1 if the listener accepts connections, 0 if stopped.");
-    for l in &ls {
-        let _ = writeln!(o, "mftd_listener_up{{port=\"{}\"}} {}", l.port, u8::from(l.state == ListenerState::Running));
-    }
-    family(&mut o, "mftd_listener_bytes_sent_total", "counter", "File bytes sent by the listener.");
-    for l in &ls {
-        let _ = writeln!(o, "mftd_listener_bytes_sent_total{{port=\"{}\"}} {}", l.port, l.bytes_sent);
-    }
-    family(&mut o, "mftd_listener_connections", "gauge", "Connections open on the listener.");
-    for l in &ls {
-        let _ = writeln!(o, "mftd_listener_connections{{port=\"{}\"}} {}", l.port, l.connections);
-    }
-    family(&mut o, "mftd_listener_connections_total", "counter", "Connections accepted by the listener.");
-    for l in &ls {
-        let _ = writeln!(o, "mftd_listener_connections_total{{port=\"{}\"}} {}", l.port, l.total_connections);
-    }
-    family(&mut o, "mftd_listener_send_rate_bytes", "gauge", "Bytes per second sent over the last sampling interval.");
-    for l in &ls {
-        let _ = writeln!(o, "mftd_listener_send_rate_bytes{{port=\"{}\"}} {}", l.port, l.rate);
-    }
-    family(&mut o, "mftd_listener_rate_limit_bytes", "gauge", "Bandwidth cap in bytes per second (0 = none).");
-    for l in &ls {
-        let _ = writeln!(o, "mftd_listener_rate_limit_bytes{{port=\"{}\"}} {}", l.port, l.rate_limit);
-    }
+    let per_listener = |o: &mut String, name: &str, kind: &str, help: &str, value: &dyn Fn(&ListenerInfo) -> u64| {
+        series(o, name, kind, help, ls.iter().map(|l| (format!("port=\"{}\"", l.port), value(l))));
+    };
+    per_listener(&mut o, "mftd_listener_up", "gauge", "1 if the listener accepts connections, 0 if stopped.", &|l| {
+        u64::from(l.state == ListenerState::Running)
+    });
+    per_listener(&mut o, "mftd_listener_bytes_sent_total", "counter", "File bytes sent by the listener.", &|l| {
+        l.bytes_sent
+    });
+    per_listener(&mut o, "mftd_listener_connections", "gauge", "Connections open on the listener.", &|l| l.connections);
+    per_listener(&mut o, "mftd_listener_connections_total", "counter", "Connections accepted by the listener.", &|l| {
+        l.total_connections
+    });
+    per_listener(
+        &mut o,
+        "mftd_listener_send_rate_bytes",
+        "gauge",
+        "Bytes per second sent over the last sampling interval.",
+        &|l| l.rate,
+    );
+    per_listener(
+        &mut o,
+        "mftd_listener_rate_limit_bytes",
+        "gauge",
+        "Bandwidth cap in bytes per second (0 = none).",
+        &|l| l.rate_limit,
+    );
 
-    let ds: Vec<_> = d.downloads.all().iter().map(|x| x.info(false)).collect();
-    family(&mut o, "mftd_download_state", "gauge", "1 for the download's current state.");
-    for dl in &ds {
-        for (st, name) in [
-            (DownloadState::Starting, "starting"),
-            (DownloadState::Active, "active"),
-            (DownloadState::Waiting, "waiting"),
-            (DownloadState::Paused, "paused"),
-            (DownloadState::Verifying, "verifying"),
-            (DownloadState::Done, "done"),
-            (DownloadState::Failed, "failed"),
-            (DownloadState::Cancelled, "cancelled"),
-        ] {
-            let _ =
-                writeln!(o, "mftd_download_state{{id=\"{}\",state=\"{name}\"}} {}", dl.id, u8::from(dl.state == st));
-        }
-    }
-    family(&mut o, "mftd_download_size_bytes", "gauge", "Size of the file being downloaded.");
-    for dl in &ds {
-        if let Some(s) = dl.size {
-            let _ = writeln!(o, "mftd_download_size_bytes{{id=\"{}\",path=\"{}\"}} {s}", dl.id, esc(&dl.remote_path));
-        }
-    }
-    family(&mut o, "mftd_download_bytes_done", "gauge", "Bytes of the file on disk.");
-    for dl in &ds {
-        let _ = writeln!(
+    let ds: Vec<DownloadInfo> = d.downloads.all().iter().map(|x| x.info(false)).collect();
+    const STATES: [(DownloadState, &str); 8] = [
+        (DownloadState::Starting, "starting"),
+        (DownloadState::Active, "active"),
+        (DownloadState::Waiting, "waiting"),
+        (DownloadState::Paused, "paused"),
+        (DownloadState::Verifying, "verifying"),
+        (DownloadState::Done, "done"),
+        (DownloadState::Failed, "failed"),
+        (DownloadState::Cancelled, "cancelled"),
+    ];
+    series(
+        &mut o,
+        "mftd_download_state",
+        "gauge",
+        "1 for the download's current state.",
+        ds.iter().flat_map(|dl| {
+            STATES
+                .iter()
+                .map(move |(st, name)| (format!("id=\"{}\",state=\"{name}\"", dl.id), u64::from(dl.state == *st)))
+        }),
+    );
+    let id_path = |dl: &DownloadInfo| format!("id=\"{}\",path=\"{}\"", dl.id, esc(&dl.remote_path));
+    series(
+        &mut o,
+        "mftd_download_size_bytes",
+        "gauge",
+        "Size of the file being downloaded.",
+        ds.iter().filter_map(|dl| dl.size.map(|s| (id_path(dl), s))),
+    );
+    series(
+        &mut o,
+        "mftd_download_bytes_done",
+        "gauge",
+        "Bytes of the file on disk.",
+        ds.iter().map(|dl| (id_path(dl), dl.bytes_done)),
+    );
+    series(
+        &mut o,
+        "mftd_download_speed_bytes",
+        "gauge",
+        "Download speed over the last sampling interval.",
+        ds.iter().map(|dl| (format!("id=\"{}\"", dl.id), dl.speed)),
+    );
+    let per_source = |o: &mut String, name: &str, kind: &str, help: &str, value: &dyn Fn(&SourceInfo) -> u64| {
+        series(
             o,
-            "mftd_download_bytes_done{{id=\"{}\",path=\"{}\"}} {}",
-            dl.id,
-            esc(&dl.remote_path),
-            dl.bytes_done
+            name,
+            kind,
+            help,
+            ds.iter().flat_map(|dl| {
+                dl.sources.iter().map(move |s| (format!("id=\"{}\",source=\"{}\"", dl.id, esc(&s.address)), value(s)))
+            }),
         );
-    }
-    family(&mut o, "mftd_download_speed_bytes", "gauge", "Download speed over the last sampling interval.");
-    for dl in &ds {
-        let _ = writeln!(o, "mftd_download_speed_bytes{{id=\"{}\"}} {}", dl.id, dl.speed);
-    }
-    family(&mut o, "mftd_download_source_bytes_received_total", "counter", "Bytes received from a source.");
-    for dl in &ds {
-        for s in &dl.sources {
-            let _ = writeln!(
-                o,
-                "mftd_download_source_bytes_received_total{{id=\"{}\",source=\"{}\"}} {}",
-                dl.id,
-                esc(&s.address),
-                s.bytes_received
-            );
-        }
-    }
-    family(&mut o, "mftd_download_source_speed_bytes", "gauge", "Bytes per second from a source.");
-    for dl in &ds {
-        for s in &dl.sources {
-            let _ = writeln!(
-                o,
-                "mftd_download_source_speed_bytes{{id=\"{}\",source=\"{}\"}} {}",
-                dl.id,
-                esc(&s.address),
-                s.speed
-            );
-        }
-    }
-    family(&mut o, "mftd_download_source_strikes_total", "counter", "Pieces from a source that failed verification.");
-    for dl in &ds {
-        for s in &dl.sources {
-            let _ = writeln!(
-                o,
-                "mftd_download_source_strikes_total{{id=\"{}\",source=\"{}\"}} {}",
-                dl.id,
-                esc(&s.address),
-                s.strikes
-            );
-        }
-    }
-    family(&mut o, "mftd_download_source_up", "gauge", "1 if the source is active for the download.");
-    for dl in &ds {
-        for s in &dl.sources {
-            let _ = writeln!(
-                o,
-                "mftd_download_source_up{{id=\"{}\",source=\"{}\"}} {}",
-                dl.id,
-                esc(&s.address),
-                u8::from(s.state == SourceState::Active)
-            );
-        }
-    }
+    };
+    per_source(&mut o, "mftd_download_source_bytes_received_total", "counter", "Bytes received from a source.", &|s| {
+        s.bytes_received
+    });
+    per_source(&mut o, "mftd_download_source_speed_bytes", "gauge", "Bytes per second from a source.", &|s| s.speed);
+    per_source(
+        &mut o,
+        "mftd_download_source_strikes_total",
+        "counter",
+        "Pieces from a source that failed verification.",
+        &|s| u64::from(s.strikes),
+    );
+    per_source(&mut o, "mftd_download_source_up", "gauge", "1 if the source is active for the download.", &|s| {
+        u64::from(s.state == SourceState::Active)
+    });
     o
 }
