@@ -281,7 +281,13 @@ pub struct SourceInfo {
     pub ranges_done: u64,
     /// Pieces from this source that failed verification.
     pub strikes: u32,
+    /// TCP connections open to this source now (adapted to what the path
+    /// needs unless `connections_per_server` fixes it).
     pub connections: u32,
+    /// Round-trip time to this source measured at the handshake, in
+    /// milliseconds (the smallest of its connections); absent until known.
+    #[serde(default)]
+    pub rtt_ms: Option<f64>,
     #[serde(default)]
     pub last_error: Option<String>,
 }

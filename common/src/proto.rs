@@ -1,4 +1,4 @@
-//! Transfer protocol v1 frames: encoding, decoding and limits.
+//! Transfer protocol v2 frames: encoding, decoding and limits.
 //!
 //! The normative description is in the [crate docs](crate). This module turns
 //! frames into bytes and back; it never allocates more than [`MAX_FRAME`] for
@@ -10,15 +10,22 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Protocol version spoken by this build.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Magic bytes opening every `HELLO`.
 pub const MAGIC: [u8; 4] = *b"MFTD";
 /// Largest frame body accepted from a peer, checked before allocating.
 pub const MAX_FRAME: u32 = 1 << 20;
 /// Longest path accepted, in bytes.
 pub const MAX_PATH: usize = 4096;
-/// Largest byte range one `READ` may ask for.
-pub const MAX_READ: u64 = 16 << 20;
+/// Most file bytes one `DATA` frame may announce. A `READ` may ask for any
+/// range of the file; the server streams it as a sequence of `DATA` frames of
+/// at most this many bytes each, so it can stop early after a `TRIM`.
+pub const MAX_DATA: u64 = 4 << 20;
+/// Largest `DATA` frame a server sends (a quarter of [`MAX_DATA`]): small
+/// enough that a `TRIM` takes effect within about a megabyte.
+pub const DATA_CHUNK: u64 = 1 << 20;
+/// Sent in `TRIMMED` for a request the server no longer has open.
+pub const TRIM_NOT_OPEN: u64 = u64::MAX;
 /// Smallest piece size; see [`piece_size_for`].
 pub const MIN_PIECE: u32 = 256 << 10;
 /// Most pieces a file is cut into; bounds the size of `STAT_OK`.
@@ -32,6 +39,8 @@ pub const T_HELLO: u8 = 0x01;
 pub const T_STAT: u8 = 0x02;
 pub const T_READ: u8 = 0x03;
 pub const T_AUTH: u8 = 0x04;
+pub const T_TRIM: u8 = 0x05;
+pub const T_TRIMMED: u8 = 0x85;
 pub const T_CHALLENGE: u8 = 0x84;
 pub const T_STAT_OK: u8 = 0x82;
 pub const T_DATA: u8 = 0x83;
@@ -234,6 +243,18 @@ pub enum Frame {
     Auth {
         mac: [u8; 32],
     },
+    /// Client → server: stop request `id` at byte `end` (exclusive) instead
+    /// of its original end, or as soon after as the server can.
+    Trim {
+        id: u32,
+        end: u64,
+    },
+    /// Server → client: request `id` ends at byte `end` (never before what
+    /// the server already sent), or [`TRIM_NOT_OPEN`] if it was finished.
+    Trimmed {
+        id: u32,
+        end: u64,
+    },
 }
 
 /// HELLO flag: the client can answer an authentication challenge.
@@ -324,6 +345,16 @@ impl Frame {
                 body.extend_from_slice(mac);
                 T_AUTH
             }
+            Frame::Trim { id, end } => {
+                body.extend_from_slice(&id.to_be_bytes());
+                body.extend_from_slice(&end.to_be_bytes());
+                T_TRIM
+            }
+            Frame::Trimmed { id, end } => {
+                body.extend_from_slice(&id.to_be_bytes());
+                body.extend_from_slice(&end.to_be_bytes());
+                T_TRIMMED
+            }
             Frame::Error(e) => {
                 body.extend_from_slice(&e.id.to_be_bytes());
                 body.extend_from_slice(&(e.code as u16).to_be_bytes());
@@ -392,6 +423,9 @@ impl Frame {
                 let offset = c.u64()?;
                 let len = c.u64()?;
                 c.end()?;
+                if len > MAX_DATA {
+                    return Err(c.bad("DATA announces more than 4 MiB"));
+                }
                 Frame::Data(DataHeader { id, offset, len })
             }
             T_CHALLENGE => {
@@ -403,6 +437,16 @@ impl Frame {
                 let mac = c.array::<32>()?;
                 c.end()?;
                 Frame::Auth { mac }
+            }
+            T_TRIM | T_TRIMMED => {
+                let id = c.u32()?;
+                let end = c.u64()?;
+                c.end()?;
+                if kind == T_TRIM {
+                    Frame::Trim { id, end }
+                } else {
+                    Frame::Trimmed { id, end }
+                }
             }
             T_ERROR => {
                 let id = c.u32()?;
@@ -433,7 +477,10 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ProtoE
     if len > MAX_FRAME {
         return Err(ProtoError::TooLarge(len));
     }
-    if !matches!(kind, T_HELLO | T_STAT | T_READ | T_AUTH | T_STAT_OK | T_DATA | T_ERROR | T_CHALLENGE) {
+    if !matches!(
+        kind,
+        T_HELLO | T_STAT | T_READ | T_AUTH | T_TRIM | T_STAT_OK | T_DATA | T_ERROR | T_CHALLENGE | T_TRIMMED
+    ) {
         return Err(ProtoError::UnknownType(kind));
     }
     let mut body = vec![0u8; len as usize];
@@ -453,6 +500,8 @@ fn kind_name(kind: u8) -> &'static str {
         T_STAT => "STAT",
         T_READ => "READ",
         T_AUTH => "AUTH",
+        T_TRIM => "TRIM",
+        T_TRIMMED => "TRIMMED",
         T_CHALLENGE => "CHALLENGE",
         T_STAT_OK => "STAT_OK",
         T_DATA => "DATA",
@@ -560,6 +609,8 @@ mod tests {
         roundtrip(Frame::Data(DataHeader { id: 1, offset: 2, len: 3 }));
         roundtrip(Frame::Challenge { nonce: [7; 32] });
         roundtrip(Frame::Auth { mac: [9; 32] });
+        roundtrip(Frame::Trim { id: 3, end: 1 << 33 });
+        roundtrip(Frame::Trimmed { id: 3, end: TRIM_NOT_OPEN });
         roundtrip(Frame::Error(ErrorFrame { id: 0, code: ErrorCode::NotFound, message: "no such file".into() }));
     }
 
@@ -577,18 +628,20 @@ mod tests {
     #[test]
     fn documented_examples_match_the_encoder() {
         let hex = |f: Frame| hex::encode(f.encode());
-        assert_eq!(hex(Frame::Hello { magic: MAGIC, version: 1, flags: 0 }), "01000000084d46544400010000");
+        assert_eq!(hex(Frame::Hello { magic: MAGIC, version: 2, flags: 0 }), "01000000084d46544400020000");
+        assert_eq!(hex(Frame::Trim { id: 7, end: 1 << 18 }), "050000000c000000070000000000040000");
+        assert_eq!(hex(Frame::Trimmed { id: 7, end: 1 << 18 }), "850000000c000000070000000000040000");
         assert_eq!(hex(Frame::Stat { path: "a.bin".into() }), "0200000005612e62696e");
         assert_eq!(
             hex(Frame::Read(ReadReq {
                 id: 7,
                 offset: 0,
-                len: 512 << 10,
+                len: 1 << 20,
                 size: 1 << 20,
                 mtime_ns: 1_700_000_000_000_000_000,
                 path: "a.bin".into()
             })),
-            "03000000290000000700000000000000000000000000080000000000000010000017979cfe362a0000612e62696e"
+            "03000000290000000700000000000000000000000000100000000000000010000017979cfe362a0000612e62696e"
         );
         assert_eq!(
             hex(Frame::Data(DataHeader { id: 7, offset: 0, len: 512 << 10 })),
@@ -640,6 +693,14 @@ mod tests {
         s.identity.root[0] ^= 1;
         let bytes = Frame::StatOk(s).encode();
         assert!(Frame::decode(bytes[0], &bytes[HEADER_LEN..]).is_err());
+    }
+
+    #[test]
+    fn data_announcing_more_than_max_data_is_malformed() {
+        let bytes = Frame::Data(DataHeader { id: 1, offset: 0, len: MAX_DATA + 1 }).encode();
+        assert!(Frame::decode(bytes[0], &bytes[HEADER_LEN..]).is_err());
+        let bytes = Frame::Data(DataHeader { id: 1, offset: 0, len: MAX_DATA }).encode();
+        assert!(Frame::decode(bytes[0], &bytes[HEADER_LEN..]).is_ok());
     }
 
     #[tokio::test]

@@ -202,7 +202,8 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 64;
 /// Two connections per source: measured on loopback, the second connection
 /// hides the request round trip between pipelined reads on fast links; more
 /// brings nothing but sockets.
-pub const DEFAULT_CONNECTIONS_PER_SERVER: u32 = 2;
+/// 0: adapt the number of connections per source (see the download engine).
+pub const DEFAULT_CONNECTIONS_PER_SERVER: u32 = 0;
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 10;
 
 /// Default config file location.
@@ -346,8 +347,8 @@ impl Config {
         }
         let connections_per_server =
             args.connections_per_server.or(file.connections_per_server).unwrap_or(DEFAULT_CONNECTIONS_PER_SERVER);
-        if !(1..=16).contains(&connections_per_server) {
-            bail!("connections_per_server must be between 1 and 16");
+        if connections_per_server > 16 {
+            bail!("connections_per_server must be between 1 and 16 (or 0 to adapt)");
         }
         let mut listener_limits = std::collections::BTreeMap::new();
         let mut listener_allow = std::collections::BTreeMap::new();

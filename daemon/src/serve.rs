@@ -12,14 +12,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncWriteExt, Interest};
+use tokio::io::{AsyncWrite, AsyncWriteExt, Interest};
+use tokio::net::tcp::WriteHalf;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use mftd_common::proto::{
-    read_frame, DataHeader, ErrorCode, ErrorFrame, Frame, ProtoError, ReadReq, StatInfo, MAGIC, MAX_READ, VERSION,
+    read_frame, DataHeader, ErrorCode, ErrorFrame, Frame, ProtoError, ReadReq, StatInfo, DATA_CHUNK, MAGIC,
+    TRIM_NOT_OPEN, VERSION,
 };
 
 use crate::identity::{mtime_ns, IdentityCache};
@@ -112,8 +114,8 @@ pub async fn serve_connection(
     }
 }
 
-async fn send_error(
-    stream: &mut TcpStream,
+async fn send_error<W: AsyncWrite + Unpin>(
+    stream: &mut W,
     id: u32,
     code: ErrorCode,
     message: impl Into<String>,
@@ -122,7 +124,7 @@ async fn send_error(
     write_frame(stream, &frame).await
 }
 
-async fn write_frame(stream: &mut TcpStream, frame: &Frame) -> Result<(), ConnError> {
+async fn write_frame<W: AsyncWrite + Unpin>(stream: &mut W, frame: &Frame) -> Result<(), ConnError> {
     match timeout(WRITE_TIMEOUT, stream.write_all(&frame.encode())).await {
         Ok(r) => Ok(r?),
         Err(_) => Err(ConnError::Timeout),
@@ -179,21 +181,129 @@ async fn run(
         Err(e) => return Err(e.into()),
     }
 
-    let mut open: Option<OpenFile> = None;
+    let (rd, mut wr) = stream.split();
+    let queue = RequestQueue::default();
+    // The reader takes requests and TRIMs off the socket while the writer
+    // streams answers, so a TRIM reaches a READ that is being sent.
+    let writer = async {
+        let r = write_loop(&mut wr, ctx, listener, token, &queue).await;
+        queue.close();
+        r
+    };
+    let reader = async {
+        let r = read_loop(rd, ctx.idle_timeout, &queue).await;
+        queue.close();
+        r
+    };
+    let (r, w) = tokio::join!(reader, writer);
+    match (r, w) {
+        (Err(e), _) | (Ok(()), Err(e)) => Err(e),
+        (Ok(()), Ok(())) => Ok(()),
+    }
+}
+
+/// Requests read but not yet answered, and TRIMs not yet applied.
+#[derive(Default)]
+struct RequestQueue {
+    state: std::sync::Mutex<QueueState>,
+    /// Woken when a request or TRIM arrives, or the reader ends.
+    arrived: tokio::sync::Notify,
+    /// Woken when the writer takes a request (room in the queue).
+    taken: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct QueueState {
+    requests: std::collections::VecDeque<Request>,
+    trims: Vec<(u32, u64)>,
+    /// The writer is answering a request.
+    busy: bool,
+    /// The reader ended (peer closed, error) or the writer failed.
+    closed: bool,
+    /// Why the reader stopped, sent to the peer by the writer.
+    fatal: Option<ErrorFrame>,
+}
+
+enum Request {
+    Stat(String),
+    Read(ReadReq),
+}
+
+/// Requests a client may have queued beyond the one being answered; more
+/// are held back by TCP flow control.
+const MAX_QUEUED: usize = 8;
+
+impl RequestQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn close(&self) {
+        self.lock().closed = true;
+        self.arrived.notify_one();
+        self.taken.notify_one();
+    }
+}
+
+async fn read_loop(
+    mut rd: tokio::net::tcp::ReadHalf<'_>,
+    idle: Duration,
+    queue: &RequestQueue,
+) -> Result<(), ConnError> {
     loop {
-        let frame = match timeout(ctx.idle_timeout, read_frame(stream)).await {
-            Err(_) => return Err(ConnError::Timeout),
-            Ok(Err(ProtoError::Closed)) => return Ok(()),
-            Ok(Err(e @ (ProtoError::Malformed { .. } | ProtoError::UnknownType(_) | ProtoError::TooLarge(_)))) => {
-                send_error(stream, 0, ErrorCode::BadFrame, e.to_string()).await?;
+        // Room for one more request (bounded memory per connection).
+        loop {
+            let taken = queue.taken.notified();
+            {
+                let st = queue.lock();
+                if st.closed {
+                    return Ok(());
+                }
+                if st.requests.len() < MAX_QUEUED {
+                    break;
+                }
+            }
+            taken.await;
+        }
+        // The idle timeout applies only while nothing is being answered: a
+        // client streaming a large READ has nothing to say for a long time.
+        // The same read future is kept across checks (read_frame is not
+        // cancel-safe).
+        let read = read_frame(&mut rd);
+        tokio::pin!(read);
+        let frame = loop {
+            tokio::select! {
+                f = &mut read => break f,
+                _ = tokio::time::sleep(idle) => {
+                    let st = queue.lock();
+                    if st.closed {
+                        return Ok(());
+                    }
+                    if !st.busy && st.requests.is_empty() {
+                        return Err(ConnError::Timeout);
+                    }
+                }
+            }
+        };
+        let frame = match frame {
+            Err(ProtoError::Closed) => return Ok(()),
+            Err(e @ (ProtoError::Malformed { .. } | ProtoError::UnknownType(_) | ProtoError::TooLarge(_))) => {
+                queue.lock().fatal = Some(ErrorFrame { id: 0, code: ErrorCode::BadFrame, message: e.to_string() });
                 return Err(e.into());
             }
-            Ok(Err(e)) => return Err(e.into()),
-            Ok(Ok(f)) => f,
+            Err(e) => return Err(e.into()),
+            Ok(f) => f,
         };
+        let mut st = queue.lock();
         match frame {
-            Frame::Stat { path } => handle_stat(stream, ctx, &path).await?,
-            Frame::Read(req) => handle_read(stream, ctx, listener, token, &mut open, req).await?,
+            Frame::Stat { path } => st.requests.push_back(Request::Stat(path)),
+            Frame::Read(req) => st.requests.push_back(Request::Read(req)),
+            Frame::Trim { id, end } => {
+                // Bounded: a client flooding TRIMs keeps only the latest few.
+                if st.trims.len() >= 64 {
+                    st.trims.remove(0);
+                }
+                st.trims.push((id, end));
+            }
             other => {
                 let name = match other {
                     Frame::Hello { .. } => "HELLO",
@@ -201,11 +311,63 @@ async fn run(
                     Frame::Data(_) => "DATA",
                     Frame::Challenge { .. } => "CHALLENGE",
                     Frame::Auth { .. } => "AUTH",
+                    Frame::Trimmed { .. } => "TRIMMED",
                     _ => "ERROR",
                 };
-                send_error(stream, 0, ErrorCode::BadFrame, format!("unexpected {name} frame from client")).await?;
+                st.fatal = Some(ErrorFrame {
+                    id: 0,
+                    code: ErrorCode::BadFrame,
+                    message: format!("unexpected {name} frame from client"),
+                });
+                drop(st);
                 return Err(ConnError::Closed("unexpected frame".into()));
             }
+        }
+        drop(st);
+        queue.arrived.notify_one();
+    }
+}
+
+async fn write_loop(
+    wr: &mut tokio::net::tcp::WriteHalf<'_>,
+    ctx: &ServeContext,
+    listener: &ListenerShared,
+    token: &CancellationToken,
+    queue: &RequestQueue,
+) -> Result<(), ConnError> {
+    let mut open: Option<OpenFile> = None;
+    loop {
+        let next = loop {
+            let arrived = queue.arrived.notified();
+            let (fatal, req, closed) = {
+                let mut st = queue.lock();
+                let fatal = st.fatal.take();
+                let req = st.requests.pop_front();
+                st.busy = req.is_some();
+                (fatal, req, st.closed)
+            };
+            if req.is_none() {
+                // Nothing open: TRIMs can only be about finished requests.
+                for (id, end) in take_trims(queue, None) {
+                    write_frame(wr, &Frame::Trimmed { id, end }).await?;
+                }
+            }
+            if let Some(e) = fatal {
+                let _ = write_frame(wr, &Frame::Error(e)).await;
+                return Ok(());
+            }
+            if let Some(r) = req {
+                queue.taken.notify_one();
+                break r;
+            }
+            if closed {
+                return Ok(());
+            }
+            arrived.await;
+        };
+        match next {
+            Request::Stat(path) => handle_stat(wr, ctx, &path).await?,
+            Request::Read(req) => handle_read(wr, ctx, listener, token, &mut open, queue, req).await?,
         }
     }
 }
@@ -219,7 +381,7 @@ fn jail_message(e: &JailError, path: &str) -> String {
     }
 }
 
-async fn handle_stat(stream: &mut TcpStream, ctx: &ServeContext, path: &str) -> Result<(), ConnError> {
+async fn handle_stat(stream: &mut WriteHalf<'_>, ctx: &ServeContext, path: &str) -> Result<(), ConnError> {
     let (file, meta) = match ctx.jail.open(path) {
         Ok(x) => x,
         Err(e) => {
@@ -250,19 +412,17 @@ struct OpenFile {
     file: File,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn handle_read(
-    stream: &mut TcpStream,
+    stream: &mut WriteHalf<'_>,
     ctx: &ServeContext,
     listener: &ListenerShared,
     token: &CancellationToken,
     open: &mut Option<OpenFile>,
+    queue: &RequestQueue,
     req: ReadReq,
 ) -> Result<(), ConnError> {
     let id = req.id;
-    if req.len > MAX_READ {
-        return send_error(stream, id, ErrorCode::BadRange, format!("READ of {} bytes exceeds {MAX_READ}", req.len))
-            .await;
-    }
     // Reuse the descriptor from the previous READ of the same path.
     if open.as_ref().map(|o| o.path != req.path).unwrap_or(true) {
         match ctx.jail.open(&req.path) {
@@ -278,8 +438,8 @@ async fn handle_read(
     if meta.size() != req.size || mtime_ns(&meta) != req.mtime_ns {
         return send_error(stream, id, ErrorCode::FileChanged, format!("{:?} changed since STAT", req.path)).await;
     }
-    match req.offset.checked_add(req.len) {
-        Some(end) if end <= meta.size() => {}
+    let end = match req.offset.checked_add(req.len) {
+        Some(end) if end <= meta.size() => end,
         _ => {
             return send_error(
                 stream,
@@ -289,9 +449,79 @@ async fn handle_read(
             )
             .await
         }
+    };
+    if req.len == 0 {
+        return write_frame(stream, &Frame::Data(DataHeader { id, offset: req.offset, len: 0 })).await;
     }
-    write_frame(stream, &Frame::Data(DataHeader { id, offset: req.offset, len: req.len })).await?;
-    send_range(stream, &of.file, req.offset, req.len, listener, token).await
+    // A TRIM that arrived while this READ was queued applies before any
+    // byte of it is sent (possibly all of it: a READ trimmed to its start
+    // is answered by TRIMMED alone).
+    let mut end = apply_trims(stream, queue, id, req.offset, end).await?;
+    // Stream the range as DATA frames of at most DATA_CHUNK bytes; between
+    // frames, apply TRIMs so a client can take back the end of the range.
+    let mut pos = req.offset;
+    while pos < end {
+        end = apply_trims(stream, queue, id, pos, end).await?;
+        if pos >= end {
+            break;
+        }
+        let len = (end - pos).min(DATA_CHUNK);
+        write_frame(stream, &Frame::Data(DataHeader { id, offset: pos, len })).await?;
+        send_range(stream.as_ref(), &of.file, pos, len, listener, token).await?;
+        pos += len;
+    }
+    Ok(())
+}
+
+/// Applies pending TRIMs: those for `id` (being sent from `pos`, currently
+/// ending at `end`) move its end, never below `pos`; every TRIM is answered
+/// with TRIMMED. Returns the new end of `id`.
+async fn apply_trims(
+    stream: &mut WriteHalf<'_>,
+    queue: &RequestQueue,
+    id: u32,
+    pos: u64,
+    mut end: u64,
+) -> Result<u64, ConnError> {
+    let trims = take_trims(queue, Some(id));
+    for (tid, tend) in trims {
+        let answer = if tid == id {
+            end = tend.clamp(pos, end);
+            end
+        } else {
+            tend
+        };
+        write_frame(stream, &Frame::Trimmed { id: tid, end: answer }).await?;
+    }
+    Ok(end)
+}
+
+/// Takes the pending TRIMs. Those for queued READs are applied to them here
+/// (answered with their new end), those for finished ones answered with
+/// [`TRIM_NOT_OPEN`]; those for `current` are left for the caller to apply.
+fn take_trims(queue: &RequestQueue, current: Option<u32>) -> Vec<(u32, u64)> {
+    let mut st = queue.lock();
+    let trims = std::mem::take(&mut st.trims);
+    let mut out = Vec::with_capacity(trims.len());
+    for (tid, tend) in trims {
+        if Some(tid) == current {
+            out.push((tid, tend));
+            continue;
+        }
+        let queued = st.requests.iter_mut().find_map(|r| match r {
+            Request::Read(q) if q.id == tid => Some(q),
+            _ => None,
+        });
+        match queued {
+            Some(q) => {
+                let new_end = tend.clamp(q.offset, q.offset.saturating_add(q.len));
+                q.len = new_end - q.offset;
+                out.push((tid, new_end));
+            }
+            None => out.push((tid, TRIM_NOT_OPEN)),
+        }
+    }
+    out
 }
 
 /// Sends `len` bytes of `file` from `offset` with `sendfile`, paced by the

@@ -395,7 +395,7 @@ fn shared_secret_authentication() {
     assert!(stdout(&out).contains("authentication failed"), "{}", stdout(&out));
     // Raw: a client that skips AUTH gets AUTH_FAILED.
     let mut c = RawConn::connect(server.ports[0]);
-    c.send(&Frame::Hello { magic: mftd_common::proto::MAGIC, version: 1, flags: 0 });
+    c.send(&Frame::Hello { magic: mftd_common::proto::MAGIC, version: mftd_common::proto::VERSION, flags: 0 });
     assert!(matches!(c.recv(), Some(Frame::Challenge { .. })));
     c.send(&Frame::Stat { path: "a".into() });
     assert!(matches!(c.recv(), Some(Frame::Error(e)) if e.code == ErrorCode::AuthFailed));

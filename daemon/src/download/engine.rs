@@ -34,34 +34,37 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use mftd_common::control::{DownloadState, SourceState};
-use mftd_common::proto::{ErrorCode, Identity, StatInfo};
+use mftd_common::proto::{ErrorCode, Identity, StatInfo, TRIM_NOT_OPEN};
 use mftd_common::range::Range;
 
-use super::client::{ClientError, Conn};
-use super::scheduler::{ConnId, Scheduler, SourceId};
+use super::client::{ClientError, Conn, Event, Stream};
+use super::scheduler::{ConnId, Scheduler, SourceId, Ticket};
 use super::{part_path, Download, StopReason};
 use mftd_common::manifest::{piece_runs, ManifestFile};
 
 /// Bad pieces a source may send before it is dropped from the download.
 pub const MAX_STRIKES: u32 = 3;
-/// Size of one READ request: about [`BLOCK_TIME`] of the connection's
-/// measured speed, between these bounds. Small blocks on slow links keep the
-/// bytes in flight (which cannot be handed to a faster source) to about
-/// `WINDOW × BLOCK_TIME`; large blocks on fast links keep the request rate low.
-pub const BLOCK_MIN: u64 = 64 << 10;
-pub const BLOCK_MAX: u64 = 512 << 10;
-const BLOCK_FIRST: u64 = 256 << 10;
-const BLOCK_TIME: f64 = 0.025;
-/// READs in flight per connection.
-pub const WINDOW: usize = 4;
-/// Receive buffer: bytes are claimed and written in pieces of up to this
-/// size (1 MiB: fewer hand-offs to the blocking pool than 256 KiB, measured
-/// at about 10 % less CPU per GiB on loopback).
-const BUF: usize = 1 << 20;
+/// Connections per source when `connections_per_server` is 0 (adaptive):
+/// start with [`CONNS_START`], add one at a time while each addition raises
+/// the source's throughput, up to [`CONNS_MAX`].
+pub const CONNS_START: usize = 2;
+pub const CONNS_MAX: usize = 8;
+/// A connection whose rate x round-trip time stays below this is not held
+/// back by its window (the sender's socket buffer), so another connection
+/// to the same source would not help.
+const WINDOW_BOUND_BDP: f64 = (1u64 << 20) as f64;
+/// An added connection must raise its source's rate by this fraction of the
+/// mean per-connection rate to count as helping.
+const ADD_GAIN: f64 = 0.25;
+/// Bytes a connection keeps asked for beyond one round trip of its
+/// measured rate before it asks for its next range (so the next READ is
+/// queued at the server before the current one ends).
+const PREFETCH_MIN: u64 = 512 << 10;
 /// First retry delay after a failure and the cap of the exponential backoff.
 pub const BACKOFF_START: Duration = Duration::from_millis(250);
 pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
-/// How long identity election waits for more sources after the first answer.
+/// How long identity election waits for more sources after the first
+/// answer when no version has a majority of all sources yet.
 const ELECTION_WINDOW: Duration = Duration::from_secs(1);
 
 /// The file version the download is fetching, chosen by majority.
@@ -90,6 +93,11 @@ struct Engine {
     strikes: Mutex<HashMap<SourceId, u32>>,
     next_conn: AtomicU64,
     live_workers: AtomicUsize,
+    /// Workers started per source.
+    slots: Mutex<Vec<usize>>,
+    /// Wakes a connection whose range another one took part of, so it
+    /// sends its TRIM at once.
+    wakers: Mutex<HashMap<ConnId, Arc<Notify>>>,
     /// Woken when work may have become available (failures, bad pieces).
     changed: Notify,
     verify_slots: Semaphore,
@@ -115,6 +123,8 @@ pub async fn run(dl: Arc<Download>) {
         strikes: Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
         live_workers: AtomicUsize::new(0),
+        slots: Mutex::new(vec![0; dl.sources.len()]),
+        wakers: Mutex::new(HashMap::new()),
         changed: Notify::new(),
         verify_slots: Semaphore::new(2),
         outcome: tx,
@@ -122,29 +132,36 @@ pub async fn run(dl: Arc<Download>) {
     });
     info!(remote = %dl.remote_path, dest = %dl.destination.display(), sources = ?dl.sources, "download started");
     let mut tasks = tokio::task::JoinSet::new();
+    let fixed = dl.connections_per_source as usize;
     for src in 0..dl.sources.len() {
-        for _ in 0..dl.connections_per_source {
-            eng.live_workers.fetch_add(1, Ordering::SeqCst);
-            tasks.spawn(worker(eng.clone(), src));
+        for _ in 0..if fixed > 0 { fixed } else { CONNS_START } {
+            eng.add_worker(&mut tasks, src);
         }
     }
     if dl.store.is_some() {
         tasks.spawn(checkpointer(eng.clone()));
     }
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut grow = Growth::new(dl.sources.len());
     let outcome = loop {
         tokio::select! {
             o = rx.recv() => break o,
             _ = dl.token.cancelled() => break None,
-            _ = tick.tick(), if dl.give_up_after.is_some() => {
-                let limit = dl.give_up_after.unwrap_or_default();
-                let since = dl.progress().waiting_since;
-                if since.is_some_and(|t| t.elapsed() >= limit) {
-                    let reasons: Vec<String> = dl.progress().sources.iter()
-                        .map(|s| format!("{}: {}", s.address, s.last_error.as_deref().unwrap_or("unreachable")))
-                        .collect();
-                    break Some(Outcome::Fatal(format!(
-                        "gave up after {}s without a reachable source ({})", limit.as_secs(), reasons.join("; "))));
+            _ = tick.tick() => {
+                if fixed == 0 {
+                    for src in grow.due(&eng) {
+                        eng.add_worker(&mut tasks, src);
+                    }
+                }
+                if let Some(limit) = dl.give_up_after {
+                    let since = dl.progress().waiting_since;
+                    if since.is_some_and(|t| t.elapsed() >= limit) {
+                        let reasons: Vec<String> = dl.progress().sources.iter()
+                            .map(|s| format!("{}: {}", s.address, s.last_error.as_deref().unwrap_or("unreachable")))
+                            .collect();
+                        break Some(Outcome::Fatal(format!(
+                            "gave up after {}s without a reachable source ({})", limit.as_secs(), reasons.join("; "))));
+                    }
                 }
             }
         }
@@ -557,7 +574,16 @@ impl Engine {
                 let undecided = (0..self.dl.sources.len())
                     .filter(|s| !dead.contains_key(s) && !offers.iter().any(|o| o.0 == *s))
                     .count();
-                undecided == 0 || Instant::now() >= deadline
+                // A version that more than half of the usable sources serve
+                // cannot be out-voted by those still to answer: no need to
+                // wait for them.
+                let usable = (0..self.dl.sources.len()).filter(|s| !dead.contains_key(s)).count();
+                let top = offers
+                    .iter()
+                    .map(|(_, id, _)| offers.iter().filter(|(_, o, _)| o.size == id.size && o.root == id.root).count())
+                    .max()
+                    .unwrap_or(0);
+                undecided == 0 || 2 * top > usable || Instant::now() >= deadline
             };
             if ready {
                 let eng = self.clone();
@@ -717,6 +743,84 @@ impl Engine {
     }
 }
 
+/// Adaptive connections per source: add one while the last one helped.
+///
+/// A source gets another connection when every connection it has is busy
+/// and looks window-bound (rate x RTT of at least [`WINDOW_BOUND_BDP`]: on a
+/// long path one TCP connection is limited by the sender's socket buffer),
+/// and its previous addition raised the source's rate by at least
+/// [`ADD_GAIN`] of a connection's share. Once an addition does not help, the
+/// source keeps the connections it has.
+struct Growth {
+    sources: Vec<SourceGrowth>,
+}
+
+#[derive(Clone, Copy)]
+struct SourceGrowth {
+    /// When the last connection was added and the source's rate before it.
+    added: Option<(Instant, f64, usize)>,
+    /// An addition did not help: stop adding.
+    saturated: bool,
+}
+
+impl Growth {
+    fn new(n: usize) -> Growth {
+        Growth { sources: vec![SourceGrowth { added: None, saturated: false }; n] }
+    }
+
+    /// Sources that should get one more connection now.
+    fn due(&mut self, eng: &Engine) -> Vec<SourceId> {
+        let Some(chosen) = eng.chosen.get() else { return Vec::new() };
+        let now = Instant::now();
+        let slots = lock(&eng.slots).clone();
+        let (conns, rates, rtts, left): (Vec<usize>, Vec<f64>, Vec<f64>, u64) = {
+            let s = lock(&chosen.sched);
+            let n = slots.len();
+            let mut conns = vec![0; n];
+            let mut rates = vec![0.0; n];
+            let mut rtts = vec![0.0; n];
+            for (src, _, rate, rtt) in s.conn_stats(now) {
+                if src < n {
+                    conns[src] += 1;
+                    rates[src] += rate;
+                    rtts[src] = rtt;
+                }
+            }
+            (conns, rates, rtts, s.size() - s.received_bytes())
+        };
+        let mut out = Vec::new();
+        for (src, g) in self.sources.iter_mut().enumerate() {
+            if g.saturated || eng.is_dead(src) || slots[src] >= CONNS_MAX || conns[src] < slots[src] || conns[src] == 0
+            {
+                continue;
+            }
+            let rtt = rtts[src];
+            let rate = rates[src];
+            // Give a new connection time to ramp up before judging it.
+            let settle = Duration::from_secs_f64((rtt * 6.0).max(0.5));
+            if let Some((at, before, n)) = g.added {
+                if now.duration_since(at) < settle {
+                    continue;
+                }
+                let per_conn = before / n.max(1) as f64;
+                if rate < before + per_conn * ADD_GAIN {
+                    debug!(source = %eng.dl.sources[src], before, after = rate, conns = conns[src], "another connection did not help");
+                    g.saturated = true;
+                    continue;
+                }
+            }
+            let per_conn_bdp = rate / conns[src] as f64 * rtt;
+            // Not worth it for the last second or so of the download.
+            if per_conn_bdp < WINDOW_BOUND_BDP || (left as f64) < rate * settle.as_secs_f64() * 2.0 {
+                continue;
+            }
+            g.added = Some((now, rate, conns[src]));
+            out.push(src);
+        }
+        out
+    }
+}
+
 /// Why a worker's connection ended.
 enum WorkerEnd {
     /// Nothing left to fetch.
@@ -727,6 +831,23 @@ enum WorkerEnd {
     Retry(String),
     /// This source is of no further use.
     Dead(SourceState, String),
+}
+
+impl Engine {
+    fn add_worker(self: &Arc<Self>, tasks: &mut tokio::task::JoinSet<()>, src: SourceId) {
+        if let Some(n) = lock(&self.slots).get_mut(src) {
+            *n += 1;
+        }
+        self.live_workers.fetch_add(1, Ordering::SeqCst);
+        tasks.spawn(worker(self.clone(), src));
+    }
+
+    /// Tells connection `conn` that part of its range was taken over.
+    fn wake_conn(&self, conn: ConnId) {
+        if let Some(n) = lock(&self.wakers).get(&conn) {
+            n.notify_one();
+        }
+    }
 }
 
 /// One connection slot to one source, for the whole download.
@@ -776,6 +897,7 @@ async fn session(eng: &Arc<Engine>, src: SourceId, addr: &str, backoff: &mut Bac
         Err(e) if e.is_permanent() => return WorkerEnd::Dead(SourceState::Failed, e.to_string()),
         Err(e) => return WorkerEnd::Retry(e.to_string()),
     };
+    let rtt = conn.rtt;
     let stat = match conn.stat(&eng.dl.remote_path).await {
         Ok(s) => s,
         Err(ClientError::Server { code: ErrorCode::NotFound, .. }) => {
@@ -806,18 +928,25 @@ async fn session(eng: &Arc<Engine>, src: SourceId, addr: &str, backoff: &mut Bac
     eng.set_source(src, |s| {
         s.connections += 1;
         s.state = SourceState::Active;
+        s.rtt = Some(s.rtt.map_or(rtt, |r| r.min(rtt)));
     });
     eng.refresh_state();
     let conn_id = eng.next_conn.fetch_add(1, Ordering::Relaxed);
-    // Give the range back even if this future is dropped (download over).
-    struct Open<'a>(&'a Chosen, ConnId);
+    let wake = Arc::new(Notify::new());
+    lock(&eng.wakers).insert(conn_id, wake.clone());
+    lock(&chosen.sched).open_conn(conn_id, src, rtt, Instant::now());
+    // Give the ranges back even if this future is dropped (download over).
+    struct Open<'a>(&'a Engine, &'a Chosen, ConnId);
     impl Drop for Open<'_> {
         fn drop(&mut self) {
-            lock(&self.0.sched).release(self.1);
+            lock(&self.1.sched).release(self.2);
+            lock(&self.0.wakers).remove(&self.2);
         }
     }
-    let guard = Open(&chosen, conn_id);
-    let end = fetch(eng, &chosen, src, conn_id, &mut conn, &stat).await;
+    let guard = Open(eng, &chosen, conn_id);
+    let mut stream = conn.into_stream();
+    let end = fetch(eng, &chosen, src, conn_id, &mut stream, &stat, rtt, &wake).await;
+    drop(stream);
     drop(guard);
     eng.changed.notify_waiters();
     eng.set_source(src, |s| {
@@ -830,43 +959,112 @@ async fn session(eng: &Arc<Engine>, src: SourceId, addr: &str, backoff: &mut Bac
     end
 }
 
-/// Pulls work and fetches it over `conn` until there is none left.
+/// One `READ` open on a connection.
+#[derive(Debug)]
+struct OpenRead {
+    id: u32,
+    ticket: Ticket,
+    /// Next byte expected.
+    next: u64,
+    /// End first asked for: no byte beyond it is accepted.
+    limit: u64,
+    /// Where the server will stop, as far as we know: `limit` until a
+    /// TRIMMED says otherwise.
+    end: u64,
+    /// End asked for by the last TRIM (or `limit`).
+    told: u64,
+    /// TRIMs sent and not answered yet.
+    trims: u32,
+}
+
+impl OpenRead {
+    /// All its bytes arrived and no TRIMMED is outstanding.
+    fn over(&self) -> bool {
+        self.trims == 0 && self.next >= self.end
+    }
+}
+
+/// Fetches over one connection until there is nothing left to do: each
+/// assignment is one streamed READ; the next is asked for about one round
+/// trip before the current one ends; ranges others took over are given
+/// back with TRIM.
+#[allow(clippy::too_many_arguments)]
 async fn fetch(
     eng: &Arc<Engine>,
     chosen: &Arc<Chosen>,
     src: SourceId,
     conn_id: ConnId,
-    conn: &mut Conn,
+    stream: &mut Stream,
     stat: &StatInfo,
+    rtt: Duration,
+    wake: &Notify,
 ) -> WorkerEnd {
     let path = eng.dl.remote_path.clone();
-    let mut inflight: VecDeque<(u32, Range)> = VecDeque::new();
-    let mut buf = vec![0u8; BUF];
+    let idle = eng.dl.idle_timeout;
+    let mut open: VecDeque<OpenRead> = VecDeque::new();
     let mut hasher: Option<PieceHasher> = None;
+    let violation = |why: String| WorkerEnd::Dead(SourceState::Failed, format!("protocol violation: {why}"));
     loop {
         if eng.is_dead(src) {
             return WorkerEnd::Stopped;
         }
-        // Keep WINDOW requests in flight.
-        while inflight.len() < WINDOW {
-            let next = {
-                let mut s = lock(&chosen.sched);
-                let now = Instant::now();
-                if inflight.is_empty() && s.fully_requested(conn_id) {
-                    s.assign(conn_id, src, now);
+        // 1. Give back what others took over, or what they already wrote.
+        let mut trims = Vec::new();
+        {
+            let s = lock(&chosen.sched);
+            for o in open.iter_mut() {
+                let want = match s.end_of(o.ticket) {
+                    Some(_) if s.exhausted(o.ticket) => o.next,
+                    Some(e) => e,
+                    None => o.next,
+                };
+                let want = want.max(o.next);
+                if want < o.told {
+                    o.told = want;
+                    o.trims += 1;
+                    trims.push((o.id, want));
                 }
-                let speed = s.conn_speed(conn_id, now);
-                let block =
-                    if speed <= 0.0 { BLOCK_FIRST } else { ((speed * BLOCK_TIME) as u64).clamp(BLOCK_MIN, BLOCK_MAX) };
-                s.next_request(conn_id, block)
-            };
-            let Some(r) = next else { break };
-            match conn.request(&path, stat.size, stat.mtime_ns, r).await {
-                Ok(id) => inflight.push_back((id, r)),
-                Err(e) => return WorkerEnd::Retry(e.to_string()),
             }
         }
-        let Some((id, r)) = inflight.pop_front() else {
+        for (id, end) in trims {
+            if let Err(e) = stream.trim(id, end).await {
+                return WorkerEnd::Retry(e.to_string());
+            }
+        }
+        // 2. Ask for the next range before the open ones run dry.
+        if open.len() < 2 {
+            let grant = {
+                let mut s = lock(&chosen.sched);
+                let now = Instant::now();
+                let pending: u64 = open.iter().map(|o| o.told.saturating_sub(o.next)).sum();
+                let low = (s.conn_speed(conn_id, now) * rtt.as_secs_f64() * 2.0) as u64 + PREFETCH_MIN;
+                if open.is_empty() || pending < low {
+                    s.assign(conn_id, src, now)
+                } else {
+                    None
+                }
+            };
+            if let Some(g) = grant {
+                if let Some(v) = g.shrunk {
+                    eng.wake_conn(v);
+                }
+                let r = g.range;
+                match stream.read(&path, stat.size, stat.mtime_ns, r.start, r.len()).await {
+                    Ok(id) => open.push_back(OpenRead {
+                        id,
+                        ticket: g.ticket,
+                        next: r.start,
+                        limit: r.end,
+                        end: r.end,
+                        told: r.end,
+                        trims: 0,
+                    }),
+                    Err(e) => return WorkerEnd::Retry(e.to_string()),
+                }
+                continue;
+            }
+        }
+        if open.is_empty() {
             if lock(&chosen.sched).is_complete() {
                 return WorkerEnd::Done;
             }
@@ -875,60 +1073,103 @@ async fn fetch(
             let changed = eng.changed.notified();
             tokio::select! {
                 _ = changed => {}
+                _ = wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
             continue;
-        };
-        match conn.data_header(id, r).await {
-            Ok(()) => {}
-            Err(ClientError::Server { code: ErrorCode::FileChanged, message }) => {
-                return WorkerEnd::Dead(SourceState::Excluded, format!("file changed on the server: {message}"))
-            }
-            Err(e) if e.is_permanent() => return WorkerEnd::Dead(SourceState::Failed, e.to_string()),
-            Err(e) => return WorkerEnd::Retry(e.to_string()),
         }
-        // Payload: claim and write it as it arrives, so a failure mid-range
-        // loses nothing that reached us.
-        let mut pos = r.start;
-        while pos < r.end {
-            let want = ((r.end - pos) as usize).min(BUF);
-            let mut filled = 0;
-            let mut err = None;
-            while filled < want {
-                match conn.read_some(&mut buf[filled..want]).await {
-                    Ok(n) => filled += n,
-                    Err(e) => {
-                        err = Some(e);
-                        break;
+        // 3. Wait for the server, or for another connection taking over
+        // part of our range.
+        let ev = tokio::select! {
+            ev = tokio::time::timeout(idle, stream.next()) => match ev {
+                Err(_) => return WorkerEnd::Retry(ClientError::Idle(idle).to_string()),
+                Ok(None) => return WorkerEnd::Retry(ClientError::Closed.to_string()),
+                Ok(Some(ev)) => ev,
+            },
+            _ = wake.notified() => continue,
+        };
+        match ev {
+            Event::Data { id, offset, buf, len } => {
+                // Answers come strictly in order: requests before `id` are over.
+                while open.front().is_some_and(|o| o.id != id) {
+                    let Some(o) = open.pop_front() else { break };
+                    if o.next < o.told.min(o.end) {
+                        return violation(format!("request {} ended at {} before its end {}", o.id, o.next, o.told));
                     }
+                    lock(&chosen.sched).finish(o.ticket);
                 }
-            }
-            if filled > 0 {
-                let got = Range::new(pos, pos + filled as u64);
-                buf = match store(eng, chosen, src, conn_id, got, buf, &mut hasher).await {
+                let Some(o) = open.front_mut() else {
+                    return violation(format!("DATA for request {id}, which is not open"));
+                };
+                let got = Range::new(offset, offset.saturating_add(len as u64));
+                if offset != o.next || got.end > o.limit {
+                    return violation(format!(
+                        "asked for bytes {}..{} (next {}), server sent {}..{}",
+                        o.next, o.limit, o.next, got.start, got.end
+                    ));
+                }
+                let ticket = o.ticket;
+                o.next = got.end;
+                let buf = match store(eng, chosen, src, conn_id, ticket, got, buf, &mut hasher).await {
                     Ok(b) => b,
                     Err(fatal) => {
                         let _ = eng.outcome.try_send(Outcome::Fatal(fatal));
                         return WorkerEnd::Stopped;
                     }
                 };
-                pos = got.end;
+                stream.recycle(buf);
+                if open.front().is_some_and(|o| o.over()) {
+                    if let Some(o) = open.pop_front() {
+                        lock(&chosen.sched).finish(o.ticket);
+                        eng.set_source(src, |s| s.ranges_done += 1);
+                    }
+                }
             }
-            if let Some(e) = err {
-                return WorkerEnd::Retry(e.to_string());
+            Event::Trimmed { id, end } => {
+                let Some(i) = open.iter().position(|o| o.id == id) else { continue };
+                let o = &mut open[i];
+                o.trims = o.trims.saturating_sub(1);
+                if end == TRIM_NOT_OPEN {
+                    // Finished on the server before the TRIM: all of it is here.
+                    o.end = o.next;
+                } else if end < o.next || end > o.limit {
+                    return violation(format!("TRIMMED request {id} to {end}, outside {}..{}", o.next, o.limit));
+                } else {
+                    o.end = end;
+                }
+                if o.over() {
+                    if let Some(o) = open.remove(i) {
+                        lock(&chosen.sched).finish(o.ticket);
+                        eng.set_source(src, |s| s.ranges_done += 1);
+                    }
+                }
             }
+            Event::Error { code: ErrorCode::FileChanged, message, .. } => {
+                return WorkerEnd::Dead(SourceState::Excluded, format!("file changed on the server: {message}"))
+            }
+            Event::Error { code, message, .. } => {
+                let e = ClientError::Server { code, message };
+                return if e.is_permanent() {
+                    WorkerEnd::Dead(SourceState::Failed, e.to_string())
+                } else {
+                    WorkerEnd::Retry(e.to_string())
+                };
+            }
+            Event::Failed(e) if e.is_permanent() => return WorkerEnd::Dead(SourceState::Failed, e.to_string()),
+            Event::Failed(e) => return WorkerEnd::Retry(e.to_string()),
         }
-        eng.set_source(src, |s| s.ranges_done += 1);
     }
 }
 
 /// Claims `got`, writes the claimed parts at their offsets, commits them and
 /// starts verification of completed pieces. Returns the buffer.
+#[allow(clippy::too_many_arguments)]
 async fn store(
     eng: &Arc<Engine>,
     chosen: &Arc<Chosen>,
     src: SourceId,
     conn_id: ConnId,
+    ticket: Ticket,
     got: Range,
     buf: Vec<u8>,
     hasher: &mut Option<PieceHasher>,
@@ -936,7 +1177,7 @@ async fn store(
     let piece_size = chosen.identity.piece_size as u64;
     let (claims, gens) = {
         let mut s = lock(&chosen.sched);
-        let claims = s.claim(conn_id, got, Instant::now());
+        let claims = s.claim(conn_id, ticket, got, Instant::now());
         let first = (got.start / piece_size) as usize;
         let last = (got.end.saturating_sub(1) / piece_size) as usize;
         let gens: Vec<(usize, u32)> = (first..=last).map(|p| (p, s.generation(p))).collect();

@@ -59,6 +59,8 @@ pub struct SourceProgress {
     pub ranges_done: u64,
     pub strikes: u32,
     pub connections: u32,
+    /// Smallest handshake round trip of this source's connections.
+    pub rtt: Option<Duration>,
     pub last_error: Option<String>,
     sample_bytes: u64,
 }
@@ -241,6 +243,7 @@ impl Download {
                     ranges_done: s.ranges_done,
                     strikes: s.strikes,
                     connections: s.connections,
+                    rtt_ms: s.rtt.map(|r| (r.as_secs_f64() * 1e5).round() / 100.0),
                     last_error: s.last_error.clone(),
                 })
                 .collect(),
@@ -316,6 +319,7 @@ fn new_progress(sources: &[String], state: DownloadState) -> Progress {
                 ranges_done: 0,
                 strikes: 0,
                 connections: 0,
+                rtt: None,
                 last_error: None,
                 sample_bytes: 0,
             })
@@ -420,7 +424,7 @@ impl Downloads {
             destination: PathBuf::from(&m.destination),
             sources: m.sources.clone(),
             force: m.force,
-            connections_per_source: m.connections_per_source.clamp(1, 16),
+            connections_per_source: m.connections_per_source.min(16),
             give_up_after: m.give_up_after_secs.map(Duration::from_secs),
             persist: true,
             secret_file: m.secret_file.as_ref().map(PathBuf::from),
