@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use mftd_common::proto::{
-    read_frame, DataHeader, ErrorCode, ErrorFrame, Frame, ProtoError, ReadReq, StatInfo, DATA_CHUNK, MAGIC,
+    read_frame, DataHeader, ErrorCode, ErrorFrame, Frame, Identity, ProtoError, ReadReq, StatInfo, DATA_CHUNK, MAGIC,
     TRIM_NOT_OPEN, VERSION,
 };
 
@@ -226,7 +226,13 @@ struct QueueState {
 
 enum Request {
     Stat(String),
-    Read(ReadReq),
+    Hashes {
+        size: u64,
+        mtime_ns: i64,
+        path: String,
+    },
+    /// A READ and, if a TRIM reached it while it waited, its new end.
+    Read(ReadReq, Option<u64>),
 }
 
 /// Requests a client may have queued beyond the one being answered; more
@@ -296,7 +302,8 @@ async fn read_loop(
         let mut st = queue.lock();
         match frame {
             Frame::Stat { path } => st.requests.push_back(Request::Stat(path)),
-            Frame::Read(req) => st.requests.push_back(Request::Read(req)),
+            Frame::Read(req) => st.requests.push_back(Request::Read(req, None)),
+            Frame::Hashes { size, mtime_ns, path } => st.requests.push_back(Request::Hashes { size, mtime_ns, path }),
             Frame::Trim { id, end } => {
                 // Bounded: a client flooding TRIMs keeps only the latest few.
                 if st.trims.len() >= 64 {
@@ -312,6 +319,7 @@ async fn read_loop(
                     Frame::Challenge { .. } => "CHALLENGE",
                     Frame::Auth { .. } => "AUTH",
                     Frame::Trimmed { .. } => "TRIMMED",
+                    Frame::HashesOk { .. } => "HASHES_OK",
                     _ => "ERROR",
                 };
                 st.fatal = Some(ErrorFrame {
@@ -367,7 +375,10 @@ async fn write_loop(
         };
         match next {
             Request::Stat(path) => handle_stat(wr, ctx, &path).await?,
-            Request::Read(req) => handle_read(wr, ctx, listener, token, &mut open, queue, req).await?,
+            Request::Hashes { size, mtime_ns, path } => handle_hashes(wr, ctx, &path, size, mtime_ns).await?,
+            Request::Read(req, trimmed) => {
+                handle_read(wr, ctx, listener, token, &mut open, queue, req, trimmed).await?
+            }
         }
     }
 }
@@ -403,8 +414,35 @@ async fn handle_stat(stream: &mut WriteHalf<'_>, ctx: &ServeContext, path: &str)
         return send_error(stream, 0, ErrorCode::FileChanged, format!("{path:?} changed while being hashed; retry"))
             .await;
     }
-    let info = StatInfo { size: meta.size(), mtime_ns: mtime_ns(&meta), identity: (*identity).clone() };
+    let identity =
+        Identity { size: identity.size, piece_size: identity.piece_size, hashes: Vec::new(), root: identity.root };
+    let info = StatInfo { size: meta.size(), mtime_ns: mtime_ns(&meta), identity };
     write_frame(stream, &Frame::StatOk(info)).await
+}
+
+/// Answers HASHES: the piece hashes of the version the client STATed.
+async fn handle_hashes(
+    stream: &mut WriteHalf<'_>,
+    ctx: &ServeContext,
+    path: &str,
+    size: u64,
+    mtime: i64,
+) -> Result<(), ConnError> {
+    let (file, meta) = match ctx.jail.open(path) {
+        Ok(x) => x,
+        Err(e) => return send_error(stream, 0, e.code(), jail_message(&e, path)).await,
+    };
+    if meta.size() != size || mtime_ns(&meta) != mtime {
+        return send_error(stream, 0, ErrorCode::FileChanged, format!("{path:?} changed since STAT")).await;
+    }
+    let identity = match ctx.identities.get(&file, &meta).await {
+        Ok(id) => id,
+        Err(e) => {
+            warn!(path, error = %e, "hashing failed");
+            return send_error(stream, 0, ErrorCode::Io, format!("{path:?}: cannot read file")).await;
+        }
+    };
+    write_frame(stream, &Frame::HashesOk { hashes: identity.hashes.clone() }).await
 }
 
 struct OpenFile {
@@ -421,6 +459,7 @@ async fn handle_read(
     open: &mut Option<OpenFile>,
     queue: &RequestQueue,
     req: ReadReq,
+    trimmed: Option<u64>,
 ) -> Result<(), ConnError> {
     let id = req.id;
     // Reuse the descriptor from the previous READ of the same path.
@@ -453,9 +492,10 @@ async fn handle_read(
     if req.len == 0 {
         return write_frame(stream, &Frame::Data(DataHeader { id, offset: req.offset, len: 0 })).await;
     }
-    // A TRIM that arrived while this READ was queued applies before any
-    // byte of it is sent (possibly all of it: a READ trimmed to its start
-    // is answered by TRIMMED alone).
+    // A TRIM that reached this READ while it was queued was answered then;
+    // one that arrives now is answered here. A READ trimmed to its start is
+    // answered by that TRIMMED alone.
+    let end = trimmed.map_or(end, |t| t.clamp(req.offset, end));
     let mut end = apply_trims(stream, queue, id, req.offset, end).await?;
     // Stream the range as DATA frames of at most DATA_CHUNK bytes; between
     // frames, apply TRIMs so a client can take back the end of the range.
@@ -509,13 +549,14 @@ fn take_trims(queue: &RequestQueue, current: Option<u32>) -> Vec<(u32, u64)> {
             continue;
         }
         let queued = st.requests.iter_mut().find_map(|r| match r {
-            Request::Read(q) if q.id == tid => Some(q),
+            Request::Read(q, trimmed) if q.id == tid => Some((q, trimmed)),
             _ => None,
         });
         match queued {
-            Some(q) => {
-                let new_end = tend.clamp(q.offset, q.offset.saturating_add(q.len));
-                q.len = new_end - q.offset;
+            Some((q, trimmed)) => {
+                let end = trimmed.unwrap_or(q.offset.saturating_add(q.len));
+                let new_end = tend.clamp(q.offset, end);
+                *trimmed = Some(new_end);
                 out.push((tid, new_end));
             }
             None => out.push((tid, TRIM_NOT_OPEN)),

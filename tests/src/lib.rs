@@ -533,7 +533,7 @@ fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie) {
     loop {
         let Some(f) = c.recv() else { return };
         match f {
-            Frame::Stat { .. } => {
+            Frame::Stat { .. } | Frame::Hashes { .. } => {
                 up.try_send(&f);
                 let Some(answer) = up.recv() else { return };
                 c.try_send(&answer);

@@ -80,8 +80,29 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Connects and completes the handshake.
-    pub async fn connect(addr: &str, idle: Duration, secret: Option<&[u8]>) -> Result<Conn, ClientError> {
+    /// Connects, completes the handshake and STATs `path`. Without a
+    /// secret (nothing to answer a challenge with) the STAT is sent right
+    /// behind the HELLO, saving a round trip.
+    pub async fn open(
+        addr: &str,
+        idle: Duration,
+        secret: Option<&[u8]>,
+        path: &str,
+    ) -> Result<(Conn, StatInfo), ClientError> {
+        let pipelined = secret.is_none().then_some(path);
+        let mut c = Conn::connect(addr, idle, secret, pipelined).await?;
+        let stat = if pipelined.is_some() { c.stat_answer().await? } else { c.stat(path).await? };
+        Ok((c, stat))
+    }
+
+    /// Connects and completes the handshake; with `stat`, a STAT for it is
+    /// sent together with the HELLO (its answer is left to read).
+    pub async fn connect(
+        addr: &str,
+        idle: Duration,
+        secret: Option<&[u8]>,
+        stat: Option<&str>,
+    ) -> Result<Conn, ClientError> {
         let stream = match timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             Err(_) => return Err(ClientError::ConnectTimeout),
             Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => return Err(ClientError::Refused),
@@ -95,7 +116,14 @@ impl Conn {
         let mut c = Conn { stream, idle, rtt: Duration::ZERO };
         let flags = if secret.is_some() { mftd_common::proto::FLAG_AUTH } else { 0 };
         let sent = Instant::now();
-        c.send(&Frame::Hello { magic: MAGIC, version: VERSION, flags }).await?;
+        let mut hello = Frame::Hello { magic: MAGIC, version: VERSION, flags }.encode();
+        if let Some(path) = stat {
+            hello.extend_from_slice(&Frame::Stat { path: path.to_string() }.encode());
+        }
+        match timeout(idle, c.stream.write_all(&hello)).await {
+            Err(_) => return Err(ClientError::Idle(idle)),
+            Ok(r) => r?,
+        }
         let mut answer = c.recv(idle).await?;
         c.rtt = sent.elapsed();
         if let Frame::Challenge { nonce } = answer {
@@ -134,6 +162,10 @@ impl Conn {
 
     pub async fn stat(&mut self, path: &str) -> Result<StatInfo, ClientError> {
         self.send(&Frame::Stat { path: path.to_string() }).await?;
+        self.stat_answer().await
+    }
+
+    async fn stat_answer(&mut self) -> Result<StatInfo, ClientError> {
         match self.recv(STAT_TIMEOUT).await? {
             Frame::StatOk(s) => Ok(s),
             Frame::Error(e) => Err(ClientError::Server { code: e.code, message: e.message }),
@@ -165,6 +197,13 @@ const FLUSH_AFTER: Duration = Duration::from_millis(50);
 /// What the server sent, in order.
 #[derive(Debug)]
 pub enum Event {
+    /// A DATA frame announces `len` bytes of request `id` at `offset`; its
+    /// bytes follow as `Data` events.
+    Header {
+        id: u32,
+        offset: u64,
+        len: u64,
+    },
     /// `len` bytes of request `id` at `offset`, in `buf[..len]`.
     Data {
         id: u32,
@@ -176,6 +215,8 @@ pub enum Event {
         id: u32,
         end: u64,
     },
+    /// The piece hashes asked for with [`Stream::hashes`].
+    Hashes(Vec<[u8; 32]>),
     Error {
         id: u32,
         code: ErrorCode,
@@ -225,6 +266,11 @@ impl Stream {
         Ok(id)
     }
 
+    /// Asks for the piece hashes of the version `size`, `mtime_ns`.
+    pub async fn hashes(&mut self, path: &str, size: u64, mtime_ns: i64) -> Result<(), ClientError> {
+        self.send(&Frame::Hashes { size, mtime_ns, path: path.to_string() }).await
+    }
+
     /// Asks the server to end request `id` at `end`.
     pub async fn trim(&mut self, id: u32, end: u64) -> Result<(), ClientError> {
         self.send(&Frame::Trim { id, end }).await
@@ -255,6 +301,11 @@ async fn read_events(mut rd: OwnedReadHalf, tx: mpsc::Sender<Event>, mut free: m
         };
         let ev = match frame {
             Frame::Data(DataHeader { id, offset, len }) => {
+                // The header goes first so the caller can check it against
+                // what it asked for before any byte of it is used.
+                if tx.send(Event::Header { id, offset, len }).await.is_err() {
+                    return;
+                }
                 let mut at = offset;
                 let end = offset.saturating_add(len);
                 while at < end {
@@ -303,6 +354,7 @@ async fn read_events(mut rd: OwnedReadHalf, tx: mpsc::Sender<Event>, mut free: m
                 continue;
             }
             Frame::Trimmed { id, end } => Event::Trimmed { id, end },
+            Frame::HashesOk { hashes } => Event::Hashes(hashes),
             Frame::Error(e) => Event::Error { id: e.id, code: e.code, message: e.message },
             other => Event::Failed(ClientError::Protocol(format!("unexpected {} frame", frame_name(&other)))),
         };
@@ -325,5 +377,7 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Auth { .. } => "AUTH",
         Frame::Trim { .. } => "TRIM",
         Frame::Trimmed { .. } => "TRIMMED",
+        Frame::Hashes { .. } => "HASHES",
+        Frame::HashesOk { .. } => "HASHES_OK",
     }
 }

@@ -53,9 +53,6 @@ pub const CONNS_MAX: usize = 8;
 /// back by its window (the sender's socket buffer), so another connection
 /// to the same source would not help.
 const WINDOW_BOUND_BDP: f64 = (1u64 << 20) as f64;
-/// An added connection must raise its source's rate by this fraction of the
-/// mean per-connection rate to count as helping.
-const ADD_GAIN: f64 = 0.25;
 /// Bytes a connection keeps asked for beyond one round trip of its
 /// measured rate before it asks for its next range (so the next READ is
 /// queued at the server before the current one ends).
@@ -69,7 +66,15 @@ const ELECTION_WINDOW: Duration = Duration::from_secs(1);
 
 /// The file version the download is fetching, chosen by majority.
 struct Chosen {
+    /// Size, piece size and root; `identity.hashes` is empty (see `hashes`).
     identity: Identity,
+    /// The piece hashes, once a source sent a list that adds up to the root.
+    hashes: std::sync::OnceLock<Vec<[u8; 32]>>,
+    /// Pieces waiting for `hashes` to be verified, with their in-stream
+    /// hash if one was computed.
+    unchecked: Mutex<Vec<(usize, Option<[u8; 32]>)>>,
+    /// A connection has asked for the hashes and not failed yet.
+    hashes_asked: std::sync::atomic::AtomicBool,
     file: Arc<File>,
     sched: Mutex<Scheduler>,
 }
@@ -149,8 +154,10 @@ pub async fn run(dl: Arc<Download>) {
             _ = dl.token.cancelled() => break None,
             _ = tick.tick() => {
                 if fixed == 0 {
-                    for src in grow.due(&eng) {
-                        eng.add_worker(&mut tasks, src);
+                    for (src, k) in grow.due(&eng) {
+                        for _ in 0..k {
+                            eng.add_worker(&mut tasks, src);
+                        }
                     }
                 }
                 if let Some(limit) = dl.give_up_after {
@@ -166,6 +173,7 @@ pub async fn run(dl: Arc<Download>) {
             }
         }
     };
+    debug!("run over; stopping workers");
     eng.workers.cancel();
     // Workers stop at their next await; bound the wait anyway.
     let _ = tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;
@@ -200,6 +208,7 @@ pub async fn run(dl: Arc<Download>) {
     match outcome {
         Some(Outcome::Complete) => {
             dl.set_state(DownloadState::Verifying);
+            debug!("all pieces verified; putting the file in place");
             match finish(&eng).await {
                 Ok(()) => {
                     if let Some(st) = &store {
@@ -346,9 +355,9 @@ async fn finish(eng: &Arc<Engine>) -> Result<(), String> {
         // its hash after it was written; the piece hashes must add up to
         // the announced root identity.
         let all = lock(&chosen.sched).verified_count() == chosen.identity.piece_count();
-        let root =
-            mftd_common::proto::root_of(chosen.identity.size, chosen.identity.piece_size, &chosen.identity.hashes);
-        if !all || root != chosen.identity.root {
+        let hashes_ok =
+            chosen.identity.piece_count() == 0 || chosen.hashes.get().is_some_and(|h| chosen.identity.matches(h));
+        if !all || !hashes_ok {
             return Err(format!("{} is not fully verified against the file's identity", part.display()));
         }
         let len = chosen.file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
@@ -442,7 +451,17 @@ fn create_part(part: &Path, dest: &Path, size: u64) -> Result<File, String> {
         })?;
     lock_part(&file, &part)?;
     file.set_len(0).map_err(|e| format!("cannot truncate {}: {e}", part.display()))?;
-    if size > 0 {
+    // On tmpfs, fallocate zeroes every page up front (0.37 s per GiB
+    // measured here) for memory the writes fill anyway: check the free
+    // space instead and let the file grow sparse.
+    if size > 0 && on_tmpfs(&file) {
+        let avail = nix::sys::statvfs::fstatvfs(&file).map(|v| v.blocks_available() * v.fragment_size());
+        if avail.is_ok_and(|a| a < size) {
+            let _ = std::fs::remove_file(&part);
+            return Err(format!("not enough disk space for {} ({size} bytes)", dest.display()));
+        }
+        file.set_len(size).map_err(|e| format!("cannot size {}: {e}", part.display()))?;
+    } else if size > 0 {
         use std::os::fd::AsRawFd;
         match nix::fcntl::posix_fallocate(file.as_raw_fd(), 0, size as i64) {
             Ok(()) => {}
@@ -454,6 +473,10 @@ fn create_part(part: &Path, dest: &Path, size: u64) -> Result<File, String> {
         }
     }
     Ok(file)
+}
+
+fn on_tmpfs(file: &File) -> bool {
+    nix::sys::statfs::fstatfs(file).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
 }
 
 /// Takes an exclusive lock on a part file for as long as the file stays
@@ -682,6 +705,7 @@ impl Engine {
         }
         let mut sched = Scheduler::new(size, identity.piece_size);
         sched.set_sources(self.dl.sources.len());
+        sched.set_expected_conns(lock(&self.slots).iter().sum());
         for s in lock(&self.dead).keys() {
             sched.source_dead(*s);
         }
@@ -696,7 +720,14 @@ impl Engine {
         }
         self.dl.progress().bytes_done = sched.received_bytes();
         let complete = sched.is_complete();
-        let chosen = Arc::new(Chosen { identity, file: Arc::new(file), sched: Mutex::new(sched) });
+        let chosen = Arc::new(Chosen {
+            identity,
+            hashes: std::sync::OnceLock::new(),
+            unchecked: Mutex::new(Vec::new()),
+            hashes_asked: std::sync::atomic::AtomicBool::new(false),
+            file: Arc::new(file),
+            sched: Mutex::new(sched),
+        });
         if complete {
             // A zero-byte file has nothing to fetch.
             let _ = self.outcome.try_send(Outcome::Complete);
@@ -743,79 +774,120 @@ impl Engine {
     }
 }
 
-/// Adaptive connections per source: add one while the last one helped.
+/// Adaptive connections per source.
 ///
-/// A source gets another connection when every connection it has is busy
-/// and looks window-bound (rate x RTT of at least [`WINDOW_BOUND_BDP`]: on a
-/// long path one TCP connection is limited by the sender's socket buffer),
-/// and its previous addition raised the source's rate by at least
-/// [`ADD_GAIN`] of a connection's share. Once an addition does not help, the
-/// source keeps the connections it has.
+/// A source gets more connections when its connections look window-bound
+/// (rate x RTT of at least [`WINDOW_BOUND_BDP`] each: on a long path one TCP
+/// connection is limited by the sender's socket buffer, 4 MiB by default),
+/// its rate has stopped ramping up, and the previous addition raised the
+/// source's rate by at least half of what the added connections would carry
+/// at the mean per-connection rate. Additions double while they help (like
+/// TCP's slow start) and stop for good once they do not. A source with a
+/// long round trip starts with one extra connection per 100 ms of RTT, so a
+/// short download does not spend its life probing.
 struct Growth {
     sources: Vec<SourceGrowth>,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Default)]
 struct SourceGrowth {
-    /// When the last connection was added and the source's rate before it.
-    added: Option<(Instant, f64, usize)>,
+    /// Recent (time, source rate) samples, one per tick.
+    samples: VecDeque<(Instant, f64)>,
+    /// Last addition: when, the source's rate and connections before it,
+    /// and how many were added.
+    added: Option<(Instant, f64, usize, usize)>,
+    /// The RTT-based head start was given.
+    started: bool,
     /// An addition did not help: stop adding.
     saturated: bool,
 }
 
 impl Growth {
     fn new(n: usize) -> Growth {
-        Growth { sources: vec![SourceGrowth { added: None, saturated: false }; n] }
+        Growth { sources: vec![SourceGrowth::default(); n] }
     }
 
-    /// Sources that should get one more connection now.
-    fn due(&mut self, eng: &Engine) -> Vec<SourceId> {
+    /// Connections to add now, per source.
+    fn due(&mut self, eng: &Engine) -> Vec<(SourceId, usize)> {
         let Some(chosen) = eng.chosen.get() else { return Vec::new() };
         let now = Instant::now();
         let slots = lock(&eng.slots).clone();
-        let (conns, rates, rtts, left): (Vec<usize>, Vec<f64>, Vec<f64>, u64) = {
+        let n = slots.len();
+        let (conns, rates, rtts, left) = {
             let s = lock(&chosen.sched);
-            let n = slots.len();
-            let mut conns = vec![0; n];
+            let mut conns = vec![0usize; n];
             let mut rates = vec![0.0; n];
-            let mut rtts = vec![0.0; n];
+            let mut rtts = vec![f64::MAX; n];
             for (src, _, rate, rtt) in s.conn_stats(now) {
                 if src < n {
                     conns[src] += 1;
                     rates[src] += rate;
-                    rtts[src] = rtt;
+                    rtts[src] = rtts[src].min(rtt);
                 }
             }
             (conns, rates, rtts, s.size() - s.received_bytes())
         };
         let mut out = Vec::new();
         for (src, g) in self.sources.iter_mut().enumerate() {
-            if g.saturated || eng.is_dead(src) || slots[src] >= CONNS_MAX || conns[src] < slots[src] || conns[src] == 0
-            {
+            let rate = rates[src];
+            g.samples.push_back((now, rate));
+            while g.samples.len() > 64 {
+                g.samples.pop_front();
+            }
+            if g.saturated || eng.is_dead(src) || slots[src] >= CONNS_MAX || conns[src] == 0 {
                 continue;
             }
             let rtt = rtts[src];
-            let rate = rates[src];
-            // Give a new connection time to ramp up before judging it.
+            let room = CONNS_MAX - slots[src];
+            if !g.started {
+                g.started = true;
+                let extra = ((rtt / 0.1) as usize).min(room);
+                if extra > 0 {
+                    debug!(source = %eng.dl.sources[src], rtt_ms = rtt * 1e3, extra, "long round trip: more connections from the start");
+                    g.added = Some((now, 0.0, conns[src], extra));
+                    out.push((src, extra));
+                    continue;
+                }
+            }
+            // Every connection up and carrying data before judging.
+            if conns[src] < slots[src] {
+                continue;
+            }
+            // Give new connections time to ramp up before judging them.
             let settle = Duration::from_secs_f64((rtt * 6.0).max(0.5));
-            if let Some((at, before, n)) = g.added {
+            let mut next = 1;
+            if let Some((at, before, n_before, k)) = g.added {
                 if now.duration_since(at) < settle {
                     continue;
                 }
-                let per_conn = before / n.max(1) as f64;
-                if rate < before + per_conn * ADD_GAIN {
-                    debug!(source = %eng.dl.sources[src], before, after = rate, conns = conns[src], "another connection did not help");
-                    g.saturated = true;
-                    continue;
+                if before > 0.0 {
+                    let per_conn = before / n_before.max(1) as f64;
+                    if rate < before + per_conn * k as f64 * 0.5 {
+                        debug!(source = %eng.dl.sources[src], before, after = rate, conns = conns[src], "more connections did not help");
+                        g.saturated = true;
+                        continue;
+                    }
+                    next = (k * 2).max(1);
+                } else {
+                    next = k.max(1);
                 }
+            }
+            // Still ramping up (rate grew by more than 10 % over the last
+            // half settle time): adding now would judge TCP's ramp-up.
+            let past =
+                g.samples.iter().find(|(t, _)| now.duration_since(*t) <= settle / 2).map(|(_, r)| *r).unwrap_or(0.0);
+            if past <= 0.0 || rate > past * 1.1 {
+                continue;
             }
             let per_conn_bdp = rate / conns[src] as f64 * rtt;
             // Not worth it for the last second or so of the download.
             if per_conn_bdp < WINDOW_BOUND_BDP || (left as f64) < rate * settle.as_secs_f64() * 2.0 {
                 continue;
             }
-            g.added = Some((now, rate, conns[src]));
-            out.push(src);
+            let k = next.min(room);
+            debug!(source = %eng.dl.sources[src], rate, conns = conns[src], add = k, "window-bound connections: adding");
+            g.added = Some((now, rate, conns[src], k));
+            out.push((src, k));
         }
         out
     }
@@ -835,8 +907,15 @@ enum WorkerEnd {
 
 impl Engine {
     fn add_worker(self: &Arc<Self>, tasks: &mut tokio::task::JoinSet<()>, src: SourceId) {
-        if let Some(n) = lock(&self.slots).get_mut(src) {
-            *n += 1;
+        let total: usize = {
+            let mut slots = lock(&self.slots);
+            if let Some(n) = slots.get_mut(src) {
+                *n += 1;
+            }
+            slots.iter().sum()
+        };
+        if let Some(c) = self.chosen.get() {
+            lock(&c.sched).set_expected_conns(total);
         }
         self.live_workers.fetch_add(1, Ordering::SeqCst);
         tasks.spawn(worker(self.clone(), src));
@@ -863,7 +942,10 @@ async fn worker(eng: Arc<Engine>, src: SourceId) {
             _ = eng.workers.cancelled() => WorkerEnd::Stopped,
         };
         match end {
-            WorkerEnd::Done | WorkerEnd::Stopped => break,
+            WorkerEnd::Done | WorkerEnd::Stopped => {
+                debug!(source = %addr, done = matches!(end, WorkerEnd::Done), "source connection ended");
+                break;
+            }
             WorkerEnd::Dead(state, why) => {
                 eng.kill_source(src, state, why);
                 break;
@@ -892,20 +974,16 @@ async fn worker(eng: Arc<Engine>, src: SourceId) {
 /// One connection: connect, STAT, elect, fetch until it ends.
 async fn session(eng: &Arc<Engine>, src: SourceId, addr: &str, backoff: &mut Backoff) -> WorkerEnd {
     let idle = eng.dl.idle_timeout;
-    let mut conn = match Conn::connect(addr, idle, eng.dl.secret.as_deref().map(|s| s.as_slice())).await {
-        Ok(c) => c,
-        Err(e) if e.is_permanent() => return WorkerEnd::Dead(SourceState::Failed, e.to_string()),
-        Err(e) => return WorkerEnd::Retry(e.to_string()),
-    };
-    let rtt = conn.rtt;
-    let stat = match conn.stat(&eng.dl.remote_path).await {
-        Ok(s) => s,
+    let secret = eng.dl.secret.as_deref().map(|s| s.as_slice());
+    let (conn, stat) = match Conn::open(addr, idle, secret, &eng.dl.remote_path).await {
+        Ok(x) => x,
         Err(ClientError::Server { code: ErrorCode::NotFound, .. }) => {
             return WorkerEnd::Dead(SourceState::Failed, format!("{} not found on this server", eng.dl.remote_path))
         }
         Err(e) if e.is_permanent() => return WorkerEnd::Dead(SourceState::Failed, e.to_string()),
         Err(e) => return WorkerEnd::Retry(e.to_string()),
     };
+    let rtt = conn.rtt;
     // The piece size follows from the file size; a server announcing another
     // could make us allocate or hash absurd pieces.
     let want = mftd_common::proto::piece_size_for(stat.size);
@@ -975,6 +1053,8 @@ struct OpenRead {
     told: u64,
     /// TRIMs sent and not answered yet.
     trims: u32,
+    /// End of the DATA frame being received.
+    frame_end: u64,
 }
 
 impl OpenRead {
@@ -1004,9 +1084,30 @@ async fn fetch(
     let mut open: VecDeque<OpenRead> = VecDeque::new();
     let mut hasher: Option<PieceHasher> = None;
     let violation = |why: String| WorkerEnd::Dead(SourceState::Failed, format!("protocol violation: {why}"));
+    // If this connection asked for the hash list and ends without it,
+    // another one asks.
+    struct AskedHashes<'a>(&'a Chosen, bool);
+    impl Drop for AskedHashes<'_> {
+        fn drop(&mut self) {
+            if self.1 && self.0.hashes.get().is_none() {
+                self.0.hashes_asked.store(false, Ordering::SeqCst);
+            }
+        }
+    }
+    let mut asked = AskedHashes(chosen, false);
     loop {
         if eng.is_dead(src) {
             return WorkerEnd::Stopped;
+        }
+        // 0. One connection fetches the piece hashes, ahead of its data.
+        if chosen.hashes.get().is_none()
+            && chosen.identity.piece_count() > 0
+            && chosen.hashes_asked.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_ok()
+        {
+            asked.1 = true;
+            if let Err(e) = stream.hashes(&path, stat.size, stat.mtime_ns).await {
+                return WorkerEnd::Retry(e.to_string());
+            }
         }
         // 1. Give back what others took over, or what they already wrote.
         let mut trims = Vec::new();
@@ -1045,6 +1146,7 @@ async fn fetch(
                 }
             };
             if let Some(g) = grant {
+                debug!(conn = conn_id, src, start = g.range.start, len = g.range.len(), shrunk = ?g.shrunk, open = open.len(), "range granted");
                 if let Some(v) = g.shrunk {
                     eng.wake_conn(v);
                 }
@@ -1058,13 +1160,16 @@ async fn fetch(
                         end: r.end,
                         told: r.end,
                         trims: 0,
+                        frame_end: r.start,
                     }),
                     Err(e) => return WorkerEnd::Retry(e.to_string()),
                 }
                 continue;
             }
         }
-        if open.is_empty() {
+        // The hash list asked for is an answer to wait for, like a READ.
+        let awaiting_hashes = asked.1 && chosen.hashes.get().is_none();
+        if open.is_empty() && !awaiting_hashes {
             if lock(&chosen.sched).is_complete() {
                 return WorkerEnd::Done;
             }
@@ -1089,7 +1194,7 @@ async fn fetch(
             _ = wake.notified() => continue,
         };
         match ev {
-            Event::Data { id, offset, buf, len } => {
+            Event::Header { id, offset, len } => {
                 // Answers come strictly in order: requests before `id` are over.
                 while open.front().is_some_and(|o| o.id != id) {
                     let Some(o) = open.pop_front() else { break };
@@ -1101,12 +1206,21 @@ async fn fetch(
                 let Some(o) = open.front_mut() else {
                     return violation(format!("DATA for request {id}, which is not open"));
                 };
-                let got = Range::new(offset, offset.saturating_add(len as u64));
-                if offset != o.next || got.end > o.limit {
+                if offset != o.next || offset.checked_add(len).is_none_or(|e| e > o.limit) {
                     return violation(format!(
-                        "asked for bytes {}..{} (next {}), server sent {}..{}",
-                        o.next, o.limit, o.next, got.start, got.end
+                        "asked for bytes {}..{}, server announced {len} bytes at {offset}",
+                        o.next, o.limit
                     ));
+                }
+                o.frame_end = offset + len;
+            }
+            Event::Data { id, offset, buf, len } => {
+                let Some(o) = open.front_mut().filter(|o| o.id == id) else {
+                    return violation(format!("bytes for request {id}, which is not the one being answered"));
+                };
+                let got = Range::new(offset, offset.saturating_add(len as u64));
+                if offset != o.next || got.end > o.frame_end {
+                    return violation(format!("bytes {}..{} outside the announced DATA frame", got.start, got.end));
                 }
                 let ticket = o.ticket;
                 o.next = got.end;
@@ -1129,6 +1243,9 @@ async fn fetch(
                 let Some(i) = open.iter().position(|o| o.id == id) else { continue };
                 let o = &mut open[i];
                 o.trims = o.trims.saturating_sub(1);
+                if end != TRIM_NOT_OPEN && end > o.told {
+                    lock(&chosen.sched).observe_overshoot(conn_id, end - o.told, Instant::now());
+                }
                 if end == TRIM_NOT_OPEN {
                     // Finished on the server before the TRIM: all of it is here.
                     o.end = o.next;
@@ -1137,11 +1254,23 @@ async fn fetch(
                 } else {
                     o.end = end;
                 }
+                debug!(conn = conn_id, id, end, "trimmed");
                 if o.over() {
                     if let Some(o) = open.remove(i) {
                         lock(&chosen.sched).finish(o.ticket);
                         eng.set_source(src, |s| s.ranges_done += 1);
                     }
+                }
+            }
+            Event::Hashes(hashes) => {
+                if !asked.1 {
+                    return violation("HASHES_OK without a HASHES request".into());
+                }
+                if chosen.hashes.get().is_none() && !chosen.hashes_arrived(eng, hashes) {
+                    return WorkerEnd::Dead(
+                        SourceState::Failed,
+                        "sent piece hashes that do not add up to the file's identity".into(),
+                    );
                 }
             }
             Event::Error { code: ErrorCode::FileChanged, message, .. } => {
@@ -1280,6 +1409,39 @@ async fn store(
     Ok(buf)
 }
 
+impl Chosen {
+    /// The piece hashes, or `None` after recording that piece `p` waits
+    /// for them.
+    fn hashes_or_park(&self, p: usize, known: Option<[u8; 32]>) -> Option<&Vec<[u8; 32]>> {
+        let mut waiting = lock(&self.unchecked);
+        match self.hashes.get() {
+            Some(h) => Some(h),
+            None => {
+                waiting.push((p, known));
+                None
+            }
+        }
+    }
+
+    /// A source sent the hash list. Returns false if it does not add up to
+    /// the chosen root (the source lied); otherwise the pieces that waited
+    /// for it are verified now.
+    fn hashes_arrived(self: &Arc<Self>, eng: &Arc<Engine>, hashes: Vec<[u8; 32]>) -> bool {
+        if !self.identity.matches(&hashes) {
+            return false;
+        }
+        let waiting = {
+            let mut w = lock(&self.unchecked);
+            let _ = self.hashes.set(hashes);
+            std::mem::take(&mut *w)
+        };
+        for (p, known) in waiting {
+            spawn_verify(eng.clone(), self.clone(), p, known);
+        }
+        true
+    }
+}
+
 /// Counts one blocking task of the engine while it lives.
 struct InFlight(Arc<Engine>);
 
@@ -1318,9 +1480,12 @@ async fn verify(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize, known: Option<[
     if eng.workers.is_cancelled() {
         return;
     }
+    // Pieces may complete before any source sent the hash list; they are
+    // checked when it arrives (see `Chosen::hashes_arrived`).
+    let Some(hashes) = chosen.hashes_or_park(p, known) else { return };
     let ok = match known {
-        Some(h) => Ok(Ok(h == chosen.identity.hashes[p])),
-        None => read_back(&eng, &chosen, p).await,
+        Some(h) => Ok(Ok(hashes.get(p) == Some(&h))),
+        None => read_back(&eng, &chosen, p, hashes).await,
     };
     settle(eng, chosen, p, ok);
 }
@@ -1329,7 +1494,9 @@ async fn read_back(
     eng: &Arc<Engine>,
     chosen: &Arc<Chosen>,
     p: usize,
+    hashes: &[[u8; 32]],
 ) -> Result<io::Result<bool>, tokio::task::JoinError> {
+    let Some(want) = hashes.get(p).copied() else { return Ok(Ok(false)) };
     let Ok(_slot) = eng.verify_slots.acquire().await else { return Ok(Ok(false)) };
     let c2 = chosen.clone();
     tokio::task::spawn_blocking(move || {
@@ -1343,7 +1510,7 @@ async fn read_back(
             h.update(&buf[..n]);
             at += n as u64;
         }
-        Ok(*h.finalize().as_bytes() == c2.identity.hashes[p])
+        Ok(*h.finalize().as_bytes() == want)
     })
     .await
 }

@@ -568,10 +568,7 @@ impl Downloads {
             destination,
             sources,
             force: req.force,
-            connections_per_source: req
-                .connections_per_source
-                .unwrap_or(self.defaults.connections_per_server)
-                .clamp(1, 16),
+            connections_per_source: req.connections_per_source.unwrap_or(self.defaults.connections_per_server).min(16),
             give_up_after: req.give_up_after_secs.map(Duration::from_secs),
             persist: !req.no_resume,
             resume: None,

@@ -43,6 +43,9 @@ pub const MIN_SPLIT: u64 = 64 << 10;
 /// An owner expected to need longer than this for its remaining bytes gets a
 /// duplicate requester at the end of the download.
 pub const DUPLICATE_AFTER: Duration = Duration::from_millis(1500);
+/// What [`Scheduler::lag`] starts from before any TRIM was answered: about
+/// what a 4 MiB socket buffer holds at 200 MB/s.
+const LAG_PRIOR: f64 = 0.02;
 /// Time constant of the per-connection speed estimate.
 const SPEED_TAU: f64 = 0.5;
 
@@ -55,6 +58,8 @@ struct Assignment {
     end: u64,
     /// Another connection is fetching the same bytes (end game).
     duplicated: bool,
+    /// When the range was handed out.
+    granted: Instant,
 }
 
 /// A range handed to a connection by [`Scheduler::assign`].
@@ -86,7 +91,9 @@ impl Meter {
         let dt = now.duration_since(self.last).as_secs_f64().max(1e-4);
         let inst = bytes as f64 / dt;
         let alpha = 1.0 - (-dt / SPEED_TAU).exp();
-        self.rate += alpha * (inst - self.rate);
+        // The first sample sets the estimate: starting from zero would
+        // underrate a fresh connection for a whole time constant.
+        self.rate = if self.rate == 0.0 { inst } else { self.rate + alpha * (inst - self.rate) };
         self.last = now;
     }
     /// Estimated rate now: decays while nothing arrives.
@@ -124,6 +131,13 @@ pub struct Scheduler {
     assignments: HashMap<Ticket, Assignment>,
     conns: HashMap<ConnId, ConnInfo>,
     next_ticket: Ticket,
+    /// Connections the engine runs: a run of unassigned bytes is shared
+    /// among them up front instead of being split later.
+    expected_conns: usize,
+    /// How far behind a TRIM a server's bytes run, in seconds of the
+    /// connection's rate: the round trip plus what socket buffers hold
+    /// (megabytes on a fast local link). Learned from TRIMMED answers.
+    lag: f64,
     generations: HashMap<usize, u32>,
     /// Sources still in the download (not dropped or excluded), when the
     /// engine has told us; otherwise other sources count as alive while they
@@ -148,6 +162,8 @@ impl Scheduler {
             assignments: HashMap::new(),
             conns: HashMap::new(),
             next_ticket: 1,
+            expected_conns: 1,
+            lag: LAG_PRIOR,
             alive: Vec::new(),
             generations: HashMap::new(),
         }
@@ -250,8 +266,24 @@ impl Scheduler {
             return 0;
         }
         let info = self.conns.get(&a.conn);
-        let bdp = info.map(|i| i.meter.rate(now) * i.rtt.max(0.001)).unwrap_or(0.0);
-        (bdp * 1.5) as u64 + MIN_SPLIT
+        let ahead = info.map(|i| i.meter.rate(now) * (i.rtt * 1.5).max(self.lag * 1.2)).unwrap_or(0.0);
+        ahead as u64 + MIN_SPLIT
+    }
+
+    /// The engine runs `n` connections now.
+    pub fn set_expected_conns(&mut self, n: usize) {
+        self.expected_conns = n.max(1);
+    }
+
+    /// A TRIM of `conn`'s range was answered with an end `overshoot` bytes
+    /// past what was asked: that many were already on their way.
+    pub fn observe_overshoot(&mut self, conn: ConnId, overshoot: u64, now: Instant) {
+        let rate = self.conn_rate(conn, now);
+        if rate > 0.0 {
+            let lag = overshoot as f64 / rate;
+            // Remember the worst recent lag, forgetting slowly.
+            self.lag = (self.lag * 0.9).max(lag.min(5.0)).max(LAG_PRIOR);
+        }
     }
 
     /// Gives `conn` (of `source`) a new range to fetch, or `None` when there
@@ -263,11 +295,25 @@ impl Scheduler {
         let unassigned = self.unassigned();
         let pick = unassigned.iter().find(|r| !self.avoided(source, **r)).copied();
         if let Some(r) = pick {
-            return Some(self.give(conn, source, r, false, None));
+            // A fair share of what is missing, so connections starting
+            // together do not split each other (splitting a range whose
+            // bytes are already on their way fetches them twice).
+            let missing: u64 = unassigned.iter().map(|r| r.len()).sum();
+            let busy: HashSet<ConnId> = self.assignments.values().map(|a| a.conn).collect();
+            let idle = self.expected_conns.saturating_sub(busy.len()).max(1);
+            let share = missing.div_ceil(idle as u64).max(self.piece_size);
+            let mut end = r.end;
+            if r.len() > share + share / 2 {
+                end = ((r.start + share).div_ceil(self.piece_size) * self.piece_size).min(r.end);
+            }
+            return Some(self.give(conn, source, Range::new(r.start, end), false, None));
         }
 
         // 2. Split the assignment whose connection would finish last.
         let my_rate = self.expected_rate(conn, source, now);
+        // What a new READ costs before its first byte arrives: a round trip,
+        // and the victim's bytes already on their way are lost work.
+        let my_start = self.conns.get(&conn).map(|c| c.rtt).unwrap_or(0.0) + self.lag;
         let mut best: Option<(Ticket, f64, u64)> = None;
         for (&t, a) in &self.assignments {
             if a.conn == conn {
@@ -275,6 +321,18 @@ impl Scheduler {
             }
             let floor = a.start.saturating_add(self.in_flight(t, a, now));
             if a.end.saturating_sub(floor) < MIN_SPLIT || self.avoided(source, Range::new(floor, a.end)) {
+                continue;
+            }
+            // Not worth a READ if the owner gets there first anyway.
+            let vr = self.conn_rate(a.conn, now);
+            if vr > 0.0 && ((a.end - floor) as f64 / vr) < my_start {
+                continue;
+            }
+            // An owner that has not received a byte yet may well have all of
+            // it on the way; wait until it looks stuck.
+            let v_rtt = self.conns.get(&a.conn).map(|c| c.rtt).unwrap_or(0.0);
+            let patience = 2.0 * (v_rtt + self.lag) + 0.05;
+            if vr <= 0.0 && now.saturating_duration_since(a.granted).as_secs_f64() < patience {
                 continue;
             }
             let when = self.pending(a.conn) as f64 / self.conn_rate(a.conn, now).max(1.0);
@@ -373,7 +431,8 @@ impl Scheduler {
     fn give(&mut self, conn: ConnId, source: SourceId, r: Range, duplicated: bool, shrunk: Option<ConnId>) -> Grant {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        self.assignments.insert(ticket, Assignment { conn, source, start: r.start, end: r.end, duplicated });
+        let granted = Instant::now();
+        self.assignments.insert(ticket, Assignment { conn, source, start: r.start, end: r.end, duplicated, granted });
         self.conns.entry(conn).or_insert(ConnInfo {
             source,
             meter: Meter { last: Instant::now(), rate: 0.0 },
@@ -726,17 +785,31 @@ mod tests {
         let mut s = Scheduler::new(4 << 20, PS);
         let now = Instant::now();
         let a = s.assign(1, 0, now).unwrap();
-        let b = s.assign(2, 1, now).unwrap();
-        // Duplicate end game: 2 wrote what 1 still expects.
-        assert!(!s.exhausted(a.ticket));
-        for c in s.claim(2, b.ticket, b.range, now) {
+        assert_eq!(a.range, Range::new(0, 4 << 20));
+        // An end-game duplicate (another source) wrote the back part first.
+        for c in s.claim(2, 999, Range::new(1 << 20, 4 << 20), now) {
             s.commit(1, c);
         }
         assert!(!s.exhausted(a.ticket), "1 still has its own front part to fetch");
-        for c in s.claim(1, a.ticket, Range::new(0, b.range.start), now) {
+        for c in s.claim(1, a.ticket, Range::new(0, 1 << 20), now) {
             s.commit(0, c);
         }
         assert!(s.exhausted(a.ticket));
+    }
+
+    #[test]
+    fn connections_starting_together_share_instead_of_splitting() {
+        let mut s = Scheduler::new(8 << 20, PS);
+        s.set_expected_conns(4);
+        let now = Instant::now();
+        let grants: Vec<Grant> = (1..=4).map(|c| s.assign(c, 0, now).unwrap()).collect();
+        for (i, g) in grants.iter().enumerate() {
+            assert_eq!(g.range, Range::new(i as u64 * (2 << 20), (i as u64 + 1) * (2 << 20)));
+            assert_eq!(g.shrunk, None);
+        }
+        // A fifth connection does not split owners that have not received
+        // a byte yet: their bytes may all be on the way.
+        assert_eq!(s.assign(5, 0, now), None);
     }
 
     /// Review finding: two sources both wrote part of a bad piece; neither
