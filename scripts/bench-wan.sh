@@ -8,7 +8,10 @@
 # and times, for every RTT and rate mix, in the same run:
 #   mftd from all hosts vs aria2c from the nginx mirrors of all hosts,
 #   mftd from one host vs curl from that host's nginx,
-#   iperf3 from one host, 1 stream and 8 streams (the path's own capacity),
+#   iperf3 from every host at once, each sending its ideal share of the
+#   file over 4 streams (what TCP itself achieves, ramp-up included: the
+#   floor for any tool), and iperf3 from one host, 1 stream and 8 streams
+#   (the path's own capacity),
 # and, at the RTTs in BENCH_WAN_FAIL_RTTS, mftd with the fastest host killed
 # mid-download, with its link going silently dead mid-download, and with
 # every host unreachable for BENCH_WAN_OUTAGE seconds.
@@ -21,6 +24,8 @@
 #
 # Environment:
 #   BENCH_WAN_SIZE_MIB   file size (default 1024)
+#   BENCH_WAN_SINGLE_MIB file size for the one-source cases (default 256:
+#                        one curl connection at 200 ms RTT is slow)
 #   BENCH_WAN_RUNS       runs per case, median taken (default 3)
 #   BENCH_WAN_RTTS       round-trip times in ms (default "2 20 100 200")
 #   BENCH_WAN_FAIL_RTTS  RTTs at which the failure cases run (default "20 100")
@@ -36,6 +41,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BIN="${BIN:-$ROOT/target/release}"
 SIZE_MIB="${BENCH_WAN_SIZE_MIB:-1024}"
+SINGLE_MIB="${BENCH_WAN_SINGLE_MIB:-256}"
 RUNS="${BENCH_WAN_RUNS:-3}"
 RTTS="${BENCH_WAN_RTTS:-2 20 100 200}"
 FAIL_RTTS="${BENCH_WAN_FAIL_RTTS:-20 100}"
@@ -61,7 +67,7 @@ die() { echo "bench-wan FAILED: $*" >&2; exit 1; }
 log() { echo "== $*" >&2; }
 
 [ "$(id -u)" = 0 ] || die "needs root (network namespaces, tc)"
-for v in "$SIZE_MIB" "$RUNS" "$OUTAGE"; do
+for v in "$SIZE_MIB" "$SINGLE_MIB" "$RUNS" "$OUTAGE"; do
     case "$v" in ''|*[!0-9]*) die "BENCH_WAN_SIZE_MIB, BENCH_WAN_RUNS and BENCH_WAN_OUTAGE must be integers";; esac
 done
 [ -x "$BIN/mftd" ] && [ -x "$BIN/mftctl" ] || die "no mftd/mftctl in $BIN: run 'make release'"
@@ -101,7 +107,13 @@ if [ "$(stat -c %s "$DIR/export/$FILE" 2>/dev/null || echo 0)" != "$SIZE" ]; the
     log "writing a ${SIZE_MIB} MiB test file to $DIR/export"
     head -c "$SIZE" /dev/urandom >"$DIR/export/$FILE"
 fi
-SHA="$(sha256sum "$DIR/export/$FILE" | cut -d' ' -f1)"
+SINGLE_SIZE=$((SINGLE_MIB * 1024 * 1024))
+if [ "$(stat -c %s "$DIR/export/single.bin" 2>/dev/null || echo 0)" != "$SINGLE_SIZE" ]; then
+    head -c "$SINGLE_SIZE" /dev/urandom >"$DIR/export/single.bin"
+fi
+declare -A SHAS
+SHAS[$FILE]="$(sha256sum "$DIR/export/$FILE" | cut -d' ' -f1)"
+SHAS[single.bin]="$(sha256sum "$DIR/export/single.bin" | cut -d' ' -f1)"
 
 # ---------------------------------------------------------------- hosts
 start_servers() {
@@ -158,15 +170,16 @@ start_client() {
 now() { date +%s.%N; }
 ctl() { "$BIN/mftctl" --socket "$tmp/c/sock" "$@"; }
 
-check() { # check FILE: sha256 of an output
-    local got
+check() { # check OUTPUT: sha256 against the exported file of the same name
+    local got want
     got="$(sha256sum "$1" | cut -d' ' -f1)"
-    [ "$got" = "$SHA" ] || die "$1: sha256 $got, expected $SHA"
+    want="${SHAS[$(basename "$1")]}"
+    [ "$got" = "$want" ] || die "$1: sha256 $got, expected $want"
     rm -f "$1"
 }
 
-mftd_get() { # mftd_get HOST_INDEXES...: prints seconds
-    local from=() t0 t1
+mftd_get() { # mftd_get HOST_INDEXES...: prints seconds (file: $NAME, default $FILE)
+    local from=() t0 t1 FILE="${NAME:-$FILE}"
     for i in "$@"; do from+=("$NET.$i:5001"); done
     rm -f "$out/$FILE"
     t0=$(now)
@@ -178,7 +191,7 @@ mftd_get() { # mftd_get HOST_INDEXES...: prints seconds
 }
 
 aria2_get() {
-    local urls=() t0 t1
+    local urls=() t0 t1 FILE="${NAME:-$FILE}"
     for i in "$@"; do urls+=("http://$NET.$i:8080/$FILE"); done
     rm -f "$out/$FILE"
     t0=$(now)
@@ -189,12 +202,36 @@ aria2_get() {
 }
 
 curl_get() {
-    local t0 t1
+    local t0 t1 FILE="${NAME:-$FILE}"
     rm -f "$out/$FILE"
     t0=$(now)
     ip netns exec "${P}c" curl -sf -o "$out/$FILE" "http://$NET.$1:8080/$FILE" || die "curl failed"
     t1=$(now)
     check "$out/$FILE"
+    echo "$t1 - $t0" | bc -l
+}
+
+# iperf3 from every host at once, host i sending SIZE x rate_i / total
+# bytes over 4 streams: prints the seconds until the last one finished.
+iperf_floor() { # iperf_floor MIX
+    local total i=1 pids=() t0 t1 share
+    total=$(sum_rates "$1")
+    for r in ${MIX_RATES[$1]}; do
+        ip netns exec "${P}s$i" iperf3 -s -1 -B "$NET.$i" >/dev/null 2>&1 &
+        i=$((i + 1))
+    done
+    sleep 0.5
+    t0=$(now)
+    i=1
+    for r in ${MIX_RATES[$1]}; do
+        share=$(( SIZE / total * r ))
+        ip netns exec "${P}c" iperf3 -c "$NET.$i" -R -P 4 -n "$share" >/dev/null 2>&1 &
+        pids+=($!)
+        i=$((i + 1))
+    done
+    for p in "${pids[@]}"; do wait "$p" || die "iperf3 failed"; done
+    t1=$(now)
+    sleep 0.3
     echo "$t1 - $t0" | bc -l
 }
 
@@ -233,7 +270,9 @@ runs() { # runs CMD...: median seconds of RUNS runs
 }
 
 # Failure runs: the download runs in the background; at a fraction of the
-# ideal time something breaks. Prints "seconds failure_at".
+# ideal time something breaks. Sets FAIL_T (seconds) and FAIL_AT (when the
+# failure happened). Runs in this shell (not a subshell) so the PIDs of
+# hosts it restarts stay known to cleanup.
 fail_run() { # fail_run KIND MIX
     local kind=$1 mix=$2 t0 t1 at from pid
     from="$NET.1:5001,$NET.2:5001,$NET.3:5001,$NET.4:5001"
@@ -264,7 +303,8 @@ fail_run() { # fail_run KIND MIX
         dead) ip -n "${P}s1" link set eth0 up ;;
     esac
     sleep 1
-    echo "$(echo "$t1 - $t0" | bc -l) $fa"
+    FAIL_T=$(echo "$t1 - $t0" | bc -l)
+    FAIL_AT=$fa
 }
 
 # ---------------------------------------------------------------- run
@@ -291,27 +331,32 @@ for rtt in $RTTS; do
             log "RTT $rtt ms, $mix, 4 sources"
             m=$(runs mftd_get 1 2 3 4)
             a=$(runs aria2_get 1 2 3 4)
-            echo "$rtt|$mix|4 sources|$(fmt "$(echo "$m / $id4" | bc -l)")|$(fmt "$(echo "$a / $id4" | bc -l)")|$(fmt "$(echo "$a / $m" | bc -l)")|$(fmt "$m") s|$(fmt "$a") s|$(fmt "$id4") s" >>"$results"
+            f=$(runs iperf_floor "$mix")
+            echo "$rtt|$mix|4 sources|$(fmt "$(echo "$m / $id4" | bc -l)")|$(fmt "$(echo "$a / $id4" | bc -l)")|$(fmt "$(echo "$a / $m" | bc -l)")|$(fmt "$(echo "$f / $id4" | bc -l)")|$(fmt "$m") s|$(fmt "$a") s|$(fmt "$id4") s" >>"$results"
         fi
         if [[ " $CASES " == *" single "* ]] && [ "$mix" = equal ]; then
             log "RTT $rtt ms, 1 source ($first mbit)"
-            m=$(runs mftd_get 1)
-            c=$(runs curl_get 1)
-            echo "$rtt|${first}mbit|1 source (curl)|$(fmt "$(echo "$m / $id1" | bc -l)")|$(fmt "$(echo "$c / $id1" | bc -l)")|$(fmt "$(echo "$c / $m" | bc -l)")|$(fmt "$m") s|$(fmt "$c") s|$(fmt "$id1") s" >>"$results"
+            m=$(NAME=single.bin runs mftd_get 1)
+            c=$(NAME=single.bin runs curl_get 1)
+            id1=$(echo "$SINGLE_SIZE * 8 / ($first * 1000000) * 1514 / 1448" | bc -l)
+            echo "$rtt|${first}mbit|1 source, ${SINGLE_MIB} MiB (vs curl)|$(fmt "$(echo "$m / $id1" | bc -l)")|$(fmt "$(echo "$c / $id1" | bc -l)")|$(fmt "$(echo "$c / $m" | bc -l)")||$(fmt "$m") s|$(fmt "$c") s|$(fmt "$id1") s" >>"$results"
         fi
         if [[ " $CASES " == *" iperf "* ]] && [ "$mix" = equal ]; then
             log "RTT $rtt ms, iperf3 to one host ($first mbit)"
             i1=$(iperf 1 1)
             i8=$(iperf 1 8)
-            echo "$rtt|${first}mbit|iperf3 1 / 8 streams|$(fmt "$i1") / $(fmt "$i8") Mbit/s|(cap $first Mbit/s, goodput max $(fmt "$(echo "$first * 1448 / 1514" | bc -l)"))||||" >>"$results"
+            echo "$rtt|${first}mbit|path capacity, iperf3 1 / 8 streams|$(fmt "$i1") / $(fmt "$i8") Mbit/s|(cap $first Mbit/s, goodput max $(fmt "$(echo "$first * 1448 / 1514" | bc -l)"))|||||" >>"$results"
         fi
         if [[ " $CASES " == *" fail "* ]] && [[ " $FAIL_RTTS " == *" $rtt "* ]] && [ "$mix" = unequal ]; then
             for kind in kill dead outage; do
                 log "RTT $rtt ms, $mix, fastest host $kind"
                 ts=()
+                ts_abs=()
                 ideals=()
                 for _ in $(seq 1 "$RUNS"); do
-                    read -r t fa < <(fail_run "$kind" "$mix")
+                    fail_run "$kind" "$mix"
+                    t=$FAIL_T
+                    fa=$FAIL_AT
                     if [ "$kind" = outage ]; then
                         idf=$(echo "$id4 + $OUTAGE" | bc -l)
                     else
@@ -321,11 +366,12 @@ for rtt in $RTTS; do
                         idf=$(echo "$fa + ($SIZE - $done_bytes) * 8 / ($rest * 1000000) * 1514 / 1448" | bc -l)
                     fi
                     ts+=("$(echo "$t / $idf" | bc -l)")
+                    ts_abs+=("$t")
                     ideals+=("$idf")
                     log "  $kind: $(fmt "$t") s, failure at $(fmt "$fa") s, ideal with failure $(fmt "$idf") s"
                 done
                 r=$(median "${ts[@]}")
-                echo "$rtt|$mix|fastest $kind (at 40 %)|$(fmt "$r") of ideal-with-failure||||$(fmt "$(median "${ideals[@]}")") s" >>"$results"
+                echo "$rtt|$mix|fastest host $kind at 40 % of ideal|$(fmt "$r") x ideal-with-failure||||$(fmt "$(median "${ts_abs[@]}")") s||$(fmt "$(median "${ideals[@]}")") s" >>"$results"
             done
         fi
     done
@@ -335,8 +381,10 @@ echo
 echo "mftd vs aria2c/curl on an emulated WAN: ${SIZE_MIB} MiB, median of ${RUNS} runs, sha256 checked"
 echo "(equal: 4 x 400 Mbit/s; unequal: 800/400/200/100 Mbit/s; 1 source: host 1)"
 echo
-echo "| RTT ms | rates | case | mftd time/ideal | peer time/ideal | mftd speed / peer | mftd | peer | ideal |"
-echo "|---|---|---|---|---|---|---|---|---|"
-while IFS='|' read -r a b c d e f g h i; do
-    echo "| $a | $b | $c | $d | $e | $f | $g | $h | $i |"
+echo "(peer: aria2c ${ARIA2_FLAGS[*]:1:4} for 4 sources, curl for 1; TCP floor: iperf3 from every host at once, ideal shares, 4 streams each)"
+echo
+echo "| RTT ms | rates | case | mftd time/ideal | peer time/ideal | mftd speed / peer | TCP floor time/ideal | mftd | peer | ideal |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
+while IFS='|' read -r a b c d e f g h i j; do
+    echo "| $a | $b | $c | $d | $e | $f | $g | $h | $i | $j |"
 done <"$results"

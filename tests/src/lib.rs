@@ -83,12 +83,15 @@ pub struct Daemon {
     pub export: PathBuf,
     pub downloads: PathBuf,
     pub ports: Vec<u16>,
+    /// Network namespace the daemon runs in (`ip netns exec`), if any.
+    pub netns: Option<String>,
 }
 
 pub struct DaemonBuilder {
     listeners: usize,
     extra: Vec<String>,
     env: Vec<(String, String)>,
+    netns: Option<String>,
 }
 
 impl DaemonBuilder {
@@ -100,35 +103,48 @@ impl DaemonBuilder {
         self.env.push((k.into(), v.into()));
         self
     }
+    /// Runs the daemon inside network namespace `ns` (root only).
+    pub fn netns(mut self, ns: &str) -> Self {
+        self.netns = Some(ns.into());
+        self
+    }
     pub fn start(self) -> Daemon {
-        Daemon::start_with(self.listeners, &self.extra, &self.env)
+        Daemon::start_with(self.listeners, &self.extra, &self.env, self.netns)
     }
 }
 
 impl Daemon {
     /// A daemon with `n` listeners on free ports.
     pub fn builder(n: usize) -> DaemonBuilder {
-        DaemonBuilder { listeners: n, extra: Vec::new(), env: Vec::new() }
+        DaemonBuilder { listeners: n, extra: Vec::new(), env: Vec::new(), netns: None }
     }
 
     pub fn start(n: usize) -> Daemon {
-        Daemon::start_with(n, &[], &[])
+        Daemon::start_with(n, &[], &[], None)
     }
 
-    fn start_with(n: usize, extra: &[String], env: &[(String, String)]) -> Daemon {
+    fn start_with(n: usize, extra: &[String], env: &[(String, String)], netns: Option<String>) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let export = dir.path().join("export");
         let downloads = dir.path().join("downloads");
         std::fs::create_dir_all(&export).expect("mkdir export");
         std::fs::create_dir_all(&downloads).expect("mkdir downloads");
         let socket = dir.path().join("mftd.sock");
-        let mut d = Daemon { child: None, socket, export, downloads, ports: Vec::new(), dir };
+        let mut d = Daemon { child: None, socket, export, downloads, ports: Vec::new(), dir, netns };
         d.spawn(n, extra, env);
         d
     }
 
     pub fn command(&self, n: usize, extra: &[String]) -> Command {
-        let mut cmd = Command::new(mftd_bin());
+        let mut cmd = match &self.netns {
+            // `ip netns exec` execs mftd, so the child's PID is mftd's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(mftd_bin());
+                c
+            }
+            None => Command::new(mftd_bin()),
+        };
         let given = |flag: &str| extra.iter().any(|a| a == flag);
         cmd.arg("--socket").arg(&self.socket).arg("--export").arg(&self.export);
         if !given("--state-dir") {

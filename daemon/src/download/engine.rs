@@ -60,6 +60,9 @@ const PREFETCH_MIN: u64 = 512 << 10;
 /// First retry delay after a failure and the cap of the exponential backoff.
 pub const BACKOFF_START: Duration = Duration::from_millis(250);
 pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// A connection owed data that receives nothing for this long (or four
+/// round trips, if longer) starts probing its path with fresh connections.
+const STALL_AFTER: Duration = Duration::from_secs(1);
 /// How long identity election waits for more sources after the first
 /// answer when no version has a majority of all sources yet.
 const ELECTION_WINDOW: Duration = Duration::from_secs(1);
@@ -901,6 +904,8 @@ enum WorkerEnd {
     Stopped,
     /// Connection failed; retry after a backoff.
     Retry(String),
+    /// The connection stalled while the path works again: reconnect now.
+    Reconnect(String),
     /// This source is of no further use.
     Dead(SourceState, String),
 }
@@ -949,6 +954,11 @@ async fn worker(eng: Arc<Engine>, src: SourceId) {
             WorkerEnd::Dead(state, why) => {
                 eng.kill_source(src, state, why);
                 break;
+            }
+            WorkerEnd::Reconnect(why) => {
+                debug!(source = %addr, reason = %why, "replacing a stalled connection");
+                eng.set_source(src, |s| s.last_error = Some(why));
+                backoff = Backoff::new();
             }
             WorkerEnd::Retry(why) => {
                 let delay = backoff.next();
@@ -1081,6 +1091,15 @@ async fn fetch(
 ) -> WorkerEnd {
     let path = eng.dl.remote_path.clone();
     let idle = eng.dl.idle_timeout;
+    // Quiet for longer than this while owed data counts as stalled: at
+    // least STALL_AFTER and four round trips, and three times the longest
+    // gap this connection has shown (a source paced to a few KB/s sends a
+    // chunk every second or two).
+    let mut stall_after = (rtt * 4).max(STALL_AFTER);
+    let mut last_event = Instant::now();
+    let mut got_data = false;
+    let mut probe: Option<std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>> = None;
+    let mut probe_step = BACKOFF_START;
     let mut open: VecDeque<OpenRead> = VecDeque::new();
     let mut hasher: Option<PieceHasher> = None;
     let violation = |why: String| WorkerEnd::Dead(SourceState::Failed, format!("protocol violation: {why}"));
@@ -1181,18 +1200,53 @@ async fn fetch(
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
+            // Nothing was owed meanwhile: silence so far is no stall.
+            last_event = Instant::now();
+            got_data = false;
             continue;
         }
         // 3. Wait for the server, or for another connection taking over
         // part of our range.
+        // A connection owed data that has gone quiet may sit on a link that
+        // died silently, or on one that came back while TCP's retransmission
+        // timer is backed off for seconds. Probe the path with fresh
+        // connections (backoff steps apart); once one gets through, this
+        // connection is abandoned and replaced at once.
+        let quiet = last_event.elapsed();
+        if quiet >= idle {
+            return WorkerEnd::Retry(ClientError::Idle(idle).to_string());
+        }
+        let owed = !open.is_empty();
+        if owed && quiet >= stall_after && probe.is_none() {
+            probe = Some(Box::pin(probe_path(eng.dl.sources[src].clone(), probe_step)));
+            probe_step = (probe_step * 2).min(BACKOFF_CAP);
+        }
+        let next_check = if owed && probe.is_none() { stall_after.saturating_sub(quiet) } else { idle - quiet };
         let ev = tokio::select! {
-            ev = tokio::time::timeout(idle, stream.next()) => match ev {
-                Err(_) => return WorkerEnd::Retry(ClientError::Idle(idle).to_string()),
-                Ok(None) => return WorkerEnd::Retry(ClientError::Closed.to_string()),
-                Ok(Some(ev)) => ev,
+            ev = stream.next() => match ev {
+                None => return WorkerEnd::Retry(ClientError::Closed.to_string()),
+                Some(ev) => ev,
             },
             _ = wake.notified() => continue,
+            _ = tokio::time::sleep(next_check) => continue,
+            up = async { match probe.as_mut() { Some(p) => p.await, None => std::future::pending().await } } => {
+                probe = None;
+                if up && last_event.elapsed() >= stall_after {
+                    return WorkerEnd::Reconnect(format!(
+                        "no data for {:.1?} while a new connection got through; reconnecting",
+                        last_event.elapsed()
+                    ));
+                }
+                continue;
+            }
         };
+        if got_data && probe.is_none() {
+            stall_after = stall_after.max(last_event.elapsed() * 3).min(idle);
+        }
+        got_data = got_data || matches!(ev, Event::Data { .. });
+        last_event = Instant::now();
+        probe = None;
+        probe_step = BACKOFF_START;
         match ev {
             Event::Header { id, offset, len } => {
                 // Answers come strictly in order: requests before `id` are over.
@@ -1440,6 +1494,17 @@ impl Chosen {
         }
         true
     }
+}
+
+/// Whether a TCP connection to `addr` completes within `step` (the probe is
+/// closed at once). Takes at least `step`, so probes are paced.
+async fn probe_path(addr: String, step: Duration) -> bool {
+    let start = tokio::time::Instant::now();
+    let up = matches!(tokio::time::timeout(step, tokio::net::TcpStream::connect(&addr)).await, Ok(Ok(_)));
+    if !up {
+        tokio::time::sleep_until(start + step).await;
+    }
+    up
 }
 
 /// Counts one blocking task of the engine while it lives.

@@ -270,6 +270,18 @@ impl Scheduler {
         ahead as u64 + MIN_SPLIT
     }
 
+    /// Whether the connection owning `a` has gone quiet: nothing arrived
+    /// for several round trips (at least 300 ms) although it is owed bytes.
+    /// Its range is then taken over without waiting for the idle timeout
+    /// (a silently dead link sends no reset).
+    fn stalled(&self, a: &Assignment, now: Instant) -> bool {
+        let Some(c) = self.conns.get(&a.conn) else { return false };
+        let quiet = (4.0 * (c.rtt + self.lag)).max(0.3);
+        let since_data = now.saturating_duration_since(c.meter.last).as_secs_f64();
+        let since_grant = now.saturating_duration_since(a.granted).as_secs_f64();
+        a.start < a.end && since_data > quiet && since_grant > quiet
+    }
+
     /// The engine runs `n` connections now.
     pub fn set_expected_conns(&mut self, n: usize) {
         self.expected_conns = n.max(1);
@@ -335,7 +347,8 @@ impl Scheduler {
             if vr <= 0.0 && now.saturating_duration_since(a.granted).as_secs_f64() < patience {
                 continue;
             }
-            let when = self.pending(a.conn) as f64 / self.conn_rate(a.conn, now).max(1.0);
+            let rate = if self.stalled(a, now) { 0.0 } else { self.conn_rate(a.conn, now) };
+            let when = self.pending(a.conn) as f64 / rate.max(1.0);
             if best.map(|(_, bt, _)| when > bt).unwrap_or(true) {
                 best = Some((t, when, floor));
             }
@@ -344,8 +357,15 @@ impl Scheduler {
             let a = &self.assignments[&victim];
             let vr = self.conn_rate(a.conn, now);
             // Both should finish together: the victim keeps bytes in
-            // proportion to its speed. Unknown speeds split in half.
-            let frac = if vr > 0.0 && my_rate > 0.0 { vr / (vr + my_rate) } else { 0.5 };
+            // proportion to its speed. Unknown speeds split in half; a
+            // stalled owner keeps only what may still be on its way.
+            let frac = if self.stalled(a, now) {
+                0.0
+            } else if vr > 0.0 && my_rate > 0.0 {
+                vr / (vr + my_rate)
+            } else {
+                0.5
+            };
             let remaining = a.end - a.start;
             let mut split = (a.start + (remaining as f64 * frac) as u64).max(floor);
             // On a piece boundary, so both sides can hash whole pieces.
@@ -373,8 +393,13 @@ impl Scheduler {
             {
                 continue;
             }
-            let when = (a.end - a.start) as f64 / self.conn_rate(a.conn, now).max(1.0);
-            if when >= DUPLICATE_AFTER.as_secs_f64() && best.map(|(_, bt)| when > bt).unwrap_or(true) {
+            let rate = if self.stalled(a, now) { 0.0 } else { self.conn_rate(a.conn, now) };
+            let when = (a.end - a.start) as f64 / rate.max(1.0);
+            // Worth it when the owner needs long, or when this connection
+            // would clearly finish first (the last piece on a slow source).
+            let mine = my_start + (a.end - a.start) as f64 / my_rate.max(1.0);
+            let worth = when >= DUPLICATE_AFTER.as_secs_f64() || (my_rate > 0.0 && when > 2.0 * mine + 0.05);
+            if worth && best.map(|(_, bt)| when > bt).unwrap_or(true) {
                 best = Some((t, when));
             }
         }

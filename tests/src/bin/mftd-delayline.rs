@@ -131,7 +131,8 @@ fn open_tap(name: &str) -> std::io::Result<OwnedFd> {
 struct Lane {
     from: RawFd,
     to: RawFd,
-    queue: VecDeque<(Instant, Vec<u8>)>,
+    /// (release time, buffer of MAX_FRAME bytes, frame length)
+    queue: VecDeque<(Instant, Vec<u8>, usize)>,
     queued_bytes: usize,
     frames: u64,
     bytes: u64,
@@ -147,8 +148,8 @@ impl Lane {
     /// Reads every frame waiting on `from` (bounded per call), stamping it.
     fn read_all(&mut self, delay: Duration, cap: usize, pool: &mut Vec<Vec<u8>>) {
         for _ in 0..4096 {
+            // Buffers keep their full length, so reuse never re-zeroes them.
             let mut buf = pool.pop().unwrap_or_else(|| vec![0u8; MAX_FRAME]);
-            buf.resize(MAX_FRAME, 0);
             // SAFETY: buf is MAX_FRAME bytes long and owned here.
             let n = unsafe { libc::read(self.from, buf.as_mut_ptr().cast(), buf.len()) };
             if n <= 0 {
@@ -161,29 +162,28 @@ impl Lane {
                 pool.push(buf);
                 continue;
             }
-            buf.truncate(n);
             self.queued_bytes += n;
-            self.queue.push_back((Instant::now() + delay, buf));
+            self.queue.push_back((Instant::now() + delay, buf, n));
         }
     }
 
     /// Writes every frame whose time has come; returns the next release time.
     fn release(&mut self, now: Instant, pool: &mut Vec<Vec<u8>>) -> Option<Instant> {
-        while let Some((at, _)) = self.queue.front() {
+        while let Some((at, _, _)) = self.queue.front() {
             if *at > now {
                 return Some(*at);
             }
-            let Some((_, frame)) = self.queue.pop_front() else { break };
-            self.queued_bytes -= frame.len();
-            // SAFETY: frame is a valid buffer of frame.len() bytes.
-            let n = unsafe { libc::write(self.to, frame.as_ptr().cast(), frame.len()) };
+            let Some((_, frame, len)) = self.queue.pop_front() else { break };
+            self.queued_bytes -= len;
+            // SAFETY: frame holds at least len bytes.
+            let n = unsafe { libc::write(self.to, frame.as_ptr().cast(), len) };
             if n < 0 {
                 // A TAP whose other side is down refuses frames: that is a
                 // dead link, which is what the testbed wants to emulate.
                 self.write_errors += 1;
             } else {
                 self.frames += 1;
-                self.bytes += frame.len() as u64;
+                self.bytes += len as u64;
             }
             pool.push(frame);
         }
@@ -234,6 +234,11 @@ fn main() {
             }
             eprintln!("mftd-delayline: poll failed: {e}");
             exit(1);
+        }
+        // A device that went away (its namespace was deleted) ends the line.
+        if (fds[0].revents | fds[1].revents) & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            eprintln!("mftd-delayline: a TAP device went away; stopping");
+            break;
         }
         if fds[0].revents & libc::POLLIN != 0 {
             ab.read_all(args.delay, args.queue_bytes, &mut pool);
