@@ -17,7 +17,7 @@ ZSHCOMPDIR = $(PREFIX)/share/zsh/site-functions
 FISHCOMPDIR = $(PREFIX)/share/fish/vendor_completions.d
 TARGET = target/$(PROFILE)
 
-.PHONY: all build release test demo bench man install uninstall check-units systemd-test fuzz clean fmt lint
+.PHONY: all build release test demo bench bench-wan man install uninstall check-units systemd-test fuzz clean fmt lint
 
 all: build
 
@@ -48,6 +48,13 @@ demo: release
 # Throughput against curl/nginx and aria2c on loopback; installs them if missing.
 bench: release
 	bash scripts/bench.sh
+
+# mftd against aria2c, curl and iperf3 on an emulated WAN (network namespaces,
+# tbf caps, the mftd-delayline delay line) at several round-trip times.
+# Needs root; installs nginx, aria2, iperf3 if missing. Not part of test.
+bench-wan: release
+	$(CARGO) build --release -p mftd-tests --bins
+	bash scripts/bench-wan.sh
 
 # libFuzzer targets in fuzz/ on stable (RUSTC_BOOTSTRAP=1); FUZZ_SECS per target (default 60).
 fuzz:
