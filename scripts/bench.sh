@@ -318,6 +318,53 @@ cap_med="$(median "${cap_times[@]}")"
 cap_ideal="$(awk -v m="$CAP_SIZE_MIB" -v t="$CAP_TOTAL_MIB" 'BEGIN { printf "%.3f", m / t }')"
 cap_ratio="$(awk -v a="$cap_med" -v b="$cap_ideal" 'BEGIN { printf "%.3f", a / b }')"
 
+# ---------------------------------------------------------------- many
+# Many downloads at once from the same 4 listeners (default server settings:
+# 16 connections per client address): 10 and then 100 concurrent 8 MiB
+# files into tmpfs. Aggregate throughput and the daemon's peak descriptors.
+MANY_MAX=100
+log "many downloads: writing $MANY_MAX files of 8 MiB"
+for i in $(seq 1 "$MANY_MAX"); do head -c $((8 << 20)) /dev/urandom >"$tmp/export/many-$i.bin"; done
+many_run() { # N: seconds for N concurrent downloads; sets MANY_FDS (peak)
+    local n="$1" pids=() t0 t1 i fds=0 f
+    rm -f "$out_shm"/many-*.bin
+    t0="$(now)"
+    for i in $(seq 1 "$n"); do
+        ctl get "many-$i.bin" --from "$FROM4" -o "$out_shm" --force --interval 60 >"$tmp/many-$i.log" 2>&1 &
+        pids+=($!)
+    done
+    while :; do
+        f="$(ls "/proc/$mftd_pid/fd" 2>/dev/null | wc -l)"
+        [ "$f" -gt "$fds" ] && fds="$f"
+        local running=0
+        for i in "${pids[@]}"; do kill -0 "$i" 2>/dev/null && running=1 && break; done
+        [ "$running" = 1 ] || break
+        sleep 0.05
+    done
+    for i in "${!pids[@]}"; do
+        wait "${pids[$i]}" || { cat "$tmp/many-$((i + 1)).log" >&2; die "many: download $((i + 1)) of $n failed"; }
+    done
+    t1="$(now)"
+    for i in $(seq 1 "$n"); do
+        cmp -s "$out_shm/many-$i.bin" "$tmp/export/many-$i.bin" || die "many: many-$i.bin differs from the source"
+    done
+    rm -f "$out_shm"/many-*.bin
+    MANY_FDS="$fds"
+    awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }'
+}
+log "many downloads: warming the server's hash cache"
+many_run "$MANY_MAX" >/dev/null
+declare -A MANY_T MANY_F
+for n in 10 "$MANY_MAX"; do
+    ts=()
+    for r in $(seq 1 "$RUNS"); do
+        ts+=("$(many_run "$n")")
+        MANY_F[$n]="$MANY_FDS"
+        log "many: $n at once, run $r/$RUNS: ${ts[-1]}s, peak fds $MANY_FDS"
+    done
+    MANY_T[$n]="$(median "${ts[@]}")"
+done
+
 # ---------------------------------------------------------------- report
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 elapsed="$(awk -v a="$start_all" -v b="$(now)" 'BEGIN { printf "%.0f", b - a }')"
@@ -343,6 +390,8 @@ done
 echo "(throughput ratios: > 1 means mftd is faster)"
 echo
 echo "capped: listeners at 4/8/16/32 MiB/s, $CAP_SIZE_MIB MiB: median ${cap_med}s, ideal ${cap_ideal}s, time/ideal ${cap_ratio} (runs:$(printf ' %s' "${cap_times[@]}"))"
+many_mb() { awk -v n="$1" -v s="$2" 'BEGIN { printf "%.0f", n * 8 * 1048576 / 1e6 / s }'; }
+echo "many: 10 concurrent 8 MiB downloads: ${MANY_T[10]}s, $(many_mb 10 "${MANY_T[10]}") MB/s aggregate, peak ${MANY_F[10]} fds; $MANY_MAX concurrent: ${MANY_T[$MANY_MAX]}s, $(many_mb "$MANY_MAX" "${MANY_T[$MANY_MAX]}") MB/s, peak ${MANY_F[$MANY_MAX]} fds; $MANY_MAX / 10 aggregate: $(awk -v a="${MANY_T[10]}" -v b="${MANY_T[$MANY_MAX]}" -v m="$MANY_MAX" 'BEGIN { printf "%.2f", (m / b) / (10 / a) }')"
 echo "total bench time ${elapsed}s; load average at start: $load_start, at end: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) CPUs; other load skews the numbers)"
 echo
 summary="BENCH-SUMMARY: size_mib=$SIZE_MIB runs=$RUNS"

@@ -6,7 +6,7 @@
 //! Nothing in this crate opens a socket or a file on its own initiative: it
 //! turns bytes into typed messages and back, and checks limits while doing so.
 //!
-//! # Transfer protocol, version 1
+//! # Transfer protocol, version 2
 //!
 //! A client (a downloading `mftd`) opens a TCP connection to a transfer
 //! listener. Everything on the wire is a **frame**; all integers are
@@ -22,44 +22,56 @@
 //! `length` counts the body only and is checked against [`proto::MAX_FRAME`]
 //! (1 MiB) *before* any buffer is allocated. The one exception to "the body is
 //! the frame" is `DATA`: its body is a fixed 20-byte header, and the file bytes
-//! it announces follow it raw on the stream (so the server can `sendfile` them
-//! without copying).
+//! it announces (at most [`proto::MAX_DATA`], 4 MiB) follow it raw on the
+//! stream, so the server can `sendfile` them without copying.
 //!
-//! | type | name     | direction       | body                                                                   |
-//! |------|----------|-----------------|------------------------------------------------------------------------|
-//! | 0x01 | HELLO    | both, first     | magic `b"MFTD"` (4) · version u16 · flags u16                          |
-//! | 0x02 | STAT     | client → server | path (UTF-8, rest of body, 1..=4096 bytes)                             |
-//! | 0x03 | READ     | client → server | id u32 · offset u64 · len u64 · size u64 · mtime_ns i64 · path (rest)  |
-//! | 0x82 | STAT_OK  | server → client | size u64 · mtime_ns i64 · piece_size u32 · count u32 · root \[32\] · count × hash \[32\] |
-//! | 0x83 | DATA     | server → client | id u32 · offset u64 · len u64, then `len` raw bytes outside the frame |
-//! | 0x7f | ERROR    | server → client | id u32 (0: not about a request) · code u16 · message (UTF-8, rest)     |
-//! | 0x84 | CHALLENGE| server → client | nonce \[32\] (only when the listener requires authentication)          |
-//! | 0x04 | AUTH     | client → server | mac \[32\] = HMAC-SHA256(secret, `"mftd-auth-v1"` · nonce)             |
+//! | type | name      | direction       | body                                                                   |
+//! |------|-----------|-----------------|------------------------------------------------------------------------|
+//! | 0x01 | HELLO     | both, first     | magic `b"MFTD"` (4) · version u16 · flags u16                          |
+//! | 0x02 | STAT      | client → server | path (UTF-8, rest of body, 1..=4096 bytes)                             |
+//! | 0x03 | READ      | client → server | id u32 · offset u64 · len u64 · size u64 · mtime_ns i64 · path (rest)  |
+//! | 0x05 | TRIM      | client → server | id u32 · end u64                                                       |
+//! | 0x06 | HASHES    | client → server | size u64 · mtime_ns i64 · path (rest)                                  |
+//! | 0x82 | STAT_OK   | server → client | size u64 · mtime_ns i64 · piece_size u32 · count u32 · root \[32\]     |
+//! | 0x83 | DATA      | server → client | id u32 · offset u64 · len u64, then `len` raw bytes outside the frame |
+//! | 0x85 | TRIMMED   | server → client | id u32 · end u64 (`u64::MAX`: the request was no longer open)          |
+//! | 0x86 | HASHES_OK | server → client | count u32 · count × hash \[32\]                                        |
+//! | 0x7f | ERROR     | server → client | id u32 (0: not about a request) · code u16 · message (UTF-8, rest)     |
+//! | 0x84 | CHALLENGE | server → client | nonce \[32\] (only when the listener requires authentication)          |
+//! | 0x04 | AUTH      | client → server | mac \[32\] = HMAC-SHA256(secret, `"mftd-auth-v1"` · nonce)             |
 //!
 //! ## Examples on the wire (hex; spaces separate fields)
 //!
 //! ```text
-//! HELLO v1, no flags     01 00000008 4d465444 0001 0000
+//! HELLO v2, no flags     01 00000008 4d465444 0002 0000
 //! STAT "a.bin"           02 00000005 612e62696e
-//! READ id 7, 512 KiB at 0 of a 1 MiB file, mtime 1.7e18 ns, "a.bin"
-//!                        03 00000029 00000007 0000000000000000 0000000000080000
+//! READ id 7, 1 MiB at 0 of a 1 MiB file, mtime 1.7e18 ns, "a.bin"
+//!                        03 00000029 00000007 0000000000000000 0000000000100000
 //!                           0000000000100000 17979cfe362a0000 612e62696e
-//! STAT_OK, 1-byte file   82 00000058 0000000000000001 17979cfe362a0000 00040000 00000001
-//!                           <root: 32 bytes> <hash of piece 0: 32 bytes>
-//! DATA answering it      83 00000014 00000007 0000000000000000 0000000000080000
+//! STAT_OK, 1-byte file   82 00000038 0000000000000001 17979cfe362a0000 00040000 00000001
+//!                           <root: 32 bytes>
+//! HASHES "a.bin"         06 00000015 0000000000000001 17979cfe362a0000 612e62696e
+//! HASHES_OK, one piece   86 00000024 00000001 <hash of piece 0: 32 bytes>
+//! DATA, first frame      83 00000014 00000007 0000000000000000 0000000000080000
 //!                           <524288 raw bytes follow, outside the frame>
+//! TRIM id 7 at 256 KiB   05 0000000c 00000007 0000000000040000
+//! TRIMMED id 7 at 256 KiB 85 0000000c 00000007 0000000000040000
 //! ERROR NOT_FOUND        7f 00000012 00000000 0005 6e6f2073756368...  ("no such file")
 //! CHALLENGE              84 00000020 <32 random bytes>
 //! AUTH                   04 00000020 <HMAC-SHA256, 32 bytes>
 //! ```
 //!
 //! ## Handshake
-//! The client sends `HELLO` with version 1; the server answers `HELLO` with its
+//! The client sends `HELLO` with version 2; the server answers `HELLO` with its
 //! own version, or an `ERROR` with code `VERSION_MISMATCH` whose message names
-//! both versions (for example `server speaks mftd transfer protocol 1, client
-//! sent 2`) and closes. A first frame that is not `HELLO`, or a wrong magic,
-//! gets `BAD_HANDSHAKE` and the connection is closed. The server waits at most
-//! 10 s for the `HELLO`.
+//! both versions (`server speaks mftd transfer protocol 2, client sent 1`)
+//! and closes: a version-1 peer (pipelined fixed-size READs, hashes in
+//! STAT_OK) is refused this way, and a v1 server answers a v2 client with its
+//! own HELLO, which the client reports the same way. A first frame that is
+//! not `HELLO`, or a wrong magic, gets `BAD_HANDSHAKE` and the connection is
+//! closed. The server waits at most 10 s for the `HELLO`. A client without
+//! a secret sends its first `STAT` right behind its `HELLO`, without waiting
+//! for the answer (the server reads frames in order).
 //!
 //! ## Authentication (optional)
 //! A listener configured with a shared secret (`auth_secret_file`) answers a
@@ -74,30 +86,58 @@
 //! also restrict peers to CIDR ranges (`allow`); others get
 //! `ERROR NOT_ALLOWED` and are disconnected before any other byte.
 //!
-//! ## STAT
+//! ## STAT and HASHES
 //! `STAT "iso/big.iso"` asks for a file's size, modification time
 //! (nanoseconds since the Unix epoch) and **content identity**: the file is cut
 //! into pieces of `piece_size` bytes (the last one shorter) and each piece is
 //! hashed with BLAKE3; `root` is the BLAKE3 hash of
 //! `size (u64 BE) · piece_size (u32 BE) · hash₀ · hash₁ · …`. Two servers
-//! whose `size` and `root` agree serve the same bytes. The server computes
-//! the identity once per file version (device, inode, size, mtime) and caches
-//! it. The piece size is chosen by [`proto::piece_size_for`]: 256 KiB, doubled
-//! until the file has at most 16 384 pieces, which keeps `STAT_OK` under
-//! 512 KiB + 56 bytes for any file size. A zero-byte file has zero pieces.
+//! whose `size` and `root` agree serve the same bytes. `STAT_OK` carries the
+//! root and the piece count but not the piece hashes, so the answer that the
+//! version vote and the first READ wait for is 61 bytes on the wire (with
+//! every hash it was up to 512 KiB, four round trips of TCP slow start on a
+//! fresh connection). `HASHES` (with the `size` and `mtime_ns` from `STAT`)
+//! asks for the piece hashes; `HASHES_OK` lists all of them, in order, and
+//! the client checks that they add up to the root before it trusts any of
+//! them. A changed file gets `ERROR FILE_CHANGED`. The server computes the
+//! identity once per file version (device, inode, size, mtime) and caches
+//! it. The piece size is chosen by [`proto::piece_size_for`]: 256 KiB,
+//! doubled until the file has at most 16 384 pieces, which keeps
+//! `HASHES_OK` under 512 KiB + 4 bytes for any file size. A zero-byte file
+//! has zero pieces.
 //!
-//! ## READ
-//! `READ id=7 offset=1048576 len=524288 size=… mtime_ns=… "iso/big.iso"` asks
-//! for a byte range. `size` and `mtime_ns` are the version the client got from
-//! `STAT`; if the file on the server no longer matches, the answer is
-//! `ERROR FILE_CHANGED`. The answer to a good request is `DATA` with the same
-//! `id`, `offset` and `len`, followed by exactly `len` bytes. `len` may be at
-//! most [`proto::MAX_READ`] (16 MiB) and the range must lie within the file.
-//! Requests may be **pipelined**: a client may send several `READ`s without
-//! waiting; the server answers them strictly in order. If the file shrinks
-//! while its bytes are being sent, the server closes the connection (it has
-//! already promised `len` bytes), and the client treats that like any other
-//! connection failure.
+//! ## READ, DATA and TRIM
+//! `READ id=7 offset=1048576 len=… size=… mtime_ns=… "iso/big.iso"` asks
+//! for a byte range of any length within the file. `size` and `mtime_ns` are
+//! the version the client got from `STAT`; if the file on the server no
+//! longer matches, the answer is `ERROR FILE_CHANGED`. The server **streams**
+//! the range as a sequence of `DATA` frames, in order and contiguous, each of
+//! at most [`proto::DATA_CHUNK`] (1 MiB) bytes, so a client asks for a whole
+//! assignment at once and TCP flow control, not a request window, paces the
+//! connection at any round-trip time. A `READ` of length 0 is answered by one
+//! `DATA` of length 0.
+//!
+//! `TRIM id end` asks the server to stop request `id` at byte `end` instead
+//! of its original end: the client gives the back part of its range to
+//! another connection without closing this one or waiting for it to drain.
+//! The server applies it between two `DATA` frames and answers `TRIMMED id
+//! end'`, where `end'` is where it really stops: never before what it has
+//! already sent, never after the original end. A `TRIMMED` for a request is
+//! sent before any `DATA` of a later request. A `TRIM` for a request that is
+//! queued but not started shortens it the same way (to nothing if `end` is
+//! its offset: then `TRIMMED` is the whole answer); a `TRIM` for a request
+//! the server has finished gets `TRIMMED id u64::MAX`. Bytes that were
+//! already on their way when the server applied the `TRIM` still arrive;
+//! the client keeps the first copy of every byte.
+//!
+//! Requests may be **pipelined**: a client may send several `READ`s (and a
+//! `HASHES`) without waiting; the server answers them strictly in order.
+//! If the file shrinks while its bytes are being sent, the server closes the
+//! connection (it has already announced them), and the client treats that
+//! like any other connection failure. Every `DATA` header must continue the
+//! oldest open request exactly where the previous one stopped and stay
+//! within what was asked; anything else is a protocol violation and the
+//! client drops the source.
 //!
 //! ## ERROR codes (stable)
 //! See [`proto::ErrorCode`]. After an `ERROR` about a request the connection
@@ -116,17 +156,22 @@
 //! forbidden. Directories, devices, FIFOs and sockets get `NOT_REGULAR`.
 //!
 //! ## Limits and timeouts
-//! * frames: 1 MiB body; paths: 4096 bytes; one `READ`: 16 MiB;
+//! * frames: 1 MiB body; `DATA`: 4 MiB announced per frame (servers send
+//!   1 MiB); paths: 4096 bytes;
 //! * the server waits 10 s for the handshake (`handshake_timeout`) and closes a
-//!   connection that sends no request for 60 s (`serve_idle_timeout`); each
-//!   listener serves at most `max_connections` connections at once (default
-//!   64) and each client address at most `max_connections_per_ip` across all
-//!   listeners (default 16); the next gets `BUSY`;
-//! * requests are read one at a time: a client that pipelines more than the
-//!   server is answering is held back by TCP flow control, so the server never
-//!   buffers more than one request per connection;
+//!   connection that sends no request for 60 s while it is answering nothing
+//!   (`serve_idle_timeout`; a client receiving a long READ has nothing to
+//!   say); each listener serves at most `max_connections` connections at once
+//!   (default 64) and each client address at most `max_connections_per_ip`
+//!   across all listeners (default 16); the next gets `BUSY`;
+//! * the server reads requests while it answers (so a `TRIM` reaches a READ
+//!   being sent) and queues at most 8 beyond the one it is answering; more
+//!   are held back by TCP flow control; it keeps at most 64 unanswered TRIMs;
 //! * the client gives up on a connection that delivers no byte for its idle
-//!   timeout (default 10 s) and continues the range elsewhere.
+//!   timeout (default 10 s) and continues the range elsewhere; before that, a
+//!   connection owed data that has been quiet for a few round trips (at least
+//!   1 s) has its range handed to others and probes the path with fresh
+//!   connections.
 //!
 //! # Control protocol
 //! See [`control`]: newline-delimited JSON over a Unix-domain socket.

@@ -65,7 +65,7 @@ pub enum ErrorCode {
     PathRefused = 6,
     /// Path is a directory, device, FIFO or socket.
     NotRegular = 7,
-    /// Byte range is outside the file or longer than `MAX_READ`.
+    /// Byte range is outside the file.
     BadRange = 8,
     /// File changed since the client's `STAT`.
     FileChanged = 9,

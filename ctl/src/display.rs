@@ -65,17 +65,19 @@ pub fn download_line(d: &DownloadInfo) -> String {
 
 fn sources_table(d: &DownloadInfo) -> String {
     let mut out = format!(
-        "  {:<24} {:<9} {:>12} {:>12} {:>7} {:>7}  {}\n",
-        "SOURCE", "STATE", "BYTES", "SPEED", "SHARE", "STRIKES", "LAST ERROR"
+        "  {:<24} {:<9} {:>12} {:>12} {:>7} {:>5} {:>8} {:>7}  {}\n",
+        "SOURCE", "STATE", "BYTES", "SPEED", "SHARE", "CONNS", "RTT", "STRIKES", "LAST ERROR"
     );
     for s in &d.sources {
         out.push_str(&format!(
-            "  {:<24} {:<9} {:>12} {:>12} {:>6.1}% {:>7}  {}\n",
+            "  {:<24} {:<9} {:>12} {:>12} {:>6.1}% {:>5} {:>8} {:>7}  {}\n",
             s.address,
             state_name(&s.state),
             human_bytes(s.bytes),
             speed(s.speed),
             s.share * 100.0,
+            s.connections,
+            rtt(s),
             s.strikes,
             s.last_error.as_deref().unwrap_or("")
         ));
@@ -156,13 +158,29 @@ pub struct ProgressView {
 
 fn source_row(s: &mftd_common::control::SourceInfo) -> String {
     format!(
-        "{:<24} {:<9} {:>10} {:>12} {:>6.1}%",
+        "{:<24} {:<9} {:>10} {:>12} {:>6.1}% {:>5} {:>8}",
         s.address,
         state_name(&s.state),
         human_bytes(s.bytes),
         speed(s.speed),
-        s.share * 100.0
+        s.share * 100.0,
+        conns(s),
+        rtt(s)
     )
+}
+
+/// Open connections to a source, as `3 conn`.
+fn conns(s: &mftd_common::control::SourceInfo) -> String {
+    format!("{}c", s.connections)
+}
+
+/// A source's measured round-trip time, or `-` before it is known.
+fn rtt(s: &mftd_common::control::SourceInfo) -> String {
+    match s.rtt_ms {
+        Some(ms) if ms >= 10.0 => format!("{ms:.0} ms"),
+        Some(ms) => format!("{ms:.1} ms"),
+        None => "-".into(),
+    }
 }
 
 impl ProgressView {
@@ -250,7 +268,17 @@ impl ProgressView {
             let per: Vec<String> = d
                 .sources
                 .iter()
-                .map(|s| format!("{} {} {} {}", s.address, state_name(&s.state), human_bytes(s.bytes), speed(s.speed)))
+                .map(|s| {
+                    format!(
+                        "{} {} {} {} {} {}",
+                        s.address,
+                        state_name(&s.state),
+                        human_bytes(s.bytes),
+                        speed(s.speed),
+                        conns(s),
+                        rtt(s)
+                    )
+                })
                 .collect();
             println!("{} | {}", total_line(d), per.join(" | "));
         }

@@ -505,7 +505,9 @@ async fn handle_read(
         if pos >= end {
             break;
         }
-        let len = (end - pos).min(DATA_CHUNK);
+        // A paced listener sends smaller frames (about 20 ms of its rate),
+        // so a TRIM never waits behind half a second of one frame.
+        let len = (end - pos).min(DATA_CHUNK).min(listener.limiter.chunk());
         write_frame(stream, &Frame::Data(DataHeader { id, offset: pos, len })).await?;
         send_range(stream.as_ref(), &of.file, pos, len, listener, token).await?;
         pos += len;

@@ -39,4 +39,3 @@ fn capped_listeners_share_in_proportion_and_finish_near_ideal() {
         assert!((share - want).abs() <= 0.03, "share {share:.3} vs bandwidth share {want:.3}: {shares:?}");
     }
 }
-

@@ -37,8 +37,9 @@ use mftd_common::control::{DownloadState, SourceState};
 use mftd_common::proto::{ErrorCode, Identity, StatInfo, TRIM_NOT_OPEN};
 use mftd_common::range::Range;
 
+use super::budget::HostBudget;
 use super::client::{ClientError, Conn, Event, Stream};
-use super::scheduler::{ConnId, Scheduler, SourceId, Ticket};
+use super::scheduler::{ConnId, Hold, Scheduler, SourceId, Ticket};
 use super::{part_path, Download, StopReason};
 use mftd_common::manifest::{piece_runs, ManifestFile};
 
@@ -63,6 +64,10 @@ pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// A connection owed data that receives nothing for this long (or four
 /// round trips, if longer) starts probing its path with fresh connections.
 const STALL_AFTER: Duration = Duration::from_secs(1);
+/// Longest pause between two probes of a stalled connection's path. A probe
+/// is one SYN, so probing every second costs nothing, and a link that comes
+/// back is noticed within about a second (plus one SYN retransmission).
+const PROBE_CAP: Duration = Duration::from_secs(1);
 /// How long identity election waits for more sources after the first
 /// answer when no version has a majority of all sources yet.
 const ELECTION_WINDOW: Duration = Duration::from_secs(1);
@@ -113,6 +118,16 @@ struct Engine {
     /// Blocking writes and verifications still running; the run waits for
     /// them so nothing from it lands after it ended.
     in_flight: AtomicUsize,
+    /// Woken when `in_flight` drops to zero.
+    drained: Notify,
+    /// Woken when bytes were committed or a piece verified (checkpointer).
+    progressed: Notify,
+    /// Woken when a source offered a version or was dropped (election).
+    offered: Notify,
+    /// Sources whose round trip is known (the first connection measured it).
+    rtt_known: Mutex<Vec<bool>>,
+    /// Asks the run loop for more connections to a source.
+    more_conns: mpsc::UnboundedSender<(SourceId, usize)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -122,6 +137,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Runs a download to its end. Never panics on peer or disk input.
 pub async fn run(dl: Arc<Download>) {
     let (tx, mut rx) = mpsc::channel(8);
+    let (more_tx, mut more_rx) = mpsc::unbounded_channel();
     let eng = Arc::new(Engine {
         dl: dl.clone(),
         workers: dl.token.child_token(),
@@ -137,6 +153,11 @@ pub async fn run(dl: Arc<Download>) {
         verify_slots: Semaphore::new(2),
         outcome: tx,
         in_flight: AtomicUsize::new(0),
+        drained: Notify::new(),
+        progressed: Notify::new(),
+        offered: Notify::new(),
+        rtt_known: Mutex::new(vec![false; dl.sources.len()]),
+        more_conns: more_tx,
     });
     info!(remote = %dl.remote_path, dest = %dl.destination.display(), sources = ?dl.sources, "download started");
     let mut tasks = tokio::task::JoinSet::new();
@@ -155,6 +176,12 @@ pub async fn run(dl: Arc<Download>) {
         tokio::select! {
             o = rx.recv() => break o,
             _ = dl.token.cancelled() => break None,
+            Some((src, k)) = more_rx.recv() => {
+                grow.head_start(src, k);
+                for _ in 0..k {
+                    eng.add_worker(&mut tasks, src);
+                }
+            }
             _ = tick.tick() => {
                 if fixed == 0 {
                     for (src, k) in grow.due(&eng) {
@@ -184,10 +211,16 @@ pub async fn run(dl: Arc<Download>) {
     // A write or verification handed to the blocking pool cannot be
     // cancelled; wait (bounded) until they are done before the next run
     // could open the file.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while eng.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let drained = eng.drained.notified();
+            if eng.in_flight.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            drained.await;
+        }
+    })
+    .await;
     // Workers cancelled mid-session did not get to count themselves out.
     let dead: Vec<SourceId> = lock(&eng.dead).keys().copied().collect();
     for (i, s) in dl.progress().sources.iter_mut().enumerate() {
@@ -320,12 +353,16 @@ async fn checkpoint(eng: &Arc<Engine>, paused: bool) -> Result<(), String> {
 /// after at most `checkpoint_bytes` new bytes.
 async fn checkpointer(eng: Arc<Engine>) {
     let interval = eng.dl.checkpoint_interval;
-    let poll = (interval / 4).clamp(Duration::from_millis(10), Duration::from_millis(50));
     let mut last = Instant::now();
     let mut last_sig = (0u64, 0usize);
     loop {
+        // Wake on progress (for the byte threshold) and when the interval
+        // is up; nothing wakes it while no byte arrives.
+        let progressed = eng.progressed.notified();
+        let due = tokio::time::Instant::from_std(last + interval);
         tokio::select! {
-            _ = tokio::time::sleep(poll) => {}
+            _ = progressed => {}
+            _ = tokio::time::sleep_until(due) => {}
             _ = eng.workers.cancelled() => return,
         }
         let Some(c) = eng.chosen.get() else { continue };
@@ -334,6 +371,9 @@ async fn checkpointer(eng: Arc<Engine>) {
             (s.received_bytes(), s.verified_count())
         };
         if sig == last_sig {
+            if last.elapsed() >= interval {
+                last = Instant::now();
+            }
             continue;
         }
         if last.elapsed() >= interval || sig.0.abs_diff(last_sig.0) >= eng.dl.checkpoint_bytes {
@@ -558,6 +598,7 @@ impl Engine {
             lock(&c.sched).source_dead(src);
         }
         self.changed.notify_waiters();
+        self.offered.notify_waiters();
     }
 
     /// Recomputes whether the download is waiting (no source connected).
@@ -586,11 +627,14 @@ impl Engine {
                 offers.push((src, stat.identity.clone(), Instant::now()));
             }
         }
+        self.offered.notify_waiters();
         let deadline = {
             let offers = lock(&self.offers);
             offers.iter().map(|o| o.2).min().unwrap_or_else(Instant::now) + ELECTION_WINDOW
         };
         loop {
+            // Registered before looking, so an offer in between is not missed.
+            let offered = self.offered.notified();
             if let Some(c) = self.chosen.get() {
                 return self.compare(c, stat);
             }
@@ -619,7 +663,8 @@ impl Engine {
                 return self.compare(c, stat);
             }
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = offered => {}
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {}
                 _ = self.workers.cancelled() => return Err("cancelled".into()),
             }
         }
@@ -786,8 +831,9 @@ impl Engine {
 /// source's rate by at least half of what the added connections would carry
 /// at the mean per-connection rate. Additions double while they help (like
 /// TCP's slow start) and stop for good once they do not. A source with a
-/// long round trip starts with one extra connection per 100 ms of RTT, so a
-/// short download does not spend its life probing.
+/// long round trip gets one extra connection per 100 ms of RTT as soon as
+/// the first handshake measured it (see `session`), so a short download
+/// does not spend its life probing.
 struct Growth {
     sources: Vec<SourceGrowth>,
 }
@@ -799,8 +845,6 @@ struct SourceGrowth {
     /// Last addition: when, the source's rate and connections before it,
     /// and how many were added.
     added: Option<(Instant, f64, usize, usize)>,
-    /// The RTT-based head start was given.
-    started: bool,
     /// An addition did not help: stop adding.
     saturated: bool,
 }
@@ -808,6 +852,14 @@ struct SourceGrowth {
 impl Growth {
     fn new(n: usize) -> Growth {
         Growth { sources: vec![SourceGrowth::default(); n] }
+    }
+
+    /// `k` connections were added to `src` as a head start for its long
+    /// round trip; judge them like any other addition.
+    fn head_start(&mut self, src: SourceId, k: usize) {
+        if let Some(g) = self.sources.get_mut(src) {
+            g.added = Some((Instant::now(), 0.0, 0, k));
+        }
     }
 
     /// Connections to add now, per source.
@@ -842,16 +894,6 @@ impl Growth {
             }
             let rtt = rtts[src];
             let room = CONNS_MAX - slots[src];
-            if !g.started {
-                g.started = true;
-                let extra = ((rtt / 0.1) as usize).min(room);
-                if extra > 0 {
-                    debug!(source = %eng.dl.sources[src], rtt_ms = rtt * 1e3, extra, "long round trip: more connections from the start");
-                    g.added = Some((now, 0.0, conns[src], extra));
-                    out.push((src, extra));
-                    continue;
-                }
-            }
             // Every connection up and carrying data before judging.
             if conns[src] < slots[src] {
                 continue;
@@ -906,6 +948,9 @@ enum WorkerEnd {
     Retry(String),
     /// The connection stalled while the path works again: reconnect now.
     Reconnect(String),
+    /// Nothing to do while other connections wait for this host's budget:
+    /// give the permit back and queue again.
+    Yield,
     /// This source is of no further use.
     Dead(SourceState, String),
 }
@@ -937,15 +982,26 @@ impl Engine {
 /// One connection slot to one source, for the whole download.
 async fn worker(eng: Arc<Engine>, src: SourceId) {
     let addr = eng.dl.sources[src].clone();
+    let budget = eng.dl.budgets.for_source(&addr);
     let mut backoff = Backoff::new();
     loop {
         if eng.workers.is_cancelled() || eng.is_dead(src) {
             break;
         }
+        // A connection to this host counts against the daemon-wide budget
+        // for the whole session.
+        let permit = tokio::select! {
+            p = budget.acquire() => match p {
+                Some(p) => p,
+                None => break,
+            },
+            _ = eng.workers.cancelled() => break,
+        };
         let end = tokio::select! {
-            e = session(&eng, src, &addr, &mut backoff) => e,
+            e = session(&eng, src, &addr, &mut backoff, &budget) => e,
             _ = eng.workers.cancelled() => WorkerEnd::Stopped,
         };
+        drop(permit);
         match end {
             WorkerEnd::Done | WorkerEnd::Stopped => {
                 debug!(source = %addr, done = matches!(end, WorkerEnd::Done), "source connection ended");
@@ -954,6 +1010,10 @@ async fn worker(eng: Arc<Engine>, src: SourceId) {
             WorkerEnd::Dead(state, why) => {
                 eng.kill_source(src, state, why);
                 break;
+            }
+            WorkerEnd::Yield => {
+                // Others wait for this host's budget: queue again behind them.
+                tokio::task::yield_now().await;
             }
             WorkerEnd::Reconnect(why) => {
                 debug!(source = %addr, reason = %why, "replacing a stalled connection");
@@ -982,7 +1042,13 @@ async fn worker(eng: Arc<Engine>, src: SourceId) {
 }
 
 /// One connection: connect, STAT, elect, fetch until it ends.
-async fn session(eng: &Arc<Engine>, src: SourceId, addr: &str, backoff: &mut Backoff) -> WorkerEnd {
+async fn session(
+    eng: &Arc<Engine>,
+    src: SourceId,
+    addr: &str,
+    backoff: &mut Backoff,
+    budget: &HostBudget,
+) -> WorkerEnd {
     let idle = eng.dl.idle_timeout;
     let secret = eng.dl.secret.as_deref().map(|s| s.as_slice());
     let (conn, stat) = match Conn::open(addr, idle, secret, &eng.dl.remote_path).await {
@@ -994,6 +1060,18 @@ async fn session(eng: &Arc<Engine>, src: SourceId, addr: &str, backoff: &mut Bac
         Err(e) => return WorkerEnd::Retry(e.to_string()),
     };
     let rtt = conn.rtt;
+    // The first round trip measured to a source sets its head start: one
+    // more connection per 100 ms (a window-bound TCP connection carries
+    // about its socket buffer per round trip), asked for now so they are
+    // connected by the time the version is chosen and get their shares.
+    if eng.dl.connections_per_source == 0 {
+        let first = lock(&eng.rtt_known).get_mut(src).map(|k| !std::mem::replace(k, true)).unwrap_or(false);
+        let extra = ((rtt.as_secs_f64() / 0.1) as usize).min(CONNS_MAX - CONNS_START);
+        if first && extra > 0 {
+            debug!(source = %addr, rtt_ms = rtt.as_secs_f64() * 1e3, extra, "long round trip: more connections from the start");
+            let _ = eng.more_conns.send((src, extra));
+        }
+    }
     // The piece size follows from the file size; a server announcing another
     // could make us allocate or hash absurd pieces.
     let want = mftd_common::proto::piece_size_for(stat.size);
@@ -1027,20 +1105,27 @@ async fn session(eng: &Arc<Engine>, src: SourceId, addr: &str, backoff: &mut Bac
     struct Open<'a>(&'a Engine, &'a Chosen, ConnId);
     impl Drop for Open<'_> {
         fn drop(&mut self) {
-            lock(&self.1.sched).release(self.2);
+            let woken = lock(&self.1.sched).release(self.2);
             lock(&self.0.wakers).remove(&self.2);
+            for c in woken {
+                self.0.wake_conn(c);
+            }
         }
     }
     let guard = Open(eng, &chosen, conn_id);
     let mut stream = conn.into_stream();
-    let end = fetch(eng, &chosen, src, conn_id, &mut stream, &stat, rtt, &wake).await;
+    let end = fetch(eng, &chosen, src, conn_id, &mut stream, &stat, rtt, &wake, budget).await;
     drop(stream);
     drop(guard);
     eng.changed.notify_waiters();
     eng.set_source(src, |s| {
         s.connections = s.connections.saturating_sub(1);
         if s.connections == 0 && s.state == SourceState::Active {
-            s.state = if matches!(end, WorkerEnd::Done) { SourceState::Idle } else { SourceState::Waiting };
+            s.state = if matches!(end, WorkerEnd::Done | WorkerEnd::Yield) {
+                SourceState::Idle
+            } else {
+                SourceState::Waiting
+            };
         }
     });
     eng.refresh_state();
@@ -1065,6 +1150,8 @@ struct OpenRead {
     trims: u32,
     /// End of the DATA frame being received.
     frame_end: u64,
+    /// Ends asked for by the TRIMs not answered yet, oldest first.
+    trim_targets: VecDeque<u64>,
 }
 
 impl OpenRead {
@@ -1088,6 +1175,7 @@ async fn fetch(
     stat: &StatInfo,
     rtt: Duration,
     wake: &Notify,
+    budget: &HostBudget,
 ) -> WorkerEnd {
     let path = eng.dl.remote_path.clone();
     let idle = eng.dl.idle_timeout;
@@ -1101,6 +1189,8 @@ async fn fetch(
     let mut probe: Option<std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>> = None;
     let mut probe_step = BACKOFF_START;
     let mut open: VecDeque<OpenRead> = VecDeque::new();
+    // Ranges taken from other connections, waiting for their TRIMMED.
+    let mut held: Vec<Ticket> = Vec::new();
     let mut hasher: Option<PieceHasher> = None;
     let violation = |why: String| WorkerEnd::Dead(SourceState::Failed, format!("protocol violation: {why}"));
     // If this connection asked for the hash list and ends without it,
@@ -1142,6 +1232,7 @@ async fn fetch(
                 if want < o.told {
                     o.told = want;
                     o.trims += 1;
+                    o.trim_targets.push_back(want);
                     trims.push((o.id, want));
                 }
             }
@@ -1151,8 +1242,43 @@ async fn fetch(
                 return WorkerEnd::Retry(e.to_string());
             }
         }
+        // 1b. Ranges taken from others whose owners have heard back.
+        let mut ready = Vec::new();
+        held.retain(|t| {
+            let state = lock(&chosen.sched).held(*t);
+            match state {
+                Hold::Waiting => true,
+                Hold::Ready(r) => {
+                    ready.push((*t, r));
+                    false
+                }
+                Hold::Gone => {
+                    let woken = lock(&chosen.sched).finish(*t);
+                    for c in woken {
+                        eng.wake_conn(c);
+                    }
+                    false
+                }
+            }
+        });
+        for (ticket, r) in ready {
+            match stream.read(&path, stat.size, stat.mtime_ns, r.start, r.len()).await {
+                Ok(id) => open.push_back(OpenRead {
+                    id,
+                    ticket,
+                    next: r.start,
+                    limit: r.end,
+                    end: r.end,
+                    told: r.end,
+                    trims: 0,
+                    frame_end: r.start,
+                    trim_targets: VecDeque::new(),
+                }),
+                Err(e) => return WorkerEnd::Retry(e.to_string()),
+            }
+        }
         // 2. Ask for the next range before the open ones run dry.
-        if open.len() < 2 {
+        if open.len() + held.len() < 2 {
             let grant = {
                 let mut s = lock(&chosen.sched);
                 let now = Instant::now();
@@ -1167,7 +1293,11 @@ async fn fetch(
             if let Some(g) = grant {
                 debug!(conn = conn_id, src, start = g.range.start, len = g.range.len(), shrunk = ?g.shrunk, open = open.len(), "range granted");
                 if let Some(v) = g.shrunk {
+                    // Taken from another connection: requested once its
+                    // server said where it stops (no byte fetched twice).
                     eng.wake_conn(v);
+                    held.push(g.ticket);
+                    continue;
                 }
                 let r = g.range;
                 match stream.read(&path, stat.size, stat.mtime_ns, r.start, r.len()).await {
@@ -1180,6 +1310,7 @@ async fn fetch(
                         told: r.end,
                         trims: 0,
                         frame_end: r.start,
+                        trim_targets: VecDeque::new(),
                     }),
                     Err(e) => return WorkerEnd::Retry(e.to_string()),
                 }
@@ -1188,9 +1319,21 @@ async fn fetch(
         }
         // The hash list asked for is an answer to wait for, like a READ.
         let awaiting_hashes = asked.1 && chosen.hashes.get().is_none();
+        if open.is_empty() && !awaiting_hashes && !held.is_empty() {
+            // Only ranges waiting for their owners' TRIMMED: they wake us.
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            last_event = Instant::now();
+            continue;
+        }
         if open.is_empty() && !awaiting_hashes {
             if lock(&chosen.sched).is_complete() {
                 return WorkerEnd::Done;
+            }
+            if budget.contended() {
+                return WorkerEnd::Yield;
             }
             // Nothing to do now; wait for a failure elsewhere, a bad piece,
             // or for a slow owner to become worth duplicating.
@@ -1219,7 +1362,7 @@ async fn fetch(
         let owed = !open.is_empty();
         if owed && quiet >= stall_after && probe.is_none() {
             probe = Some(Box::pin(probe_path(eng.dl.sources[src].clone(), probe_step)));
-            probe_step = (probe_step * 2).min(BACKOFF_CAP);
+            probe_step = (probe_step * 2).min(PROBE_CAP);
         }
         let next_check = if owed && probe.is_none() { stall_after.saturating_sub(quiet) } else { idle - quiet };
         let ev = tokio::select! {
@@ -1255,7 +1398,12 @@ async fn fetch(
                     if o.next < o.told.min(o.end) {
                         return violation(format!("request {} ended at {} before its end {}", o.id, o.next, o.told));
                     }
-                    lock(&chosen.sched).finish(o.ticket);
+                    for c in {
+                        let w = lock(&chosen.sched).finish(o.ticket);
+                        w
+                    } {
+                        eng.wake_conn(c);
+                    }
                 }
                 let Some(o) = open.front_mut() else {
                     return violation(format!("DATA for request {id}, which is not open"));
@@ -1288,7 +1436,12 @@ async fn fetch(
                 stream.recycle(buf);
                 if open.front().is_some_and(|o| o.over()) {
                     if let Some(o) = open.pop_front() {
-                        lock(&chosen.sched).finish(o.ticket);
+                        for c in {
+                            let w = lock(&chosen.sched).finish(o.ticket);
+                            w
+                        } {
+                            eng.wake_conn(c);
+                        }
                         eng.set_source(src, |s| s.ranges_done += 1);
                     }
                 }
@@ -1297,8 +1450,18 @@ async fn fetch(
                 let Some(i) = open.iter().position(|o| o.id == id) else { continue };
                 let o = &mut open[i];
                 o.trims = o.trims.saturating_sub(1);
-                if end != TRIM_NOT_OPEN && end > o.told {
-                    lock(&chosen.sched).observe_overshoot(conn_id, end - o.told, Instant::now());
+                // How far past the TRIM the server had gone: at least to the
+                // end asked for if it had already finished the request.
+                let reached = if end == TRIM_NOT_OPEN { o.limit } else { end };
+                let told = o.trim_targets.pop_front().unwrap_or(o.told);
+                {
+                    let mut sched = lock(&chosen.sched);
+                    if reached > told {
+                        sched.observe_overshoot(conn_id, reached - told, Instant::now());
+                    }
+                    for c in sched.trimmed(o.ticket, told, reached) {
+                        eng.wake_conn(c);
+                    }
                 }
                 if end == TRIM_NOT_OPEN {
                     // Finished on the server before the TRIM: all of it is here.
@@ -1311,7 +1474,12 @@ async fn fetch(
                 debug!(conn = conn_id, id, end, "trimmed");
                 if o.over() {
                     if let Some(o) = open.remove(i) {
-                        lock(&chosen.sched).finish(o.ticket);
+                        for c in {
+                            let w = lock(&chosen.sched).finish(o.ticket);
+                            w
+                        } {
+                            eng.wake_conn(c);
+                        }
                         eng.set_source(src, |s| s.ranges_done += 1);
                     }
                 }
@@ -1460,6 +1628,7 @@ async fn store(
         let known = hashed.iter().find(|(p, _)| *p == piece).map(|(_, h)| *h);
         spawn_verify(eng, chosen, piece, known);
     }
+    eng.progressed.notify_one();
     Ok(buf)
 }
 
@@ -1512,7 +1681,9 @@ struct InFlight(Arc<Engine>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.drained.notify_waiters();
+        }
     }
 }
 

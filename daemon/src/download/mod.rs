@@ -2,6 +2,7 @@
 //! download's observable progress. The fetching itself lives in
 //! [`engine`]; who fetches what in [`scheduler`].
 
+pub mod budget;
 pub mod client;
 pub mod engine;
 pub mod scheduler;
@@ -103,6 +104,8 @@ pub struct Download {
     pub secret: Option<Arc<Vec<u8>>>,
     pub secret_file: Option<PathBuf>,
     pub token: CancellationToken,
+    /// Connection budgets per source host, shared by all downloads.
+    pub budgets: Arc<budget::Budgets>,
     /// Progress to continue from, taken by the engine when it starts.
     pub resume: Mutex<Option<Manifest>>,
     pub stop: Mutex<Option<StopReason>>,
@@ -269,6 +272,7 @@ pub struct Downloads {
     tracker: TaskTracker,
     store: Store,
     damaged: Mutex<Vec<Damaged>>,
+    budgets: Arc<budget::Budgets>,
 }
 
 /// `host:port` with a numeric port; hosts may be names, IPv4 or `[IPv6]`.
@@ -340,6 +344,7 @@ impl Downloads {
             tracker,
             store,
             damaged: Mutex::new(Vec::new()),
+            budgets: Arc::new(budget::Budgets::default()),
         }
     }
 
@@ -403,6 +408,7 @@ impl Downloads {
             secret,
             secret_file,
             token: self.parent.child_token(),
+            budgets: self.budgets.clone(),
             resume: Mutex::new(spec.resume),
             stop: Mutex::new(None),
             started: Instant::now(),

@@ -60,6 +60,10 @@ struct Assignment {
     duplicated: bool,
     /// When the range was handed out.
     granted: Instant,
+    /// Taken from this ticket's range: not to be requested until its owner
+    /// learned (TRIMMED) where its server really stops, so no byte already
+    /// on its way is fetched twice.
+    held_by: Option<Ticket>,
 }
 
 /// A range handed to a connection by [`Scheduler::assign`].
@@ -68,8 +72,20 @@ pub struct Grant {
     pub ticket: Ticket,
     pub range: Range,
     /// The connection whose assignment was shortened to make room: it must
-    /// send a `TRIM`.
+    /// send a `TRIM`, and this range waits for its answer (see
+    /// [`Scheduler::held`]).
     pub shrunk: Option<ConnId>,
+}
+
+/// Whether a range taken from another connection may be requested yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// The owner has not heard back from its server yet.
+    Waiting,
+    /// Request this (possibly shorter) range now.
+    Ready(Range),
+    /// Nothing is left of it: the owner's server sent all of it.
+    Gone,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -379,7 +395,11 @@ impl Scheduler {
                 if let Some(v) = self.assignments.get_mut(&victim) {
                     v.end = split;
                 }
-                return Some(self.give(conn, source, Range::new(split, end), false, Some(vconn)));
+                let g = self.give(conn, source, Range::new(split, end), false, Some(vconn));
+                if let Some(a) = self.assignments.get_mut(&g.ticket) {
+                    a.held_by = Some(victim);
+                }
+                return Some(g);
             }
         }
 
@@ -457,7 +477,10 @@ impl Scheduler {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         let granted = Instant::now();
-        self.assignments.insert(ticket, Assignment { conn, source, start: r.start, end: r.end, duplicated, granted });
+        self.assignments.insert(
+            ticket,
+            Assignment { conn, source, start: r.start, end: r.end, duplicated, granted, held_by: None },
+        );
         self.conns.entry(conn).or_insert(ConnInfo {
             source,
             meter: Meter { last: Instant::now(), rate: 0.0 },
@@ -588,7 +611,8 @@ impl Scheduler {
 
     /// The `READ` of `ticket` ended; bytes of it that did not arrive are up
     /// for grabs again.
-    pub fn finish(&mut self, ticket: Ticket) {
+    pub fn finish(&mut self, ticket: Ticket) -> Vec<ConnId> {
+        let woken = self.unhold(ticket);
         if let Some(a) = self.assignments.remove(&ticket) {
             // A duplicate's owner is free to be duplicated again.
             for other in self.assignments.values_mut() {
@@ -597,16 +621,79 @@ impl Scheduler {
                 }
             }
         }
+        woken
+    }
+
+    /// Whether the range of `ticket` (granted with `shrunk`) may be
+    /// requested now.
+    pub fn held(&self, ticket: Ticket) -> Hold {
+        match self.assignments.get(&ticket) {
+            None => Hold::Gone,
+            Some(a) if a.held_by.is_some() => Hold::Waiting,
+            Some(a) if a.start >= a.end => Hold::Gone,
+            Some(a) => Hold::Ready(Range::new(a.start, a.end)),
+        }
+    }
+
+    /// The server of `ticket` answered a TRIM to `told` with `stops_at`:
+    /// ranges taken from it at `told` start there instead (the bytes before
+    /// come from `ticket`'s server) and may be requested. Returns their
+    /// connections, to be woken.
+    pub fn trimmed(&mut self, ticket: Ticket, told: u64, stops_at: u64) -> Vec<ConnId> {
+        let mut woken = Vec::new();
+        let held: Vec<Ticket> = self
+            .assignments
+            .iter()
+            .filter(|(_, a)| a.held_by == Some(ticket) && a.start == told)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in held {
+            if let Some(a) = self.assignments.get_mut(&t) {
+                a.held_by = None;
+                a.start = a.start.max(stops_at).min(a.end);
+                woken.push(a.conn);
+            }
+            self.skip_claimed(t);
+        }
+        woken
+    }
+
+    /// Moves the start of `ticket` past bytes already on disk or being
+    /// written (they arrived through the connection it was taken from).
+    fn skip_claimed(&mut self, ticket: Ticket) {
+        let Some(a) = self.assignments.get(&ticket) else { return };
+        let first_gap = self.unclaimed(Range::new(a.start, a.end)).first().map(|g| g.start);
+        if let Some(a) = self.assignments.get_mut(&ticket) {
+            a.start = first_gap.unwrap_or(a.end);
+        }
+    }
+
+    /// Ranges held for `ticket` go ahead as they are (its connection ended
+    /// without an answer: whatever it did not receive is fetched again).
+    fn unhold(&mut self, ticket: Ticket) -> Vec<ConnId> {
+        let held: Vec<Ticket> =
+            self.assignments.iter().filter(|(_, a)| a.held_by == Some(ticket)).map(|(t, _)| *t).collect();
+        let mut woken = Vec::new();
+        for t in held {
+            if let Some(a) = self.assignments.get_mut(&t) {
+                a.held_by = None;
+                woken.push(a.conn);
+            }
+            self.skip_claimed(t);
+        }
+        woken
     }
 
     /// `conn` is gone (failed, cancelled or done); its bytes that did not
     /// arrive are up for grabs again.
-    pub fn release(&mut self, conn: ConnId) {
+    pub fn release(&mut self, conn: ConnId) -> Vec<ConnId> {
         let tickets: Vec<Ticket> = self.assignments.iter().filter(|(_, a)| a.conn == conn).map(|(t, _)| *t).collect();
+        let mut woken = Vec::new();
         for t in tickets {
-            self.finish(t);
+            woken.extend(self.finish(t));
         }
         self.conns.remove(&conn);
+        woken
     }
 
     /// Estimated bytes/s of a connection (0 when unknown).
@@ -803,6 +890,40 @@ mod tests {
         // Speeds unknown for the newcomer: about half of what is left.
         let left = (64u64 << 20) - at;
         assert!(stolen.range.len() <= left / 2 + (PS as u64) && stolen.range.len() >= left / 2 - 2_000_000);
+    }
+
+    #[test]
+    fn a_range_taken_over_waits_for_trimmed_and_starts_where_the_owner_stops() {
+        let mut s = Scheduler::new(64 << 20, PS);
+        let t0 = Instant::now();
+        s.open_conn(1, 0, Duration::from_millis(1), t0);
+        let a = s.assign(1, 0, t0).unwrap();
+        for i in 1..=10u64 {
+            for c in s.claim(1, a.ticket, Range::new((i - 1) << 20, i << 20), t0 + Duration::from_millis(i)) {
+                s.commit(0, c);
+            }
+        }
+        let now = t0 + Duration::from_millis(500);
+        let b = s.assign(2, 1, now).unwrap();
+        assert_eq!(b.shrunk, Some(1));
+        assert_eq!(s.held(b.ticket), Hold::Waiting, "not requested before the owner's server answers");
+        let told = b.range.start;
+        // The owner's server had already sent 3 MiB past the TRIM point.
+        assert_eq!(s.trimmed(a.ticket, told, told + (3 << 20)), vec![2]);
+        assert_eq!(s.held(b.ticket), Hold::Ready(Range::new(told + (3 << 20), 64 << 20)));
+        // A range whose bytes all came through the owner is gone.
+        let mut s = Scheduler::new(16 << 20, PS);
+        s.open_conn(1, 0, Duration::from_millis(1), t0);
+        let a = s.assign(1, 0, t0).unwrap();
+        for c in s.claim(1, a.ticket, Range::new(0, 1 << 20), t0 + Duration::from_millis(5)) {
+            s.commit(0, c);
+        }
+        let b = s.assign(2, 1, now).unwrap();
+        for c in s.claim(1, a.ticket, Range::new(1 << 20, 16 << 20), now) {
+            s.commit(0, c);
+        }
+        assert_eq!(s.finish(a.ticket), vec![2], "the owner's READ ended without an answer to the TRIM");
+        assert_eq!(s.held(b.ticket), Hold::Gone);
     }
 
     #[test]
