@@ -44,6 +44,18 @@ fn missing_prerequisite() -> Option<String> {
             return Some(format!("{tool} is not installed"));
         }
     }
+    // Root in a container may still lack CAP_NET_ADMIN: try what the
+    // testbed needs (a namespace, a TAP device) and undo it.
+    let probe = format!("wanprobe{}", std::process::id() % 100_000);
+    let ok = |args: &[&str]| Command::new("ip").args(args).output().is_ok_and(|o| o.status.success());
+    if !ok(&["netns", "add", &probe]) {
+        return Some("cannot create a network namespace here".into());
+    }
+    let tap = ok(&["-n", &probe, "tuntap", "add", "mode", "tap", "name", "wanprobe0"]);
+    let _ = ok(&["netns", "del", &probe]);
+    if !tap {
+        return Some("cannot create a TAP device here".into());
+    }
     None
 }
 

@@ -1245,7 +1245,7 @@ async fn fetch(
         // 1b. Ranges taken from others whose owners have heard back.
         let mut ready = Vec::new();
         held.retain(|t| {
-            let state = lock(&chosen.sched).held(*t);
+            let state = lock(&chosen.sched).held(*t, Instant::now());
             match state {
                 Hold::Waiting => true,
                 Hold::Ready(r) => {
@@ -1283,7 +1283,7 @@ async fn fetch(
                 let mut s = lock(&chosen.sched);
                 let now = Instant::now();
                 let pending: u64 = open.iter().map(|o| o.told.saturating_sub(o.next)).sum();
-                let low = (s.conn_speed(conn_id, now) * rtt.as_secs_f64() * 2.0) as u64 + PREFETCH_MIN;
+                let low = (s.conn_speed(conn_id, now) * s.lead_time(conn_id)) as u64 + PREFETCH_MIN;
                 if open.is_empty() || pending < low {
                     s.assign(conn_id, src, now)
                 } else {

@@ -314,6 +314,15 @@ impl Scheduler {
         }
     }
 
+    /// How long before its open ranges run dry `conn` should ask for the
+    /// next one, in seconds: a range taken from another connection starts
+    /// only when that one's TRIMMED came back, a round trip plus what its
+    /// buffers hold.
+    pub fn lead_time(&self, conn: ConnId) -> f64 {
+        let rtt = self.conns.get(&conn).map(|c| c.rtt).unwrap_or(0.0);
+        2.0 * rtt + 2.0 * self.lag
+    }
+
     /// Gives `conn` (of `source`) a new range to fetch, or `None` when there
     /// is nothing useful for it to do right now.
     pub fn assign(&mut self, conn: ConnId, source: SourceId, now: Instant) -> Option<Grant> {
@@ -395,9 +404,12 @@ impl Scheduler {
                 if let Some(v) = self.assignments.get_mut(&victim) {
                     v.end = split;
                 }
+                // A stalled owner's server will not answer the TRIM soon:
+                // what it may still send is small next to what it owes.
+                let stalled = self.assignments.get(&victim).is_some_and(|v| self.stalled(v, now));
                 let g = self.give(conn, source, Range::new(split, end), false, Some(vconn));
                 if let Some(a) = self.assignments.get_mut(&g.ticket) {
-                    a.held_by = Some(victim);
+                    a.held_by = (!stalled).then_some(victim);
                 }
                 return Some(g);
             }
@@ -626,7 +638,19 @@ impl Scheduler {
 
     /// Whether the range of `ticket` (granted with `shrunk`) may be
     /// requested now.
-    pub fn held(&self, ticket: Ticket) -> Hold {
+    pub fn held(&mut self, ticket: Ticket, now: Instant) -> Hold {
+        // An owner that stalled since (a link gone silent) will not answer:
+        // go ahead without its TRIMMED.
+        let owner_stalled = match self.assignments.get(&ticket).and_then(|a| a.held_by) {
+            Some(owner) => self.assignments.get(&owner).is_none_or(|o| self.stalled(o, now)),
+            None => false,
+        };
+        if owner_stalled {
+            if let Some(a) = self.assignments.get_mut(&ticket) {
+                a.held_by = None;
+            }
+            self.skip_claimed(ticket);
+        }
         match self.assignments.get(&ticket) {
             None => Hold::Gone,
             Some(a) if a.held_by.is_some() => Hold::Waiting,
@@ -903,14 +927,16 @@ mod tests {
                 s.commit(0, c);
             }
         }
-        let now = t0 + Duration::from_millis(500);
+        // Still receiving (its last bytes 10 ms ago), past the patience for
+        // a fresh owner.
+        let now = t0 + Duration::from_millis(20);
         let b = s.assign(2, 1, now).unwrap();
         assert_eq!(b.shrunk, Some(1));
-        assert_eq!(s.held(b.ticket), Hold::Waiting, "not requested before the owner's server answers");
+        assert_eq!(s.held(b.ticket, now), Hold::Waiting, "not requested before the owner's server answers");
         let told = b.range.start;
         // The owner's server had already sent 3 MiB past the TRIM point.
         assert_eq!(s.trimmed(a.ticket, told, told + (3 << 20)), vec![2]);
-        assert_eq!(s.held(b.ticket), Hold::Ready(Range::new(told + (3 << 20), 64 << 20)));
+        assert_eq!(s.held(b.ticket, now), Hold::Ready(Range::new(told + (3 << 20), 64 << 20)));
         // A range whose bytes all came through the owner is gone.
         let mut s = Scheduler::new(16 << 20, PS);
         s.open_conn(1, 0, Duration::from_millis(1), t0);
@@ -923,7 +949,18 @@ mod tests {
             s.commit(0, c);
         }
         assert_eq!(s.finish(a.ticket), vec![2], "the owner's READ ended without an answer to the TRIM");
-        assert_eq!(s.held(b.ticket), Hold::Gone);
+        assert_eq!(s.held(b.ticket, now), Hold::Gone);
+        // An owner whose link went silent will not answer: after a few
+        // quiet round trips the range goes ahead without it.
+        let mut s = Scheduler::new(16 << 20, PS);
+        s.open_conn(1, 0, Duration::from_millis(1), t0);
+        let a = s.assign(1, 0, t0).unwrap();
+        for c in s.claim(1, a.ticket, Range::new(0, 1 << 20), t0 + Duration::from_millis(5)) {
+            s.commit(0, c);
+        }
+        let b = s.assign(2, 1, t0 + Duration::from_millis(100)).unwrap();
+        assert_eq!(s.held(b.ticket, t0 + Duration::from_millis(150)), Hold::Waiting);
+        assert_eq!(s.held(b.ticket, t0 + Duration::from_secs(2)), Hold::Ready(b.range));
     }
 
     #[test]
