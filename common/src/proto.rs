@@ -319,6 +319,25 @@ pub enum ProtoError {
 }
 
 impl Frame {
+    /// The frame's name as the protocol docs spell it (`STAT_OK`), for
+    /// messages about unexpected frames.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Hello { .. } => "HELLO",
+            Frame::Stat { .. } => "STAT",
+            Frame::Read(_) => "READ",
+            Frame::StatOk(_) => "STAT_OK",
+            Frame::Data(_) => "DATA",
+            Frame::Error(_) => "ERROR",
+            Frame::Challenge { .. } => "CHALLENGE",
+            Frame::Auth { .. } => "AUTH",
+            Frame::Trim { .. } => "TRIM",
+            Frame::Trimmed { .. } => "TRIMMED",
+            Frame::Hashes { .. } => "HASHES",
+            Frame::HashesOk { .. } => "HASHES_OK",
+        }
+    }
+
     /// The frame as bytes on the wire, header included.
     pub fn encode(&self) -> Vec<u8> {
         let mut body = Vec::new();

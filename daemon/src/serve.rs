@@ -312,16 +312,7 @@ async fn read_loop(
                 st.trims.push((id, end));
             }
             other => {
-                let name = match other {
-                    Frame::Hello { .. } => "HELLO",
-                    Frame::StatOk(_) => "STAT_OK",
-                    Frame::Data(_) => "DATA",
-                    Frame::Challenge { .. } => "CHALLENGE",
-                    Frame::Auth { .. } => "AUTH",
-                    Frame::Trimmed { .. } => "TRIMMED",
-                    Frame::HashesOk { .. } => "HASHES_OK",
-                    _ => "ERROR",
-                };
+                let name = other.name();
                 st.fatal = Some(ErrorFrame {
                     id: 0,
                     code: ErrorCode::BadFrame,

@@ -356,28 +356,11 @@ async fn read_events(mut rd: OwnedReadHalf, tx: mpsc::Sender<Event>, mut free: m
             Frame::Trimmed { id, end } => Event::Trimmed { id, end },
             Frame::HashesOk { hashes } => Event::Hashes(hashes),
             Frame::Error(e) => Event::Error { id: e.id, code: e.code, message: e.message },
-            other => Event::Failed(ClientError::Protocol(format!("unexpected {} frame", frame_name(&other)))),
+            other => Event::Failed(ClientError::Protocol(format!("unexpected {} frame", other.name()))),
         };
         let last = matches!(ev, Event::Failed(_));
         if tx.send(ev).await.is_err() || last {
             return;
         }
-    }
-}
-
-fn frame_name(f: &Frame) -> &'static str {
-    match f {
-        Frame::Hello { .. } => "HELLO",
-        Frame::Stat { .. } => "STAT",
-        Frame::Read(_) => "READ",
-        Frame::StatOk(_) => "STAT_OK",
-        Frame::Data(_) => "DATA",
-        Frame::Error(_) => "ERROR",
-        Frame::Challenge { .. } => "CHALLENGE",
-        Frame::Auth { .. } => "AUTH",
-        Frame::Trim { .. } => "TRIM",
-        Frame::Trimmed { .. } => "TRIMMED",
-        Frame::Hashes { .. } => "HASHES",
-        Frame::HashesOk { .. } => "HASHES_OK",
     }
 }

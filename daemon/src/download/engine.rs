@@ -1,11 +1,14 @@
 //! The download engine: runs one download from its sources to a verified
 //! file.
 //!
-//! Every source gets `connections_per_source` workers. A worker connects,
-//! STATs the file, takes part in choosing the file's identity (the version
-//! most sources agree on; others are excluded and named), then pulls ranges
-//! from the [`Scheduler`] and writes what arrives straight to its offset in
-//! `NAME.mftpart`. A worker whose connection fails retries with capped
+//! Every source gets `connections_per_source` workers, or an adaptive number
+//! (see `Growth`) when that is 0; each takes a permit of its host's
+//! connection budget for its session. A worker connects, STATs the file,
+//! takes part in choosing the file's identity (the version more than half of
+//! the sources agree on; others are excluded and named), then asks the
+//! [`Scheduler`] for ranges, requests each with one streamed READ (a range
+//! taken from another connection only once that one's TRIMMED came back),
+//! and writes what arrives straight to its offset in `NAME.mftpart`. A worker whose connection fails retries with capped
 //! exponential backoff plus jitter; its unfinished range is taken over by
 //! others from the exact byte reached. Completed pieces are verified against
 //! their BLAKE3 hash: from the bytes as they were written when one
@@ -1155,6 +1158,21 @@ struct OpenRead {
 }
 
 impl OpenRead {
+    /// A READ for `r` just sent as `id`.
+    fn new(id: u32, ticket: Ticket, r: Range) -> OpenRead {
+        OpenRead {
+            id,
+            ticket,
+            next: r.start,
+            limit: r.end,
+            end: r.end,
+            told: r.end,
+            trims: 0,
+            frame_end: r.start,
+            trim_targets: VecDeque::new(),
+        }
+    }
+
     /// All its bytes arrived and no TRIMMED is outstanding.
     fn over(&self) -> bool {
         self.trims == 0 && self.next >= self.end
@@ -1263,17 +1281,7 @@ async fn fetch(
         });
         for (ticket, r) in ready {
             match stream.read(&path, stat.size, stat.mtime_ns, r.start, r.len()).await {
-                Ok(id) => open.push_back(OpenRead {
-                    id,
-                    ticket,
-                    next: r.start,
-                    limit: r.end,
-                    end: r.end,
-                    told: r.end,
-                    trims: 0,
-                    frame_end: r.start,
-                    trim_targets: VecDeque::new(),
-                }),
+                Ok(id) => open.push_back(OpenRead::new(id, ticket, r)),
                 Err(e) => return WorkerEnd::Retry(e.to_string()),
             }
         }
@@ -1301,17 +1309,7 @@ async fn fetch(
                 }
                 let r = g.range;
                 match stream.read(&path, stat.size, stat.mtime_ns, r.start, r.len()).await {
-                    Ok(id) => open.push_back(OpenRead {
-                        id,
-                        ticket: g.ticket,
-                        next: r.start,
-                        limit: r.end,
-                        end: r.end,
-                        told: r.end,
-                        trims: 0,
-                        frame_end: r.start,
-                        trim_targets: VecDeque::new(),
-                    }),
+                    Ok(id) => open.push_back(OpenRead::new(id, g.ticket, r)),
                     Err(e) => return WorkerEnd::Retry(e.to_string()),
                 }
                 continue;

@@ -729,11 +729,6 @@ impl Scheduler {
     pub fn conn_stats(&self, now: Instant) -> Vec<(SourceId, ConnId, f64, f64)> {
         self.conns.iter().map(|(c, i)| (i.source, *c, i.meter.rate(now), i.rtt)).collect()
     }
-
-    /// Range of an open ticket, for tests.
-    pub fn assignment(&self, ticket: Ticket) -> Option<Range> {
-        self.assignments.get(&ticket).map(|a| Range::new(a.start, a.end))
-    }
 }
 
 #[cfg(test)]
