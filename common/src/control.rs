@@ -124,6 +124,10 @@ pub struct GetRequest {
     /// authentication, read by the daemon; its own `auth_secret_file` if absent.
     #[serde(default)]
     pub secret_file: Option<String>,
+    /// Expected BLAKE3 root identity (64 hex digits): sources serving
+    /// anything else are excluded at once, and no vote is needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// A response from `mftd`.
@@ -395,7 +399,7 @@ mod tests {
                 Request::DownloadShow { id },
                 Request::GetResume { id: Some(id) },
                 Request::Get(GetRequest { remote_path: path.clone(), sources: vec![format!("h:{port}")], output_dir: None, force: false,
-                    connections_per_source: None, give_up_after_secs: Some(id), no_resume: true, secret_file: None }),
+                    connections_per_source: None, give_up_after_secs: Some(id), no_resume: true, secret_file: None, identity: Some(path.clone()) }),
             ] {
                 let back: Request = serde_json::from_slice(&to_line(&r)).unwrap();
                 proptest::prop_assert_eq!(back, r);

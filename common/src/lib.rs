@@ -6,7 +6,7 @@
 //! Nothing in this crate opens a socket or a file on its own initiative: it
 //! turns bytes into typed messages and back, and checks limits while doing so.
 //!
-//! # Transfer protocol, version 2
+//! # Transfer protocol, version 3
 //!
 //! A client (a downloading `mftd`) opens a TCP connection to a transfer
 //! listener. Everything on the wire is a **frame**; all integers are
@@ -32,7 +32,7 @@
 //! | 0x03 | READ      | client → server | id u32 · offset u64 · len u64 · size u64 · mtime_ns i64 · path (rest)  |
 //! | 0x05 | TRIM      | client → server | id u32 · end u64                                                       |
 //! | 0x06 | HASHES    | client → server | size u64 · mtime_ns i64 · path (rest)                                  |
-//! | 0x82 | STAT_OK   | server → client | size u64 · mtime_ns i64 · piece_size u32 · count u32 · root \[32\]     |
+//! | 0x82 | STAT_OK   | server → client | size u64 · mtime_ns i64 · piece_size u32 · count u32 · hashed u8 · root \[32\] |
 //! | 0x83 | DATA      | server → client | id u32 · offset u64 · len u64, then `len` raw bytes outside the frame |
 //! | 0x85 | TRIMMED   | server → client | id u32 · end u64 (`u64::MAX`: the request was no longer open)          |
 //! | 0x86 | HASHES_OK | server → client | count u32 · count × hash \[32\]                                        |
@@ -43,13 +43,15 @@
 //! ## Examples on the wire (hex; spaces separate fields)
 //!
 //! ```text
-//! HELLO v2, no flags     01 00000008 4d465444 0002 0000
+//! HELLO v3, no flags     01 00000008 4d465444 0003 0000
 //! STAT "a.bin"           02 00000005 612e62696e
 //! READ id 7, 1 MiB at 0 of a 1 MiB file, mtime 1.7e18 ns, "a.bin"
 //!                        03 00000029 00000007 0000000000000000 0000000000100000
 //!                           0000000000100000 17979cfe362a0000 612e62696e
-//! STAT_OK, 1-byte file   82 00000038 0000000000000001 17979cfe362a0000 00040000 00000001
-//!                           <root: 32 bytes>
+//! STAT_OK, 1-byte file   82 00000039 0000000000000001 17979cfe362a0000 00040000 00000001
+//!                           01 <root: 32 bytes>
+//! STAT_OK, not hashed yet 82 00000039 0000000000000001 17979cfe362a0000 00040000 00000001
+//!                           00 <32 zero bytes>
 //! HASHES "a.bin"         06 00000015 0000000000000001 17979cfe362a0000 612e62696e
 //! HASHES_OK, one piece   86 00000024 00000001 <hash of piece 0: 32 bytes>
 //! DATA, first frame      83 00000014 00000007 0000000000000000 0000000000080000
@@ -62,12 +64,13 @@
 //! ```
 //!
 //! ## Handshake
-//! The client sends `HELLO` with version 2; the server answers `HELLO` with its
+//! The client sends `HELLO` with version 3; the server answers `HELLO` with its
 //! own version, or an `ERROR` with code `VERSION_MISMATCH` whose message names
-//! both versions (`server speaks mftd transfer protocol 2, client sent 1`)
-//! and closes: a version-1 peer (pipelined fixed-size READs, hashes in
-//! STAT_OK) is refused this way, and a v1 server answers a v2 client with its
-//! own HELLO, which the client reports the same way. A first frame that is
+//! both versions (`server speaks mftd transfer protocol 3, client sent 2`)
+//! and closes: older peers (v1: pipelined fixed-size READs, hashes in
+//! STAT_OK; v2: STAT_OK only after the whole file was hashed) are refused
+//! this way, and an older server answers a v3 client with its own HELLO,
+//! which the client reports the same way. A first frame that is
 //! not `HELLO`, or a wrong magic, gets `BAD_HANDSHAKE` and the connection is
 //! closed. The server waits at most 10 s for the `HELLO`. A client without
 //! a secret sends its first `STAT` right behind its `HELLO`, without waiting
@@ -94,14 +97,27 @@
 //! `size (u64 BE) · piece_size (u32 BE) · hash₀ · hash₁ · …`. Two servers
 //! whose `size` and `root` agree serve the same bytes. `STAT_OK` carries the
 //! root and the piece count but not the piece hashes, so the answer that the
-//! version vote and the first READ wait for is 61 bytes on the wire (with
+//! version vote and the first READ wait for is 62 bytes on the wire (with
 //! every hash it was up to 512 KiB, four round trips of TCP slow start on a
 //! fresh connection). `HASHES` (with the `size` and `mtime_ns` from `STAT`)
 //! asks for the piece hashes; `HASHES_OK` lists all of them, in order, and
 //! the client checks that they add up to the root before it trusts any of
 //! them. A changed file gets `ERROR FILE_CHANGED`. The server computes the
 //! identity once per file version (device, inode, size, mtime) and caches
-//! it. The piece size is chosen by [`proto::piece_size_for`]: 256 KiB,
+//! it.
+//!
+//! **Cold files.** Hashing reads the whole file (a 50 GiB image takes tens of
+//! seconds even at BLAKE3's speed), so `STAT` does not wait for it: the
+//! first `STAT` of a file version starts hashing in the background and the
+//! answer has `hashed` = 0 and 32 zero bytes in place of the root (files of
+//! at most 8 MiB are hashed before answering: `hashed` = 1). `READ`s of such
+//! a file are served at once. A `HASHES` is answered when the hashing is
+//! over: **not in request order** but as soon as it can, between two `DATA`
+//! frames of later `READ`s or while the connection is idle, so the data
+//! keeps flowing; a client waiting only for it must allow for the time the
+//! hashing takes. The client computes the root from `HASHES_OK` itself. A
+//! `hashed` byte other than 0 or 1, or a non-zero root with `hashed` = 0, is
+//! malformed. Servers can hash their export ahead of time (`index_export`). The piece size is chosen by [`proto::piece_size_for`]: 256 KiB,
 //! doubled until the file has at most 16 384 pieces, which keeps
 //! `HASHES_OK` under 512 KiB + 4 bytes for any file size. A zero-byte file
 //! has zero pieces.
@@ -131,7 +147,9 @@
 //! the client keeps the first copy of every byte.
 //!
 //! Requests may be **pipelined**: a client may send several `READ`s (and a
-//! `HASHES`) without waiting; the server answers them strictly in order.
+//! `HASHES`) without waiting; the server answers them strictly in order,
+//! except that a `HASHES` for a file still being hashed is answered when
+//! the hashing is over (see above).
 //! If the file shrinks while its bytes are being sent, the server closes the
 //! connection (it has already announced them), and the client treats that
 //! like any other connection failure. Every `DATA` header must continue the

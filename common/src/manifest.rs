@@ -47,8 +47,10 @@ pub const MAX_MANIFEST: u64 = 64 << 20;
 pub struct ManifestFile {
     pub size: u64,
     pub piece_size: u32,
-    /// Root identity (hex) as announced by the sources.
-    pub identity: String,
+    /// Root identity (hex) the sources agreed on; absent while they are
+    /// still hashing the file (what is on disk is verified once it is known).
+    #[serde(default)]
+    pub identity: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +69,9 @@ pub struct Manifest {
     /// Where the shared secret for the sources is read from (never the secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_file: Option<String>,
+    /// Root identity (hex) the user pinned with `get --identity`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<String>,
     /// Paused by the user: not resumed by `auto_resume`.
     #[serde(default)]
     pub paused: bool,
@@ -208,8 +213,9 @@ mod tests {
             connections_per_source: 2,
             give_up_after_secs: None,
             secret_file: None,
+            pin: None,
             paused: false,
-            file: Some(ManifestFile { size: 10 << 20, piece_size: 256 << 10, identity: "ab".repeat(32) }),
+            file: Some(ManifestFile { size: 10 << 20, piece_size: 256 << 10, identity: Some("ab".repeat(32)) }),
             verified: vec![(0, 4), (6, 7)],
             received: vec![Range::new(5 << 18, (5 << 18) + 1000)],
             checksum: String::new(),

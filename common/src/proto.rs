@@ -1,4 +1,4 @@
-//! Transfer protocol v2 frames: encoding, decoding and limits.
+//! Transfer protocol v3 frames: encoding, decoding and limits.
 //!
 //! The normative description is in the [crate docs](crate). This module turns
 //! frames into bytes and back; it never allocates more than [`MAX_FRAME`] for
@@ -10,7 +10,7 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Protocol version spoken by this build.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Magic bytes opening every `HELLO`.
 pub const MAGIC: [u8; 4] = *b"MFTD";
 /// Largest frame body accepted from a peer, checked before allocating.
@@ -212,15 +212,21 @@ pub fn piece_count_for(size: u64, piece_size: u32) -> u64 {
     size.div_ceil(piece_size as u64)
 }
 
-/// `STAT_OK` contents. `identity.hashes` is empty: the piece hashes come
-/// with `HASHES_OK`, so the answer that the version vote and the first
-/// READ wait for stays small (88 bytes instead of up to 512 KiB, which took
-/// four round trips of TCP slow start on a fresh connection).
+/// `STAT_OK` contents: what the vote and the first READ need, small on
+/// the wire. The piece hashes come with `HASHES_OK`. `root` is `None` while
+/// the server is still hashing the file: data can flow before it is known.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatInfo {
     pub size: u64,
     pub mtime_ns: i64,
-    pub identity: Identity,
+    pub piece_size: u32,
+    pub root: Option<[u8; 32]>,
+}
+
+impl StatInfo {
+    pub fn piece_count(&self) -> u64 {
+        piece_count_for(self.size, self.piece_size)
+    }
 }
 
 /// An `ERROR` frame.
@@ -231,7 +237,7 @@ pub struct ErrorFrame {
     pub message: String,
 }
 
-/// Every frame of protocol v1.
+/// Every frame of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     Hello {
@@ -364,9 +370,10 @@ impl Frame {
             Frame::StatOk(s) => {
                 body.extend_from_slice(&s.size.to_be_bytes());
                 body.extend_from_slice(&s.mtime_ns.to_be_bytes());
-                body.extend_from_slice(&s.identity.piece_size.to_be_bytes());
-                body.extend_from_slice(&(s.identity.piece_count() as u32).to_be_bytes());
-                body.extend_from_slice(&s.identity.root);
+                body.extend_from_slice(&s.piece_size.to_be_bytes());
+                body.extend_from_slice(&(s.piece_count() as u32).to_be_bytes());
+                body.push(s.root.is_some() as u8);
+                body.extend_from_slice(&s.root.unwrap_or([0; 32]));
                 T_STAT_OK
             }
             Frame::Hashes { size, mtime_ns, path } => {
@@ -449,6 +456,7 @@ impl Frame {
                 let mtime_ns = c.u64()? as i64;
                 let piece_size = c.u32()?;
                 let count = c.u32()? as usize;
+                let hashed = c.u8()?;
                 let root = c.array::<32>()?;
                 c.end()?;
                 if piece_size == 0 {
@@ -457,8 +465,13 @@ impl Frame {
                 if piece_count_for(size, piece_size) != count as u64 {
                     return Err(c.bad("piece count does not match size and piece size"));
                 }
-                let identity = Identity { size, piece_size, hashes: Vec::new(), root };
-                Frame::StatOk(StatInfo { size, mtime_ns, identity })
+                let root = match hashed {
+                    1 => Some(root),
+                    0 if root == [0; 32] => None,
+                    0 => return Err(c.bad("root given for a file not hashed yet")),
+                    _ => return Err(c.bad("hashed flag is neither 0 nor 1")),
+                };
+                Frame::StatOk(StatInfo { size, mtime_ns, piece_size, root })
             }
             T_HASHES => {
                 let size = c.u64()?;
@@ -615,6 +628,9 @@ impl<'a> Cursor<'a> {
         out.copy_from_slice(self.take(N)?);
         Ok(out)
     }
+    fn u8(&mut self) -> Result<u8, ProtoError> {
+        Ok(self.take(1)?[0])
+    }
     fn u16(&mut self) -> Result<u16, ProtoError> {
         Ok(u16::from_be_bytes(self.array()?))
     }
@@ -676,10 +692,11 @@ mod tests {
             path: "a/b".into(),
         }));
         for size in [0, 1, 256 << 10, (256 << 10) + 1, 5 << 30] {
-            let mut identity = ident(size);
-            let hashes = std::mem::take(&mut identity.hashes);
-            roundtrip(Frame::StatOk(StatInfo { size, mtime_ns: 1_700_000_000_000_000_000, identity }));
-            roundtrip(Frame::HashesOk { hashes });
+            let identity = ident(size);
+            let (piece_size, root) = (identity.piece_size, Some(identity.root));
+            roundtrip(Frame::StatOk(StatInfo { size, mtime_ns: 1_700_000_000_000_000_000, piece_size, root }));
+            roundtrip(Frame::StatOk(StatInfo { size, mtime_ns: -3, piece_size, root: None }));
+            roundtrip(Frame::HashesOk { hashes: identity.hashes });
         }
         roundtrip(Frame::Hashes { size: 5, mtime_ns: -1, path: "a/b".into() });
         roundtrip(Frame::Data(DataHeader { id: 1, offset: 2, len: 3 }));
@@ -704,7 +721,7 @@ mod tests {
     #[test]
     fn documented_examples_match_the_encoder() {
         let hex = |f: Frame| hex::encode(f.encode());
-        assert_eq!(hex(Frame::Hello { magic: MAGIC, version: 2, flags: 0 }), "01000000084d46544400020000");
+        assert_eq!(hex(Frame::Hello { magic: MAGIC, version: 3, flags: 0 }), "01000000084d46544400030000");
         assert_eq!(hex(Frame::Trim { id: 7, end: 1 << 18 }), "050000000c000000070000000000040000");
         assert_eq!(hex(Frame::Trimmed { id: 7, end: 1 << 18 }), "850000000c000000070000000000040000");
         assert_eq!(hex(Frame::Stat { path: "a.bin".into() }), "0200000005612e62696e");
@@ -727,11 +744,14 @@ mod tests {
             hex(Frame::Error(ErrorFrame { id: 0, code: ErrorCode::NotFound, message: "no such file".into() })),
             "7f000000120000000000056e6f20737563682066696c65"
         );
-        let mut identity = Identity::from_hashes(1, MIN_PIECE, vec![[0; 32]]);
-        identity.hashes.clear();
-        let ok = hex(Frame::StatOk(StatInfo { size: 1, mtime_ns: 1_700_000_000_000_000_000, identity }));
-        assert!(ok.starts_with("8200000038000000000000000117979cfe362a00000004000000000001"), "{ok}");
-        assert_eq!(ok.len(), 2 * (5 + 56));
+        let root = Identity::from_hashes(1, MIN_PIECE, vec![[0; 32]]).root;
+        let stat = |root| StatInfo { size: 1, mtime_ns: 1_700_000_000_000_000_000, piece_size: MIN_PIECE, root };
+        let ok = hex(Frame::StatOk(stat(Some(root))));
+        assert_eq!(ok, format!("8200000039000000000000000117979cfe362a0000000400000000000101{}", hex::encode(root)));
+        assert_eq!(
+            hex(Frame::StatOk(stat(None))),
+            format!("8200000039000000000000000117979cfe362a0000000400000000000100{}", "00".repeat(32))
+        );
         assert_eq!(
             hex(Frame::Hashes { size: 1, mtime_ns: 1_700_000_000_000_000_000, path: "a.bin".into() }),
             "0600000015000000000000000117979cfe362a0000612e62696e"
@@ -782,11 +802,17 @@ mod tests {
 
     #[test]
     fn stat_ok_with_wrong_piece_count_is_rejected() {
-        let mut s = StatInfo { size: 1000, mtime_ns: 0, identity: ident(1000) };
-        s.identity.hashes.clear();
-        let mut bytes = Frame::StatOk(s).encode();
+        let s = StatInfo { size: 1000, mtime_ns: 0, piece_size: MIN_PIECE, root: Some(ident(1000).root) };
+        let good = Frame::StatOk(s).encode();
+        let mut bytes = good.clone();
         bytes[HEADER_LEN + 20 + 3] = 2; // count 1 -> 2
         assert!(Frame::decode(bytes[0], &bytes[HEADER_LEN..]).is_err());
+        // "Not hashed yet" with a root, or a flag that is neither 0 nor 1.
+        for flag in [0u8, 2] {
+            let mut bytes = good.clone();
+            bytes[HEADER_LEN + 24] = flag;
+            assert!(Frame::decode(bytes[0], &bytes[HEADER_LEN..]).is_err(), "flag {flag}");
+        }
     }
 
     #[test]

@@ -38,7 +38,7 @@ enum Cmd {
     #[command(subcommand)]
     Servers(ServersCmd),
     /// Download a file from one or more servers.
-    Get(GetArgs),
+    Get(Box<GetArgs>),
     /// Inspect and manage downloads.
     #[command(subcommand)]
     Downloads(DownloadsCmd),
@@ -141,6 +141,11 @@ struct GetArgs {
     /// (read by mftd; default: mftd's own auth_secret_file).
     #[arg(long, value_name = "FILE")]
     secret_file: Option<PathBuf>,
+    /// Expected BLAKE3 root identity of the file (64 hex digits, as
+    /// `downloads show` prints it): sources serving anything else are
+    /// excluded, and the file completes without waiting for a majority.
+    #[arg(long, value_name = "ROOT")]
+    identity: Option<String>,
 }
 
 /// `90`, `90s`, `10m`, `2h` → seconds.
@@ -184,7 +189,7 @@ fn run(cli: Cli) -> Result<ExitCode, CtlError> {
     let socket = cli.socket.clone().unwrap_or_else(mftd_common::paths::client_socket_path);
     let json = cli.json;
     match cli.cmd {
-        Cmd::Get(args) => get(&socket, json, args),
+        Cmd::Get(args) => get(&socket, json, *args),
         Cmd::Status => simple(&socket, json, Request::Status),
         Cmd::Shutdown => simple(&socket, json, Request::Shutdown),
         Cmd::Servers(s) => simple(
@@ -315,6 +320,7 @@ fn get(socket: &std::path::Path, json: bool, args: GetArgs) -> Result<ExitCode, 
             Some(f) => Some(f.display().to_string()),
             None => None,
         },
+        identity: args.identity.clone(),
     }))?;
     let (id, destination, resumed) = match resp {
         Response::Accepted { id, ref destination, resumed } => (id, destination.clone(), resumed),

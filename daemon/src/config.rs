@@ -93,6 +93,13 @@ pub struct Args {
     /// Continue interrupted downloads by themselves after a restart.
     #[arg(long)]
     pub auto_resume: bool,
+    /// Threads that hash one exported file (0 = one per core).
+    #[arg(long, value_name = "N")]
+    pub hash_threads: Option<usize>,
+    /// Hash every file of the export directory in the background at start,
+    /// so the first download of each need not wait for its identity.
+    #[arg(long)]
+    pub index_export: bool,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9105); off by default.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -133,6 +140,8 @@ pub struct FileConfig {
     pub checkpoint_interval: Option<f64>,
     pub checkpoint_bytes: Option<RateValue>,
     pub auto_resume: Option<bool>,
+    pub hash_threads: Option<usize>,
+    pub index_export: Option<bool>,
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Per-listener settings: `[listener.5001]` with `rate_limit = "4M"`.
     pub listener: Option<std::collections::BTreeMap<String, ListenerFileConfig>>,
@@ -188,6 +197,10 @@ pub struct Config {
     pub checkpoint_interval: Duration,
     pub checkpoint_bytes: u64,
     pub auto_resume: bool,
+    /// Threads hashing one exported file (0 = one per core).
+    pub hash_threads: usize,
+    /// Hash the whole export in the background at start.
+    pub index_export: bool,
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Where each setting came from: key → "default", "config file" or "flag".
     pub origins: std::collections::BTreeMap<&'static str, &'static str>,
@@ -306,6 +319,8 @@ impl Config {
         origins.insert("checkpoint_interval", from(&args.checkpoint_interval, &file.checkpoint_interval));
         origins.insert("checkpoint_bytes", from(&args.checkpoint_bytes, &file.checkpoint_bytes));
         origins.insert("auto_resume", from(&args.auto_resume.then_some(()), &file.auto_resume));
+        origins.insert("hash_threads", from(&args.hash_threads, &file.hash_threads));
+        origins.insert("index_export", from(&args.index_export.then_some(()), &file.index_export));
         origins.insert("metrics_listen", from(&args.metrics_listen, &file.metrics_listen));
         origins.insert("listener", from(&None::<()>, &file.listener));
         let state_dir = args.state_dir.clone().or(file.state_dir).unwrap_or_else(default_state_dir);
@@ -419,6 +434,8 @@ impl Config {
             checkpoint_interval: Duration::from_secs_f64(cp_secs),
             checkpoint_bytes,
             auto_resume: args.auto_resume || file.auto_resume.unwrap_or(false),
+            hash_threads: args.hash_threads.or(file.hash_threads).unwrap_or(0),
+            index_export: args.index_export || file.index_export.unwrap_or(false),
             metrics_listen: args.metrics_listen.or(file.metrics_listen),
             origins,
             config_file,
@@ -444,6 +461,8 @@ impl Config {
             ("checkpoint_interval", self.checkpoint_interval.as_secs_f64().to_string()),
             ("checkpoint_bytes", self.checkpoint_bytes.to_string()),
             ("auto_resume", self.auto_resume.to_string()),
+            ("hash_threads", self.hash_threads.to_string()),
+            ("index_export", self.index_export.to_string()),
         ];
         lines.push(("max_connections_per_ip", self.max_connections_per_ip.to_string()));
         lines.push(("handshake_timeout", self.handshake_timeout.as_secs().to_string()));

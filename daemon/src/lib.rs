@@ -150,7 +150,7 @@ pub async fn run(
     }
     let ctx = Arc::new(ServeContext {
         jail,
-        identities: Default::default(),
+        identities: identity::IdentityCache::new(config.hash_threads),
         secret: secret.clone(),
         handshake_timeout: config.handshake_timeout,
         idle_timeout: config.serve_idle_timeout,
@@ -164,6 +164,10 @@ pub async fn run(
         None => None,
     };
     let tracker = TaskTracker::new();
+    if config.index_export {
+        let (ctx, stop) = (ctx.clone(), shutdown.child_token());
+        tracker.spawn(async move { identity::index_export(&ctx.jail, &ctx.identities, stop).await });
+    }
     let listeners = Listeners::new(config.listen, config.max_connections, ctx, shutdown.child_token(), tracker.clone());
     for &port in &config.ports {
         let p = listeners.add(port, config.listener_limits.get(&port).copied().unwrap_or(config.rate_limit))?;

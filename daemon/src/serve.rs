@@ -20,16 +20,31 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use mftd_common::proto::{
-    read_frame, DataHeader, ErrorCode, ErrorFrame, Frame, Identity, ProtoError, ReadReq, StatInfo, DATA_CHUNK, MAGIC,
+    read_frame, DataHeader, ErrorCode, ErrorFrame, Frame, ProtoError, ReadReq, StatInfo, DATA_CHUNK, MAGIC,
     TRIM_NOT_OPEN, VERSION,
 };
 
-use crate::identity::{mtime_ns, IdentityCache};
+use crate::identity::{mtime_ns, Hashing, IdentityCache};
 use crate::jail::{Jail, JailError};
 use crate::listener::ListenerShared;
 
 /// How long writing one frame (not file data) may take.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Files up to this size are hashed before `STAT` is answered (a few
+/// milliseconds): the answer then carries the root and spares the client a
+/// `HASHES` round trip before it can vote. Larger files are answered at once
+/// as "not hashed yet".
+const HASH_BEFORE_STAT: u64 = 8 << 20;
+
+/// A `HASHES` waiting for its file to be hashed; answered between two `DATA`
+/// frames or while the connection is idle, as soon as the hashing is over.
+struct PendingHashes {
+    path: String,
+    file: File,
+    size: u64,
+    mtime: i64,
+    hashing: Hashing,
+}
 
 /// What every connection of every listener needs.
 #[derive(Debug)]
@@ -335,6 +350,7 @@ async fn write_loop(
     queue: &RequestQueue,
 ) -> Result<(), ConnError> {
     let mut open: Option<OpenFile> = None;
+    let mut hashes: std::collections::VecDeque<PendingHashes> = Default::default();
     loop {
         let next = loop {
             let arrived = queue.arrived.notified();
@@ -359,16 +375,31 @@ async fn write_loop(
                 queue.taken.notify_one();
                 break r;
             }
-            if closed {
+            if closed && hashes.is_empty() {
                 return Ok(());
             }
-            arrived.await;
+            // Idle: wait for a request, or for the oldest pending HASHES.
+            match hashes.front() {
+                Some(h) => {
+                    let done = h.hashing.clone().wait();
+                    tokio::select! {
+                        _ = arrived => {}
+                        _ = done => {}
+                    }
+                    answer_hashes(wr, &mut hashes).await?;
+                }
+                None => arrived.await,
+            }
         };
         match next {
             Request::Stat(path) => handle_stat(wr, ctx, &path).await?,
-            Request::Hashes { size, mtime_ns, path } => handle_hashes(wr, ctx, &path, size, mtime_ns).await?,
+            Request::Hashes { size, mtime_ns, path } => {
+                if let Some(p) = handle_hashes(wr, ctx, &path, size, mtime_ns).await? {
+                    hashes.push_back(p);
+                }
+            }
             Request::Read(req, trimmed) => {
-                handle_read(wr, ctx, listener, token, &mut open, queue, req, trimmed).await?
+                handle_read(wr, ctx, listener, token, &mut open, queue, &mut hashes, req, trimmed).await?
             }
         }
     }
@@ -391,9 +422,15 @@ async fn handle_stat(stream: &mut WriteHalf<'_>, ctx: &ServeContext, path: &str)
             return send_error(stream, 0, e.code(), jail_message(&e, path)).await;
         }
     };
-    let identity = match ctx.identities.get(&file, &meta).await {
-        Ok(id) => id,
-        Err(e) => {
+    let hashing = ctx.identities.lookup(&file, &meta)?;
+    let outcome = match hashing.now() {
+        None if meta.size() <= HASH_BEFORE_STAT => Some(hashing.wait().await),
+        now => now,
+    };
+    let root = match outcome {
+        None => None,
+        Some(Ok(id)) => Some(id.root),
+        Some(Err(e)) => {
             warn!(path, error = %e, "hashing failed");
             return send_error(stream, 0, ErrorCode::Io, format!("{path:?}: cannot read file")).await;
         }
@@ -405,35 +442,61 @@ async fn handle_stat(stream: &mut WriteHalf<'_>, ctx: &ServeContext, path: &str)
         return send_error(stream, 0, ErrorCode::FileChanged, format!("{path:?} changed while being hashed; retry"))
             .await;
     }
-    let identity =
-        Identity { size: identity.size, piece_size: identity.piece_size, hashes: Vec::new(), root: identity.root };
-    let info = StatInfo { size: meta.size(), mtime_ns: mtime_ns(&meta), identity };
+    let piece_size = mftd_common::proto::piece_size_for(meta.size());
+    let info = StatInfo { size: meta.size(), mtime_ns: mtime_ns(&meta), piece_size, root };
     write_frame(stream, &Frame::StatOk(info)).await
 }
 
-/// Answers HASHES: the piece hashes of the version the client STATed.
+/// Takes a HASHES: the piece hashes of the version the client STATed. The
+/// answer goes out now if the file is hashed, otherwise the request is
+/// returned to be answered when it is (see [`answer_hashes`]).
 async fn handle_hashes(
     stream: &mut WriteHalf<'_>,
     ctx: &ServeContext,
     path: &str,
     size: u64,
     mtime: i64,
-) -> Result<(), ConnError> {
+) -> Result<Option<PendingHashes>, ConnError> {
     let (file, meta) = match ctx.jail.open(path) {
         Ok(x) => x,
-        Err(e) => return send_error(stream, 0, e.code(), jail_message(&e, path)).await,
-    };
-    if meta.size() != size || mtime_ns(&meta) != mtime {
-        return send_error(stream, 0, ErrorCode::FileChanged, format!("{path:?} changed since STAT")).await;
-    }
-    let identity = match ctx.identities.get(&file, &meta).await {
-        Ok(id) => id,
         Err(e) => {
-            warn!(path, error = %e, "hashing failed");
-            return send_error(stream, 0, ErrorCode::Io, format!("{path:?}: cannot read file")).await;
+            send_error(stream, 0, e.code(), jail_message(&e, path)).await?;
+            return Ok(None);
         }
     };
-    write_frame(stream, &Frame::HashesOk { hashes: identity.hashes.clone() }).await
+    if meta.size() != size || mtime_ns(&meta) != mtime {
+        send_error(stream, 0, ErrorCode::FileChanged, format!("{path:?} changed since STAT")).await?;
+        return Ok(None);
+    }
+    let hashing = ctx.identities.lookup(&file, &meta)?;
+    let mut pending =
+        std::collections::VecDeque::from([PendingHashes { path: path.into(), file, size, mtime, hashing }]);
+    answer_hashes(stream, &mut pending).await?;
+    Ok(pending.pop_front())
+}
+
+/// Answers the pending HASHES whose files are hashed, oldest first.
+async fn answer_hashes(
+    stream: &mut WriteHalf<'_>,
+    pending: &mut std::collections::VecDeque<PendingHashes>,
+) -> Result<(), ConnError> {
+    while let Some(outcome) = pending.front().and_then(|p| p.hashing.now()) {
+        let Some(p) = pending.pop_front() else { break };
+        let path = &p.path;
+        let now = p.file.metadata()?;
+        if now.size() != p.size || mtime_ns(&now) != p.mtime {
+            send_error(stream, 0, ErrorCode::FileChanged, format!("{path:?} changed while being hashed")).await?;
+            continue;
+        }
+        match outcome {
+            Ok(id) => write_frame(stream, &Frame::HashesOk { hashes: id.hashes.clone() }).await?,
+            Err(e) => {
+                warn!(path, error = %e, "hashing failed");
+                send_error(stream, 0, ErrorCode::Io, format!("{path:?}: cannot read file")).await?;
+            }
+        }
+    }
+    Ok(())
 }
 
 struct OpenFile {
@@ -449,6 +512,7 @@ async fn handle_read(
     token: &CancellationToken,
     open: &mut Option<OpenFile>,
     queue: &RequestQueue,
+    hashes: &mut std::collections::VecDeque<PendingHashes>,
     req: ReadReq,
     trimmed: Option<u64>,
 ) -> Result<(), ConnError> {
@@ -496,6 +560,7 @@ async fn handle_read(
         if pos >= end {
             break;
         }
+        answer_hashes(stream, hashes).await?;
         // A paced listener sends smaller frames (about 20 ms of its rate),
         // so a TRIM never waits behind half a second of one frame.
         let len = (end - pos).min(DATA_CHUNK).min(listener.limiter.chunk());

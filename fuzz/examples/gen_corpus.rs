@@ -27,6 +27,11 @@ fn ident(size: u64) -> Identity {
     Identity::from_hashes(size, ps, hashes)
 }
 
+fn stat(size: u64, mtime_ns: i64, hashed: bool) -> StatInfo {
+    let id = ident(size);
+    StatInfo { size, mtime_ns, piece_size: id.piece_size, root: hashed.then_some(id.root) }
+}
+
 // Any 32 bytes do as a piece hash (the root is computed from them).
 fn piece_hash(i: u64) -> [u8; 32] {
     let mut out = [0u8; 32];
@@ -51,12 +56,10 @@ fn frames() -> Vec<(&'static str, Frame)> {
                 path: "a/b".into(),
             }),
         ),
-        ("stat_ok_empty", Frame::StatOk(StatInfo { size: 0, mtime_ns: 1_700_000_000_000_000_000, identity: ident(0) })),
-        ("stat_ok_1piece", Frame::StatOk(StatInfo { size: 1000, mtime_ns: 1, identity: ident(1000) })),
-        (
-            "stat_ok_2pieces",
-            Frame::StatOk(StatInfo { size: (256 << 10) + 1, mtime_ns: 2, identity: ident((256 << 10) + 1) }),
-        ),
+        ("stat_ok_empty", Frame::StatOk(stat(0, 1_700_000_000_000_000_000, true))),
+        ("stat_ok_1piece", Frame::StatOk(stat(1000, 1, true))),
+        ("stat_ok_2pieces", Frame::StatOk(stat((256 << 10) + 1, 2, true))),
+        ("stat_ok_hashing", Frame::StatOk(stat(5 << 30, 3, false))),
         ("data", Frame::Data(DataHeader { id: 1, offset: 2, len: 3 })),
         ("error", Frame::Error(ErrorFrame { id: 0, code: ErrorCode::NotFound, message: "no such file".into() })),
         ("challenge", Frame::Challenge { nonce: [0x5a; 32] }),

@@ -598,9 +598,29 @@ pub fn fd_count(pid: i32) -> usize {
 /// arrived after another connection had fetched it.
 pub const WINDOW_BYTES: u64 = 4 * 512 * 1024;
 
-/// Makes a server hash `name` now (one STAT), so timings measure transfers.
+/// Makes a server hash `name` now, so timings measure transfers: a STAT,
+/// and if the server answered before it had hashed the file, a HASHES,
+/// which it answers once it has.
 pub fn warm(d: &Daemon, name: &str) {
     let mut c = RawConn::hello(d.ports[0]);
     c.send(&Frame::Stat { path: name.into() });
-    assert!(matches!(c.recv(), Some(Frame::StatOk(_))), "STAT {name} failed");
+    let stat = match c.recv() {
+        Some(Frame::StatOk(s)) => s,
+        other => panic!("STAT {name} failed: {other:?}"),
+    };
+    if stat.root.is_none() {
+        c.send(&Frame::Hashes { size: stat.size, mtime_ns: stat.mtime_ns, path: name.into() });
+        assert!(matches!(c.recv(), Some(Frame::HashesOk { .. })), "HASHES {name} failed");
+    }
+}
+
+/// The BLAKE3 root identity of a local file (hex), computed as the
+/// protocol defines it.
+pub fn identity_of(path: &Path) -> String {
+    use mftd_common::proto::{piece_size_for, root_of};
+    let data = std::fs::read(path).expect("read file to hash");
+    let size = data.len() as u64;
+    let ps = piece_size_for(size);
+    let hashes: Vec<[u8; 32]> = data.chunks(ps as usize).map(|c| *blake3::hash(c).as_bytes()).collect();
+    hex::encode(root_of(size, ps, &hashes))
 }

@@ -110,9 +110,9 @@ fn bad_handshake_version_and_ranges() {
         Some(Frame::Error(e)) => assert_eq!(e.code, ErrorCode::BadHandshake),
         other => panic!("{other:?}"),
     }
-    // A newer client, and an old protocol-1 peer (before streamed READs
-    // and TRIM), are refused with both versions named.
-    for v in [9u16, 1] {
+    // A newer client, and old peers (v1: before streamed READs and TRIM;
+    // v2: STAT only after hashing), are refused with both versions named.
+    for v in [9u16, 1, 2] {
         let mut c = RawConn::connect(d.ports[0]);
         c.send(&Frame::Hello { magic: MAGIC, version: v, flags: 0 });
         match c.recv() {

@@ -22,7 +22,7 @@
 //! runs never write the same part file: it is `flock`ed for the run's
 //! lifetime, and a run waits for its blocking writes before it ends.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -37,12 +37,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use mftd_common::control::{DownloadState, SourceState};
-use mftd_common::proto::{ErrorCode, Identity, StatInfo, TRIM_NOT_OPEN};
+use mftd_common::proto::{root_of, ErrorCode, StatInfo, TRIM_NOT_OPEN};
 use mftd_common::range::Range;
 
 use super::budget::HostBudget;
 use super::client::{ClientError, Conn, Event, Stream};
 use super::scheduler::{ConnId, Hold, Scheduler, SourceId, Ticket};
+use super::vote::{Ballot, Decision, Votes};
 use super::{part_path, Download, StopReason};
 use mftd_common::manifest::{piece_runs, ManifestFile};
 
@@ -71,27 +72,32 @@ const STALL_AFTER: Duration = Duration::from_secs(1);
 /// is one SYN, so probing every second costs nothing, and a link that comes
 /// back is noticed within about a second (plus one SYN retransmission).
 const PROBE_CAP: Duration = Duration::from_secs(1);
-/// How long identity election waits for more sources after the first
-/// answer when no version has a majority of all sources yet.
-const ELECTION_WINDOW: Duration = Duration::from_secs(1);
+/// How long a connection waits for a `HASHES_OK` while it has nothing else
+/// to receive: the server may be hashing a large file.
+const HASHES_TIMEOUT: Duration = super::client::STAT_TIMEOUT;
 
-/// The file version the download is fetching, chosen by majority.
+/// The file the download is fetching: its size, chosen by the vote before
+/// the first byte is asked for, and its root, adopted by the vote once no
+/// source still to answer could out-vote it (see [`super::vote`]).
 struct Chosen {
-    /// Size, piece size and root; `identity.hashes` is empty (see `hashes`).
-    identity: Identity,
-    /// The piece hashes, once a source sent a list that adds up to the root.
+    size: u64,
+    piece_size: u32,
+    /// The adopted root identity.
+    root: std::sync::OnceLock<[u8; 32]>,
+    /// The piece hashes, once a list adding up to `root` is known.
     hashes: std::sync::OnceLock<Vec<[u8; 32]>>,
     /// Pieces waiting for `hashes` to be verified, with their in-stream
     /// hash if one was computed.
     unchecked: Mutex<Vec<(usize, Option<[u8; 32]>)>>,
-    /// A connection has asked for the hashes and not failed yet.
-    hashes_asked: std::sync::atomic::AtomicBool,
     file: Arc<File>,
     sched: Mutex<Scheduler>,
 }
 
 enum Outcome {
     Complete,
+    /// The vote moved to a file of another size than the one being fetched
+    /// (its first answers came from a minority): start over with it.
+    Relayout,
     Fatal(String),
     /// Persisting failed (fsync, manifest write): stop and keep the last
     /// good manifest, never trusting data written since.
@@ -103,7 +109,12 @@ struct Engine {
     /// Cancelled when the download ends for any reason: stops all workers.
     workers: CancellationToken,
     chosen: OnceCell<Arc<Chosen>>,
-    offers: Mutex<Vec<(SourceId, Identity, Instant)>>,
+    votes: Mutex<Votes>,
+    /// Piece hash lists received, by the root they add up to.
+    lists: Mutex<HashMap<[u8; 32], Vec<[u8; 32]>>>,
+    /// Sources a connection has asked for their hash list (and not failed),
+    /// and the roots whose list was asked for.
+    asked: Mutex<(HashSet<SourceId>, HashSet<[u8; 32]>)>,
     /// Sources that will never offer (permanent errors) or were dropped.
     dead: Mutex<HashMap<SourceId, (SourceState, String)>>,
     strikes: Mutex<HashMap<SourceId, u32>>,
@@ -139,13 +150,31 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Runs a download to its end. Never panics on peer or disk input.
 pub async fn run(dl: Arc<Download>) {
+    let mut votes = Votes::new(dl.sources.len(), dl.pin);
+    // Bounded: each start over follows a new majority, and ballots never
+    // change, so there are at most as many as there are sources.
+    for _ in 0..=dl.sources.len() {
+        match run_once(dl.clone(), votes).await {
+            Some(v) => votes = v,
+            None => return,
+        }
+        info!("the sources' majority serves another file size: starting over with it");
+    }
+    dl.fail("the sources kept changing their answer about the file; try again".into());
+}
+
+/// One attempt: returns the votes when the download must start over with
+/// another file size.
+async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
     let (tx, mut rx) = mpsc::channel(8);
     let (more_tx, mut more_rx) = mpsc::unbounded_channel();
     let eng = Arc::new(Engine {
         dl: dl.clone(),
         workers: dl.token.child_token(),
         chosen: OnceCell::new(),
-        offers: Mutex::new(Vec::new()),
+        votes: Mutex::new(votes),
+        lists: Mutex::new(HashMap::new()),
+        asked: Mutex::new((HashSet::new(), HashSet::new())),
         dead: Mutex::new(HashMap::new()),
         strikes: Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
@@ -245,6 +274,28 @@ pub async fn run(dl: Arc<Download>) {
         info!("{why}: removed partial file and manifest");
     };
     match outcome {
+        Some(Outcome::Relayout) => {
+            // Nothing fetched so far belongs to the file the majority serves.
+            let votes = std::mem::replace(&mut *lock(&eng.votes), Votes::new(0, None));
+            drop(eng);
+            let _ = std::fs::remove_file(dl.part_path());
+            if let Some(m) = lock(&dl.resume).as_mut() {
+                m.file = None;
+                m.verified.clear();
+                m.received.clear();
+            }
+            {
+                let mut p = dl.progress();
+                p.size = None;
+                p.identity = None;
+                p.bytes_done = 0;
+                p.pieces_verified = 0;
+                for s in p.sources.iter_mut() {
+                    s.bytes = 0;
+                }
+            }
+            return Some(votes);
+        }
         Some(Outcome::Complete) => {
             dl.set_state(DownloadState::Verifying);
             debug!("all pieces verified; putting the file in place");
@@ -310,6 +361,7 @@ pub async fn run(dl: Arc<Download>) {
             }
         },
     }
+    None
 }
 
 /// Writes the manifest: fdatasync the data first, then claim it.
@@ -323,11 +375,8 @@ async fn checkpoint(eng: &Arc<Engine>, paused: bool) -> Result<(), String> {
                 let s = lock(&c.sched);
                 (piece_runs(s.verified_pieces()), s.received_unverified())
             };
-            m.file = Some(ManifestFile {
-                size: c.identity.size,
-                piece_size: c.identity.piece_size,
-                identity: c.identity.root_hex(),
-            });
+            m.file =
+                Some(ManifestFile { size: c.size, piece_size: c.piece_size, identity: c.root.get().map(hex::encode) });
             m.verified = verified;
             m.received = received;
             let file = c.file.clone();
@@ -358,6 +407,7 @@ async fn checkpointer(eng: Arc<Engine>) {
     let interval = eng.dl.checkpoint_interval;
     let mut last = Instant::now();
     let mut last_sig = (0u64, 0usize);
+    let mut root_saved = false;
     loop {
         // Wake on progress (for the byte threshold) and when the interval
         // is up; nothing wakes it while no byte arrives.
@@ -373,6 +423,16 @@ async fn checkpointer(eng: Arc<Engine>) {
             let s = lock(&c.sched);
             (s.received_bytes(), s.verified_count())
         };
+        // The adopted identity is recorded at once: a restart must be able
+        // to tell that the remote file changed.
+        if !root_saved && c.root.get().is_some() {
+            root_saved = true;
+            if let Err(e) = checkpoint(&eng, false).await {
+                let _ = eng.outcome.try_send(Outcome::Suspend(e));
+                return;
+            }
+            continue;
+        }
         if sig == last_sig {
             if last.elapsed() >= interval {
                 last = Instant::now();
@@ -400,15 +460,13 @@ async fn finish(eng: &Arc<Engine>) -> Result<(), String> {
         // The whole file is the union of its pieces, each checked against
         // its hash after it was written; the piece hashes must add up to
         // the announced root identity.
-        let all = lock(&chosen.sched).verified_count() == chosen.identity.piece_count();
-        let hashes_ok =
-            chosen.identity.piece_count() == 0 || chosen.hashes.get().is_some_and(|h| chosen.identity.matches(h));
-        if !all || !hashes_ok {
+        let all = lock(&chosen.sched).verified_count() == chosen.piece_count();
+        if !all || !chosen.identity_holds() {
             return Err(format!("{} is not fully verified against the file's identity", part.display()));
         }
         let len = chosen.file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
-        if len != chosen.identity.size {
-            return Err(format!("{} is {len} bytes, expected {}", part.display(), chosen.identity.size));
+        if len != chosen.size {
+            return Err(format!("{} is {len} bytes, expected {}", part.display(), chosen.size));
         }
         chosen.file.sync_all().map_err(|e| format!("cannot fsync {}: {e}", part.display()))?;
         rename_into_place(&part, &dest, force)?;
@@ -588,11 +646,16 @@ impl Engine {
     }
 
     /// A source will never be useful for this download.
+    /// The first reason stands.
     fn kill_source(&self, src: SourceId, state: SourceState, why: String) {
-        let first = lock(&self.dead).insert(src, (state, why.clone())).is_none();
-        if first {
-            warn!(source = %self.dl.sources[src], reason = %why, "source dropped");
+        {
+            let mut dead = lock(&self.dead);
+            if dead.contains_key(&src) {
+                return;
+            }
+            dead.insert(src, (state, why.clone()));
         }
+        warn!(source = %self.dl.sources[src], reason = %why, "source dropped");
         self.set_source(src, |s| {
             s.state = state;
             s.last_error = Some(why);
@@ -600,6 +663,7 @@ impl Engine {
         if let Some(c) = self.chosen.get() {
             lock(&c.sched).source_dead(src);
         }
+        lock(&self.votes).gone(src);
         self.changed.notify_waiters();
         self.offered.notify_waiters();
     }
@@ -621,99 +685,167 @@ impl Engine {
         self.dl.set_state(state);
     }
 
-    /// Takes part in choosing the file version. Returns the chosen version
-    /// if this source serves it.
+    /// Casts `src`'s ballot and waits until the size to fetch is chosen.
+    /// Returns the chosen file if this source serves it.
     async fn elect(self: &Arc<Self>, src: SourceId, stat: &StatInfo) -> Result<Arc<Chosen>, String> {
-        {
-            let mut offers = lock(&self.offers);
-            if !offers.iter().any(|o| o.0 == src) {
-                offers.push((src, stat.identity.clone(), Instant::now()));
-            }
-        }
+        // A file without pieces has one possible identity.
+        let root = stat.root.or_else(|| (stat.size == 0).then(|| root_of(0, stat.piece_size, &[])));
+        lock(&self.votes).offer(src, Ballot { size: stat.size, root }, Instant::now());
         self.offered.notify_waiters();
-        let deadline = {
-            let offers = lock(&self.offers);
-            offers.iter().map(|o| o.2).min().unwrap_or_else(Instant::now) + ELECTION_WINDOW
-        };
         loop {
             // Registered before looking, so an offer in between is not missed.
             let offered = self.offered.notified();
             if let Some(c) = self.chosen.get() {
-                return self.compare(c, stat);
+                self.decide_root(c);
+                return self.compare(c, src, stat);
             }
-            let ready = {
-                let offers = lock(&self.offers);
-                let dead = lock(&self.dead);
-                let undecided = (0..self.dl.sources.len())
-                    .filter(|s| !dead.contains_key(s) && !offers.iter().any(|o| o.0 == *s))
-                    .count();
-                // A version that more than half of the usable sources serve
-                // cannot be out-voted by those still to answer: no need to
-                // wait for them.
-                let usable = (0..self.dl.sources.len()).filter(|s| !dead.contains_key(s)).count();
-                let top = offers
-                    .iter()
-                    .map(|(_, id, _)| offers.iter().filter(|(_, o, _)| o.size == id.size && o.root == id.root).count())
-                    .max()
-                    .unwrap_or(0);
-                undecided == 0 || 2 * top > usable || Instant::now() >= deadline
+            let decision = lock(&self.votes).layout(Instant::now());
+            let until = match decision {
+                Decision::Adopt(size) => {
+                    let eng = self.clone();
+                    let c = self.chosen.get_or_try_init(|| async move { eng.prepare(size).await }).await.inspect_err(
+                        |e| {
+                            let _ = self.outcome.try_send(Outcome::Fatal(e.clone()));
+                        },
+                    )?;
+                    self.decide_root(c);
+                    return self.compare(c, src, stat);
+                }
+                Decision::Conflict(why) => {
+                    let _ = self.outcome.try_send(Outcome::Fatal(why.clone()));
+                    return Err(why);
+                }
+                Decision::Wait { until } => until,
             };
-            if ready {
-                let eng = self.clone();
-                let c = self.chosen.get_or_try_init(|| async move { eng.prepare().await }).await.inspect_err(|e| {
-                    let _ = self.outcome.try_send(Outcome::Fatal(e.clone()));
-                })?;
-                return self.compare(c, stat);
-            }
+            let sleep = until.map(tokio::time::Instant::from_std);
             tokio::select! {
                 _ = offered => {}
-                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {}
+                _ = async { match sleep { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {}
                 _ = self.workers.cancelled() => return Err("cancelled".into()),
             }
         }
     }
 
-    fn compare(&self, c: &Chosen, stat: &StatInfo) -> Result<Arc<Chosen>, String> {
-        if stat.size == c.identity.size && stat.identity.root == c.identity.root {
-            self.chosen.get().cloned().ok_or_else(|| "no version chosen".into())
-        } else {
-            Err(format!(
-                "serves a different version of {} ({} bytes, identity {}) than the other sources ({} bytes, identity {})",
-                self.dl.remote_path,
-                stat.size,
-                &hex::encode(stat.identity.root)[..16],
-                c.identity.size,
-                &c.identity.root_hex()[..16],
-            ))
+    /// Whether `src` (which answered `stat`) serves the chosen file, as far
+    /// as is known.
+    fn compare(&self, c: &Arc<Chosen>, src: SourceId, stat: &StatInfo) -> Result<Arc<Chosen>, String> {
+        let root = lock(&self.votes).ballot(src).and_then(|b| b.root).or(stat.root);
+        match (stat.size == c.size, root, c.root.get()) {
+            (true, Some(r), Some(a)) if r != *a => Err(self.different(stat.size, Some(r), c)),
+            (true, _, _) => Ok(c.clone()),
+            (false, r, _) => Err(self.different(stat.size, r, c)),
         }
     }
 
-    /// Chooses the majority version among the offers and creates the part file.
-    async fn prepare(self: Arc<Self>) -> Result<Arc<Chosen>, String> {
-        let identity = {
-            let offers = lock(&self.offers);
-            // (identity, votes, first seen)
-            let mut counts: Vec<(&Identity, usize, Instant)> = Vec::new();
-            for (_, id, at) in offers.iter() {
-                match counts.iter_mut().find(|c| c.0.size == id.size && c.0.root == id.root) {
-                    Some(c) => c.1 += 1,
-                    None => counts.push((id, 1, *at)),
-                }
+    fn different(&self, size: u64, root: Option<[u8; 32]>, c: &Chosen) -> String {
+        let theirs = root.map(|r| format!(", identity {}", &hex::encode(r)[..16])).unwrap_or_default();
+        let ours = c.root.get().map(|r| format!(", identity {}", &hex::encode(r)[..16])).unwrap_or_default();
+        let who = if self.dl.pin.is_some() { "the pinned version" } else { "the majority of the sources" };
+        format!(
+            "serves a different version of {} ({size} bytes{theirs}) than {who} ({} bytes{ours})",
+            self.dl.remote_path, c.size
+        )
+    }
+
+    /// Looks at the vote on the root of the chosen file: once one is
+    /// adopted, sources serving another are excluded and the pieces that
+    /// waited are verified as soon as a hash list adding up to it is known.
+    fn decide_root(self: &Arc<Self>, c: &Arc<Chosen>) {
+        let decision = lock(&self.votes).root(c.size);
+        let root = match decision {
+            Decision::Wait { .. } => return,
+            Decision::Conflict(why) => {
+                // A majority for another size (the first answers came from
+                // a minority) means starting over; anything else is a split
+                // vote nobody can settle but the user.
+                let layout = lock(&self.votes).layout(Instant::now());
+                let outcome = match layout {
+                    Decision::Adopt(size) if size != c.size => Outcome::Relayout,
+                    _ => Outcome::Fatal(why),
+                };
+                let _ = self.outcome.try_send(outcome);
+                return;
             }
-            counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.2.cmp(&b.2)));
-            counts.first().map(|c| c.0.clone()).ok_or("no source answered")?
+            Decision::Adopt(root) => root,
         };
+        if c.root.set(root).is_ok() {
+            info!(identity = %hex::encode(root), pinned = self.dl.pin.is_some(), "file version adopted");
+            self.dl.progress().identity = Some(hex::encode(root));
+            self.progressed.notify_one();
+            let earlier = lock(&self.dl.resume).as_ref().and_then(|m| m.file.as_ref()).and_then(|f| f.identity.clone());
+            if let Some(was) = earlier.filter(|was| *was != hex::encode(root)) {
+                let _ = self.outcome.try_send(Outcome::Fatal(format!(
+                    "the remote file changed since download {} started (identity was {}, the sources now serve {}); refusing to mix versions: cancel it and start again",
+                    self.dl.id,
+                    &was[..was.len().min(16)],
+                    &hex::encode(root)[..16]
+                )));
+                return;
+            }
+        }
+        let others: Vec<(SourceId, Ballot)> = {
+            let v = lock(&self.votes);
+            (0..self.dl.sources.len())
+                .filter_map(|s| v.ballot(s).map(|b| (s, b)))
+                .filter(|(_, b)| b.size != c.size || b.root.is_some_and(|r| r != root))
+                .collect()
+        };
+        for (s, b) in others {
+            if !self.is_dead(s) {
+                self.kill_source(s, SourceState::Excluded, self.different(b.size, b.root, c));
+            }
+        }
+        let list = lock(&self.lists).get(&root).cloned();
+        if let Some(list) = list {
+            if c.hashes.get().is_none() {
+                c.hashes_arrived(self, list);
+            }
+            lock(&self.lists).clear();
+        }
+        self.check_complete(c);
+    }
+
+    /// Sends `Complete` when every piece is verified against the adopted
+    /// identity.
+    fn check_complete(&self, c: &Chosen) {
+        if c.verifiable() && lock(&c.sched).is_complete() {
+            let _ = self.outcome.try_send(Outcome::Complete);
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Whether connection of `src` should ask its server for the piece hash
+    /// list: its root is not known yet (the server was still hashing), or no
+    /// list adding up to its root is known or asked for.
+    fn should_ask_hashes(&self, c: &Chosen, src: SourceId) -> Option<Option<[u8; 32]>> {
+        if c.hashes.get().is_some() || c.piece_count() == 0 {
+            return None;
+        }
+        let root = lock(&self.votes).ballot(src)?.root;
+        let mut asked = lock(&self.asked);
+        if asked.0.contains(&src) {
+            return None;
+        }
+        if let Some(r) = root {
+            if asked.1.contains(&r) || lock(&self.lists).contains_key(&r) {
+                return None;
+            }
+            asked.1.insert(r);
+        }
+        asked.0.insert(src);
+        Some(root)
+    }
+
+    /// Creates the part file for a file of `size` bytes.
+    async fn prepare(self: Arc<Self>, size: u64) -> Result<Arc<Chosen>, String> {
+        let piece_size = mftd_common::proto::piece_size_for(size);
         let resume = lock(&self.dl.resume).clone();
         let claimed = match resume.as_ref().and_then(|m| m.file.as_ref().map(|f| (m, f))) {
             Some((m, f)) => {
-                if f.size != identity.size || f.identity != identity.root_hex() || f.piece_size != identity.piece_size {
+                if f.size != size || f.piece_size != piece_size {
                     return Err(format!(
-                        "the remote file changed since download {} started (was {} bytes, identity {}; the sources now serve {} bytes, identity {}); refusing to mix versions: cancel it and start again",
-                        self.dl.id,
-                        f.size,
-                        &f.identity[..f.identity.len().min(16)],
-                        identity.size,
-                        &identity.root_hex()[..16]
+                        "the remote file changed since download {} started (was {} bytes, the sources now serve {size} bytes); refusing to mix versions: cancel it and start again",
+                        self.dl.id, f.size,
                     ));
                 }
                 let mut ranges: Vec<Range> = m
@@ -730,7 +862,6 @@ impl Engine {
             None => None,
         };
         let dest = self.dl.destination.clone();
-        let size = identity.size;
         let reuse = self.dl.store.is_some();
         let (file, preload) = tokio::task::spawn_blocking(move || open_part(&dest, size, claimed, reuse))
             .await
@@ -738,15 +869,14 @@ impl Engine {
         {
             let mut p = self.dl.progress();
             p.size = Some(size);
-            p.identity = Some(identity.root_hex());
-            p.pieces_total = identity.piece_count() as u64;
+            p.pieces_total = mftd_common::proto::piece_count_for(size, piece_size);
         }
-        info!(size, identity = %identity.root_hex(), "file version chosen");
-        // Record the file version before the first byte is written, so a
-        // restart can tell whether the remote file changed.
+        info!(size, "file size chosen");
+        // Record the file before the first byte is written, so a restart
+        // can tell whether the remote file changed.
         if let (Some(store), false) = (&self.dl.store, resume.as_ref().is_some_and(|m| m.file.is_some())) {
             let mut m = self.dl.base_manifest();
-            m.file = Some(ManifestFile { size, piece_size: identity.piece_size, identity: identity.root_hex() });
+            m.file = Some(ManifestFile { size, piece_size, identity: None });
             let store = store.clone();
             let path = store.path(m.id);
             tokio::task::spawn_blocking(move || store.save(&m))
@@ -754,7 +884,7 @@ impl Engine {
                 .map_err(|e| format!("manifest task failed: {e}"))?
                 .map_err(|e| format!("cannot write manifest {}: {e}", path.display()))?;
         }
-        let mut sched = Scheduler::new(size, identity.piece_size);
+        let mut sched = Scheduler::new(size, piece_size);
         sched.set_sources(self.dl.sources.len());
         sched.set_expected_conns(lock(&self.slots).iter().sum());
         for s in lock(&self.dead).keys() {
@@ -770,19 +900,15 @@ impl Engine {
             info!(bytes = sched.received_bytes(), pieces = recheck.len(), "re-verifying data already on disk");
         }
         self.dl.progress().bytes_done = sched.received_bytes();
-        let complete = sched.is_complete();
         let chosen = Arc::new(Chosen {
-            identity,
+            size,
+            piece_size,
+            root: std::sync::OnceLock::new(),
             hashes: std::sync::OnceLock::new(),
             unchecked: Mutex::new(Vec::new()),
-            hashes_asked: std::sync::atomic::AtomicBool::new(false),
             file: Arc::new(file),
             sched: Mutex::new(sched),
         });
-        if complete {
-            // A zero-byte file has nothing to fetch.
-            let _ = self.outcome.try_send(Outcome::Complete);
-        }
         for p in recheck {
             let eng = self.clone();
             let c = chosen.clone();
@@ -792,6 +918,13 @@ impl Engine {
     }
 
     fn strike(&self, src: SourceId, piece: usize) {
+        // Bytes of a source already dropped (typically one excluded for
+        // serving another version, whose parked pieces fail once the
+        // majority's hashes are known): its first reason stands.
+        if self.is_dead(src) {
+            debug!(source = %self.dl.sources[src], piece, "piece of a dropped source failed verification");
+            return;
+        }
         let n = {
             let mut s = lock(&self.strikes);
             let n = s.entry(src).or_insert(0);
@@ -1012,6 +1145,10 @@ async fn worker(eng: Arc<Engine>, src: SourceId) {
             }
             WorkerEnd::Dead(state, why) => {
                 eng.kill_source(src, state, why);
+                // One voter fewer may settle the vote.
+                if let Some(c) = eng.chosen.get() {
+                    eng.decide_root(c);
+                }
                 break;
             }
             WorkerEnd::Yield => {
@@ -1078,12 +1215,12 @@ async fn session(
     // The piece size follows from the file size; a server announcing another
     // could make us allocate or hash absurd pieces.
     let want = mftd_common::proto::piece_size_for(stat.size);
-    if stat.identity.piece_size != want {
+    if stat.piece_size != want {
         return WorkerEnd::Dead(
             SourceState::Failed,
             format!(
                 "protocol violation: piece size {} for a {}-byte file (expected {want})",
-                stat.identity.piece_size, stat.size
+                stat.piece_size, stat.size
             ),
         );
     }
@@ -1211,29 +1348,40 @@ async fn fetch(
     let mut held: Vec<Ticket> = Vec::new();
     let mut hasher: Option<PieceHasher> = None;
     let violation = |why: String| WorkerEnd::Dead(SourceState::Failed, format!("protocol violation: {why}"));
-    // If this connection asked for the hash list and ends without it,
-    // another one asks.
-    struct AskedHashes<'a>(&'a Chosen, bool);
+    // A hash list this connection asked for and did not get: if it ends,
+    // another connection (of this source, or of another with the same
+    // root) asks again.
+    struct AskedHashes<'a> {
+        eng: &'a Engine,
+        src: SourceId,
+        /// Asked, and for which root (`None`: the source's is not known).
+        asked: Option<Option<[u8; 32]>>,
+        answered: bool,
+    }
     impl Drop for AskedHashes<'_> {
         fn drop(&mut self) {
-            if self.1 && self.0.hashes.get().is_none() {
-                self.0.hashes_asked.store(false, Ordering::SeqCst);
+            if let (Some(root), false) = (self.asked, self.answered) {
+                let mut a = lock(&self.eng.asked);
+                a.0.remove(&self.src);
+                if let Some(r) = root {
+                    a.1.remove(&r);
+                }
             }
         }
     }
-    let mut asked = AskedHashes(chosen, false);
+    let mut asked = AskedHashes { eng, src, asked: None, answered: false };
     loop {
         if eng.is_dead(src) {
             return WorkerEnd::Stopped;
         }
-        // 0. One connection fetches the piece hashes, ahead of its data.
-        if chosen.hashes.get().is_none()
-            && chosen.identity.piece_count() > 0
-            && chosen.hashes_asked.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_ok()
-        {
-            asked.1 = true;
-            if let Err(e) = stream.hashes(&path, stat.size, stat.mtime_ns).await {
-                return WorkerEnd::Retry(e.to_string());
+        // 0. Ask for the piece hashes, ahead of the data: every source that
+        // has not told its root yet (its vote), and one per root otherwise.
+        if asked.asked.is_none() {
+            if let Some(root) = eng.should_ask_hashes(chosen, src) {
+                asked.asked = Some(root);
+                if let Err(e) = stream.hashes(&path, stat.size, stat.mtime_ns).await {
+                    return WorkerEnd::Retry(e.to_string());
+                }
             }
         }
         // 1. Give back what others took over, or what they already wrote.
@@ -1316,7 +1464,7 @@ async fn fetch(
             }
         }
         // The hash list asked for is an answer to wait for, like a READ.
-        let awaiting_hashes = asked.1 && chosen.hashes.get().is_none();
+        let awaiting_hashes = asked.asked.is_some() && !asked.answered && chosen.hashes.get().is_none();
         if open.is_empty() && !awaiting_hashes && !held.is_empty() {
             // Only ranges waiting for their owners' TRIMMED: they wake us.
             tokio::select! {
@@ -1354,15 +1502,17 @@ async fn fetch(
         // connections (backoff steps apart); once one gets through, this
         // connection is abandoned and replaced at once.
         let quiet = last_event.elapsed();
-        if quiet >= idle {
-            return WorkerEnd::Retry(ClientError::Idle(idle).to_string());
+        // A server hashing a large file says nothing until it is done.
+        let patience = if open.is_empty() && awaiting_hashes { HASHES_TIMEOUT } else { idle };
+        if quiet >= patience {
+            return WorkerEnd::Retry(ClientError::Idle(patience).to_string());
         }
         let owed = !open.is_empty();
         if owed && quiet >= stall_after && probe.is_none() {
             probe = Some(Box::pin(probe_path(eng.dl.sources[src].clone(), probe_step)));
             probe_step = (probe_step * 2).min(PROBE_CAP);
         }
-        let next_check = if owed && probe.is_none() { stall_after.saturating_sub(quiet) } else { idle - quiet };
+        let next_check = if owed && probe.is_none() { stall_after.saturating_sub(quiet) } else { patience - quiet };
         let ev = tokio::select! {
             ev = stream.next() => match ev {
                 None => return WorkerEnd::Retry(ClientError::Closed.to_string()),
@@ -1483,14 +1633,34 @@ async fn fetch(
                 }
             }
             Event::Hashes(hashes) => {
-                if !asked.1 {
+                if asked.asked.is_none() || asked.answered {
                     return violation("HASHES_OK without a HASHES request".into());
                 }
-                if chosen.hashes.get().is_none() && !chosen.hashes_arrived(eng, hashes) {
+                asked.answered = true;
+                if hashes.len() != chosen.piece_count() {
+                    return violation(format!(
+                        "{} piece hashes for a file of {} pieces",
+                        hashes.len(),
+                        chosen.piece_count()
+                    ));
+                }
+                let root = root_of(chosen.size, chosen.piece_size, &hashes);
+                let announced = lock(&eng.votes).ballot(src).and_then(|b| b.root);
+                if announced.is_some_and(|a| a != root) {
                     return WorkerEnd::Dead(
                         SourceState::Failed,
-                        "sent piece hashes that do not add up to the file's identity".into(),
+                        "sent piece hashes that do not add up to the identity it announced".into(),
                     );
+                }
+                // Its vote, if it was still hashing when it answered STAT.
+                lock(&eng.votes).root_known(src, root);
+                if chosen.hashes.get().is_none() {
+                    lock(&eng.lists).entry(root).or_insert(hashes);
+                }
+                eng.offered.notify_waiters();
+                eng.decide_root(chosen);
+                if eng.is_dead(src) {
+                    return WorkerEnd::Stopped;
                 }
             }
             Event::Error { code: ErrorCode::FileChanged, message, .. } => {
@@ -1523,7 +1693,7 @@ async fn store(
     buf: Vec<u8>,
     hasher: &mut Option<PieceHasher>,
 ) -> Result<Vec<u8>, String> {
-    let piece_size = chosen.identity.piece_size as u64;
+    let piece_size = chosen.piece_size as u64;
     let (claims, gens) = {
         let mut s = lock(&chosen.sched);
         let claims = s.claim(conn_id, ticket, got, Instant::now());
@@ -1543,7 +1713,7 @@ async fn store(
     // in stream; anything else is verified by reading the piece back.
     let all_ours = claims.len() == 1 && claims[0] == got;
     let mut ph = if all_ours { hasher.take() } else { None };
-    let size = chosen.identity.size;
+    let size = chosen.size;
     let work = move || {
         let mut res: io::Result<()> = Ok(());
         for c in &c2 {
@@ -1631,6 +1801,34 @@ async fn store(
 }
 
 impl Chosen {
+    fn piece_count(&self) -> usize {
+        mftd_common::proto::piece_count_for(self.size, self.piece_size) as usize
+    }
+
+    /// Byte range `[start, end)` of piece `i`.
+    fn piece_range(&self, i: usize) -> (u64, u64) {
+        let start = i as u64 * self.piece_size as u64;
+        (start, (start + self.piece_size as u64).min(self.size))
+    }
+
+    /// Whether pieces can be checked against an adopted identity: its root
+    /// is adopted and its hash list known (none is needed without pieces).
+    /// Cheap: `hashes` is only ever set to a list that adds up to `root`.
+    fn verifiable(&self) -> bool {
+        self.root.get().is_some() && (self.piece_count() == 0 || self.hashes.get().is_some())
+    }
+
+    /// [`Chosen::verifiable`], checked in full: the hash list (none without
+    /// pieces) adds up to the adopted root.
+    fn identity_holds(&self) -> bool {
+        let hashes: &[[u8; 32]] = match (self.piece_count(), self.hashes.get()) {
+            (0, _) => &[],
+            (_, Some(h)) => h,
+            (_, None) => return false,
+        };
+        self.root.get() == Some(&root_of(self.size, self.piece_size, hashes))
+    }
+
     /// The piece hashes, or `None` after recording that piece `p` waits
     /// for them.
     fn hashes_or_park(&self, p: usize, known: Option<[u8; 32]>) -> Option<&Vec<[u8; 32]>> {
@@ -1644,11 +1842,13 @@ impl Chosen {
         }
     }
 
-    /// A source sent the hash list. Returns false if it does not add up to
-    /// the chosen root (the source lied); otherwise the pieces that waited
-    /// for it are verified now.
+    /// The hash list of the adopted root is known. Returns false if it
+    /// does not add up to it; otherwise the pieces that waited for it are
+    /// verified now.
     fn hashes_arrived(self: &Arc<Self>, eng: &Arc<Engine>, hashes: Vec<[u8; 32]>) -> bool {
-        if !self.identity.matches(&hashes) {
+        let adds_up = hashes.len() == self.piece_count()
+            && Some(&root_of(self.size, self.piece_size, &hashes)) == self.root.get();
+        if !adds_up {
             return false;
         }
         let waiting = {
@@ -1734,7 +1934,7 @@ async fn read_back(
     let Ok(_slot) = eng.verify_slots.acquire().await else { return Ok(Ok(false)) };
     let c2 = chosen.clone();
     tokio::task::spawn_blocking(move || {
-        let (start, end) = c2.identity.piece_range(p);
+        let (start, end) = c2.piece_range(p);
         let mut h = blake3::Hasher::new();
         let mut buf = vec![0u8; ((end - start) as usize).min(1 << 20)];
         let mut at = start;
@@ -1753,16 +1953,9 @@ async fn read_back(
 fn settle(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize, ok: Result<io::Result<bool>, tokio::task::JoinError>) {
     match ok {
         Ok(Ok(true)) => {
-            let complete = {
-                let mut s = lock(&chosen.sched);
-                s.piece_verified(p);
-                s.is_complete()
-            };
+            lock(&chosen.sched).piece_verified(p);
             eng.dl.progress().pieces_verified += 1;
-            if complete {
-                let _ = eng.outcome.try_send(Outcome::Complete);
-                eng.changed.notify_waiters();
-            }
+            eng.check_complete(&chosen);
         }
         Ok(Ok(false)) => {
             let (bad, total) = {

@@ -6,6 +6,7 @@ pub mod budget;
 pub mod client;
 pub mod engine;
 pub mod scheduler;
+pub mod vote;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -103,6 +104,8 @@ pub struct Download {
     /// Shared secret for sources that require authentication.
     pub secret: Option<Arc<Vec<u8>>>,
     pub secret_file: Option<PathBuf>,
+    /// Root identity the user pinned (`get --identity`).
+    pub pin: Option<[u8; 32]>,
     pub token: CancellationToken,
     /// Connection budgets per source host, shared by all downloads.
     pub budgets: Arc<budget::Budgets>,
@@ -172,6 +175,7 @@ impl Download {
             connections_per_source: self.connections_per_source,
             give_up_after_secs: self.give_up_after.map(|d| d.as_secs()),
             secret_file: self.secret_file.as_ref().map(|p| p.display().to_string()),
+            pin: self.pin.map(hex::encode),
             paused: false,
             file: None,
             verified: Vec::new(),
@@ -300,6 +304,16 @@ struct Spec {
     persist: bool,
     resume: Option<Manifest>,
     secret_file: Option<PathBuf>,
+    pin: Option<[u8; 32]>,
+}
+
+/// Parses a root identity given as 64 hex digits.
+pub fn parse_identity(s: &str) -> Result<[u8; 32], String> {
+    let s = s.strip_prefix("blake3:").unwrap_or(s);
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s, &mut out)
+        .map_err(|_| format!("identity {s:?} is not 64 hexadecimal digits (as `downloads show` prints it)"))?;
+    Ok(out)
 }
 
 fn new_progress(sources: &[String], state: DownloadState) -> Progress {
@@ -382,7 +396,7 @@ impl Downloads {
         let mut progress = new_progress(&spec.sources, state);
         if let Some(f) = spec.resume.as_ref().and_then(|m| m.file.as_ref()) {
             progress.size = Some(f.size);
-            progress.identity = Some(f.identity.clone());
+            progress.identity = f.identity.clone();
             progress.pieces_total = f.size.div_ceil(f.piece_size as u64);
         }
         if let Some(m) = &spec.resume {
@@ -407,6 +421,7 @@ impl Downloads {
             store: spec.persist.then(|| self.store.clone()),
             secret,
             secret_file,
+            pin: spec.pin,
             token: self.parent.child_token(),
             budgets: self.budgets.clone(),
             resume: Mutex::new(spec.resume),
@@ -434,6 +449,7 @@ impl Downloads {
             give_up_after: m.give_up_after_secs.map(Duration::from_secs),
             persist: true,
             secret_file: m.secret_file.as_ref().map(PathBuf::from),
+            pin: m.pin.as_deref().and_then(|p| parse_identity(p).ok()),
             resume: Some(m),
         }
     }
@@ -495,6 +511,10 @@ impl Downloads {
                 "no sources given; use --from HOST:PORT or --host with --ports".into(),
             ));
         }
+        let pin = match &req.identity {
+            Some(i) => Some(parse_identity(i).map_err(|e| Rejected(ErrorCode::InvalidArgument, e))?),
+            None => None,
+        };
         let dir = match &req.output_dir {
             Some(d) => PathBuf::from(d),
             None => self.defaults.download_dir.clone(),
@@ -579,6 +599,7 @@ impl Downloads {
             persist: !req.no_resume,
             resume: None,
             secret_file: req.secret_file.as_ref().map(PathBuf::from),
+            pin,
         };
         let dl = self.build(spec, DownloadState::Starting)?;
         if let Some(store) = &dl.store {
