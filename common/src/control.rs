@@ -316,9 +316,13 @@ pub struct DownloadInfo {
     pub eta_secs: Option<u64>,
     pub elapsed_ms: u64,
     pub sources: Vec<SourceInfo>,
-    /// BLAKE3 root identity of the file (hex), once known.
+    /// BLAKE3 root identity of the file (hex), once adopted.
     #[serde(default)]
     pub identity: Option<String>,
+    /// While no identity is adopted: how the sources voted so far (data
+    /// flows meanwhile; no piece is verified before the vote is settled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vote: Option<String>,
     #[serde(default)]
     pub error: Option<String>,
     /// Missing ranges (only in `downloads show`, for debugging).

@@ -122,6 +122,9 @@ pub fn print_human(r: &Response) {
             if let Some(id) = &d.identity {
                 println!("  identity  blake3:{id}");
             }
+            if let Some(v) = &d.vote {
+                println!("  vote      {v}");
+            }
             println!("  pieces    {}/{}", d.pieces_verified, d.pieces_total);
             if let Some(e) = &d.error {
                 println!("  error     {e}");

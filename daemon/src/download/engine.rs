@@ -751,9 +751,15 @@ impl Engine {
     /// adopted, sources serving another are excluded and the pieces that
     /// waited are verified as soon as a hash list adding up to it is known.
     fn decide_root(self: &Arc<Self>, c: &Arc<Chosen>) {
-        let decision = lock(&self.votes).root(c.size);
+        let (decision, standing) = {
+            let v = lock(&self.votes);
+            (v.root(c.size), v.describe(c.size))
+        };
         let root = match decision {
-            Decision::Wait { .. } => return,
+            Decision::Wait { .. } => {
+                self.dl.progress().vote = Some(standing);
+                return;
+            }
             Decision::Conflict(why) => {
                 // A majority for another size (the first answers came from
                 // a minority) means starting over; anything else is a split

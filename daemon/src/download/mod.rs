@@ -72,6 +72,8 @@ pub struct Progress {
     pub state: DownloadState,
     pub size: Option<u64>,
     pub identity: Option<String>,
+    /// How the version vote stands while no identity is adopted.
+    pub vote: Option<String>,
     pub error: Option<String>,
     pub bytes_done: u64,
     pub pieces_verified: u64,
@@ -255,6 +257,7 @@ impl Download {
                 })
                 .collect(),
             identity: p.identity.clone(),
+            vote: if p.identity.is_none() { p.vote.clone() } else { None },
             error: p.error.clone(),
             missing: Vec::new(),
         }
@@ -321,6 +324,7 @@ fn new_progress(sources: &[String], state: DownloadState) -> Progress {
         state,
         size: None,
         identity: None,
+        vote: None,
         error: None,
         bytes_done: 0,
         pieces_verified: 0,

@@ -153,6 +153,35 @@ impl Votes {
         Decision::Wait { until: self.first.map(|f| f + WINDOW).filter(|t| *t > now) }
     }
 
+    /// How the vote on the root of a file of `size` bytes stands, for
+    /// `downloads show` while it is not settled.
+    pub fn describe(&self, size: u64) -> String {
+        let mut roots: BTreeMap<[u8; 32], usize> = BTreeMap::new();
+        let (mut hashing, mut other) = (0, 0);
+        for b in self.counted() {
+            match b.root {
+                _ if b.size != size => other += 1,
+                Some(r) => *roots.entry(r).or_default() += 1,
+                None => hashing += 1,
+            }
+        }
+        let mut parts: Vec<String> = roots.iter().map(|(r, n)| format!("{n} for {}…", short(r))).collect();
+        if other > 0 {
+            parts.push(format!("{other} for another size"));
+        }
+        if hashing > 0 {
+            parts.push(format!("{hashing} still hashing"));
+        }
+        let unanswered = self.unanswered();
+        if unanswered > 0 {
+            parts.push(format!("{unanswered} not answered"));
+        }
+        format!(
+            "identity not settled: {}; no piece is verified until no source can out-vote the leader",
+            parts.join(", ")
+        )
+    }
+
     /// The root to verify a file of `size` bytes against.
     pub fn root(&self, size: u64) -> Decision<[u8; 32]> {
         if let Some(pin) = self.pin {
@@ -223,6 +252,13 @@ mod tests {
         assert_eq!(v.root(1 << 30), Decision::Wait { until: None }, "nothing known about the big file's root");
         v.root_known(1, R2);
         assert_eq!(v.root(1 << 30), Decision::Wait { until: None }, "1 vote; 2 undecided and 1 other could out-vote");
+        let standing = v.describe(1 << 30);
+        assert!(
+            standing.contains("1 for 0202020202020202…")
+                && standing.contains("1 for another size")
+                && standing.contains("2 still hashing"),
+            "{standing}"
+        );
         v.root_known(2, R2);
         assert_eq!(v.root(1 << 30), Decision::Adopt(R2), "2 votes: the liar and the last one can only tie");
     }
