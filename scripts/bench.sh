@@ -12,6 +12,7 @@
 #   BENCH_SIZE_MIB      size of the test file (default 1024)
 #   BENCH_RUNS          runs per case, median taken (default 3)
 #   BENCH_CAP_SIZE_MIB  size of the capped-case file (default 240: ideal 4 s)
+#   BENCH_COLD_SIZE_MIB size of the cold-start file (default 2048)
 #   BENCH_DISK_DIR      parent of the on-disk output dir (default /var/tmp)
 #   BENCH_SHM_DIR       parent of the tmpfs output dir (default /dev/shm)
 #   BIN                 where mftd/mftctl are (default target/release)
@@ -28,6 +29,7 @@ BIN="${BIN:-$ROOT/target/release}"
 SIZE_MIB="${BENCH_SIZE_MIB:-1024}"
 RUNS="${BENCH_RUNS:-3}"
 CAP_SIZE_MIB="${BENCH_CAP_SIZE_MIB:-240}"
+COLD_SIZE_MIB="${BENCH_COLD_SIZE_MIB:-2048}"
 DISK_PARENT="${BENCH_DISK_DIR:-/var/tmp}"
 SHM_PARENT="${BENCH_SHM_DIR:-/dev/shm}"
 FILE="bench.bin"
@@ -43,7 +45,7 @@ CAP_TOTAL_MIB=60
 ARIA2_FLAGS=(-q -x 16 -s 16 -j 1 -k 1M --min-split-size=1M
     --allow-overwrite=true --auto-file-renaming=false)
 
-case "$SIZE_MIB$RUNS$CAP_SIZE_MIB" in
+case "$SIZE_MIB$RUNS$CAP_SIZE_MIB$COLD_SIZE_MIB" in
     *[!0-9]*) echo "bench: BENCH_SIZE_MIB, BENCH_RUNS and BENCH_CAP_SIZE_MIB must be integers" >&2; exit 2 ;;
 esac
 [ "$RUNS" -ge 1 ] || { echo "bench: BENCH_RUNS must be >= 1" >&2; exit 2; }
@@ -56,6 +58,7 @@ tmp=""
 out_shm=""
 out_disk=""
 mftd_pid=""
+cold_pid=""
 nginx_pid=""
 
 stop_pid() { # PID: TERM, wait up to 5 s, then KILL
@@ -75,6 +78,7 @@ cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     stop_pid "$mftd_pid"
+    stop_pid "$cold_pid"
     stop_pid "$nginx_pid"
     for d in "$out_shm" "$out_disk" "$tmp"; do
         [ -n "$d" ] && rm -rf "$d"
@@ -366,6 +370,53 @@ for n in 10 "$MANY_MAX"; do
     MANY_T[$n]="$(median "${ts[@]}")"
 done
 
+# ---------------------------------------------------------------- cold start
+# A file the server has never hashed: a fresh mftd (empty hash cache) serves
+# it on 4 listeners, the bench's mftd downloads it into tmpfs twice: cold
+# (the server hashes while it sends) and warm. Time to the first byte (the
+# first progress line with bytes, polled every 50 ms) and total time.
+COLD_FILE="bench-cold.bin"
+log "cold start: writing $COLD_FILE ($COLD_SIZE_MIB MiB)"
+head -c $((COLD_SIZE_MIB * 1024 * 1024)) /dev/urandom > "$tmp/export/$COLD_FILE"
+want_cold="$(sha "$tmp/export/$COLD_FILE")"
+cold_get() { # FROM: prints "TTFB TOTAL" in seconds
+    local t0 t1 ttfb="" line
+    rm -f "$out_shm/$COLD_FILE"
+    t0="$(now)"
+    while IFS= read -r line; do
+        if [ -z "$ttfb" ] && [[ $line == *'"type":"progress"'* ]] && [[ $line =~ \"bytes_done\":([0-9]+) ]] &&
+            [ "${BASH_REMATCH[1]}" -gt 0 ]; then
+            ttfb="$(now)"
+        fi
+    done < <(ctl --json get "$COLD_FILE" --from "$1" -o "$out_shm" --force --interval 0.05 2>"$tmp/cold.log")
+    t1="$(now)"
+    verify cold "$out_shm/$COLD_FILE" "$want_cold"
+    rm -f "$out_shm/$COLD_FILE"
+    [ -n "$ttfb" ] || die "cold start: no progress line with bytes"
+    awk -v a="$t0" -v f="$ttfb" -v b="$t1" 'BEGIN { printf "%.3f %.3f", f - a, b - a }'
+}
+cold_ttfb=() cold_total=() warm_ttfb=() warm_total=()
+for r in $(seq 1 "$RUNS"); do
+    "$BIN/mftd" --export "$tmp/export" --ports 0,0,0,0 --socket "$tmp/cold.sock" \
+        --state-dir "$tmp/cold-state" --download-dir "$tmp/dl" 2> "$tmp/cold-mftd.log" &
+    cold_pid=$!
+    for _ in $(seq 1 200); do
+        "$BIN/mftctl" --socket "$tmp/cold.sock" servers list >/dev/null 2>&1 && break
+        kill -0 "$cold_pid" 2>/dev/null || { cat "$tmp/cold-mftd.log" >&2; die "cold mftd exited"; }
+        sleep 0.05
+    done
+    read -r -a CPORTS <<< "$("$BIN/mftctl" --socket "$tmp/cold.sock" servers list | awk 'NR > 1 { print $1 }' | tr '\n' ' ')"
+    FROMC="$(printf '127.0.0.1:%s,' "${CPORTS[@]}")"
+    read -r a b <<< "$(cold_get "${FROMC%,}")"
+    cold_ttfb+=("$a") cold_total+=("$b")
+    read -r a b <<< "$(cold_get "${FROMC%,}")"
+    warm_ttfb+=("$a") warm_total+=("$b")
+    stop_pid "$cold_pid"
+    cold_pid=""
+    log "cold start run $r/$RUNS: cold ttfb ${cold_ttfb[-1]}s total ${cold_total[-1]}s; warm ttfb ${warm_ttfb[-1]}s total ${warm_total[-1]}s"
+done
+rm -f "$tmp/export/$COLD_FILE"
+
 # ---------------------------------------------------------------- report
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 elapsed="$(awk -v a="$start_all" -v b="$(now)" 'BEGIN { printf "%.0f", b - a }')"
@@ -393,6 +444,7 @@ echo
 echo "capped: listeners at 4/8/16/32 MiB/s, $CAP_SIZE_MIB MiB: median ${cap_med}s, ideal ${cap_ideal}s, time/ideal ${cap_ratio} (runs:$(printf ' %s' "${cap_times[@]}"))"
 many_mb() { awk -v n="$1" -v s="$2" 'BEGIN { printf "%.0f", n * 8 * 1048576 / 1e6 / s }'; }
 echo "many: 10 concurrent 8 MiB downloads: ${MANY_T[10]}s, $(many_mb 10 "${MANY_T[10]}") MB/s aggregate, peak ${MANY_F[10]} fds; $MANY_MAX concurrent: ${MANY_T[$MANY_MAX]}s, $(many_mb "$MANY_MAX" "${MANY_T[$MANY_MAX]}") MB/s, peak ${MANY_F[$MANY_MAX]} fds; $MANY_MAX / 10 aggregate: $(awk -v a="${MANY_T[10]}" -v b="${MANY_T[$MANY_MAX]}" -v m="$MANY_MAX" 'BEGIN { printf "%.2f", (m / b) / (10 / a) }')"
+echo "cold start, $COLD_SIZE_MIB MiB from 4 listeners of a fresh mftd into tmpfs: cold (never hashed) time to first byte $(median "${cold_ttfb[@]}")s, total $(median "${cold_total[@]}")s; warm $(median "${warm_ttfb[@]}")s, $(median "${warm_total[@]}")s"
 echo "total bench time ${elapsed}s; load average at start: $load_start, at end: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) CPUs; other load skews the numbers)"
 echo
 summary="BENCH-SUMMARY: size_mib=$SIZE_MIB runs=$RUNS"
@@ -401,5 +453,6 @@ for tg in "${TARGETS[@]}"; do
     summary+=" mftd4_vs_aria2c4/$tg=$(ratio "${RATE[mftd-4/$tg]}" "${RATE[aria2c-4/$tg]}")"
     summary+=" mftd1_vs_curl1/$tg=$(ratio "${RATE[mftd-1/$tg]}" "${RATE[curl-1/$tg]}")"
 done
-summary+=" capped_s=$cap_med capped_ideal_s=$cap_ideal capped_ratio=$cap_ratio total_s=$elapsed"
+summary+=" capped_s=$cap_med capped_ideal_s=$cap_ideal capped_ratio=$cap_ratio"
+summary+=" cold_ttfb_s=$(median "${cold_ttfb[@]}") cold_total_s=$(median "${cold_total[@]}") warm_ttfb_s=$(median "${warm_ttfb[@]}") warm_total_s=$(median "${warm_total[@]}") total_s=$elapsed"
 echo "$summary"

@@ -42,6 +42,7 @@ use mftd_common::range::Range;
 
 use super::budget::HostBudget;
 use super::client::{ClientError, Conn, Event, Stream};
+use super::error::{DownloadError, SourceError};
 use super::scheduler::{ConnId, Hold, Scheduler, SourceId, Ticket};
 use super::vote::{Ballot, Decision, Votes};
 use super::{part_path, Download, StopReason};
@@ -98,10 +99,10 @@ enum Outcome {
     /// The vote moved to a file of another size than the one being fetched
     /// (its first answers came from a minority): start over with it.
     Relayout,
-    Fatal(String),
+    Fatal(DownloadError),
     /// Persisting failed (fsync, manifest write): stop and keep the last
     /// good manifest, never trusting data written since.
-    Suspend(String),
+    Suspend(DownloadError),
 }
 
 struct Engine {
@@ -115,9 +116,6 @@ struct Engine {
     /// Sources a connection has asked for their hash list (and not failed),
     /// and the roots whose list was asked for.
     asked: Mutex<(HashSet<SourceId>, HashSet<[u8; 32]>)>,
-    /// Sources that will never offer (permanent errors) or were dropped.
-    dead: Mutex<HashMap<SourceId, (SourceState, String)>>,
-    strikes: Mutex<HashMap<SourceId, u32>>,
     next_conn: AtomicU64,
     live_workers: AtomicUsize,
     /// Workers started per source.
@@ -160,7 +158,7 @@ pub async fn run(dl: Arc<Download>) {
         }
         info!("the sources' majority serves another file size: starting over with it");
     }
-    dl.fail("the sources kept changing their answer about the file; try again".into());
+    dl.fail(DownloadError::Unsettled.to_string());
 }
 
 /// One attempt: returns the votes when the download must start over with
@@ -175,8 +173,6 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
         votes: Mutex::new(votes),
         lists: Mutex::new(HashMap::new()),
         asked: Mutex::new((HashSet::new(), HashSet::new())),
-        dead: Mutex::new(HashMap::new()),
-        strikes: Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
         live_workers: AtomicUsize::new(0),
         slots: Mutex::new(vec![0; dl.sources.len()]),
@@ -228,8 +224,7 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
                         let reasons: Vec<String> = dl.progress().sources.iter()
                             .map(|s| format!("{}: {}", s.address, s.last_error.as_deref().unwrap_or("unreachable")))
                             .collect();
-                        break Some(Outcome::Fatal(format!(
-                            "gave up after {}s without a reachable source ({})", limit.as_secs(), reasons.join("; "))));
+                        break Some(Outcome::Fatal(DownloadError::GaveUp { secs: limit.as_secs(), reasons }));
                     }
                 }
             }
@@ -254,9 +249,8 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
     })
     .await;
     // Workers cancelled mid-session did not get to count themselves out.
-    let dead: Vec<SourceId> = lock(&eng.dead).keys().copied().collect();
-    for (i, s) in dl.progress().sources.iter_mut().enumerate() {
-        if dead.contains(&i) {
+    for s in dl.progress().sources.iter_mut() {
+        if s.dropped() {
             continue;
         }
         s.connections = 0;
@@ -292,6 +286,12 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
                 p.pieces_verified = 0;
                 for s in p.sources.iter_mut() {
                     s.bytes = 0;
+                    // Excluded for serving the size now chosen, perhaps:
+                    // every source gets a new chance (ballots stay).
+                    if s.dropped() {
+                        s.state = SourceState::Connecting;
+                        s.strikes = 0;
+                    }
                 }
             }
             return Some(votes);
@@ -312,7 +312,7 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
                     // later `get --resume` or `--force` need not fetch it again.
                     warn!(error = %e, "could not put the file in place");
                     let _ = checkpoint(&eng, false).await;
-                    dl.fail(e);
+                    dl.fail(e.to_string());
                 }
             }
         }
@@ -325,7 +325,7 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
             } else {
                 forget("download failed");
             }
-            dl.fail(e);
+            dl.fail(e.to_string());
         }
         Some(Outcome::Suspend(e)) => {
             warn!(error = %e, "cannot persist progress; download paused, last good manifest kept");
@@ -343,7 +343,7 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
                     dl.set_state(DownloadState::Paused);
                 }
                 Err(e) => {
-                    dl.progress().error = Some(e);
+                    dl.progress().error = Some(e.to_string());
                     dl.set_state(DownloadState::Paused);
                 }
             },
@@ -357,7 +357,7 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
             }
             None => {
                 forget("mftd stopped and this download has no resume state");
-                dl.fail("mftd shut down; this download was started with --no-resume".into());
+                dl.fail(DownloadError::NoResume.to_string());
             }
         },
     }
@@ -365,7 +365,7 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
 }
 
 /// Writes the manifest: fdatasync the data first, then claim it.
-async fn checkpoint(eng: &Arc<Engine>, paused: bool) -> Result<(), String> {
+async fn checkpoint(eng: &Arc<Engine>, paused: bool) -> Result<(), DownloadError> {
     let Some(store) = eng.dl.store.clone() else { return Ok(()) };
     let mut m = eng.dl.base_manifest();
     m.paused = paused;
@@ -383,8 +383,8 @@ async fn checkpoint(eng: &Arc<Engine>, paused: bool) -> Result<(), String> {
             let part = eng.dl.part_path();
             tokio::task::spawn_blocking(move || file.sync_data())
                 .await
-                .map_err(|e| format!("fdatasync task failed: {e}"))?
-                .map_err(|e| format!("fdatasync of {} failed: {e}", part.display()))?;
+                .map_err(DownloadError::task("fdatasync"))?
+                .map_err(DownloadError::disk("fdatasync", part))?;
         }
         None => {
             // Progress from a previous run is not known to the scheduler
@@ -397,8 +397,8 @@ async fn checkpoint(eng: &Arc<Engine>, paused: bool) -> Result<(), String> {
     let path = store.path(m.id);
     tokio::task::spawn_blocking(move || store.save(&m))
         .await
-        .map_err(|e| format!("manifest task failed: {e}"))?
-        .map_err(|e| format!("cannot write manifest {}: {e}", path.display()))
+        .map_err(DownloadError::task("manifest"))?
+        .map_err(DownloadError::disk("write manifest", path))
 }
 
 /// Checkpoints while bytes arrive: at least every `checkpoint_interval`, and
@@ -451,8 +451,8 @@ async fn checkpointer(eng: Arc<Engine>) {
 }
 
 /// fsync, whole-file check against the identity, rename, directory fsync.
-async fn finish(eng: &Arc<Engine>) -> Result<(), String> {
-    let chosen = eng.chosen.get().cloned().ok_or("no file version was chosen")?;
+async fn finish(eng: &Arc<Engine>) -> Result<(), DownloadError> {
+    let Some(chosen) = eng.chosen.get().cloned() else { return Err(DownloadError::NotVerified(eng.dl.part_path())) };
     let dest = eng.dl.destination.clone();
     let force = eng.dl.force;
     tokio::task::spawn_blocking(move || {
@@ -462,32 +462,30 @@ async fn finish(eng: &Arc<Engine>) -> Result<(), String> {
         // the announced root identity.
         let all = lock(&chosen.sched).verified_count() == chosen.piece_count();
         if !all || !chosen.identity_holds() {
-            return Err(format!("{} is not fully verified against the file's identity", part.display()));
+            return Err(DownloadError::NotVerified(part));
         }
         let len = chosen.file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
         if len != chosen.size {
-            return Err(format!("{} is {len} bytes, expected {}", part.display(), chosen.size));
+            return Err(DownloadError::WrongLength { path: part, len, want: chosen.size });
         }
-        chosen.file.sync_all().map_err(|e| format!("cannot fsync {}: {e}", part.display()))?;
+        chosen.file.sync_all().map_err(DownloadError::disk("fsync", &part))?;
         rename_into_place(&part, &dest, force)?;
         Ok(())
     })
     .await
-    .map_err(|e| format!("final check task failed: {e}"))?
+    .map_err(DownloadError::task("final check"))?
 }
 
-fn rename_into_place(part: &Path, dest: &Path, force: bool) -> Result<(), String> {
+fn rename_into_place(part: &Path, dest: &Path, force: bool) -> Result<(), DownloadError> {
     use nix::fcntl::{renameat2, RenameFlags};
     let flags = if force { RenameFlags::empty() } else { RenameFlags::RENAME_NOREPLACE };
     renameat2(None, part, None, dest, flags).map_err(|e| match e {
-        nix::errno::Errno::EEXIST => {
-            format!("{} appeared while downloading; not replacing it without --force", dest.display())
-        }
-        e => format!("cannot rename {} to {}: {e}", part.display(), dest.display()),
+        nix::errno::Errno::EEXIST => DownloadError::DestinationAppeared(dest.to_path_buf()),
+        e => DownloadError::disk("rename to its final name", part)(e.into()),
     })?;
     if let Some(dir) = dest.parent() {
         if let Ok(d) = File::open(dir) {
-            d.sync_all().map_err(|e| format!("cannot fsync {}: {e}", dir.display()))?;
+            d.sync_all().map_err(DownloadError::disk("fsync", dir))?;
         }
     }
     Ok(())
@@ -497,7 +495,12 @@ fn rename_into_place(part: &Path, dest: &Path, force: bool) -> Result<(), String
 /// symlink. With `reuse`, an existing part file is kept and the ranges to
 /// re-verify are returned: what the manifest claims (`claimed`) if the file
 /// is consistent with it, otherwise whatever the file holds.
-fn open_part(dest: &Path, size: u64, claimed: Option<Vec<Range>>, reuse: bool) -> Result<(File, Vec<Range>), String> {
+fn open_part(
+    dest: &Path,
+    size: u64,
+    claimed: Option<Vec<Range>>,
+    reuse: bool,
+) -> Result<(File, Vec<Range>), DownloadError> {
     let part = part_path(dest);
     if reuse {
         if let Ok(meta) = std::fs::symlink_metadata(&part) {
@@ -507,7 +510,7 @@ fn open_part(dest: &Path, size: u64, claimed: Option<Vec<Range>>, reuse: bool) -
                     .write(true)
                     .custom_flags(libc_o_nofollow())
                     .open(&part)
-                    .map_err(|e| format!("cannot open {}: {e}", part.display()))?;
+                    .map_err(DownloadError::disk("open", &part))?;
                 lock_part(&file, &part)?;
                 let len = meta.len();
                 let ranges = match claimed {
@@ -522,7 +525,7 @@ fn open_part(dest: &Path, size: u64, claimed: Option<Vec<Range>>, reuse: bool) -
                     }
                 };
                 if len != size {
-                    file.set_len(size).map_err(|e| format!("cannot size {}: {e}", part.display()))?;
+                    file.set_len(size).map_err(DownloadError::disk("size", &part))?;
                 }
                 return Ok((file, ranges));
             }
@@ -535,7 +538,7 @@ fn open_part(dest: &Path, size: u64, claimed: Option<Vec<Range>>, reuse: bool) -
 }
 
 /// Creates `NAME.mftpart` (never through a symlink) at the file's size.
-fn create_part(part: &Path, dest: &Path, size: u64) -> Result<File, String> {
+fn create_part(part: &Path, dest: &Path, size: u64) -> Result<File, DownloadError> {
     let part = part.to_path_buf();
     // Lock before truncating: another download may be writing this file.
     let file = OpenOptions::new()
@@ -548,13 +551,13 @@ fn create_part(part: &Path, dest: &Path, size: u64) -> Result<File, String> {
         .open(&part)
         .map_err(|e| {
             if e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) {
-                format!("{} is a symlink; refusing to write through it", part.display())
+                DownloadError::Symlink(part.clone())
             } else {
-                format!("cannot create {}: {e}", part.display())
+                DownloadError::disk("create", &part)(e)
             }
         })?;
     lock_part(&file, &part)?;
-    file.set_len(0).map_err(|e| format!("cannot truncate {}: {e}", part.display()))?;
+    file.set_len(0).map_err(DownloadError::disk("truncate", &part))?;
     // On tmpfs, fallocate zeroes every page up front (0.37 s per GiB
     // measured here) for memory the writes fill anyway: check the free
     // space instead and let the file grow sparse.
@@ -562,18 +565,18 @@ fn create_part(part: &Path, dest: &Path, size: u64) -> Result<File, String> {
         let avail = nix::sys::statvfs::fstatvfs(&file).map(|v| v.blocks_available() * v.fragment_size());
         if avail.is_ok_and(|a| a < size) {
             let _ = std::fs::remove_file(&part);
-            return Err(format!("not enough disk space for {} ({size} bytes)", dest.display()));
+            return Err(DownloadError::NoSpace { dest: dest.to_path_buf(), size });
         }
-        file.set_len(size).map_err(|e| format!("cannot size {}: {e}", part.display()))?;
+        file.set_len(size).map_err(DownloadError::disk("size", &part))?;
     } else if size > 0 {
         use std::os::fd::AsRawFd;
         match nix::fcntl::posix_fallocate(file.as_raw_fd(), 0, size as i64) {
             Ok(()) => {}
             Err(nix::errno::Errno::ENOSPC) => {
                 let _ = std::fs::remove_file(&part);
-                return Err(format!("not enough disk space for {} ({size} bytes)", dest.display()));
+                return Err(DownloadError::NoSpace { dest: dest.to_path_buf(), size });
             }
-            Err(_) => file.set_len(size).map_err(|e| format!("cannot size {}: {e}", part.display()))?,
+            Err(_) => file.set_len(size).map_err(DownloadError::disk("size", &part))?,
         }
     }
     Ok(file)
@@ -585,16 +588,14 @@ fn on_tmpfs(file: &File) -> bool {
 
 /// Takes an exclusive lock on a part file for as long as the file stays
 /// open, so two downloads can never write (or truncate) the same one.
-fn lock_part(file: &File, part: &Path) -> Result<(), String> {
+fn lock_part(file: &File, part: &Path) -> Result<(), DownloadError> {
     use std::os::fd::AsRawFd;
     #[allow(deprecated)] // nix's Flock wrapper would take ownership of the File.
     let r = nix::fcntl::flock(file.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock);
     match r {
         Ok(()) => Ok(()),
-        Err(nix::errno::Errno::EWOULDBLOCK) => {
-            Err(format!("another download is already writing {}; cancel it or choose another -o", part.display()))
-        }
-        Err(e) => Err(format!("cannot lock {}: {e}", part.display())),
+        Err(nix::errno::Errno::EWOULDBLOCK) => Err(DownloadError::PartBusy(part.to_path_buf())),
+        Err(e) => Err(DownloadError::disk("lock", part)(e.into())),
     }
 }
 
@@ -627,39 +628,40 @@ impl Backoff {
     }
 }
 
+/// Per-source state lives in one place, the download's progress (what
+/// `downloads show` reports): whether a source was dropped and why, its
+/// strikes, its bytes. The scheduler is told about drops as input.
 impl Engine {
     fn set_source(&self, src: SourceId, f: impl FnOnce(&mut super::SourceProgress)) {
-        let dead = lock(&self.dead).get(&src).map(|d| d.0);
         let mut p = self.dl.progress();
         if let Some(s) = p.sources.get_mut(src) {
+            let was = s.state;
             f(s);
             // A dropped or excluded source stays so, whatever a straggling
             // connection of it reports.
-            if let Some(state) = dead {
-                s.state = state;
+            if matches!(was, SourceState::Failed | SourceState::Excluded) {
+                s.state = was;
             }
         }
     }
 
     fn is_dead(&self, src: SourceId) -> bool {
-        lock(&self.dead).contains_key(&src)
+        self.dl.progress().sources.get(src).is_some_and(|s| s.dropped())
     }
 
-    /// A source will never be useful for this download.
-    /// The first reason stands.
-    fn kill_source(&self, src: SourceId, state: SourceState, why: String) {
+    /// A source will never be useful for this download. The first reason
+    /// stands.
+    fn kill_source(&self, src: SourceId, state: SourceState, why: SourceError) {
         {
-            let mut dead = lock(&self.dead);
-            if dead.contains_key(&src) {
+            let mut p = self.dl.progress();
+            let Some(s) = p.sources.get_mut(src) else { return };
+            if s.dropped() {
                 return;
             }
-            dead.insert(src, (state, why.clone()));
+            s.state = state;
+            s.last_error = Some(why.to_string());
         }
         warn!(source = %self.dl.sources[src], reason = %why, "source dropped");
-        self.set_source(src, |s| {
-            s.state = state;
-            s.last_error = Some(why);
-        });
         if let Some(c) = self.chosen.get() {
             lock(&c.sched).source_dead(src);
         }
@@ -687,7 +689,7 @@ impl Engine {
 
     /// Casts `src`'s ballot and waits until the size to fetch is chosen.
     /// Returns the chosen file if this source serves it.
-    async fn elect(self: &Arc<Self>, src: SourceId, stat: &StatInfo) -> Result<Arc<Chosen>, String> {
+    async fn elect(self: &Arc<Self>, src: SourceId, stat: &StatInfo) -> Result<Arc<Chosen>, ElectError> {
         // A file without pieces has one possible identity.
         let root = stat.root.or_else(|| (stat.size == 0).then(|| root_of(0, stat.piece_size, &[])));
         lock(&self.votes).offer(src, Ballot { size: stat.size, root }, Instant::now());
@@ -703,17 +705,19 @@ impl Engine {
             let until = match decision {
                 Decision::Adopt(size) => {
                     let eng = self.clone();
-                    let c = self.chosen.get_or_try_init(|| async move { eng.prepare(size).await }).await.inspect_err(
-                        |e| {
-                            let _ = self.outcome.try_send(Outcome::Fatal(e.clone()));
-                        },
-                    )?;
+                    let c = match self.chosen.get_or_try_init(|| async move { eng.prepare(size).await }).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let _ = self.outcome.try_send(Outcome::Fatal(e));
+                            return Err(ElectError::Over);
+                        }
+                    };
                     self.decide_root(c);
                     return self.compare(c, src, stat);
                 }
                 Decision::Conflict(why) => {
-                    let _ = self.outcome.try_send(Outcome::Fatal(why.clone()));
-                    return Err(why);
+                    let _ = self.outcome.try_send(Outcome::Fatal(DownloadError::Vote(why)));
+                    return Err(ElectError::Over);
                 }
                 Decision::Wait { until } => until,
             };
@@ -721,30 +725,30 @@ impl Engine {
             tokio::select! {
                 _ = offered => {}
                 _ = async { match sleep { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {}
-                _ = self.workers.cancelled() => return Err("cancelled".into()),
+                _ = self.workers.cancelled() => return Err(ElectError::Over),
             }
         }
     }
 
     /// Whether `src` (which answered `stat`) serves the chosen file, as far
     /// as is known.
-    fn compare(&self, c: &Arc<Chosen>, src: SourceId, stat: &StatInfo) -> Result<Arc<Chosen>, String> {
+    fn compare(&self, c: &Arc<Chosen>, src: SourceId, stat: &StatInfo) -> Result<Arc<Chosen>, ElectError> {
         let root = lock(&self.votes).ballot(src).and_then(|b| b.root).or(stat.root);
         match (stat.size == c.size, root, c.root.get()) {
-            (true, Some(r), Some(a)) if r != *a => Err(self.different(stat.size, Some(r), c)),
+            (true, Some(r), Some(a)) if r != *a => Err(ElectError::Different(self.different(stat.size, Some(r), c))),
             (true, _, _) => Ok(c.clone()),
-            (false, r, _) => Err(self.different(stat.size, r, c)),
+            (false, r, _) => Err(ElectError::Different(self.different(stat.size, r, c))),
         }
     }
 
-    fn different(&self, size: u64, root: Option<[u8; 32]>, c: &Chosen) -> String {
+    fn different(&self, size: u64, root: Option<[u8; 32]>, c: &Chosen) -> SourceError {
         let theirs = root.map(|r| format!(", identity {}", &hex::encode(r)[..16])).unwrap_or_default();
         let ours = c.root.get().map(|r| format!(", identity {}", &hex::encode(r)[..16])).unwrap_or_default();
         let who = if self.dl.pin.is_some() { "the pinned version" } else { "the majority of the sources" };
-        format!(
+        SourceError::DifferentVersion(format!(
             "serves a different version of {} ({size} bytes{theirs}) than {who} ({} bytes{ours})",
             self.dl.remote_path, c.size
-        )
+        ))
     }
 
     /// Looks at the vote on the root of the chosen file: once one is
@@ -767,7 +771,7 @@ impl Engine {
                 let layout = lock(&self.votes).layout(Instant::now());
                 let outcome = match layout {
                     Decision::Adopt(size) if size != c.size => Outcome::Relayout,
-                    _ => Outcome::Fatal(why),
+                    _ => Outcome::Fatal(DownloadError::Vote(why)),
                 };
                 let _ = self.outcome.try_send(outcome);
                 return;
@@ -780,12 +784,11 @@ impl Engine {
             self.progressed.notify_one();
             let earlier = lock(&self.dl.resume).as_ref().and_then(|m| m.file.as_ref()).and_then(|f| f.identity.clone());
             if let Some(was) = earlier.filter(|was| *was != hex::encode(root)) {
-                let _ = self.outcome.try_send(Outcome::Fatal(format!(
-                    "the remote file changed since download {} started (identity was {}, the sources now serve {}); refusing to mix versions: cancel it and start again",
-                    self.dl.id,
-                    &was[..was.len().min(16)],
-                    &hex::encode(root)[..16]
-                )));
+                let _ = self.outcome.try_send(Outcome::Fatal(DownloadError::RemoteChanged {
+                    id: self.dl.id,
+                    was: format!("identity {}", &was[..was.len().min(16)]),
+                    now: format!("identity {}", &hex::encode(root)[..16]),
+                }));
                 return;
             }
         }
@@ -843,16 +846,17 @@ impl Engine {
     }
 
     /// Creates the part file for a file of `size` bytes.
-    async fn prepare(self: Arc<Self>, size: u64) -> Result<Arc<Chosen>, String> {
+    async fn prepare(self: Arc<Self>, size: u64) -> Result<Arc<Chosen>, DownloadError> {
         let piece_size = mftd_common::proto::piece_size_for(size);
         let resume = lock(&self.dl.resume).clone();
         let claimed = match resume.as_ref().and_then(|m| m.file.as_ref().map(|f| (m, f))) {
             Some((m, f)) => {
                 if f.size != size || f.piece_size != piece_size {
-                    return Err(format!(
-                        "the remote file changed since download {} started (was {} bytes, the sources now serve {size} bytes); refusing to mix versions: cancel it and start again",
-                        self.dl.id, f.size,
-                    ));
+                    return Err(DownloadError::RemoteChanged {
+                        id: self.dl.id,
+                        was: format!("{} bytes", f.size),
+                        now: format!("{size} bytes"),
+                    });
                 }
                 let mut ranges: Vec<Range> = m
                     .verified
@@ -871,7 +875,7 @@ impl Engine {
         let reuse = self.dl.store.is_some();
         let (file, preload) = tokio::task::spawn_blocking(move || open_part(&dest, size, claimed, reuse))
             .await
-            .map_err(|e| format!("prepare task failed: {e}"))??;
+            .map_err(DownloadError::task("prepare"))??;
         {
             let mut p = self.dl.progress();
             p.size = Some(size);
@@ -887,14 +891,16 @@ impl Engine {
             let path = store.path(m.id);
             tokio::task::spawn_blocking(move || store.save(&m))
                 .await
-                .map_err(|e| format!("manifest task failed: {e}"))?
-                .map_err(|e| format!("cannot write manifest {}: {e}", path.display()))?;
+                .map_err(DownloadError::task("manifest"))?
+                .map_err(DownloadError::disk("write manifest", path))?;
         }
         let mut sched = Scheduler::new(size, piece_size);
         sched.set_sources(self.dl.sources.len());
         sched.set_expected_conns(lock(&self.slots).iter().sum());
-        for s in lock(&self.dead).keys() {
-            sched.source_dead(*s);
+        for (i, s) in self.dl.progress().sources.iter().enumerate() {
+            if s.dropped() {
+                sched.source_dead(i);
+            }
         }
         // Bytes already on disk are re-verified, never trusted: they count
         // as received and every complete piece goes through verification.
@@ -931,19 +937,15 @@ impl Engine {
             debug!(source = %self.dl.sources[src], piece, "piece of a dropped source failed verification");
             return;
         }
-        let n = {
-            let mut s = lock(&self.strikes);
-            let n = s.entry(src).or_insert(0);
-            *n += 1;
-            *n
-        };
-        warn!(source = %self.dl.sources[src], piece, strikes = n, "piece failed verification");
+        let mut n = 0;
         self.set_source(src, |s| {
-            s.strikes = n;
+            s.strikes += 1;
+            n = s.strikes;
             s.last_error = Some(format!("piece {piece} failed verification"));
         });
+        warn!(source = %self.dl.sources[src], piece, strikes = n, "piece failed verification");
         if n >= MAX_STRIKES {
-            self.kill_source(src, SourceState::Failed, format!("sent {n} pieces that failed verification"));
+            self.kill_source(src, SourceState::Failed, SourceError::BadPieces(n));
         }
     }
 
@@ -956,11 +958,17 @@ impl Engine {
         if self.chosen.get().is_some_and(|c| lock(&c.sched).is_complete()) {
             return;
         }
-        let dead = lock(&self.dead);
-        let reasons: Vec<String> = (0..self.dl.sources.len())
-            .map(|s| format!("{}: {}", self.dl.sources[s], dead.get(&s).map(|d| d.1.as_str()).unwrap_or("gave up")))
+        let reasons: Vec<String> = self
+            .dl
+            .progress()
+            .sources
+            .iter()
+            .map(|s| match (s.dropped(), &s.last_error) {
+                (true, Some(why)) => format!("{}: {why}", s.address),
+                _ => format!("{}: gave up", s.address),
+            })
             .collect();
-        let _ = self.outcome.try_send(Outcome::Fatal(format!("no usable source ({})", reasons.join("; "))));
+        let _ = self.outcome.try_send(Outcome::Fatal(DownloadError::NoUsableSource(reasons)));
     }
 }
 
@@ -1087,14 +1095,22 @@ enum WorkerEnd {
     /// Download over or cancelled.
     Stopped,
     /// Connection failed; retry after a backoff.
-    Retry(String),
+    Retry(SourceError),
     /// The connection stalled while the path works again: reconnect now.
-    Reconnect(String),
+    Reconnect(SourceError),
     /// Nothing to do while other connections wait for this host's budget:
     /// give the permit back and queue again.
     Yield,
     /// This source is of no further use.
-    Dead(SourceState, String),
+    Dead(SourceState, SourceError),
+}
+
+/// Why a source takes no part in the file the vote chose.
+enum ElectError {
+    /// It serves another version.
+    Different(SourceError),
+    /// The download is over (failed, cancelled, or the vote cannot settle).
+    Over,
 }
 
 impl Engine {
@@ -1163,14 +1179,14 @@ async fn worker(eng: Arc<Engine>, src: SourceId) {
             }
             WorkerEnd::Reconnect(why) => {
                 debug!(source = %addr, reason = %why, "replacing a stalled connection");
-                eng.set_source(src, |s| s.last_error = Some(why));
+                eng.set_source(src, |s| s.last_error = Some(why.to_string()));
                 backoff = Backoff::new();
             }
             WorkerEnd::Retry(why) => {
                 let delay = backoff.next();
                 debug!(source = %addr, error = %why, retry_in = ?delay, "source connection failed");
                 eng.set_source(src, |s| {
-                    s.last_error = Some(why);
+                    s.last_error = Some(why.to_string());
                     if s.connections == 0 && matches!(s.state, SourceState::Active | SourceState::Connecting) {
                         s.state = SourceState::Waiting;
                     }
@@ -1200,10 +1216,10 @@ async fn session(
     let (conn, stat) = match Conn::open(addr, idle, secret, &eng.dl.remote_path).await {
         Ok(x) => x,
         Err(ClientError::Server { code: ErrorCode::NotFound, .. }) => {
-            return WorkerEnd::Dead(SourceState::Failed, format!("{} not found on this server", eng.dl.remote_path))
+            return WorkerEnd::Dead(SourceState::Failed, SourceError::NotFound(eng.dl.remote_path.clone()))
         }
-        Err(e) if e.is_permanent() => return WorkerEnd::Dead(SourceState::Failed, e.to_string()),
-        Err(e) => return WorkerEnd::Retry(e.to_string()),
+        Err(e) if e.is_permanent() => return WorkerEnd::Dead(SourceState::Failed, e.into()),
+        Err(e) => return WorkerEnd::Retry(e.into()),
     };
     let rtt = conn.rtt;
     // The first round trip measured to a source sets its head start: one
@@ -1224,16 +1240,16 @@ async fn session(
     if stat.piece_size != want {
         return WorkerEnd::Dead(
             SourceState::Failed,
-            format!(
-                "protocol violation: piece size {} for a {}-byte file (expected {want})",
+            SourceError::Protocol(format!(
+                "piece size {} for a {}-byte file (expected {want})",
                 stat.piece_size, stat.size
-            ),
+            )),
         );
     }
     let chosen = match eng.elect(src, &stat).await {
         Ok(c) => c,
-        Err(_) if eng.workers.is_cancelled() => return WorkerEnd::Stopped,
-        Err(e) => return WorkerEnd::Dead(SourceState::Excluded, e),
+        Err(ElectError::Over) => return WorkerEnd::Stopped,
+        Err(ElectError::Different(e)) => return WorkerEnd::Dead(SourceState::Excluded, e),
     };
     // Connected and serving the right file: reset the backoff.
     *backoff = Backoff::new();
@@ -1353,7 +1369,7 @@ async fn fetch(
     // Ranges taken from other connections, waiting for their TRIMMED.
     let mut held: Vec<Ticket> = Vec::new();
     let mut hasher: Option<PieceHasher> = None;
-    let violation = |why: String| WorkerEnd::Dead(SourceState::Failed, format!("protocol violation: {why}"));
+    let violation = |why: String| WorkerEnd::Dead(SourceState::Failed, SourceError::Protocol(why));
     // A hash list this connection asked for and did not get: if it ends,
     // another connection (of this source, or of another with the same
     // root) asks again.
@@ -1386,7 +1402,7 @@ async fn fetch(
             if let Some(root) = eng.should_ask_hashes(chosen, src) {
                 asked.asked = Some(root);
                 if let Err(e) = stream.hashes(&path, stat.size, stat.mtime_ns).await {
-                    return WorkerEnd::Retry(e.to_string());
+                    return WorkerEnd::Retry(e.into());
                 }
             }
         }
@@ -1411,7 +1427,7 @@ async fn fetch(
         }
         for (id, end) in trims {
             if let Err(e) = stream.trim(id, end).await {
-                return WorkerEnd::Retry(e.to_string());
+                return WorkerEnd::Retry(e.into());
             }
         }
         // 1b. Ranges taken from others whose owners have heard back.
@@ -1436,7 +1452,7 @@ async fn fetch(
         for (ticket, r) in ready {
             match stream.read(&path, stat.size, stat.mtime_ns, r.start, r.len()).await {
                 Ok(id) => open.push_back(OpenRead::new(id, ticket, r)),
-                Err(e) => return WorkerEnd::Retry(e.to_string()),
+                Err(e) => return WorkerEnd::Retry(e.into()),
             }
         }
         // 2. Ask for the next range before the open ones run dry.
@@ -1464,7 +1480,7 @@ async fn fetch(
                 let r = g.range;
                 match stream.read(&path, stat.size, stat.mtime_ns, r.start, r.len()).await {
                     Ok(id) => open.push_back(OpenRead::new(id, g.ticket, r)),
-                    Err(e) => return WorkerEnd::Retry(e.to_string()),
+                    Err(e) => return WorkerEnd::Retry(e.into()),
                 }
                 continue;
             }
@@ -1511,7 +1527,7 @@ async fn fetch(
         // A server hashing a large file says nothing until it is done.
         let patience = if open.is_empty() && awaiting_hashes { HASHES_TIMEOUT } else { idle };
         if quiet >= patience {
-            return WorkerEnd::Retry(ClientError::Idle(patience).to_string());
+            return WorkerEnd::Retry(ClientError::Idle(patience).into());
         }
         let owed = !open.is_empty();
         if owed && quiet >= stall_after && probe.is_none() {
@@ -1521,7 +1537,7 @@ async fn fetch(
         let next_check = if owed && probe.is_none() { stall_after.saturating_sub(quiet) } else { patience - quiet };
         let ev = tokio::select! {
             ev = stream.next() => match ev {
-                None => return WorkerEnd::Retry(ClientError::Closed.to_string()),
+                None => return WorkerEnd::Retry(ClientError::Closed.into()),
                 Some(ev) => ev,
             },
             _ = wake.notified() => continue,
@@ -1529,10 +1545,7 @@ async fn fetch(
             up = async { match probe.as_mut() { Some(p) => p.await, None => std::future::pending().await } } => {
                 probe = None;
                 if up && last_event.elapsed() >= stall_after {
-                    return WorkerEnd::Reconnect(format!(
-                        "no data for {:.1?} while a new connection got through; reconnecting",
-                        last_event.elapsed()
-                    ));
+                    return WorkerEnd::Reconnect(SourceError::Stalled(last_event.elapsed()));
                 }
                 continue;
             }
@@ -1653,10 +1666,7 @@ async fn fetch(
                 let root = root_of(chosen.size, chosen.piece_size, &hashes);
                 let announced = lock(&eng.votes).ballot(src).and_then(|b| b.root);
                 if announced.is_some_and(|a| a != root) {
-                    return WorkerEnd::Dead(
-                        SourceState::Failed,
-                        "sent piece hashes that do not add up to the identity it announced".into(),
-                    );
+                    return WorkerEnd::Dead(SourceState::Failed, SourceError::ForgedHashes);
                 }
                 // Its vote, if it was still hashing when it answered STAT.
                 lock(&eng.votes).root_known(src, root);
@@ -1670,18 +1680,18 @@ async fn fetch(
                 }
             }
             Event::Error { code: ErrorCode::FileChanged, message, .. } => {
-                return WorkerEnd::Dead(SourceState::Excluded, format!("file changed on the server: {message}"))
+                return WorkerEnd::Dead(SourceState::Excluded, SourceError::FileChanged(message))
             }
             Event::Error { code, message, .. } => {
                 let e = ClientError::Server { code, message };
                 return if e.is_permanent() {
-                    WorkerEnd::Dead(SourceState::Failed, e.to_string())
+                    WorkerEnd::Dead(SourceState::Failed, e.into())
                 } else {
-                    WorkerEnd::Retry(e.to_string())
+                    WorkerEnd::Retry(e.into())
                 };
             }
-            Event::Failed(e) if e.is_permanent() => return WorkerEnd::Dead(SourceState::Failed, e.to_string()),
-            Event::Failed(e) => return WorkerEnd::Retry(e.to_string()),
+            Event::Failed(e) if e.is_permanent() => return WorkerEnd::Dead(SourceState::Failed, e.into()),
+            Event::Failed(e) => return WorkerEnd::Retry(e.into()),
         }
     }
 }
@@ -1698,7 +1708,7 @@ async fn store(
     got: Range,
     buf: Vec<u8>,
     hasher: &mut Option<PieceHasher>,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, DownloadError> {
     let piece_size = chosen.piece_size as u64;
     let (claims, gens) = {
         let mut s = lock(&chosen.sched);
@@ -1768,14 +1778,14 @@ async fn store(
         r
     })
     .await
-    .map_err(|e| format!("write task failed: {e}"))?;
+    .map_err(DownloadError::task("write"))?;
     *hasher = ph;
     if let Err(e) = res {
         let mut s = lock(&chosen.sched);
         for c in claims {
             s.unclaim(c);
         }
-        return Err(format!("cannot write {}: {e}", eng.dl.part_path().display()));
+        return Err(DownloadError::disk("write", eng.dl.part_path())(e));
     }
     let mut ready = Vec::new();
     let written: u64 = claims.iter().map(|c| c.len()).sum();
@@ -1985,11 +1995,10 @@ fn settle(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize, ok: Result<io::Result
             eng.changed.notify_waiters();
         }
         Ok(Err(e)) => {
-            let _ =
-                eng.outcome.try_send(Outcome::Fatal(format!("cannot read back {}: {e}", eng.dl.part_path().display())));
+            let _ = eng.outcome.try_send(Outcome::Fatal(DownloadError::disk("read back", eng.dl.part_path())(e)));
         }
         Err(e) => {
-            let _ = eng.outcome.try_send(Outcome::Fatal(format!("verification task failed: {e}")));
+            let _ = eng.outcome.try_send(Outcome::Fatal(DownloadError::task("verification")(e)));
         }
     }
 }
@@ -2008,9 +2017,9 @@ mod tests {
         // first holds the file, and nothing gets truncated.
         std::fs::write(part_path(&dest), vec![7u8; 1000]).unwrap();
         let err = open_part(&dest, 1000, None, true).unwrap_err();
-        assert!(err.contains("another download is already writing"), "{err}");
+        assert!(matches!(err, DownloadError::PartBusy(_)), "{err}");
         let err = open_part(&dest, 1000, None, false).unwrap_err();
-        assert!(err.contains("another download is already writing"), "{err}");
+        assert!(err.to_string().contains("another download is already writing"), "{err}");
         assert_eq!(std::fs::read(part_path(&dest)).unwrap(), vec![7u8; 1000]);
         drop(first);
         assert!(!part_in_use(&part_path(&dest)));

@@ -5,6 +5,7 @@
 pub mod budget;
 pub mod client;
 pub mod engine;
+pub mod error;
 pub mod scheduler;
 pub mod vote;
 
@@ -65,6 +66,14 @@ pub struct SourceProgress {
     pub rtt: Option<Duration>,
     pub last_error: Option<String>,
     sample_bytes: u64,
+}
+
+impl SourceProgress {
+    /// Dropped for the rest of this run: failed for good, or excluded for
+    /// serving another version (`last_error` says why).
+    pub fn dropped(&self) -> bool {
+        matches!(self.state, SourceState::Failed | SourceState::Excluded)
+    }
 }
 
 #[derive(Debug)]
