@@ -187,6 +187,8 @@ pub enum ErrorCode {
     InvalidArgument,
     ShuttingDown,
     Internal,
+    /// The caller may not do this (see the README's security model).
+    PermissionDenied,
 }
 
 /// `status`: the daemon at a glance.

@@ -53,6 +53,13 @@ pub struct ManifestFile {
     pub identity: Option<String>,
 }
 
+/// The user a download acts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestOwner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: String,
@@ -69,6 +76,10 @@ pub struct Manifest {
     /// Where the shared secret for the sources is read from (never the secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_file: Option<String>,
+    /// Who asked for the download (uid, gid): a restart acts on the
+    /// destination with that user's rights again. Absent: the daemon's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<ManifestOwner>,
     /// Root identity (hex) the user pinned with `get --identity`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pin: Option<String>,
@@ -213,6 +224,7 @@ mod tests {
             connections_per_source: 2,
             give_up_after_secs: None,
             secret_file: None,
+            owner: None,
             pin: None,
             paused: false,
             file: Some(ManifestFile { size: 10 << 20, piece_size: 256 << 10, identity: Some("ab".repeat(32)) }),

@@ -107,9 +107,7 @@ impl Client {
             .request(&Request::Hello { protocol: PROTOCOL, client: format!("mftctl {}", env!("CARGO_PKG_VERSION")) })?
         {
             Response::Hello { .. } => Ok(c),
-            Response::Error { code: ErrorCode::BadRequest, message } if message.contains("permission") => {
-                Err(CtlError::Permission(path.to_path_buf()))
-            }
+            Response::Error { code: ErrorCode::PermissionDenied, .. } => Err(CtlError::Permission(path.to_path_buf())),
             other => Err(CtlError::from_response(other)),
         }
     }

@@ -59,6 +59,10 @@ pub struct Args {
     /// Where downloads go when `mftctl get` gives no -o.
     #[arg(long, value_name = "DIR")]
     pub download_dir: Option<PathBuf>,
+    /// Directories that users other than root and mftd's own may download
+    /// into (comma-separated; default: wherever they could write themselves).
+    #[arg(long, value_name = "DIR,...", value_delimiter = ',')]
+    pub download_roots: Option<Vec<PathBuf>>,
     /// Most simultaneous connections per listener.
     #[arg(long, value_name = "N")]
     pub max_connections: Option<u32>,
@@ -129,6 +133,7 @@ pub struct FileConfig {
     pub socket_group: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub download_dir: Option<PathBuf>,
+    pub download_roots: Option<Vec<PathBuf>>,
     pub max_connections: Option<u32>,
     pub max_connections_per_ip: Option<u32>,
     pub handshake_timeout: Option<u64>,
@@ -184,6 +189,9 @@ pub struct Config {
     pub socket_group: Option<String>,
     pub state_dir: PathBuf,
     pub download_dir: PathBuf,
+    /// Where restricted callers may download to (empty: anywhere they could
+    /// write themselves).
+    pub download_roots: Vec<PathBuf>,
     pub max_connections: u32,
     pub max_connections_per_ip: u32,
     pub handshake_timeout: Duration,
@@ -308,6 +316,7 @@ impl Config {
         origins.insert("socket_group", from(&args.socket_group, &file.socket_group));
         origins.insert("state_dir", from(&args.state_dir, &file.state_dir));
         origins.insert("download_dir", from(&args.download_dir, &file.download_dir));
+        origins.insert("download_roots", from(&args.download_roots, &file.download_roots));
         origins.insert("max_connections", from(&args.max_connections, &file.max_connections));
         origins.insert("max_connections_per_ip", from(&args.max_connections_per_ip, &file.max_connections_per_ip));
         origins.insert("handshake_timeout", from(&args.handshake_timeout, &file.handshake_timeout));
@@ -421,6 +430,14 @@ impl Config {
             socket_group: args.socket_group.clone().or(file.socket_group),
             state_dir,
             download_dir,
+            download_roots: args
+                .download_roots
+                .clone()
+                .or(file.download_roots)
+                .unwrap_or_default()
+                .into_iter()
+                .map(abs)
+                .collect(),
             max_connections,
             max_connections_per_ip,
             handshake_timeout: Duration::from_secs(handshake_timeout),
@@ -455,6 +472,10 @@ impl Config {
             ("socket", q(&self.socket)),
             ("state_dir", q(&self.state_dir)),
             ("download_dir", q(&self.download_dir)),
+            (
+                "download_roots",
+                format!("{:?}", self.download_roots.iter().map(|p| p.display().to_string()).collect::<Vec<_>>()),
+            ),
             ("max_connections", self.max_connections.to_string()),
             ("connections_per_server", self.connections_per_server.to_string()),
             ("idle_timeout", self.idle_timeout.as_secs().to_string()),

@@ -16,13 +16,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, UnixAddr};
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, info, warn};
 
 use mftd_common::control::{to_line, DownloadState, ErrorCode, Request, Response, MAX_LINE, PROTOCOL};
 
+use crate::caller::Caller;
 use crate::Daemon;
 
 /// A bound control socket; unlinked when dropped.
@@ -132,22 +133,11 @@ pub async fn serve(sock: ControlSocket, daemon: Arc<Daemon>) {
     drop(sock);
 }
 
-/// Root, the daemon's own user, and members of the socket group may drive
-/// it. The file mode already says so; this is the second lock.
-fn peer_allowed(stream: &UnixStream, group: Option<nix::unistd::Gid>) -> bool {
-    let Ok(cred) = socket::getsockopt(stream, sockopt::PeerCredentials) else { return false };
-    if cred.uid() == 0 || cred.uid() == nix::unistd::geteuid().as_raw() {
-        return true;
-    }
-    let Some(g) = group else { return false };
-    if cred.gid() == g.as_raw() {
-        return true;
-    }
-    // Supplementary groups of the peer process.
-    std::fs::read_to_string(format!("/proc/{}/status", cred.pid()))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Groups:")).map(str::to_owned))
-        .is_some_and(|l| l.split_whitespace().skip(1).any(|x| x.parse::<u32>().ok() == Some(g.as_raw())))
+/// Root, the daemon's own user, and members of the socket group (primary or
+/// supplementary, from the socket itself) may drive it. The file mode
+/// already says so; this is the second lock.
+fn peer_allowed(caller: &Caller, group: Option<nix::unistd::Gid>) -> bool {
+    caller.unrestricted() || group.is_some_and(|g| caller.in_group(g.as_raw()))
 }
 
 /// Reads one line of at most `MAX_LINE` bytes. `Ok(None)` on EOF,
@@ -181,7 +171,11 @@ async fn send<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, resp: &Response) -> i
 }
 
 async fn handle_conn(stream: UnixStream, daemon: Arc<Daemon>, group: Option<nix::unistd::Gid>) -> io::Result<()> {
-    if !peer_allowed(&stream, group) {
+    let caller = Caller::of(&stream);
+    if let Err(e) = &caller {
+        debug!(error = %e, "cannot read the control peer's credentials");
+    }
+    let Some(caller) = caller.ok().filter(|c| peer_allowed(c, group)) else {
         let (r, mut w) = stream.into_split();
         // Let the client's first line arrive (bounded) so it reads our
         // answer instead of a broken pipe.
@@ -191,13 +185,13 @@ async fn handle_conn(stream: UnixStream, daemon: Arc<Daemon>, group: Option<nix:
         let _ = send(
             &mut w,
             &Response::error(
-                ErrorCode::BadRequest,
+                ErrorCode::PermissionDenied,
                 "permission denied: only root, mftd's own user or its socket group may use this socket",
             ),
         )
         .await;
         return Ok(());
-    }
+    };
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     let mut line = Vec::new();
@@ -259,7 +253,12 @@ async fn handle_conn(stream: UnixStream, daemon: Arc<Daemon>, group: Option<nix:
                 return Ok(());
             }
             other => {
-                let resp = crate::handlers::handle(&daemon, other);
+                // Handlers touch the file system (output directories, secret
+                // files, manifests): off the runtime's threads.
+                let (d, c) = (daemon.clone(), caller.clone());
+                let resp = tokio::task::spawn_blocking(move || crate::handlers::handle(&d, &c, other))
+                    .await
+                    .unwrap_or_else(|e| Response::error(ErrorCode::Internal, format!("request handler failed: {e}")));
                 send(&mut w, &resp).await?;
             }
         }

@@ -4,10 +4,13 @@
 use mftd_common::control::{ErrorCode, Request, Response, StatusInfo};
 use mftd_common::rate::format_rate;
 
+use crate::caller::Caller;
 use crate::listener::ListenerError;
 use crate::Daemon;
 
-pub fn handle(d: &Daemon, req: Request) -> Response {
+/// Answers `req` from `caller` (see [`crate::caller`] for what each caller
+/// may do). Blocking: runs off the async runtime.
+pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
     match req {
         Request::Status => status(d),
         Request::ServersList => Response::Servers { servers: d.listeners.list() },
@@ -33,13 +36,13 @@ pub fn handle(d: &Daemon, req: Request) -> Response {
             Ok(()) => Response::ok(format!("listener {port} rate limit is now {}", format_rate(rate_limit))),
             Err(e) => listener_error(e),
         },
-        Request::Get(g) => match d.downloads.start(g) {
+        Request::Get(g) => match d.downloads.start(g, caller) {
             Ok((dl, resumed)) => {
                 Response::Accepted { id: dl.id, destination: dl.destination.display().to_string(), resumed }
             }
             Err(r) => Response::error(r.0, r.1),
         },
-        Request::GetResume { id: Some(id) } => match d.downloads.resume(id) {
+        Request::GetResume { id: Some(id) } => match d.downloads.resume(id, caller) {
             Ok(dl) => Response::Resumed { ids: vec![dl.id] },
             Err(r) => Response::error(r.0, r.1),
         },
@@ -48,15 +51,15 @@ pub fn handle(d: &Daemon, req: Request) -> Response {
                 .downloads
                 .resumable()
                 .into_iter()
-                .filter_map(|id| d.downloads.resume(id).ok().map(|dl| dl.id))
+                .filter_map(|id| d.downloads.resume(id, caller).ok().map(|dl| dl.id))
                 .collect();
             Response::Resumed { ids }
         }
-        Request::DownloadPause { id } => match d.downloads.pause(id) {
+        Request::DownloadPause { id } => match d.downloads.pause(id, caller) {
             Ok(_) => Response::ok(format!("pausing download {id}; `mftctl downloads resume {id}` continues it")),
             Err(r) => Response::error(r.0, r.1),
         },
-        Request::DownloadResume { id } => match d.downloads.resume(id) {
+        Request::DownloadResume { id } => match d.downloads.resume(id, caller) {
             Ok(_) => Response::ok(format!("resumed download {id}")),
             Err(r) => Response::error(r.0, r.1),
         },
@@ -70,7 +73,7 @@ pub fn handle(d: &Daemon, req: Request) -> Response {
                 Response::error(r.0, r.1)
             }
         },
-        Request::DownloadCancel { id } => match d.downloads.cancel(id) {
+        Request::DownloadCancel { id } => match d.downloads.cancel(id, caller) {
             Ok(dl) => Response::ok(format!("cancelled download {id}; removed {}", dl.part_path().display())),
             Err(r) => Response::error(r.0, r.1),
         },

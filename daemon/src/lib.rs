@@ -4,6 +4,7 @@
 //! [`run`] is the whole daemon; the binary only parses flags, sets up
 //! logging and signals, and calls it.
 
+pub mod caller;
 pub mod config;
 pub mod control;
 pub mod download;
@@ -185,6 +186,7 @@ pub async fn run(
             checkpoint_interval: config.checkpoint_interval,
             checkpoint_bytes: config.checkpoint_bytes,
             secret_file: config.auth_secret_file.clone(),
+            download_roots: config.download_roots.clone(),
         },
         shutdown.child_token(),
         tracker.clone(),

@@ -161,6 +161,7 @@ mod tests {
             connections_per_source: 1,
             give_up_after_secs: None,
             secret_file: None,
+            owner: None,
             pin: None,
             paused: false,
             file: None,

@@ -261,7 +261,8 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
 
     let store = dl.store.clone();
     let forget = |why: &str| {
-        let _ = std::fs::remove_file(dl.part_path());
+        let part = dl.part_path();
+        let _ = crate::caller::as_caller(dl.restricted_owner(), || std::fs::remove_file(part));
         if let Some(st) = &store {
             st.remove(dl.id);
         }
@@ -272,7 +273,8 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
             // Nothing fetched so far belongs to the file the majority serves.
             let votes = std::mem::replace(&mut *lock(&eng.votes), Votes::new(0, None));
             drop(eng);
-            let _ = std::fs::remove_file(dl.part_path());
+            let part = dl.part_path();
+            let _ = crate::caller::as_caller(dl.restricted_owner(), || std::fs::remove_file(part));
             if let Some(m) = lock(&dl.resume).as_mut() {
                 m.file = None;
                 m.verified.clear();
@@ -455,6 +457,7 @@ async fn finish(eng: &Arc<Engine>) -> Result<(), DownloadError> {
     let Some(chosen) = eng.chosen.get().cloned() else { return Err(DownloadError::NotVerified(eng.dl.part_path())) };
     let dest = eng.dl.destination.clone();
     let force = eng.dl.force;
+    let owner = eng.dl.restricted_owner().cloned();
     tokio::task::spawn_blocking(move || {
         let part = part_path(&dest);
         // The whole file is the union of its pieces, each checked against
@@ -469,7 +472,8 @@ async fn finish(eng: &Arc<Engine>) -> Result<(), DownloadError> {
             return Err(DownloadError::WrongLength { path: part, len, want: chosen.size });
         }
         chosen.file.sync_all().map_err(DownloadError::disk("fsync", &part))?;
-        rename_into_place(&part, &dest, force)?;
+        crate::caller::as_caller(owner.as_ref(), || rename_into_place(&part, &dest, force))
+            .map_err(DownloadError::disk("act as the download's owner on", &part))??;
         Ok(())
     })
     .await
@@ -873,9 +877,14 @@ impl Engine {
         };
         let dest = self.dl.destination.clone();
         let reuse = self.dl.store.is_some();
-        let (file, preload) = tokio::task::spawn_blocking(move || open_part(&dest, size, claimed, reuse))
-            .await
-            .map_err(DownloadError::task("prepare"))??;
+        // The part file is created with the owner's rights and belongs to it.
+        let owner = self.dl.restricted_owner().cloned();
+        let (file, preload) = tokio::task::spawn_blocking(move || {
+            crate::caller::as_caller(owner.as_ref(), || open_part(&dest, size, claimed, reuse))
+                .map_err(DownloadError::disk("act as the download's owner on", part_path(&dest)))?
+        })
+        .await
+        .map_err(DownloadError::task("prepare"))??;
         {
             let mut p = self.dl.progress();
             p.size = Some(size);

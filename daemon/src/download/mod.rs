@@ -21,10 +21,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{info_span, Instrument};
 
 use mftd_common::control::{DownloadInfo, DownloadState, ErrorCode, GetRequest, SourceInfo, SourceState};
-use mftd_common::manifest::{Manifest, FORMAT, VERSION};
+use mftd_common::manifest::{Manifest, ManifestOwner, FORMAT, VERSION};
 use mftd_common::path::local_name;
 use tracing::{info, warn};
 
+use crate::caller::{self, Caller};
 use crate::store::{Damaged, Store};
 
 /// Settings every download starts from.
@@ -39,6 +40,9 @@ pub struct DownloadDefaults {
     pub checkpoint_bytes: u64,
     /// The daemon's own secret file, used when a `get` names none.
     pub secret_file: Option<PathBuf>,
+    /// Where callers other than root and mftd's own user may download to
+    /// (empty: wherever they could write themselves).
+    pub download_roots: Vec<PathBuf>,
 }
 
 /// Why a download's run was stopped from outside.
@@ -117,6 +121,8 @@ pub struct Download {
     pub secret_file: Option<PathBuf>,
     /// Root identity the user pinned (`get --identity`).
     pub pin: Option<[u8; 32]>,
+    /// Who asked for it: the destination is written with their rights.
+    pub owner: Caller,
     pub token: CancellationToken,
     /// Connection budgets per source host, shared by all downloads.
     pub budgets: Arc<budget::Budgets>,
@@ -187,6 +193,7 @@ impl Download {
             give_up_after_secs: self.give_up_after.map(|d| d.as_secs()),
             secret_file: self.secret_file.as_ref().map(|p| p.display().to_string()),
             pin: self.pin.map(hex::encode),
+            owner: Some(ManifestOwner { uid: self.owner.uid, gid: self.owner.gid }),
             paused: false,
             file: None,
             verified: Vec::new(),
@@ -197,6 +204,12 @@ impl Download {
 
     pub fn part_path(&self) -> PathBuf {
         part_path(&self.destination)
+    }
+
+    /// The owner when its rights are not the daemon's: file operations on
+    /// the destination then run with them (see [`caller::as_caller`]).
+    pub fn restricted_owner(&self) -> Option<&Caller> {
+        (!self.owner.unrestricted()).then_some(&self.owner)
     }
 
     /// Updates speeds; called periodically.
@@ -317,6 +330,7 @@ struct Spec {
     resume: Option<Manifest>,
     secret_file: Option<PathBuf>,
     pin: Option<[u8; 32]>,
+    owner: Caller,
 }
 
 /// Parses a root identity given as 64 hex digits.
@@ -398,13 +412,19 @@ impl Downloads {
     }
 
     fn build(&self, spec: Spec, state: DownloadState) -> Result<Arc<Download>, Rejected> {
-        let secret_file = spec.secret_file.clone().or_else(|| self.defaults.secret_file.clone());
-        let secret = match &secret_file {
-            Some(p) => Some(Arc::new(
-                crate::config::read_secret(p).map_err(|e| Rejected(ErrorCode::InvalidArgument, format!("{e:#}")))?,
-            )),
+        // A secret file the request names is read with the caller's rights;
+        // the daemon's own (auth_secret_file) with the daemon's.
+        let secret = match (&spec.secret_file, &self.defaults.secret_file) {
+            (Some(p), _) => Some(caller::read_secret(&spec.owner, p)),
+            (None, Some(p)) => Some(caller::read_secret(&Caller::daemon(), p)),
+            (None, None) => None,
+        };
+        let secret = match secret {
+            Some(Ok(s)) => Some(Arc::new(s)),
+            Some(Err(e)) => return Err(Rejected(ErrorCode::InvalidArgument, e.0)),
             None => None,
         };
+        let secret_file = spec.secret_file.clone().or_else(|| self.defaults.secret_file.clone());
         let (state_tx, _) = watch::channel(state);
         let mut progress = new_progress(&spec.sources, state);
         if let Some(f) = spec.resume.as_ref().and_then(|m| m.file.as_ref()) {
@@ -435,6 +455,7 @@ impl Downloads {
             secret,
             secret_file,
             pin: spec.pin,
+            owner: spec.owner,
             token: self.parent.child_token(),
             budgets: self.budgets.clone(),
             resume: Mutex::new(spec.resume),
@@ -463,6 +484,7 @@ impl Downloads {
             persist: true,
             secret_file: m.secret_file.as_ref().map(PathBuf::from),
             pin: m.pin.as_deref().and_then(|p| parse_identity(p).ok()),
+            owner: m.owner.map(|o| Caller::user(o.uid, o.gid)).unwrap_or_else(Caller::daemon),
             resume: Some(m),
         }
     }
@@ -508,7 +530,7 @@ impl Downloads {
 
     /// Checks a `get` request and starts the download, or resumes the
     /// download already writing the same file. Returns whether it resumed.
-    pub fn start(&self, req: GetRequest) -> Result<(Arc<Download>, bool), Rejected> {
+    pub fn start(&self, req: GetRequest, caller: &Caller) -> Result<(Arc<Download>, bool), Rejected> {
         let name = local_name(&req.remote_path)
             .map_err(|e| Rejected(ErrorCode::BadPath, format!("invalid remote path {:?}: {e}", req.remote_path)))?;
         let mut sources: Vec<String> = Vec::new();
@@ -558,6 +580,9 @@ impl Downloads {
                 ))
             }
         }
+        // The caller's rights first: mftd writes only where they could.
+        let dir = caller::check_output_dir(caller, &dir, &self.defaults.download_roots)
+            .map_err(|e| Rejected(ErrorCode::PermissionDenied, e.0))?;
         if nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK).is_err() {
             return Err(Rejected(
                 ErrorCode::OutputDir,
@@ -577,6 +602,7 @@ impl Downloads {
             })
             .cloned();
         if let Some(other) = existing {
+            owned_by(&other, caller)?;
             if other.remote_path != req.remote_path {
                 return Err(Rejected(
                     ErrorCode::Exists,
@@ -593,6 +619,9 @@ impl Downloads {
                 return Ok((dl, true));
             }
             return Ok((other, true));
+        }
+        if req.force {
+            caller::check_replace(caller, &dir, &name).map_err(|e| Rejected(ErrorCode::PermissionDenied, e.0))?;
         }
         if !req.force && std::fs::symlink_metadata(&destination).is_ok() {
             return Err(Rejected(
@@ -613,6 +642,7 @@ impl Downloads {
             resume: None,
             secret_file: req.secret_file.as_ref().map(PathBuf::from),
             pin,
+            owner: caller.clone(),
         };
         let dl = self.build(spec, DownloadState::Starting)?;
         if let Some(store) = &dl.store {
@@ -626,8 +656,9 @@ impl Downloads {
     }
 
     /// Stops a running download, keeping its data and manifest.
-    pub fn pause(&self, id: u64) -> Result<Arc<Download>, Rejected> {
+    pub fn pause(&self, id: u64, caller: &Caller) -> Result<Arc<Download>, Rejected> {
         let dl = self.get(id).ok_or_else(|| unknown(id))?;
+        owned_by(&dl, caller)?;
         match dl.state() {
             DownloadState::Paused => {
                 return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} is already paused")))
@@ -658,7 +689,10 @@ impl Downloads {
     }
 
     /// Continues a paused (or failed but resumable) download from its manifest.
-    pub fn resume(&self, id: u64) -> Result<Arc<Download>, Rejected> {
+    pub fn resume(&self, id: u64, caller: &Caller) -> Result<Arc<Download>, Rejected> {
+        if let Some(dl) = self.get(id) {
+            owned_by(&dl, caller)?;
+        }
         self.resume_with(id, None)
     }
 
@@ -717,8 +751,9 @@ impl Downloads {
     }
 
     /// Cancels a download; its partial file and manifest are removed.
-    pub fn cancel(&self, id: u64) -> Result<Arc<Download>, Rejected> {
+    pub fn cancel(&self, id: u64, caller: &Caller) -> Result<Arc<Download>, Rejected> {
         let dl = self.get(id).ok_or_else(|| unknown(id))?;
+        owned_by(&dl, caller)?;
         match dl.state() {
             DownloadState::Done | DownloadState::Cancelled => {
                 return Err(Rejected(
@@ -730,7 +765,8 @@ impl Downloads {
                 // No engine runs: clean up here, unless another download
                 // (same destination) is writing that part file now.
                 if !engine::part_in_use(&dl.part_path()) {
-                    let _ = std::fs::remove_file(dl.part_path());
+                    let part = dl.part_path();
+                    let _ = caller::as_caller(dl.restricted_owner(), || std::fs::remove_file(part));
                 }
                 self.store.remove(id);
                 dl.set_state_force(DownloadState::Cancelled);
@@ -754,6 +790,17 @@ impl Downloads {
             d.sample();
         }
     }
+}
+
+/// A restricted caller manages only its own downloads.
+fn owned_by(dl: &Download, caller: &Caller) -> Result<(), Rejected> {
+    if caller.unrestricted() || dl.owner.uid == caller.uid {
+        return Ok(());
+    }
+    Err(Rejected(
+        ErrorCode::PermissionDenied,
+        format!("permission denied: download {} belongs to {}, not {}", dl.id, dl.owner.describe(), caller.describe()),
+    ))
 }
 
 pub fn state_word(s: DownloadState) -> String {

@@ -1,0 +1,248 @@
+//! The control socket is not a root shell: a member of the socket group who
+//! is neither root nor mftd's own user gets only what they could do
+//! themselves. Played from the attacker's seat with a real second uid
+//! (`setpriv`), against a real daemon running as root.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use mftd_tests::{mftctl_bin, sha256_file, stderr, stdout, wait_until, write_file, Daemon};
+
+const NOBODY: u32 = 65534;
+/// A group nobody else uses, for "not the socket group".
+const OTHER_GID: u32 = 4711;
+
+/// Why these tests cannot run here, if they cannot.
+fn cannot_run() -> Option<&'static str> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("needs root to act as a second uid");
+    }
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        return Some("needs setpriv (util-linux)");
+    }
+    if nix::unistd::Group::from_gid(NOBODY.into()).ok().flatten().is_none() {
+        return Some("needs a group with gid 65534");
+    }
+    None
+}
+
+macro_rules! skip_unless_possible {
+    () => {
+        if let Some(why) = cannot_run() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+}
+
+/// A daemon whose socket group is gid 65534's group, reachable by uid 65534.
+fn daemon(extra: &[&str]) -> Daemon {
+    let group = nix::unistd::Group::from_gid(NOBODY.into()).ok().flatten().expect("group 65534").name;
+    let mut b = Daemon::builder(0).arg("--socket-group").arg(group);
+    for a in extra {
+        b = b.arg(*a);
+    }
+    let d = b.start();
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    d
+}
+
+/// `mftctl --socket S ARGS` as uid 65534 with primary group `gid` and
+/// supplementary `groups`.
+fn ctl_as(d: &Daemon, gid: u32, groups: &[u32], args: &[&str]) -> Output {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid", &NOBODY.to_string(), "--regid", &gid.to_string()]);
+    if groups.is_empty() {
+        c.arg("--clear-groups");
+    } else {
+        let list: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+        c.args(["--groups", &list.join(",")]);
+    }
+    c.arg(mftctl_bin()).arg("--socket").arg(&d.socket).args(args).env_remove("MFTD_SOCKET");
+    c.output().expect("run setpriv")
+}
+
+fn nobody(d: &Daemon, args: &[&str]) -> Output {
+    ctl_as(d, NOBODY, &[], args)
+}
+
+/// A directory under `parent` owned by uid/gid 65534, mode 0755.
+fn nobodys_dir(parent: &Path, name: &str) -> std::path::PathBuf {
+    let p = parent.join(name);
+    std::fs::create_dir(&p).expect("mkdir");
+    nix::unistd::chown(&p, Some(NOBODY.into()), Some(NOBODY.into())).expect("chown");
+    p
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", stdout(o), stderr(o))
+}
+
+#[test]
+fn a_group_member_downloads_only_where_it_could_write_itself() {
+    skip_unless_possible!();
+    let server = Daemon::start(1);
+    write_file(&server.export.join("authorized_keys"), 300 << 10, 3);
+    let client = daemon(&[]);
+    let from = &server.sources()[0];
+    // The reproduction from the issue: a directory the caller cannot even
+    // list, written by the daemon as root. Now refused, nothing written.
+    let protected = client.dir.path().join("protected");
+    std::fs::create_dir(&protected).unwrap();
+    std::fs::set_permissions(&protected, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = nobody(&client, &["get", "authorized_keys", "--from", from, "-o", protected.to_str().unwrap()]);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("permission denied") && text(&out).contains("cannot write to"), "{}", text(&out));
+    assert_eq!(std::fs::read_dir(&protected).unwrap().count(), 0, "something was written");
+    // Root may (its rights are the daemon's).
+    let out = client.ctl(&["get", "authorized_keys", "--from", from, "-o", protected.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    // Its own directory: allowed, and the file is its own.
+    let mine = nobodys_dir(client.dir.path(), "mine");
+    let out = nobody(&client, &["get", "authorized_keys", "--from", from, "-o", mine.to_str().unwrap()]);
+    assert!(out.status.success(), "{}\n{}", text(&out), client.log());
+    let got = mine.join("authorized_keys");
+    assert_eq!(sha256_file(&got), sha256_file(&server.export.join("authorized_keys")));
+    assert_eq!(std::fs::metadata(&got).unwrap().uid(), NOBODY, "the file belongs to the caller");
+    // --force replaces only what it could replace itself: not root's file in
+    // a sticky directory.
+    let sticky = client.dir.path().join("sticky");
+    std::fs::create_dir(&sticky).unwrap();
+    std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    std::fs::write(sticky.join("authorized_keys"), b"root's").unwrap();
+    let out = nobody(&client, &["get", "authorized_keys", "--from", from, "-o", sticky.to_str().unwrap(), "--force"]);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("does not own"), "{}", text(&out));
+    assert_eq!(std::fs::read(sticky.join("authorized_keys")).unwrap(), b"root's");
+}
+
+#[test]
+fn a_directory_swapped_for_a_symlink_after_the_check_leads_nowhere() {
+    skip_unless_possible!();
+    // The check passes on the caller's own directory; before the part file
+    // is created, the caller swaps that directory for a symlink into one
+    // only root may enter. The file operations run with the caller's
+    // file-system identity, so the kernel refuses them.
+    let server = Daemon::start(1);
+    write_file(&server.export.join("x.bin"), 1 << 20, 5);
+    let port = server.ports[0].to_string();
+    assert!(server.ctl(&["servers", "stop", &port]).status.success());
+    let client = daemon(&[]);
+    let home = nobodys_dir(client.dir.path(), "home");
+    let out_dir = nobodys_dir(&home, "out");
+    let root_only = client.dir.path().join("root-only");
+    std::fs::create_dir(&root_only).unwrap();
+    std::fs::set_permissions(&root_only, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out =
+        nobody(&client, &["get", "x.bin", "--from", &server.sources()[0], "-o", out_dir.to_str().unwrap(), "--detach"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let id: u64 = stdout(&out).trim().parse().expect("id");
+    // Accepted, waiting for its source: now the swap.
+    std::fs::rename(&out_dir, home.join("moved")).unwrap();
+    std::os::unix::fs::symlink(&root_only, &out_dir).unwrap();
+    assert!(server.ctl(&["servers", "start", &port]).status.success());
+    assert!(
+        wait_until(Duration::from_secs(20), || client.download(id)["state"] == "failed"),
+        "{}\n{}",
+        client.download(id),
+        client.log()
+    );
+    assert!(
+        client.download(id)["error"].as_str().unwrap_or("").contains("Permission denied"),
+        "{}",
+        client.download(id)
+    );
+    assert_eq!(std::fs::read_dir(&root_only).unwrap().count(), 0, "wrote into root's directory");
+}
+
+#[test]
+fn supplementary_groups_come_from_the_socket() {
+    skip_unless_possible!();
+    let d = daemon(&[]);
+    // In the socket group only as a supplementary group.
+    let out = ctl_as(&d, OTHER_GID, &[NOBODY], &["servers", "list"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // Not in it at all.
+    let out = ctl_as(&d, OTHER_GID, &[], &["servers", "list"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(text(&out).contains("permission denied"), "{}", text(&out));
+}
+
+#[test]
+fn a_secret_file_is_read_with_the_callers_rights() {
+    skip_unless_possible!();
+    let server = Daemon::start(1);
+    write_file(&server.export.join("s.bin"), 1000, 9);
+    let client = daemon(&[]);
+    let mine = nobodys_dir(client.dir.path(), "mine");
+    let from = &server.sources()[0];
+    let secret = client.dir.path().join("root-secret");
+    std::fs::write(&secret, "s3cret").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let args = |s: &str| {
+        vec![
+            "get".to_string(),
+            "s.bin".into(),
+            "--from".into(),
+            from.clone(),
+            "-o".into(),
+            mine.display().to_string(),
+            "--secret-file".into(),
+            s.into(),
+        ]
+    };
+    let run = |a: Vec<String>| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        nobody(&client, &a)
+    };
+    let out = run(args(secret.to_str().unwrap()));
+    assert_ne!(out.status.code(), Some(0));
+    assert!(text(&out).contains("may not read it"), "{}", text(&out));
+    // A FIFO would block a reader forever: refused at once, daemon fine.
+    let fifo = mine.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+    let started = std::time::Instant::now();
+    let out = run(args(fifo.to_str().unwrap()));
+    assert_ne!(out.status.code(), Some(0));
+    assert!(text(&out).contains("not a regular file"), "{}", text(&out));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(client.ctl(&["status"]).status.success());
+}
+
+#[test]
+fn download_roots_confine_restricted_callers() {
+    skip_unless_possible!();
+    let server = Daemon::start(1);
+    write_file(&server.export.join("r.bin"), 5000, 11);
+    let roots = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(roots.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let inside = nobodys_dir(roots.path(), "in");
+    let client = daemon(&["--download-roots", roots.path().to_str().unwrap()]);
+    let outside = nobodys_dir(client.dir.path(), "out");
+    let from = &server.sources()[0];
+    let out = nobody(&client, &["get", "r.bin", "--from", from, "-o", outside.to_str().unwrap()]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(text(&out).contains("download_roots"), "{}", text(&out));
+    let out = nobody(&client, &["get", "r.bin", "--from", from, "-o", inside.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(inside.join("r.bin").exists());
+}
+
+#[test]
+fn a_group_member_manages_only_its_own_downloads() {
+    skip_unless_possible!();
+    let server = Daemon::builder(1).arg("--rate-limit").arg("1M").start();
+    write_file(&server.export.join("slow.bin"), 16 << 20, 13);
+    let client = daemon(&[]);
+    let id = client.get_detached("slow.bin", &server.sources(), &[]);
+    assert!(wait_until(Duration::from_secs(10), || client.download(id)["state"] == "active"));
+    for verb in ["cancel", "pause"] {
+        let out = nobody(&client, &["downloads", verb, &id.to_string()]);
+        assert_ne!(out.status.code(), Some(0), "{verb}: {}", text(&out));
+        assert!(text(&out).contains("belongs to"), "{}", text(&out));
+    }
+    assert_eq!(client.download(id)["state"], "active");
+    assert!(client.ctl(&["downloads", "cancel", &id.to_string()]).status.success());
+}
