@@ -45,11 +45,16 @@ impl Hashing {
     }
 }
 
+/// Files hashed at the same time; more wait their turn (each uses
+/// `hash_threads` threads and reads the whole file).
+const CONCURRENT_FILES: usize = 2;
+
 #[derive(Debug)]
 pub struct IdentityCache {
     map: Mutex<HashMap<Key, Hashing>>,
     /// Threads one file is hashed on.
     threads: usize,
+    turns: Arc<tokio::sync::Semaphore>,
 }
 
 impl Default for IdentityCache {
@@ -73,7 +78,11 @@ pub fn hash_threads(configured: usize) -> usize {
 impl IdentityCache {
     /// A cache hashing each file on `threads` threads (0: one per core).
     pub fn new(threads: usize) -> IdentityCache {
-        IdentityCache { map: Mutex::new(HashMap::new()), threads: hash_threads(threads) }
+        IdentityCache {
+            map: Mutex::new(HashMap::new()),
+            threads: hash_threads(threads),
+            turns: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_FILES)),
+        }
     }
 
     /// The identity of `file` as described by `meta`: known, or being
@@ -95,15 +104,21 @@ impl IdentityCache {
         let hashing = Hashing(rx);
         map.insert(key, hashing.clone());
         let file = file.try_clone()?;
-        let (size, threads) = (meta.size(), self.threads);
-        tokio::task::spawn_blocking(move || {
-            let started = std::time::Instant::now();
-            let out = hash_file(&file, size, threads).map(Arc::new).map_err(|e| e.to_string());
-            match &out {
-                Ok(_) => tracing::debug!(size, threads, secs = started.elapsed().as_secs_f64(), "file hashed"),
-                Err(e) => tracing::warn!(size, error = %e, "hashing failed"),
-            }
-            tx.send_replace(Some(out));
+        let (size, threads, turns) = (meta.size(), self.threads, self.turns.clone());
+        tokio::spawn(async move {
+            let Ok(_turn) = turns.acquire_owned().await else { return };
+            let hashed = tokio::task::spawn_blocking(move || {
+                let started = std::time::Instant::now();
+                let out = hash_file(&file, size, threads).map(Arc::new).map_err(|e| e.to_string());
+                match &out {
+                    Ok(_) => tracing::debug!(size, threads, secs = started.elapsed().as_secs_f64(), "file hashed"),
+                    Err(e) => tracing::warn!(size, error = %e, "hashing failed"),
+                }
+                out
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("hashing task failed: {e}")));
+            tx.send_replace(Some(hashed));
         });
         Ok(hashing)
     }

@@ -36,6 +36,10 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// as "not hashed yet".
 const HASH_BEFORE_STAT: u64 = 8 << 20;
 
+/// `HASHES` a connection may have waiting for their files' hashing; one
+/// more closes it (each holds an open file).
+const MAX_PENDING_HASHES: usize = 4;
+
 /// A `HASHES` waiting for its file to be hashed; answered between two `DATA`
 /// frames or while the connection is idle, as soon as the hashing is over.
 struct PendingHashes {
@@ -395,6 +399,13 @@ async fn write_loop(
             Request::Stat(path) => handle_stat(wr, ctx, &path).await?,
             Request::Hashes { size, mtime_ns, path } => {
                 if let Some(p) = handle_hashes(wr, ctx, &path, size, mtime_ns).await? {
+                    if hashes.len() >= MAX_PENDING_HASHES {
+                        let message = format!("more than {MAX_PENDING_HASHES} HASHES waiting for hashing");
+                        let _ =
+                            write_frame(wr, &Frame::Error(ErrorFrame { id: 0, code: ErrorCode::BadFrame, message }))
+                                .await;
+                        return Err(ConnError::Closed("too many pending HASHES".into()));
+                    }
                     hashes.push_back(p);
                 }
             }

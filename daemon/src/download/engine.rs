@@ -44,7 +44,7 @@ use super::budget::HostBudget;
 use super::client::{ClientError, Conn, Event, Stream};
 use super::error::{DownloadError, SourceError};
 use super::scheduler::{ConnId, Hold, Scheduler, SourceId, Ticket};
-use super::vote::{Ballot, Decision, Votes};
+use super::vote::{Ballot, Decision, Offer, Votes};
 use super::{part_path, Download, StopReason};
 use mftd_common::manifest::{piece_runs, ManifestFile};
 
@@ -696,7 +696,13 @@ impl Engine {
     async fn elect(self: &Arc<Self>, src: SourceId, stat: &StatInfo) -> Result<Arc<Chosen>, ElectError> {
         // A file without pieces has one possible identity.
         let root = stat.root.or_else(|| (stat.size == 0).then(|| root_of(0, stat.piece_size, &[])));
-        lock(&self.votes).offer(src, Ballot { size: stat.size, root }, Instant::now());
+        let ballot = Ballot { size: stat.size, mtime_ns: stat.mtime_ns, root };
+        if let Offer::Changed(first) = lock(&self.votes).offer(src, ballot) {
+            return Err(ElectError::Different(SourceError::FileChanged(format!(
+                "it now serves {} bytes modified at {} ns, not the {} bytes modified at {} ns it first announced",
+                stat.size, stat.mtime_ns, first.size, first.mtime_ns
+            ))));
+        }
         self.offered.notify_waiters();
         loop {
             // Registered before looking, so an offer in between is not missed.
@@ -705,8 +711,8 @@ impl Engine {
                 self.decide_root(c);
                 return self.compare(c, src, stat);
             }
-            let decision = lock(&self.votes).layout(Instant::now());
-            let until = match decision {
+            let decision = lock(&self.votes).layout();
+            match decision {
                 Decision::Adopt(size) => {
                     let eng = self.clone();
                     let c = match self.chosen.get_or_try_init(|| async move { eng.prepare(size).await }).await {
@@ -723,12 +729,10 @@ impl Engine {
                     let _ = self.outcome.try_send(Outcome::Fatal(DownloadError::Vote(why)));
                     return Err(ElectError::Over);
                 }
-                Decision::Wait { until } => until,
-            };
-            let sleep = until.map(tokio::time::Instant::from_std);
+                Decision::Wait => {}
+            }
             tokio::select! {
                 _ = offered => {}
-                _ = async { match sleep { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {}
                 _ = self.workers.cancelled() => return Err(ElectError::Over),
             }
         }
@@ -764,7 +768,7 @@ impl Engine {
             (v.root(c.size), v.describe(c.size))
         };
         let root = match decision {
-            Decision::Wait { .. } => {
+            Decision::Wait => {
                 self.dl.progress().vote = Some(standing);
                 return;
             }
@@ -772,7 +776,7 @@ impl Engine {
                 // A majority for another size (the first answers came from
                 // a minority) means starting over; anything else is a split
                 // vote nobody can settle but the user.
-                let layout = lock(&self.votes).layout(Instant::now());
+                let layout = lock(&self.votes).layout();
                 let outcome = match layout {
                     Decision::Adopt(size) if size != c.size => Outcome::Relayout,
                     _ => Outcome::Fatal(DownloadError::Vote(why)),
@@ -1246,6 +1250,12 @@ async fn session(
     // The piece size follows from the file size; a server announcing another
     // could make us allocate or hash absurd pieces.
     let want = mftd_common::proto::piece_size_for(stat.size);
+    if stat.piece_count() > mftd_common::proto::MAX_PIECES {
+        return WorkerEnd::Dead(
+            SourceState::Failed,
+            SourceError::Protocol(format!("a {}-byte file is larger than mftd can fetch", stat.size)),
+        );
+    }
     if stat.piece_size != want {
         return WorkerEnd::Dead(
             SourceState::Failed,
@@ -1664,7 +1674,8 @@ async fn fetch(
                 if asked.asked.is_none() || asked.answered {
                     return violation("HASHES_OK without a HASHES request".into());
                 }
-                asked.answered = true;
+                // Marked answered only once accepted: a rejected list ends
+                // this connection, and the guard lets another one ask.
                 if hashes.len() != chosen.piece_count() {
                     return violation(format!(
                         "{} piece hashes for a file of {} pieces",
@@ -1677,6 +1688,7 @@ async fn fetch(
                 if announced.is_some_and(|a| a != root) {
                     return WorkerEnd::Dead(SourceState::Failed, SourceError::ForgedHashes);
                 }
+                asked.answered = true;
                 // Its vote, if it was still hashing when it answered STAT.
                 lock(&eng.votes).root_known(src, root);
                 if chosen.hashes.get().is_none() {
@@ -1998,8 +2010,13 @@ fn settle(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize, ok: Result<io::Result
                     }
                 }
             }
-            for (s, _) in bad.contributors {
-                eng.strike(s, p);
+            // A piece that a dropped source (typically one excluded for
+            // serving another version) helped write is its fault alone.
+            let blame_dropped = bad.contributors.iter().any(|(s, _)| eng.is_dead(*s));
+            if !blame_dropped {
+                for (s, _) in bad.contributors {
+                    eng.strike(s, p);
+                }
             }
             eng.changed.notify_waiters();
         }
