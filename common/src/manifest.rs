@@ -1,6 +1,7 @@
 //! Download manifests: what a download needs to continue after a crash.
 //!
-//! One JSON file per download, `<state_dir>/downloads/<ID>.json`:
+//! One JSON file per download, `<state_dir>/manifests/<ID>.json` (a
+//! directory of its own, mode 0700: never the download directory):
 //!
 //! ```json
 //! {
@@ -25,9 +26,14 @@
 //! * `verified` lists ranges of piece indices `[first, end)` whose hash was
 //!   checked; `received` lists byte ranges on disk outside verified pieces
 //!   (the exact progress inside partial pieces).
-//! * `checksum` is the BLAKE3 hash (hex) of the document serialized with an
-//!   empty checksum; a manifest whose checksum does not match was damaged
-//!   after it was written.
+//! * `checksum` is the keyed BLAKE3 hash (hex) of the document serialized
+//!   with an empty checksum, under a 32-byte key only the daemon can read
+//!   (`<state_dir>/manifest.key`, mode 0600). A manifest whose checksum does
+//!   not match was damaged after it was written, or planted by someone
+//!   without the key: either way it is reported and never obeyed.
+//! * On load, `file.piece_size` must be the one the protocol derives from
+//!   `file.size`, and the destination's name the one derived from
+//!   `remote_path`.
 //!
 //! The daemon only claims bytes in a manifest after `fdatasync` of the data
 //! file returned, and writes manifests to a temp file, fsyncs it, renames it
@@ -36,7 +42,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::proto::{piece_count_for, piece_size_for, MAX_PIECES};
 use crate::range::Range;
+
+/// The key manifests are checksummed with.
+pub type Key = [u8; 32];
 
 pub const FORMAT: &str = "mftd-manifest";
 pub const VERSION: u32 = 1;
@@ -120,19 +130,29 @@ pub enum ManifestError {
 }
 
 impl Manifest {
-    /// Serializes with a fresh checksum.
-    pub fn encode(&self) -> Vec<u8> {
+    /// Serializes with a fresh checksum under `key`.
+    pub fn encode(&self, key: &Key) -> Vec<u8> {
         let mut m = self.clone();
         m.checksum = String::new();
         let body = serde_json::to_vec(&m).unwrap_or_default();
-        m.checksum = blake3::hash(&body).to_hex().to_string();
+        m.checksum = blake3::keyed_hash(key, &body).to_hex().to_string();
         let mut out = serde_json::to_vec_pretty(&m).unwrap_or_default();
         out.push(b'\n');
         out
     }
 
-    /// Parses and checks a manifest. Total: never panics.
-    pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+    /// Parses and checks a manifest written under `key`. Total: never panics.
+    pub fn decode(bytes: &[u8], key: &Key) -> Result<Manifest, ManifestError> {
+        Self::decode_with(bytes, |body| blake3::keyed_hash(key, body))
+    }
+
+    /// Parses a manifest of an older mftd, checksummed without a key (only
+    /// to move it where manifests live now, under the key).
+    pub fn decode_unkeyed(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        Self::decode_with(bytes, blake3::hash)
+    }
+
+    fn decode_with(bytes: &[u8], sum: impl Fn(&[u8]) -> blake3::Hash) -> Result<Manifest, ManifestError> {
         if bytes.is_empty() {
             return Err(ManifestError::Empty);
         }
@@ -157,7 +177,8 @@ impl Manifest {
         let mut unsummed = m.clone();
         unsummed.checksum = String::new();
         let body = serde_json::to_vec(&unsummed).unwrap_or_default();
-        if blake3::hash(&body).to_hex().as_str() != m.checksum {
+        // blake3::Hash compares in constant time.
+        if blake3::Hash::from_hex(&m.checksum).ok() != Some(sum(&body)) {
             return Err(ManifestError::Checksum);
         }
         m.check()?;
@@ -169,11 +190,18 @@ impl Manifest {
         if self.sources.is_empty() {
             return bad("no sources".into());
         }
+        // The destination is the remote file's name in some directory.
+        let name = crate::path::local_name(&self.remote_path);
+        let dest = std::path::Path::new(&self.destination);
+        let named = name.as_ref().ok().map(|n| std::ffi::OsStr::new(n.as_str()));
+        if !dest.is_absolute() || named.is_none() || dest.file_name() != named {
+            return bad(format!("destination {:?} is not named after {:?}", self.destination, self.remote_path));
+        }
         if let Some(f) = &self.file {
-            if f.piece_size == 0 {
-                return bad("piece size is zero".into());
+            if f.piece_size != piece_size_for(f.size) || piece_count_for(f.size, f.piece_size) > MAX_PIECES {
+                return bad(format!("piece size {} does not fit a {}-byte file", f.piece_size, f.size));
             }
-            let pieces = f.size.div_ceil(f.piece_size as u64);
+            let pieces = piece_count_for(f.size, f.piece_size);
             for &(a, b) in &self.verified {
                 if a > b || b > pieces {
                     return bad(format!("verified pieces {a}..{b} outside 0..{pieces}"));
@@ -212,6 +240,8 @@ pub fn piece_runs(pieces: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
 mod tests {
     use super::*;
 
+    const KEY: Key = [7; 32];
+
     fn sample() -> Manifest {
         Manifest {
             format: FORMAT.into(),
@@ -237,7 +267,7 @@ mod tests {
     #[test]
     fn roundtrips() {
         let m = sample();
-        let back = Manifest::decode(&m.encode()).unwrap();
+        let back = Manifest::decode(&m.encode(&KEY), &KEY).unwrap();
         assert_eq!(back.verified, m.verified);
         assert_eq!(back.received, m.received);
         assert_eq!(back.verified_pieces().collect::<Vec<_>>(), vec![0, 1, 2, 3, 6]);
@@ -245,38 +275,70 @@ mod tests {
 
     #[test]
     fn damaged_forms_are_errors_with_reasons() {
-        let good = sample().encode();
-        assert_eq!(Manifest::decode(b""), Err(ManifestError::Empty));
-        assert_eq!(Manifest::decode(&vec![0u8; 4096]), Err(ManifestError::Zeroed));
-        assert!(matches!(Manifest::decode(&good[..good.len() / 2]), Err(ManifestError::NotJson(_))));
+        let good = sample().encode(&KEY);
+        assert_eq!(Manifest::decode(b"", &KEY), Err(ManifestError::Empty));
+        assert_eq!(Manifest::decode(&vec![0u8; 4096], &KEY), Err(ManifestError::Zeroed));
+        assert!(matches!(Manifest::decode(&good[..good.len() / 2], &KEY), Err(ManifestError::NotJson(_))));
         let future = String::from_utf8(good.clone()).unwrap().replace("\"version\": 1", "\"version\": 7");
-        assert_eq!(Manifest::decode(future.as_bytes()), Err(ManifestError::UnknownVersion { found: 7 }));
+        assert_eq!(Manifest::decode(future.as_bytes(), &KEY), Err(ManifestError::UnknownVersion { found: 7 }));
         let tampered = String::from_utf8(good.clone()).unwrap().replace("\"id\": 3", "\"id\": 4");
-        assert_eq!(Manifest::decode(tampered.as_bytes()), Err(ManifestError::Checksum));
+        assert_eq!(Manifest::decode(tampered.as_bytes(), &KEY), Err(ManifestError::Checksum));
         let mut m = sample();
         m.received = vec![Range::new(0, 11 << 20)];
-        assert!(matches!(Manifest::decode(&m.encode()), Err(ManifestError::Inconsistent(_))));
-        assert!(matches!(Manifest::decode(b"{\"format\":\"other\"}"), Err(ManifestError::WrongFormat(_))));
+        assert!(matches!(Manifest::decode(&m.encode(&KEY), &KEY), Err(ManifestError::Inconsistent(_))));
+        assert!(matches!(Manifest::decode(b"{\"format\":\"other\"}", &KEY), Err(ManifestError::WrongFormat(_))));
+    }
+
+    /// A manifest planted by someone without the key is refused, and so is
+    /// one that would make the daemon loop for ages or write elsewhere.
+    #[test]
+    fn planted_and_absurd_manifests_are_refused() {
+        let m = sample();
+        assert_eq!(Manifest::decode(&m.encode(&[8; 32]), &KEY), Err(ManifestError::Checksum));
+        let unkeyed = {
+            let mut u = m.clone();
+            u.checksum = String::new();
+            u.checksum = blake3::hash(&serde_json::to_vec(&u).unwrap()).to_hex().to_string();
+            serde_json::to_vec(&u).unwrap()
+        };
+        assert_eq!(Manifest::decode(&unkeyed, &KEY), Err(ManifestError::Checksum));
+        assert_eq!(
+            Manifest::decode_unkeyed(&unkeyed).unwrap().id,
+            3,
+            "an older mftd's manifest is readable for migration"
+        );
+        let mut huge = sample();
+        huge.file = Some(ManifestFile { size: u64::MAX, piece_size: 1, identity: None });
+        huge.verified.clear();
+        huge.received.clear();
+        assert!(
+            matches!(Manifest::decode(&huge.encode(&KEY), &KEY), Err(ManifestError::Inconsistent(m)) if m.contains("piece size"))
+        );
+        let mut elsewhere = sample();
+        elsewhere.destination = "/root/.ssh/authorized_keys".into();
+        assert!(
+            matches!(Manifest::decode(&elsewhere.encode(&KEY), &KEY), Err(ManifestError::Inconsistent(m)) if m.contains("not named after"))
+        );
     }
 
     proptest::proptest! {
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
-            let _ = Manifest::decode(&bytes);
+            let _ = Manifest::decode(&bytes, &KEY);
         }
 
         /// Flipping any byte of a valid manifest is either caught or harmless.
         #[test]
         fn damaged_manifests_are_caught(pos in 0usize..4096, val in proptest::prelude::any::<u8>()) {
-            let good = sample().encode();
+            let good = sample().encode(&KEY);
             let mut bad = good.clone();
             let i = pos % bad.len();
             bad[i] = val;
-            if let Ok(m) = Manifest::decode(&bad) {
+            if let Ok(m) = Manifest::decode(&bad, &KEY) {
                 // Only whitespace-level changes can survive the checksum.
                 let mut a = m.clone();
                 a.checksum.clear();
-                let mut b = Manifest::decode(&good).unwrap();
+                let mut b = Manifest::decode(&good, &KEY).unwrap();
                 b.checksum.clear();
                 proptest::prop_assert_eq!(a, b);
             }

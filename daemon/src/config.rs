@@ -97,6 +97,16 @@ pub struct Args {
     /// Continue interrupted downloads by themselves after a restart.
     #[arg(long)]
     pub auto_resume: bool,
+    /// Free space a download leaves on its file system (default: the smaller
+    /// of 1G and 5 % of it).
+    #[arg(long, value_name = "BYTES", value_parser = parse_rate)]
+    pub min_free_space: Option<u64>,
+    /// Largest file a download may fetch (default: no limit).
+    #[arg(long, value_name = "BYTES", value_parser = parse_rate)]
+    pub max_download_size: Option<u64>,
+    /// Seconds a finished, failed or cancelled download stays listed.
+    #[arg(long, value_name = "SECS")]
+    pub retention: Option<u64>,
     /// Threads that hash one exported file (0 = one per core).
     #[arg(long, value_name = "N")]
     pub hash_threads: Option<usize>,
@@ -147,6 +157,9 @@ pub struct FileConfig {
     pub auto_resume: Option<bool>,
     pub hash_threads: Option<usize>,
     pub index_export: Option<bool>,
+    pub min_free_space: Option<RateValue>,
+    pub max_download_size: Option<RateValue>,
+    pub retention: Option<u64>,
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Per-listener settings: `[listener.5001]` with `rate_limit = "4M"`.
     pub listener: Option<std::collections::BTreeMap<String, ListenerFileConfig>>,
@@ -205,6 +218,12 @@ pub struct Config {
     pub checkpoint_interval: Duration,
     pub checkpoint_bytes: u64,
     pub auto_resume: bool,
+    /// Free space a download leaves; `None`: the smaller of 1 GiB and 5 %.
+    pub min_free_space: Option<u64>,
+    /// Largest file a download may fetch.
+    pub max_download_size: Option<u64>,
+    /// How long ended downloads stay listed.
+    pub retention: Duration,
     /// Threads hashing one exported file (0 = one per core).
     pub hash_threads: usize,
     /// Hash the whole export in the background at start.
@@ -226,6 +245,8 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 64;
 /// 0: adapt the number of connections per source (see the download engine).
 pub const DEFAULT_CONNECTIONS_PER_SERVER: u32 = 0;
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 10;
+/// Ended downloads stay listed for an hour.
+pub const DEFAULT_RETENTION_SECS: u64 = 3600;
 
 /// Default config file location.
 pub fn default_config_path() -> Option<PathBuf> {
@@ -329,6 +350,9 @@ impl Config {
         origins.insert("checkpoint_bytes", from(&args.checkpoint_bytes, &file.checkpoint_bytes));
         origins.insert("auto_resume", from(&args.auto_resume.then_some(()), &file.auto_resume));
         origins.insert("hash_threads", from(&args.hash_threads, &file.hash_threads));
+        origins.insert("min_free_space", from(&args.min_free_space, &file.min_free_space));
+        origins.insert("max_download_size", from(&args.max_download_size, &file.max_download_size));
+        origins.insert("retention", from(&args.retention, &file.retention));
         origins.insert("index_export", from(&args.index_export.then_some(()), &file.index_export));
         origins.insert("metrics_listen", from(&args.metrics_listen, &file.metrics_listen));
         origins.insert("listener", from(&None::<()>, &file.listener));
@@ -411,6 +435,17 @@ impl Config {
             (None, None) => 64 << 20,
         }
         .max(1);
+        let size_setting = |flag: Option<u64>, file: &Option<RateValue>, key: &str| -> anyhow::Result<Option<u64>> {
+            Ok(match (flag, file) {
+                (Some(b), _) => Some(b),
+                (None, Some(b)) => Some(b.parse().with_context(|| format!("invalid {key} in config file"))?),
+                (None, None) => None,
+            })
+        };
+        let min_free_space = size_setting(args.min_free_space, &file.min_free_space, "min_free_space")?;
+        let max_download_size =
+            size_setting(args.max_download_size, &file.max_download_size, "max_download_size")?.filter(|m| *m > 0);
+        let retention = Duration::from_secs(args.retention.or(file.retention).unwrap_or(DEFAULT_RETENTION_SECS));
         let idle = args.idle_timeout.or(file.idle_timeout).unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS);
         if idle == 0 {
             bail!("idle_timeout must be at least 1 second");
@@ -452,6 +487,9 @@ impl Config {
             checkpoint_bytes,
             auto_resume: args.auto_resume || file.auto_resume.unwrap_or(false),
             hash_threads: args.hash_threads.or(file.hash_threads).unwrap_or(0),
+            min_free_space,
+            max_download_size,
+            retention,
             index_export: args.index_export || file.index_export.unwrap_or(false),
             metrics_listen: args.metrics_listen.or(file.metrics_listen),
             origins,
@@ -483,6 +521,9 @@ impl Config {
             ("checkpoint_bytes", self.checkpoint_bytes.to_string()),
             ("auto_resume", self.auto_resume.to_string()),
             ("hash_threads", self.hash_threads.to_string()),
+            ("min_free_space", self.min_free_space.map_or("\"default\"".into(), |b| b.to_string())),
+            ("max_download_size", self.max_download_size.unwrap_or(0).to_string()),
+            ("retention", self.retention.as_secs().to_string()),
             ("index_export", self.index_export.to_string()),
         ];
         lines.push(("max_connections_per_ip", self.max_connections_per_ip.to_string()));

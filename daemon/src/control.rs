@@ -61,6 +61,27 @@ impl ControlSocket {
                 }
             }
         }
+        // A directory someone else controls could swap our socket for theirs
+        // (the /tmp/mftd-UID fallback is the usual suspect): refuse it.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::symlink_metadata(dir).with_context(|| format!("cannot inspect {}", dir.display()))?;
+            let me = nix::unistd::geteuid().as_raw();
+            let sticky = meta.mode() & 0o1000 != 0;
+            if meta.file_type().is_symlink() && dir == std::env::temp_dir().join(format!("mftd-{me}")) {
+                bail!("{} is a symlink; remove it (mftd keeps its socket there)", dir.display());
+            }
+            if !meta.file_type().is_symlink()
+                && ((meta.uid() != me && meta.uid() != 0) || (meta.mode() & 0o022 != 0 && !sticky))
+            {
+                bail!(
+                    "the socket directory {} belongs to uid {} or is writable by others (mode {:o}); remove it or choose another --socket",
+                    dir.display(),
+                    meta.uid(),
+                    meta.mode() & 0o7777
+                );
+            }
+        }
         match std::fs::symlink_metadata(path) {
             Ok(meta) if meta.file_type().is_socket() => {
                 // Someone may be listening: ask before removing anything.

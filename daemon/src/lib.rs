@@ -134,6 +134,15 @@ pub async fn run(
 
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("cannot create state directory {}", config.state_dir.display()))?;
+    // An export directory someone named and that is not there is a mistake
+    // (a typo, an unmounted disk), not something to create empty and serve.
+    let named = config.origins.get("export").is_some_and(|o| *o != "default");
+    if named && !config.export.exists() {
+        anyhow::bail!(
+            "export directory {} does not exist; create it or fix --export / export in the config file",
+            config.export.display()
+        );
+    }
     if !config.export.exists() {
         std::fs::create_dir_all(&config.export).with_context(|| {
             format!("export directory {} does not exist and cannot be created", config.export.display())
@@ -177,7 +186,7 @@ pub async fn run(
         }
     }
     let store = store::Store::new(&config.state_dir)
-        .with_context(|| format!("cannot create {}", config.state_dir.join("downloads").display()))?;
+        .with_context(|| format!("cannot create {}", config.state_dir.join("manifests").display()))?;
     let downloads = Downloads::new(
         DownloadDefaults {
             download_dir: config.download_dir.clone(),
@@ -187,6 +196,9 @@ pub async fn run(
             checkpoint_bytes: config.checkpoint_bytes,
             secret_file: config.auth_secret_file.clone(),
             download_roots: config.download_roots.clone(),
+            min_free_space: config.min_free_space,
+            max_download_size: config.max_download_size,
+            retention: config.retention,
         },
         shutdown.child_token(),
         tracker.clone(),

@@ -2,15 +2,22 @@
 //! written: temp file, fsync, rename over the old one, fsync the directory.
 //! At every instant either the old or the new manifest is complete on disk.
 //!
+//! Manifests live in `STATE_DIR/manifests` (mode 0700), never in a
+//! directory downloads are written to, and carry a checksum keyed with
+//! `STATE_DIR/manifest.key` (32 random bytes, mode 0600, created at first
+//! start): a planted manifest is reported as damaged, never obeyed.
+//! Manifests of an older mftd (`STATE_DIR/downloads/ID.json`, unkeyed) are
+//! moved here once.
+//!
 //! This module must never report a manifest as written before its rename
 //! and the directory fsync returned.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use mftd_common::manifest::{Manifest, ManifestError, MAX_MANIFEST};
+use mftd_common::manifest::{Key, Manifest, ManifestError, MAX_MANIFEST};
 
 /// Steps of [`write_atomic`], for failure injection in tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,9 +28,16 @@ pub enum Step {
     FsyncDir,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Store {
     dir: PathBuf,
+    key: Key,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("dir", &self.dir).finish_non_exhaustive()
+    }
 }
 
 /// A manifest file that could not be loaded, and why.
@@ -35,9 +49,41 @@ pub struct Damaged {
 
 impl Store {
     pub fn new(state_dir: &Path) -> io::Result<Store> {
-        let dir = state_dir.join("downloads");
+        let dir = state_dir.join("manifests");
         std::fs::create_dir_all(&dir)?;
-        Ok(Store { dir })
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        let key = load_or_create_key(&state_dir.join("manifest.key"))?;
+        let store = Store { dir, key };
+        store.migrate(&state_dir.join("downloads"));
+        Ok(store)
+    }
+
+    /// Where manifests are kept.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Moves the manifests an older mftd kept in `old` (next to downloaded
+    /// files) here, under the key. Files that are not such manifests stay.
+    fn migrate(&self, old: &Path) {
+        let Ok(entries) = std::fs::read_dir(old) else { return };
+        for e in entries.flatten() {
+            let p = e.path();
+            let id = p.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<u64>().ok());
+            let (Some(id), true) = (id, p.extension().is_some_and(|x| x == "json")) else { continue };
+            let Ok(bytes) = read_bounded(&p) else { continue };
+            let Ok(m) = Manifest::decode_unkeyed(&bytes) else { continue };
+            if m.id != id || self.path(id).exists() {
+                continue;
+            }
+            match self.save(&m) {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(&p);
+                    tracing::info!(from = %p.display(), to = %self.path(id).display(), "moved download manifest");
+                }
+                Err(e) => tracing::warn!(path = %p.display(), error = %e, "cannot move download manifest"),
+            }
+        }
     }
 
     pub fn path(&self, id: u64) -> PathBuf {
@@ -45,7 +91,7 @@ impl Store {
     }
 
     pub fn save(&self, m: &Manifest) -> io::Result<()> {
-        write_atomic(&self.path(m.id), &m.encode(), None)
+        write_atomic(&self.path(m.id), &m.encode(&self.key), None)
     }
 
     pub fn remove(&self, id: u64) {
@@ -57,7 +103,7 @@ impl Store {
 
     /// Reads one manifest from disk.
     pub fn load(&self, id: u64) -> Result<Manifest, Damaged> {
-        read_manifest(&self.path(id))
+        read_manifest(&self.path(id), &self.key)
     }
 
     /// Every manifest in the directory; damaged ones are returned apart,
@@ -72,7 +118,7 @@ impl Store {
             .collect();
         paths.sort();
         for p in paths {
-            match read_manifest(&p) {
+            match read_manifest(&p, &self.key) {
                 Ok(m) => {
                     // The file name is the ID; a mismatch means it was copied
                     // or edited by hand.
@@ -93,18 +139,65 @@ impl Store {
     }
 }
 
-fn read_manifest(p: &Path) -> Result<Manifest, Damaged> {
+fn read_manifest(p: &Path, key: &Key) -> Result<Manifest, Damaged> {
     let damaged = |error| Damaged { path: p.to_path_buf(), error };
+    let bytes = read_bounded(p).map_err(|e| damaged(ManifestError::NotJson(e)))?;
+    Manifest::decode(&bytes, key).map_err(damaged)
+}
+
+/// At most `MAX_MANIFEST` + 1 bytes of `p`, never through a symlink.
+fn read_bounded(p: &Path) -> Result<Vec<u8>, String> {
     let f = OpenOptions::new()
         .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits() | nix::fcntl::OFlag::O_NONBLOCK.bits())
         .open(p)
-        .map_err(|e| damaged(ManifestError::NotJson(format!("cannot open: {e}"))))?;
+        .map_err(|e| format!("cannot open: {e}"))?;
     let mut bytes = Vec::new();
-    f.take(MAX_MANIFEST + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| damaged(ManifestError::NotJson(format!("cannot read: {e}"))))?;
-    Manifest::decode(&bytes).map_err(damaged)
+    f.take(MAX_MANIFEST + 1).read_to_end(&mut bytes).map_err(|e| format!("cannot read: {e}"))?;
+    Ok(bytes)
+}
+
+/// The manifest key at `path`, created (32 random bytes, mode 0600) if
+/// there is none yet.
+fn load_or_create_key(path: &Path) -> io::Result<Key> {
+    let open = || OpenOptions::new().read(true).custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits()).open(path);
+    let mut f = match open() {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let mut key = [0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key);
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+                .open(path)
+            {
+                Ok(mut f) => {
+                    f.write_all(&key)?;
+                    f.sync_all()?;
+                    if let Some(dir) = path.parent() {
+                        File::open(dir)?.sync_all()?;
+                    }
+                    return Ok(key);
+                }
+                // Another start created it meanwhile: read that one.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => open()?,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(e) => return Err(e),
+    };
+    let meta = f.metadata()?;
+    if !meta.is_file() || meta.len() != 32 {
+        return Err(io::Error::other(format!("{} is not a 32-byte key file", path.display())));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    let mut key = [0u8; 32];
+    f.read_exact(&mut key)?;
+    Ok(key)
 }
 
 /// Writes `bytes` to `path` crash-consistently. `fail` makes the given step
@@ -156,7 +249,7 @@ mod tests {
             id,
             remote_path: path.into(),
             sources: vec!["127.0.0.1:1".into()],
-            destination: "/tmp/x".into(),
+            destination: format!("/tmp/{path}"),
             force: false,
             connections_per_source: 1,
             give_up_after_secs: None,
@@ -178,7 +271,7 @@ mod tests {
             let store = Store::new(dir.path()).unwrap();
             store.save(&manifest(1, "old")).unwrap();
             let new = manifest(1, "new");
-            let r = write_atomic(&store.path(1), &new.encode(), Some(step));
+            let r = write_atomic(&store.path(1), &new.encode(&store.key), Some(step));
             assert!(r.is_err());
             let got = store.load(1).expect("a complete manifest is always there");
             // Before the rename the old one stays; after it, the new one.
@@ -200,5 +293,32 @@ mod tests {
         let (good, bad) = store.load_all();
         assert_eq!(good.iter().map(|m| m.id).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(bad.len(), 3);
+    }
+
+    #[test]
+    fn old_manifests_move_under_the_key_and_other_files_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("downloads");
+        std::fs::create_dir(&old).unwrap();
+        // What an older mftd wrote: checksummed without a key.
+        let m = manifest(7, "seven");
+        let mut unkeyed = m.clone();
+        unkeyed.checksum = blake3::hash(&serde_json::to_vec(&unkeyed).unwrap()).to_hex().to_string();
+        std::fs::write(old.join("7.json"), serde_json::to_vec(&unkeyed).unwrap()).unwrap();
+        // A user's downloaded file that happens to be called 8.json.
+        std::fs::write(old.join("8.json"), b"{\"mine\": true}").unwrap();
+        let store = Store::new(dir.path()).unwrap();
+        assert_eq!(store.load(7).unwrap().remote_path, "seven");
+        assert!(!old.join("7.json").exists());
+        assert_eq!(std::fs::read(old.join("8.json")).unwrap(), b"{\"mine\": true}");
+        let mode = std::fs::metadata(store.dir()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        let kmode = std::fs::metadata(dir.path().join("manifest.key")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(kmode, 0o600);
+        // The key survives a restart; a manifest under another key does not pass.
+        let again = Store::new(dir.path()).unwrap();
+        assert!(again.load(7).is_ok());
+        std::fs::write(again.path(9), manifest(9, "nine").encode(&[1; 32])).unwrap();
+        assert!(matches!(again.load(9), Err(Damaged { error: ManifestError::Checksum, .. })));
     }
 }

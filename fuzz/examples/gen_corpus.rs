@@ -8,7 +8,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use mftd_common::control::{GetRequest, Request};
-use mftd_common::manifest::{Manifest, FORMAT, VERSION as MANIFEST_VERSION};
+use mftd_common::manifest::{Key, Manifest, FORMAT, VERSION as MANIFEST_VERSION};
+
+/// The key the manifest fuzz target checksums with.
+const KEY: Key = [0x5a; 32];
 use mftd_common::proto::{
     piece_count_for, piece_size_for, DataHeader, ErrorCode, ErrorFrame, Frame, Identity, ReadReq, StatInfo, HEADER_LEN,
     MAGIC, VERSION,
@@ -171,11 +174,11 @@ fn main() {
     // manifest: valid encodings and typical damage.
     let dir = root.join("manifest");
     fs::create_dir_all(&dir).unwrap();
-    let good = manifest(true).encode();
-    assert!(Manifest::decode(&good).is_ok());
+    let good = manifest(true).encode(&KEY);
+    assert!(Manifest::decode(&good, &KEY).is_ok());
     write(&dir, "valid_with_file", &good);
-    let no_file = manifest(false).encode();
-    assert!(Manifest::decode(&no_file).is_ok());
+    let no_file = manifest(false).encode(&KEY);
+    assert!(Manifest::decode(&no_file, &KEY).is_ok());
     write(&dir, "valid_no_file", &no_file);
     write(&dir, "damaged_truncated", &good[..good.len() / 2]);
     let s = String::from_utf8(good.clone()).unwrap();
@@ -183,7 +186,7 @@ fn main() {
     write(&dir, "damaged_version", s.replacen("\"version\": 1", "\"version\": 7", 1).as_bytes());
     let mut inconsistent = manifest(true);
     inconsistent.received = vec![Range::new(0, 11 << 20)];
-    write(&dir, "inconsistent_received", &inconsistent.encode());
+    write(&dir, "inconsistent_received", &inconsistent.encode(&KEY));
     write(&dir, "zeroed", &[0u8; 64]);
 
     println!("seed corpus written under {}", root.display());

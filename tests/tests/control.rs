@@ -126,3 +126,64 @@ fn port_in_use_is_a_clear_startup_error() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains(&format!("port {port} is already in use")), "{}", stderr(&out));
 }
+
+/// An export directory that was named and is missing (a typo, a disk not
+/// mounted) is an error at start, not an empty directory served as if
+/// nothing were wrong.
+#[test]
+fn a_named_export_directory_that_is_missing_is_a_startup_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("not-mounted");
+    let mut cmd = Command::new(mftd_tests::mftd_bin());
+    cmd.args(["--ports", "0", "--export"])
+        .arg(&missing)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--socket")
+        .arg(dir.path().join("s"))
+        .env("MFTD_CONFIG", "/dev/null");
+    let out = exits_soon(cmd);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+    assert!(!missing.exists(), "created the missing export directory");
+}
+
+/// The socket never goes into a directory someone else could swap it out
+/// of (like a `/tmp/mftd-UID` another user created first).
+#[test]
+fn a_socket_directory_controlled_by_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("mftd-run");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut cmd = Command::new(mftd_tests::mftd_bin());
+    cmd.args(["--ports", "0", "--export"])
+        .arg(dir.path())
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--socket")
+        .arg(shared.join("mftd.sock"))
+        .env("MFTD_CONFIG", "/dev/null");
+    let out = exits_soon(cmd);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("writable by others"), "{}", stderr(&out));
+    assert!(!shared.join("mftd.sock").exists());
+}
+
+/// Runs a daemon that is expected to refuse to start; panics (after
+/// stopping it) if it is still running after 10 s.
+fn exits_soon(mut cmd: Command) -> std::process::Output {
+    cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn mftd");
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(10) {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("output");
+    panic!("mftd started instead of refusing: {}", String::from_utf8_lossy(&out.stderr));
+}

@@ -134,10 +134,18 @@ fn bad_output_dir_and_existing_file_are_refused() {
     let server = Daemon::start(1);
     let client = Daemon::start(0);
     write_file(&server.export.join("x"), 10, 1);
-    let nowhere = client.dir.path().join("no/such/dir");
+    // A missing -o directory is created, as aria2c -d does...
+    let fresh = client.dir.path().join("new/sub/dir");
+    let out = client.ctl(&["get", "x", "--from", &server.sources()[0], "-o", fresh.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(sha256_file(&fresh.join("x")), sha256_file(&server.export.join("x")));
+    // ...unless it cannot be.
+    let under_a_file = client.dir.path().join("plain");
+    std::fs::write(&under_a_file, b"x").unwrap();
+    let nowhere = under_a_file.join("dir");
     let out = client.ctl(&["get", "x", "--from", &server.sources()[0], "-o", nowhere.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("cannot"), "{}", stderr(&out));
 
     let file_as_dir = client.dir.path().join("afile");
     std::fs::write(&file_as_dir, b"x").unwrap();

@@ -14,7 +14,7 @@ fn sent_total(server: &Daemon) -> u64 {
 }
 
 fn manifests(client: &Daemon) -> Vec<PathBuf> {
-    let dir = client.dir.path().join("state/downloads");
+    let dir = client.dir.path().join("state/manifests");
     let mut v: Vec<PathBuf> =
         std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
     v.retain(|p| p.extension().is_some_and(|x| x == "json"));
@@ -118,7 +118,7 @@ fn damaged_manifests_are_reported_and_data_is_reverified() {
         let id = client.get_detached("d", &server.sources(), &[]);
         assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 8 * MIB));
         client.kill();
-        let m = client.dir.path().join(format!("state/downloads/{id}.json"));
+        let m = client.dir.path().join(format!("state/manifests/{id}.json"));
         let text = std::fs::read(&m).unwrap();
         let reason = match *damage {
             "truncate" => {
@@ -343,7 +343,9 @@ fn a_full_disk_pauses_with_the_error_and_keeps_the_last_manifest() {
         .start();
     let id = client.get_detached("f", &server.sources(), &[]);
     assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 2 * MIB));
-    let manifest = state.join(format!("downloads/{id}.json"));
+    let manifest = state.join(format!("manifests/{id}.json"));
+    let key: mftd_common::manifest::Key =
+        std::fs::read(state.join("manifest.key")).unwrap().try_into().expect("a 32-byte manifest key");
     let before = std::fs::read(&manifest).unwrap();
     // Fill the file system: the next checkpoint cannot be written.
     let filler = state.join("filler");
@@ -359,8 +361,8 @@ fn a_full_disk_pauses_with_the_error_and_keeps_the_last_manifest() {
     assert!(err.contains("cannot write manifest") && err.contains("No space left"), "{dl}");
     // The previous manifest is intact and still decodes.
     let now = std::fs::read(&manifest).unwrap();
-    assert!(mftd_common::manifest::Manifest::decode(&now).is_ok(), "manifest damaged");
-    assert!(mftd_common::manifest::Manifest::decode(&before).is_ok());
+    assert!(mftd_common::manifest::Manifest::decode(&now, &key).is_ok(), "manifest damaged");
+    assert!(mftd_common::manifest::Manifest::decode(&before, &key).is_ok());
     assert!(client.ctl(&["status"]).status.success(), "daemon keeps serving");
     // Free the space and resume: the file completes correctly.
     std::fs::remove_file(&filler).unwrap();
@@ -386,4 +388,52 @@ fn no_space_for_the_file_is_a_clear_error() {
     assert!(stdout(&out).contains("not enough disk space"), "{}", stdout(&out));
     assert!(!out_dir.join("big.mftpart").exists(), "partial file left behind");
     assert!(client.ctl(&["status"]).status.success());
+}
+
+/// A manifest planted by someone who cannot read the key is reported as
+/// damaged and never acted on; a download whose name looks like a manifest
+/// does not collide with one.
+#[test]
+fn planted_manifests_are_refused_and_downloads_never_collide_with_state() {
+    let server = Daemon::start(1);
+    write_file(&server.export.join("3.json"), 4096, 31);
+    let mut client = Daemon::start(0);
+    // A forged manifest: resume "download 3" from a server of the forger's
+    // choice into a place of its choice, checksummed the way an older mftd
+    // did (no key).
+    let planted = serde_json::json!({
+        "format": "mftd-manifest", "version": 1, "id": 3,
+        "remote_path": "authorized_keys", "sources": [server.sources()[0]],
+        "destination": client.dir.path().join("victim/authorized_keys"),
+        "force": true, "connections_per_source": 1, "paused": false, "checksum": ""
+    });
+    let mut m: mftd_common::manifest::Manifest = serde_json::from_value(planted).unwrap();
+    m.checksum = String::new();
+    m.checksum = blake3_hex(&serde_json::to_vec(&m).unwrap());
+    let dir = client.dir.path().join("state/manifests");
+    std::fs::write(dir.join("3.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+    client.kill();
+    restart(&mut client, &["--auto-resume".into()]);
+    let (_, lines) = client.ctl_json(&["status"]);
+    let damaged = lines[0]["damaged_manifests"].as_array().unwrap();
+    assert!(damaged.iter().any(|d| d.as_str().unwrap().contains("checksum")), "{damaged:?}");
+    assert!(!client.dir.path().join("victim").exists());
+    // A download named 3.json into the state directory's downloads/ (the
+    // default download directory of the system service): it is a file like
+    // any other, and survives restarts untouched.
+    let dl_dir = client.dir.path().join("state/downloads");
+    std::fs::create_dir_all(&dl_dir).unwrap();
+    let out = client.ctl(&["get", "3.json", "--from", &server.sources()[0], "-o", dl_dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    client.kill();
+    restart(&mut client, &[]);
+    assert_eq!(sha256_file(&dl_dir.join("3.json")), sha256_file(&server.export.join("3.json")));
+    let (_, lines) = client.ctl_json(&["status"]);
+    let damaged = lines[0]["damaged_manifests"].as_array().unwrap();
+    assert!(damaged.iter().all(|d| !d.as_str().unwrap().contains("state/downloads")), "{damaged:?}");
+    assert!(dir.join("3.json").exists(), "the planted manifest is left in place for the operator");
+}
+
+fn blake3_hex(b: &[u8]) -> String {
+    blake3::hash(b).to_hex().to_string()
 }

@@ -96,11 +96,23 @@ fn a_group_member_downloads_only_where_it_could_write_itself() {
     assert_ne!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).contains("permission denied") && text(&out).contains("cannot write to"), "{}", text(&out));
     assert_eq!(std::fs::read_dir(&protected).unwrap().count(), 0, "something was written");
+    // Nor may it have mftd create a directory there for it.
+    let sub = protected.join("sub");
+    let out = nobody(&client, &["get", "authorized_keys", "--from", from, "-o", sub.to_str().unwrap()]);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("permission denied"), "{}", text(&out));
+    assert!(!sub.exists(), "created a directory for the caller where it may not");
     // Root may (its rights are the daemon's).
     let out = client.ctl(&["get", "authorized_keys", "--from", from, "-o", protected.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
-    // Its own directory: allowed, and the file is its own.
+    // Its own directory: allowed, and the file is its own; a missing
+    // directory inside it is created, as its own too.
     let mine = nobodys_dir(client.dir.path(), "mine");
+    let made = mine.join("made/here");
+    let out = nobody(&client, &["get", "authorized_keys", "--from", from, "-o", made.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(std::fs::metadata(&made).unwrap().uid(), NOBODY);
+    assert_eq!(std::fs::metadata(made.join("authorized_keys")).unwrap().uid(), NOBODY);
     let out = nobody(&client, &["get", "authorized_keys", "--from", from, "-o", mine.to_str().unwrap()]);
     assert!(out.status.success(), "{}\n{}", text(&out), client.log());
     let got = mine.join("authorized_keys");

@@ -141,7 +141,7 @@ impl Conn {
             Frame::Hello { version, .. } => Err(ClientError::Protocol(format!(
                 "server speaks mftd transfer protocol {version}, this client {VERSION}"
             ))),
-            Frame::Error(e) => Err(ClientError::Server { code: e.code, message: e.message }),
+            Frame::Error(e) => Err(ClientError::Server { code: e.code, message: printable(e.message) }),
             _ => Err(ClientError::Protocol("expected HELLO".into())),
         }
     }
@@ -168,7 +168,7 @@ impl Conn {
     async fn stat_answer(&mut self) -> Result<StatInfo, ClientError> {
         match self.recv(STAT_TIMEOUT).await? {
             Frame::StatOk(s) => Ok(s),
-            Frame::Error(e) => Err(ClientError::Server { code: e.code, message: e.message }),
+            Frame::Error(e) => Err(ClientError::Server { code: e.code, message: printable(e.message) }),
             _ => Err(ClientError::Protocol("expected STAT_OK or ERROR".into())),
         }
     }
@@ -190,6 +190,16 @@ impl Conn {
 /// to this size (1 MiB: fewer hand-offs to the blocking pool than 256 KiB,
 /// measured at about 10 % less CPU per GiB on loopback).
 pub const BUF: usize = 1 << 20;
+
+/// A server's error text with control characters replaced, so it cannot
+/// rewrite a terminal when `mftctl` prints it.
+fn printable(s: String) -> String {
+    if s.chars().any(char::is_control) {
+        s.chars().map(|c| if c.is_control() { '\u{fffd}' } else { c }).collect()
+    } else {
+        s
+    }
+}
 
 /// Longest a received byte waits in the reader before it is handed on.
 const FLUSH_AFTER: Duration = Duration::from_millis(50);
@@ -355,12 +365,21 @@ async fn read_events(mut rd: OwnedReadHalf, tx: mpsc::Sender<Event>, mut free: m
             }
             Frame::Trimmed { id, end } => Event::Trimmed { id, end },
             Frame::HashesOk { hashes } => Event::Hashes(hashes),
-            Frame::Error(e) => Event::Error { id: e.id, code: e.code, message: e.message },
+            Frame::Error(e) => Event::Error { id: e.id, code: e.code, message: printable(e.message) },
             other => Event::Failed(ClientError::Protocol(format!("unexpected {} frame", other.name()))),
         };
         let last = matches!(ev, Event::Failed(_));
         if tx.send(ev).await.is_err() || last {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn server_text_loses_its_control_characters() {
+        assert_eq!(super::printable("plain".into()), "plain");
+        assert_eq!(super::printable("a\x1b[2Jb\nc".into()), "a\u{fffd}[2Jb\u{fffd}c");
     }
 }

@@ -47,8 +47,11 @@ pub enum DownloadError {
         #[source]
         source: io::Error,
     },
-    #[error("not enough disk space for {} ({size} bytes)", dest.display())]
-    NoSpace { dest: PathBuf, size: u64 },
+    /// `detail`: how much was available and kept free, if known.
+    #[error("not enough disk space for {} ({size} bytes{detail})", dest.display())]
+    NoSpace { dest: PathBuf, size: u64, detail: String },
+    #[error("the file is {size} bytes, over max_download_size ({max} bytes)")]
+    TooLarge { size: u64, max: u64 },
     #[error("{} is a symlink; refusing to write through it", .0.display())]
     Symlink(PathBuf),
     #[error("another download is already writing {}; cancel it or choose another -o", .0.display())]

@@ -43,7 +43,19 @@ pub struct DownloadDefaults {
     /// Where callers other than root and mftd's own user may download to
     /// (empty: wherever they could write themselves).
     pub download_roots: Vec<PathBuf>,
+    /// Free space a download leaves on its file system (`None`: the smaller
+    /// of 1 GiB and 5 % of it).
+    pub min_free_space: Option<u64>,
+    /// Largest file a download may fetch.
+    pub max_download_size: Option<u64>,
+    /// How long ended downloads stay listed.
+    pub retention: Duration,
 }
+
+/// Most sources one download may name.
+pub const MAX_SOURCES: usize = 64;
+/// Most downloads running (not ended, not paused) at once.
+pub const MAX_RUNNING: usize = 256;
 
 /// Why a download's run was stopped from outside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +135,10 @@ pub struct Download {
     pub pin: Option<[u8; 32]>,
     /// Who asked for it: the destination is written with their rights.
     pub owner: Caller,
+    /// Free space to leave (see [`DownloadDefaults::min_free_space`]).
+    pub min_free_space: Option<u64>,
+    /// Largest file it may fetch.
+    pub max_size: Option<u64>,
     pub token: CancellationToken,
     /// Connection budgets per source host, shared by all downloads.
     pub budgets: Arc<budget::Budgets>,
@@ -456,6 +472,8 @@ impl Downloads {
             secret_file,
             pin: spec.pin,
             owner: spec.owner,
+            min_free_space: self.defaults.min_free_space,
+            max_size: self.defaults.max_download_size,
             token: self.parent.child_token(),
             budgets: self.budgets.clone(),
             resume: Mutex::new(spec.resume),
@@ -546,6 +564,20 @@ impl Downloads {
                 "no sources given; use --from HOST:PORT or --host with --ports".into(),
             ));
         }
+        if sources.len() > MAX_SOURCES {
+            return Err(Rejected(
+                ErrorCode::InvalidArgument,
+                format!("{} sources given; a download takes at most {MAX_SOURCES}", sources.len()),
+            ));
+        }
+        let running =
+            self.map().values().filter(|d| !d.state().is_final() && d.state() != DownloadState::Paused).count();
+        if running >= MAX_RUNNING {
+            return Err(Rejected(
+                ErrorCode::InvalidArgument,
+                format!("{running} downloads are running, the most mftd runs at once; wait for some to finish"),
+            ));
+        }
         let pin = match &req.identity {
             Some(i) => Some(parse_identity(i).map_err(|e| Rejected(ErrorCode::InvalidArgument, e))?),
             None => None,
@@ -563,6 +595,18 @@ impl Downloads {
         if req.output_dir.is_none() && !dir.exists() {
             std::fs::create_dir_all(&dir).map_err(|e| {
                 Rejected(ErrorCode::OutputDir, format!("cannot create download directory {}: {e}", dir.display()))
+            })?;
+        }
+        // A missing -o directory is created (as aria2c -d does), if the
+        // caller may create it: it must be allowed to write where the first
+        // missing component goes, and the directories are made with its
+        // rights.
+        if req.output_dir.is_some() && std::fs::symlink_metadata(&dir).is_err() {
+            let existing = dir.ancestors().skip(1).find(|a| a.exists()).unwrap_or(Path::new("/"));
+            caller::check_output_dir(caller, existing, &[]).map_err(|e| Rejected(ErrorCode::PermissionDenied, e.0))?;
+            let owner = (!caller.unrestricted()).then_some(caller);
+            caller::as_caller(owner, || std::fs::create_dir_all(&dir)).and_then(|r| r).map_err(|e| {
+                Rejected(ErrorCode::OutputDir, format!("cannot create output directory {}: {e}", dir.display()))
             })?;
         }
         match std::fs::metadata(&dir) {
@@ -789,6 +833,14 @@ impl Downloads {
         for d in self.all() {
             d.sample();
         }
+        // Ended downloads leave the registry (and the metrics) after the
+        // retention period; failed ones whose data and manifest were kept
+        // for a retry stay until resumed or cancelled.
+        let retention = self.defaults.retention;
+        self.map().retain(|id, d| {
+            let ended = d.progress().finished.is_some_and(|t| t.elapsed() >= retention);
+            !(ended && d.state().is_final() && !self.store.path(*id).exists())
+        });
     }
 }
 
