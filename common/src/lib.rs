@@ -174,14 +174,19 @@
 //! forbidden. Directories, devices, FIFOs and sockets get `NOT_REGULAR`.
 //!
 //! ## Limits and timeouts
-//! * frames: 1 MiB body; `DATA`: 4 MiB announced per frame (servers send
-//!   1 MiB); paths: 4096 bytes;
+//! * frames: 1 MiB body, 64 bytes before the handshake is complete (a
+//!   larger announced length gets `BAD_HANDSHAKE` without its body being
+//!   read); `DATA`: 4 MiB announced per frame (servers send 1 MiB); paths:
+//!   4096 bytes;
 //! * the server waits 10 s for the handshake (`handshake_timeout`) and closes a
 //!   connection that sends no request for 60 s while it is answering nothing
 //!   (`serve_idle_timeout`; a client receiving a long READ has nothing to
 //!   say); each listener serves at most `max_connections` connections at once
 //!   (default 64) and each client address at most `max_connections_per_ip`
-//!   across all listeners (default 16); the next gets `BUSY`;
+//!   across all listeners (default 16; IPv6 clients count by their /64); the
+//!   next gets `BUSY`;
+//! * a server hashes at most two files at a time, and a connection may have
+//!   at most four `HASHES` waiting for hashing (one more closes it);
 //! * the server reads requests while it answers (so a `TRIM` reaches a READ
 //!   being sent) and queues at most 8 beyond the one it is answering; more
 //!   are held back by TCP flow control; it keeps at most 64 unanswered TRIMs;

@@ -538,6 +538,15 @@ impl Frame {
 /// Reads one frame. The announced length is checked against [`MAX_FRAME`]
 /// before the body buffer is allocated. Callers wrap this in a timeout.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ProtoError> {
+    read_frame_limited(r, MAX_FRAME).await
+}
+
+/// Largest frame body a server reads before the handshake is complete
+/// (`HELLO` is 8 bytes, `AUTH` 32).
+pub const HANDSHAKE_MAX_FRAME: u32 = 64;
+
+/// [`read_frame`] with a smaller body limit (see [`HANDSHAKE_MAX_FRAME`]).
+pub async fn read_frame_limited<R: AsyncRead + Unpin>(r: &mut R, max: u32) -> Result<Frame, ProtoError> {
     let mut header = [0u8; HEADER_LEN];
     match r.read_exact(&mut header).await {
         Ok(_) => {}
@@ -546,7 +555,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ProtoE
     }
     let kind = header[0];
     let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
-    if len > MAX_FRAME {
+    if len > max.min(MAX_FRAME) {
         return Err(ProtoError::TooLarge(len));
     }
     if !matches!(

@@ -69,8 +69,11 @@ pub struct ServeContext {
 }
 
 impl ServeContext {
-    /// Counts a connection from `ip`; `None` if it is over the cap.
+    /// Counts a connection from `ip`; `None` if it is over the cap. An IPv6
+    /// client is counted by its /64 (one host usually has a whole /64 to
+    /// pick addresses from); an IPv4-mapped address as the IPv4 one.
     pub fn enter(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<IpSlot> {
+        let ip = address_key(ip);
         let mut m = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(ip).or_insert(0);
         if *n >= self.max_per_ip {
@@ -78,6 +81,18 @@ impl ServeContext {
         }
         *n += 1;
         Some(IpSlot { ctx: self.clone(), ip })
+    }
+}
+
+/// What the per-address cap counts `ip` as.
+pub fn address_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    use std::net::{IpAddr, Ipv6Addr};
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
     }
 }
 
@@ -158,7 +173,10 @@ async fn run(
 ) -> Result<(), ConnError> {
     // Handshake, authentication included, within one deadline.
     let deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
-    let hello = match tokio::time::timeout_at(deadline, read_frame(stream)).await {
+    // Before the handshake is done a peer gets no more than a HELLO's worth
+    // of buffer, whatever length it announces.
+    use mftd_common::proto::{read_frame_limited, HANDSHAKE_MAX_FRAME};
+    let hello = match tokio::time::timeout_at(deadline, read_frame_limited(stream, HANDSHAKE_MAX_FRAME)).await {
         Err(_) => {
             let _ = send_error(stream, 0, ErrorCode::BadHandshake, "no HELLO within the handshake timeout").await;
             return Err(ConnError::Timeout);
@@ -175,11 +193,12 @@ async fn run(
             if let Some(secret) = &ctx.secret {
                 let nonce: [u8; 32] = rand::random();
                 write_frame(stream, &Frame::Challenge { nonce }).await?;
-                let answer = match tokio::time::timeout_at(deadline, read_frame(stream)).await {
-                    Err(_) => None,
-                    Ok(Ok(Frame::Auth { mac })) => Some(mac),
-                    Ok(_) => None,
-                };
+                let answer =
+                    match tokio::time::timeout_at(deadline, read_frame_limited(stream, HANDSHAKE_MAX_FRAME)).await {
+                        Err(_) => None,
+                        Ok(Ok(Frame::Auth { mac })) => Some(mac),
+                        Ok(_) => None,
+                    };
                 if !answer.is_some_and(|mac| mftd_common::proto::auth_ok(secret, &nonce, &mac)) {
                     let _ = send_error(
                         stream,
@@ -682,4 +701,22 @@ async fn send_range(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::address_key;
+
+    #[test]
+    fn ipv6_clients_count_by_their_64() {
+        let a: std::net::IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: std::net::IpAddr = "2001:db8:1:2:ffff:1:2:3".parse().unwrap();
+        let c: std::net::IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(address_key(a), address_key(b));
+        assert_ne!(address_key(a), address_key(c));
+        let mapped: std::net::IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(address_key(mapped), "10.1.2.3".parse::<std::net::IpAddr>().unwrap());
+        let v4: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(address_key(v4), v4);
+    }
 }

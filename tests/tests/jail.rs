@@ -110,6 +110,18 @@ fn bad_handshake_version_and_ranges() {
         Some(Frame::Error(e)) => assert_eq!(e.code, ErrorCode::BadHandshake),
         other => panic!("{other:?}"),
     }
+    // Before the handshake a peer gets no big buffer: a HELLO announcing
+    // 1 MiB is refused at once, without reading (or waiting for) its body.
+    let mut c = RawConn::connect(d.ports[0]);
+    let mut header = vec![mftd_common::proto::T_HELLO];
+    header.extend_from_slice(&(1u32 << 20).to_be_bytes());
+    c.send_raw(&header);
+    let asked = std::time::Instant::now();
+    match c.recv() {
+        Some(Frame::Error(e)) => assert_eq!(e.code, ErrorCode::BadHandshake),
+        other => panic!("{other:?}"),
+    }
+    assert!(asked.elapsed() < std::time::Duration::from_secs(5), "waited for the announced body");
     // A newer client, and old peers (v1: before streamed READs and TRIM;
     // v2: STAT only after hashing), are refused with both versions named.
     for v in [9u16, 1, 2] {
