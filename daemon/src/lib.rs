@@ -97,7 +97,33 @@ impl Daemon {
                 self.listeners.set_allow(*port, new.listener_allow.get(port).cloned());
             }
         }
+        // Serving settings: for connections accepted from now on; open ones
+        // that the new allow lists forbid are closed.
+        let ctx = self.listeners.context();
+        let previous = ctx.settings();
+        let secret = match &new.auth_secret_file {
+            None => None,
+            Some(p) => match config::read_secret(p) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "reload: cannot read auth_secret_file; keeping the previous secret");
+                    previous.secret.clone()
+                }
+            },
+        };
+        let settings = serve_settings(&new, secret);
+        if settings != *previous {
+            if settings.secret != previous.secret {
+                info!(on = settings.secret.is_some(), "reload: transfer authentication changed");
+            }
+            ctx.set_settings(settings);
+        }
+        let closed = self.listeners.enforce_allow();
+        if closed > 0 {
+            info!(closed, "reload: closed connections the new allow lists forbid");
+        }
         for (what, changed) in [
+            ("max_connections", old.max_connections != new.max_connections),
             ("listen", old.listen != new.listen),
             ("export", old.export != new.export),
             ("socket", old.socket != new.socket),
@@ -111,6 +137,18 @@ impl Daemon {
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = new;
         info!("configuration reloaded");
         notify::ready(&self.summary());
+    }
+}
+
+/// The serving settings `config` asks for, with `secret` read from its
+/// `auth_secret_file`.
+fn serve_settings(config: &Config, secret: Option<Vec<u8>>) -> serve::ServeSettings {
+    serve::ServeSettings {
+        secret,
+        handshake_timeout: config.handshake_timeout,
+        idle_timeout: config.serve_idle_timeout,
+        max_per_ip: config.max_connections_per_ip,
+        allow: config.allow.clone(),
     }
 }
 
@@ -158,16 +196,11 @@ pub async fn run(
     if secret.is_some() {
         info!("transfer listeners require authentication");
     }
-    let ctx = Arc::new(ServeContext {
+    let ctx = Arc::new(ServeContext::new(
         jail,
-        identities: identity::IdentityCache::new(config.hash_threads),
-        secret: secret.clone(),
-        handshake_timeout: config.handshake_timeout,
-        idle_timeout: config.serve_idle_timeout,
-        max_per_ip: config.max_connections_per_ip,
-        per_ip: Default::default(),
-        allow: config.allow.clone(),
-    });
+        identity::IdentityCache::new(config.hash_threads),
+        serve_settings(&config, secret.clone()),
+    ));
 
     let metrics = match config.metrics_listen {
         Some(a) => Some(metrics::bind(a).await?),

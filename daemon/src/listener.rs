@@ -45,6 +45,21 @@ pub struct ListenerShared {
     pub limiter: RateLimiter,
     /// Address ranges this listener accepts, over the global list.
     pub allow: std::sync::RwLock<Option<Vec<ipnet::IpNet>>>,
+    /// Open connections: peer address and the token that closes them, so
+    /// a new allow list can close those it forbids.
+    live: std::sync::Mutex<std::collections::HashMap<u64, (std::net::IpAddr, CancellationToken)>>,
+    next_conn: std::sync::atomic::AtomicU64,
+}
+
+impl ListenerShared {
+    /// Whether `ip` may connect, by this listener's list or else `global`.
+    fn admits(&self, ip: &std::net::IpAddr, global: Option<&Vec<ipnet::IpNet>>) -> bool {
+        let own = self.allow.read().unwrap_or_else(|p| p.into_inner());
+        match own.as_ref().or(global) {
+            Some(nets) => nets.iter().any(|n| n.contains(ip)),
+            None => true,
+        }
+    }
 }
 
 struct Entry {
@@ -166,6 +181,8 @@ impl Listeners {
             stats: ListenerStats::default(),
             limiter: RateLimiter::new(rate_limit),
             allow: std::sync::RwLock::new(None),
+            live: Default::default(),
+            next_conn: Default::default(),
         });
         let token = self.spawn(listener, shared.clone());
         self.entries().insert(port, Entry { shared, addr, running: Some(token) });
@@ -230,6 +247,29 @@ impl Listeners {
         if let Some(e) = self.entries().get(&port) {
             *e.shared.allow.write().unwrap_or_else(|p| p.into_inner()) = allow;
         }
+    }
+
+    /// The context every connection is served with.
+    pub fn context(&self) -> &Arc<ServeContext> {
+        &self.ctx
+    }
+
+    /// Closes open connections that the allow lists now in force forbid.
+    /// Returns how many were closed.
+    pub fn enforce_allow(&self) -> usize {
+        let global = self.ctx.settings();
+        let mut closed = 0;
+        for e in self.entries().values() {
+            let live = e.shared.live.lock().unwrap_or_else(|p| p.into_inner());
+            for (ip, token) in live.values() {
+                if !e.shared.admits(ip, global.allow.as_ref()) && !token.is_cancelled() {
+                    warn!(port = e.shared.port, %ip, "address no longer allowed; closing its connection");
+                    token.cancel();
+                    closed += 1;
+                }
+            }
+        }
+        closed
     }
 
     pub fn limit(&self, port: u16) -> Option<u64> {
@@ -326,14 +366,7 @@ async fn accept_loop(
         };
         shared.stats.total_connections.fetch_add(1, Ordering::Relaxed);
         let ip = peer.ip().to_canonical();
-        let allowed = {
-            let own = shared.allow.read().unwrap_or_else(|p| p.into_inner());
-            match own.as_ref().or(ctx.allow.as_ref()) {
-                Some(nets) => nets.iter().any(|n| n.contains(&ip)),
-                None => true,
-            }
-        };
-        if !allowed {
+        if !shared.admits(&ip, ctx.settings().allow.as_ref()) {
             warn!(%peer, "address not in the allow list; refusing");
             refuse(&tracker, stream, ErrorCode::NotAllowed, "your address is not allowed on this listener");
             continue;
@@ -353,9 +386,12 @@ async fn accept_loop(
         let conn_token = token.child_token();
         let span = info_span!("conn", port = shared.port, %peer);
         shared.stats.connections.fetch_add(1, Ordering::Relaxed);
+        let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        shared.live.lock().unwrap_or_else(|p| p.into_inner()).insert(conn_id, (ip, conn_token.clone()));
         tracker.spawn(
             async move {
                 serve_connection(stream, ctx2, shared2.clone(), conn_token).await;
+                shared2.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&conn_id);
                 shared2.stats.connections.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
                 drop(ip_slot);

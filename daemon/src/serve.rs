@@ -55,6 +55,14 @@ struct PendingHashes {
 pub struct ServeContext {
     pub jail: Jail,
     pub identities: IdentityCache,
+    /// Replaced as a whole on reload; each connection reads them once.
+    settings: std::sync::RwLock<Arc<ServeSettings>>,
+    pub per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>,
+}
+
+/// The serving settings a reload may change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeSettings {
     /// Shared secret clients must prove, if authentication is on.
     pub secret: Option<Vec<u8>>,
     /// How long a new connection may take to complete the handshake.
@@ -63,20 +71,38 @@ pub struct ServeContext {
     pub idle_timeout: Duration,
     /// Connections per client address over all listeners.
     pub max_per_ip: u32,
-    pub per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>,
     /// Address ranges accepted when a listener has no list of its own.
     pub allow: Option<Vec<ipnet::IpNet>>,
 }
 
 impl ServeContext {
+    pub fn new(jail: Jail, identities: IdentityCache, settings: ServeSettings) -> ServeContext {
+        ServeContext {
+            jail,
+            identities,
+            settings: std::sync::RwLock::new(Arc::new(settings)),
+            per_ip: Default::default(),
+        }
+    }
+
+    pub fn settings(&self) -> Arc<ServeSettings> {
+        self.settings.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Applies reloaded settings to connections accepted from now on.
+    pub fn set_settings(&self, s: ServeSettings) {
+        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
+    }
+
     /// Counts a connection from `ip`; `None` if it is over the cap. An IPv6
     /// client is counted by its /64 (one host usually has a whole /64 to
     /// pick addresses from); an IPv4-mapped address as the IPv4 one.
     pub fn enter(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<IpSlot> {
         let ip = address_key(ip);
         let mut m = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let max = self.settings().max_per_ip;
         let n = m.entry(ip).or_insert(0);
-        if *n >= self.max_per_ip {
+        if *n >= max {
             return None;
         }
         *n += 1;
@@ -171,8 +197,9 @@ async fn run(
     listener: &ListenerShared,
     token: &CancellationToken,
 ) -> Result<(), ConnError> {
+    let settings = ctx.settings();
     // Handshake, authentication included, within one deadline.
-    let deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
+    let deadline = tokio::time::Instant::now() + settings.handshake_timeout;
     // Before the handshake is done a peer gets no more than a HELLO's worth
     // of buffer, whatever length it announces.
     use mftd_common::proto::{read_frame_limited, HANDSHAKE_MAX_FRAME};
@@ -190,7 +217,7 @@ async fn run(
                 send_error(stream, 0, ErrorCode::VersionMismatch, msg.clone()).await?;
                 return Err(ConnError::Closed(msg));
             }
-            if let Some(secret) = &ctx.secret {
+            if let Some(secret) = &settings.secret {
                 let nonce: [u8; 32] = rand::random();
                 write_frame(stream, &Frame::Challenge { nonce }).await?;
                 let answer =
@@ -229,7 +256,7 @@ async fn run(
         r
     };
     let reader = async {
-        let r = read_loop(rd, ctx.idle_timeout, &queue).await;
+        let r = read_loop(rd, settings.idle_timeout, &queue).await;
         queue.close();
         r
     };

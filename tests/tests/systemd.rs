@@ -213,3 +213,87 @@ fn make_install_into_destdir_produces_the_documented_tree() {
     assert!(un.status.success());
     assert!(!d.join("usr/bin/mftd").exists() && !d.join("usr/lib/systemd/system/mftd.service").exists());
 }
+
+/// `systemctl reload` (SIGHUP) applies the allow list, the shared secret and
+/// the handshake timeout, closes open connections the new allow list
+/// forbids, and keeps the old secret (saying so) when the new one cannot be
+/// read.
+#[test]
+fn sighup_applies_allow_list_secret_and_timeouts() {
+    use mftd_common::proto::{ErrorCode, Frame, MAGIC, VERSION};
+    use mftd_tests::RawConn;
+    let port = free_ports(1)[0];
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("mftd.toml");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "reloaded-secret-42").unwrap();
+    std::fs::write(&cfg, format!("ports = [{port}]\n")).unwrap();
+    let mut server = Daemon::start(0);
+    server.kill();
+    let log = std::fs::File::create(server.dir.path().join("mftd.log")).unwrap();
+    let mut cmd = Command::new(mftd_bin());
+    cmd.arg("--config")
+        .arg(&cfg)
+        .arg("--export")
+        .arg(&server.export)
+        .arg("--state-dir")
+        .arg(server.dir.path().join("state"))
+        .arg("--socket")
+        .arg(&server.socket)
+        .stdout(Stdio::null())
+        .stderr(log);
+    server.child = Some(cmd.spawn().unwrap());
+    server.wait_ready();
+    let hup = |server: &Daemon| {
+        let before = server.log().matches("configuration reloaded").count();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(server.pid()), nix::sys::signal::Signal::SIGHUP).unwrap();
+        assert!(
+            wait_until(Duration::from_secs(5), || server.log().matches("configuration reloaded").count() > before),
+            "no reload: {}",
+            server.log()
+        );
+    };
+
+    // An open connection from 127.0.0.1, then an allow list without it.
+    let mut open = RawConn::hello(port);
+    std::fs::write(&cfg, format!("ports = [{port}]\nallow = [\"10.0.0.0/8\"]\n")).unwrap();
+    let t = Instant::now();
+    hup(&server);
+    // Closed (EOF), not merely silent until the 10 s read timeout.
+    assert!(open.recv().is_none(), "a connection the new allow list forbids stayed open");
+    assert!(t.elapsed() < Duration::from_secs(5), "closed only after {:?}", t.elapsed());
+    let mut c = RawConn::connect(port);
+    match c.recv() {
+        Some(Frame::Error(e)) => assert_eq!(e.code, ErrorCode::NotAllowed),
+        other => panic!("{other:?}"),
+    }
+
+    // A shared secret: new connections are challenged.
+    std::fs::write(&cfg, format!("ports = [{port}]\nauth_secret_file = {:?}\n", secret.display().to_string())).unwrap();
+    hup(&server);
+    let challenged = |port| {
+        let mut c = RawConn::connect(port);
+        c.send(&Frame::Hello { magic: MAGIC, version: VERSION, flags: mftd_common::proto::FLAG_AUTH });
+        matches!(c.recv(), Some(Frame::Challenge { .. }))
+    };
+    assert!(challenged(port), "no CHALLENGE after the secret was configured");
+
+    // A secret file that cannot be read: the old secret stays, with a reason.
+    let missing = dir.path().join("missing");
+    std::fs::write(&cfg, format!("ports = [{port}]\nauth_secret_file = {:?}\n", missing.display().to_string()))
+        .unwrap();
+    hup(&server);
+    assert!(server.log().contains("keeping the previous secret"), "{}", server.log());
+    assert!(challenged(port), "the previous secret was dropped");
+
+    // A shorter handshake timeout: a silent connection is cut after it
+    // (at least the configured 1 s, well before the default 10 s).
+    std::fs::write(&cfg, format!("ports = [{port}]\nhandshake_timeout = 1\n")).unwrap();
+    hup(&server);
+    let mut silent = RawConn::connect(port);
+    let t = Instant::now();
+    let got = silent.recv();
+    let waited = t.elapsed();
+    assert!(matches!(got, Some(Frame::Error(ref e)) if e.code == ErrorCode::BadHandshake), "{got:?}");
+    assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(5), "cut after {waited:?}");
+}
