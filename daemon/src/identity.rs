@@ -1,7 +1,10 @@
 //! Content identities of exported files, computed once per file version.
 //!
-//! A file version is (device, inode, size, mtime); as long as it is the same,
-//! the per-piece BLAKE3 hashes are served from memory. The first `STAT` of a
+//! A file version is (device, inode, size, mtime, ctime); as long as it is
+//! the same, the per-piece BLAKE3 hashes are served from memory (the 4096
+//! most recently used versions) or from `STATE_DIR/identities`, where each
+//! is kept across restarts (ctime catches a file rewritten with its mtime
+//! put back). The first `STAT` of a
 //! version starts hashing it in the background and is answered at once
 //! ("not hashed yet"): clients fetch data meanwhile and verify it when the
 //! hashes come. Concurrent requests for the same version share one
@@ -18,10 +21,21 @@ use tokio::sync::watch;
 
 use mftd_common::proto::{piece_count_for, piece_size_for, Identity};
 
-/// Most file versions kept; beyond it the cache starts over.
+/// Most file versions kept in memory; beyond it the least recently used
+/// finished one goes.
 const MAX_ENTRIES: usize = 4096;
+/// Most identity files kept on disk; beyond it the oldest eighth goes.
+const MAX_PERSISTED: usize = 16384;
+/// A file whose hashing failed is not hashed again sooner than this.
+const RETRY_FAILED: std::time::Duration = std::time::Duration::from_secs(10);
 
-type Key = (u64, u64, u64, i64);
+/// (device, inode, size, mtime, ctime).
+type Key = (u64, u64, u64, i64, i64);
+
+fn key_of(meta: &std::fs::Metadata) -> Key {
+    let ctime = meta.ctime().saturating_mul(1_000_000_000).saturating_add(meta.ctime_nsec());
+    (meta.dev(), meta.ino(), meta.size(), mtime_ns(meta), ctime)
+}
 /// `None` while hashing; then the identity, or why it could not be computed.
 type Outcome = Option<Result<Arc<Identity>, String>>;
 
@@ -51,15 +65,18 @@ const CONCURRENT_FILES: usize = 2;
 
 #[derive(Debug)]
 pub struct IdentityCache {
-    map: Mutex<HashMap<Key, Hashing>>,
+    /// Each version with when it was last asked for.
+    map: Mutex<HashMap<Key, (Hashing, std::time::Instant)>>,
     /// Threads one file is hashed on.
     threads: usize,
     turns: Arc<tokio::sync::Semaphore>,
+    /// Where identities are kept across restarts.
+    persist: Option<std::path::PathBuf>,
 }
 
 impl Default for IdentityCache {
     fn default() -> Self {
-        IdentityCache::new(0)
+        IdentityCache::new(0, None)
     }
 }
 
@@ -76,33 +93,45 @@ pub fn hash_threads(configured: usize) -> usize {
 }
 
 impl IdentityCache {
-    /// A cache hashing each file on `threads` threads (0: one per core).
-    pub fn new(threads: usize) -> IdentityCache {
+    /// A cache hashing each file on `threads` threads (0: one per core),
+    /// keeping identities in `persist` across restarts if given.
+    pub fn new(threads: usize, persist: Option<std::path::PathBuf>) -> IdentityCache {
+        if let Some(dir) = &persist {
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot keep file identities across restarts");
+            }
+        }
         IdentityCache {
             map: Mutex::new(HashMap::new()),
             threads: hash_threads(threads),
             turns: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_FILES)),
+            persist,
         }
     }
 
-    /// The identity of `file` as described by `meta`: known, or being
-    /// computed (started here if nobody asked before). Never waits for the
-    /// hashing itself. Must be called within the runtime.
-    pub fn lookup(&self, file: &File, meta: &std::fs::Metadata) -> io::Result<Hashing> {
-        let key = (meta.dev(), meta.ino(), meta.size(), mtime_ns(meta));
-        let mut map = self.map.lock().map_err(|_| io::Error::other("identity cache poisoned"))?;
-        if let Some(h) = map.get(&key) {
-            // A failed computation (a read error) is tried again.
-            if !matches!(h.now(), Some(Err(_))) {
-                return Ok(h.clone());
+    /// The identity of `file` as described by `meta`: known (in memory or
+    /// kept on disk), or being computed (started here if nobody asked
+    /// before). Never waits for the hashing itself.
+    pub async fn lookup(&self, file: &File, meta: &std::fs::Metadata) -> io::Result<Hashing> {
+        let key = key_of(meta);
+        if let Some(h) = self.cached(&key)? {
+            return Ok(h);
+        }
+        // Kept from an earlier run?
+        let path = self.persist.as_ref().map(|d| d.join(file_name(&key)));
+        if let Some(p) = path.clone() {
+            let size = meta.size();
+            let loaded = tokio::task::spawn_blocking(move || load(&p, size)).await.ok().flatten();
+            if let Some(id) = loaded {
+                let (_, rx) = watch::channel(Some(Ok(Arc::new(id))));
+                return Ok(self.insert(key, Hashing(rx)));
             }
         }
-        if map.len() >= MAX_ENTRIES {
-            map.retain(|_, h| h.now().is_none());
-        }
         let (tx, rx) = watch::channel(None);
-        let hashing = Hashing(rx);
-        map.insert(key, hashing.clone());
+        let hashing = self.insert(key, Hashing(rx));
+        if hashing.now().is_some() {
+            return Ok(hashing); // another task got there first
+        }
         let file = file.try_clone()?;
         let (size, threads, turns) = (meta.size(), self.threads, self.turns.clone());
         tokio::spawn(async move {
@@ -111,7 +140,14 @@ impl IdentityCache {
                 let started = std::time::Instant::now();
                 let out = hash_file(&file, size, threads).map(Arc::new).map_err(|e| e.to_string());
                 match &out {
-                    Ok(_) => tracing::debug!(size, threads, secs = started.elapsed().as_secs_f64(), "file hashed"),
+                    Ok(id) => {
+                        tracing::debug!(size, threads, secs = started.elapsed().as_secs_f64(), "file hashed");
+                        if let Some(p) = &path {
+                            if let Err(e) = store(p, id) {
+                                tracing::warn!(file = %p.display(), error = %e, "cannot keep the file identity");
+                            }
+                        }
+                    }
                     Err(e) => tracing::warn!(size, error = %e, "hashing failed"),
                 }
                 out
@@ -123,11 +159,128 @@ impl IdentityCache {
         Ok(hashing)
     }
 
+    /// The version in memory, unless its hashing failed long enough ago to
+    /// try again.
+    fn cached(&self, key: &Key) -> io::Result<Option<Hashing>> {
+        let mut map = self.map.lock().map_err(|_| io::Error::other("identity cache poisoned"))?;
+        let Some((h, used)) = map.get_mut(key) else { return Ok(None) };
+        if matches!(h.now(), Some(Err(_))) && used.elapsed() >= RETRY_FAILED {
+            return Ok(None);
+        }
+        if !matches!(h.now(), Some(Err(_))) {
+            *used = std::time::Instant::now();
+        }
+        Ok(Some(h.clone()))
+    }
+
+    /// Records `h` for `key`, making room by dropping the least recently
+    /// used finished version. Returns what is recorded for `key` now.
+    fn insert(&self, key: Key, h: Hashing) -> Hashing {
+        let Ok(mut map) = self.map.lock() else { return h };
+        if let Some((old, _)) = map.get(&key) {
+            if old.now().is_none() || matches!(old.now(), Some(Ok(_))) {
+                return old.clone();
+            }
+        }
+        if map.len() >= MAX_ENTRIES {
+            let oldest =
+                map.iter().filter(|(_, (h, _))| h.now().is_some()).min_by_key(|(_, (_, t))| *t).map(|(k, _)| *k);
+            if let Some(k) = oldest {
+                map.remove(&k);
+            }
+        }
+        map.insert(key, (h.clone(), std::time::Instant::now()));
+        h
+    }
+
     /// The identity of `file`, waiting for its hashing if needed.
     pub async fn get(&self, file: &File, meta: &std::fs::Metadata) -> io::Result<Arc<Identity>> {
-        self.lookup(file, meta)?.wait().await.map_err(io::Error::other)
+        self.lookup(file, meta).await?.wait().await.map_err(io::Error::other)
     }
 }
+
+/// Magic of an identity file.
+const ID_MAGIC: &[u8; 8] = b"MFTDID1\n";
+
+fn file_name(key: &Key) -> String {
+    let mut b = Vec::with_capacity(40);
+    for v in [key.0, key.1, key.2, key.3 as u64, key.4 as u64] {
+        b.extend_from_slice(&v.to_be_bytes());
+    }
+    format!("{}.id", &blake3::hash(&b).to_hex()[..32])
+}
+
+/// Writes `id` to `path` (temp file and rename), then keeps the directory
+/// under [`MAX_PERSISTED`] files.
+fn store(path: &std::path::Path, id: &Identity) -> io::Result<()> {
+    use std::io::Write;
+    let mut body = Vec::with_capacity(24 + id.hashes.len() * 32 + 32);
+    body.extend_from_slice(ID_MAGIC);
+    body.extend_from_slice(&id.size.to_be_bytes());
+    body.extend_from_slice(&id.piece_size.to_be_bytes());
+    body.extend_from_slice(&(id.hashes.len() as u32).to_be_bytes());
+    for h in &id.hashes {
+        body.extend_from_slice(h);
+    }
+    let sum = *blake3::hash(&body).as_bytes();
+    body.extend_from_slice(&sum);
+    let tmp = path.with_extension("tmp");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(&body)?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        prune(dir);
+    }
+    Ok(())
+}
+
+/// Drops the oldest eighth of the identity files when there are too many.
+fn prune(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let mut files: Vec<(std::time::SystemTime, std::path::PathBuf)> =
+        entries.flatten().filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path()))).collect();
+    if files.len() <= MAX_PERSISTED {
+        return;
+    }
+    files.sort();
+    for (_, p) in files.iter().take(files.len() / 8) {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// Reads an identity file for a file of `size` bytes; `None` if it is
+/// missing, damaged or does not fit.
+fn load(path: &std::path::Path, size: u64) -> Option<Identity> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).ok()?;
+    let mut body = Vec::new();
+    let max = 24 + (MAX_PIECES_ON_DISK * 32) + 32;
+    f.take(max as u64 + 1).read_to_end(&mut body).ok()?;
+    if body.len() < 24 + 32 || body.len() > max || &body[..8] != ID_MAGIC {
+        return None;
+    }
+    let (content, sum) = body.split_at(body.len() - 32);
+    if blake3::hash(content).as_bytes() != sum {
+        return None;
+    }
+    let stored = u64::from_be_bytes(content[8..16].try_into().ok()?);
+    let piece_size = u32::from_be_bytes(content[16..20].try_into().ok()?);
+    let count = u32::from_be_bytes(content[20..24].try_into().ok()?) as usize;
+    if stored != size || piece_size != piece_size_for(size) || count as u64 != piece_count_for(size, piece_size) {
+        return None;
+    }
+    let hashes: Vec<[u8; 32]> = content[24..].chunks_exact(32).map(|c| c.try_into().unwrap_or([0; 32])).collect();
+    if hashes.len() != count {
+        return None;
+    }
+    Some(Identity::from_hashes(size, piece_size, hashes))
+}
+
+/// Most pieces an identity file may list.
+const MAX_PIECES_ON_DISK: usize = mftd_common::proto::MAX_PIECES as usize;
 
 /// Most files `index_export` looks at.
 const INDEX_MAX_FILES: usize = 100_000;
@@ -149,7 +302,7 @@ pub async fn index_export(jail: &crate::jail::Jail, cache: &IdentityCache, stop:
     let (mut files, mut bytes) = (0u64, 0u64);
     for rel in found {
         let Ok((file, meta)) = jail.open(&rel) else { continue };
-        let Ok(hashing) = cache.lookup(&file, &meta) else { continue };
+        let Ok(hashing) = cache.lookup(&file, &meta).await else { continue };
         tokio::select! {
             r = hashing.wait() => if r.is_ok() {
                 files += 1;

@@ -198,7 +198,7 @@ pub async fn run(
     }
     let ctx = Arc::new(ServeContext::new(
         jail,
-        identity::IdentityCache::new(config.hash_threads),
+        identity::IdentityCache::new(config.hash_threads, Some(config.state_dir.join("identities"))),
         serve_settings(&config, secret.clone()),
     ));
 

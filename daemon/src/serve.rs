@@ -479,7 +479,7 @@ async fn handle_stat(stream: &mut WriteHalf<'_>, ctx: &ServeContext, path: &str)
             return send_error(stream, 0, e.code(), jail_message(&e, path)).await;
         }
     };
-    let hashing = ctx.identities.lookup(&file, &meta)?;
+    let hashing = ctx.identities.lookup(&file, &meta).await?;
     let outcome = match hashing.now() {
         None if meta.size() <= HASH_BEFORE_STAT => Some(hashing.wait().await),
         now => now,
@@ -525,7 +525,7 @@ async fn handle_hashes(
         send_error(stream, 0, ErrorCode::FileChanged, format!("{path:?} changed since STAT")).await?;
         return Ok(None);
     }
-    let hashing = ctx.identities.lookup(&file, &meta)?;
+    let hashing = ctx.identities.lookup(&file, &meta).await?;
     let mut pending =
         std::collections::VecDeque::from([PendingHashes { path: path.into(), file, size, mtime, hashing }]);
     answer_hashes(stream, &mut pending).await?;

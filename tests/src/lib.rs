@@ -460,24 +460,6 @@ impl Drop for StallProxy {
     }
 }
 
-/// Overwrites bytes of a file but keeps its size and modification time, so
-/// a server that already hashed it keeps announcing the old identity: a
-/// server that serves corrupt data under a good identity.
-pub fn corrupt_keeping_mtime(path: &Path, offsets: &[u64]) {
-    use std::os::unix::fs::FileExt;
-    let meta = std::fs::metadata(path).expect("stat");
-    let mtime = meta.modified().expect("mtime");
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).expect("open rw");
-    for &o in offsets {
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, o).expect("read byte");
-        b[0] ^= 0xff;
-        f.write_all_at(&b, o).expect("write byte");
-    }
-    f.set_modified(mtime).expect("restore mtime");
-    f.sync_all().expect("sync");
-}
-
 /// How a [`LyingServer`] misbehaves when asked for bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lie {
@@ -489,6 +471,9 @@ pub enum Lie {
     HugeLength,
     /// A frame header announcing a body near u32::MAX.
     HugeFrame,
+    /// Relays the real file but flips the byte at `first` and every
+    /// `every` bytes after it: bad pieces under the honest identity.
+    Flip { first: u64, every: u64 },
 }
 
 /// A transfer server that tells the truth about the file (it relays the
@@ -549,12 +534,45 @@ fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie) {
     loop {
         let Some(f) = c.recv() else { return };
         match f {
-            Frame::Stat { .. } | Frame::Hashes { .. } => {
+            Frame::Stat { .. } | Frame::Hashes { .. } | Frame::Trim { .. } => {
                 up.try_send(&f);
                 let Some(answer) = up.recv() else { return };
                 c.try_send(&answer);
             }
             Frame::Read(r) => match lie {
+                Lie::Flip { first, every } => {
+                    up.try_send(&Frame::Read(r.clone()));
+                    let mut got = 0u64;
+                    while got < r.len {
+                        match up.recv() {
+                            Some(Frame::Data(h)) => {
+                                let mut payload = up.read_payload(h.len);
+                                let mut at = first;
+                                while at < h.offset + h.len {
+                                    if at >= h.offset {
+                                        payload[(at - h.offset) as usize] ^= 0x55;
+                                    }
+                                    let Some(next) = at.checked_add(every.max(1)) else { break };
+                                    at = next;
+                                }
+                                c.try_send(&Frame::Data(h));
+                                let _ = c.s.write_all(&payload);
+                                got += h.len;
+                                if h.len == 0 {
+                                    break;
+                                }
+                            }
+                            Some(other) => {
+                                let stop = matches!(other, Frame::Error(_));
+                                c.try_send(&other);
+                                if stop {
+                                    break;
+                                }
+                            }
+                            None => return,
+                        }
+                    }
+                }
                 Lie::LongerRange => {
                     c.try_send(&Frame::Data(DataHeader { id: r.id, offset: r.offset, len: r.len + 4096 }));
                     let _ = c.s.write_all(&vec![0x55u8; (r.len + 4096) as usize]);

@@ -4,8 +4,7 @@
 use std::time::{Duration, Instant};
 
 use mftd_tests::{
-    corrupt_keeping_mtime, identity_of, sha256_file, stderr, wait_until, warm, write_file, Daemon, StallProxy,
-    WINDOW_BYTES,
+    identity_of, sha256_file, stderr, wait_until, warm, write_file, Daemon, Lie, LyingServer, StallProxy, WINDOW_BYTES,
 };
 
 const MIB: u64 = 1 << 20;
@@ -193,19 +192,18 @@ fn stalled_source_is_abandoned_within_the_idle_timeout() {
 
 #[test]
 fn corrupt_pieces_are_refetched_and_the_liar_is_dropped() {
-    let liar = Daemon::start(1);
+    let upstream = Daemon::start(1);
     let good = Daemon::builder(1).arg("--rate-limit").arg("4M").start();
     let size = 4 * MIB;
-    write_file(&liar.export.join("c"), size, 18);
+    write_file(&upstream.export.join("c"), size, 18);
     write_file(&good.export.join("c"), size, 18);
-    warm(&liar, "c");
+    warm(&upstream, "c");
     warm(&good, "c");
-    // Every piece of the liar's copy now has a flipped byte, while it still
-    // announces the identity of the good file.
-    let offsets: Vec<u64> = (0..16).map(|i| i * 256 * 1024 + 1000).collect();
-    corrupt_keeping_mtime(&liar.export.join("c"), &offsets);
+    // The liar announces the identity of the good file (it relays STAT and
+    // HASHES from a real server) and flips a byte in every piece it sends.
+    let liar = LyingServer::start(upstream.ports[0], Lie::Flip { first: 1000, every: 256 * 1024 });
     let client = Daemon::start(0);
-    let liar_addr = liar.sources()[0].clone();
+    let liar_addr = format!("127.0.0.1:{}", liar.port);
     let id = client.get_detached("c", &[liar_addr.clone(), good.sources()[0].clone()], &[]);
     let dl = client.wait_download(id, Duration::from_secs(30));
     assert_eq!(dl["state"], "done", "{dl}");
@@ -220,21 +218,21 @@ fn corrupt_pieces_are_refetched_and_the_liar_is_dropped() {
 
 #[test]
 fn one_corrupt_piece_is_refetched_from_another_source() {
-    let liar = Daemon::start(1);
+    let upstream = Daemon::start(1);
     let good = Daemon::start(1);
     let size = 8 * MIB;
-    write_file(&liar.export.join("p"), size, 19);
+    write_file(&upstream.export.join("p"), size, 19);
     write_file(&good.export.join("p"), size, 19);
-    warm(&liar, "p");
-    // One flipped byte in piece 5 of the liar's copy, same announced identity.
-    corrupt_keeping_mtime(&liar.export.join("p"), &[5 * 256 * 1024 + 77]);
+    warm(&upstream, "p");
+    // One flipped byte in piece 5 of what the liar sends, same announced identity.
+    let liar = LyingServer::start(upstream.ports[0], Lie::Flip { first: 5 * 256 * 1024 + 77, every: u64::MAX });
     // The good source is down at first, so the liar fetches everything,
     // piece 5 included. (With one of two sources down no version has a
     // majority: the identity is pinned, as a user would.)
     let good_port = good.ports[0].to_string();
     assert!(good.ctl(&["servers", "stop", &good_port]).status.success());
     let client = Daemon::start(0);
-    let liar_addr = liar.sources()[0].clone();
+    let liar_addr = format!("127.0.0.1:{}", liar.port);
     let good_addr = good.sources()[0].clone();
     let root = identity_of(&good.export.join("p"));
     let id = client.get_detached("p", &[liar_addr.clone(), good_addr.clone()], &["--identity", &root]);

@@ -179,3 +179,55 @@ fn a_split_vote_fails_naming_both_versions() {
     assert!(started.elapsed() < Duration::from_secs(20), "a conflict is reported, not waited out");
     assert!(!client.downloads.join("s.bin").exists());
 }
+
+/// A server keeps file identities across restarts, so a big file is not
+/// hashed again; a file rewritten with its mtime put back (same size) is
+/// noticed by its ctime and hashed again.
+#[test]
+fn identities_survive_a_restart_and_a_rewrite_is_noticed() {
+    let mut server = Daemon::builder(1).arg("--hash-threads").arg("1").start();
+    let path = server.export.join("kept.bin");
+    write_file(&path, 64 * MIB, 91);
+    warm(&server, "kept.bin");
+    let stat_of = |server: &Daemon| {
+        let port = server.servers()[0]["port"].as_u64().expect("port") as u16;
+        let mut c = RawConn::hello(port);
+        c.send(&Frame::Stat { path: "kept.bin".into() });
+        match c.recv() {
+            Some(Frame::StatOk(s)) => s,
+            other => panic!("{other:?}"),
+        }
+    };
+    let restart = |server: &mut Daemon| {
+        server.kill();
+        let log = std::fs::OpenOptions::new().append(true).open(server.dir.path().join("mftd.log")).expect("log");
+        let mut cmd = server.command(1, &["--hash-threads".into(), "1".into()]);
+        cmd.stdout(std::process::Stdio::null()).stderr(log);
+        server.child = Some(cmd.spawn().expect("spawn"));
+        server.wait_ready();
+    };
+    restart(&mut server);
+    let first = stat_of(&server);
+    assert!(first.root.is_some(), "a 64 MiB file was not known after a restart: {first:?}");
+    // Same size, same mtime, other bytes: only the ctime tells.
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    write_file(&path, 64 * MIB, 92);
+    std::fs::File::options().write(true).open(&path).unwrap().set_modified(mtime).unwrap();
+    restart(&mut server);
+    let after = stat_of(&server);
+    assert_eq!(after.mtime_ns, first.mtime_ns, "the test failed to put the mtime back");
+    assert_eq!(after.root, None, "a rewritten file was served with its old identity");
+    // A damaged identity file is ignored, not trusted.
+    let port = server.servers()[0]["port"].as_u64().expect("port") as u16;
+    let mut c = RawConn::hello(port);
+    c.send(&Frame::Hashes { size: after.size, mtime_ns: after.mtime_ns, path: "kept.bin".into() });
+    assert!(matches!(c.recv(), Some(Frame::HashesOk { .. })), "not hashed");
+    for e in std::fs::read_dir(server.dir.path().join("state/identities")).unwrap().flatten() {
+        let mut b = std::fs::read(e.path()).unwrap();
+        let n = b.len();
+        b[n / 2] ^= 1;
+        std::fs::write(e.path(), b).unwrap();
+    }
+    restart(&mut server);
+    assert_eq!(stat_of(&server).root, None, "a damaged identity file was trusted");
+}

@@ -472,7 +472,7 @@ async fn finish(eng: &Arc<Engine>) -> Result<(), DownloadError> {
             return Err(DownloadError::WrongLength { path: part, len, want: chosen.size });
         }
         chosen.file.sync_all().map_err(DownloadError::disk("fsync", &part))?;
-        crate::caller::as_caller(owner.as_ref(), || rename_into_place(&part, &dest, force))
+        crate::caller::as_caller(owner.as_ref(), || rename_into_place(&chosen.file, &part, &dest, force))
             .map_err(DownloadError::disk("act as the download's owner on", &part))??;
         Ok(())
     })
@@ -480,18 +480,42 @@ async fn finish(eng: &Arc<Engine>) -> Result<(), DownloadError> {
     .map_err(DownloadError::task("final check"))?
 }
 
-fn rename_into_place(part: &Path, dest: &Path, force: bool) -> Result<(), DownloadError> {
-    use nix::fcntl::{renameat2, RenameFlags};
-    let flags = if force { RenameFlags::empty() } else { RenameFlags::RENAME_NOREPLACE };
-    renameat2(None, part, None, dest, flags).map_err(|e| match e {
+/// Renames the verified part file to its final name through one descriptor
+/// of the directory, after checking that the part file there is still the
+/// one that was verified (`verified`, the open file): a part file swapped
+/// for another, or a directory swapped for a symlink, is never renamed into
+/// place. Then fsyncs the directory.
+fn rename_into_place(verified: &File, part: &Path, dest: &Path, force: bool) -> Result<(), DownloadError> {
+    use nix::fcntl::{renameat2, AtFlags, OFlag, RenameFlags};
+    use std::os::unix::fs::MetadataExt;
+    let (Some(dir), Some(part_name), Some(dest_name)) = (dest.parent(), part.file_name(), dest.file_name()) else {
+        return Err(DownloadError::NotVerified(part.to_path_buf()));
+    };
+    let dirfd =
+        nix::fcntl::open(dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())
+            .map_err(|e| DownloadError::disk("open", dir)(e.into()))?;
+    // SAFETY: `open` returned a new descriptor that nothing else owns.
+    let dirfd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dirfd) };
+    let there =
+        nix::sys::stat::fstatat(Some(std::os::fd::AsRawFd::as_raw_fd(&dirfd)), part_name, AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(|e| DownloadError::disk("inspect", part)(e.into()))?;
+    let ours = verified.metadata().map_err(DownloadError::disk("inspect", part))?;
+    if there.st_dev != ours.dev() || there.st_ino != ours.ino() {
+        return Err(DownloadError::PartReplaced(part.to_path_buf()));
+    }
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&dirfd);
+    renameat2(
+        Some(raw),
+        part_name,
+        Some(raw),
+        dest_name,
+        if force { RenameFlags::empty() } else { RenameFlags::RENAME_NOREPLACE },
+    )
+    .map_err(|e| match e {
         nix::errno::Errno::EEXIST => DownloadError::DestinationAppeared(dest.to_path_buf()),
         e => DownloadError::disk("rename to its final name", part)(e.into()),
     })?;
-    if let Some(dir) = dest.parent() {
-        if let Ok(d) = File::open(dir) {
-            d.sync_all().map_err(DownloadError::disk("fsync", dir))?;
-        }
-    }
+    nix::unistd::fsync(raw).map_err(|e| DownloadError::disk("fsync", dir)(e.into()))?;
     Ok(())
 }
 
@@ -2044,6 +2068,24 @@ fn settle(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize, ok: Result<io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_verified_part_file_is_renamed_into_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("f");
+        let (verified, _) = open_part(&dest, 10, None, false, Some(0)).unwrap();
+        // Someone swaps the part file for their own.
+        std::fs::remove_file(part_path(&dest)).unwrap();
+        std::fs::write(part_path(&dest), b"planted!!!").unwrap();
+        let err = rename_into_place(&verified, &part_path(&dest), &dest, false).unwrap_err();
+        assert!(matches!(err, DownloadError::PartReplaced(_)), "{err}");
+        assert!(!dest.exists());
+        // The real one goes in place.
+        std::fs::remove_file(part_path(&dest)).unwrap();
+        let (verified, _) = open_part(&dest, 10, None, false, Some(0)).unwrap();
+        rename_into_place(&verified, &part_path(&dest), &dest, false).unwrap();
+        assert_eq!(std::fs::metadata(&dest).unwrap().len(), 10);
+    }
 
     #[test]
     fn a_part_file_is_never_shared_between_runs() {

@@ -58,6 +58,8 @@ pub enum DownloadError {
     PartBusy(PathBuf),
     #[error("{} appeared while downloading; not replacing it without --force", .0.display())]
     DestinationAppeared(PathBuf),
+    #[error("{} was replaced while downloading; not putting it in place", .0.display())]
+    PartReplaced(PathBuf),
     #[error("{} is not fully verified against the file's identity", .0.display())]
     NotVerified(PathBuf),
     #[error("{} is {len} bytes, expected {want}", path.display())]
