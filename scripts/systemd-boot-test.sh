@@ -3,7 +3,8 @@
 # `make install` into a cached Debian bookworm root, boot a real systemd as
 # PID 1 of fresh namespaces over that root, and drive the installed
 # mftd.service through systemctl: start, status, mftctl servers list, a real
-# multi-listener download with sha256 check, reload (SIGHUP), stop.
+# multi-listener download with sha256 check, a non-root member of group mftd
+# and a non-member driving it, reload (SIGHUP), stop.
 #
 # Must run as root. Needs network access the first time (debootstrap, ~2 min);
 # later runs reuse the root. How the boot works and why systemd is never booted
@@ -634,6 +635,53 @@ if [ "$started" -eq 1 ]; then
         try_start || true
     fi
 
+    # A non-root member of group mftd drives the service with its own rights:
+    # it may download into a directory it owns (shared with the service's
+    # group and opened to the hardened unit with ReadWritePaths), not into
+    # mftd's own; a user outside the group is refused at the socket.
+    member() {
+        in_root sh -ec '
+            getent passwd op >/dev/null || useradd -m -U op
+            usermod -aG mftd op
+            getent passwd nm >/dev/null || useradd -m -U nm
+            mkdir -p /srv/op-dl
+            chown op:mftd /srv/op-dl
+            chmod 2770 /srv/op-dl
+            rm -f /srv/op-dl/sample.bin
+            id op; id nm'
+        mkdir -p "$DROPIN_DIR"
+        printf '[Service]\nReadWritePaths=/srv/op-dl\n' > "$DROPIN_DIR/70-member-download-dir.conf"
+        in_root systemctl daemon-reload
+        stop_quietly
+        try_start || { echo "mftd did not start again"; return 1; }
+        for i in $(seq 1 50); do in_root mftctl servers list >/dev/null 2>&1 && break; sleep 0.1; done
+        local as_op=(setpriv --reuid op --regid op --init-groups --reset-env)
+        echo "-- as op (member of mftd): servers list"
+        in_root "${as_op[@]}" mftctl servers list
+        echo "-- as op: get into mftd's own download directory (must be refused)"
+        if in_root "${as_op[@]}" timeout 60 mftctl get sample.bin --host 127.0.0.1 --ports "$PORTS" \
+            -o /var/lib/mftd/downloads --force --give-up-after 15s > "$WORK/op-refused.out" 2>&1; then
+            cat "$WORK/op-refused.out"; echo "op wrote into /var/lib/mftd/downloads"; return 1
+        fi
+        cat "$WORK/op-refused.out"
+        grep -q "permission denied" "$WORK/op-refused.out" || return 1
+        echo "-- as op: get into /srv/op-dl"
+        in_root "${as_op[@]}" timeout 120 mftctl get sample.bin --host 127.0.0.1 --ports "$PORTS" \
+            -o /srv/op-dl --give-up-after 15s --interval 5 | cut -c1-200
+        local want got
+        want="$(in_root sha256sum /var/lib/mftd/export/sample.bin | cut -d' ' -f1)"
+        got="$(in_root sha256sum /srv/op-dl/sample.bin | cut -d' ' -f1)"
+        echo "source sha256 $want; op's copy $got"
+        [ -n "$want" ] && [ "$want" = "$got" ] || return 1
+        echo "-- as nm (not a member): servers list (must be refused)"
+        if in_root setpriv --reuid nm --regid nm --init-groups --reset-env mftctl servers list > "$WORK/nm.out" 2>&1; then
+            cat "$WORK/nm.out"; echo "a non-member drove the service"; return 1
+        fi
+        cat "$WORK/nm.out"
+        grep -q "permission denied on /run/mftd/mftd.sock; join the mftd group" "$WORK/nm.out"
+    }
+    step "group member: non-root member of mftd uses mftctl (own directory yes, mftd's no); non-member refused" member
+
     reload() {
         local before after state
         before="$(in_root systemctl show -p MainPID --value mftd)"
@@ -659,7 +707,7 @@ if [ "$started" -eq 1 ]; then
     }
     step "stop: systemctl stop mftd, Result=success" stop
 else
-    for s in status control download reload stop; do skip "$s: mftd did not start"; done
+    for s in status control download member reload stop; do skip "$s: mftd did not start"; done
 fi
 
 [ "$FAILED" -eq 0 ] || journal

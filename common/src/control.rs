@@ -128,6 +128,10 @@ pub struct GetRequest {
     /// anything else are excluded at once, and no vote is needed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// The size the caller expects: sources announcing another are
+    /// excluded at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_size: Option<u64>,
 }
 
 /// A response from `mftd`.
@@ -405,7 +409,7 @@ mod tests {
                 Request::DownloadShow { id },
                 Request::GetResume { id: Some(id) },
                 Request::Get(GetRequest { remote_path: path.clone(), sources: vec![format!("h:{port}")], output_dir: None, force: false,
-                    connections_per_source: None, give_up_after_secs: Some(id), no_resume: true, secret_file: None, identity: Some(path.clone()) }),
+                    connections_per_source: None, give_up_after_secs: Some(id), no_resume: true, secret_file: None, identity: Some(path.clone()), expected_size: Some(id) }),
             ] {
                 let back: Request = serde_json::from_slice(&to_line(&r)).unwrap();
                 proptest::prop_assert_eq!(back, r);

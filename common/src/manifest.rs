@@ -90,6 +90,9 @@ pub struct Manifest {
     /// destination with that user's rights again. Absent: the daemon's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<ManifestOwner>,
+    /// The size the user expects (`get --size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_size: Option<u64>,
     /// Root identity (hex) the user pinned with `get --identity`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pin: Option<String>,
@@ -255,6 +258,7 @@ mod tests {
             give_up_after_secs: None,
             secret_file: None,
             owner: None,
+            expected_size: None,
             pin: None,
             paused: false,
             file: Some(ManifestFile { size: 10 << 20, piece_size: 256 << 10, identity: Some("ab".repeat(32)) }),

@@ -53,9 +53,11 @@ pub fn client_socket_path() -> PathBuf {
         return own;
     }
     let system = PathBuf::from("/run/mftd/mftd.sock");
-    if system.exists() {
-        system
-    } else {
-        own
+    match std::fs::symlink_metadata(&system) {
+        // There, or there but not for this user (not in the mftd group):
+        // connecting says so, which beats "not running".
+        Ok(_) => system,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => system,
+        Err(_) => own,
     }
 }

@@ -29,8 +29,11 @@ impl std::fmt::Display for CtlError {
             ),
             CtlError::Permission(p) => {
                 use std::os::unix::fs::MetadataExt;
+                // The socket's group, or its directory's when the socket
+                    // itself cannot be seen.
                 let group = std::fs::metadata(p)
                     .ok()
+                    .or_else(|| p.parent().and_then(|d| std::fs::metadata(d).ok()))
                     .and_then(|m| nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(m.gid())).ok().flatten())
                     .map(|g| g.name);
                 match group {

@@ -146,6 +146,15 @@ struct GetArgs {
     /// excluded, and the file completes without waiting for a majority.
     #[arg(long, value_name = "ROOT")]
     identity: Option<String>,
+    /// The file's expected size (bytes, or with K/M/G/T): sources announcing
+    /// another size are not used.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    size: Option<u64>,
+}
+
+/// `1048576`, `512K`, `10G` → bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    parse_rate(s).map_err(|e| e.replace("rate", "size"))
 }
 
 /// `90`, `90s`, `10m`, `2h` → seconds.
@@ -321,6 +330,7 @@ fn get(socket: &std::path::Path, json: bool, args: GetArgs) -> Result<ExitCode, 
             None => None,
         },
         identity: args.identity.clone(),
+        expected_size: args.size,
     }))?;
     let (id, destination, resumed) = match resp {
         Response::Accepted { id, ref destination, resumed } => (id, destination.clone(), resumed),

@@ -255,6 +255,7 @@ mod tests {
             give_up_after_secs: None,
             secret_file: None,
             owner: None,
+            expected_size: None,
             pin: None,
             paused: false,
             file: None,

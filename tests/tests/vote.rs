@@ -231,3 +231,21 @@ fn identities_survive_a_restart_and_a_rewrite_is_noticed() {
     restart(&mut server);
     assert_eq!(stat_of(&server).root, None, "a damaged identity file was trusted");
 }
+
+/// `get --size` leaves out sources of another size: two sources that
+/// disagree (a conflict without it) settle on the expected one.
+#[test]
+fn an_expected_size_settles_a_disagreement_about_the_size() {
+    let a = Daemon::start(1);
+    let b = Daemon::start(1);
+    write_file(&a.export.join("z.bin"), MIB, 71);
+    write_file(&b.export.join("z.bin"), 2 * MIB, 72);
+    let client = Daemon::start(0);
+    let from = format!("{},{}", a.sources()[0], b.sources()[0]);
+    let out = client.get("z.bin", &from, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(format!("{}{}", stdout(&out), stderr(&out)).contains("disagree"));
+    let out = client.get("z.bin", &from, &["--size", "2M"]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_eq!(sha256_file(&client.downloads.join("z.bin")), sha256_file(&b.export.join("z.bin")));
+}

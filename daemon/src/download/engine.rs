@@ -148,7 +148,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Runs a download to its end. Never panics on peer or disk input.
 pub async fn run(dl: Arc<Download>) {
-    let mut votes = Votes::new(dl.sources.len(), dl.pin);
+    let mut votes = Votes::new(dl.sources.len(), dl.pin).expect_size(dl.expected_size);
     // Bounded: each start over follows a new majority, and ballots never
     // change, so there are at most as many as there are sources.
     for _ in 0..=dl.sources.len() {

@@ -133,6 +133,8 @@ pub struct Download {
     pub secret_file: Option<PathBuf>,
     /// Root identity the user pinned (`get --identity`).
     pub pin: Option<[u8; 32]>,
+    /// Size the user expects (`get --size`).
+    pub expected_size: Option<u64>,
     /// Who asked for it: the destination is written with their rights.
     pub owner: Caller,
     /// Free space to leave (see [`DownloadDefaults::min_free_space`]).
@@ -209,6 +211,7 @@ impl Download {
             give_up_after_secs: self.give_up_after.map(|d| d.as_secs()),
             secret_file: self.secret_file.as_ref().map(|p| p.display().to_string()),
             pin: self.pin.map(hex::encode),
+            expected_size: self.expected_size,
             owner: Some(ManifestOwner { uid: self.owner.uid, gid: self.owner.gid }),
             paused: false,
             file: None,
@@ -346,6 +349,7 @@ struct Spec {
     resume: Option<Manifest>,
     secret_file: Option<PathBuf>,
     pin: Option<[u8; 32]>,
+    expected_size: Option<u64>,
     owner: Caller,
 }
 
@@ -471,6 +475,7 @@ impl Downloads {
             secret,
             secret_file,
             pin: spec.pin,
+            expected_size: spec.expected_size,
             owner: spec.owner,
             min_free_space: self.defaults.min_free_space,
             max_size: self.defaults.max_download_size,
@@ -502,6 +507,7 @@ impl Downloads {
             persist: true,
             secret_file: m.secret_file.as_ref().map(PathBuf::from),
             pin: m.pin.as_deref().and_then(|p| parse_identity(p).ok()),
+            expected_size: m.expected_size,
             owner: m.owner.map(|o| Caller::user(o.uid, o.gid)).unwrap_or_else(Caller::daemon),
             resume: Some(m),
         }
@@ -686,6 +692,7 @@ impl Downloads {
             resume: None,
             secret_file: req.secret_file.as_ref().map(PathBuf::from),
             pin,
+            expected_size: req.expected_size,
             owner: caller.clone(),
         };
         let dl = self.build(spec, DownloadState::Starting)?;

@@ -71,6 +71,8 @@ pub struct Votes {
     /// Failed for good: if its vote is not complete, it never will be.
     gone: Vec<bool>,
     pin: Option<[u8; 32]>,
+    /// The size the user expects: only sources announcing it count.
+    size: Option<u64>,
 }
 
 fn short(root: &[u8; 32]) -> String {
@@ -79,7 +81,13 @@ fn short(root: &[u8; 32]) -> String {
 
 impl Votes {
     pub fn new(sources: usize, pin: Option<[u8; 32]>) -> Votes {
-        Votes { ballots: vec![None; sources], gone: vec![false; sources], pin }
+        Votes { ballots: vec![None; sources], gone: vec![false; sources], pin, size: None }
+    }
+
+    /// Only sources announcing `size` count (`get --size`).
+    pub fn expect_size(mut self, size: Option<u64>) -> Votes {
+        self.size = size;
+        self
     }
 
     /// Records `src`'s answer to `STAT`. A later answer of the same source
@@ -118,10 +126,11 @@ impl Votes {
     /// those that may serve it.
     fn counted(&self) -> impl Iterator<Item = (Ballot, bool)> + '_ {
         self.ballots.iter().zip(&self.gone).filter_map(|(b, g)| b.map(|b| (b, *g))).filter(|(b, _)| {
-            match (self.pin, b.root) {
-                (Some(pin), Some(root)) => pin == root,
-                _ => true,
-            }
+            self.size.is_none_or(|s| s == b.size)
+                && match (self.pin, b.root) {
+                    (Some(pin), Some(root)) => pin == root,
+                    _ => true,
+                }
         })
     }
 
@@ -152,9 +161,10 @@ impl Votes {
             return Decision::Wait;
         }
         if answered == 0 {
-            return Decision::Conflict(match self.pin {
-                Some(pin) => format!("no source serves the pinned identity {}…", short(&pin)),
-                None => "no source answered".into(),
+            return Decision::Conflict(match (self.pin, self.size) {
+                (Some(pin), _) => format!("no source serves the pinned identity {}…", short(&pin)),
+                (None, Some(size)) => format!("no source serves a file of the expected {size} bytes"),
+                (None, None) => "no source answered".into(),
             });
         }
         let list: Vec<String> = sizes.iter().map(|(s, n)| format!("{n} serve {s} bytes")).collect();
@@ -397,6 +407,18 @@ mod tests {
         assert_eq!(v.layout(), Decision::Adopt(9), "the pinned version's size");
         assert!(matches!(v.root(5), Decision::Conflict(_)), "fetching size 5 must start over");
         assert_eq!(v.root(9), Decision::Adopt(R2));
+    }
+
+    #[test]
+    fn an_expected_size_leaves_out_sources_of_another() {
+        let mut v = Votes::new(2, None).expect_size(Some(9));
+        v.offer(0, b(5, Some(R1)));
+        v.offer(1, b(9, Some(R2)));
+        assert_eq!(v.layout(), Decision::Adopt(9));
+        assert_eq!(v.root(9), Decision::Adopt(R2));
+        let mut v = Votes::new(1, None).expect_size(Some(9));
+        v.offer(0, b(5, Some(R1)));
+        assert!(matches!(v.layout(), Decision::Conflict(m) if m.contains("expected 9 bytes")));
     }
 
     #[test]
