@@ -187,6 +187,8 @@
 //!   next gets `BUSY`;
 //! * a server hashes at most two files at a time, and a connection may have
 //!   at most four `HASHES` waiting for hashing (one more closes it);
+//! * a peer that stops taking the bytes of a READ (its TCP window stays
+//!   shut) is disconnected after half `serve_idle_timeout` (1 to 30 s);
 //! * the server reads requests while it answers (so a `TRIM` reaches a READ
 //!   being sent) and queues at most 8 beyond the one it is answering; more
 //!   are held back by TCP flow control; it keeps at most 64 unanswered TRIMs;

@@ -30,6 +30,14 @@ use crate::listener::ListenerShared;
 
 /// How long writing one frame (not file data) may take.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long file data may wait for a peer that takes none of it: half the
+/// serve idle timeout, between 1 and 30 s. A peer that stops reading in the
+/// middle of a READ (or reads so slowly that its TCP window never reopens)
+/// gives back its connection slot and open file after that.
+fn stall_limit(idle: Duration) -> Duration {
+    (idle / 2).clamp(Duration::from_secs(1), WRITE_TIMEOUT)
+}
 /// Files up to this size are hashed before `STAT` is answered (a few
 /// milliseconds): the answer then carries the root and spares the client a
 /// `HASHES` round trip before it can vote. Larger files are answered at once
@@ -609,6 +617,7 @@ async fn handle_read(
     // answered by that TRIMMED alone.
     let end = trimmed.map_or(end, |t| t.clamp(req.offset, end));
     let mut end = apply_trims(stream, queue, id, req.offset, end).await?;
+    let stall = stall_limit(ctx.settings().idle_timeout);
     // Stream the range as DATA frames of at most DATA_CHUNK bytes; between
     // frames, apply TRIMs so a client can take back the end of the range.
     let mut pos = req.offset;
@@ -622,7 +631,7 @@ async fn handle_read(
         // so a TRIM never waits behind half a second of one frame.
         let len = (end - pos).min(DATA_CHUNK).min(listener.limiter.chunk());
         write_frame(stream, &Frame::Data(DataHeader { id, offset: pos, len })).await?;
-        send_range(stream.as_ref(), &of.file, pos, len, listener, token).await?;
+        send_range(stream.as_ref(), &of.file, pos, len, listener, token, stall).await?;
         pos += len;
     }
     Ok(())
@@ -689,6 +698,7 @@ async fn send_range(
     len: u64,
     listener: &ListenerShared,
     token: &CancellationToken,
+    stall: Duration,
 ) -> Result<(), ConnError> {
     let mut off = offset as i64;
     let mut left = len;
@@ -700,7 +710,7 @@ async fn send_range(
         listener.limiter.acquire(chunk).await;
         let mut chunk_left = chunk;
         while chunk_left > 0 {
-            let sent = match timeout(WRITE_TIMEOUT, async {
+            let sent = match timeout(stall, async {
                 loop {
                     stream.writable().await?;
                     match stream.try_io(Interest::WRITABLE, || {

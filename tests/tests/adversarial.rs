@@ -452,3 +452,35 @@ fn accept_errors_back_off_and_the_listener_survives() {
     assert!(out.status.success(), "{}", stderr(&out));
     still_serves(&server);
 }
+
+/// A peer that asks for a large range and then stops reading gives its
+/// connection slot and open file back after half the serve idle timeout,
+/// not after the 30 s a small frame may take.
+#[test]
+fn a_peer_that_stops_reading_gives_its_slot_back() {
+    let server = Daemon::builder(1).arg("--serve-idle-timeout").arg("4").start();
+    let path = server.export.join("big");
+    write_file(&path, 1 << 20, 5);
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(256 << 20).unwrap();
+    let mut c = RawConn::hello(server.ports[0]);
+    c.send(&Frame::Stat { path: "big".into() });
+    let Some(Frame::StatOk(st)) = c.recv() else { panic!("no STAT_OK") };
+    c.send(&Frame::Read(mftd_common::proto::ReadReq {
+        id: 1,
+        offset: 0,
+        len: st.size,
+        size: st.size,
+        mtime_ns: st.mtime_ns,
+        path: "big".into(),
+    }));
+    // Not a byte read from here on.
+    let asked = Instant::now();
+    let open = || server.servers()[0]["connections"].as_u64().unwrap_or(0);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(open(), 1, "closed before the stall limit");
+    assert!(wait_until(Duration::from_secs(12), || open() == 0), "a peer that reads nothing kept its slot");
+    let took = asked.elapsed();
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(12), "closed after {took:?}");
+    drop(c);
+    still_serves(&server);
+}
