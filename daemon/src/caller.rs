@@ -289,6 +289,83 @@ pub fn as_caller<T: Send>(caller: Option<&Caller>, f: impl FnOnce() -> T + Send)
     })
 }
 
+/// Opens directory `dir` (absolute, without `..`) so that no symbolic link
+/// on the way is followed: each component is opened relative to the one
+/// before with `O_NOFOLLOW`. What a restricted caller's download does in
+/// its directory then happens in the directory that was checked, whatever
+/// the caller renames or swaps for a symlink meanwhile (`O_PATH`: only
+/// search permission is needed on the way).
+pub fn open_dir_nofollow(dir: &Path) -> io::Result<std::os::fd::OwnedFd> {
+    use nix::fcntl::{openat, OFlag};
+    use nix::sys::stat::Mode;
+    use std::os::fd::FromRawFd;
+    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    if !dir.is_absolute() {
+        return Err(io::Error::other(format!("{} is not an absolute path", dir.display())));
+    }
+    let raw = nix::fcntl::open("/", flags, Mode::empty())?;
+    // SAFETY: a new descriptor nothing else owns.
+    let mut fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    for c in dir.components() {
+        match c {
+            Component::RootDir | Component::CurDir => continue,
+            Component::Normal(name) => {
+                let raw = openat(Some(fd.as_raw_fd()), name, flags | OFlag::O_NOFOLLOW, Mode::empty()).map_err(
+                    |e| match e {
+                        nix::errno::Errno::ELOOP | nix::errno::Errno::ENOTDIR => io::Error::other(format!(
+                            "{} leads through a symbolic link or non-directory; refusing to follow it",
+                            dir.display()
+                        )),
+                        e => io::Error::from(e),
+                    },
+                )?;
+                // SAFETY: as above.
+                fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+            }
+            _ => return Err(io::Error::other(format!("{} contains `..`", dir.display()))),
+        }
+    }
+    Ok(fd)
+}
+
+/// Where a restricted owner's destination `dest` is reached safely when the
+/// daemon is not root (no per-thread identity to take on): through a
+/// descriptor of its directory opened without following symlinks
+/// (`/proc/self/fd/N/NAME`), so a directory the owner swaps for a symlink
+/// to somewhere only mftd may write leads nowhere. Keep the descriptor
+/// until the operations are done. Otherwise `dest` as it is.
+pub fn pin_dir(dest: &Path, owner: Option<&Caller>) -> io::Result<(PathBuf, Option<std::os::fd::OwnedFd>)> {
+    if owner.is_none() || nix::unistd::geteuid().is_root() {
+        return Ok((dest.to_path_buf(), None));
+    }
+    let (Some(dir), Some(name)) = (dest.parent(), dest.file_name()) else {
+        return Err(io::Error::other(format!("{} has no directory", dest.display())));
+    };
+    let fd = open_dir_nofollow(dir)?;
+    let pinned = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())).join(name);
+    Ok((pinned, Some(fd)))
+}
+
+/// Creates the missing directories of `dir` below its existing ancestor
+/// `base` without following symbolic links (see [`open_dir_nofollow`]).
+pub fn create_dirs_nofollow(base: &Path, dir: &Path) -> io::Result<()> {
+    use nix::sys::stat::Mode;
+    let rest = dir.strip_prefix(base).map_err(|_| io::Error::other("not below its ancestor"))?;
+    let mut at = base.to_path_buf();
+    for c in rest.components() {
+        let Component::Normal(name) = c else {
+            return Err(io::Error::other(format!("{} contains `..`", dir.display())));
+        };
+        let parent = open_dir_nofollow(&at)?;
+        match nix::sys::stat::mkdirat(Some(parent.as_raw_fd()), name, Mode::from_bits_truncate(0o777)) {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        at.push(name);
+    }
+    open_dir_nofollow(dir).map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,6 +373,37 @@ mod tests {
 
     fn stranger() -> Caller {
         Caller { uid: 4242, gid: 4242, groups: vec![4243], pid: 1 }
+    }
+
+    /// Review finding: with mftd not root, a directory swapped for a
+    /// symlink after the check led into mftd's own state.
+    #[test]
+    fn directories_are_opened_and_made_without_following_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        assert!(open_dir_nofollow(&real).is_ok());
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        let e = open_dir_nofollow(&link).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert!(open_dir_nofollow(&link.join("below")).is_err());
+        assert!(open_dir_nofollow(&real.join("..").join("real")).is_err(), "`..` accepted");
+        // Creating below a symlinked component fails instead of creating
+        // elsewhere.
+        assert!(create_dirs_nofollow(dir.path(), &link.join("new")).is_err());
+        assert!(!elsewhere.join("new").exists());
+        create_dirs_nofollow(dir.path(), &real.join("a/b")).unwrap();
+        assert!(real.join("a/b").is_dir());
+        // Through a pinned descriptor, a later swap changes nothing.
+        let fd = open_dir_nofollow(&real).unwrap();
+        let pinned = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())).join("f");
+        std::fs::rename(&real, dir.path().join("moved")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &real).unwrap();
+        std::fs::write(&pinned, b"x").unwrap();
+        assert!(dir.path().join("moved/f").exists() && !elsewhere.join("f").exists());
     }
 
     #[test]

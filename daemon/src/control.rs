@@ -267,6 +267,10 @@ async fn handle_conn(stream: UnixStream, daemon: Arc<Daemon>, group: Option<nix:
                 watch(&daemon, id, interval_ms, &mut w).await?;
                 return Ok(());
             }
+            Request::Shutdown if !caller.unrestricted() => {
+                let resp = crate::handlers::handle(&daemon, &caller, Request::Shutdown);
+                send(&mut w, &resp).await?;
+            }
             Request::Shutdown => {
                 send(&mut w, &Response::ok("mftd is shutting down")).await?;
                 info!("shutdown requested over the control socket");

@@ -11,6 +11,25 @@ use crate::Daemon;
 /// Answers `req` from `caller` (see [`crate::caller`] for what each caller
 /// may do). Blocking: runs off the async runtime.
 pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
+    // Listeners and the daemon itself are the operator's, not every
+    // socket-group member's.
+    if matches!(
+        req,
+        Request::ServerStop { .. }
+            | Request::ServerStart { .. }
+            | Request::ServerAdd { .. }
+            | Request::ServerLimit { .. }
+            | Request::Shutdown
+    ) && !caller.unrestricted()
+    {
+        return Response::error(
+            ErrorCode::PermissionDenied,
+            format!(
+                "permission denied: only root or mftd's own user may change listeners or stop mftd, not {}",
+                caller.describe()
+            ),
+        );
+    }
     match req {
         Request::Status => status(d),
         Request::ServersList => Response::Servers { servers: d.listeners.list() },

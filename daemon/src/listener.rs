@@ -388,6 +388,11 @@ async fn accept_loop(
         shared.stats.connections.fetch_add(1, Ordering::Relaxed);
         let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
         shared.live.lock().unwrap_or_else(|p| p.into_inner()).insert(conn_id, (ip, conn_token.clone()));
+        // A reload between the check above and the registration would have
+        // missed this connection: check again now that a reload sees it.
+        if !shared.admits(&ip, ctx.settings().allow.as_ref()) {
+            conn_token.cancel();
+        }
         tracker.spawn(
             async move {
                 serve_connection(stream, ctx2, shared2.clone(), conn_token).await;

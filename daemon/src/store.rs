@@ -50,11 +50,15 @@ pub struct Damaged {
 impl Store {
     pub fn new(state_dir: &Path) -> io::Result<Store> {
         let dir = state_dir.join("manifests");
+        // Migration happens once: when this mftd makes the directory.
+        let first = !dir.exists();
         std::fs::create_dir_all(&dir)?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
         let key = load_or_create_key(&state_dir.join("manifest.key"))?;
         let store = Store { dir, key };
-        store.migrate(&state_dir.join("downloads"));
+        if first {
+            store.migrate(&state_dir.join("downloads"));
+        }
         Ok(store)
     }
 
@@ -64,11 +68,19 @@ impl Store {
     }
 
     /// Moves the manifests an older mftd kept in `old` (next to downloaded
-    /// files) here, under the key. Files that are not such manifests stay.
+    /// files) here, under the key. Only files an older mftd wrote count:
+    /// owned by this user, mode 0600, not a symlink (a downloaded file that
+    /// happens to look like a manifest is none of these); others stay.
     fn migrate(&self, old: &Path) {
+        use std::os::unix::fs::MetadataExt;
         let Ok(entries) = std::fs::read_dir(old) else { return };
+        let me = nix::unistd::geteuid().as_raw();
         for e in entries.flatten() {
             let p = e.path();
+            let Ok(meta) = std::fs::symlink_metadata(&p) else { continue };
+            if !meta.is_file() || meta.uid() != me || meta.mode() & 0o777 != 0o600 {
+                continue;
+            }
             let id = p.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<u64>().ok());
             let (Some(id), true) = (id, p.extension().is_some_and(|x| x == "json")) else { continue };
             let Ok(bytes) = read_bounded(&p) else { continue };
@@ -306,12 +318,23 @@ mod tests {
         let mut unkeyed = m.clone();
         unkeyed.checksum = blake3::hash(&serde_json::to_vec(&unkeyed).unwrap()).to_hex().to_string();
         std::fs::write(old.join("7.json"), serde_json::to_vec(&unkeyed).unwrap()).unwrap();
-        // A user's downloaded file that happens to be called 8.json.
+        std::fs::set_permissions(old.join("7.json"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        // A user's downloaded file that happens to be called 8.json, and one
+        // made to look like a manifest (but not written the way mftd writes
+        // them: mode 0644).
         std::fs::write(old.join("8.json"), b"{\"mine\": true}").unwrap();
+        let mut forged = manifest(6, "six");
+        forged.checksum = blake3::hash(&serde_json::to_vec(&forged).unwrap()).to_hex().to_string();
+        std::fs::write(old.join("6.json"), serde_json::to_vec(&forged).unwrap()).unwrap();
+        std::fs::set_permissions(old.join("6.json"), std::fs::Permissions::from_mode(0o644)).unwrap();
         let store = Store::new(dir.path()).unwrap();
         assert_eq!(store.load(7).unwrap().remote_path, "seven");
         assert!(!old.join("7.json").exists());
         assert_eq!(std::fs::read(old.join("8.json")).unwrap(), b"{\"mine\": true}");
+        assert!(store.load(6).is_err() && old.join("6.json").exists(), "a downloaded look-alike was migrated");
+        // Migration happens once: a manifest-like file appearing later stays.
+        std::fs::write(old.join("9.json"), serde_json::to_vec(&unkeyed).unwrap()).unwrap();
+        std::fs::set_permissions(old.join("9.json"), std::fs::Permissions::from_mode(0o600)).unwrap();
         let mode = std::fs::metadata(store.dir()).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
         let kmode = std::fs::metadata(dir.path().join("manifest.key")).unwrap().permissions().mode() & 0o777;
@@ -319,6 +342,7 @@ mod tests {
         // The key survives a restart; a manifest under another key does not pass.
         let again = Store::new(dir.path()).unwrap();
         assert!(again.load(7).is_ok());
+        assert!(old.join("9.json").exists(), "migrated again on a later start");
         std::fs::write(again.path(9), manifest(9, "nine").encode(&[1; 32])).unwrap();
         assert!(matches!(again.load(9), Err(Damaged { error: ManifestError::Checksum, .. })));
     }

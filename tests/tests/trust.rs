@@ -211,7 +211,9 @@ fn a_secret_file_is_read_with_the_callers_rights() {
     };
     let out = run(args(secret.to_str().unwrap()));
     assert_ne!(out.status.code(), Some(0));
-    assert!(text(&out).contains("may not read it"), "{}", text(&out));
+    // Opened with the caller's rights (the daemon runs as root here): the
+    // kernel refuses it before anything about the file is learnt.
+    assert!(text(&out).contains("secret file") && text(&out).contains("Permission denied"), "{}", text(&out));
     // A FIFO would block a reader forever: refused at once, daemon fine.
     let fifo = mine.join("fifo");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
@@ -257,4 +259,52 @@ fn a_group_member_manages_only_its_own_downloads() {
     }
     assert_eq!(client.download(id)["state"], "active");
     assert!(client.ctl(&["downloads", "cancel", &id.to_string()]).status.success());
+}
+
+/// Listeners and the daemon itself are the operator's: a group member may
+/// look, not stop, add, limit or shut down.
+#[test]
+fn a_group_member_cannot_change_listeners_or_stop_mftd() {
+    skip_unless_possible!();
+    let d = daemon(&["--ports", "0"]);
+    let port = d.servers()[0]["port"].as_u64().unwrap().to_string();
+    for args in [
+        vec!["servers", "stop", port.as_str()],
+        vec!["servers", "limit", port.as_str(), "1K"],
+        vec!["servers", "add"],
+        vec!["shutdown"],
+    ] {
+        let out = nobody(&d, &args);
+        assert_ne!(out.status.code(), Some(0), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains("permission denied"), "{args:?}: {}", text(&out));
+    }
+    assert_eq!(d.servers().len(), 1);
+    assert_eq!(d.servers()[0]["state"], "running");
+    assert!(d.ctl(&["status"]).status.success(), "the daemon stopped");
+}
+
+/// A group member never borrows the daemon's own shared secret: its
+/// downloads would send proofs under it to servers of its choosing.
+#[test]
+fn a_group_member_does_not_borrow_the_daemons_secret() {
+    skip_unless_possible!();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "daemon-secret-1234").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let server = Daemon::builder(1).arg("--auth-secret-file").arg(secret.to_str().unwrap()).start();
+    write_file(&server.export.join("a.bin"), 1000, 3);
+    let client = daemon(&["--auth-secret-file", secret.to_str().unwrap()]);
+    let mine = nobodys_dir(client.dir.path(), "mine");
+    // Root downloads with the daemon's secret...
+    let out = client.ctl(&["get", "a.bin", "--from", &server.sources()[0], "-o", client.downloads.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    // ...a group member does not.
+    let out = nobody(
+        &client,
+        &["get", "a.bin", "--from", &server.sources()[0], "-o", mine.to_str().unwrap(), "--give-up-after", "5s"],
+    );
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("requires authentication"), "{}", text(&out));
+    assert!(!mine.join("a.bin").exists());
 }

@@ -261,8 +261,9 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
 
     let store = dl.store.clone();
     let forget = |why: &str| {
-        let part = dl.part_path();
-        let _ = crate::caller::as_caller(dl.restricted_owner(), || std::fs::remove_file(part));
+        if let Ok((dest, _pin)) = crate::caller::pin_dir(&dl.destination, dl.restricted_owner()) {
+            let _ = crate::caller::as_caller(dl.restricted_owner(), || std::fs::remove_file(part_path(&dest)));
+        }
         if let Some(st) = &store {
             st.remove(dl.id);
         }
@@ -273,8 +274,9 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
             // Nothing fetched so far belongs to the file the majority serves.
             let votes = std::mem::replace(&mut *lock(&eng.votes), Votes::new(0, None));
             drop(eng);
-            let part = dl.part_path();
-            let _ = crate::caller::as_caller(dl.restricted_owner(), || std::fs::remove_file(part));
+            if let Ok((dest, _pin)) = crate::caller::pin_dir(&dl.destination, dl.restricted_owner()) {
+                let _ = crate::caller::as_caller(dl.restricted_owner(), || std::fs::remove_file(part_path(&dest)));
+            }
             if let Some(m) = lock(&dl.resume).as_mut() {
                 m.file = None;
                 m.verified.clear();
@@ -472,7 +474,9 @@ async fn finish(eng: &Arc<Engine>) -> Result<(), DownloadError> {
             return Err(DownloadError::WrongLength { path: part, len, want: chosen.size });
         }
         chosen.file.sync_all().map_err(DownloadError::disk("fsync", &part))?;
-        crate::caller::as_caller(owner.as_ref(), || rename_into_place(&chosen.file, &part, &dest, force))
+        let (at, _pin) = crate::caller::pin_dir(&dest, owner.as_ref())
+            .map_err(DownloadError::disk("open the directory of", &part))?;
+        crate::caller::as_caller(owner.as_ref(), || rename_into_place(&chosen.file, &part_path(&at), &at, force))
             .map_err(DownloadError::disk("act as the download's owner on", &part))??;
         Ok(())
     })
@@ -537,9 +541,13 @@ fn open_part(
                 let file = OpenOptions::new()
                     .read(true)
                     .write(true)
-                    .custom_flags(libc_o_nofollow())
+                    .custom_flags(libc_o_nofollow() | nix::fcntl::OFlag::O_NONBLOCK.bits())
                     .open(&part)
                     .map_err(DownloadError::disk("open", &part))?;
+                // Swapped for a FIFO or a device since the lstat above?
+                if !file.metadata().is_ok_and(|m| m.is_file()) {
+                    return Err(DownloadError::disk("open", &part)(io::Error::other("not a regular file")));
+                }
                 lock_part(&file, &part)?;
                 let len = meta.len();
                 let ranges = match claimed {
@@ -578,7 +586,7 @@ fn create_part(part: &Path, dest: &Path, size: u64, keep_free: Option<u64>) -> R
         .create(true)
         .truncate(false)
         .mode(0o644)
-        .custom_flags(libc_o_nofollow())
+        .custom_flags(libc_o_nofollow() | nix::fcntl::OFlag::O_NONBLOCK.bits())
         .open(&part)
         .map_err(|e| {
             if e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) {
@@ -587,6 +595,9 @@ fn create_part(part: &Path, dest: &Path, size: u64, keep_free: Option<u64>) -> R
                 DownloadError::disk("create", &part)(e)
             }
         })?;
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return Err(DownloadError::disk("create", &part)(io::Error::other("not a regular file")));
+    }
     lock_part(&file, &part)?;
     file.set_len(0).map_err(DownloadError::disk("truncate", &part))?;
     if let Ok(v) = nix::sys::statvfs::fstatvfs(&file) {
@@ -638,7 +649,12 @@ fn lock_part(file: &File, part: &Path) -> Result<(), DownloadError> {
 /// Whether some running download holds the lock on `part`.
 pub fn part_in_use(part: &Path) -> bool {
     use std::os::fd::AsRawFd;
-    let Ok(f) = OpenOptions::new().read(true).custom_flags(libc_o_nofollow()).open(part) else { return false };
+    // O_NONBLOCK: a FIFO planted at the part file's name must not hang us.
+    let flags = libc_o_nofollow() | nix::fcntl::OFlag::O_NONBLOCK.bits();
+    let Ok(f) = OpenOptions::new().read(true).custom_flags(flags).open(part) else { return false };
+    if !f.metadata().is_ok_and(|m| m.is_file()) {
+        return false;
+    }
     #[allow(deprecated)]
     let r = nix::fcntl::flock(f.as_raw_fd(), nix::fcntl::FlockArg::LockSharedNonblock);
     matches!(r, Err(nix::errno::Errno::EWOULDBLOCK))
@@ -920,7 +936,9 @@ impl Engine {
         let owner = self.dl.restricted_owner().cloned();
         let keep_free = self.dl.min_free_space;
         let (file, preload) = tokio::task::spawn_blocking(move || {
-            crate::caller::as_caller(owner.as_ref(), || open_part(&dest, size, claimed, reuse, keep_free))
+            let (at, _pin) = crate::caller::pin_dir(&dest, owner.as_ref())
+                .map_err(DownloadError::disk("open the directory of", part_path(&dest)))?;
+            crate::caller::as_caller(owner.as_ref(), || open_part(&at, size, claimed, reuse, keep_free))
                 .map_err(DownloadError::disk("act as the download's owner on", part_path(&dest)))?
         })
         .await
@@ -2068,6 +2086,19 @@ fn settle(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize, ok: Result<io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review finding: a FIFO planted at the part file's name hung the
+    /// check (and a blocking thread) forever.
+    #[test]
+    fn a_fifo_at_the_part_file_neither_hangs_nor_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("f");
+        nix::unistd::mkfifo(&part_path(&dest), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let t = std::time::Instant::now();
+        assert!(!part_in_use(&part_path(&dest)));
+        assert!(open_part(&dest, 10, None, true, Some(0)).is_err());
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
 
     #[test]
     fn only_the_verified_part_file_is_renamed_into_place() {

@@ -434,17 +434,27 @@ impl Downloads {
     fn build(&self, spec: Spec, state: DownloadState) -> Result<Arc<Download>, Rejected> {
         // A secret file the request names is read with the caller's rights;
         // the daemon's own (auth_secret_file) with the daemon's.
+        // A restricted caller never borrows the daemon's own secret (its
+        // proofs would go to servers of the caller's choosing), and its own
+        // file is opened with its rights.
+        let restricted = (!spec.owner.unrestricted()).then_some(&spec.owner);
         let secret = match (&spec.secret_file, &self.defaults.secret_file) {
-            (Some(p), _) => Some(caller::read_secret(&spec.owner, p)),
-            (None, Some(p)) => Some(caller::read_secret(&Caller::daemon(), p)),
-            (None, None) => None,
+            (Some(p), _) => Some(
+                caller::as_caller(restricted, || caller::read_secret(&spec.owner, p))
+                    .unwrap_or_else(|e| Err(caller::Denied(format!("secret file {}: {e}", p.display())))),
+            ),
+            (None, Some(p)) if restricted.is_none() => Some(caller::read_secret(&Caller::daemon(), p)),
+            (None, _) => None,
         };
         let secret = match secret {
             Some(Ok(s)) => Some(Arc::new(s)),
             Some(Err(e)) => return Err(Rejected(ErrorCode::InvalidArgument, e.0)),
             None => None,
         };
-        let secret_file = spec.secret_file.clone().or_else(|| self.defaults.secret_file.clone());
+        let secret_file = spec
+            .secret_file
+            .clone()
+            .or_else(|| restricted.is_none().then(|| self.defaults.secret_file.clone()).flatten());
         let (state_tx, _) = watch::channel(state);
         let mut progress = new_progress(&spec.sources, state);
         if let Some(f) = spec.resume.as_ref().and_then(|m| m.file.as_ref()) {
@@ -549,7 +559,7 @@ impl Downloads {
                 Err(e) => warn!(id, error = %e.1, "cannot load download"),
             }
         }
-        self.next_id.fetch_max(max + 1, Ordering::Relaxed);
+        self.next_id.fetch_max(max.saturating_add(1), Ordering::Relaxed);
     }
 
     /// Checks a `get` request and starts the download, or resumes the
@@ -607,11 +617,23 @@ impl Downloads {
         // caller may create it: it must be allowed to write where the first
         // missing component goes, and the directories are made with its
         // rights.
+        let restricted = !caller.unrestricted();
+        if restricted && dir.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            return Err(Rejected(ErrorCode::OutputDir, format!("output directory {} contains `..`", dir.display())));
+        }
         if req.output_dir.is_some() && std::fs::symlink_metadata(&dir).is_err() {
             let existing = dir.ancestors().skip(1).find(|a| a.exists()).unwrap_or(Path::new("/"));
-            caller::check_output_dir(caller, existing, &[]).map_err(|e| Rejected(ErrorCode::PermissionDenied, e.0))?;
-            let owner = (!caller.unrestricted()).then_some(caller);
-            caller::as_caller(owner, || std::fs::create_dir_all(&dir)).and_then(|r| r).map_err(|e| {
+            let base = caller::check_output_dir(caller, existing, &self.defaults.download_roots)
+                .map_err(|e| Rejected(ErrorCode::PermissionDenied, e.0))?;
+            let owner = restricted.then_some(caller);
+            let made = if restricted && !nix::unistd::geteuid().is_root() {
+                // No identity to take on: never follow a symlink on the way.
+                let rest = dir.strip_prefix(existing).unwrap_or(Path::new(""));
+                caller::create_dirs_nofollow(&base, &base.join(rest))
+            } else {
+                caller::as_caller(owner, || std::fs::create_dir_all(&dir)).and_then(|r| r)
+            };
+            made.map_err(|e| {
                 Rejected(ErrorCode::OutputDir, format!("cannot create output directory {}: {e}", dir.display()))
             })?;
         }
@@ -816,8 +838,9 @@ impl Downloads {
                 // No engine runs: clean up here, unless another download
                 // (same destination) is writing that part file now.
                 if !engine::part_in_use(&dl.part_path()) {
-                    let part = dl.part_path();
-                    let _ = caller::as_caller(dl.restricted_owner(), || std::fs::remove_file(part));
+                    if let Ok((dest, _pin)) = caller::pin_dir(&dl.destination, dl.restricted_owner()) {
+                        let _ = caller::as_caller(dl.restricted_owner(), || std::fs::remove_file(part_path(&dest)));
+                    }
                 }
                 self.store.remove(id);
                 dl.set_state_force(DownloadState::Cancelled);
