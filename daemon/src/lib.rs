@@ -123,6 +123,12 @@ impl Daemon {
             info!(closed, "reload: closed connections the new allow lists forbid");
         }
         for (what, changed) in [
+            ("download_dir", old.download_dir != new.download_dir),
+            ("download_roots", old.download_roots != new.download_roots),
+            ("min_free_space", old.min_free_space != new.min_free_space),
+            ("max_download_size", old.max_download_size != new.max_download_size),
+            ("retention", old.retention != new.retention),
+            ("connections_per_server", old.connections_per_server != new.connections_per_server),
             ("max_connections", old.max_connections != new.max_connections),
             ("listen", old.listen != new.listen),
             ("export", old.export != new.export),
