@@ -184,6 +184,37 @@ pub fn check_output_dir(caller: &Caller, dir: &Path, roots: &[PathBuf]) -> Resul
     Ok(real)
 }
 
+/// Checks, before anything else is said about `dir`, that `caller` could
+/// reach it: every existing directory on the way must be searchable by it.
+/// So answers such as "does not exist" or "not a directory" never describe
+/// what lies behind a directory the caller may not enter.
+pub fn check_reachable(caller: &Caller, dir: &Path) -> Result<(), Denied> {
+    if caller.unrestricted() {
+        return Ok(());
+    }
+    let mut at = PathBuf::from("/");
+    let comps: Vec<Component> = dir.components().collect();
+    for (i, c) in comps.iter().enumerate() {
+        if let Component::Normal(n) = c {
+            at.push(n);
+        } else if i > 0 {
+            continue;
+        }
+        if i + 1 == comps.len() {
+            break; // the directory itself is judged by check_output_dir
+        }
+        let Ok(meta) = std::fs::metadata(&at) else { break };
+        if meta.is_dir() && !caller.may(&meta, 1) {
+            return Err(Denied(format!(
+                "permission denied: {} cannot enter {}, so mftd will not write there on its behalf",
+                caller.describe(),
+                at.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Checks that `caller` could replace (or create) `name` in `dir`, which it
 /// may write to: in a sticky directory only its own files.
 pub fn check_replace(caller: &Caller, dir: &Path, name: &str) -> Result<(), Denied> {

@@ -264,7 +264,7 @@ async fn handle_conn(stream: UnixStream, daemon: Arc<Daemon>, group: Option<nix:
                 send(&mut w, &resp).await?;
             }
             Request::Watch { id, interval_ms } => {
-                watch(&daemon, id, interval_ms, &mut w).await?;
+                watch(&daemon, &caller, id, interval_ms, &mut w).await?;
                 return Ok(());
             }
             Request::Shutdown if !caller.unrestricted() => {
@@ -294,11 +294,12 @@ async fn handle_conn(stream: UnixStream, daemon: Arc<Daemon>, group: Option<nix:
 /// when it ends.
 async fn watch<W: tokio::io::AsyncWrite + Unpin>(
     daemon: &Daemon,
+    caller: &Caller,
     id: u64,
     interval_ms: u64,
     w: &mut W,
 ) -> io::Result<()> {
-    let Some(dl) = daemon.downloads.get(id) else {
+    let Some(dl) = daemon.downloads.get(id).filter(|dl| dl.visible_to(caller)) else {
         let r = crate::download::unknown(id);
         return send(w, &Response::error(r.0, r.1)).await;
     };

@@ -31,7 +31,7 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
         );
     }
     match req {
-        Request::Status => status(d),
+        Request::Status => status(d, caller),
         Request::ServersList => Response::Servers { servers: d.listeners.list() },
         Request::ServerStop { port } => match d.listeners.stop(port) {
             Ok(n) => Response::ok(format!(
@@ -83,9 +83,9 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
             Err(r) => Response::error(r.0, r.1),
         },
         Request::DownloadsList => {
-            Response::Downloads { downloads: d.downloads.all().iter().map(|x| x.info(false)).collect() }
+            Response::Downloads { downloads: d.downloads.visible_to(caller).iter().map(|x| x.info(false)).collect() }
         }
-        Request::DownloadShow { id } => match d.downloads.get(id) {
+        Request::DownloadShow { id } => match d.downloads.get(id).filter(|dl| dl.visible_to(caller)) {
             Some(dl) => Response::Download { download: dl.info(true) },
             None => {
                 let r = crate::download::unknown(id);
@@ -111,7 +111,7 @@ fn listener_error(e: ListenerError) -> Response {
     Response::error(code, e.to_string())
 }
 
-fn status(d: &Daemon) -> Response {
+fn status(d: &Daemon, caller: &Caller) -> Response {
     let cfg = d.config();
     Response::Status(StatusInfo {
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -122,7 +122,7 @@ fn status(d: &Daemon) -> Response {
         download_dir: cfg.download_dir.display().to_string(),
         socket: cfg.socket.display().to_string(),
         listeners: d.listeners.list(),
-        downloads: d.downloads.all().iter().map(|x| x.info(false)).collect(),
+        downloads: d.downloads.visible_to(caller).iter().map(|x| x.info(false)).collect(),
         damaged_manifests: d.downloads.damaged(),
     })
 }

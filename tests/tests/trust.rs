@@ -96,6 +96,11 @@ fn a_group_member_downloads_only_where_it_could_write_itself() {
     assert_ne!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).contains("permission denied") && text(&out).contains("cannot write to"), "{}", text(&out));
     assert_eq!(std::fs::read_dir(&protected).unwrap().count(), 0, "something was written");
+    // What lies behind a directory it may not enter stays unsaid.
+    let behind = protected.join("no/such/dir");
+    let out = nobody(&client, &["get", "authorized_keys", "--from", from, "-o", behind.to_str().unwrap()]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(text(&out).contains("cannot enter") && !text(&out).contains("does not exist"), "{}", text(&out));
     // Nor may it have mftd create a directory there for it.
     let sub = protected.join("sub");
     let out = nobody(&client, &["get", "authorized_keys", "--from", from, "-o", sub.to_str().unwrap()]);
@@ -257,6 +262,13 @@ fn a_group_member_manages_only_its_own_downloads() {
         assert_ne!(out.status.code(), Some(0), "{verb}: {}", text(&out));
         assert!(text(&out).contains("belongs to"), "{}", text(&out));
     }
+    // Nor may it see them: where root writes is root's business.
+    let out = nobody(&client, &["--json", "downloads", "list"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!stdout(&out).contains("slow.bin"), "{}", stdout(&out));
+    let out = nobody(&client, &["downloads", "show", &id.to_string()]);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(!text(&out).contains("slow.bin"), "{}", text(&out));
     assert_eq!(client.download(id)["state"], "active");
     assert!(client.ctl(&["downloads", "cancel", &id.to_string()]).status.success());
 }

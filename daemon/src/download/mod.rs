@@ -225,6 +225,12 @@ impl Download {
         part_path(&self.destination)
     }
 
+    /// Whether `caller` may see this download (its destination, sources
+    /// and progress): the unrestricted see all, others their own.
+    pub fn visible_to(&self, caller: &Caller) -> bool {
+        caller.unrestricted() || self.owner.uid == caller.uid
+    }
+
     /// The owner when its rights are not the daemon's: file operations on
     /// the destination then run with them (see [`caller::as_caller`]).
     pub fn restricted_owner(&self) -> Option<&Caller> {
@@ -419,6 +425,11 @@ impl Downloads {
 
     pub fn all(&self) -> Vec<Arc<Download>> {
         self.map().values().cloned().collect()
+    }
+
+    /// The downloads `caller` may see.
+    pub fn visible_to(&self, caller: &Caller) -> Vec<Arc<Download>> {
+        self.map().values().filter(|d| d.visible_to(caller)).cloned().collect()
     }
 
     /// Manifests that could not be loaded, as "path: reason".
@@ -621,6 +632,7 @@ impl Downloads {
         if restricted && dir.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
             return Err(Rejected(ErrorCode::OutputDir, format!("output directory {} contains `..`", dir.display())));
         }
+        caller::check_reachable(caller, &dir).map_err(|e| Rejected(ErrorCode::PermissionDenied, e.0))?;
         if req.output_dir.is_some() && std::fs::symlink_metadata(&dir).is_err() {
             let existing = dir.ancestors().skip(1).find(|a| a.exists()).unwrap_or(Path::new("/"));
             let base = caller::check_output_dir(caller, existing, &self.defaults.download_roots)
