@@ -320,3 +320,34 @@ fn a_group_member_does_not_borrow_the_daemons_secret() {
     assert!(text(&out).contains("requires authentication"), "{}", text(&out));
     assert!(!mine.join("a.bin").exists());
 }
+
+/// Rights are checked again when a paused download runs anew: a directory
+/// the member may no longer write to is not written on its behalf.
+#[test]
+fn a_resumed_download_is_checked_against_the_rights_of_now() {
+    skip_unless_possible!();
+    let server = Daemon::builder(1).arg("--rate-limit").arg("1M").start();
+    write_file(&server.export.join("r.bin"), 8 << 20, 21);
+    let client = daemon(&[]);
+    let mine = nobodys_dir(client.dir.path(), "mine");
+    let out =
+        nobody(&client, &["get", "r.bin", "--from", &server.sources()[0], "-o", mine.to_str().unwrap(), "--detach"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let id = stdout(&out).trim().to_string();
+    let id_n: u64 = id.parse().expect("id");
+    assert!(wait_until(Duration::from_secs(10), || client.download(id_n)["bytes_done"].as_u64().unwrap_or(0) > 0));
+    assert!(nobody(&client, &["downloads", "pause", &id]).status.success());
+    assert!(
+        wait_until(Duration::from_secs(10), || client.download(id_n)["state"] == "paused"),
+        "{}\n{}",
+        client.download(id_n),
+        client.log()
+    );
+    // The directory is taken away from it.
+    nix::unistd::chown(&mine, Some(0.into()), Some(0.into())).unwrap();
+    std::fs::set_permissions(&mine, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = nobody(&client, &["downloads", "resume", &id]);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("cannot write to"), "{}", text(&out));
+    assert_eq!(client.download(id_n)["state"], "paused");
+}

@@ -544,10 +544,9 @@ fn open_part(
                     .custom_flags(libc_o_nofollow() | nix::fcntl::OFlag::O_NONBLOCK.bits())
                     .open(&part)
                     .map_err(DownloadError::disk("open", &part))?;
-                // Swapped for a FIFO or a device since the lstat above?
-                if !file.metadata().is_ok_and(|m| m.is_file()) {
-                    return Err(DownloadError::disk("open", &part)(io::Error::other("not a regular file")));
-                }
+                // Swapped for a FIFO or a device since the lstat above, or a
+                // hard link to some other file mftd may write?
+                check_own_file(&file, &part)?;
                 lock_part(&file, &part)?;
                 let len = meta.len();
                 let ranges = match claimed {
@@ -595,9 +594,7 @@ fn create_part(part: &Path, dest: &Path, size: u64, keep_free: Option<u64>) -> R
                 DownloadError::disk("create", &part)(e)
             }
         })?;
-    if !file.metadata().is_ok_and(|m| m.is_file()) {
-        return Err(DownloadError::disk("create", &part)(io::Error::other("not a regular file")));
-    }
+    check_own_file(&file, &part)?;
     lock_part(&file, &part)?;
     file.set_len(0).map_err(DownloadError::disk("truncate", &part))?;
     if let Ok(v) = nix::sys::statvfs::fstatvfs(&file) {
@@ -627,6 +624,23 @@ fn create_part(part: &Path, dest: &Path, size: u64, keep_free: Option<u64>) -> R
         }
     }
     Ok(file)
+}
+
+/// A part file must be a regular file with no other name: a hard link
+/// someone made to another file mftd may write (its manifest key, say) is
+/// never written through.
+fn check_own_file(file: &File, part: &Path) -> Result<(), DownloadError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata().map_err(DownloadError::disk("inspect", part))?;
+    if !meta.is_file() {
+        return Err(DownloadError::disk("open", part)(io::Error::other("not a regular file")));
+    }
+    if meta.nlink() != 1 {
+        return Err(DownloadError::disk("open", part)(io::Error::other(
+            "it has other names (hard links); remove it and start again",
+        )));
+    }
+    Ok(())
 }
 
 fn on_tmpfs(file: &File) -> bool {
@@ -1018,7 +1032,8 @@ impl Engine {
 
     /// All workers of all sources gave up: fail with every source's reason.
     fn check_all_dead(&self) {
-        if self.live_workers.load(Ordering::SeqCst) > 0 {
+        // Workers stopped by a pause, a cancel or a shutdown did not give up.
+        if self.live_workers.load(Ordering::SeqCst) > 0 || self.workers.is_cancelled() {
             return;
         }
         // Workers also end because everything is there; that is no failure.
@@ -2086,6 +2101,20 @@ fn settle(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize, ok: Result<io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review finding: a hard link planted at the part file's name made
+    /// mftd write (and truncate) the file it links to.
+    #[test]
+    fn a_hard_link_at_the_part_file_is_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let precious = dir.path().join("precious");
+        std::fs::write(&precious, b"keep me").unwrap();
+        let dest = dir.path().join("f");
+        std::fs::hard_link(&precious, part_path(&dest)).unwrap();
+        assert!(open_part(&dest, 10, None, true, Some(0)).is_err());
+        assert!(open_part(&dest, 10, None, false, Some(0)).is_err());
+        assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
+    }
 
     /// Review finding: a FIFO planted at the part file's name hung the
     /// check (and a blocking thread) forever.

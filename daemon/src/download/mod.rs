@@ -534,6 +534,24 @@ impl Downloads {
         }
     }
 
+    /// A restricted owner's rights are checked again before its download
+    /// runs anew (after a pause or a restart): the directory, the roots and
+    /// group membership may have changed since.
+    fn recheck(&self, spec: &Spec) -> Result<(), Rejected> {
+        if spec.owner.unrestricted() {
+            return Ok(());
+        }
+        let dir = spec.destination.parent().unwrap_or(Path::new("/"));
+        let denied = |e: caller::Denied| Rejected(ErrorCode::PermissionDenied, e.0);
+        caller::check_reachable(&spec.owner, dir).map_err(denied)?;
+        caller::check_output_dir(&spec.owner, dir, &self.defaults.download_roots).map_err(denied)?;
+        if spec.force {
+            let name = spec.destination.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            caller::check_replace(&spec.owner, dir, name).map_err(denied)?;
+        }
+        Ok(())
+    }
+
     /// Loads every manifest after a start. Downloads come back `paused`, or
     /// running if `auto_resume` is set and the user had not paused them.
     pub fn load(&self, auto_resume: bool) {
@@ -557,7 +575,12 @@ impl Downloads {
             }
             let spec = Self::spec_from(m);
             let id = spec.id;
-            let state = if auto_resume && !paused { DownloadState::Starting } else { DownloadState::Paused };
+            let allowed = self.recheck(&spec);
+            if let Err(e) = &allowed {
+                warn!(id, reason = %e.1, "download loaded as paused: its owner may no longer write there");
+            }
+            let state =
+                if auto_resume && !paused && allowed.is_ok() { DownloadState::Starting } else { DownloadState::Paused };
             match self.build(spec, state) {
                 Ok(dl) if state == DownloadState::Starting => {
                     info!(id, "resuming download after restart");
@@ -638,13 +661,16 @@ impl Downloads {
             let base = caller::check_output_dir(caller, existing, &self.defaults.download_roots)
                 .map_err(|e| Rejected(ErrorCode::PermissionDenied, e.0))?;
             let owner = restricted.then_some(caller);
-            let made = if restricted && !nix::unistd::geteuid().is_root() {
-                // No identity to take on: never follow a symlink on the way.
-                let rest = dir.strip_prefix(existing).unwrap_or(Path::new(""));
-                caller::create_dirs_nofollow(&base, &base.join(rest))
-            } else {
-                caller::as_caller(owner, || std::fs::create_dir_all(&dir)).and_then(|r| r)
-            };
+            if restricted && !nix::unistd::geteuid().is_root() {
+                // mftd cannot make a directory that belongs to the caller:
+                // it would be mftd's, and not the caller's to write.
+                let _ = base;
+                return Err(Rejected(
+                    ErrorCode::OutputDir,
+                    format!("output directory {} does not exist; create it yourself first", dir.display()),
+                ));
+            }
+            let made = caller::as_caller(owner, || std::fs::create_dir_all(&dir)).and_then(|r| r);
             made.map_err(|e| {
                 Rejected(ErrorCode::OutputDir, format!("cannot create output directory {}: {e}", dir.display()))
             })?;
@@ -818,6 +844,7 @@ impl Downloads {
         }
         let mut spec = Self::spec_from(m);
         spec.id = id;
+        self.recheck(&spec)?;
         let dl = self.build(spec, DownloadState::Starting)?;
         self.spawn(dl.clone());
         Ok(dl)
