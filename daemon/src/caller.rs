@@ -201,7 +201,15 @@ pub fn check_reachable(caller: &Caller, dir: &Path) -> Result<(), Denied> {
             continue;
         }
         if i + 1 == comps.len() {
-            break; // the directory itself is judged by check_output_dir
+            // The directory itself is judged by check_output_dir; a symlink
+            // here would send the answers about its target instead.
+            if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+                return Err(Denied(format!(
+                    "{} is a symbolic link; give mftd the directory it points to",
+                    at.display()
+                )));
+            }
+            break;
         }
         let Ok(meta) = std::fs::metadata(&at) else { break };
         if meta.is_dir() && !caller.may(&meta, 1) {

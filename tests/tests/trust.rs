@@ -101,6 +101,12 @@ fn a_group_member_downloads_only_where_it_could_write_itself() {
     let out = nobody(&client, &["get", "authorized_keys", "--from", from, "-o", behind.to_str().unwrap()]);
     assert_ne!(out.status.code(), Some(0));
     assert!(text(&out).contains("cannot enter") && !text(&out).contains("does not exist"), "{}", text(&out));
+    // Nor through a symlink of its own pointing there.
+    let link = client.dir.path().join("link-to-protected");
+    std::os::unix::fs::symlink(protected.join("no/such"), &link).unwrap();
+    let out = nobody(&client, &["get", "authorized_keys", "--from", from, "-o", link.to_str().unwrap()]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(text(&out).contains("symbolic link") && !text(&out).contains("does not exist"), "{}", text(&out));
     // Nor may it have mftd create a directory there for it.
     let sub = protected.join("sub");
     let out = nobody(&client, &["get", "authorized_keys", "--from", from, "-o", sub.to_str().unwrap()]);
