@@ -33,7 +33,11 @@ fn capped_listeners_share_in_proportion_and_finish_near_ideal() {
         "capped 4/8/16/32 MiB/s, {size} bytes: {took:.3}s, ideal {ideal:.3}s, ratio {:.3}, shares {shares:?}",
         took / ideal
     );
-    assert!(took <= ideal * 1.15, "took {took:.2}s, ideal {ideal:.2}s");
+    // Loose on purpose (a shared 2-core machine moves a 2 s run by 20 %;
+    // `make bench` measures this case precisely): a broken share of the
+    // caps costs far more than 1.5x, and no download beats the caps (the
+    // token buckets start full, hence 0.9).
+    assert!(took <= ideal * 1.5 && took >= ideal * 0.9, "took {took:.2}s, ideal {ideal:.2}s");
     for (share, cap) in shares.iter().zip(caps) {
         let want = cap as f64 / sum as f64;
         assert!((share - want).abs() <= 0.03, "share {share:.3} vs bandwidth share {want:.3}: {shares:?}");
