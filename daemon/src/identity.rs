@@ -192,11 +192,6 @@ impl IdentityCache {
         map.insert(key, (h.clone(), std::time::Instant::now()));
         h
     }
-
-    /// The identity of `file`, waiting for its hashing if needed.
-    pub async fn get(&self, file: &File, meta: &std::fs::Metadata) -> io::Result<Arc<Identity>> {
-        self.lookup(file, meta).await?.wait().await.map_err(io::Error::other)
-    }
 }
 
 /// Magic of an identity file.

@@ -14,6 +14,29 @@ fn free_ports(n: usize) -> Vec<u16> {
     ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
+/// A daemon whose listeners and serving settings come from the config file
+/// `cfg` alone, so a reload re-reads them (the helper's daemon would pass
+/// --ports).
+fn from_config(cfg: &std::path::Path) -> Daemon {
+    let mut server = Daemon::start(0);
+    server.kill();
+    let log = std::fs::File::create(server.dir.path().join("mftd.log")).unwrap();
+    let mut cmd = Command::new(mftd_bin());
+    cmd.arg("--config")
+        .arg(cfg)
+        .arg("--export")
+        .arg(&server.export)
+        .arg("--state-dir")
+        .arg(server.dir.path().join("state"))
+        .arg("--socket")
+        .arg(&server.socket)
+        .stdout(Stdio::null())
+        .stderr(log);
+    server.child = Some(cmd.spawn().unwrap());
+    server.wait_ready();
+    server
+}
+
 #[test]
 fn ready_only_after_listeners_accept_then_status_and_watchdog() {
     let dir = tempfile::tempdir().unwrap();
@@ -92,24 +115,7 @@ fn sighup_adds_removes_and_relimits_listeners_while_a_download_runs() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("mftd.toml");
     std::fs::write(&cfg, format!("ports = [{a}, {b}]\nrate_limit = \"4M\"\n")).unwrap();
-    // A daemon whose listener set comes from the config file, so a reload
-    // re-reads it (the helper's daemon would pass --ports).
-    let mut server = Daemon::start(0);
-    server.kill();
-    let log = std::fs::File::create(server.dir.path().join("mftd.log")).unwrap();
-    let mut cmd = Command::new(mftd_bin());
-    cmd.arg("--config")
-        .arg(&cfg)
-        .arg("--export")
-        .arg(&server.export)
-        .arg("--state-dir")
-        .arg(server.dir.path().join("state"))
-        .arg("--socket")
-        .arg(&server.socket)
-        .stdout(Stdio::null())
-        .stderr(log);
-    server.child = Some(cmd.spawn().unwrap());
-    server.wait_ready();
+    let server = from_config(&cfg);
     let size = 24 * MIB;
     write_file(&server.export.join("h"), size, 41);
     let client = Daemon::start(0);
@@ -228,22 +234,7 @@ fn sighup_applies_allow_list_secret_and_timeouts() {
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "reloaded-secret-42").unwrap();
     std::fs::write(&cfg, format!("ports = [{port}]\n")).unwrap();
-    let mut server = Daemon::start(0);
-    server.kill();
-    let log = std::fs::File::create(server.dir.path().join("mftd.log")).unwrap();
-    let mut cmd = Command::new(mftd_bin());
-    cmd.arg("--config")
-        .arg(&cfg)
-        .arg("--export")
-        .arg(&server.export)
-        .arg("--state-dir")
-        .arg(server.dir.path().join("state"))
-        .arg("--socket")
-        .arg(&server.socket)
-        .stdout(Stdio::null())
-        .stderr(log);
-    server.child = Some(cmd.spawn().unwrap());
-    server.wait_ready();
+    let server = from_config(&cfg);
     let hup = |server: &Daemon| {
         let before = server.log().matches("configuration reloaded").count();
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(server.pid()), nix::sys::signal::Signal::SIGHUP).unwrap();
