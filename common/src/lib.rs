@@ -188,7 +188,9 @@
 //! * a server hashes at most two files at a time, and a connection may have
 //!   at most four `HASHES` waiting for hashing (one more closes it);
 //! * a peer that stops taking the bytes of a READ (its TCP window stays
-//!   shut) is disconnected after half `serve_idle_timeout` (1 to 30 s);
+//!   shut) is disconnected after half `serve_idle_timeout` (1 to 30 s), and
+//!   one that takes them slower than `serve_min_rate` (default 1 KiB/s,
+//!   judged every 10 s of sending by the bytes it acknowledged) is reset;
 //! * the server reads requests while it answers (so a `TRIM` reaches a READ
 //!   being sent) and queues at most 8 beyond the one it is answering; more
 //!   are held back by TCP flow control; it keeps at most 64 unanswered TRIMs;

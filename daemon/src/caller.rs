@@ -254,27 +254,39 @@ pub fn read_secret(caller: &Caller, path: &Path) -> Result<Vec<u8>, Denied> {
     if !path.is_absolute() {
         return Err(denied("must be an absolute path".into()));
     }
-    if !caller.unrestricted() {
-        let parent = path.parent().unwrap_or(Path::new("/"));
-        // Search permission on the way there (the parent needs no write).
-        let mut at = PathBuf::from("/");
-        for c in parent.components() {
-            if let Component::Normal(n) = c {
-                at.push(n);
-            }
-            let meta = std::fs::metadata(&at).map_err(|e| denied(format!("cannot inspect {}: {e}", at.display())))?;
-            if !caller.may(&meta, 1) {
-                return Err(denied(format!("{} cannot enter {}", caller.describe(), at.display())));
-            }
-        }
-    }
-    let mut f =
-        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(
-            |e| match e.raw_os_error() {
-                Some(libc::ELOOP) => denied("is a symlink; give the file itself".into()),
-                _ => denied(format!("cannot open: {e}")),
-            },
-        )?;
+    let nofollow = |e: io::Error| match e.raw_os_error() {
+        Some(libc::ELOOP) => denied("is a symlink; give the file itself".into()),
+        _ => denied(format!("cannot open: {e}")),
+    };
+    let mut f = if caller.unrestricted() {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+            .map_err(nofollow)?
+    } else {
+        // Walk to the file through descriptors, each directory checked for
+        // the caller's search right and none reached through a symlink, so
+        // the file opened is the one the caller could reach: no directory
+        // swapped for a symlink between a check and the open leads mftd
+        // somewhere only it may enter.
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(denied("names no file".into()));
+        };
+        let dir = open_dir_checked(parent, Some(caller)).map_err(|e| denied(e.to_string()))?;
+        let fd = nix::fcntl::openat(
+            Some(dir.as_raw_fd()),
+            name,
+            nix::fcntl::OFlag::O_RDONLY
+                | nix::fcntl::OFlag::O_NOFOLLOW
+                | nix::fcntl::OFlag::O_NONBLOCK
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| nofollow(e.into()))?;
+        // SAFETY: a new descriptor nothing else owns.
+        std::fs::File::from(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+    };
     let meta = f.metadata().map_err(|e| denied(format!("cannot inspect: {e}")))?;
     if !meta.is_file() {
         return Err(denied("is not a regular file".into()));
@@ -335,6 +347,13 @@ pub fn as_caller<T: Send>(caller: Option<&Caller>, f: impl FnOnce() -> T + Send)
 /// the caller renames or swaps for a symlink meanwhile (`O_PATH`: only
 /// search permission is needed on the way).
 pub fn open_dir_nofollow(dir: &Path) -> io::Result<std::os::fd::OwnedFd> {
+    open_dir_checked(dir, None)
+}
+
+/// [`open_dir_nofollow`], and if `caller` is given, each directory opened
+/// on the way (the last one included) must grant it search permission,
+/// judged on the descriptor itself.
+fn open_dir_checked(dir: &Path, caller: Option<&Caller>) -> io::Result<std::os::fd::OwnedFd> {
     use nix::fcntl::{openat, OFlag};
     use nix::sys::stat::Mode;
     use std::os::fd::FromRawFd;
@@ -345,9 +364,16 @@ pub fn open_dir_nofollow(dir: &Path) -> io::Result<std::os::fd::OwnedFd> {
     let raw = nix::fcntl::open("/", flags, Mode::empty())?;
     // SAFETY: a new descriptor nothing else owns.
     let mut fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
-    for c in dir.components() {
-        match c {
-            Component::RootDir | Component::CurDir => continue,
+    let mut at = PathBuf::from("/");
+    loop {
+        if let Some(c) = caller {
+            let meta = std::fs::File::from(fd.try_clone()?).metadata()?;
+            if !c.may(&meta, 1) {
+                return Err(io::Error::other(format!("{} cannot enter {}", c.describe(), at.display())));
+            }
+        }
+        let Some(comp) = dir.components().nth(at.components().count()) else { return Ok(fd) };
+        match comp {
             Component::Normal(name) => {
                 let raw = openat(Some(fd.as_raw_fd()), name, flags | OFlag::O_NOFOLLOW, Mode::empty()).map_err(
                     |e| match e {
@@ -360,11 +386,11 @@ pub fn open_dir_nofollow(dir: &Path) -> io::Result<std::os::fd::OwnedFd> {
                 )?;
                 // SAFETY: as above.
                 fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+                at.push(name);
             }
-            _ => return Err(io::Error::other(format!("{} contains `..`", dir.display()))),
+            _ => return Err(io::Error::other(format!("{} contains `..` or `.`", dir.display()))),
         }
     }
-    Ok(fd)
 }
 
 /// Where a restricted owner's destination `dest` is reached safely when the
@@ -483,6 +509,33 @@ mod tests {
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
         assert!(read_secret(&Caller::daemon(), &fifo).unwrap_err().0.contains("not a regular file"));
         assert!(read_secret(&Caller::daemon(), Path::new("rel")).unwrap_err().0.contains("absolute"));
+    }
+
+    #[test]
+    fn a_restricted_callers_secret_is_reached_only_through_directories_it_may_enter() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let private = dir.path().join("private");
+        std::fs::create_dir(&private).unwrap();
+        std::fs::write(private.join("s"), "daemon-secret").unwrap();
+        std::fs::set_permissions(private.join("s"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let c = stranger();
+        // The file's own bits would let anyone read it; the directory does not.
+        let e = read_secret(&c, &private.join("s")).unwrap_err().0;
+        assert!(e.contains("cannot enter"), "{e}");
+        // Nor does a symlink the caller points at the private directory.
+        let public = dir.path().join("public");
+        std::fs::create_dir(&public).unwrap();
+        std::os::unix::fs::symlink(&private, public.join("via")).unwrap();
+        let e = read_secret(&c, &public.join("via/s")).unwrap_err().0;
+        assert!(e.contains("symbolic link"), "{e}");
+        // A readable file in an open directory is read.
+        std::fs::write(public.join("mine"), "caller-secret\n").unwrap();
+        std::fs::set_permissions(public.join("mine"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(read_secret(&c, &public.join("mine")).unwrap(), b"caller-secret");
+        // The daemon itself still reads through its own rights.
+        assert_eq!(read_secret(&Caller::daemon(), &private.join("s")).unwrap(), b"daemon-secret");
     }
 
     #[test]

@@ -75,6 +75,10 @@ pub struct Args {
     /// Seconds a transfer connection may stay silent before it is closed.
     #[arg(long, value_name = "SECS")]
     pub serve_idle_timeout: Option<u64>,
+    /// Slowest a client may take the file data it asked for (bytes/s, K/M/G
+    /// suffixes; judged over 10 s of waiting on it; 0 turns it off; default 1K).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub serve_min_rate: Option<u64>,
     /// File holding the shared secret that clients must prove (listeners)
     /// and that downloads prove to servers. Never pass secrets on the command line.
     #[arg(long, value_name = "FILE")]
@@ -148,6 +152,7 @@ pub struct FileConfig {
     pub max_connections_per_ip: Option<u32>,
     pub handshake_timeout: Option<u64>,
     pub serve_idle_timeout: Option<u64>,
+    pub serve_min_rate: Option<RateValue>,
     pub auth_secret_file: Option<PathBuf>,
     pub allow: Option<Vec<String>>,
     pub connections_per_server: Option<u32>,
@@ -209,6 +214,7 @@ pub struct Config {
     pub max_connections_per_ip: u32,
     pub handshake_timeout: Duration,
     pub serve_idle_timeout: Duration,
+    pub serve_min_rate: u64,
     pub auth_secret_file: Option<PathBuf>,
     /// Address ranges listeners accept; `None` = everyone.
     pub allow: Option<Vec<ipnet::IpNet>>,
@@ -342,6 +348,7 @@ impl Config {
         origins.insert("max_connections_per_ip", from(&args.max_connections_per_ip, &file.max_connections_per_ip));
         origins.insert("handshake_timeout", from(&args.handshake_timeout, &file.handshake_timeout));
         origins.insert("serve_idle_timeout", from(&args.serve_idle_timeout, &file.serve_idle_timeout));
+        origins.insert("serve_min_rate", from(&args.serve_min_rate, &file.serve_min_rate));
         origins.insert("auth_secret_file", from(&args.auth_secret_file, &file.auth_secret_file));
         origins.insert("allow", from(&args.allow, &file.allow));
         origins.insert("connections_per_server", from(&args.connections_per_server, &file.connections_per_server));
@@ -442,6 +449,7 @@ impl Config {
                 (None, None) => None,
             })
         };
+        let serve_min_rate = size_setting(args.serve_min_rate, &file.serve_min_rate, "serve_min_rate")?.unwrap_or(1024);
         let min_free_space = size_setting(args.min_free_space, &file.min_free_space, "min_free_space")?;
         let max_download_size =
             size_setting(args.max_download_size, &file.max_download_size, "max_download_size")?.filter(|m| *m > 0);
@@ -477,6 +485,7 @@ impl Config {
             max_connections_per_ip,
             handshake_timeout: Duration::from_secs(handshake_timeout),
             serve_idle_timeout: Duration::from_secs(serve_idle_timeout),
+            serve_min_rate,
             auth_secret_file: args.auth_secret_file.clone().or(file.auth_secret_file).map(abs),
             allow,
             listener_allow,
@@ -529,6 +538,7 @@ impl Config {
         lines.push(("max_connections_per_ip", self.max_connections_per_ip.to_string()));
         lines.push(("handshake_timeout", self.handshake_timeout.as_secs().to_string()));
         lines.push(("serve_idle_timeout", self.serve_idle_timeout.as_secs().to_string()));
+        lines.push(("serve_min_rate", self.serve_min_rate.to_string()));
         if let Some(f) = &self.auth_secret_file {
             lines.push(("auth_secret_file", q(f)));
         }

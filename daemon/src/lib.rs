@@ -154,6 +154,7 @@ fn serve_settings(config: &Config, secret: Option<Vec<u8>>) -> serve::ServeSetti
         handshake_timeout: config.handshake_timeout,
         idle_timeout: config.serve_idle_timeout,
         max_per_ip: config.max_connections_per_ip,
+        min_rate: config.serve_min_rate,
         allow: config.allow.clone(),
     }
 }

@@ -6,18 +6,18 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::tcp::WriteHalf;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use mftd_common::proto::{
     read_frame, DataHeader, ErrorCode, ErrorFrame, Frame, ProtoError, ReadReq, StatInfo, DATA_CHUNK, MAGIC,
@@ -38,6 +38,86 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 fn stall_limit(idle: Duration) -> Duration {
     (idle / 2).clamp(Duration::from_secs(1), WRITE_TIMEOUT)
 }
+
+/// Over how long a window a peer's reading rate is judged against
+/// `serve_min_rate`.
+const MIN_RATE_WINDOW: Duration = Duration::from_secs(10);
+
+/// How fast a peer takes the file data it asked for. A peer that keeps its
+/// TCP window barely open (a few bytes now and then) never trips the stall
+/// limit; this catches it. What the peer took is what it acknowledged: the
+/// bytes handed to the kernel minus those still in the socket's send queue
+/// (`TIOCOUTQ`). Every [`MIN_RATE_WINDOW`] of sending (time the listener's
+/// own rate limit held the data back does not count, nor does idle time
+/// between requests), fewer than `min_rate` bytes per second close the
+/// connection. It is judged also while a write waits, so a peer cannot
+/// hide behind one long wait.
+struct PeerPace {
+    stall: Duration,
+    min_rate: u64,
+    /// Bytes handed to the kernel on this connection.
+    sent: u64,
+    /// Start of the window, and what the peer had acknowledged then.
+    since: Option<(Instant, u64)>,
+    /// Time in this window spent waiting for the listener's rate limit.
+    excused: Duration,
+}
+
+impl PeerPace {
+    fn new(settings: &ServeSettings) -> PeerPace {
+        PeerPace {
+            stall: stall_limit(settings.idle_timeout),
+            min_rate: settings.min_rate,
+            sent: 0,
+            since: None,
+            excused: Duration::ZERO,
+        }
+    }
+
+    /// Bytes the peer has acknowledged.
+    fn acked(&self, stream: &TcpStream) -> u64 {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one int through the pointer.
+        let r = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+        self.sent.saturating_sub(if r == 0 { queued.max(0) as u64 } else { 0 })
+    }
+
+    /// A READ starts sending: a new window unless data is still on its way
+    /// from the one before (then the peer is still being judged).
+    fn start(&mut self, stream: &TcpStream) {
+        let acked = self.acked(stream);
+        if self.since.is_none() || acked == self.sent {
+            self.since = Some((Instant::now(), acked));
+            self.excused = Duration::ZERO;
+        }
+    }
+
+    /// When the current window is over.
+    fn window_end(&self) -> Option<Instant> {
+        (self.min_rate > 0).then(|| self.since.map(|(t, _)| t + MIN_RATE_WINDOW + self.excused)).flatten()
+    }
+
+    /// Judges the window if it is over: an error if the peer was too slow,
+    /// else a new window.
+    fn judge(&mut self, stream: &TcpStream) -> Result<(), ConnError> {
+        let (Some(end), Some((start, acked_then))) = (self.window_end(), self.since) else { return Ok(()) };
+        let now = Instant::now();
+        if now < end {
+            return Ok(());
+        }
+        let acked = self.acked(stream);
+        let secs = (now - start).saturating_sub(self.excused).as_secs_f64().max(0.001);
+        let rate = (acked - acked_then.min(acked)) as f64 / secs;
+        debug!(rate = rate as u64, secs, "judged a peer's reading rate");
+        if rate < self.min_rate as f64 {
+            return Err(ConnError::TooSlow { rate: rate as u64, min: self.min_rate });
+        }
+        self.since = Some((now, acked));
+        self.excused = Duration::ZERO;
+        Ok(())
+    }
+}
+
 /// Files up to this size are hashed before `STAT` is answered (a few
 /// milliseconds): the answer then carries the root and spares the client a
 /// `HASHES` round trip before it can vote. Larger files are answered at once
@@ -79,6 +159,8 @@ pub struct ServeSettings {
     pub idle_timeout: Duration,
     /// Connections per client address over all listeners.
     pub max_per_ip: u32,
+    /// Slowest a peer may take the file data it asked for, bytes/s (0: any).
+    pub min_rate: u64,
     /// Address ranges accepted when a listener has no list of its own.
     pub allow: Option<Vec<ipnet::IpNet>>,
 }
@@ -160,6 +242,10 @@ enum ConnError {
     Cancelled,
     #[error("{0}")]
     Closed(String),
+    #[error("peer took no file data for {0:?}")]
+    Stalled(Duration),
+    #[error("peer took file data at {rate} B/s, below serve_min_rate ({min} B/s)")]
+    TooSlow { rate: u64, min: u64 },
 }
 
 /// Serves one connection until the peer leaves, breaks the protocol, times
@@ -171,13 +257,27 @@ pub async fn serve_connection(
     token: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().map_or_else(|_| "unknown".to_string(), |a| a.to_string());
     let result = tokio::select! {
         r = run(&mut stream, &ctx, &listener, &token) => r,
         _ = token.cancelled() => Err(ConnError::Cancelled),
     };
+    if matches!(result, Err(ConnError::TooSlow { .. } | ConnError::Stalled(_))) {
+        // Reset rather than close: the data still queued for a peer that
+        // does not take it would otherwise keep the socket (and its
+        // memory) alive long after mftd let go of it.
+        let _ = nix::sys::socket::setsockopt(
+            &stream,
+            nix::sys::socket::sockopt::Linger,
+            &libc::linger { l_onoff: 1, l_linger: 0 },
+        );
+    }
     match result {
         Ok(()) | Err(ConnError::Cancelled) => {}
         Err(ConnError::Proto(ProtoError::Closed)) => debug!("peer closed"),
+        Err(e @ (ConnError::TooSlow { .. } | ConnError::Stalled(_))) => {
+            info!(peer = %peer, "closed a slow reader: {e}")
+        }
         Err(e) => debug!(error = %e, "connection ended"),
     }
 }
@@ -258,13 +358,22 @@ async fn run(
     let queue = RequestQueue::default();
     // The reader takes requests and TRIMs off the socket while the writer
     // streams answers, so a TRIM reaches a READ that is being sent.
+    // A writer that fails (a peer too slow, a stall) ends the reader too,
+    // so the connection closes now, not at the reader's idle timeout.
+    let writer_failed = CancellationToken::new();
     let writer = async {
         let r = write_loop(&mut wr, ctx, listener, token, &queue).await;
         queue.close();
+        if r.is_err() {
+            writer_failed.cancel();
+        }
         r
     };
     let reader = async {
-        let r = read_loop(rd, settings.idle_timeout, &queue).await;
+        let r = tokio::select! {
+            r = read_loop(rd, settings.idle_timeout, &queue) => r,
+            _ = writer_failed.cancelled() => Ok(()),
+        };
         queue.close();
         r
     };
@@ -409,6 +518,7 @@ async fn write_loop(
 ) -> Result<(), ConnError> {
     let mut open: Option<OpenFile> = None;
     let mut hashes: std::collections::VecDeque<PendingHashes> = Default::default();
+    let mut pace = PeerPace::new(&ctx.settings());
     loop {
         let next = loop {
             let arrived = queue.arrived.notified();
@@ -464,7 +574,7 @@ async fn write_loop(
                 }
             }
             Request::Read(req, trimmed) => {
-                handle_read(wr, ctx, listener, token, &mut open, queue, &mut hashes, req, trimmed).await?
+                handle_read(wr, ctx, listener, token, &mut open, queue, &mut hashes, &mut pace, req, trimmed).await?
             }
         }
     }
@@ -578,6 +688,7 @@ async fn handle_read(
     open: &mut Option<OpenFile>,
     queue: &RequestQueue,
     hashes: &mut std::collections::VecDeque<PendingHashes>,
+    pace: &mut PeerPace,
     req: ReadReq,
     trimmed: Option<u64>,
 ) -> Result<(), ConnError> {
@@ -617,10 +728,10 @@ async fn handle_read(
     // answered by that TRIMMED alone.
     let end = trimmed.map_or(end, |t| t.clamp(req.offset, end));
     let mut end = apply_trims(stream, queue, id, req.offset, end).await?;
-    let stall = stall_limit(ctx.settings().idle_timeout);
     // Stream the range as DATA frames of at most DATA_CHUNK bytes; between
     // frames, apply TRIMs so a client can take back the end of the range.
     let mut pos = req.offset;
+    pace.start(stream.as_ref());
     while pos < end {
         end = apply_trims(stream, queue, id, pos, end).await?;
         if pos >= end {
@@ -631,7 +742,8 @@ async fn handle_read(
         // so a TRIM never waits behind half a second of one frame.
         let len = (end - pos).min(DATA_CHUNK).min(listener.limiter.chunk());
         write_frame(stream, &Frame::Data(DataHeader { id, offset: pos, len })).await?;
-        send_range(stream.as_ref(), &of.file, pos, len, listener, token, stall).await?;
+        send_range(stream.as_ref(), &of.file, pos, len, listener, token, pace).await?;
+        pace.judge(stream.as_ref())?;
         pos += len;
     }
     Ok(())
@@ -698,7 +810,7 @@ async fn send_range(
     len: u64,
     listener: &ListenerShared,
     token: &CancellationToken,
-    stall: Duration,
+    pace: &mut PeerPace,
 ) -> Result<(), ConnError> {
     let mut off = offset as i64;
     let mut left = len;
@@ -707,31 +819,47 @@ async fn send_range(
             return Err(ConnError::Cancelled);
         }
         let chunk = left.min(listener.limiter.chunk());
+        let paced = Instant::now();
         listener.limiter.acquire(chunk).await;
+        pace.excused += paced.elapsed();
         let mut chunk_left = chunk;
         while chunk_left > 0 {
-            let sent = match timeout(stall, async {
-                loop {
-                    stream.writable().await?;
-                    match stream.try_io(Interest::WRITABLE, || {
-                        nix::sys::sendfile::sendfile(stream.as_fd(), file.as_fd(), Some(&mut off), chunk_left as usize)
+            let stall_end = tokio::time::Instant::now() + pace.stall;
+            let sent = loop {
+                // Wake up for the stall limit or to judge the peer's rate,
+                // whichever comes first.
+                let judge_at = pace.window_end().map(tokio::time::Instant::from_std);
+                let wake = judge_at.map_or(stall_end, |j| j.min(stall_end));
+                let attempt = tokio::time::timeout_at(wake, async {
+                    loop {
+                        stream.writable().await?;
+                        match stream.try_io(Interest::WRITABLE, || {
+                            nix::sys::sendfile::sendfile(
+                                stream.as_fd(),
+                                file.as_fd(),
+                                Some(&mut off),
+                                chunk_left as usize,
+                            )
                             .map_err(io::Error::from)
-                    }) {
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                        r => return r,
+                        }) {
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                            r => return r,
+                        }
                     }
+                })
+                .await;
+                match attempt {
+                    Ok(r) => break r?,
+                    Err(_) if tokio::time::Instant::now() >= stall_end => return Err(ConnError::Stalled(pace.stall)),
+                    Err(_) => pace.judge(stream)?,
                 }
-            })
-            .await
-            {
-                Err(_) => return Err(ConnError::Timeout),
-                Ok(r) => r?,
             };
             if sent == 0 {
                 // The file shrank under us; we promised `len` bytes, so the
                 // only honest thing left is to close the connection.
                 return Err(ConnError::Closed("file shrank while sending".into()));
             }
+            pace.sent += sent as u64;
             chunk_left -= sent as u64;
             left -= sent as u64;
             listener.stats.bytes_sent.fetch_add(sent as u64, Ordering::Relaxed);

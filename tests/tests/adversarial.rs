@@ -453,6 +453,73 @@ fn accept_errors_back_off_and_the_listener_survives() {
     still_serves(&server);
 }
 
+/// Connects with a 4 KiB receive buffer, asks `server` for its whole `big`
+/// file and then takes 4 KiB every 250 ms (16 KiB/s): a trickle that
+/// reopens the TCP window often enough that the stall limit never fires.
+/// Returns how long the server kept the connection, at most `limit`.
+fn trickle(server: &Daemon, limit: Duration) -> Duration {
+    use nix::sys::socket::{connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).expect("socket");
+    setsockopt(&fd, sockopt::RcvBuf, &4096).expect("SO_RCVBUF");
+    let addr = SockaddrIn::new(127, 0, 0, 1, server.ports[0]);
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).expect("connect");
+    let s = TcpStream::from(fd);
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut c = RawConn { s };
+    c.send(&Frame::Hello { magic: mftd_common::proto::MAGIC, version: mftd_common::proto::VERSION, flags: 0 });
+    let Some(Frame::Hello { .. }) = c.recv() else { panic!("handshake failed") };
+    c.send(&Frame::Stat { path: "big".into() });
+    let Some(Frame::StatOk(st)) = c.recv() else { panic!("no STAT_OK") };
+    c.send(&Frame::Read(ReadReq {
+        id: 1,
+        offset: 0,
+        len: st.size,
+        size: st.size,
+        mtime_ns: st.mtime_ns,
+        path: "big".into(),
+    }));
+    let asked = Instant::now();
+    let mut buf = [0u8; 4096];
+    while asked.elapsed() < limit {
+        match c.s.read(&mut buf) {
+            Ok(0) | Err(_) => return asked.elapsed(),
+            Ok(_) => std::thread::sleep(Duration::from_millis(250)),
+        }
+    }
+    limit
+}
+
+/// A peer that takes its data at a trickle (16 KiB/s, below the configured
+/// 1 MiB/s minimum) is closed by the minimum-rate rule after 10 s of the
+/// server waiting on it, and the log names the rule. With the rule off the
+/// same trickle keeps its connection: the stall limit (30 s here) does not
+/// catch it, so nothing else closed it.
+#[test]
+fn a_peer_that_reads_a_trickle_is_closed_at_the_minimum_rate() {
+    let big = |server: &Daemon| {
+        let path = server.export.join("big");
+        write_file(&path, 1 << 20, 6);
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(256 << 20).unwrap();
+    };
+    let judged = Daemon::builder(1).arg("--serve-min-rate").arg("1M").start();
+    let unjudged = Daemon::builder(1).arg("--serve-min-rate").arg("0").start();
+    big(&judged);
+    big(&unjudged);
+    let (kept_on, kept_off) = std::thread::scope(|s| {
+        let on = s.spawn(|| trickle(&judged, Duration::from_secs(30)));
+        let off = s.spawn(|| trickle(&unjudged, Duration::from_secs(16)));
+        (on.join().unwrap(), off.join().unwrap())
+    });
+    assert!(
+        kept_on >= Duration::from_secs(9) && kept_on < Duration::from_secs(25),
+        "slow reader closed after {kept_on:?}, not after about 10 s of waiting\n{}",
+        judged.log()
+    );
+    assert!(judged.log().contains("below serve_min_rate"), "closed, but not by the minimum rate:\n{}", judged.log());
+    assert!(kept_off >= Duration::from_secs(16), "with serve_min_rate 0 the trickle was closed after {kept_off:?}");
+    still_serves(&judged);
+}
+
 /// A peer that asks for a large range and then stops reading gives its
 /// connection slot and open file back after half the serve idle timeout,
 /// not after the 30 s a small frame may take.
