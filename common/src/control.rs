@@ -235,6 +235,9 @@ pub struct ListenerInfo {
     pub rate: u64,
     /// Bandwidth cap in bytes per second, 0 for none.
     pub rate_limit: u64,
+    /// `tls`, or `plain` (unencrypted).
+    #[serde(default)]
+    pub transport: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

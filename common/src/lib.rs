@@ -6,10 +6,12 @@
 //! Nothing in this crate opens a socket or a file on its own initiative: it
 //! turns bytes into typed messages and back, and checks limits while doing so.
 //!
-//! # Transfer protocol, version 3
+//! # Transfer protocol, version 4
 //!
 //! A client (a downloading `mftd`) opens a TCP connection to a transfer
-//! listener. Everything on the wire is a **frame**; all integers are
+//! listener and, unless either side is configured for plain TCP, runs a
+//! TLS 1.3 handshake over it first (see *Transport and node identities*).
+//! Everything inside is a **frame**; all integers are
 //! big-endian (network order).
 //!
 //! ```text
@@ -37,13 +39,12 @@
 //! | 0x85 | TRIMMED   | server → client | id u32 · end u64 (`u64::MAX`: the request was no longer open)          |
 //! | 0x86 | HASHES_OK | server → client | count u32 · count × hash \[32\]                                        |
 //! | 0x7f | ERROR     | server → client | id u32 (0: not about a request) · code u16 · message (UTF-8, rest)     |
-//! | 0x84 | CHALLENGE | server → client | nonce \[32\] (only when the listener requires authentication)          |
-//! | 0x04 | AUTH      | client → server | mac \[32\] = HMAC-SHA256(secret, `"mftd-auth-v1"` · nonce)             |
+//! | 0x04 | AUTH      | both, after HELLO | mac \[32\]: proof of the shared secret bound to the TLS channel       |
 //!
 //! ## Examples on the wire (hex; spaces separate fields)
 //!
 //! ```text
-//! HELLO v3, no flags     01 00000008 4d465444 0003 0000
+//! HELLO v4, no flags     01 00000008 4d465444 0004 0000
 //! STAT "a.bin"           02 00000005 612e62696e
 //! READ id 7, 1 MiB at 0 of a 1 MiB file, mtime 1.7e18 ns, "a.bin"
 //!                        03 00000029 00000007 0000000000000000 0000000000100000
@@ -59,35 +60,69 @@
 //! TRIM id 7 at 256 KiB   05 0000000c 00000007 0000000000040000
 //! TRIMMED id 7 at 256 KiB 85 0000000c 00000007 0000000000040000
 //! ERROR NOT_FOUND        7f 00000012 00000000 0005 6e6f2073756368...  ("no such file")
-//! CHALLENGE              84 00000020 <32 random bytes>
 //! AUTH                   04 00000020 <HMAC-SHA256, 32 bytes>
 //! ```
 //!
-//! ## Handshake
-//! The client sends `HELLO` with version 3; the server answers `HELLO` with its
-//! own version, or an `ERROR` with code `VERSION_MISMATCH` whose message names
-//! both versions (`server speaks mftd transfer protocol 3, client sent 2`)
-//! and closes: older peers (v1: pipelined fixed-size READs, hashes in
-//! STAT_OK; v2: STAT_OK only after the whole file was hashed) are refused
-//! this way, and an older server answers a v3 client with its own HELLO,
-//! which the client reports the same way. A first frame that is
-//! not `HELLO`, or a wrong magic, gets `BAD_HANDSHAKE` and the connection is
-//! closed. The server waits at most 10 s for the `HELLO`. A client without
-//! a secret sends its first `STAT` right behind its `HELLO`, without waiting
-//! for the answer (the server reads frames in order).
+//! ## Transport and node identities
+//! Every daemon has a long-term key and a self-signed certificate, made at
+//! its first start (`STATE_DIR/node.key`, mode 0600, and `node.crt`). Its
+//! **node ID** is the first 128 bits of the SHA-256 of the certificate (DER),
+//! in lowercase base32: 26 characters (`mftd --print-node-id`, `mftctl
+//! status`). No certificate authority is involved.
 //!
-//! ## Authentication (optional)
-//! A listener configured with a shared secret (`auth_secret_file`) answers a
-//! valid `HELLO` with `CHALLENGE` (32 random bytes) instead of `HELLO`. The
-//! client answers `AUTH` with HMAC-SHA256 keyed by the secret over
-//! `"mftd-auth-v1"` followed by the nonce; the server checks it in constant
-//! time and then sends its `HELLO`, or `ERROR AUTH_FAILED` and closes. The
-//! whole exchange must finish within the handshake timeout. A client sets
-//! `FLAG_AUTH` (0x0001) in its `HELLO` flags when it has a secret; a client
-//! without one receiving `CHALLENGE` reports that the server requires
-//! authentication. The secret itself never crosses the wire. Listeners may
-//! also restrict peers to CIDR ranges (`allow`); others get
-//! `ERROR NOT_ALLOWED` and are disconnected before any other byte.
+//! A TLS listener (the default) and a TLS source (the default) run a TLS 1.3
+//! handshake (rustls, ALPN `mftd/4`, TLS 1.2 not offered) in which **both**
+//! sides present their certificate and sign the handshake with its key
+//! (`CertificateVerify`); chains, names and dates are not looked at. Once
+//! the handshake is over:
+//! * the client checks the server's node ID against the one pinned in the
+//!   source (`HOST:PORT#NODEID`), else against the `known_nodes` file
+//!   (`HOST:PORT NODEID` lines); with `node_trust = "tofu"` an unknown server
+//!   is recorded there on first use, with `"known"` it is refused, with
+//!   `"any"` (the default) it is accepted; a mismatch is refused with a
+//!   message naming both IDs;
+//! * a listener with `allow_nodes` refuses a client whose node ID is not on
+//!   it with `ERROR NOT_ALLOWED` (inside TLS).
+//!
+//! Plain TCP is an explicit opt-in per listener (`transport = "plain"`) and
+//! per source (`plain://HOST:PORT`); it carries the same frames without
+//! encryption or integrity. A plaintext `HELLO` sent to a TLS listener gets
+//! a plaintext `ERROR BAD_HANDSHAKE` saying so. Refusals made before any
+//! TLS (`BUSY`, `NOT_ALLOWED` by address) are plaintext `ERROR` frames on
+//! both kinds of listener; a TLS client recognises one in place of the
+//! server's TLS answer and reports it.
+//!
+//! ## Handshake
+//! The client sends `HELLO` with version 4; the server answers `HELLO` with its
+//! own version, or an `ERROR` with code `VERSION_MISMATCH` whose message names
+//! both versions (`server speaks mftd transfer protocol 4, client sent 3`)
+//! and closes (over TLS, a peer of another version usually fails already at
+//! ALPN). A first frame that is not `HELLO`, or a wrong magic, gets
+//! `BAD_HANDSHAKE` and the connection is closed. The server waits at most 10
+//! s for the TLS handshake and the `HELLO` together. The client sends its
+//! first `STAT` right behind its `HELLO` (and its `AUTH`, if any), without
+//! waiting for the answer.
+//!
+//! ## Shared secret, bound to the channel (optional)
+//! Both sides derive a 32-byte value from the TLS session with the exporter
+//! of RFC 8446 section 7.5 (label `"EXPORTER-mftd-v4-auth"`, no context).
+//! A side that has a secret sets `FLAG_AUTH` (0x0001) in its `HELLO` and
+//! sends `AUTH` right behind it with HMAC-SHA256(secret, role label ·
+//! exporter value), the role label being `"mftd-v4 client proof"` or
+//! `"mftd-v4 server proof"`. So a proof is worth nothing on another
+//! connection (a relay that terminates TLS on each side sees two different
+//! exporter values) and cannot be reflected back as the other role.
+//! * A listener with a secret checks the client's proof (constant time) and
+//!   answers `HELLO` + its own `AUTH`, or `ERROR AUTH_FAILED` and closes.
+//! * A client with a secret accepts the connection only if the server's
+//!   `HELLO` carries `FLAG_AUTH` and a valid proof follows: a server without
+//!   the secret (or a man in the middle) is refused.
+//! * Secrets need TLS: a plain listener with `auth_secret_file` is a startup
+//!   error, and a client with a secret refuses `plain://` sources.
+//!
+//! The secret never crosses the wire. Listeners may also restrict peers to
+//! CIDR ranges (`allow`); others get `ERROR NOT_ALLOWED` and are disconnected
+//! before any other byte.
 //!
 //! ## STAT and HASHES
 //! `STAT "iso/big.iso"` asks for a file's size, modification time

@@ -10,7 +10,7 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Protocol version spoken by this build.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Magic bytes opening every `HELLO`.
 pub const MAGIC: [u8; 4] = *b"MFTD";
 /// Largest frame body accepted from a peer, checked before allocating.
@@ -43,7 +43,7 @@ pub const T_TRIM: u8 = 0x05;
 pub const T_HASHES: u8 = 0x06;
 pub const T_TRIMMED: u8 = 0x85;
 pub const T_HASHES_OK: u8 = 0x86;
-pub const T_CHALLENGE: u8 = 0x84;
+// 0x84 was CHALLENGE (versions 1-3); never reused.
 pub const T_STAT_OK: u8 = 0x82;
 pub const T_DATA: u8 = 0x83;
 pub const T_ERROR: u8 = 0x7f;
@@ -252,11 +252,8 @@ pub enum Frame {
     StatOk(StatInfo),
     Data(DataHeader),
     Error(ErrorFrame),
-    /// Server → client when authentication is required: a fresh nonce.
-    Challenge {
-        nonce: [u8; 32],
-    },
-    /// Client → server: HMAC-SHA256 over the nonce with the shared secret.
+    /// Both ways, right behind a `HELLO` with [`FLAG_AUTH`]: proof of the
+    /// shared secret, bound to this TLS channel ([`auth_mac`]).
     Auth {
         mac: [u8; 32],
     },
@@ -285,28 +282,52 @@ pub enum Frame {
     },
 }
 
-/// HELLO flag: the client can answer an authentication challenge.
+/// HELLO flag: an `AUTH` frame (proof of the shared secret) follows.
 pub const FLAG_AUTH: u16 = 0x0001;
 
-/// Answer to a challenge: HMAC-SHA256(secret, "mftd-auth-v1" · nonce).
-pub fn auth_mac(secret: &[u8], nonce: &[u8; 32]) -> [u8; 32] {
-    use hmac::{Hmac, Mac};
-    let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(secret).unwrap_or_else(|_| {
-        // HMAC accepts keys of any length; this branch cannot be taken.
-        <Hmac<sha2::Sha256> as Mac>::new_from_slice(&[0u8; 32]).expect("32-byte key")
-    });
-    m.update(b"mftd-auth-v1");
-    m.update(nonce);
-    m.finalize().into_bytes().into()
+/// TLS exporter label (RFC 8446 section 7.5) of the value both proofs of
+/// the shared secret are bound to; 32 bytes, no context.
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-mftd-v4-auth";
+
+/// Which side of a connection a proof comes from: the two proofs differ,
+/// so one cannot be reflected back as the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Client,
+    Server,
 }
 
-/// Checks an answer in constant time.
-pub fn auth_ok(secret: &[u8], nonce: &[u8; 32], mac: &[u8; 32]) -> bool {
+impl Role {
+    fn label(self) -> &'static [u8] {
+        match self {
+            Role::Client => b"mftd-v4 client proof",
+            Role::Server => b"mftd-v4 server proof",
+        }
+    }
+}
+
+fn auth_hmac(secret: &[u8], role: Role, binding: &[u8; 32]) -> hmac::Hmac<sha2::Sha256> {
     use hmac::{Hmac, Mac};
-    let Ok(mut m) = <Hmac<sha2::Sha256> as Mac>::new_from_slice(secret) else { return false };
-    m.update(b"mftd-auth-v1");
-    m.update(nonce);
-    m.verify_slice(mac).is_ok()
+    // HMAC accepts keys of any length, so this never fails.
+    let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(secret)
+        .unwrap_or_else(|_| <Hmac<sha2::Sha256> as Mac>::new_from_slice(&[0u8; 32]).expect("32-byte key"));
+    m.update(role.label());
+    m.update(binding);
+    m
+}
+
+/// Proof of the shared secret by `role`: HMAC-SHA256(secret, label · binding)
+/// where `binding` is the connection's TLS exporter value
+/// ([`EXPORTER_LABEL`]): a proof is worth nothing on any other connection.
+pub fn auth_mac(secret: &[u8], role: Role, binding: &[u8; 32]) -> [u8; 32] {
+    use hmac::Mac;
+    auth_hmac(secret, role, binding).finalize().into_bytes().into()
+}
+
+/// Checks a proof from `role` in constant time.
+pub fn auth_ok(secret: &[u8], role: Role, binding: &[u8; 32], mac: &[u8; 32]) -> bool {
+    use hmac::Mac;
+    auth_hmac(secret, role, binding).verify_slice(mac).is_ok()
 }
 
 /// Why bytes from a peer could not be turned into a frame.
@@ -335,7 +356,6 @@ impl Frame {
             Frame::StatOk(_) => "STAT_OK",
             Frame::Data(_) => "DATA",
             Frame::Error(_) => "ERROR",
-            Frame::Challenge { .. } => "CHALLENGE",
             Frame::Auth { .. } => "AUTH",
             Frame::Trim { .. } => "TRIM",
             Frame::Trimmed { .. } => "TRIMMED",
@@ -394,10 +414,6 @@ impl Frame {
                 body.extend_from_slice(&d.offset.to_be_bytes());
                 body.extend_from_slice(&d.len.to_be_bytes());
                 T_DATA
-            }
-            Frame::Challenge { nonce } => {
-                body.extend_from_slice(nonce);
-                T_CHALLENGE
             }
             Frame::Auth { mac } => {
                 body.extend_from_slice(mac);
@@ -500,11 +516,6 @@ impl Frame {
                 }
                 Frame::Data(DataHeader { id, offset, len })
             }
-            T_CHALLENGE => {
-                let nonce = c.array::<32>()?;
-                c.end()?;
-                Frame::Challenge { nonce }
-            }
             T_AUTH => {
                 let mac = c.array::<32>()?;
                 c.end()?;
@@ -560,18 +571,7 @@ pub async fn read_frame_limited<R: AsyncRead + Unpin>(r: &mut R, max: u32) -> Re
     }
     if !matches!(
         kind,
-        T_HELLO
-            | T_STAT
-            | T_READ
-            | T_AUTH
-            | T_TRIM
-            | T_HASHES
-            | T_STAT_OK
-            | T_DATA
-            | T_ERROR
-            | T_CHALLENGE
-            | T_TRIMMED
-            | T_HASHES_OK
+        T_HELLO | T_STAT | T_READ | T_AUTH | T_TRIM | T_HASHES | T_STAT_OK | T_DATA | T_ERROR | T_TRIMMED | T_HASHES_OK
     ) {
         return Err(ProtoError::UnknownType(kind));
     }
@@ -596,7 +596,6 @@ fn kind_name(kind: u8) -> &'static str {
         T_TRIMMED => "TRIMMED",
         T_HASHES => "HASHES",
         T_HASHES_OK => "HASHES_OK",
-        T_CHALLENGE => "CHALLENGE",
         T_STAT_OK => "STAT_OK",
         T_DATA => "DATA",
         T_ERROR => "ERROR",
@@ -709,7 +708,6 @@ mod tests {
         }
         roundtrip(Frame::Hashes { size: 5, mtime_ns: -1, path: "a/b".into() });
         roundtrip(Frame::Data(DataHeader { id: 1, offset: 2, len: 3 }));
-        roundtrip(Frame::Challenge { nonce: [7; 32] });
         roundtrip(Frame::Auth { mac: [9; 32] });
         roundtrip(Frame::Trim { id: 3, end: 1 << 33 });
         roundtrip(Frame::Trimmed { id: 3, end: TRIM_NOT_OPEN });
@@ -730,7 +728,7 @@ mod tests {
     #[test]
     fn documented_examples_match_the_encoder() {
         let hex = |f: Frame| hex::encode(f.encode());
-        assert_eq!(hex(Frame::Hello { magic: MAGIC, version: 3, flags: 0 }), "01000000084d46544400030000");
+        assert_eq!(hex(Frame::Hello { magic: MAGIC, version: VERSION, flags: 0 }), "01000000084d46544400040000");
         assert_eq!(hex(Frame::Trim { id: 7, end: 1 << 18 }), "050000000c000000070000000000040000");
         assert_eq!(hex(Frame::Trimmed { id: 7, end: 1 << 18 }), "850000000c000000070000000000040000");
         assert_eq!(hex(Frame::Stat { path: "a.bin".into() }), "0200000005612e62696e");
@@ -784,10 +782,12 @@ mod tests {
     #[test]
     fn auth_mac_checks() {
         let n = [3u8; 32];
-        let mac = auth_mac(b"s3cret", &n);
-        assert!(auth_ok(b"s3cret", &n, &mac));
-        assert!(!auth_ok(b"other", &n, &mac));
-        assert!(!auth_ok(b"s3cret", &[4u8; 32], &mac));
+        let mac = auth_mac(b"s3cret", Role::Client, &n);
+        assert!(auth_ok(b"s3cret", Role::Client, &n, &mac));
+        assert!(!auth_ok(b"other", Role::Client, &n, &mac));
+        assert!(!auth_ok(b"s3cret", Role::Client, &[4u8; 32], &mac));
+        // A client's proof is no server's proof.
+        assert!(!auth_ok(b"s3cret", Role::Server, &n, &mac));
     }
 
     #[test]

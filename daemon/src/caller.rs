@@ -261,7 +261,7 @@ pub fn read_secret(caller: &Caller, path: &Path) -> Result<Vec<u8>, Denied> {
     let mut f = if caller.unrestricted() {
         std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(path)
             .map_err(nofollow)?
     } else {
@@ -280,6 +280,7 @@ pub fn read_secret(caller: &Caller, path: &Path) -> Result<Vec<u8>, Denied> {
             nix::fcntl::OFlag::O_RDONLY
                 | nix::fcntl::OFlag::O_NOFOLLOW
                 | nix::fcntl::OFlag::O_NONBLOCK
+                | nix::fcntl::OFlag::O_NOCTTY
                 | nix::fcntl::OFlag::O_CLOEXEC,
             nix::sys::stat::Mode::empty(),
         )

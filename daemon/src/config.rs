@@ -124,6 +124,23 @@ pub struct Args {
     /// Print the effective configuration, and where each value came from, then exit.
     #[arg(long)]
     pub print_config: bool,
+    /// Print this node's ID (making its identity if it has none yet), then exit.
+    #[arg(long)]
+    pub print_node_id: bool,
+    /// Transport of the listeners: tls (default) or plain (unencrypted, for
+    /// trusted networks); `[listener.PORT] transport` overrides per listener.
+    #[arg(long, value_name = "tls|plain")]
+    pub transport: Option<crate::transport::Transport>,
+    /// Node IDs of the clients the listeners accept (comma-separated); default any.
+    #[arg(long, value_name = "NODEID,...", value_delimiter = ',')]
+    pub allow_nodes: Option<Vec<String>>,
+    /// Sources whose node ID nothing pins: any (accept), tofu (accept and
+    /// record in known_nodes, refuse a change), known (refuse).
+    #[arg(long, value_name = "any|tofu|known")]
+    pub node_trust: Option<crate::node::TrustMode>,
+    /// File of `HOST:PORT NODEID` lines (default STATE_DIR/known_nodes).
+    #[arg(long, value_name = "FILE")]
+    pub known_nodes: Option<PathBuf>,
     /// Write the mftd(8) man page into DIR and exit.
     #[arg(long, value_name = "DIR", hide = true)]
     pub manpage: Option<PathBuf>,
@@ -153,6 +170,10 @@ pub struct FileConfig {
     pub handshake_timeout: Option<u64>,
     pub serve_idle_timeout: Option<u64>,
     pub serve_min_rate: Option<RateValue>,
+    pub transport: Option<crate::transport::Transport>,
+    pub allow_nodes: Option<Vec<String>>,
+    pub node_trust: Option<crate::node::TrustMode>,
+    pub known_nodes: Option<PathBuf>,
     pub auth_secret_file: Option<PathBuf>,
     pub allow: Option<Vec<String>>,
     pub connections_per_server: Option<u32>,
@@ -174,6 +195,8 @@ pub struct FileConfig {
 #[serde(deny_unknown_fields)]
 pub struct ListenerFileConfig {
     pub rate_limit: Option<RateValue>,
+    /// `tls` or `plain`, over the global `transport`.
+    pub transport: Option<crate::transport::Transport>,
     /// CIDR ranges this listener accepts, over the global `allow`.
     pub allow: Option<Vec<String>>,
 }
@@ -215,6 +238,11 @@ pub struct Config {
     pub handshake_timeout: Duration,
     pub serve_idle_timeout: Duration,
     pub serve_min_rate: u64,
+    pub transport: crate::transport::Transport,
+    pub listener_transport: std::collections::BTreeMap<u16, crate::transport::Transport>,
+    pub allow_nodes: Vec<crate::node::NodeId>,
+    pub node_trust: crate::node::TrustMode,
+    pub known_nodes: PathBuf,
     pub auth_secret_file: Option<PathBuf>,
     /// Address ranges listeners accept; `None` = everyone.
     pub allow: Option<Vec<ipnet::IpNet>>,
@@ -349,6 +377,10 @@ impl Config {
         origins.insert("handshake_timeout", from(&args.handshake_timeout, &file.handshake_timeout));
         origins.insert("serve_idle_timeout", from(&args.serve_idle_timeout, &file.serve_idle_timeout));
         origins.insert("serve_min_rate", from(&args.serve_min_rate, &file.serve_min_rate));
+        origins.insert("transport", from(&args.transport, &file.transport));
+        origins.insert("allow_nodes", from(&args.allow_nodes, &file.allow_nodes));
+        origins.insert("node_trust", from(&args.node_trust, &file.node_trust));
+        origins.insert("known_nodes", from(&args.known_nodes, &file.known_nodes));
         origins.insert("auth_secret_file", from(&args.auth_secret_file, &file.auth_secret_file));
         origins.insert("allow", from(&args.allow, &file.allow));
         origins.insert("connections_per_server", from(&args.connections_per_server, &file.connections_per_server));
@@ -407,6 +439,7 @@ impl Config {
         }
         let mut listener_limits = std::collections::BTreeMap::new();
         let mut listener_allow = std::collections::BTreeMap::new();
+        let mut listener_transport = std::collections::BTreeMap::new();
         for (port, lc) in file.listener.unwrap_or_default() {
             let p: u16 = port
                 .parse()
@@ -416,6 +449,9 @@ impl Config {
             if let Some(r) = &lc.rate_limit {
                 listener_limits
                     .insert(p, r.parse().with_context(|| format!("invalid rate_limit in [listener.{port}]"))?);
+            }
+            if let Some(t) = lc.transport {
+                listener_transport.insert(p, t);
             }
             if let Some(a) = &lc.allow {
                 listener_allow
@@ -449,6 +485,16 @@ impl Config {
                 (None, None) => None,
             })
         };
+        let allow_nodes = args
+            .allow_nodes
+            .clone()
+            .or(file.allow_nodes.clone())
+            .unwrap_or_default()
+            .iter()
+            .map(|n| crate::node::NodeId::parse(n).map_err(|e| anyhow::anyhow!("allow_nodes: {e}")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let known_nodes =
+            args.known_nodes.clone().or(file.known_nodes.clone()).unwrap_or(state_dir.join("known_nodes"));
         let serve_min_rate = size_setting(args.serve_min_rate, &file.serve_min_rate, "serve_min_rate")?.unwrap_or(1024);
         let min_free_space = size_setting(args.min_free_space, &file.min_free_space, "min_free_space")?;
         let max_download_size =
@@ -486,6 +532,11 @@ impl Config {
             handshake_timeout: Duration::from_secs(handshake_timeout),
             serve_idle_timeout: Duration::from_secs(serve_idle_timeout),
             serve_min_rate,
+            transport: args.transport.or(file.transport).unwrap_or(crate::transport::Transport::Tls),
+            listener_transport,
+            allow_nodes,
+            node_trust: args.node_trust.or(file.node_trust).unwrap_or(crate::node::TrustMode::Any),
+            known_nodes: abs(known_nodes),
             auth_secret_file: args.auth_secret_file.clone().or(file.auth_secret_file).map(abs),
             allow,
             listener_allow,
@@ -539,6 +590,11 @@ impl Config {
         lines.push(("handshake_timeout", self.handshake_timeout.as_secs().to_string()));
         lines.push(("serve_idle_timeout", self.serve_idle_timeout.as_secs().to_string()));
         lines.push(("serve_min_rate", self.serve_min_rate.to_string()));
+        lines.push(("transport", format!("{:?}", self.transport.to_string())));
+        lines
+            .push(("allow_nodes", format!("{:?}", self.allow_nodes.iter().map(|n| n.to_string()).collect::<Vec<_>>())));
+        lines.push(("node_trust", format!("{:?}", self.node_trust.to_string())));
+        lines.push(("known_nodes", q(&self.known_nodes)));
         if let Some(f) = &self.auth_secret_file {
             lines.push(("auth_secret_file", q(f)));
         }
@@ -560,6 +616,9 @@ impl Config {
         }
         for (port, rate) in &self.listener_limits {
             out.push_str(&format!("\n[listener.{port}]\nrate_limit = {rate}  # config file\n"));
+        }
+        for (port, t) in &self.listener_transport {
+            out.push_str(&format!("\n[listener.{port}]\ntransport = \"{t}\"  # config file\n"));
         }
         out
     }

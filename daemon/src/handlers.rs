@@ -46,7 +46,7 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
         },
         Request::ServerAdd { port, rate_limit } => {
             let rate = rate_limit.unwrap_or(d.config().rate_limit);
-            match d.listeners.add(port.unwrap_or(0), rate) {
+            match d.listeners.add(port.unwrap_or(0), rate, d.config().transport) {
                 Ok(p) => Response::ok(format!("added listener {p} (rate limit {})", format_rate(rate))),
                 Err(e) => listener_error(e),
             }

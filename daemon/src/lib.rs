@@ -13,10 +13,12 @@ pub mod identity;
 pub mod jail;
 pub mod listener;
 pub mod metrics;
+pub mod node;
 pub mod notify;
 pub mod ratelimit;
 pub mod serve;
 pub mod store;
+pub mod transport;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -89,7 +91,8 @@ impl Daemon {
                         let _ = self.listeners.set_limit(*port, limit);
                     }
                 } else {
-                    match self.listeners.add(*port, limit) {
+                    let transport = new.listener_transport.get(port).copied().unwrap_or(new.transport);
+                    match self.listeners.add(*port, limit, transport) {
                         Ok(_) => info!(port, "reload: listener added"),
                         Err(e) => warn!(port, error = %e, "reload: cannot add listener"),
                     }
@@ -155,8 +158,35 @@ fn serve_settings(config: &Config, secret: Option<Vec<u8>>) -> serve::ServeSetti
         idle_timeout: config.serve_idle_timeout,
         max_per_ip: config.max_connections_per_ip,
         min_rate: config.serve_min_rate,
+        allow_nodes: config.allow_nodes.clone(),
         allow: config.allow.clone(),
     }
+}
+
+/// Refuses a shared secret on plaintext listeners (a proof there would be
+/// bound to nothing, and the data it seems to protect could be rewritten
+/// anyway) and warns about plaintext on addresses others can reach.
+fn check_transports(config: &Config, secret: bool) -> anyhow::Result<()> {
+    let plain: Vec<u16> = config
+        .ports
+        .iter()
+        .copied()
+        .filter(|p| {
+            config.listener_transport.get(p).copied().unwrap_or(config.transport) == transport::Transport::Plain
+        })
+        .collect();
+    if plain.is_empty() {
+        return Ok(());
+    }
+    if secret {
+        anyhow::bail!(
+            "listeners {plain:?} are plain TCP but auth_secret_file is set: a shared secret needs TLS, which binds its proofs to the channel; drop transport = \"plain\" or the secret"
+        );
+    }
+    if !config.listen.is_loopback() {
+        warn!(ports = ?plain, listen = %config.listen, "plain (unencrypted) listeners on an address others can reach: anyone on the path can read and rewrite what they send");
+    }
+    Ok(())
 }
 
 /// Re-reads the configuration on SIGHUP.
@@ -203,10 +233,16 @@ pub async fn run(
     if secret.is_some() {
         info!("transfer listeners require authentication");
     }
+    let node = node::NodeIdentity::load_or_create(&config.state_dir)
+        .with_context(|| format!("cannot load this node's identity from {}", config.state_dir.display()))?;
+    let tls = Arc::new(node::TlsConfigs::new(&node, false)?);
+    info!(node_id = %tls.id, "node identity");
+    check_transports(&config, secret.is_some())?;
     let ctx = Arc::new(ServeContext::new(
         jail,
         identity::IdentityCache::new(config.hash_threads, Some(config.state_dir.join("identities"))),
         serve_settings(&config, secret.clone()),
+        Some(tls.clone()),
     ));
 
     let metrics = match config.metrics_listen {
@@ -220,7 +256,11 @@ pub async fn run(
     }
     let listeners = Listeners::new(config.listen, config.max_connections, ctx, shutdown.child_token(), tracker.clone());
     for &port in &config.ports {
-        let p = listeners.add(port, config.listener_limits.get(&port).copied().unwrap_or(config.rate_limit))?;
+        let p = listeners.add(
+            port,
+            config.listener_limits.get(&port).copied().unwrap_or(config.rate_limit),
+            config.listener_transport.get(&port).copied().unwrap_or(config.transport),
+        )?;
         if let Some(a) = config.listener_allow.get(&port) {
             listeners.set_allow(p, Some(a.clone()));
         }
@@ -229,6 +269,10 @@ pub async fn run(
         .with_context(|| format!("cannot create {}", config.state_dir.join("manifests").display()))?;
     let downloads = Downloads::new(
         DownloadDefaults {
+            dialer: Arc::new(download::client::Dialer {
+                tls: tls.clone(),
+                known: node::KnownNodes::load(&config.known_nodes, config.node_trust)?,
+            }),
             download_dir: config.download_dir.clone(),
             connections_per_server: config.connections_per_server,
             idle_timeout: config.idle_timeout,

@@ -25,6 +25,7 @@ use mftd_common::proto::{ErrorCode, ErrorFrame, Frame};
 
 use crate::ratelimit::RateLimiter;
 use crate::serve::{serve_connection, ServeContext};
+use crate::transport::Transport;
 
 /// Counters of one listener; they survive stop/start.
 #[derive(Debug, Default)]
@@ -45,6 +46,8 @@ pub struct ListenerShared {
     pub limiter: RateLimiter,
     /// Address ranges this listener accepts, over the global list.
     pub allow: std::sync::RwLock<Option<Vec<ipnet::IpNet>>>,
+    /// TLS or plain TCP.
+    pub transport: Transport,
     /// Open connections: peer address and the token that closes them, so
     /// a new allow list can close those it forbids.
     live: std::sync::Mutex<std::collections::HashMap<u64, (std::net::IpAddr, CancellationToken)>>,
@@ -167,7 +170,7 @@ impl Listeners {
     }
 
     /// Binds a new listener (port 0 picks a free one) and starts serving.
-    pub fn add(&self, port: u16, rate_limit: u64) -> Result<u16, ListenerError> {
+    pub fn add(&self, port: u16, rate_limit: u64, transport: Transport) -> Result<u16, ListenerError> {
         if port != 0 && self.entries().contains_key(&port) {
             return Err(ListenerError::Exists(port));
         }
@@ -181,12 +184,13 @@ impl Listeners {
             stats: ListenerStats::default(),
             limiter: RateLimiter::new(rate_limit),
             allow: std::sync::RwLock::new(None),
+            transport,
             live: Default::default(),
             next_conn: Default::default(),
         });
         let token = self.spawn(listener, shared.clone());
         self.entries().insert(port, Entry { shared, addr, running: Some(token) });
-        info!(port, %addr, rate_limit, "listener started");
+        info!(port, %addr, rate_limit, %transport, "listener started");
         Ok(port)
     }
 
@@ -302,6 +306,7 @@ impl Listeners {
                     bytes_sent: s.bytes_sent.load(Ordering::Relaxed),
                     rate: s.rate.load(Ordering::Relaxed),
                     rate_limit: e.shared.limiter.rate(),
+                    transport: e.shared.transport.to_string(),
                 }
             })
             .collect()

@@ -46,6 +46,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.print_node_id {
+        return match mftd::node::NodeIdentity::load_or_create(&config.state_dir) {
+            Ok(n) => {
+                println!("{}", n.id);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mftd: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if args.print_config {
         print!("{}", config.describe());
         return ExitCode::SUCCESS;

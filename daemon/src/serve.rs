@@ -6,14 +6,13 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncWrite, AsyncWriteExt, Interest};
-use tokio::net::tcp::WriteHalf;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +26,8 @@ use mftd_common::proto::{
 use crate::identity::{mtime_ns, Hashing, IdentityCache};
 use crate::jail::{Jail, JailError};
 use crate::listener::ListenerShared;
+use crate::node::NodeId;
+use crate::transport::{Conn, Transport, WriteHalf};
 
 /// How long writing one frame (not file data) may take.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -43,71 +44,90 @@ fn stall_limit(idle: Duration) -> Duration {
 /// `serve_min_rate`.
 const MIN_RATE_WINDOW: Duration = Duration::from_secs(10);
 
-/// How fast a peer takes the file data it asked for. A peer that keeps its
-/// TCP window barely open (a few bytes now and then) never trips the stall
-/// limit; this catches it. What the peer took is what it acknowledged: the
-/// bytes handed to the kernel minus those still in the socket's send queue
-/// (`TIOCOUTQ`). Every [`MIN_RATE_WINDOW`] of sending (time the listener's
-/// own rate limit held the data back does not count, nor does idle time
-/// between requests), fewer than `min_rate` bytes per second close the
-/// connection. It is judged also while a write waits, so a peer cannot
-/// hide behind one long wait.
+/// How fast a peer takes the data it asked for. A peer that keeps its TCP
+/// window barely open (a few bytes now and then) never trips the stall
+/// limit; this catches it. What the peer took is what it acknowledged (the
+/// kernel's `tcpi_bytes_acked`: frames, file data and TLS records alike).
+/// Every [`MIN_RATE_WINDOW`] of the peer owing acknowledgements, fewer than
+/// `min_rate` bytes per second close the connection. Time the server spent
+/// on its own (pacing for the listener's rate limit, reading the file) does
+/// not count, and the window closes whenever the peer has taken everything
+/// sent (idle time between requests is not judged). It is judged also while
+/// a write waits and while the writer is idle with data still unacknowledged,
+/// so a peer cannot hide behind one long wait or a small request.
 struct PeerPace {
     stall: Duration,
     min_rate: u64,
-    /// Bytes handed to the kernel on this connection.
-    sent: u64,
+    fd: std::os::fd::RawFd,
     /// Start of the window, and what the peer had acknowledged then.
     since: Option<(Instant, u64)>,
-    /// Time in this window spent waiting for the listener's rate limit.
+    /// Time in this window the server spent on its own.
     excused: Duration,
 }
 
 impl PeerPace {
-    fn new(settings: &ServeSettings) -> PeerPace {
+    fn new(settings: &ServeSettings, fd: std::os::fd::RawFd) -> PeerPace {
         PeerPace {
             stall: stall_limit(settings.idle_timeout),
             min_rate: settings.min_rate,
-            sent: 0,
+            fd,
             since: None,
             excused: Duration::ZERO,
         }
     }
 
-    /// Bytes the peer has acknowledged.
-    fn acked(&self, stream: &TcpStream) -> u64 {
-        let mut queued: libc::c_int = 0;
-        // SAFETY: TIOCOUTQ writes one int through the pointer.
-        let r = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
-        self.sent.saturating_sub(if r == 0 { queued.max(0) as u64 } else { 0 })
+    /// Bytes the peer has acknowledged (`TCP_INFO`).
+    fn acked(&self) -> Option<u64> {
+        // SAFETY: an all-zero tcp_info is valid; getsockopt writes at most
+        // `len` bytes into it.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let r = unsafe {
+            libc::getsockopt(
+                self.fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut len,
+            )
+        };
+        (r == 0).then_some(info.tcpi_bytes_acked)
     }
 
-    /// A READ starts sending: a new window unless data is still on its way
-    /// from the one before (then the peer is still being judged).
-    fn start(&mut self, stream: &TcpStream) {
-        let acked = self.acked(stream);
-        if self.since.is_none() || acked == self.sent {
-            self.since = Some((Instant::now(), acked));
-            self.excused = Duration::ZERO;
+    /// Data is about to be sent: opens a window if none is open.
+    fn start(&mut self) {
+        if self.since.is_none() && self.min_rate > 0 {
+            if let Some(acked) = self.acked() {
+                self.since = Some((Instant::now(), acked));
+                self.excused = Duration::ZERO;
+            }
+        }
+    }
+
+    /// The writer has nothing to send: the window closes if the peer has
+    /// taken everything; otherwise it runs on.
+    fn settle(&mut self, wr: &WriteHalf<'_>) {
+        if wr.unacked() == Some(0) {
+            self.since = None;
         }
     }
 
     /// When the current window is over.
     fn window_end(&self) -> Option<Instant> {
-        (self.min_rate > 0).then(|| self.since.map(|(t, _)| t + MIN_RATE_WINDOW + self.excused)).flatten()
+        self.since.map(|(t, _)| t + MIN_RATE_WINDOW + self.excused)
     }
 
     /// Judges the window if it is over: an error if the peer was too slow,
     /// else a new window.
-    fn judge(&mut self, stream: &TcpStream) -> Result<(), ConnError> {
+    fn judge(&mut self) -> Result<(), ConnError> {
         let (Some(end), Some((start, acked_then))) = (self.window_end(), self.since) else { return Ok(()) };
         let now = Instant::now();
         if now < end {
             return Ok(());
         }
-        let acked = self.acked(stream);
+        let Some(acked) = self.acked() else { return Ok(()) };
         let secs = (now - start).saturating_sub(self.excused).as_secs_f64().max(0.001);
-        let rate = (acked - acked_then.min(acked)) as f64 / secs;
+        let rate = acked.saturating_sub(acked_then) as f64 / secs;
         debug!(rate = rate as u64, secs, "judged a peer's reading rate");
         if rate < self.min_rate as f64 {
             return Err(ConnError::TooSlow { rate: rate as u64, min: self.min_rate });
@@ -115,6 +135,21 @@ impl PeerPace {
         self.since = Some((now, acked));
         self.excused = Duration::ZERO;
         Ok(())
+    }
+
+    /// Waits for `fut` (a write to the peer) up to the stall limit, judging
+    /// the peer's rate on the way.
+    async fn wait<T>(&mut self, fut: impl std::future::Future<Output = io::Result<T>>) -> Result<T, ConnError> {
+        tokio::pin!(fut);
+        let stall_end = tokio::time::Instant::now() + self.stall;
+        loop {
+            let wake = self.window_end().map_or(stall_end, |j| tokio::time::Instant::from_std(j).min(stall_end));
+            match tokio::time::timeout_at(wake, &mut fut).await {
+                Ok(r) => return Ok(r?),
+                Err(_) if tokio::time::Instant::now() >= stall_end => return Err(ConnError::Stalled(self.stall)),
+                Err(_) => self.judge()?,
+            }
+        }
     }
 }
 
@@ -146,6 +181,8 @@ pub struct ServeContext {
     /// Replaced as a whole on reload; each connection reads them once.
     settings: std::sync::RwLock<Arc<ServeSettings>>,
     pub per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>,
+    /// This node's TLS configurations (for TLS listeners).
+    pub tls: Option<Arc<crate::node::TlsConfigs>>,
 }
 
 /// The serving settings a reload may change.
@@ -161,17 +198,25 @@ pub struct ServeSettings {
     pub max_per_ip: u32,
     /// Slowest a peer may take the file data it asked for, bytes/s (0: any).
     pub min_rate: u64,
+    /// Node IDs TLS clients must have, if not empty.
+    pub allow_nodes: Vec<NodeId>,
     /// Address ranges accepted when a listener has no list of its own.
     pub allow: Option<Vec<ipnet::IpNet>>,
 }
 
 impl ServeContext {
-    pub fn new(jail: Jail, identities: IdentityCache, settings: ServeSettings) -> ServeContext {
+    pub fn new(
+        jail: Jail,
+        identities: IdentityCache,
+        settings: ServeSettings,
+        tls: Option<Arc<crate::node::TlsConfigs>>,
+    ) -> ServeContext {
         ServeContext {
             jail,
             identities,
             settings: std::sync::RwLock::new(Arc::new(settings)),
             per_ip: Default::default(),
+            tls,
         }
     }
 
@@ -242,7 +287,9 @@ enum ConnError {
     Cancelled,
     #[error("{0}")]
     Closed(String),
-    #[error("peer took no file data for {0:?}")]
+    #[error("{0}")]
+    Handshake(#[from] crate::transport::HandshakeError),
+    #[error("peer took no data for {0:?}")]
     Stalled(Duration),
     #[error("peer took file data at {rate} B/s, below serve_min_rate ({min} B/s)")]
     TooSlow { rate: u64, min: u64 },
@@ -251,34 +298,70 @@ enum ConnError {
 /// Serves one connection until the peer leaves, breaks the protocol, times
 /// out, or `token` is cancelled (listener stopped, daemon shutting down).
 pub async fn serve_connection(
-    mut stream: TcpStream,
+    tcp: TcpStream,
     ctx: Arc<ServeContext>,
     listener: Arc<ListenerShared>,
     token: CancellationToken,
 ) {
-    let _ = stream.set_nodelay(true);
-    let peer = stream.peer_addr().map_or_else(|_| "unknown".to_string(), |a| a.to_string());
+    let _ = tcp.set_nodelay(true);
+    let peer = tcp.peer_addr().map_or_else(|_| "unknown".to_string(), |a| a.to_string());
+    let settings = ctx.settings();
+    let deadline = tokio::time::Instant::now() + settings.handshake_timeout;
     let result = tokio::select! {
-        r = run(&mut stream, &ctx, &listener, &token) => r,
+        r = async {
+            let mut conn = secure(tcp, &ctx, &listener, deadline).await?;
+            let r = run(&mut conn, &ctx, &listener, &token, deadline).await;
+            if matches!(r, Err(ConnError::TooSlow { .. } | ConnError::Stalled(_))) {
+                // Reset rather than close: the data still queued for a
+                // peer that does not take it would otherwise keep the
+                // socket (and its memory) alive long after mftd let go.
+                let _ = nix::sys::socket::setsockopt(conn.tcp(), nix::sys::socket::sockopt::Linger, &libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                });
+            }
+            r
+        } => r,
         _ = token.cancelled() => Err(ConnError::Cancelled),
     };
-    if matches!(result, Err(ConnError::TooSlow { .. } | ConnError::Stalled(_))) {
-        // Reset rather than close: the data still queued for a peer that
-        // does not take it would otherwise keep the socket (and its
-        // memory) alive long after mftd let go of it.
-        let _ = nix::sys::socket::setsockopt(
-            &stream,
-            nix::sys::socket::sockopt::Linger,
-            &libc::linger { l_onoff: 1, l_linger: 0 },
-        );
-    }
     match result {
         Ok(()) | Err(ConnError::Cancelled) => {}
         Err(ConnError::Proto(ProtoError::Closed)) => debug!("peer closed"),
         Err(e @ (ConnError::TooSlow { .. } | ConnError::Stalled(_))) => {
             info!(peer = %peer, "closed a slow reader: {e}")
         }
+        Err(e @ ConnError::Handshake(_)) => info!(peer = %peer, "{e}"),
         Err(e) => debug!(error = %e, "connection ended"),
+    }
+}
+
+/// The connection's transport: TLS on a TLS listener (within the handshake
+/// deadline), else plain TCP. A plaintext mftd `HELLO` sent to a TLS
+/// listener gets a plaintext `ERROR` that says so.
+async fn secure(
+    tcp: TcpStream,
+    ctx: &ServeContext,
+    listener: &ListenerShared,
+    deadline: tokio::time::Instant,
+) -> Result<Conn, ConnError> {
+    let Some(tls) = ctx.tls.as_ref().filter(|_| listener.transport == Transport::Tls) else {
+        return Ok(Conn::plain(tcp));
+    };
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+        Err(_) => return Err(ConnError::Timeout),
+        Ok(Ok(0)) => return Err(ConnError::Proto(ProtoError::Closed)),
+        Ok(r) => r?,
+    };
+    if first[0] == mftd_common::proto::T_HELLO {
+        let mut conn = Conn::plain(tcp);
+        let msg = "this listener speaks TLS; name it without plain:// (or give the listener transport = \"plain\")";
+        let _ = send_error(&mut conn, 0, ErrorCode::BadHandshake, msg).await;
+        return Err(ConnError::Closed("plaintext HELLO on a TLS listener".into()));
+    }
+    match tokio::time::timeout_at(deadline, Conn::accept(tcp, tls)).await {
+        Err(_) => Err(ConnError::Timeout),
+        Ok(r) => Ok(r?),
     }
 }
 
@@ -293,24 +376,30 @@ async fn send_error<W: AsyncWrite + Unpin>(
 }
 
 async fn write_frame<W: AsyncWrite + Unpin>(stream: &mut W, frame: &Frame) -> Result<(), ConnError> {
-    match timeout(WRITE_TIMEOUT, stream.write_all(&frame.encode())).await {
+    let bytes = frame.encode();
+    match timeout(WRITE_TIMEOUT, async {
+        stream.write_all(&bytes).await?;
+        // TLS holds a record back until it is flushed (a no-op on TCP).
+        stream.flush().await
+    })
+    .await
+    {
         Ok(r) => Ok(r?),
         Err(_) => Err(ConnError::Timeout),
     }
 }
 
 async fn run(
-    stream: &mut TcpStream,
+    stream: &mut Conn,
     ctx: &ServeContext,
     listener: &ListenerShared,
     token: &CancellationToken,
+    deadline: tokio::time::Instant,
 ) -> Result<(), ConnError> {
     let settings = ctx.settings();
-    // Handshake, authentication included, within one deadline.
-    let deadline = tokio::time::Instant::now() + settings.handshake_timeout;
     // Before the handshake is done a peer gets no more than a HELLO's worth
     // of buffer, whatever length it announces.
-    use mftd_common::proto::{read_frame_limited, HANDSHAKE_MAX_FRAME};
+    use mftd_common::proto::{auth_mac, auth_ok, read_frame_limited, Role, FLAG_AUTH, HANDSHAKE_MAX_FRAME};
     let hello = match tokio::time::timeout_at(deadline, read_frame_limited(stream, HANDSHAKE_MAX_FRAME)).await {
         Err(_) => {
             let _ = send_error(stream, 0, ErrorCode::BadHandshake, "no HELLO within the handshake timeout").await;
@@ -318,40 +407,76 @@ async fn run(
         }
         Ok(r) => r,
     };
-    match hello {
-        Ok(Frame::Hello { magic, version, .. }) if magic == MAGIC => {
+    let client_proves = match hello {
+        Ok(Frame::Hello { magic, version, flags }) if magic == MAGIC => {
             if version != VERSION {
                 let msg = format!("server speaks mftd transfer protocol {VERSION}, client sent {version}");
                 send_error(stream, 0, ErrorCode::VersionMismatch, msg.clone()).await?;
                 return Err(ConnError::Closed(msg));
             }
-            if let Some(secret) = &settings.secret {
-                let nonce: [u8; 32] = rand::random();
-                write_frame(stream, &Frame::Challenge { nonce }).await?;
-                let answer =
-                    match tokio::time::timeout_at(deadline, read_frame_limited(stream, HANDSHAKE_MAX_FRAME)).await {
-                        Err(_) => None,
-                        Ok(Ok(Frame::Auth { mac })) => Some(mac),
-                        Ok(_) => None,
-                    };
-                if !answer.is_some_and(|mac| mftd_common::proto::auth_ok(secret, &nonce, &mac)) {
-                    let _ = send_error(
-                        stream,
-                        0,
-                        ErrorCode::AuthFailed,
-                        "authentication failed: wrong or missing shared secret",
-                    )
-                    .await;
-                    return Err(ConnError::Closed("authentication failed".into()));
-                }
-            }
-            write_frame(stream, &Frame::Hello { magic: MAGIC, version: VERSION, flags: 0 }).await?;
+            flags & FLAG_AUTH != 0
         }
         Ok(_) | Err(ProtoError::Malformed { .. }) | Err(ProtoError::UnknownType(_)) | Err(ProtoError::TooLarge(_)) => {
             send_error(stream, 0, ErrorCode::BadHandshake, "expected HELLO with magic MFTD").await?;
             return Err(ConnError::Closed("bad handshake".into()));
         }
         Err(e) => return Err(e.into()),
+    };
+    // Only nodes on the allow list, when there is one.
+    if !settings.allow_nodes.is_empty() {
+        let allowed = stream.peer.as_ref().is_some_and(|id| settings.allow_nodes.contains(id));
+        if !allowed {
+            let who =
+                stream.peer.as_ref().map_or("a client without a node identity".to_string(), |id| format!("node {id}"));
+            let msg = format!("{who} is not in this server's allow_nodes");
+            let _ = send_error(stream, 0, ErrorCode::NotAllowed, msg.clone()).await;
+            return Err(ConnError::Closed(msg));
+        }
+    }
+    // The client's proof comes right behind its HELLO; it is read even if
+    // this server has no secret (the client then learns that from our
+    // HELLO, which carries no proof).
+    let client_mac = if client_proves {
+        match tokio::time::timeout_at(deadline, read_frame_limited(stream, HANDSHAKE_MAX_FRAME)).await {
+            Ok(Ok(Frame::Auth { mac })) => Some(mac),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let mut proof = None;
+    if let Some(secret) = &settings.secret {
+        let Some(binding) = stream.binding else {
+            // Configuration refuses this; a plaintext channel has nothing
+            // to bind a proof to.
+            let msg = "this listener has a shared secret but no TLS";
+            let _ = send_error(stream, 0, ErrorCode::AuthFailed, msg).await;
+            return Err(ConnError::Closed(msg.into()));
+        };
+        if !client_mac.is_some_and(|mac| auth_ok(secret, Role::Client, &binding, &mac)) {
+            let msg = if client_proves {
+                "authentication failed: wrong shared secret (or a proof made for another connection)"
+            } else {
+                "this server requires authentication: set auth_secret_file (or get --secret-file) to its shared secret"
+            };
+            let _ = send_error(stream, 0, ErrorCode::AuthFailed, msg).await;
+            return Err(ConnError::Closed("authentication failed".into()));
+        }
+        proof = Some(auth_mac(secret, Role::Server, &binding));
+    }
+    let flags = if proof.is_some() { FLAG_AUTH } else { 0 };
+    let mut answer = Frame::Hello { magic: MAGIC, version: VERSION, flags }.encode();
+    if let Some(mac) = proof {
+        answer.extend_from_slice(&Frame::Auth { mac }.encode());
+    }
+    match timeout(WRITE_TIMEOUT, async {
+        stream.write_all(&answer).await?;
+        stream.flush().await
+    })
+    .await
+    {
+        Ok(r) => r?,
+        Err(_) => return Err(ConnError::Timeout),
     }
 
     let (rd, mut wr) = stream.split();
@@ -433,7 +558,7 @@ impl RequestQueue {
 }
 
 async fn read_loop(
-    mut rd: tokio::net::tcp::ReadHalf<'_>,
+    mut rd: crate::transport::ReadHalf<'_>,
     idle: Duration,
     queue: &RequestQueue,
 ) -> Result<(), ConnError> {
@@ -510,7 +635,7 @@ async fn read_loop(
 }
 
 async fn write_loop(
-    wr: &mut tokio::net::tcp::WriteHalf<'_>,
+    wr: &mut WriteHalf<'_>,
     ctx: &ServeContext,
     listener: &ListenerShared,
     token: &CancellationToken,
@@ -518,7 +643,7 @@ async fn write_loop(
 ) -> Result<(), ConnError> {
     let mut open: Option<OpenFile> = None;
     let mut hashes: std::collections::VecDeque<PendingHashes> = Default::default();
-    let mut pace = PeerPace::new(&ctx.settings());
+    let mut pace = PeerPace::new(&ctx.settings(), wr.fd());
     loop {
         let next = loop {
             let arrived = queue.arrived.notified();
@@ -556,7 +681,18 @@ async fn write_loop(
                     }
                     answer_hashes(wr, &mut hashes).await?;
                 }
-                None => arrived.await,
+                None => {
+                    // Idle, but a peer that still owes acknowledgements
+                    // is judged on.
+                    pace.settle(wr);
+                    match pace.window_end() {
+                        None => arrived.await,
+                        Some(end) => tokio::select! {
+                            _ = arrived => {}
+                            _ = tokio::time::sleep_until(end.into()) => pace.judge()?,
+                        },
+                    }
+                }
             }
         };
         match next {
@@ -731,7 +867,7 @@ async fn handle_read(
     // Stream the range as DATA frames of at most DATA_CHUNK bytes; between
     // frames, apply TRIMs so a client can take back the end of the range.
     let mut pos = req.offset;
-    pace.start(stream.as_ref());
+    pace.start();
     while pos < end {
         end = apply_trims(stream, queue, id, pos, end).await?;
         if pos >= end {
@@ -742,8 +878,8 @@ async fn handle_read(
         // so a TRIM never waits behind half a second of one frame.
         let len = (end - pos).min(DATA_CHUNK).min(listener.limiter.chunk());
         write_frame(stream, &Frame::Data(DataHeader { id, offset: pos, len })).await?;
-        send_range(stream.as_ref(), &of.file, pos, len, listener, token, pace).await?;
-        pace.judge(stream.as_ref())?;
+        send_range(stream, &of.file, pos, len, listener, token, pace).await?;
+        pace.judge()?;
         pos += len;
     }
     Ok(())
@@ -801,10 +937,15 @@ fn take_trims(queue: &RequestQueue, current: Option<u32>) -> Vec<(u32, u64)> {
     out
 }
 
-/// Sends `len` bytes of `file` from `offset` with `sendfile`, paced by the
-/// listener's rate limiter.
+/// Bytes a TLS connection reads from the file and hands to rustls at a
+/// time: it cuts them into full 16 KiB records.
+const TLS_CHUNK: usize = 256 << 10;
+
+/// Sends `len` bytes of `file` from `offset`, paced by the listener's rate
+/// limiter: with `sendfile` on plain TCP, through rustls in large writes on
+/// TLS.
 async fn send_range(
-    stream: &TcpStream,
+    stream: &mut WriteHalf<'_>,
     file: &File,
     offset: u64,
     len: u64,
@@ -812,8 +953,13 @@ async fn send_range(
     token: &CancellationToken,
     pace: &mut PeerPace,
 ) -> Result<(), ConnError> {
-    let mut off = offset as i64;
+    use std::os::unix::fs::FileExt;
+    let mut off = offset;
     let mut left = len;
+    let mut buf = match stream.plain_tcp() {
+        Some(_) => Vec::new(),
+        None => vec![0u8; TLS_CHUNK.min(len as usize)],
+    };
     while left > 0 {
         if token.is_cancelled() {
             return Err(ConnError::Cancelled);
@@ -824,48 +970,62 @@ async fn send_range(
         pace.excused += paced.elapsed();
         let mut chunk_left = chunk;
         while chunk_left > 0 {
-            let stall_end = tokio::time::Instant::now() + pace.stall;
-            let sent = loop {
-                // Wake up for the stall limit or to judge the peer's rate,
-                // whichever comes first.
-                let judge_at = pace.window_end().map(tokio::time::Instant::from_std);
-                let wake = judge_at.map_or(stall_end, |j| j.min(stall_end));
-                let attempt = tokio::time::timeout_at(wake, async {
-                    loop {
-                        stream.writable().await?;
-                        match stream.try_io(Interest::WRITABLE, || {
-                            nix::sys::sendfile::sendfile(
-                                stream.as_fd(),
-                                file.as_fd(),
-                                Some(&mut off),
-                                chunk_left as usize,
-                            )
-                            .map_err(io::Error::from)
-                        }) {
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                            r => return r,
+            // Time in system calls that read the file is the server's own.
+            let mut own = Duration::ZERO;
+            let sent = if let Some(tcp) = stream.plain_tcp() {
+                let mut at = off as i64;
+                let sent = pace
+                    .wait(async {
+                        loop {
+                            tcp.writable().await?;
+                            let t = Instant::now();
+                            let r = tcp.try_io(Interest::WRITABLE, || {
+                                nix::sys::sendfile::sendfile(
+                                    tcp.as_fd(),
+                                    file.as_fd(),
+                                    Some(&mut at),
+                                    chunk_left as usize,
+                                )
+                                .map_err(io::Error::from)
+                            });
+                            own += t.elapsed();
+                            match r {
+                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                                r => return r,
+                            }
                         }
+                    })
+                    .await?;
+                pace.excused += own;
+                sent as u64
+            } else {
+                let n = (chunk_left as usize).min(buf.len());
+                let t = Instant::now();
+                let got = file.read_at(&mut buf[..n], off)?;
+                pace.excused += t.elapsed();
+                let mut done = 0;
+                while done < got {
+                    let w = pace.wait(stream.write(&buf[done..got])).await?;
+                    if w == 0 {
+                        return Err(ConnError::Closed("peer closed while receiving".into()));
                     }
-                })
-                .await;
-                match attempt {
-                    Ok(r) => break r?,
-                    Err(_) if tokio::time::Instant::now() >= stall_end => return Err(ConnError::Stalled(pace.stall)),
-                    Err(_) => pace.judge(stream)?,
+                    done += w;
                 }
+                got as u64
             };
             if sent == 0 {
                 // The file shrank under us; we promised `len` bytes, so the
                 // only honest thing left is to close the connection.
                 return Err(ConnError::Closed("file shrank while sending".into()));
             }
-            pace.sent += sent as u64;
-            chunk_left -= sent as u64;
-            left -= sent as u64;
-            listener.stats.bytes_sent.fetch_add(sent as u64, Ordering::Relaxed);
+            off += sent;
+            chunk_left -= sent;
+            left -= sent;
+            listener.stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
         }
     }
-    Ok(())
+    // TLS keeps the last record in rustls until it is flushed.
+    pace.wait(stream.flush()).await
 }
 
 #[cfg(test)]

@@ -65,7 +65,6 @@ fn frames() -> Vec<(&'static str, Frame)> {
         ("stat_ok_hashing", Frame::StatOk(stat(5 << 30, 3, false))),
         ("data", Frame::Data(DataHeader { id: 1, offset: 2, len: 3 })),
         ("error", Frame::Error(ErrorFrame { id: 0, code: ErrorCode::NotFound, message: "no such file".into() })),
-        ("challenge", Frame::Challenge { nonce: [0x5a; 32] }),
         ("auth", Frame::Auth { mac: piece_hash(9) }),
     ]
 }

@@ -253,21 +253,22 @@ fn sighup_applies_allow_list_secret_and_timeouts() {
     // Closed (EOF), not merely silent until the 10 s read timeout.
     assert!(open.recv().is_none(), "a connection the new allow list forbids stayed open");
     assert!(t.elapsed() < Duration::from_secs(5), "closed only after {:?}", t.elapsed());
-    let mut c = RawConn::connect(port);
+    // Refused in plaintext, before any TLS.
+    let mut c = RawConn::connect_plain(port);
     match c.recv() {
         Some(Frame::Error(e)) => assert_eq!(e.code, ErrorCode::NotAllowed),
         other => panic!("{other:?}"),
     }
 
-    // A shared secret: new connections are challenged.
+    // A shared secret: new connections must prove it.
     std::fs::write(&cfg, format!("ports = [{port}]\nauth_secret_file = {:?}\n", secret.display().to_string())).unwrap();
     hup(&server);
     let challenged = |port| {
         let mut c = RawConn::connect(port);
-        c.send(&Frame::Hello { magic: MAGIC, version: VERSION, flags: mftd_common::proto::FLAG_AUTH });
-        matches!(c.recv(), Some(Frame::Challenge { .. }))
+        c.send(&Frame::Hello { magic: MAGIC, version: VERSION, flags: 0 });
+        matches!(c.recv(), Some(Frame::Error(e)) if e.code == ErrorCode::AuthFailed)
     };
-    assert!(challenged(port), "no CHALLENGE after the secret was configured");
+    assert!(challenged(port), "a client without the secret was let in after the secret was configured");
 
     // A secret file that cannot be read: the old secret stays, with a reason.
     let missing = dir.path().join("missing");

@@ -80,6 +80,8 @@ impl Budgets {
 
 /// The host part of `HOST:PORT`; the whole string if it has no port.
 fn host_of(source: &str) -> &str {
+    let source = source.strip_prefix("plain://").unwrap_or(source);
+    let source = source.split_once('#').map_or(source, |(a, _)| a);
     let host = source.rsplit_once(':').map(|(h, _)| h).unwrap_or(source);
     host.trim_start_matches('[').trim_end_matches(']')
 }

@@ -7,9 +7,13 @@
 use std::io;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
 use tokio::net::TcpStream;
+
+use crate::node::{KnownNodes, NodeId, SourceAddr, TlsConfigs};
+use crate::transport::{Conn as Link, OwnedReadHalf, OwnedWriteHalf, Transport};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
@@ -39,6 +43,26 @@ pub enum ClientError {
     Server { code: ErrorCode, message: String },
     #[error("cannot resolve {0}")]
     Resolve(String),
+    /// The TLS handshake failed (a plaintext server, a man in the middle
+    /// cut off, a broken peer).
+    #[error("{0}")]
+    Tls(String),
+    /// The source is not the node it must be, or cannot prove the secret.
+    #[error("{0}")]
+    Identity(String),
+}
+
+/// What a download needs to open connections: this node's TLS
+/// configuration and the rules for the node IDs of its sources.
+pub struct Dialer {
+    pub tls: Arc<TlsConfigs>,
+    pub known: KnownNodes,
+}
+
+impl std::fmt::Debug for Dialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dialer").field("node", &self.tls.id).finish_non_exhaustive()
+    }
 }
 
 impl ClientError {
@@ -55,7 +79,7 @@ impl ClientError {
                     | ErrorCode::AuthFailed
                     | ErrorCode::NotAllowed
             ),
-            ClientError::Protocol(_) => true,
+            ClientError::Protocol(_) | ClientError::Identity(_) => true,
             _ => false,
         }
     }
@@ -72,38 +96,47 @@ impl From<ProtoError> for ClientError {
 }
 
 pub struct Conn {
-    stream: TcpStream,
+    stream: Link,
     idle: Duration,
+    /// The node ID the source proved (TLS).
+    pub node: Option<NodeId>,
     /// Time from sending HELLO to the server's answer: one round trip plus
     /// the server's (tiny) handshake work.
     pub rtt: Duration,
 }
 
 impl Conn {
-    /// Connects, completes the handshake and STATs `path`. Without a
-    /// secret (nothing to answer a challenge with) the STAT is sent right
-    /// behind the HELLO, saving a round trip.
+    /// Connects, completes the handshake and STATs `path`; the STAT goes
+    /// out right behind the HELLO (and the proof of the secret, if any),
+    /// saving a round trip.
     pub async fn open(
-        addr: &str,
+        source: &str,
         idle: Duration,
         secret: Option<&[u8]>,
         path: &str,
+        dialer: &Dialer,
     ) -> Result<(Conn, StatInfo), ClientError> {
-        let pipelined = secret.is_none().then_some(path);
-        let mut c = Conn::connect(addr, idle, secret, pipelined).await?;
-        let stat = if pipelined.is_some() { c.stat_answer().await? } else { c.stat(path).await? };
+        let mut c = Conn::connect(source, idle, secret, Some(path), dialer).await?;
+        let stat = c.stat_answer().await?;
         Ok((c, stat))
     }
 
-    /// Connects and completes the handshake; with `stat`, a STAT for it is
-    /// sent together with the HELLO (its answer is left to read).
+    /// Connects to `source` (`[plain://]HOST:PORT[#NODEID]`), over TLS
+    /// unless it says plain, checks its node ID, and completes the
+    /// handshake; with `stat`, a STAT for it is sent together with the
+    /// HELLO (its answer is left to read).
     pub async fn connect(
-        addr: &str,
+        source: &str,
         idle: Duration,
         secret: Option<&[u8]>,
         stat: Option<&str>,
+        dialer: &Dialer,
     ) -> Result<Conn, ClientError> {
-        let stream = match timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        use mftd_common::proto::{auth_mac, auth_ok, Role, FLAG_AUTH};
+        let src = SourceAddr::parse(source).map_err(ClientError::Protocol)?;
+        let addr = src.addr.as_str();
+        let sent = Instant::now();
+        let tcp = match timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             Err(_) => return Err(ClientError::ConnectTimeout),
             Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => return Err(ClientError::Refused),
             Ok(Err(e)) if e.kind() == io::ErrorKind::InvalidInput || e.raw_os_error().is_none() => {
@@ -112,32 +145,75 @@ impl Conn {
             Ok(Err(e)) => return Err(e.into()),
             Ok(Ok(s)) => s,
         };
-        let _ = stream.set_nodelay(true);
-        let mut c = Conn { stream, idle, rtt: Duration::ZERO };
-        let flags = if secret.is_some() { mftd_common::proto::FLAG_AUTH } else { 0 };
-        let sent = Instant::now();
+        let _ = tcp.set_nodelay(true);
+        let stream = if src.plain {
+            if secret.is_some() {
+                return Err(ClientError::Identity(format!(
+                    "{addr} is a plain:// source, which cannot prove the shared secret: use TLS (drop plain://)"
+                )));
+            }
+            Link::plain(tcp)
+        } else {
+            let link = match timeout(idle.max(CONNECT_TIMEOUT), Link::connect(tcp, &dialer.tls)).await {
+                Err(_) => return Err(ClientError::Idle(idle)),
+                Ok(Err(crate::transport::HandshakeError::Refused(e))) => {
+                    return Err(ClientError::Server { code: e.code, message: printable(e.message) })
+                }
+                Ok(Err(e)) => return Err(ClientError::Tls(format!("{addr}: {e}"))),
+                Ok(Ok(l)) => l,
+            };
+            let Some(seen) = link.peer.clone() else {
+                return Err(ClientError::Identity(format!("{addr} presented no node identity")));
+            };
+            dialer.known.check(&src, &seen).map_err(ClientError::Identity)?;
+            link
+        };
+        let node = stream.peer.clone();
+        let binding = stream.binding;
+        let mut c = Conn { stream, idle, node, rtt: Duration::ZERO };
+        let flags = if secret.is_some() { FLAG_AUTH } else { 0 };
         let mut hello = Frame::Hello { magic: MAGIC, version: VERSION, flags }.encode();
+        if let (Some(secret), Some(binding)) = (secret, binding) {
+            hello.extend_from_slice(&Frame::Auth { mac: auth_mac(secret, Role::Client, &binding) }.encode());
+        }
         if let Some(path) = stat {
             hello.extend_from_slice(&Frame::Stat { path: path.to_string() }.encode());
         }
-        match timeout(idle, c.stream.write_all(&hello)).await {
+        let hello_sent = Instant::now();
+        match timeout(idle, async {
+            c.stream.write_all(&hello).await?;
+            c.stream.flush().await
+        })
+        .await
+        {
             Err(_) => return Err(ClientError::Idle(idle)),
             Ok(r) => r?,
         }
-        let mut answer = c.recv(idle).await?;
-        c.rtt = sent.elapsed();
-        if let Frame::Challenge { nonce } = answer {
-            let Some(secret) = secret else {
-                return Err(ClientError::Server {
-                    code: ErrorCode::AuthFailed,
-                    message: "the server requires authentication; set auth_secret_file (or get --secret-file)".into(),
-                });
-            };
-            c.send(&Frame::Auth { mac: mftd_common::proto::auth_mac(secret, &nonce) }).await?;
-            answer = c.recv(idle).await?;
-        }
+        let answer = c.recv(idle).await?;
+        // The round trip of the HELLO (plain TCP: that of the connect too).
+        c.rtt = if src.plain { sent.elapsed() } else { hello_sent.elapsed() };
         match answer {
-            Frame::Hello { magic, version, .. } if magic == MAGIC && version == VERSION => Ok(c),
+            Frame::Hello { magic, version, flags } if magic == MAGIC && version == VERSION => {
+                let Some(secret) = secret else { return Ok(c) };
+                let proof = if flags & FLAG_AUTH != 0 {
+                    match c.recv(idle).await? {
+                        Frame::Auth { mac } => Some(mac),
+                        _ => None,
+                    }
+                } else {
+                    None
+                };
+                let proven = match (proof, binding) {
+                    (Some(mac), Some(b)) => auth_ok(secret, Role::Server, &b, &mac),
+                    _ => false,
+                };
+                if !proven {
+                    return Err(ClientError::Identity(format!(
+                        "{addr} did not prove the shared secret: refusing it (a server without the secret, or someone in between)"
+                    )));
+                }
+                Ok(c)
+            }
             Frame::Hello { version, .. } => Err(ClientError::Protocol(format!(
                 "server speaks mftd transfer protocol {version}, this client {VERSION}"
             ))),
@@ -146,11 +222,8 @@ impl Conn {
         }
     }
 
-    async fn send(&mut self, f: &Frame) -> Result<(), ClientError> {
-        match timeout(self.idle, self.stream.write_all(&f.encode())).await {
-            Err(_) => Err(ClientError::Idle(self.idle)),
-            Ok(r) => Ok(r?),
-        }
+    pub fn transport(&self) -> Transport {
+        self.stream.transport()
     }
 
     async fn recv(&mut self, t: Duration) -> Result<Frame, ClientError> {
@@ -158,11 +231,6 @@ impl Conn {
             Err(_) => Err(ClientError::Idle(t)),
             Ok(r) => Ok(r?),
         }
-    }
-
-    pub async fn stat(&mut self, path: &str) -> Result<StatInfo, ClientError> {
-        self.send(&Frame::Stat { path: path.to_string() }).await?;
-        self.stat_answer().await
     }
 
     async fn stat_answer(&mut self) -> Result<StatInfo, ClientError> {
@@ -255,7 +323,14 @@ impl Drop for Stream {
 
 impl Stream {
     async fn send(&mut self, f: &Frame) -> Result<(), ClientError> {
-        match timeout(self.idle, self.wr.write_all(&f.encode())).await {
+        let bytes = f.encode();
+        match timeout(self.idle, async {
+            self.wr.write_all(&bytes).await?;
+            // TLS holds a record back until it is flushed.
+            self.wr.flush().await
+        })
+        .await
+        {
             Err(_) => Err(ClientError::Idle(self.idle)),
             Ok(r) => Ok(r?),
         }

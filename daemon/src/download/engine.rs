@@ -1295,7 +1295,7 @@ async fn session(
 ) -> WorkerEnd {
     let idle = eng.dl.idle_timeout;
     let secret = eng.dl.secret.as_deref().map(|s| s.as_slice());
-    let (conn, stat) = match Conn::open(addr, idle, secret, &eng.dl.remote_path).await {
+    let (conn, stat) = match Conn::open(addr, idle, secret, &eng.dl.remote_path, &eng.dl.dialer).await {
         Ok(x) => x,
         Err(ClientError::Server { code: ErrorCode::NotFound, .. }) => {
             return WorkerEnd::Dead(SourceState::Failed, SourceError::NotFound(eng.dl.remote_path.clone()))
@@ -1973,6 +1973,7 @@ impl Chosen {
 /// closed at once). Takes at least `step`, so probes are paced.
 async fn probe_path(addr: String, step: Duration) -> bool {
     let start = tokio::time::Instant::now();
+    let addr = crate::node::SourceAddr::parse(&addr).map(|s| s.addr).unwrap_or(addr);
     let up = matches!(tokio::time::timeout(step, tokio::net::TcpStream::connect(&addr)).await, Ok(Ok(_)));
     if !up {
         tokio::time::sleep_until(start + step).await;

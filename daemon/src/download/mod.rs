@@ -50,6 +50,8 @@ pub struct DownloadDefaults {
     pub max_download_size: Option<u64>,
     /// How long ended downloads stay listed.
     pub retention: Duration,
+    /// TLS and node-ID rules for connecting to sources.
+    pub dialer: Arc<client::Dialer>,
 }
 
 /// Most sources one download may name.
@@ -144,6 +146,8 @@ pub struct Download {
     pub token: CancellationToken,
     /// Connection budgets per source host, shared by all downloads.
     pub budgets: Arc<budget::Budgets>,
+    /// TLS and node-ID rules for connecting to sources.
+    pub dialer: Arc<client::Dialer>,
     /// Progress to continue from, taken by the engine when it starts.
     pub resume: Mutex<Option<Manifest>>,
     pub stop: Mutex<Option<StopReason>>,
@@ -329,17 +333,10 @@ pub struct Downloads {
     budgets: Arc<budget::Budgets>,
 }
 
-/// `host:port` with a numeric port; hosts may be names, IPv4 or `[IPv6]`.
+/// `[plain://]HOST:PORT[#NODEID]` with a numeric port; hosts may be names,
+/// IPv4 or `[IPv6]`.
 pub fn check_source(s: &str) -> Result<String, String> {
-    let s = s.trim();
-    let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("source {s:?} needs a port: HOST:PORT"))?;
-    if host.is_empty() {
-        return Err(format!("source {s:?} has no host"));
-    }
-    match port.parse::<u16>() {
-        Ok(p) if p > 0 => Ok(s.to_string()),
-        _ => Err(format!("source {s:?} has an invalid port {port:?}")),
-    }
+    crate::node::SourceAddr::parse(s).map(|_| s.trim().to_string())
 }
 
 /// What a new run of a download is made of.
@@ -489,6 +486,7 @@ impl Downloads {
             force: spec.force,
             connections_per_source: spec.connections_per_source,
             idle_timeout: self.defaults.idle_timeout,
+            dialer: self.defaults.dialer.clone(),
             give_up_after: spec.give_up_after,
             checkpoint_interval: self.defaults.checkpoint_interval,
             checkpoint_bytes: self.defaults.checkpoint_bytes,

@@ -1,0 +1,437 @@
+//! Node identities: who a transfer connection is really talking to.
+//!
+//! Each daemon has a long-term key and a self-signed certificate, made at
+//! its first start (`STATE_DIR/node.key`, mode 0600, and `node.crt`). Its
+//! **node ID** is the first 128 bits of the SHA-256 of that certificate,
+//! written in lowercase base32 (26 characters). No certificate authority is
+//! involved: a TLS 1.3 handshake proves that the peer holds the key of the
+//! certificate it shows (its `CertificateVerify` signature is checked), and
+//! the node ID of that certificate is then checked against what the user
+//! pinned (`HOST:PORT#NODEID`), the `known_nodes` file, or, on a listener,
+//! `allow_nodes`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use sha2::Digest;
+
+/// A node's identity: 26 lowercase base32 characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(String);
+
+const NODE_ID_LEN: usize = 26;
+
+impl NodeId {
+    /// The node ID of a certificate.
+    pub fn of(cert: &[u8]) -> NodeId {
+        let digest = sha2::Sha256::digest(cert);
+        NodeId(data_encoding::BASE32_NOPAD.encode(&digest[..16]).to_ascii_lowercase())
+    }
+
+    pub fn parse(s: &str) -> Result<NodeId, String> {
+        let lower = s.trim().to_ascii_lowercase();
+        let ok = lower.len() == NODE_ID_LEN
+            && data_encoding::BASE32_NOPAD.decode(lower.to_ascii_uppercase().as_bytes()).is_ok_and(|b| b.len() == 16);
+        if ok {
+            Ok(NodeId(lower))
+        } else {
+            Err(format!("{s:?} is not a node ID ({NODE_ID_LEN} base32 characters, as `mftd --print-node-id` shows)"))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for NodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A source as a `get` names it: `[plain://]HOST:PORT[#NODEID]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceAddr {
+    /// `HOST:PORT`, as given to `connect`.
+    pub addr: String,
+    /// Plain TCP, no TLS (an explicit opt-in for trusted networks).
+    pub plain: bool,
+    /// The node ID the source must prove.
+    pub node: Option<NodeId>,
+}
+
+impl SourceAddr {
+    pub fn parse(s: &str) -> Result<SourceAddr, String> {
+        let t = s.trim();
+        let (plain, rest) = match t.strip_prefix("plain://") {
+            Some(r) => (true, r),
+            None => (false, t.strip_prefix("tls://").unwrap_or(t)),
+        };
+        let (addr, node) = match rest.split_once('#') {
+            Some((a, n)) => (a, Some(NodeId::parse(n)?)),
+            None => (rest, None),
+        };
+        if plain && node.is_some() {
+            return Err(format!("source {s:?}: a plain source cannot prove a node ID; drop plain:// or the #NODEID"));
+        }
+        let (host, port) = addr.rsplit_once(':').ok_or_else(|| format!("source {s:?} needs a port: HOST:PORT"))?;
+        if host.is_empty() {
+            return Err(format!("source {s:?} has no host"));
+        }
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(SourceAddr { addr: addr.to_string(), plain, node }),
+            _ => Err(format!("source {s:?} has an invalid port {port:?}")),
+        }
+    }
+}
+
+/// This daemon's key and certificate.
+pub struct NodeIdentity {
+    pub id: NodeId,
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl NodeIdentity {
+    /// Loads the identity from `state_dir`, making one at the first start.
+    pub fn load_or_create(state_dir: &Path) -> anyhow::Result<NodeIdentity> {
+        let (key_path, cert_path) = (state_dir.join("node.key"), state_dir.join("node.crt"));
+        if !key_path.exists() && !cert_path.exists() {
+            std::fs::create_dir_all(state_dir).with_context(|| format!("cannot create {}", state_dir.display()))?;
+            let key = rcgen::KeyPair::generate().context("cannot generate a node key")?;
+            let cert = rcgen::CertificateParams::new(vec!["mftd".to_string()])
+                .and_then(|p| p.self_signed(&key))
+                .context("cannot make the node certificate")?;
+            write_new(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+            write_new(&cert_path, cert.pem().as_bytes(), 0o644)?;
+            tracing::info!(node_id = %NodeId::of(cert.der()), "made a new node identity");
+        }
+        let meta = std::fs::metadata(&key_path)
+            .with_context(|| format!("{} is missing (its certificate is there)", key_path.display()))?;
+        if meta.mode() & 0o077 != 0 {
+            bail!("{} is readable by others (mode {:o}); chmod 600 it", key_path.display(), meta.mode() & 0o777);
+        }
+        let key = PrivateKeyDer::from_pem_file(&key_path)
+            .map_err(|e| anyhow::anyhow!("cannot read the node key {}: {e}", key_path.display()))?;
+        let cert = CertificateDer::from_pem_file(&cert_path)
+            .map_err(|e| anyhow::anyhow!("cannot read the node certificate {}: {e}", cert_path.display()))?;
+        Ok(NodeIdentity { id: NodeId::of(&cert), cert, key })
+    }
+}
+
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Accepts any certificate whose key signs the handshake: the node ID is
+/// checked once the handshake is over, where the answer can say which IDs
+/// were expected and seen. Only TLS 1.3 is offered.
+#[derive(Debug)]
+struct AnyNode {
+    algs: WebPkiSupportedAlgorithms,
+    mandatory: bool,
+}
+
+impl ServerCertVerifier for AnyNode {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for AnyNode {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// ALPN name of this protocol version: a peer of another version fails
+/// the TLS handshake with `no_application_protocol`.
+pub const ALPN: &[u8] = b"mftd/4";
+
+/// TLS configurations built from the node identity.
+pub struct TlsConfigs {
+    pub id: NodeId,
+    pub server: Arc<rustls::ServerConfig>,
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for TlsConfigs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfigs").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl TlsConfigs {
+    /// `client_cert_required`: listeners refuse clients without a node
+    /// identity (set when `allow_nodes` restricts them).
+    pub fn new(identity: &NodeIdentity, client_cert_required: bool) -> anyhow::Result<TlsConfigs> {
+        let p = provider();
+        let algs = p.signature_verification_algorithms;
+        let mut server = rustls::ServerConfig::builder_with_provider(p.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(Arc::new(AnyNode { algs, mandatory: client_cert_required }))
+            .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())
+            .context("the node key does not fit its certificate")?;
+        server.alpn_protocols = vec![ALPN.to_vec()];
+        // Every connection is a fresh full handshake: no tickets to keep.
+        server.send_tls13_tickets = 0;
+        let mut client = rustls::ClientConfig::builder_with_provider(p)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyNode { algs, mandatory: true }))
+            .with_client_auth_cert(vec![identity.cert.clone()], identity.key.clone_key())
+            .context("the node key does not fit its certificate")?;
+        client.alpn_protocols = vec![ALPN.to_vec()];
+        client.enable_sni = false;
+        Ok(TlsConfigs { id: identity.id.clone(), server: Arc::new(server), client: Arc::new(client) })
+    }
+}
+
+/// What a download does with a source whose node ID nothing pins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrustMode {
+    /// Accept it (the channel is encrypted, the server unauthenticated
+    /// unless a shared secret proves it); known nodes are still enforced.
+    Any,
+    /// Accept it and record it in `known_nodes`; a changed ID is refused.
+    Tofu,
+    /// Refuse it: only pinned and known nodes.
+    Known,
+}
+
+impl std::str::FromStr for TrustMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "any" => Ok(TrustMode::Any),
+            "tofu" => Ok(TrustMode::Tofu),
+            "known" => Ok(TrustMode::Known),
+            _ => Err(format!("{s:?}: node_trust is one of any, tofu, known")),
+        }
+    }
+}
+
+impl std::fmt::Display for TrustMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TrustMode::Any => "any",
+            TrustMode::Tofu => "tofu",
+            TrustMode::Known => "known",
+        })
+    }
+}
+
+/// The `known_nodes` file: lines of `HOST:PORT NODEID` (`#` comments),
+/// like ssh's `known_hosts`.
+pub struct KnownNodes {
+    path: PathBuf,
+    mode: TrustMode,
+    entries: Mutex<HashMap<String, NodeId>>,
+}
+
+impl KnownNodes {
+    pub fn load(path: &Path, mode: TrustMode) -> anyhow::Result<KnownNodes> {
+        let mut entries = HashMap::new();
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                for (n, line) in text.lines().enumerate() {
+                    let line = line.trim();
+                    if line.is_empty() || line.starts_with('#') {
+                        continue;
+                    }
+                    let mut words = line.split_whitespace();
+                    let (Some(addr), Some(id), None) = (words.next(), words.next(), words.next()) else {
+                        bail!("{}:{}: expected `HOST:PORT NODEID`", path.display(), n + 1);
+                    };
+                    let id = NodeId::parse(id).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), n + 1))?;
+                    entries.insert(addr.to_string(), id);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+        Ok(KnownNodes { path: path.to_path_buf(), mode, entries: Mutex::new(entries) })
+    }
+
+    /// Whether `source` may be the node `seen`; the error names both IDs.
+    pub fn check(&self, source: &SourceAddr, seen: &NodeId) -> Result<(), String> {
+        if let Some(pinned) = &source.node {
+            if pinned != seen {
+                return Err(format!(
+                    "{} presented node ID {seen}, but {pinned} was pinned: refusing it (a different server, or someone in between)",
+                    source.addr
+                ));
+            }
+            return Ok(());
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        match entries.get(&source.addr) {
+            Some(known) if known == seen => Ok(()),
+            Some(known) => Err(format!(
+                "{} presented node ID {seen}, but {} records {known} for it: refusing it; if the server's identity really changed, remove that line",
+                source.addr,
+                self.path.display()
+            )),
+            None => match self.mode {
+                TrustMode::Any => Ok(()),
+                TrustMode::Known => Err(format!(
+                    "{} presented node ID {seen}, which is not in {} (node_trust = known); pin it as {}#{seen} or add it there",
+                    source.addr,
+                    self.path.display(),
+                    source.addr
+                )),
+                TrustMode::Tofu => {
+                    let line = format!("{} {seen}\n", source.addr);
+                    let written = std::fs::OpenOptions::new()
+                        .append(true)
+                        .create(true)
+                        .mode(0o600)
+                        .open(&self.path)
+                        .and_then(|mut f| f.write_all(line.as_bytes()).and_then(|_| f.sync_all()));
+                    if let Err(e) = written {
+                        return Err(format!("cannot record {} in {}: {e}", source.addr, self.path.display()));
+                    }
+                    tracing::info!(source = %source.addr, node_id = %seen, "recorded a new node (trust on first use)");
+                    entries.insert(source.addr.clone(), seen.clone());
+                    Ok(())
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_parse_with_transport_and_pin() {
+        let id = NodeId::of(b"x");
+        let s = SourceAddr::parse(&format!("10.0.0.1:5001#{id}")).unwrap();
+        assert_eq!((s.addr.as_str(), s.plain, s.node.as_ref()), ("10.0.0.1:5001", false, Some(&id)));
+        let s = SourceAddr::parse("plain://[::1]:5002").unwrap();
+        assert_eq!((s.addr.as_str(), s.plain, s.node), ("[::1]:5002", true, None));
+        assert!(SourceAddr::parse("h:5001#nope").unwrap_err().contains("not a node ID"));
+        assert!(SourceAddr::parse(&format!("plain://h:1#{id}")).is_err());
+        assert!(SourceAddr::parse("h").is_err());
+        assert!(SourceAddr::parse("h:0").is_err());
+    }
+
+    #[test]
+    fn identity_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = NodeIdentity::load_or_create(dir.path()).unwrap();
+        let b = NodeIdentity::load_or_create(dir.path()).unwrap();
+        assert_eq!(a.id, b.id);
+        assert_eq!(a.id.as_str().len(), NODE_ID_LEN);
+        let mode = std::fs::metadata(dir.path().join("node.key")).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(TlsConfigs::new(&a, false).is_ok());
+    }
+
+    #[test]
+    fn trust_on_first_use_records_then_refuses_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("known_nodes");
+        let k = KnownNodes::load(&path, TrustMode::Tofu).unwrap();
+        let src = SourceAddr::parse("h:5001").unwrap();
+        let (a, b) = (NodeId::of(b"a"), NodeId::of(b"b"));
+        k.check(&src, &a).unwrap();
+        k.check(&src, &a).unwrap();
+        let e = k.check(&src, &b).unwrap_err();
+        assert!(e.contains(a.as_str()) && e.contains(b.as_str()), "{e}");
+        // Recorded on disk: a new load refuses it too, even in `any` mode.
+        let k2 = KnownNodes::load(&path, TrustMode::Any).unwrap();
+        assert!(k2.check(&src, &b).is_err());
+        let other = SourceAddr::parse("h:5002").unwrap();
+        assert!(k2.check(&other, &b).is_ok());
+        let k3 = KnownNodes::load(&path, TrustMode::Known).unwrap();
+        assert!(k3.check(&other, &b).unwrap_err().contains("not in"));
+    }
+}
