@@ -31,7 +31,9 @@
 #   BENCH_WAN_FAIL_RTTS  RTTs at which the failure cases run (default "20 100")
 #   BENCH_WAN_MIXES      rate mixes (default "equal unequal"): equal is
 #                        400mbit on every host, unequal 800/400/200/100mbit
-#   BENCH_WAN_CASES      which cases (default "multi single iperf fail")
+#   BENCH_WAN_CASES      which cases (default "multi plain single iperf fail"; plain
+#                        adds, after each multi case, mftd over plain TCP: the
+#                        TLS row's peer is then mftd without TLS)
 #   BENCH_WAN_OUTAGE     seconds of total outage (default 5)
 #   BENCH_WAN_DIR        where the file and outputs live (default /var/tmp/mftd-bench-wan;
 #                        outputs go to /dev/shm, as aria2c and curl do not fsync)
@@ -46,7 +48,7 @@ RUNS="${BENCH_WAN_RUNS:-3}"
 RTTS="${BENCH_WAN_RTTS:-2 20 100 200}"
 FAIL_RTTS="${BENCH_WAN_FAIL_RTTS:-20 100}"
 MIXES="${BENCH_WAN_MIXES:-equal unequal}"
-CASES="${BENCH_WAN_CASES:-multi single iperf fail}"
+CASES="${BENCH_WAN_CASES:-multi plain single iperf fail}"
 OUTAGE="${BENCH_WAN_OUTAGE:-5}"
 DIR="${BENCH_WAN_DIR:-/var/tmp/mftd-bench-wan}"
 N=4
@@ -147,7 +149,9 @@ EOF
 
 start_mftd_server() {
     local i=$1 d="$tmp/s$1"
-    ip netns exec "${P}s$i" "$BIN/mftd" --export "$DIR/export" --listen "$NET.$i" --ports 5001 \
+    # 5001 speaks TLS (the default), 5002 plain TCP.
+    printf '[listener.5002]\ntransport = "plain"\n' >"$d/mftd.toml"
+    MFTD_CONFIG="$d/mftd.toml" ip netns exec "${P}s$i" "$BIN/mftd" --export "$DIR/export" --listen "$NET.$i" --ports 5001,5002 \
         --socket "$d/sock" --state-dir "$d/state" --download-dir "$d/dl" --max-connections-per-ip 64 \
         >"$d/mftd.log" 2>&1 &
     SERVER_PIDS[$i]=$!
@@ -178,9 +182,11 @@ check() { # check OUTPUT: sha256 against the exported file of the same name
     rm -f "$1"
 }
 
-mftd_get() { # mftd_get HOST_INDEXES...: prints seconds (file: $NAME, default $FILE)
+mftd_get() { # mftd_get HOST_INDEXES...: prints seconds (file: $NAME, default $FILE; PLAIN=1: plain TCP)
     local from=() t0 t1 FILE="${NAME:-$FILE}"
-    for i in "$@"; do from+=("$NET.$i:5001"); done
+    for i in "$@"; do
+        if [ -n "${PLAIN:-}" ]; then from+=("plain://$NET.$i:5002"); else from+=("$NET.$i:5001"); fi
+    done
     rm -f "$out/$FILE"
     t0=$(now)
     ctl get "$FILE" --from "$(IFS=,; echo "${from[*]}")" -o "$out" --no-resume >"$tmp/get.log" 2>&1 ||
@@ -333,6 +339,11 @@ for rtt in $RTTS; do
             a=$(runs aria2_get 1 2 3 4)
             f=$(runs iperf_floor "$mix")
             echo "$rtt|$mix|4 sources|$(fmt "$(echo "$m / $id4" | bc -l)")|$(fmt "$(echo "$a / $id4" | bc -l)")|$(fmt "$(echo "$a / $m" | bc -l)")|$(fmt "$(echo "$f / $id4" | bc -l)")|$(fmt "$m") s|$(fmt "$a") s|$(fmt "$id4") s" >>"$results"
+            if [[ " $CASES " == *" plain "* ]]; then
+                log "RTT $rtt ms, $mix, 4 sources over plain TCP"
+                p=$(PLAIN=1 runs mftd_get 1 2 3 4)
+                echo "$rtt|$mix|4 sources, mftd TLS vs mftd plain TCP|$(fmt "$(echo "$m / $id4" | bc -l)")|$(fmt "$(echo "$p / $id4" | bc -l)")|$(fmt "$(echo "$p / $m" | bc -l)")||$(fmt "$m") s|$(fmt "$p") s|$(fmt "$id4") s" >>"$results"
+            fi
         fi
         if [[ " $CASES " == *" single "* ]] && [ "$mix" = equal ]; then
             log "RTT $rtt ms, 1 source ($first mbit)"
@@ -381,7 +392,7 @@ echo
 echo "mftd vs aria2c/curl on an emulated WAN: ${SIZE_MIB} MiB, median of ${RUNS} runs, sha256 checked"
 echo "(equal: 4 x 400 Mbit/s; unequal: 800/400/200/100 Mbit/s; 1 source: host 1)"
 echo
-echo "(peer: aria2c ${ARIA2_FLAGS[*]:1:4} for 4 sources, curl for 1; TCP floor: iperf3 from every host at once, ideal shares, 4 streams each)"
+echo "(peer: aria2c ${ARIA2_FLAGS[*]:1:4} for 4 sources, curl for 1, mftd over plain TCP in the TLS rows; mftd uses TLS elsewhere; TCP floor: iperf3 from every host at once, ideal shares, 4 streams each)"
 echo
 echo "| RTT ms | rates | case | mftd time/ideal | peer time/ideal | mftd speed / peer | TCP floor time/ideal | mftd | peer | ideal |"
 echo "|---|---|---|---|---|---|---|---|---|---|"

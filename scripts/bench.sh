@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # `make bench`: loopback throughput of mftd against nginx + curl / aria2c.
 #
-# One mftd with 4 listeners and one nginx with 4 server blocks serve the same
-# export dir on 127.0.0.1. Each case downloads the same file into each output
+# One mftd with 4 TLS listeners (the default) and 4 plain ones, and one nginx
+# with 4 server blocks serve the same export dir on 127.0.0.1. mftd-4 and
+# mftd-1 go over TLS; mftd-4-plain is the same download over plain TCP. The
+# CPU seconds mftd spends per GiB (one daemon serves and downloads, so both
+# ends of every connection) are reported for both. Each case downloads the same file into each output
 # target (tmpfs and a disk directory) BENCH_RUNS times; the median wall time
 # is reported, every result is checked against the source's sha256. A second,
 # capped case puts 4/8/16/32 MiB/s limits on the mftd listeners and compares
@@ -224,31 +227,43 @@ done
 [ -n "$ok" ] || { cat "$tmp/nginx/logs/"*.log >&2; die "nginx did not start"; }
 
 # ---------------------------------------------------------------- mftd
-log "starting mftd (4 listeners), log in $tmp/mftd.log"
-"$BIN/mftd" --export "$tmp/export" --ports 0,0,0,0 --socket "$tmp/mftd.sock" \
-    --state-dir "$tmp/state" --download-dir "$tmp/dl" 2> "$tmp/mftd.log" &
+log "starting mftd (4 TLS and 4 plain listeners), log in $tmp/mftd.log"
+read -r -a ALLPORTS <<< "$(pick_ports 8)"
+MPORTS=("${ALLPORTS[@]:0:4}")
+PPORTS=("${ALLPORTS[@]:4:4}")
+for p in "${PPORTS[@]}"; do printf '[listener.%s]\ntransport = "plain"\n' "$p"; done > "$tmp/mftd.toml"
+MFTD_CONFIG="$tmp/mftd.toml" "$BIN/mftd" --export "$tmp/export" --ports "$(IFS=,; echo "${ALLPORTS[*]}")" \
+    --socket "$tmp/mftd.sock" --state-dir "$tmp/state" --download-dir "$tmp/dl" 2> "$tmp/mftd.log" &
 mftd_pid=$!
 for _ in $(seq 1 200); do
     ctl servers list >/dev/null 2>&1 && break
     kill -0 "$mftd_pid" 2>/dev/null || { cat "$tmp/mftd.log" >&2; die "mftd exited"; }
     sleep 0.05
 done
-read -r -a MPORTS <<< "$(ctl servers list | awk 'NR > 1 { print $1 }' | tr '\n' ' ')"
-[ "${#MPORTS[@]}" -eq 4 ] || { ctl servers list >&2 || true; die "expected 4 mftd listeners"; }
+[ "$(ctl servers list | grep -c running)" -eq 8 ] || { ctl servers list >&2 || true; die "expected 8 mftd listeners"; }
+[ "$(ctl servers list | grep -c unencrypted)" -eq 4 ] || { ctl servers list >&2 || true; die "expected 4 plain listeners"; }
 FROM1="127.0.0.1:${MPORTS[0]}"
 FROM4="$(printf '127.0.0.1:%s,' "${MPORTS[@]}")"
 FROM4="${FROM4%,}"
-log "mftd ports ${MPORTS[*]}, nginx ports ${NPORTS[*]}"
+FROM4P="$(printf 'plain://127.0.0.1:%s,' "${PPORTS[@]}")"
+FROM4P="${FROM4P%,}"
+log "mftd TLS ports ${MPORTS[*]}, plain ports ${PPORTS[*]}, nginx ports ${NPORTS[*]}"
+
+# CPU time of a process in seconds (user + system).
+cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.3f", ($14 + $15) / hz }' "/proc/$1/stat"; }
 
 # ---------------------------------------------------------------- cases
-# run_case CASE FILE OUTDIR: download FILE into OUTDIR, print seconds.
+# run_case CASE FILE OUTDIR: download FILE into OUTDIR, print seconds; the
+# CPU seconds mftd spent meanwhile go to $tmp/case.cpu.
 run_case() {
-    local c="$1" f="$2" out="$3" t0 t1 rc=0 urls=() p
+    local c="$1" f="$2" out="$3" t0 t1 rc=0 urls=() p c0
     rm -f "$out/$f" "$out/$f.mftpart" "$out/$f.aria2"
+    c0="$(cpu_of "$mftd_pid")"
     t0="$(now)"
     case "$c" in
         mftd-1) ctl get "$f" --from "$FROM1" -o "$out" --force --interval 60 >"$tmp/case.log" 2>&1 || rc=$? ;;
         mftd-4) ctl get "$f" --from "$FROM4" -o "$out" --force --interval 60 >"$tmp/case.log" 2>&1 || rc=$? ;;
+        mftd-4-plain) ctl get "$f" --from "$FROM4P" -o "$out" --force --interval 60 >"$tmp/case.log" 2>&1 || rc=$? ;;
         curl-1) curl -sS -f -o "$out/$f" "http://127.0.0.1:${NPORTS[0]}/$f" >"$tmp/case.log" 2>&1 || rc=$? ;;
         aria2c-4)
             for p in "${NPORTS[@]}"; do urls+=("http://127.0.0.1:$p/$f"); done
@@ -257,6 +272,7 @@ run_case() {
         *) die "unknown case $c" ;;
     esac
     t1="$(now)"
+    awk -v a="$c0" -v b="$(cpu_of "$mftd_pid")" 'BEGIN { printf "%.3f", b - a }' > "$tmp/case.cpu"
     if [ "$rc" -ne 0 ]; then
         cat "$tmp/case.log" >&2
         die "$c into $out exited $rc"
@@ -278,23 +294,24 @@ run_case mftd-4 "$CAP_FILE" "$tmp/dl" >/dev/null
 verify warmup "$tmp/dl/$CAP_FILE" "$want_cap"
 rm -f "$tmp/dl/$FILE" "$tmp/dl/$CAP_FILE"
 
-CASES=(mftd-1 mftd-4 curl-1 aria2c-4)
+CASES=(mftd-1 mftd-4 mftd-4-plain curl-1 aria2c-4)
 TARGETS=(shm disk)
 declare -A OUTDIR=([shm]="$out_shm" [disk]="$out_disk")
-declare -A TIMES MED RATE
+declare -A TIMES MED RATE CPUS CPU
 
 for tg in "${TARGETS[@]}"; do
     out="${OUTDIR[$tg]}"
     # Rounds interleave the cases so drift hits them all alike, and each round
     # starts with the next case so none always follows the same one.
     for r in $(seq 1 "$RUNS"); do
-        for k in 0 1 2 3; do
-            c="${CASES[$(((r - 1 + k) % 4))]}"
+        for k in $(seq 0 $((${#CASES[@]} - 1))); do
+            c="${CASES[$(((r - 1 + k) % ${#CASES[@]}))]}"
             sync
             s="$(run_case "$c" "$FILE" "$out")"
             verify "$c/$tg" "$out/$FILE" "$want"
             rm -f "$out/$FILE"
             TIMES[$c/$tg]="${TIMES[$c/$tg]:-} $s"
+            CPUS[$c/$tg]="${CPUS[$c/$tg]:-} $(cat "$tmp/case.cpu")"
             log "$tg run $r/$RUNS $c: ${s}s ($(mbps "$SIZE" "$s") MB/s)"
         done
     done
@@ -302,6 +319,8 @@ for tg in "${TARGETS[@]}"; do
         # shellcheck disable=SC2086
         MED[$c/$tg]="$(median ${TIMES[$c/$tg]})"
         RATE[$c/$tg]="$(mbps "$SIZE" "${MED[$c/$tg]}")"
+        # shellcheck disable=SC2086
+        CPU[$c/$tg]="$(awk -v c="$(median ${CPUS[$c/$tg]})" -v m="$SIZE_MIB" 'BEGIN { printf "%.2f", c * 1024 / m }')"
     done
 done
 sync
@@ -426,20 +445,24 @@ echo "mftd loopback benchmark: $SIZE_MIB MiB file, median of $RUNS runs, MB = 1e
 echo "targets: shm = $SHM_PARENT ($(df --output=fstype "$SHM_PARENT" 2>/dev/null | tail -1 | tr -d ' ')), disk = $DISK_PARENT ($(df --output=fstype "$DISK_PARENT" 2>/dev/null | tail -1 | tr -d ' '))"
 echo "aria2c ${ARIA2_FLAGS[*]} --file-allocation=(shm: ${ALLOC[$out_shm]}, disk: ${ALLOC[$out_disk]})"
 echo
-printf '%-10s %-6s %10s %10s   %s\n' CASE TARGET MEDIAN_S MB/S "ALL RUNS (s)"
+printf '%-13s %-6s %10s %10s %14s   %s\n' CASE TARGET MEDIAN_S MB/S "MFTD_CPU_S/GiB" "ALL RUNS (s)"
 for tg in "${TARGETS[@]}"; do
     for c in "${CASES[@]}"; do
-        printf '%-10s %-6s %10s %10s  %s\n' "$c" "$tg" "${MED[$c/$tg]}" "${RATE[$c/$tg]}" "${TIMES[$c/$tg]}"
+        cpu="${CPU[$c/$tg]}"
+        case "$c" in curl-1 | aria2c-4) cpu="-" ;; esac
+        printf '%-13s %-6s %10s %10s %14s  %s\n' "$c" "$tg" "${MED[$c/$tg]}" "${RATE[$c/$tg]}" "$cpu" "${TIMES[$c/$tg]}"
     done
 done
+echo "(mftd CPU: the one daemon serves and downloads, so both ends of every connection)"
 echo
-printf '%-6s %18s %18s\n' TARGET "mftd-4/aria2c-4" "mftd-1/curl-1"
+printf '%-6s %18s %18s %18s\n' TARGET "mftd-4/aria2c-4" "mftd-1/curl-1" "mftd-4 tls/plain"
 for tg in "${TARGETS[@]}"; do
-    printf '%-6s %18s %18s\n' "$tg" \
+    printf '%-6s %18s %18s %18s\n' "$tg" \
         "$(ratio "${RATE[mftd-4/$tg]}" "${RATE[aria2c-4/$tg]}")" \
-        "$(ratio "${RATE[mftd-1/$tg]}" "${RATE[curl-1/$tg]}")"
+        "$(ratio "${RATE[mftd-1/$tg]}" "${RATE[curl-1/$tg]}")" \
+        "$(ratio "${RATE[mftd-4/$tg]}" "${RATE[mftd-4-plain/$tg]}")"
 done
-echo "(throughput ratios: > 1 means mftd is faster)"
+echo "(throughput ratios: > 1 means the first is faster; mftd-4 and mftd-1 use TLS, curl and aria2c plain HTTP)"
 echo
 echo "capped: listeners at 4/8/16/32 MiB/s, $CAP_SIZE_MIB MiB: median ${cap_med}s, ideal ${cap_ideal}s, time/ideal ${cap_ratio} (runs:$(printf ' %s' "${cap_times[@]}"))"
 many_mb() { awk -v n="$1" -v s="$2" 'BEGIN { printf "%.0f", n * 8 * 1048576 / 1e6 / s }'; }
@@ -452,6 +475,8 @@ for tg in "${TARGETS[@]}"; do
     for c in "${CASES[@]}"; do summary+=" $c/$tg=${RATE[$c/$tg]}MB/s"; done
     summary+=" mftd4_vs_aria2c4/$tg=$(ratio "${RATE[mftd-4/$tg]}" "${RATE[aria2c-4/$tg]}")"
     summary+=" mftd1_vs_curl1/$tg=$(ratio "${RATE[mftd-1/$tg]}" "${RATE[curl-1/$tg]}")"
+    summary+=" tls_vs_plain/$tg=$(ratio "${RATE[mftd-4/$tg]}" "${RATE[mftd-4-plain/$tg]}")"
+    summary+=" cpu_s_per_gib_tls/$tg=${CPU[mftd-4/$tg]} cpu_s_per_gib_plain/$tg=${CPU[mftd-4-plain/$tg]}"
 done
 summary+=" capped_s=$cap_med capped_ideal_s=$cap_ideal capped_ratio=$cap_ratio"
 summary+=" cold_ttfb_s=$(median "${cold_ttfb[@]}") cold_total_s=$(median "${cold_total[@]}") warm_ttfb_s=$(median "${warm_ttfb[@]}") warm_total_s=$(median "${warm_total[@]}") total_s=$elapsed"

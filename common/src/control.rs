@@ -205,6 +205,9 @@ pub struct StatusInfo {
     pub export_dir: String,
     pub download_dir: String,
     pub socket: String,
+    /// This daemon's node ID (what sources are pinned with).
+    #[serde(default)]
+    pub node_id: String,
     pub listeners: Vec<ListenerInfo>,
     pub downloads: Vec<DownloadInfo>,
     /// Manifests that could not be loaded, as "path: reason".
@@ -301,6 +304,12 @@ pub struct SourceInfo {
     /// milliseconds (the smallest of its connections); absent until known.
     #[serde(default)]
     pub rtt_ms: Option<f64>,
+    /// `tls` or `plain` (unencrypted), once a connection was made.
+    #[serde(default)]
+    pub transport: Option<String>,
+    /// The node ID the source proved over TLS.
+    #[serde(default)]
+    pub node_id: Option<String>,
     #[serde(default)]
     pub last_error: Option<String>,
 }

@@ -28,14 +28,17 @@ fn speed(bps: u64) -> String {
 }
 
 pub fn listeners_table(ls: &[ListenerInfo]) -> String {
-    let mut out =
-        format!("{:<6} {:<8} {:>5} {:>12} {:>12} {:>12}\n", "PORT", "STATE", "CONNS", "SENT", "RATE", "LIMIT");
+    let mut out = format!(
+        "{:<6} {:<8} {:<11} {:>5} {:>12} {:>12} {:>12}\n",
+        "PORT", "STATE", "TRANSPORT", "CONNS", "SENT", "RATE", "LIMIT"
+    );
     for l in ls {
         let state = serde_json::to_value(l.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
         out.push_str(&format!(
-            "{:<6} {:<8} {:>5} {:>12} {:>12} {:>12}\n",
+            "{:<6} {:<8} {:<11} {:>5} {:>12} {:>12} {:>12}\n",
             l.port,
             state,
+            transport_name(&l.transport),
             l.connections,
             human_bytes(l.bytes_sent),
             speed(l.rate),
@@ -43,6 +46,14 @@ pub fn listeners_table(ls: &[ListenerInfo]) -> String {
         ));
     }
     out
+}
+
+/// `tls`, or `unencrypted` for plain TCP.
+pub fn transport_name(t: &str) -> &str {
+    match t {
+        "plain" => "unencrypted",
+        t => t,
+    }
 }
 
 fn state_name<T: serde::Serialize>(s: &T) -> String {
@@ -65,14 +76,15 @@ pub fn download_line(d: &DownloadInfo) -> String {
 
 fn sources_table(d: &DownloadInfo) -> String {
     let mut out = format!(
-        "  {:<24} {:<9} {:>12} {:>12} {:>7} {:>5} {:>8} {:>7}  {}\n",
-        "SOURCE", "STATE", "BYTES", "SPEED", "SHARE", "CONNS", "RTT", "STRIKES", "LAST ERROR"
+        "  {:<24} {:<9} {:<11} {:>12} {:>12} {:>7} {:>5} {:>8} {:>7}  {}\n",
+        "SOURCE", "STATE", "TRANSPORT", "BYTES", "SPEED", "SHARE", "CONNS", "RTT", "STRIKES", "LAST ERROR"
     );
     for s in &d.sources {
         out.push_str(&format!(
-            "  {:<24} {:<9} {:>12} {:>12} {:>6.1}% {:>5} {:>8} {:>7}  {}\n",
+            "  {:<24} {:<9} {:<11} {:>12} {:>12} {:>6.1}% {:>5} {:>8} {:>7}  {}\n",
             s.address,
             state_name(&s.state),
+            s.transport.as_deref().map_or("-", transport_name),
             human_bytes(s.bytes),
             speed(s.speed),
             s.share * 100.0,
@@ -95,6 +107,7 @@ pub fn print_human(r: &Response) {
             println!("export     {}", s.export_dir);
             println!("downloads  {}", s.download_dir);
             println!("listen     {}", s.listen);
+            println!("node ID    {}", s.node_id);
             let running =
                 s.listeners.iter().filter(|l| l.state == mftd_common::control::ListenerState::Running).count();
             println!("\nlisteners: {running} running, {} stopped", s.listeners.len() - running);
@@ -130,6 +143,9 @@ pub fn print_human(r: &Response) {
                 println!("  error     {e}");
             }
             print!("{}", sources_table(d));
+            for s in d.sources.iter().filter(|s| s.node_id.is_some()) {
+                println!("  {} is node {}", s.address, s.node_id.as_deref().unwrap_or(""));
+            }
         }
         Response::Accepted { id, destination, resumed } => {
             let how = if *resumed { "resumed" } else { "accepted" };
@@ -169,7 +185,16 @@ fn source_row(s: &mftd_common::control::SourceInfo) -> String {
         s.share * 100.0,
         conns(s),
         rtt(s)
-    )
+    ) + unencrypted(s)
+}
+
+/// A warning mark for a source reached over plain TCP.
+fn unencrypted(s: &mftd_common::control::SourceInfo) -> &'static str {
+    if s.transport.as_deref() == Some("plain") {
+        " unencrypted"
+    } else {
+        ""
+    }
 }
 
 /// Open connections to a source, as `3 conn`.
@@ -273,13 +298,14 @@ impl ProgressView {
                 .iter()
                 .map(|s| {
                     format!(
-                        "{} {} {} {} {} {}",
+                        "{} {} {} {} {} {}{}",
                         s.address,
                         state_name(&s.state),
                         human_bytes(s.bytes),
                         speed(s.speed),
                         conns(s),
-                        rtt(s)
+                        rtt(s),
+                        unencrypted(s)
                     )
                 })
                 .collect();

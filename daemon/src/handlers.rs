@@ -121,6 +121,7 @@ fn status(d: &Daemon, caller: &Caller) -> Response {
         export_dir: cfg.export.display().to_string(),
         download_dir: cfg.download_dir.display().to_string(),
         socket: cfg.socket.display().to_string(),
+        node_id: d.node_id.clone(),
         listeners: d.listeners.list(),
         downloads: d.downloads.visible_to(caller).iter().map(|x| x.info(false)).collect(),
         damaged_manifests: d.downloads.damaged(),

@@ -43,6 +43,8 @@ pub struct Daemon {
     /// Cancelled once to shut the daemon down (signal or `mftctl shutdown`).
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
+    /// This node's ID.
+    pub node_id: String,
 }
 
 impl Daemon {
@@ -296,6 +298,7 @@ pub async fn run(
         downloads,
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
+        node_id: tls.id.to_string(),
     });
 
     // Samplers for rates and the periodic status line.

@@ -335,6 +335,9 @@ pub async fn serve_connection(
     }
 }
 
+/// First byte of a TLS handshake record (a ClientHello).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
 /// The connection's transport: TLS on a TLS listener (within the handshake
 /// deadline), else plain TCP. A plaintext mftd `HELLO` sent to a TLS
 /// listener gets a plaintext `ERROR` that says so.
@@ -344,14 +347,24 @@ async fn secure(
     listener: &ListenerShared,
     deadline: tokio::time::Instant,
 ) -> Result<Conn, ConnError> {
-    let Some(tls) = ctx.tls.as_ref().filter(|_| listener.transport == Transport::Tls) else {
-        return Ok(Conn::plain(tcp));
-    };
     let mut first = [0u8; 1];
     match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
-        Err(_) => return Err(ConnError::Timeout),
+        Err(_) => {
+            let mut conn = Conn::plain(tcp);
+            let _ = send_error(&mut conn, 0, ErrorCode::BadHandshake, "no HELLO within the handshake timeout").await;
+            return Err(ConnError::Timeout);
+        }
         Ok(Ok(0)) => return Err(ConnError::Proto(ProtoError::Closed)),
         Ok(r) => r?,
+    };
+    let Some(tls) = ctx.tls.as_ref().filter(|_| listener.transport == Transport::Tls) else {
+        if first[0] == TLS_HANDSHAKE_RECORD {
+            let mut conn = Conn::plain(tcp);
+            let msg = "this listener is plain TCP (unencrypted): name it as plain://HOST:PORT";
+            let _ = send_error(&mut conn, 0, ErrorCode::BadHandshake, msg).await;
+            return Err(ConnError::Closed("TLS ClientHello on a plain listener".into()));
+        }
+        return Ok(Conn::plain(tcp));
     };
     if first[0] == mftd_common::proto::T_HELLO {
         let mut conn = Conn::plain(tcp);

@@ -901,3 +901,126 @@ pub mod tls {
         .expect("exporter")
     }
 }
+
+/// What a [`Relay`] does with the bytes between a client and a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayMode {
+    /// Copies bytes both ways untouched (and records what the server sent).
+    Transparent,
+    /// Like `Transparent`, but flips one bit of the server's byte number
+    /// `at` (counted over the whole connection).
+    FlipServerByte { at: u64 },
+    /// A man in the middle: answers the client's TLS with its own identity,
+    /// opens its own TLS connection to the listener, and relays the
+    /// plaintext each side sends after the handshakes.
+    Mitm,
+}
+
+/// A TCP relay on a port of its own in front of a listener, for on-path
+/// attacker tests. Bounded: it stops when dropped or after 5 minutes.
+pub struct Relay {
+    pub port: u16,
+    /// Bytes the server sent through the relay (raw, as on the wire).
+    pub seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    pub fn start(upstream: u16, mode: RelayMode) -> Relay {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let port = listener.local_addr().expect("addr").port();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (s2, seen2) = (stop.clone(), seen.clone());
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while !s2.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(300) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let _ = client.set_nonblocking(false);
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else { continue };
+                let (seen3, stop3) = (seen2.clone(), s2.clone());
+                std::thread::spawn(move || {
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match mode {
+                        RelayMode::Mitm => mitm(client, server, &stop3),
+                        _ => pipe(client, server, mode, &seen3),
+                    }));
+                });
+            }
+        });
+        Relay { port, seen, stop }
+    }
+
+    pub fn source(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn pipe(client: TcpStream, server: TcpStream, mode: RelayMode, seen: &std::sync::Mutex<Vec<u8>>) {
+    let (mut cr, mut sw) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut cr, &mut sw);
+        let _ = sw.shutdown(std::net::Shutdown::Write);
+    });
+    let (mut sr, mut cw) = (server, client);
+    let mut at = 0u64;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match sr.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let RelayMode::FlipServerByte { at: target } = mode {
+            if (at..at + n as u64).contains(&target) {
+                buf[(target - at) as usize] ^= 0x01;
+            }
+        }
+        at += n as u64;
+        if let Ok(mut s) = seen.lock() {
+            if s.len() < 64 << 20 {
+                s.extend_from_slice(&buf[..n]);
+            }
+        }
+        if cw.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = cw.shutdown(std::net::Shutdown::Both);
+}
+
+fn mitm(client: TcpStream, server: TcpStream, stop: &std::sync::atomic::AtomicBool) {
+    let me = tls::Identity::shared();
+    let Ok(mut c) = tls::server(client, me) else { return };
+    let Ok(mut s) = tls::client(server, me) else { return };
+    for t in [c.tcp(), s.tcp()] {
+        let _ = t.set_read_timeout(Some(Duration::from_millis(5)));
+    }
+    let start = Instant::now();
+    let mut buf = vec![0u8; 64 << 10];
+    // One thread, both directions: rustls streams cannot be split.
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) && start.elapsed() < Duration::from_secs(120) {
+        if !shuttle(&mut c, &mut s, &mut buf) || !shuttle(&mut s, &mut c, &mut buf) {
+            return;
+        }
+    }
+}
+
+/// Moves what `from` has now to `to`; false once either side is done.
+fn shuttle(from: &mut Stream, to: &mut Stream, buf: &mut [u8]) -> bool {
+    match from.read(buf) {
+        Ok(0) => false,
+        Ok(n) => to.write_all(&buf[..n]).and_then(|_| to.flush()).is_ok(),
+        Err(e) => matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+    }
+}

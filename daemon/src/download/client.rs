@@ -76,6 +76,7 @@ impl ClientError {
                     | ErrorCode::BadPath
                     | ErrorCode::NotRegular
                     | ErrorCode::VersionMismatch
+                    | ErrorCode::BadHandshake
                     | ErrorCode::AuthFailed
                     | ErrorCode::NotAllowed
             ),

@@ -1303,7 +1303,7 @@ async fn session(
         Err(e) if e.is_permanent() => return WorkerEnd::Dead(SourceState::Failed, e.into()),
         Err(e) => return WorkerEnd::Retry(e.into()),
     };
-    let rtt = conn.rtt;
+    let (rtt, transport, node_id) = (conn.rtt, conn.transport(), conn.node.as_ref().map(|n| n.to_string()));
     // The first round trip measured to a source sets its head start: one
     // more connection per 100 ms (a window-bound TCP connection carries
     // about its socket buffer per round trip), asked for now so they are
@@ -1345,6 +1345,8 @@ async fn session(
         s.connections += 1;
         s.state = SourceState::Active;
         s.rtt = Some(s.rtt.map_or(rtt, |r| r.min(rtt)));
+        s.transport = Some(transport);
+        s.node_id = node_id;
     });
     eng.refresh_state();
     let conn_id = eng.next_conn.fetch_add(1, Ordering::Relaxed);

@@ -82,6 +82,9 @@ pub struct SourceProgress {
     pub connections: u32,
     /// Smallest handshake round trip of this source's connections.
     pub rtt: Option<Duration>,
+    /// How its last connection was made, and the node ID it proved.
+    pub transport: Option<crate::transport::Transport>,
+    pub node_id: Option<String>,
     pub last_error: Option<String>,
     sample_bytes: u64,
 }
@@ -304,6 +307,8 @@ impl Download {
                     strikes: s.strikes,
                     connections: s.connections,
                     rtt_ms: s.rtt.map(|r| (r.as_secs_f64() * 1e5).round() / 100.0),
+                    transport: s.transport.map(|t| t.to_string()),
+                    node_id: s.node_id.clone(),
                     last_error: s.last_error.clone(),
                 })
                 .collect(),
@@ -388,6 +393,8 @@ fn new_progress(sources: &[String], state: DownloadState) -> Progress {
                 strikes: 0,
                 connections: 0,
                 rtt: None,
+                transport: None,
+                node_id: None,
                 last_error: None,
                 sample_bytes: 0,
             })
