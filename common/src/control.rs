@@ -65,6 +65,9 @@ pub enum Request {
         port: Option<u16>,
         #[serde(default)]
         rate_limit: Option<u64>,
+        /// `tls` or `plain`; default: the daemon's `transport`.
+        #[serde(default)]
+        transport: Option<String>,
     },
     ServerLimit {
         port: u16,

@@ -67,6 +67,9 @@ enum ServersCmd {
         /// Bandwidth cap, bytes/s with K/M/G suffix (0 = none).
         #[arg(long, value_parser = parse_rate, value_name = "RATE")]
         rate_limit: Option<u64>,
+        /// Plain TCP instead of TLS (unencrypted: trusted networks only).
+        #[arg(long)]
+        plain: bool,
     },
     /// Change a listener's bandwidth cap (0 = none).
     Limit {
@@ -208,7 +211,9 @@ fn run(cli: Cli) -> Result<ExitCode, CtlError> {
                 ServersCmd::List => Request::ServersList,
                 ServersCmd::Stop { port } => Request::ServerStop { port },
                 ServersCmd::Start { port } => Request::ServerStart { port },
-                ServersCmd::Add { port, rate_limit } => Request::ServerAdd { port, rate_limit },
+                ServersCmd::Add { port, rate_limit, plain } => {
+                    Request::ServerAdd { port, rate_limit, transport: plain.then(|| "plain".to_string()) }
+                }
                 ServersCmd::Limit { port, rate } => Request::ServerLimit { port, rate_limit: rate },
             },
         ),

@@ -652,6 +652,11 @@ pub fn read_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
     if trimmed.is_empty() {
         bail!("secret file {} is empty", path.display());
     }
+    if trimmed.len() < 16 {
+        // A proof is an HMAC under it that a server (or a man in the
+        // middle) sees: a short secret can be guessed offline.
+        tracing::warn!(file = %path.display(), bytes = trimmed.len(), "shared secret is short; use at least 16 random bytes (e.g. `head -c 32 /dev/urandom | base64`)");
+    }
     Ok(trimmed)
 }
 

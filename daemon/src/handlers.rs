@@ -44,10 +44,25 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
             Ok(()) => Response::ok(format!("started listener {port}")),
             Err(e) => listener_error(e),
         },
-        Request::ServerAdd { port, rate_limit } => {
-            let rate = rate_limit.unwrap_or(d.config().rate_limit);
-            match d.listeners.add(port.unwrap_or(0), rate, d.config().transport) {
-                Ok(p) => Response::ok(format!("added listener {p} (rate limit {})", format_rate(rate))),
+        Request::ServerAdd { port, rate_limit, transport } => {
+            let cfg = d.config();
+            let rate = rate_limit.unwrap_or(cfg.rate_limit);
+            let transport = match transport.as_deref().map(str::parse::<crate::transport::Transport>) {
+                None => cfg.transport,
+                Some(Ok(t)) => t,
+                Some(Err(e)) => return Response::error(ErrorCode::InvalidArgument, e),
+            };
+            if transport == crate::transport::Transport::Plain && cfg.auth_secret_file.is_some() {
+                return Response::error(
+                    ErrorCode::InvalidArgument,
+                    "a plain listener cannot check the shared secret (it needs TLS); this daemon has auth_secret_file",
+                );
+            }
+            match d.listeners.add(port.unwrap_or(0), rate, transport) {
+                Ok(p) => {
+                    let how = if transport == crate::transport::Transport::Plain { ", unencrypted" } else { ", TLS" };
+                    Response::ok(format!("added listener {p} (rate limit {}{how})", format_rate(rate)))
+                }
                 Err(e) => listener_error(e),
             }
         }

@@ -72,6 +72,11 @@ impl Daemon {
     pub fn reload(&self, new: Config) {
         notify::reloading();
         let old = self.config();
+        if let Err(e) = check_transports(&new, new.auth_secret_file.is_some()) {
+            warn!(error = %format!("{e:#}"), "reload refused; the running configuration stays");
+            notify::ready(&self.summary());
+            return;
+        }
         if new.ports.contains(&0) {
             warn!(
                 "reload: port 0 in the config cannot be matched to running listeners; the listener set is left as is"
@@ -140,6 +145,16 @@ impl Daemon {
             ("socket", old.socket != new.socket),
             ("state_dir", old.state_dir != new.state_dir),
             ("metrics_listen", old.metrics_listen != new.metrics_listen),
+            ("node_trust", old.node_trust != new.node_trust),
+            ("known_nodes", old.known_nodes != new.known_nodes),
+            (
+                "transport of a running listener",
+                new.ports.iter().any(|p| {
+                    old.ports.contains(p)
+                        && old.listener_transport.get(p).unwrap_or(&old.transport)
+                            != new.listener_transport.get(p).unwrap_or(&new.transport)
+                }),
+            ),
         ] {
             if changed {
                 warn!(setting = what, "reload: this setting only changes with a restart");

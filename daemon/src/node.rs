@@ -89,8 +89,21 @@ impl SourceAddr {
         if host.is_empty() {
             return Err(format!("source {s:?} has no host"));
         }
+        // A name, an IPv4 address or a bracketed IPv6 one: nothing that
+        // could break a line of known_nodes or a log line.
+        let v6 = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+        let ok = match v6 {
+            Some(a) => a.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => {
+                host.len() <= 253
+                    && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+            }
+        };
+        if !ok {
+            return Err(format!("source {s:?}: {host:?} is not a host name or address"));
+        }
         match port.parse::<u16>() {
-            Ok(p) if p > 0 => Ok(SourceAddr { addr: addr.to_string(), plain, node }),
+            Ok(p) if p > 0 => Ok(SourceAddr { addr: format!("{}:{p}", host.to_ascii_lowercase()), plain, node }),
             _ => Err(format!("source {s:?} has an invalid port {port:?}")),
         }
     }
@@ -104,30 +117,63 @@ pub struct NodeIdentity {
 }
 
 impl NodeIdentity {
-    /// Loads the identity from `state_dir`, making one at the first start.
+    /// Loads the identity from `state_dir`, making one at the first start
+    /// (the key first, then its certificate: a start interrupted between
+    /// the two makes the certificate next time).
     pub fn load_or_create(state_dir: &Path) -> anyhow::Result<NodeIdentity> {
         let (key_path, cert_path) = (state_dir.join("node.key"), state_dir.join("node.crt"));
-        if !key_path.exists() && !cert_path.exists() {
+        let exists = |p: &Path| std::fs::symlink_metadata(p).is_ok();
+        if !exists(&key_path) {
+            if exists(&cert_path) {
+                bail!(
+                    "{} is missing but {} is there; restore the key or remove both",
+                    key_path.display(),
+                    cert_path.display()
+                );
+            }
             std::fs::create_dir_all(state_dir).with_context(|| format!("cannot create {}", state_dir.display()))?;
             let key = rcgen::KeyPair::generate().context("cannot generate a node key")?;
+            write_new(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+        }
+        let key_pem = read_private(&key_path)?;
+        if !exists(&cert_path) {
+            let key = rcgen::KeyPair::from_pem(&key_pem).context("cannot read the node key")?;
             let cert = rcgen::CertificateParams::new(vec!["mftd".to_string()])
                 .and_then(|p| p.self_signed(&key))
                 .context("cannot make the node certificate")?;
-            write_new(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
             write_new(&cert_path, cert.pem().as_bytes(), 0o644)?;
             tracing::info!(node_id = %NodeId::of(cert.der()), "made a new node identity");
         }
-        let meta = std::fs::metadata(&key_path)
-            .with_context(|| format!("{} is missing (its certificate is there)", key_path.display()))?;
-        if meta.mode() & 0o077 != 0 {
-            bail!("{} is readable by others (mode {:o}); chmod 600 it", key_path.display(), meta.mode() & 0o777);
-        }
-        let key = PrivateKeyDer::from_pem_file(&key_path)
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
             .map_err(|e| anyhow::anyhow!("cannot read the node key {}: {e}", key_path.display()))?;
         let cert = CertificateDer::from_pem_file(&cert_path)
             .map_err(|e| anyhow::anyhow!("cannot read the node certificate {}: {e}", cert_path.display()))?;
         Ok(NodeIdentity { id: NodeId::of(&cert), cert, key })
     }
+}
+
+/// Reads the node key: a regular file of ours, not a symlink, mode 0600.
+fn read_private(path: &Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("cannot open the node key {} (a symlink is refused)", path.display()))?;
+    let meta = f.metadata()?;
+    let me = nix::unistd::geteuid().as_raw();
+    if !meta.is_file() || meta.uid() != me {
+        bail!("{} must be a regular file owned by uid {me}", path.display());
+    }
+    if meta.mode() & 0o077 != 0 {
+        bail!("{} is readable by others (mode {:o}); chmod 600 it", path.display(), meta.mode() & 0o777);
+    }
+    let mut s = String::new();
+    Read::by_ref(&mut f)
+        .take(64 << 10)
+        .read_to_string(&mut s)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(s)
 }
 
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
@@ -268,6 +314,9 @@ impl TlsConfigs {
             .context("the node key does not fit its certificate")?;
         client.alpn_protocols = vec![ALPN.to_vec()];
         client.enable_sni = false;
+        // Every server is named "mftd": a ticket from one would be offered
+        // to the next. Full handshakes only.
+        client.resumption = rustls::client::Resumption::disabled();
         Ok(TlsConfigs { id: identity.id.clone(), server: Arc::new(server), client: Arc::new(client) })
     }
 }
@@ -281,8 +330,15 @@ pub enum TrustMode {
     Any,
     /// Accept it and record it in `known_nodes`; a changed ID is refused.
     Tofu,
-    /// Refuse it: only pinned and known nodes.
+    /// Refuse it: only pinned and known nodes (and no plain sources).
     Known,
+}
+
+impl KnownNodes {
+    /// Whether plain (unauthenticated) sources may be used at all.
+    pub fn allows_plain(&self) -> bool {
+        self.mode != TrustMode::Known
+    }
 }
 
 impl std::str::FromStr for TrustMode {
@@ -330,7 +386,13 @@ impl KnownNodes {
                         bail!("{}:{}: expected `HOST:PORT NODEID`", path.display(), n + 1);
                     };
                     let id = NodeId::parse(id).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), n + 1))?;
-                    entries.insert(addr.to_string(), id);
+                    let addr =
+                        SourceAddr::parse(addr).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), n + 1))?.addr;
+                    if let Some(before) = entries.insert(addr.clone(), id.clone()) {
+                        if before != id {
+                            bail!("{}:{}: {addr} is listed twice with different node IDs", path.display(), n + 1);
+                        }
+                    }
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -339,8 +401,9 @@ impl KnownNodes {
         Ok(KnownNodes { path: path.to_path_buf(), mode, entries: Mutex::new(entries) })
     }
 
-    /// Whether `source` may be the node `seen`; the error names both IDs.
-    pub fn check(&self, source: &SourceAddr, seen: &NodeId) -> Result<(), String> {
+    /// Whether `source` may be the node `seen` (the error names both IDs);
+    /// `Ok(true)` when a pin or a `known_nodes` entry vouches for it.
+    pub fn check(&self, source: &SourceAddr, seen: &NodeId) -> Result<bool, String> {
         if let Some(pinned) = &source.node {
             if pinned != seen {
                 return Err(format!(
@@ -348,18 +411,18 @@ impl KnownNodes {
                     source.addr
                 ));
             }
-            return Ok(());
+            return Ok(true);
         }
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         match entries.get(&source.addr) {
-            Some(known) if known == seen => Ok(()),
+            Some(known) if known == seen => Ok(true),
             Some(known) => Err(format!(
                 "{} presented node ID {seen}, but {} records {known} for it: refusing it; if the server's identity really changed, remove that line",
                 source.addr,
                 self.path.display()
             )),
             None => match self.mode {
-                TrustMode::Any => Ok(()),
+                TrustMode::Any => Ok(false),
                 TrustMode::Known => Err(format!(
                     "{} presented node ID {seen}, which is not in {} (node_trust = known); pin it as {}#{seen} or add it there",
                     source.addr,
@@ -379,7 +442,7 @@ impl KnownNodes {
                     }
                     tracing::info!(source = %source.addr, node_id = %seen, "recorded a new node (trust on first use)");
                     entries.insert(source.addr.clone(), seen.clone());
-                    Ok(())
+                    Ok(false)
                 }
             },
         }
@@ -401,6 +464,38 @@ mod tests {
         assert!(SourceAddr::parse(&format!("plain://h:1#{id}")).is_err());
         assert!(SourceAddr::parse("h").is_err());
         assert!(SourceAddr::parse("h:0").is_err());
+        // Nothing that could forge a line of known_nodes or a log line.
+        for bad in ["x\nvictim:5001", "a b:1", "h\t:1", "[nope]:1", "ho#st:1"] {
+            assert!(SourceAddr::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(SourceAddr::parse("Mirror.Example:7").unwrap().addr, "mirror.example:7");
+    }
+
+    #[test]
+    fn known_nodes_may_not_list_an_address_twice_differently() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("known_nodes");
+        let (a, b) = (NodeId::of(b"a"), NodeId::of(b"b"));
+        std::fs::write(&path, format!("# comment\nh:1 {a}\nh:1 {a}\n")).unwrap();
+        let k = KnownNodes::load(&path, TrustMode::Any).unwrap();
+        assert_eq!(k.check(&SourceAddr::parse("H:1").unwrap(), &a), Ok(true));
+        std::fs::write(&path, format!("h:1 {a}\nh:1 {b}\n")).unwrap();
+        assert!(KnownNodes::load(&path, TrustMode::Any).is_err());
+        std::fs::write(&path, "h:1 nonsense\n").unwrap();
+        assert!(KnownNodes::load(&path, TrustMode::Any).is_err());
+    }
+
+    #[test]
+    fn a_key_without_a_certificate_gets_one_and_a_loose_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = NodeIdentity::load_or_create(dir.path()).unwrap();
+        std::fs::remove_file(dir.path().join("node.crt")).unwrap();
+        let b = NodeIdentity::load_or_create(dir.path()).unwrap();
+        assert_ne!(a.id, b.id, "a new certificate is a new node ID");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path().join("node.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = NodeIdentity::load_or_create(dir.path()).err().expect("a 0644 key was accepted").to_string();
+        assert!(e.contains("chmod 600"), "{e}");
     }
 
     #[test]
@@ -422,8 +517,8 @@ mod tests {
         let k = KnownNodes::load(&path, TrustMode::Tofu).unwrap();
         let src = SourceAddr::parse("h:5001").unwrap();
         let (a, b) = (NodeId::of(b"a"), NodeId::of(b"b"));
-        k.check(&src, &a).unwrap();
-        k.check(&src, &a).unwrap();
+        assert_eq!(k.check(&src, &a), Ok(false), "first use vouches for nothing");
+        assert_eq!(k.check(&src, &a), Ok(true));
         let e = k.check(&src, &b).unwrap_err();
         assert!(e.contains(a.as_str()) && e.contains(b.as_str()), "{e}");
         // Recorded on disk: a new load refuses it too, even in `any` mode.

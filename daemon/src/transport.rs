@@ -133,8 +133,13 @@ fn refusal(seen: &[u8]) -> Option<mftd_common::proto::ErrorFrame> {
         return None;
     }
     let len = u32::from_be_bytes([seen[1], seen[2], seen[3], seen[4]]) as usize;
+    // Only what a server says before TLS: anything else in clear is no
+    // server of ours speaking.
+    use mftd_common::proto::ErrorCode;
     match Frame::decode(T_ERROR, seen.get(HEADER_LEN..HEADER_LEN + len)?) {
-        Ok(Frame::Error(e)) => Some(e),
+        Ok(Frame::Error(e)) if matches!(e.code, ErrorCode::Busy | ErrorCode::NotAllowed | ErrorCode::BadHandshake) => {
+            Some(e)
+        }
         _ => None,
     }
 }

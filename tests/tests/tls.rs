@@ -211,6 +211,19 @@ fn plain_and_tls_listeners_side_by_side() {
     assert_eq!(by_port(p)["transport"], "plain");
     let list = server.ctl(&["servers", "list"]);
     assert!(stdout(&list).contains("unencrypted"), "{}", stdout(&list));
+    // `servers add --plain` opens another plain listener; the default is TLS.
+    for (flag, want) in [(Some("--plain"), "plain"), (None, "tls")] {
+        let mut args = vec!["servers", "add"];
+        args.extend(flag);
+        let out = server.ctl(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let port: u16 = stdout(&out)
+            .split_whitespace()
+            .nth(2)
+            .and_then(|w| w.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {:?}", stdout(&out)));
+        assert_eq!(by_port(port)["transport"], want);
+    }
 
     let client = Daemon::start(0);
     let plain = format!("plain://127.0.0.1:{p}");
@@ -233,9 +246,10 @@ fn plain_and_tls_listeners_side_by_side() {
         other => panic!("{other:?}"),
     }
     // And TLS to the plain listener fails with a message that says so.
-    let out = client.get("a", &format!("127.0.0.1:{p}"), &["--force"]);
+    // (Refusals before TLS are unauthenticated, so they are only retried.)
+    let out = client.get("a", &format!("127.0.0.1:{p}"), &["--force", "--give-up-after", "2"]);
     assert_eq!(out.status.code(), Some(1), "{}", said(&out));
-    assert!(said(&out).contains("plain://"), "{}", said(&out));
+    assert!(said(&out).contains("plain://") && said(&out).contains("unauthenticated"), "{}", said(&out));
 
     // On the wire: file bytes are readable through a relay in front of the
     // plain listener, and nowhere in front of the TLS one.

@@ -50,6 +50,11 @@ pub enum ClientError {
     /// The source is not the node it must be, or cannot prove the secret.
     #[error("{0}")]
     Identity(String),
+    /// An error from a server nothing has authenticated yet (a plaintext
+    /// refusal before TLS, or an answer before its proof of the secret):
+    /// anyone on the path could have sent it, so it is only retried.
+    #[error("server error {code} (unauthenticated): {message}")]
+    Unproven { code: ErrorCode, message: String },
 }
 
 /// What a download needs to open connections: this node's TLS
@@ -147,7 +152,13 @@ impl Conn {
             Ok(Ok(s)) => s,
         };
         let _ = tcp.set_nodelay(true);
+        let mut vouched = false;
         let stream = if src.plain {
+            if !dialer.known.allows_plain() {
+                return Err(ClientError::Identity(format!(
+                    "{addr} is a plain:// source, which proves no node ID: refused under node_trust = \"known\""
+                )));
+            }
             if secret.is_some() {
                 return Err(ClientError::Identity(format!(
                     "{addr} is a plain:// source, which cannot prove the shared secret: use TLS (drop plain://)"
@@ -158,7 +169,7 @@ impl Conn {
             let link = match timeout(idle.max(CONNECT_TIMEOUT), Link::connect(tcp, &dialer.tls)).await {
                 Err(_) => return Err(ClientError::Idle(idle)),
                 Ok(Err(crate::transport::HandshakeError::Refused(e))) => {
-                    return Err(ClientError::Server { code: e.code, message: printable(e.message) })
+                    return Err(ClientError::Unproven { code: e.code, message: printable(e.message) })
                 }
                 Ok(Err(e)) => return Err(ClientError::Tls(format!("{addr}: {e}"))),
                 Ok(Ok(l)) => l,
@@ -166,7 +177,7 @@ impl Conn {
             let Some(seen) = link.peer.clone() else {
                 return Err(ClientError::Identity(format!("{addr} presented no node identity")));
             };
-            dialer.known.check(&src, &seen).map_err(ClientError::Identity)?;
+            vouched = dialer.known.check(&src, &seen).map_err(ClientError::Identity)?;
             link
         };
         let node = stream.peer.clone();
@@ -218,6 +229,11 @@ impl Conn {
             Frame::Hello { version, .. } => Err(ClientError::Protocol(format!(
                 "server speaks mftd transfer protocol {version}, this client {VERSION}"
             ))),
+            // With a secret, the server is proven only by its AUTH: until
+            // then its errors are anyone's (unless a pin vouches for it).
+            Frame::Error(e) if secret.is_some() && !vouched && e.code != ErrorCode::AuthFailed => {
+                Err(ClientError::Unproven { code: e.code, message: printable(e.message) })
+            }
             Frame::Error(e) => Err(ClientError::Server { code: e.code, message: printable(e.message) }),
             _ => Err(ClientError::Protocol("expected HELLO".into())),
         }
