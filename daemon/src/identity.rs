@@ -390,6 +390,48 @@ pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> 
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn two_lookups_of_a_new_file_share_one_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![7u8; 3 << 20]).unwrap();
+        let f = File::open(&path).unwrap();
+        let meta = f.metadata().unwrap();
+        let cache = IdentityCache::new(1, None);
+        let (a, b) = (cache.lookup(&f, &meta).await.unwrap(), cache.lookup(&f, &meta).await.unwrap());
+        let (a, b) = (a.wait().await.unwrap(), b.wait().await.unwrap());
+        assert!(Arc::ptr_eq(&a, &b), "the second STAT started a hash of its own");
+        assert_eq!(cache.map.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_least_recently_used_identity_makes_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = IdentityCache::new(1, None);
+        let mut files = Vec::new();
+        for i in 0..=MAX_ENTRIES {
+            let p = dir.path().join(i.to_string());
+            std::fs::write(&p, i.to_string()).unwrap();
+            let f = File::open(&p).unwrap();
+            let meta = f.metadata().unwrap();
+            files.push((f, meta));
+        }
+        let key = |i: usize| key_of(&files[i].1);
+        for (f, meta) in &files[..MAX_ENTRIES] {
+            cache.lookup(f, meta).await.unwrap().wait().await.unwrap();
+        }
+        // Asked again: the first is now the most recently used.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        cache.lookup(&files[0].0, &files[0].1).await.unwrap();
+        let (f, meta) = &files[MAX_ENTRIES];
+        cache.lookup(f, meta).await.unwrap().wait().await.unwrap();
+        let map = cache.map.lock().unwrap();
+        assert_eq!(map.len(), MAX_ENTRIES, "not wiped, not grown");
+        assert!(map.contains_key(&key(0)), "a recently used identity was evicted");
+        assert!(!map.contains_key(&key(1)), "the least recently used one stayed");
+        assert!(map.contains_key(&key(MAX_ENTRIES)));
+    }
+
     #[test]
     fn identity_matches_piecewise_hashes() {
         let dir = tempfile::tempdir().unwrap();

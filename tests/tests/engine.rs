@@ -139,6 +139,13 @@ fn download_started_before_any_source_is_up() {
     let sources: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let id = client.get_detached("late", &sources, &[]);
     assert!(wait_until(Duration::from_secs(10), || client.download(id)["state"] == "waiting"));
+    // Waiting costs nothing: no loop of the download spins meanwhile
+    // (a checkpointer once woke itself without pause until a version was
+    // chosen). Bound: a tenth of one core over 3 s.
+    let (ticks, hz) = (cpu_ticks(client.pid()), 100);
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_ticks(client.pid()) - ticks;
+    assert!(used * 10 < 3 * hz, "a waiting download used {used} ticks of CPU in 3 s");
     let ports_arg = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
     let server = Daemon::builder(0).arg("--ports").arg(ports_arg).start();
     write_file(&server.export.join("late"), 5 * MIB, 16);

@@ -123,8 +123,9 @@ fn bad_handshake_version_and_ranges() {
     }
     assert!(asked.elapsed() < std::time::Duration::from_secs(5), "waited for the announced body");
     // A newer client, and old peers (v1: before streamed READs and TRIM;
-    // v2: STAT only after hashing), are refused with both versions named.
-    for v in [9u16, 1, 2] {
+    // v2: STAT only after hashing; v3: no TLS, challenge in clear), are
+    // refused with both versions named.
+    for v in [9u16, 1, 2, 3] {
         let mut c = RawConn::connect(d.ports[0]);
         c.send(&Frame::Hello { magic: MAGIC, version: v, flags: 0 });
         match c.recv() {

@@ -422,7 +422,13 @@ async fn checkpointer(eng: Arc<Engine>) {
             _ = tokio::time::sleep_until(due) => {}
             _ = eng.workers.cancelled() => return,
         }
-        let Some(c) = eng.chosen.get() else { continue };
+        let Some(c) = eng.chosen.get() else {
+            // Nothing to save before a version is chosen; the interval
+            // starts over (else the passed deadline would wake this loop
+            // again at once, spinning while a download waits to start).
+            last = Instant::now();
+            continue;
+        };
         let sig = {
             let s = lock(&c.sched);
             (s.received_bytes(), s.verified_count())
