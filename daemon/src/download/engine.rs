@@ -760,8 +760,17 @@ impl Engine {
     }
 
     /// Casts `src`'s ballot and waits until the size to fetch is chosen.
-    /// Returns the chosen file if this source serves it.
-    async fn elect(self: &Arc<Self>, src: SourceId, stat: &StatInfo) -> Result<Arc<Chosen>, ElectError> {
+    /// Returns the chosen file if this source serves it. While the vote is
+    /// open and other connections wait for `budget`, the connection is not
+    /// kept waiting: with every permit of a host held by connections of
+    /// different downloads, each waiting for ballots from sources that
+    /// cannot get a permit, no vote would ever close.
+    async fn elect(
+        self: &Arc<Self>,
+        src: SourceId,
+        stat: &StatInfo,
+        budget: &HostBudget,
+    ) -> Result<Arc<Chosen>, ElectError> {
         // A file without pieces has one possible identity.
         let root = stat.root.or_else(|| (stat.size == 0).then(|| root_of(0, stat.piece_size, &[])));
         let ballot = Ballot { size: stat.size, mtime_ns: stat.mtime_ns, root };
@@ -799,8 +808,13 @@ impl Engine {
                 }
                 Decision::Wait => {}
             }
+            if budget.contended() {
+                return Err(ElectError::Yield);
+            }
             tokio::select! {
                 _ = offered => {}
+                // Contention is looked at again now and then.
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                 _ = self.workers.cancelled() => return Err(ElectError::Over),
             }
         }
@@ -1199,6 +1213,9 @@ enum ElectError {
     Different(SourceError),
     /// The download is over (failed, cancelled, or the vote cannot settle).
     Over,
+    /// The vote is still open and other connections wait for this host's
+    /// budget: the ballot stays cast, the connection gives its permit back.
+    Yield,
 }
 
 impl Engine {
@@ -1340,9 +1357,10 @@ async fn session(
             )),
         );
     }
-    let chosen = match eng.elect(src, &stat).await {
+    let chosen = match eng.elect(src, &stat, budget).await {
         Ok(c) => c,
         Err(ElectError::Over) => return WorkerEnd::Stopped,
+        Err(ElectError::Yield) => return WorkerEnd::Yield,
         Err(ElectError::Different(e)) => return WorkerEnd::Dead(SourceState::Excluded, e),
     };
     // Connected and serving the right file: reset the backoff.
