@@ -121,7 +121,10 @@ SHAS[single.bin]="$(sha256sum "$DIR/export/single.bin" | cut -d' ' -f1)"
 start_servers() {
     for i in $(seq 1 $N); do
         local d="$tmp/s$i"
-        mkdir -p "$d"
+        # nginx hands its temp directories to its worker user (nobody):
+        # they must not be mftd's socket directory, which mftd refuses to
+        # use when another user owns it.
+        mkdir -p "$d" "$d/ngx"
         cat >"$d/nginx.conf" <<EOF
 daemon off;
 master_process off;
@@ -134,7 +137,7 @@ http {
     sendfile on;
     tcp_nopush on;
     keepalive_timeout 65;
-    client_body_temp_path $d; proxy_temp_path $d; fastcgi_temp_path $d; uwsgi_temp_path $d; scgi_temp_path $d;
+    client_body_temp_path $d/ngx; proxy_temp_path $d/ngx; fastcgi_temp_path $d/ngx; uwsgi_temp_path $d/ngx; scgi_temp_path $d/ngx;
     server { listen $NET.$i:8080; root $DIR/export; }
 }
 EOF
@@ -143,7 +146,8 @@ EOF
         start_mftd_server "$i"
     done
     for i in $(seq 1 $N); do
-        wait_for "$BIN/mftctl" --socket "$tmp/s$i/sock" servers list
+        wait_for "$BIN/mftctl" --socket "$tmp/s$i/sock" servers list ||
+            { tail -20 "$tmp/s$i/mftd.log" >&2; die "mftd on server host $i did not start"; }
     done
 }
 
@@ -157,9 +161,10 @@ start_mftd_server() {
     SERVER_PIDS[$i]=$!
 }
 
-wait_for() {
-    for _ in $(seq 1 100); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-    die "not ready: $*"
+wait_for() { # up to 30 s: four daemons start at once on two cores
+    for _ in $(seq 1 300); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+    echo "not ready: $*" >&2
+    return 1
 }
 
 start_client() {
@@ -167,7 +172,7 @@ start_client() {
     ip netns exec "${P}c" "$BIN/mftd" --export "$tmp/c" --ports 0 --socket "$tmp/c/sock" \
         --state-dir "$tmp/c/state" --download-dir "$out" --idle-timeout "${BENCH_WAN_IDLE:-10}" >"$tmp/c/mftd.log" 2>&1 &
     CLIENT_PID=$!
-    wait_for "$BIN/mftctl" --socket "$tmp/c/sock" status
+    wait_for "$BIN/mftctl" --socket "$tmp/c/sock" status || { tail -20 "$tmp/c/mftd.log" >&2; die "client mftd did not start"; }
 }
 
 # ---------------------------------------------------------------- tools
@@ -305,7 +310,7 @@ fail_run() { # fail_run KIND MIX
         kill) wait "${SERVER_PIDS[1]}" 2>/dev/null || true; start_mftd_server 1
             ip netns exec "${P}s1" nginx -c "$tmp/s1/nginx.conf" >/dev/null 2>&1 &
             NGINX_PIDS[1]=$!
-            wait_for "$BIN/mftctl" --socket "$tmp/s1/sock" servers list ;;
+            wait_for "$BIN/mftctl" --socket "$tmp/s1/sock" servers list || die "mftd on host 1 did not come back" ;;
         dead) ip -n "${P}s1" link set eth0 up ;;
     esac
     sleep 1
