@@ -252,7 +252,7 @@ pub async fn run(
     }
     let node = node::NodeIdentity::load_or_create(&config.state_dir)
         .with_context(|| format!("cannot load this node's identity from {}", config.state_dir.display()))?;
-    let tls = Arc::new(node::TlsConfigs::new(&node, false)?);
+    let tls = Arc::new(node::TlsConfigs::new(&node)?);
     info!(node_id = %tls.id, "node identity");
     check_transports(&config, secret.is_some())?;
     let ctx = Arc::new(ServeContext::new(

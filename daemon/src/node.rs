@@ -196,7 +196,33 @@ fn provider() -> Arc<CryptoProvider> {
 #[derive(Debug)]
 struct AnyNode {
     algs: WebPkiSupportedAlgorithms,
-    mandatory: bool,
+}
+
+/// The signature checks the server and client verifiers share.
+macro_rules! signature_checks {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            _message: &[u8],
+            _cert: &CertificateDer<'_>,
+            _dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Err(rustls::Error::General("TLS 1.2 is not offered".into()))
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.algs.supported_schemes()
+        }
+    };
 }
 
 impl ServerCertVerifier for AnyNode {
@@ -211,27 +237,7 @@ impl ServerCertVerifier for AnyNode {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
+    signature_checks!();
 }
 
 impl ClientCertVerifier for AnyNode {
@@ -239,8 +245,10 @@ impl ClientCertVerifier for AnyNode {
         &[]
     }
 
+    /// A client without a certificate is let through the handshake (it
+    /// then has no node ID, which `allow_nodes` refuses with a message).
     fn client_auth_mandatory(&self) -> bool {
-        self.mandatory
+        false
     }
 
     fn verify_client_cert(
@@ -252,27 +260,7 @@ impl ClientCertVerifier for AnyNode {
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
+    signature_checks!();
 }
 
 /// ALPN name of this protocol version: a peer of another version fails
@@ -293,14 +281,12 @@ impl std::fmt::Debug for TlsConfigs {
 }
 
 impl TlsConfigs {
-    /// `client_cert_required`: listeners refuse clients without a node
-    /// identity (set when `allow_nodes` restricts them).
-    pub fn new(identity: &NodeIdentity, client_cert_required: bool) -> anyhow::Result<TlsConfigs> {
+    pub fn new(identity: &NodeIdentity) -> anyhow::Result<TlsConfigs> {
         let p = provider();
         let algs = p.signature_verification_algorithms;
         let mut server = rustls::ServerConfig::builder_with_provider(p.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(Arc::new(AnyNode { algs, mandatory: client_cert_required }))
+            .with_client_cert_verifier(Arc::new(AnyNode { algs }))
             .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())
             .context("the node key does not fit its certificate")?;
         server.alpn_protocols = vec![ALPN.to_vec()];
@@ -309,7 +295,7 @@ impl TlsConfigs {
         let mut client = rustls::ClientConfig::builder_with_provider(p)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyNode { algs, mandatory: true }))
+            .with_custom_certificate_verifier(Arc::new(AnyNode { algs }))
             .with_client_auth_cert(vec![identity.cert.clone()], identity.key.clone_key())
             .context("the node key does not fit its certificate")?;
         client.alpn_protocols = vec![ALPN.to_vec()];
@@ -507,7 +493,7 @@ mod tests {
         assert_eq!(a.id.as_str().len(), NODE_ID_LEN);
         let mode = std::fs::metadata(dir.path().join("node.key")).unwrap().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert!(TlsConfigs::new(&a, false).is_ok());
+        assert!(TlsConfigs::new(&a).is_ok());
     }
 
     #[test]
