@@ -115,8 +115,10 @@ pub fn print_human(r: &Response) {
             for d in &s.damaged_manifests {
                 println!("damaged manifest: {d}");
             }
-            let active = s.downloads.iter().filter(|d| !d.state.is_final()).count();
-            println!("\ndownloads: {active} active, {} total", s.downloads.len());
+            use mftd_common::control::DownloadState;
+            let paused = s.downloads.iter().filter(|d| d.state == DownloadState::Paused).count();
+            let active = s.downloads.iter().filter(|d| !d.state.is_final() && d.state != DownloadState::Paused).count();
+            println!("\ndownloads: {active} active, {paused} paused, {} total", s.downloads.len());
             for d in &s.downloads {
                 println!("{}", download_line(d));
             }
@@ -186,6 +188,16 @@ fn source_row(s: &mftd_common::control::SourceInfo) -> String {
         conns(s),
         rtt(s)
     ) + unencrypted(s)
+        + &why_not(s)
+}
+
+/// Why a source that is not working is not, from its last error.
+fn why_not(s: &mftd_common::control::SourceInfo) -> String {
+    use mftd_common::control::SourceState;
+    match (&s.state, &s.last_error) {
+        (SourceState::Waiting | SourceState::Failed | SourceState::Excluded, Some(e)) => format!(" ({e})"),
+        _ => String::new(),
+    }
 }
 
 /// A warning mark for a source reached over plain TCP.
@@ -298,14 +310,15 @@ impl ProgressView {
                 .iter()
                 .map(|s| {
                     format!(
-                        "{} {} {} {} {} {}{}",
+                        "{} {} {} {} {} {}{}{}",
                         s.address,
                         state_name(&s.state),
                         human_bytes(s.bytes),
                         speed(s.speed),
                         conns(s),
                         rtt(s),
-                        unencrypted(s)
+                        unencrypted(s),
+                        why_not(s)
                     )
                 })
                 .collect();

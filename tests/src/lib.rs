@@ -234,8 +234,12 @@ impl Daemon {
         lines[0]["servers"].as_array().expect("servers array").clone()
     }
 
+    /// File bytes listener `port` has sent; panics if there is no such
+    /// listener (a 0 would make `<` assertions pass vacuously).
     pub fn bytes_sent(&self, port: u16) -> u64 {
-        self.servers().iter().find(|s| s["port"] == port).map(|s| s["bytes_sent"].as_u64().unwrap_or(0)).unwrap_or(0)
+        let servers = self.servers();
+        let l = servers.iter().find(|s| s["port"] == port).unwrap_or_else(|| panic!("no listener {port}: {servers:?}"));
+        l["bytes_sent"].as_u64().unwrap_or_else(|| panic!("listener {port} has no bytes_sent: {l}"))
     }
 
     pub fn sources(&self) -> Vec<String> {
@@ -607,18 +611,21 @@ fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie) {
 }
 
 /// Resident memory of a process in KiB.
+/// Resident memory of a process in KiB; panics if it cannot be read (a 0
+/// would make `<` assertions pass vacuously).
 pub fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
 }
 
-/// Open file descriptors of a process.
+/// Open file descriptors of a process; panics if they cannot be listed.
 pub fn fd_count(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap_or_else(|e| panic!("cannot list /proc/{pid}/fd: {e}")).count()
 }
 
 /// Slack the engine tests allow for duplicate bytes per failed connection

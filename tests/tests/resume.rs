@@ -209,6 +209,9 @@ fn pause_resume_cancel() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(client.download(id)["bytes_done"].as_u64().unwrap(), frozen);
     assert_eq!(manifests(&client).len(), 1);
+    // `status` does not count a paused download as active.
+    let status = stdout(&client.ctl(&["status"]));
+    assert!(status.contains("downloads: 0 active, 1 paused, 1 total"), "{status}");
     // Pausing twice is an error with a sentence.
     let out = client.ctl(&["downloads", "pause", &id.to_string()]);
     assert_eq!(out.status.code(), Some(1));
