@@ -327,6 +327,16 @@ impl ProgressView {
         let _ = std::io::stdout().flush();
     }
 
+    /// The stream ends without a result (`paused` elsewhere, `detached`
+    /// by Ctrl-C): with `--json`, a last event that says so, so every
+    /// stream ends with a terminal event.
+    pub fn stopped(&mut self, kind: &str, id: u64, message: &str) {
+        if self.json {
+            println!("{}", serde_json::json!({"type": kind, "id": id, "message": message}));
+            let _ = std::io::stdout().flush();
+        }
+    }
+
     pub fn finish(&mut self, d: &DownloadInfo) {
         let secs = d.elapsed_ms as f64 / 1000.0;
         let size = d.size.unwrap_or(0);

@@ -403,7 +403,11 @@ fn follow(socket: &std::path::Path, json: bool, id: u64, interval: f64) -> Resul
             Some(r) => r,
             None => {
                 view.clear();
-                eprintln!("mftctl: detached; download {id} continues in mftd (see `mftctl downloads show {id}`)");
+                let message = format!("detached; download {id} continues in mftd (see `mftctl downloads show {id}`)");
+                view.stopped("detached", id, &message);
+                if !json {
+                    eprintln!("mftctl: {message}");
+                }
                 return Ok(ExitCode::from(130));
             }
         };
@@ -413,8 +417,10 @@ fn follow(socket: &std::path::Path, json: bool, id: u64, interval: f64) -> Resul
                 if download.state == mftd_common::control::DownloadState::Paused {
                     view.clear();
                     let why = download.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
+                    let message = format!("download {id} is paused{why}; `mftctl downloads resume {id}` continues it");
+                    view.stopped("paused", id, &message);
                     if !json {
-                        eprintln!("download {id} is paused{why}; `mftctl downloads resume {id}` continues it");
+                        eprintln!("{message}");
                     }
                     return Ok(ExitCode::FAILURE);
                 }

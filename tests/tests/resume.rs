@@ -199,6 +199,16 @@ fn pause_resume_cancel() {
     warm(&server, "m");
     let client = Daemon::start(0);
     let id = client.get_detached("m", &server.sources(), &[]);
+    // Someone follows it with `downloads watch ID --json` (the same stream
+    // as `get --json`).
+    let follower = std::process::Command::new(mftd_tests::mftctl_bin())
+        .arg("--socket")
+        .arg(&client.socket)
+        .args(["--json", "downloads", "watch", &id.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("mftctl get");
     assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 2 * MIB));
     let out = client.ctl(&["downloads", "pause", &id.to_string()]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -212,6 +222,11 @@ fn pause_resume_cancel() {
     // `status` does not count a paused download as active.
     let status = stdout(&client.ctl(&["status"]));
     assert!(status.contains("downloads: 0 active, 1 paused, 1 total"), "{status}");
+    // A `get --json` following it elsewhere ended with a terminal event.
+    let events = follower_out(follower);
+    let last = events.last().expect("get --json printed nothing");
+    assert_eq!(last["type"], "paused", "the stream did not end with `paused`: {events:?}");
+    assert!(last["message"].as_str().is_some_and(|m| m.contains("downloads resume")), "{last}");
     // Pausing twice is an error with a sentence.
     let out = client.ctl(&["downloads", "pause", &id.to_string()]);
     assert_eq!(out.status.code(), Some(1));
@@ -439,4 +454,19 @@ fn planted_manifests_are_refused_and_downloads_never_collide_with_state() {
 
 fn blake3_hex(b: &[u8]) -> String {
     blake3::hash(b).to_hex().to_string()
+}
+
+/// The JSON lines a following `mftctl --json` child printed before it exited
+/// (within 20 s, or the test fails), checking it exited 1.
+fn follower_out(mut child: std::process::Child) -> Vec<serde_json::Value> {
+    if !wait_until(Duration::from_secs(20), || child.try_wait().ok().flatten().is_some()) {
+        let _ = child.kill();
+        panic!("the follower did not exit within 20 s of the pause");
+    }
+    let out = child.wait_with_output().expect("mftctl get");
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+        .collect()
 }
