@@ -1,7 +1,10 @@
 //! One function per control request (except `hello`, `watch` and
 //! `shutdown`, which shape the connection itself and live in `control`).
 
-use mftd_common::control::{ErrorCode, Request, Response, StatusInfo};
+use mftd_common::control::{DownloadState, ErrorCode, Request, Response, StatusInfo};
+
+/// Longest a `pause` waits for the download to stop before answering.
+const PAUSE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 use mftd_common::rate::format_rate;
 
 use crate::caller::Caller;
@@ -90,7 +93,27 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
             Response::Resumed { ids }
         }
         Request::DownloadPause { id } => match d.downloads.pause(id, caller) {
-            Ok(_) => Response::ok(format!("pausing download {id}; `mftctl downloads resume {id}` continues it")),
+            // Answered once the pause holds (handlers run off the async
+            // runtime, so waiting here blocks no one), so a `resume` right
+            // after it finds the download paused.
+            Ok(dl) => {
+                let deadline = std::time::Instant::now() + PAUSE_WAIT;
+                while dl.state() != DownloadState::Paused
+                    && !dl.state().is_final()
+                    && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                match dl.state() {
+                    DownloadState::Paused => {
+                        Response::ok(format!("paused download {id}; `mftctl downloads resume {id}` continues it"))
+                    }
+                    s if s.is_final() => Response::ok(format!("download {id} ended before it could pause")),
+                    _ => Response::ok(format!(
+                        "pausing download {id} (still winding down); `mftctl downloads resume {id}` continues it"
+                    )),
+                }
+            }
             Err(r) => Response::error(r.0, r.1),
         },
         Request::DownloadResume { id } => match d.downloads.resume(id, caller) {

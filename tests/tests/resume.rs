@@ -232,8 +232,16 @@ fn pause_resume_cancel() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("already paused"));
 
+    // `pause` returns once the pause holds: a `resume` right behind it
+    // works, and so does the next pause right behind that.
     let out = client.ctl(&["downloads", "resume", &id.to_string()]);
     assert!(out.status.success(), "{}", stderr(&out));
+    let out = client.ctl(&["downloads", "pause", &id.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("paused download"), "{}", stdout(&out));
+    assert_eq!(client.download(id)["state"], "paused", "the pause did not hold when `pause` returned");
+    let out = client.ctl(&["downloads", "resume", &id.to_string()]);
+    assert!(out.status.success(), "resume right after pause: {}", stderr(&out));
     let dl = client.wait_download(id, Duration::from_secs(30));
     assert_eq!(dl["state"], "done", "{dl}");
     assert_eq!(sha256_file(&client.downloads.join("m")), sha256_file(&server.export.join("m")));
