@@ -192,7 +192,12 @@ fn main() -> ExitCode {
                 println!("{}", serde_json::json!({"type": "error", "code": e.code(), "message": e.to_string()}));
             }
             eprintln!("mftctl: {e}");
-            ExitCode::FAILURE
+            // As documented: 1 for failures, 2 for bad usage.
+            if matches!(e, CtlError::Usage(_)) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -227,7 +232,7 @@ fn run(cli: Cli) -> Result<ExitCode, CtlError> {
             let req = match d {
                 DownloadsCmd::Watch { id, interval } => {
                     if !(interval > 0.0 && interval <= 3600.0) {
-                        return Err(CtlError::Usage("--interval must be between 0 and 3600 seconds".into()));
+                        return Err(CtlError::Usage("--interval must be more than 0 and at most 3600 seconds".into()));
                     }
                     return follow(&socket, json, id, interval);
                 }
@@ -294,12 +299,17 @@ fn sources(args: &GetArgs) -> Result<Vec<String>, CtlError> {
 
 fn get(socket: &std::path::Path, json: bool, args: GetArgs) -> Result<ExitCode, CtlError> {
     if let Some(which) = &args.resume {
+        if let Some(name) = &args.remote_path {
+            return Err(CtlError::Usage(format!(
+                "--resume continues downloads by ID, not by name: drop {name:?} (`mftctl downloads list` shows the IDs), or drop --resume to download {name:?}"
+            )));
+        }
         return get_resume(socket, json, which, &args);
     }
     let remote_path = args.remote_path.clone().unwrap_or_default();
     let sources = sources(&args)?;
     if !(args.interval > 0.0 && args.interval <= 3600.0) {
-        return Err(CtlError::Usage("--interval must be between 0 and 3600 seconds".into()));
+        return Err(CtlError::Usage("--interval must be more than 0 and at most 3600 seconds".into()));
     }
     let output_dir = match &args.output {
         Some(o) => {

@@ -187,3 +187,24 @@ fn exits_soon(mut cmd: Command) -> std::process::Output {
     let out = child.wait_with_output().expect("output");
     panic!("mftd started instead of refusing: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Bad usage exits 2 with a sentence that says what to do (failures exit 1),
+/// as the README says; `get NAME --resume` is refused instead of ignoring
+/// NAME.
+#[test]
+fn usage_errors_exit_2_with_a_sentence() {
+    let d = Daemon::start(0);
+    for (args, says) in [
+        (&["get", "big.iso", "--resume", "3"][..], "--resume continues downloads by ID"),
+        (&["get", "big.iso"][..], "no sources"),
+        (&["get", "big.iso", "--from", "127.0.0.1:1", "--interval", "0"][..], "more than 0"),
+        (&["downloads", "watch", "1", "--interval", "0"][..], "more than 0"),
+    ] {
+        let out = d.ctl(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
+    // A failure (not usage) still exits 1.
+    let out = d.ctl(&["downloads", "show", "999"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+}
