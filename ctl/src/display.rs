@@ -60,6 +60,14 @@ fn state_name<T: serde::Serialize>(s: &T) -> String {
     serde_json::to_value(s).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
 }
 
+/// The header above [`download_line`]s.
+pub fn downloads_header() -> String {
+    format!(
+        "{:>4}  {:<10} {:>7}  {:>10}    {:<10} {:>12}  {}",
+        "ID", "STATE", "DONE", "BYTES", "SIZE", "SPEED", "DESTINATION"
+    )
+}
+
 pub fn download_line(d: &DownloadInfo) -> String {
     let size = d.size.map(human_bytes).unwrap_or_else(|| "?".into());
     format!(
@@ -119,6 +127,9 @@ pub fn print_human(r: &Response) {
             let paused = s.downloads.iter().filter(|d| d.state == DownloadState::Paused).count();
             let active = s.downloads.iter().filter(|d| !d.state.is_final() && d.state != DownloadState::Paused).count();
             println!("\ndownloads: {active} active, {paused} paused, {} total", s.downloads.len());
+            if !s.downloads.is_empty() {
+                println!("{}", downloads_header());
+            }
             for d in &s.downloads {
                 println!("{}", download_line(d));
             }
@@ -126,6 +137,8 @@ pub fn print_human(r: &Response) {
         Response::Downloads { downloads } => {
             if downloads.is_empty() {
                 println!("no downloads");
+            } else {
+                println!("{}", downloads_header());
             }
             for d in downloads {
                 println!("{}", download_line(d));

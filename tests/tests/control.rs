@@ -199,6 +199,8 @@ fn usage_errors_exit_2_with_a_sentence() {
         (&["get", "big.iso"][..], "no sources"),
         (&["get", "big.iso", "--from", "127.0.0.1:1", "--interval", "0"][..], "more than 0"),
         (&["downloads", "watch", "1", "--interval", "0"][..], "more than 0"),
+        // A typo'd rate is refused, not taken as a huge limit.
+        (&["servers", "limit", "5001", "99999999G"][..], "more than 1 PiB"),
     ] {
         let out = d.ctl(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));

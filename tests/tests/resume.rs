@@ -222,6 +222,11 @@ fn pause_resume_cancel() {
     // `status` does not count a paused download as active.
     let status = stdout(&client.ctl(&["status"]));
     assert!(status.contains("downloads: 0 active, 1 paused, 1 total"), "{status}");
+    // `downloads list` has a header above its rows.
+    let list = stdout(&client.ctl(&["downloads", "list"]));
+    let first = list.lines().next().unwrap_or_default();
+    assert!(first.contains("ID") && first.contains("STATE") && first.contains("DESTINATION"), "{list}");
+    assert!(list.lines().nth(1).is_some_and(|l| l.contains("paused")), "{list}");
     // A `get --json` following it elsewhere ended with a terminal event.
     let events = follower_out(follower);
     let last = events.last().expect("get --json printed nothing");
