@@ -25,7 +25,7 @@ fn a_download_leaves_min_free_space() {
     let server = Daemon::start(1);
     write_file(&server.export.join("f"), 4096, 3);
     // More free space to keep than any disk here has.
-    let client = Daemon::builder(0).arg("--min-free-space").arg("4096T").start();
+    let client = Daemon::builder(0).arg("--min-free-space").arg("1024T").start();
     let out = client.get("f", &server.sources()[0], &[]);
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     let text = format!("{}{}", stdout(&out), stderr(&out));
