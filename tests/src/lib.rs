@@ -709,32 +709,28 @@ impl Write for Stream {
     }
 }
 
-/// TLS for the raw test peers: a node identity of their own and a
+/// TLS for the raw test peers, with mftd's own node identity and TLS
+/// configuration (`mftd::node`): a node identity of their own and a
 /// verifier that accepts any node (what is checked is up to each test).
 pub mod tls {
     use std::net::TcpStream;
     use std::sync::{Arc, OnceLock};
 
-    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-    use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-    use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+    use mftd::node::{NodeIdentity, TlsConfigs};
 
     use super::Stream;
 
-    /// A key and self-signed certificate.
+    /// A node identity (key and certificate in a temp dir of its own).
     pub struct Identity {
-        pub cert: CertificateDer<'static>,
-        key: Vec<u8>,
+        configs: TlsConfigs,
+        _dir: tempfile::TempDir,
     }
 
     impl Identity {
         pub fn generate() -> Identity {
-            let key = rcgen::KeyPair::generate().expect("key");
-            let cert = rcgen::CertificateParams::new(vec!["mftd".to_string()])
-                .and_then(|p| p.self_signed(&key))
-                .expect("certificate");
-            Identity { cert: cert.der().clone(), key: key.serialize_der() }
+            let dir = tempfile::tempdir().expect("temp dir");
+            let id = NodeIdentity::load_or_create(dir.path()).expect("node identity");
+            Identity { configs: TlsConfigs::new(&id).expect("TLS configuration"), _dir: dir }
         }
 
         /// One identity for the whole test process.
@@ -743,143 +739,16 @@ pub mod tls {
             ID.get_or_init(Identity::generate)
         }
 
-        fn key(&self) -> PrivateKeyDer<'static> {
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.clone()))
-        }
-
-        /// Its node ID, as mftd computes it.
+        /// Its node ID.
         pub fn node_id(&self) -> String {
-            node_id_of(&self.cert)
+            self.configs.id.to_string()
         }
-    }
-
-    /// The node ID of a certificate: the first 128 bits of its SHA-256 in
-    /// lowercase base32 (computed here independently of mftd).
-    pub fn node_id_of(cert: &[u8]) -> String {
-        use sha2::Digest;
-        let d = sha2::Sha256::digest(cert);
-        let alphabet = b"abcdefghijklmnopqrstuvwxyz234567";
-        let (mut out, mut acc, mut bits) = (String::new(), 0u32, 0u32);
-        for &b in &d[..16] {
-            acc = (acc << 8) | b as u32;
-            bits += 8;
-            while bits >= 5 {
-                out.push(alphabet[((acc >> (bits - 5)) & 31) as usize] as char);
-                bits -= 5;
-            }
-        }
-        if bits > 0 {
-            out.push(alphabet[((acc << (5 - bits)) & 31) as usize] as char);
-        }
-        out
-    }
-
-    #[derive(Debug)]
-    struct AnyNode(rustls::crypto::WebPkiSupportedAlgorithms);
-
-    impl ServerCertVerifier for AnyNode {
-        fn verify_server_cert(
-            &self,
-            _: &CertificateDer<'_>,
-            _: &[CertificateDer<'_>],
-            _: &ServerName<'_>,
-            _: &[u8],
-            _: UnixTime,
-        ) -> Result<ServerCertVerified, rustls::Error> {
-            Ok(ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            _: &[u8],
-            _: &CertificateDer<'_>,
-            _: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            Err(rustls::Error::General("TLS 1.2".into()))
-        }
-        fn verify_tls13_signature(
-            &self,
-            m: &[u8],
-            c: &CertificateDer<'_>,
-            d: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(m, c, d, &self.0)
-        }
-        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.0.supported_schemes()
-        }
-    }
-
-    impl ClientCertVerifier for AnyNode {
-        fn root_hint_subjects(&self) -> &[DistinguishedName] {
-            &[]
-        }
-        fn client_auth_mandatory(&self) -> bool {
-            false
-        }
-        fn verify_client_cert(
-            &self,
-            _: &CertificateDer<'_>,
-            _: &[CertificateDer<'_>],
-            _: UnixTime,
-        ) -> Result<ClientCertVerified, rustls::Error> {
-            Ok(ClientCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            _: &[u8],
-            _: &CertificateDer<'_>,
-            _: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            Err(rustls::Error::General("TLS 1.2".into()))
-        }
-        fn verify_tls13_signature(
-            &self,
-            m: &[u8],
-            c: &CertificateDer<'_>,
-            d: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(m, c, d, &self.0)
-        }
-        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.0.supported_schemes()
-        }
-    }
-
-    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-        Arc::new(rustls::crypto::ring::default_provider())
-    }
-
-    pub fn client_config(id: &Identity) -> rustls::ClientConfig {
-        let p = provider();
-        let algs = p.signature_verification_algorithms;
-        let mut c = rustls::ClientConfig::builder_with_provider(p)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("TLS 1.3")
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyNode(algs)))
-            .with_client_auth_cert(vec![id.cert.clone()], id.key())
-            .expect("client identity");
-        c.alpn_protocols = vec![b"mftd/4".to_vec()];
-        c
-    }
-
-    pub fn server_config(id: &Identity) -> rustls::ServerConfig {
-        let p = provider();
-        let algs = p.signature_verification_algorithms;
-        let mut c = rustls::ServerConfig::builder_with_provider(p)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("TLS 1.3")
-            .with_client_cert_verifier(Arc::new(AnyNode(algs)))
-            .with_single_cert(vec![id.cert.clone()], id.key())
-            .expect("server identity");
-        c.alpn_protocols = vec![b"mftd/4".to_vec()];
-        c
     }
 
     /// Client side of a TLS handshake over `tcp`, completed before return.
     pub fn client(mut tcp: TcpStream, id: &Identity) -> std::io::Result<Stream> {
-        let name = ServerName::try_from("mftd").expect("name");
-        let mut conn = rustls::ClientConnection::new(Arc::new(client_config(id)), name)
+        let name = rustls::pki_types::ServerName::try_from("mftd").expect("name");
+        let mut conn = rustls::ClientConnection::new(Arc::clone(&id.configs.client), name)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         while conn.is_handshaking() {
             conn.complete_io(&mut tcp)?;
@@ -889,23 +758,12 @@ pub mod tls {
 
     /// Server side of a TLS handshake over `tcp`, completed before return.
     pub fn server(mut tcp: TcpStream, id: &Identity) -> std::io::Result<Stream> {
-        let mut conn = rustls::ServerConnection::new(Arc::new(server_config(id)))
+        let mut conn = rustls::ServerConnection::new(Arc::clone(&id.configs.server))
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         while conn.is_handshaking() {
             conn.complete_io(&mut tcp)?;
         }
         Ok(Stream::TlsServer(Box::new(rustls::StreamOwned::new(conn, tcp))))
-    }
-
-    /// The TLS exporter value a proof of the shared secret is bound to.
-    pub fn binding(s: &Stream) -> [u8; 32] {
-        let out = [0u8; 32];
-        match s {
-            Stream::TlsClient(c) => c.conn.export_keying_material(out, mftd_common::proto::EXPORTER_LABEL, None),
-            Stream::TlsServer(c) => c.conn.export_keying_material(out, mftd_common::proto::EXPORTER_LABEL, None),
-            Stream::Plain(_) => panic!("no TLS, no channel binding"),
-        }
-        .expect("exporter")
     }
 }
 
