@@ -87,6 +87,12 @@ pub enum Request {
     DownloadCancel {
         id: u64,
     },
+    /// Add sources to a download (a running one continues with them from
+    /// where it is; a paused one uses them when resumed).
+    DownloadAddSource {
+        id: u64,
+        sources: Vec<String>,
+    },
     /// Continue one download, or every paused/interrupted one.
     GetResume {
         #[serde(default)]
@@ -163,6 +169,10 @@ pub enum Response {
         /// An interrupted download of the same file continued instead.
         #[serde(default)]
         resumed: bool,
+        /// Sources of this request the continued download did not have,
+        /// now added to it.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        added_sources: Vec<String>,
     },
     Resumed {
         ids: Vec<u64>,

@@ -162,9 +162,12 @@ pub fn print_human(r: &Response) {
                 println!("  {} is node {}", s.address, s.node_id.as_deref().unwrap_or(""));
             }
         }
-        Response::Accepted { id, destination, resumed } => {
-            let how = if *resumed { "resumed" } else { "accepted" };
-            println!("download {id} {how}: {destination}")
+        Response::Accepted { id, destination, resumed, added_sources } => {
+            let how = if *resumed { "continued" } else { "accepted" };
+            println!("download {id} {how}: {destination}");
+            if !added_sources.is_empty() {
+                println!("added sources: {}", added_sources.join(", "));
+            }
         }
         Response::Resumed { ids } if ids.is_empty() => println!("nothing to resume"),
         Response::Resumed { ids } => {

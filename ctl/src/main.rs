@@ -98,6 +98,13 @@ enum DownloadsCmd {
     Resume { id: u64 },
     /// Stop a download and remove its partial file.
     Cancel { id: u64 },
+    /// Add sources to a download (a running one uses them at once).
+    AddSource {
+        id: u64,
+        /// HOST:PORT of each new source; separate with spaces or commas.
+        #[arg(required = true, value_delimiter = ',', value_name = "HOST:PORT")]
+        sources: Vec<String>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -241,6 +248,7 @@ fn run(cli: Cli) -> Result<ExitCode, CtlError> {
                 DownloadsCmd::Pause { id } => Request::DownloadPause { id },
                 DownloadsCmd::Resume { id } => Request::DownloadResume { id },
                 DownloadsCmd::Cancel { id } => Request::DownloadCancel { id },
+                DownloadsCmd::AddSource { id, sources } => Request::DownloadAddSource { id, sources },
             };
             simple(&socket, json, req)
         }
@@ -347,8 +355,10 @@ fn get(socket: &std::path::Path, json: bool, args: GetArgs) -> Result<ExitCode, 
         identity: args.identity.clone(),
         expected_size: args.size,
     }))?;
-    let (id, destination, resumed) = match resp {
-        Response::Accepted { id, ref destination, resumed } => (id, destination.clone(), resumed),
+    let (id, destination, resumed, added) = match resp {
+        Response::Accepted { id, ref destination, resumed, ref added_sources } => {
+            (id, destination.clone(), resumed, added_sources.clone())
+        }
         other => return Err(CtlError::from_response(other)),
     };
     if json {
@@ -356,8 +366,11 @@ fn get(socket: &std::path::Path, json: bool, args: GetArgs) -> Result<ExitCode, 
     } else if args.detach {
         println!("{id}");
     } else {
-        let how = if resumed { "resuming interrupted download" } else { "download" };
+        let how = if resumed { "continuing download" } else { "download" };
         eprintln!("{how} {id}: {remote_path} -> {destination}");
+        if !added.is_empty() {
+            eprintln!("added to download {id}: {}", added.join(", "));
+        }
         if args.no_resume {
             eprintln!("resume state is off for this download: if mftd stops, it starts over");
         }

@@ -304,8 +304,29 @@ async fn watch<W: tokio::io::AsyncWrite + Unpin>(
         return send(w, &Response::error(r.0, r.1)).await;
     };
     let interval = Duration::from_millis(interval_ms.clamp(50, 60_000));
+    let mut dl = dl;
     let mut state = dl.subscribe();
     loop {
+        if dl.state() == DownloadState::Paused && dl.stop_reason() == Some(crate::download::StopReason::Restart) {
+            // Sources were added: follow the next run, which the handler
+            // starts right after this one paused (bounded wait).
+            let deadline = tokio::time::Instant::now() + crate::download::STOP_WAIT;
+            loop {
+                match daemon.downloads.get(id) {
+                    Some(next) if !Arc::ptr_eq(&next, &dl) => {
+                        dl = next;
+                        state = dl.subscribe();
+                        break;
+                    }
+                    _ if dl.stop_reason() != Some(crate::download::StopReason::Restart)
+                        || tokio::time::Instant::now() >= deadline =>
+                    {
+                        break
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        }
         let info = dl.info(false);
         // A paused download's run is over: the stream ends with it.
         let last = info.state.is_final() || info.state == DownloadState::Paused;

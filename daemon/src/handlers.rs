@@ -74,8 +74,24 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
             Err(e) => listener_error(e),
         },
         Request::Get(g) => match d.downloads.start(g, caller) {
-            Ok((dl, resumed)) => {
-                Response::Accepted { id: dl.id, destination: dl.destination.display().to_string(), resumed }
+            Ok((dl, resumed, added_sources)) => Response::Accepted {
+                id: dl.id,
+                destination: dl.destination.display().to_string(),
+                resumed,
+                added_sources,
+            },
+            Err(r) => Response::error(r.0, r.1),
+        },
+        Request::DownloadAddSource { id, sources } => match d.downloads.add_sources(id, &sources, caller) {
+            Ok((dl, added)) if added.is_empty() => Response::ok(format!(
+                "download {id} already has {}",
+                plural(sources.len(), "this source", "these sources")
+            ))
+            .with_sources(dl.sources.len()),
+            Ok((dl, added)) => {
+                let when = if dl.state() == DownloadState::Paused { "; it uses them when resumed" } else { "" };
+                Response::ok(format!("added {} to download {id}{when}", added.join(", ")))
+                    .with_sources(dl.sources.len())
             }
             Err(r) => Response::error(r.0, r.1),
         },
@@ -136,6 +152,30 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
         },
         Request::Hello { .. } | Request::Watch { .. } | Request::Shutdown => {
             Response::error(ErrorCode::Internal, "request handled elsewhere")
+        }
+    }
+}
+
+fn plural<'a>(n: usize, one: &'a str, many: &'a str) -> &'a str {
+    if n == 1 {
+        one
+    } else {
+        many
+    }
+}
+
+/// Appends "(now N sources)" to an `ok` message.
+trait WithSources {
+    fn with_sources(self, n: usize) -> Response;
+}
+
+impl WithSources for Response {
+    fn with_sources(self, n: usize) -> Response {
+        match self {
+            Response::Ok { message } => {
+                Response::ok(format!("{message} (now {n} source{})", if n == 1 { "" } else { "s" }))
+            }
+            other => other,
         }
     }
 }

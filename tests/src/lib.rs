@@ -216,6 +216,33 @@ impl Daemon {
             .expect("run mftctl")
     }
 
+    /// Runs `mftctl ARGS` and panics if it has not ended within `limit`
+    /// (for commands that follow a download and would otherwise hang a
+    /// test that should fail).
+    pub fn ctl_within(&self, limit: Duration, args: &[&str]) -> Output {
+        let child = Command::new(mftctl_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .env_remove("MFTD_SOCKET")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run mftctl");
+        let pid = child.id() as i32;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        match rx.recv_timeout(limit) {
+            Ok(out) => out.expect("wait for mftctl"),
+            Err(_) => {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                panic!("mftctl {args:?} did not end within {limit:?}\n{}", self.log());
+            }
+        }
+    }
+
     /// Runs `mftctl --json ...` and parses every stdout line.
     pub fn ctl_json(&self, args: &[&str]) -> (Output, Vec<serde_json::Value>) {
         let mut a = vec!["--json"];

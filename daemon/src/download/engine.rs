@@ -341,6 +341,14 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
                 forget("download cancelled");
                 dl.set_state(DownloadState::Cancelled);
             }
+            // The registry starts the next run from this checkpoint.
+            Some(StopReason::Restart) => {
+                if let Err(e) = checkpoint(&eng, false).await {
+                    dl.progress().error = Some(e.to_string());
+                }
+                drop(eng);
+                dl.set_state(DownloadState::Paused);
+            }
             Some(StopReason::Pause) => match checkpoint(&eng, true).await {
                 Ok(()) => {
                     info!("download paused");
@@ -972,8 +980,23 @@ impl Engine {
         let (file, preload) = tokio::task::spawn_blocking(move || {
             let (at, _pin) = crate::caller::pin_dir(&dest, owner.as_ref())
                 .map_err(DownloadError::disk("open the directory of", part_path(&dest)))?;
-            crate::caller::as_caller(owner.as_ref(), || open_part(&at, size, claimed, reuse, keep_free))
-                .map_err(DownloadError::disk("act as the download's owner on", part_path(&dest)))?
+            // The previous run of this download (paused or restarted a
+            // moment ago) may still be letting go of the file: give it a
+            // little time before calling the file busy.
+            let mut tries = 0;
+            loop {
+                let r = crate::caller::as_caller(owner.as_ref(), || {
+                    open_part(&at, size, claimed.clone(), reuse, keep_free)
+                })
+                .map_err(DownloadError::disk("act as the download's owner on", part_path(&dest)))?;
+                match r {
+                    Err(DownloadError::PartBusy(_)) if reuse && tries < 30 => {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    r => break r,
+                }
+            }
         })
         .await
         .map_err(DownloadError::task("prepare"))??;

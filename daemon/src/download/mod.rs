@@ -64,7 +64,13 @@ pub const MAX_RUNNING: usize = 256;
 pub enum StopReason {
     Pause,
     Cancel,
+    /// Checkpoint and hand over to a new run with changed settings (sources
+    /// added): the registry starts it, and watchers follow it.
+    Restart,
 }
+
+/// Longest a command waits for a run to stop (pause, adding sources).
+pub const STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// A request that could not be accepted: code and a sentence for the user.
 #[derive(Debug)]
@@ -601,9 +607,10 @@ impl Downloads {
         self.next_id.fetch_max(max.saturating_add(1), Ordering::Relaxed);
     }
 
-    /// Checks a `get` request and starts the download, or resumes the
-    /// download already writing the same file. Returns whether it resumed.
-    pub fn start(&self, req: GetRequest, caller: &Caller) -> Result<(Arc<Download>, bool), Rejected> {
+    /// Checks a `get` request and starts the download, or continues the
+    /// download already writing the same file with the request's sources
+    /// added. Returns whether it continued one, and the sources added.
+    pub fn start(&self, req: GetRequest, caller: &Caller) -> Result<(Arc<Download>, bool, Vec<String>), Rejected> {
         let name = local_name(&req.remote_path)
             .map_err(|e| Rejected(ErrorCode::BadPath, format!("invalid remote path {:?}: {e}", req.remote_path)))?;
         let mut sources: Vec<String> = Vec::new();
@@ -729,11 +736,25 @@ impl Downloads {
                     ),
                 ));
             }
-            if matches!(other.state(), DownloadState::Paused | DownloadState::Failed) {
-                let dl = self.resume_with(other.id, Some(sources))?;
-                return Ok((dl, true));
+            if req.no_resume {
+                return Err(Rejected(
+                    ErrorCode::Exists,
+                    format!(
+                        "download {id} is already writing {} and keeps resume state, which --no-resume cannot take away: drop --no-resume to continue it, or `mftctl downloads cancel {id}` to start over",
+                        destination.display(),
+                        id = other.id,
+                    ),
+                ));
             }
-            return Ok((other, true));
+            let added = new_sources(&other, &sources)?;
+            let all: Vec<String> = other.sources.iter().chain(&added).cloned().collect();
+            let force = req.force && !other.force;
+            let dl = match other.state() {
+                DownloadState::Paused | DownloadState::Failed => self.resume_with(other.id, Some(all), force)?,
+                _ if added.is_empty() && !force => other,
+                _ => self.restart(&other, all, force)?,
+            };
+            return Ok((dl, true, added));
         }
         if req.force {
             caller::check_replace(caller, &dir, &name).map_err(|e| Rejected(ErrorCode::PermissionDenied, e.0))?;
@@ -768,7 +789,107 @@ impl Downloads {
             })?;
         }
         self.spawn(dl.clone());
-        Ok((dl, false))
+        Ok((dl, false, Vec::new()))
+    }
+
+    /// Adds sources to a download: a running one checkpoints and continues
+    /// with them at once (from where it is), a paused or failed one keeps
+    /// them in its manifest for when it is resumed. Returns the download
+    /// (its new run, if it was running) and the sources it did not have.
+    pub fn add_sources(
+        &self,
+        id: u64,
+        sources: &[String],
+        caller: &Caller,
+    ) -> Result<(Arc<Download>, Vec<String>), Rejected> {
+        let dl = self.get(id).ok_or_else(|| unknown(id))?;
+        owned_by(&dl, caller)?;
+        let mut checked = Vec::new();
+        for s in sources {
+            checked.push(check_source(s).map_err(|e| Rejected(ErrorCode::InvalidArgument, e))?);
+        }
+        if checked.is_empty() {
+            return Err(Rejected(ErrorCode::InvalidArgument, "no sources given".into()));
+        }
+        let added = new_sources(&dl, &checked)?;
+        if added.is_empty() {
+            return Ok((dl, added));
+        }
+        let all: Vec<String> = dl.sources.iter().chain(&added).cloned().collect();
+        let state = dl.state();
+        match state {
+            DownloadState::Paused | DownloadState::Failed if self.store.path(id).exists() => {
+                let mut m = self.store.load(id).map_err(|d| {
+                    Rejected(
+                        ErrorCode::InvalidArgument,
+                        format!("cannot change download {id}: manifest {} is damaged ({})", d.path.display(), d.error),
+                    )
+                })?;
+                m.sources = all;
+                self.store.save(&m).map_err(|e| {
+                    Rejected(
+                        ErrorCode::Internal,
+                        format!("cannot write manifest {}: {e}", self.store.path(id).display()),
+                    )
+                })?;
+                // The listed entry shows the sources the next run will use.
+                let error = dl.progress().error.clone();
+                let stub = self.build(Self::spec_from(m), state)?;
+                stub.progress().error = error;
+                self.map().insert(id, stub.clone());
+                Ok((stub, added))
+            }
+            s if s.is_final() => Err(Rejected(
+                ErrorCode::InvalidArgument,
+                format!("download {id} has already ended ({}); start it again with `mftctl get`", state_word(s)),
+            )),
+            _ => Ok((self.restart(&dl, all, false)?, added)),
+        }
+    }
+
+    /// Ends a running download's run with a checkpoint and starts the next
+    /// from it with `sources` (and `force`, if set). Watchers follow.
+    fn restart(&self, dl: &Arc<Download>, sources: Vec<String>, force: bool) -> Result<Arc<Download>, Rejected> {
+        let id = dl.id;
+        if dl.store.is_none() {
+            return Err(Rejected(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "download {id} was started with --no-resume: its progress cannot carry over to a run with other settings; cancel it and start again"
+                ),
+            ));
+        }
+        if dl.state() == DownloadState::Verifying {
+            return Err(Rejected(
+                ErrorCode::InvalidArgument,
+                format!("download {id} is finishing; it cannot be changed now"),
+            ));
+        }
+        *dl.stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(StopReason::Restart);
+        dl.token.cancel();
+        let deadline = Instant::now() + STOP_WAIT;
+        while dl.state() != DownloadState::Paused && !dl.state().is_final() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let give_up = |why: String| {
+            // The run ends paused instead, and says why.
+            *dl.stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(StopReason::Pause);
+            dl.progress().error = Some(why.clone());
+            Rejected(ErrorCode::Internal, why)
+        };
+        match dl.state() {
+            DownloadState::Paused => self.resume_with(id, Some(sources), force).inspect_err(|e| {
+                give_up(format!("download {id} could not continue with the new sources: {}", e.1));
+            }),
+            s if s.is_final() => Err(Rejected(
+                ErrorCode::InvalidArgument,
+                format!("download {id} ended ({}) before the sources could be added", state_word(s)),
+            )),
+            _ => Err(give_up(format!(
+                "download {id} did not stop within {} s to take the new sources; it will be paused: resume it to use them",
+                STOP_WAIT.as_secs()
+            ))),
+        }
     }
 
     /// Stops a running download, keeping its data and manifest.
@@ -809,10 +930,12 @@ impl Downloads {
         if let Some(dl) = self.get(id) {
             owned_by(&dl, caller)?;
         }
-        self.resume_with(id, None)
+        self.resume_with(id, None, false)
     }
 
-    fn resume_with(&self, id: u64, sources: Option<Vec<String>>) -> Result<Arc<Download>, Rejected> {
+    /// Starts a new run from the manifest, with `sources` instead of its
+    /// own if given, and `force` set if asked.
+    fn resume_with(&self, id: u64, sources: Option<Vec<String>>, force: bool) -> Result<Arc<Download>, Rejected> {
         let dl = self.get(id).ok_or_else(|| unknown(id))?;
         match dl.state() {
             DownloadState::Paused | DownloadState::Failed => {}
@@ -847,6 +970,7 @@ impl Downloads {
         if let Some(s) = sources {
             m.sources = s;
         }
+        m.force |= force;
         let mut spec = Self::spec_from(m);
         spec.id = id;
         self.recheck(&spec)?;
@@ -916,6 +1040,29 @@ impl Downloads {
             !(ended && d.state().is_final() && !self.store.path(*id).exists())
         });
     }
+}
+
+/// The sources of `new` that `dl` does not have yet, in order; an error if
+/// they would make too many.
+fn new_sources(dl: &Download, new: &[String]) -> Result<Vec<String>, Rejected> {
+    let mut added: Vec<String> = Vec::new();
+    for s in new {
+        if !dl.sources.contains(s) && !added.contains(s) {
+            added.push(s.clone());
+        }
+    }
+    if dl.sources.len() + added.len() > MAX_SOURCES {
+        return Err(Rejected(
+            ErrorCode::InvalidArgument,
+            format!(
+                "download {} has {} sources; {} more would exceed the {MAX_SOURCES} a download takes",
+                dl.id,
+                dl.sources.len(),
+                added.len()
+            ),
+        ));
+    }
+    Ok(added)
 }
 
 /// A restricted caller manages only its own downloads.
