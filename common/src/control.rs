@@ -304,7 +304,9 @@ pub struct SourceInfo {
     pub bytes_received: u64,
     /// Bytes per second over the last sampling interval.
     pub speed: u64,
-    /// `bytes` as a fraction of the file size (0..=1).
+    /// `bytes` as a fraction of the bytes in the file so far (0..=1; the
+    /// file size once done). All sources' shares and `found_on_disk`'s
+    /// add up to 1.
     pub share: f64,
     /// Ranges finished by this source.
     pub ranges_done: u64,
@@ -345,8 +347,16 @@ pub struct DownloadInfo {
     pub speed: u64,
     #[serde(default)]
     pub eta_secs: Option<u64>,
+    /// Time spent running, over all runs (pauses and restarts excluded).
     pub elapsed_ms: u64,
     pub sources: Vec<SourceInfo>,
+    /// Bytes in the file that no listed source is credited with: found in
+    /// the partial file and re-verified when its record of who delivered
+    /// them was lost (a damaged manifest). With the sources' `share`s, its
+    /// share (`found_on_disk / max(bytes_done, sum of source bytes)`) makes
+    /// 100 %.
+    #[serde(default)]
+    pub found_on_disk: u64,
     /// BLAKE3 root identity of the file (hex), once adopted.
     #[serde(default)]
     pub identity: Option<String>,

@@ -22,6 +22,10 @@
 //! }
 //! ```
 //!
+//! * `stats` (optional) carries what earlier runs did, for the record: active
+//!   time and, per source, bytes delivered (`bytes` still in the file,
+//!   `bytes_received` off the wire) and ranges completed. Nothing about the
+//!   data is decided from it.
 //! * `file` is absent until a source has told us what the file is.
 //! * `verified` lists ranges of piece indices `[first, end)` whose hash was
 //!   checked; `received` lists byte ranges on disk outside verified pieces
@@ -63,6 +67,25 @@ pub struct ManifestFile {
     pub identity: Option<String>,
 }
 
+/// What earlier runs of a download did (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestStats {
+    /// Time spent running (not paused), in milliseconds.
+    pub elapsed_ms: u64,
+    #[serde(default)]
+    pub sources: Vec<SourceStats>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceStats {
+    pub address: String,
+    pub bytes: u64,
+    #[serde(default)]
+    pub bytes_received: u64,
+    #[serde(default)]
+    pub ranges_done: u64,
+}
+
 /// The user a download acts for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestOwner {
@@ -99,6 +122,9 @@ pub struct Manifest {
     /// Paused by the user: not resumed by `auto_resume`.
     #[serde(default)]
     pub paused: bool,
+    /// Time and per-source work of the runs so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<ManifestStats>,
     #[serde(default)]
     pub file: Option<ManifestFile>,
     /// Piece index ranges `[first, end)` that passed verification.
@@ -261,6 +287,7 @@ mod tests {
             expected_size: None,
             pin: None,
             paused: false,
+            stats: None,
             file: Some(ManifestFile { size: 10 << 20, piece_size: 256 << 10, identity: Some("ab".repeat(32)) }),
             verified: vec![(0, 4), (6, 7)],
             received: vec![Range::new(5 << 18, (5 << 18) + 1000)],

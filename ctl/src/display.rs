@@ -102,7 +102,31 @@ fn sources_table(d: &DownloadInfo) -> String {
             s.last_error.as_deref().unwrap_or("")
         ));
     }
+    if d.found_on_disk > 0 {
+        out.push_str(&format!(
+            "  {:<24} {:<9} {:<11} {:>12} {:>12} {:>6.1}%\n",
+            FOUND_ON_DISK,
+            "-",
+            "-",
+            human_bytes(d.found_on_disk),
+            "-",
+            found_share(d) * 100.0
+        ));
+    }
     out
+}
+
+/// The row for bytes no source is credited with.
+const FOUND_ON_DISK: &str = "(found on disk)";
+
+fn found_share(d: &DownloadInfo) -> f64 {
+    let credited: u64 = d.sources.iter().map(|s| s.bytes).sum();
+    let whole = d.bytes_done.max(credited);
+    if whole > 0 {
+        d.found_on_disk as f64 / whole as f64
+    } else {
+        0.0
+    }
 }
 
 pub fn print_human(r: &Response) {
@@ -370,7 +394,7 @@ impl ProgressView {
                 "{}",
                 serde_json::json!({"type": kind, "id": d.id, "state": state_name(&d.state), "destination": d.destination,
                     "size": size, "bytes": d.bytes_done, "elapsed_ms": d.elapsed_ms, "identity": d.identity,
-                    "message": extra, "sources": sources})
+                    "message": extra, "sources": sources, "found_on_disk": d.found_on_disk})
             );
             return;
         }
@@ -395,6 +419,15 @@ impl ProgressView {
                 human_bytes(s.bytes),
                 s.share * 100.0,
                 speed((s.bytes as f64 / secs.max(1e-3)) as u64)
+            );
+        }
+        if d.found_on_disk > 0 {
+            println!(
+                "  {:<24} {:>12} {:>6.1}% {:>12}",
+                FOUND_ON_DISK,
+                human_bytes(d.found_on_disk),
+                found_share(d) * 100.0,
+                "-"
             );
         }
         if let Some(id) = &d.identity {

@@ -270,6 +270,7 @@ mod tests {
             expected_size: None,
             pin: None,
             paused: false,
+            stats: None,
             file: None,
             verified: vec![],
             received: vec![],

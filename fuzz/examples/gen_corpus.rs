@@ -117,6 +117,8 @@ fn manifest(file: bool) -> Manifest {
             "force": false, "connections_per_source": 2, "give_up_after_secs": null,
             "secret_file": "/etc/mftd/secret",
             "paused": false,
+            "stats": { "elapsed_ms": 15200, "sources": [
+                { "address": "127.0.0.1:5001", "bytes": 1048576, "bytes_received": 1100000, "ranges_done": 3 } ] },
             "file": { "size": 10u64 << 20, "piece_size": 256u32 << 10, "identity": "ab".repeat(32) },
             "verified": [[0, 4], [6, 7]],
             "received": [Range::new(5 << 18, (5 << 18) + 1000)],

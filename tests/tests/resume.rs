@@ -483,3 +483,86 @@ fn follower_out(mut child: std::process::Child) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
         .collect()
 }
+
+/// Sum of the sources' shares and the found-on-disk share of a download.
+fn shares(d: &serde_json::Value) -> f64 {
+    let sources = d["sources"].as_array().expect("sources");
+    let credited: u64 = sources.iter().map(|s| s["bytes"].as_u64().expect("bytes")).sum();
+    let found = d["found_on_disk"].as_u64().expect("found_on_disk");
+    let whole = d["bytes_done"].as_u64().expect("bytes_done").max(credited) as f64;
+    sources.iter().map(|s| s["share"].as_f64().expect("share")).sum::<f64>() + found as f64 / whole
+}
+
+#[test]
+fn per_source_work_and_running_time_survive_pause_and_restart() {
+    // Two sources at 4 MiB/s each: 24 MiB take at least 3 s of running.
+    let server = Daemon::builder(2).arg("--rate-limit").arg("4M").start();
+    let size = 24 * MIB;
+    write_file(&server.export.join("w"), size, 29);
+    warm(&server, "w");
+    let mut client = Daemon::builder(0).arg("--checkpoint-interval").arg("0.1").start();
+    let t0 = Instant::now();
+    let id = client.get_detached("w", &server.sources(), &[]);
+    assert!(wait_until(Duration::from_secs(20), || client.download(id)["bytes_done"].as_u64().unwrap_or(0) > 6 * MIB));
+    assert!(client.ctl(&["downloads", "pause", &id.to_string()]).status.success());
+    let paused = client.download(id);
+    let before: Vec<u64> = paused["sources"].as_array().unwrap().iter().map(|s| s["bytes"].as_u64().unwrap()).collect();
+    assert!(before.iter().all(|b| *b > 0), "{paused}");
+    // Paused time does not count.
+    std::thread::sleep(Duration::from_millis(1500));
+    let still = client.download(id);
+    assert_eq!(still["elapsed_ms"], paused["elapsed_ms"], "elapsed time ran on while paused");
+    assert!(client.ctl(&["downloads", "resume", &id.to_string()]).status.success());
+    assert!(wait_until(Duration::from_secs(20), || client.download(id)["bytes_done"].as_u64().unwrap_or(0) > 14 * MIB));
+    // A crash and restart keep them too (from the last checkpoint).
+    client.kill();
+    restart(&mut client, &["--checkpoint-interval".into(), "0.1".into()]);
+    let reloaded = client.download(id);
+    let after: Vec<u64> =
+        reloaded["sources"].as_array().unwrap().iter().map(|s| s["bytes"].as_u64().unwrap()).collect();
+    for (a, b) in after.iter().zip(&before) {
+        assert!(a >= b, "a source's bytes went back from {b} to {a} after the restart: {reloaded}");
+    }
+    assert!(reloaded["elapsed_ms"].as_u64().unwrap() >= paused["elapsed_ms"].as_u64().unwrap());
+    let out = client.ctl(&["get", "--resume", &id.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let wall = t0.elapsed();
+    let d = client.download(id);
+    assert_eq!(d["state"], "done");
+    assert_eq!(sha256_file(&client.downloads.join("w")), sha256_file(&server.export.join("w")));
+    let credited: u64 = d["sources"].as_array().unwrap().iter().map(|s| s["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(d["found_on_disk"], 0, "{d}");
+    assert_eq!(credited, size, "the sources' bytes do not add up to the file: {d}");
+    assert!((shares(&d) - 1.0).abs() < 1e-9, "shares add to {}: {d}", shares(&d));
+    // Running time: at least what the rate limit allows, less than the wall
+    // time minus the pause.
+    let elapsed = Duration::from_millis(d["elapsed_ms"].as_u64().unwrap());
+    assert!(elapsed >= Duration::from_millis(2500), "elapsed {elapsed:?} is less than 24 MiB at 8 MiB/s takes");
+    assert!(elapsed + Duration::from_millis(1500) <= wall, "elapsed {elapsed:?} counts the pause (wall {wall:?})");
+}
+
+#[test]
+fn bytes_found_on_disk_without_a_record_are_shown_as_such() {
+    let server = Daemon::builder(1).arg("--rate-limit").arg("8M").start();
+    let size = 16 * MIB;
+    write_file(&server.export.join("f"), size, 30);
+    warm(&server, "f");
+    let mut client = Daemon::start(0);
+    let id = client.get_detached("f", &server.sources(), &[]);
+    assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 6 * MIB));
+    client.kill();
+    std::fs::write(client.dir.path().join(format!("state/manifests/{id}.json")), b"{").unwrap();
+    restart(&mut client, &[]);
+    let (out, lines) =
+        client.ctl_json(&["get", "f", "--from", &server.sources()[0], "-o", client.downloads.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let done = lines.last().expect("events");
+    assert_eq!(done["type"], "done", "{done}");
+    let found = done["found_on_disk"].as_u64().expect("found_on_disk");
+    assert!(found >= 4 * MIB, "reused data is not shown: {done}");
+    let new_id = lines[0]["id"].as_u64().expect("id");
+    let d = client.download(new_id);
+    assert!((shares(&d) - 1.0).abs() < 1e-9, "shares add to {}: {d}", shares(&d));
+    let out = client.ctl(&["downloads", "show", &new_id.to_string()]);
+    assert!(stdout(&out).contains("(found on disk)"), "{}", stdout(&out));
+}

@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info_span, Instrument};
 
 use mftd_common::control::{DownloadInfo, DownloadState, ErrorCode, GetRequest, SourceInfo, SourceState};
-use mftd_common::manifest::{Manifest, ManifestOwner, FORMAT, VERSION};
+use mftd_common::manifest::{Manifest, ManifestOwner, ManifestStats, SourceStats, FORMAT, VERSION};
 use mftd_common::path::local_name;
 use tracing::{info, warn};
 
@@ -118,6 +118,8 @@ pub struct Progress {
     pub sources: Vec<SourceProgress>,
     sample: Option<(Instant, u64)>,
     finished: Option<Instant>,
+    /// When the run stopped (paused or ended): its time stops counting.
+    stopped: Option<Instant>,
     /// Since when the download has been `waiting` without interruption.
     pub waiting_since: Option<Instant>,
 }
@@ -161,6 +163,8 @@ pub struct Download {
     pub resume: Mutex<Option<Manifest>>,
     pub stop: Mutex<Option<StopReason>>,
     started: Instant,
+    /// Running time of earlier runs (from the manifest).
+    prior_elapsed: Duration,
     progress: Mutex<Progress>,
     state_tx: watch::Sender<DownloadState>,
 }
@@ -180,6 +184,8 @@ impl Download {
         if state.is_final() {
             p.finished = Some(Instant::now());
         }
+        p.stopped =
+            (state.is_final() || state == DownloadState::Paused).then(|| p.stopped.unwrap_or_else(Instant::now));
         drop(p);
         self.state_tx.send_replace(state);
     }
@@ -189,6 +195,7 @@ impl Download {
         let mut p = self.progress();
         p.state = state;
         p.finished.get_or_insert_with(Instant::now);
+        p.stopped.get_or_insert_with(Instant::now);
         drop(p);
         self.state_tx.send_replace(state);
     }
@@ -210,8 +217,30 @@ impl Download {
         *self.stop.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The manifest for this download without progress.
+    /// Running time over all runs.
+    fn elapsed(&self, p: &Progress) -> Duration {
+        self.prior_elapsed + p.stopped.unwrap_or_else(Instant::now).saturating_duration_since(self.started)
+    }
+
+    /// The manifest for this download without data progress (but with the
+    /// time and per-source work so far).
     pub fn base_manifest(&self) -> Manifest {
+        let stats = {
+            let p = self.progress();
+            ManifestStats {
+                elapsed_ms: self.elapsed(&p).as_millis() as u64,
+                sources: p
+                    .sources
+                    .iter()
+                    .map(|s| SourceStats {
+                        address: s.address.clone(),
+                        bytes: s.bytes,
+                        bytes_received: s.bytes_received,
+                        ranges_done: s.ranges_done,
+                    })
+                    .collect(),
+            }
+        };
         Manifest {
             format: FORMAT.into(),
             version: VERSION,
@@ -227,6 +256,7 @@ impl Download {
             expected_size: self.expected_size,
             owner: Some(ManifestOwner { uid: self.owner.uid, gid: self.owner.gid }),
             paused: false,
+            stats: Some(stats),
             file: None,
             verified: Vec::new(),
             received: Vec::new(),
@@ -278,8 +308,12 @@ impl Download {
 
     pub fn info(&self, _detailed: bool) -> DownloadInfo {
         let p = self.progress();
-        let end = p.finished.unwrap_or_else(Instant::now);
         let size = p.size;
+        // Shares are of what is in the file, so they (with what was found
+        // on disk without a record) always add up to 100 %.
+        let credited: u64 = p.sources.iter().map(|s| s.bytes).sum();
+        let found_on_disk = p.bytes_done.saturating_sub(credited);
+        let whole = p.bytes_done.max(credited);
         let eta_secs = match (size, p.speed) {
             (Some(s), sp) if sp > 0 && !p.state.is_final() => Some(s.saturating_sub(p.bytes_done) / sp),
             _ => None,
@@ -295,7 +329,8 @@ impl Download {
             pieces_total: p.pieces_total,
             speed: if p.state.is_final() { 0 } else { p.speed },
             eta_secs,
-            elapsed_ms: end.duration_since(self.started).as_millis() as u64,
+            elapsed_ms: self.elapsed(&p).as_millis() as u64,
+            found_on_disk,
             sources: p
                 .sources
                 .iter()
@@ -305,10 +340,7 @@ impl Download {
                     bytes: s.bytes,
                     bytes_received: s.bytes_received,
                     speed: if p.state.is_final() { 0 } else { s.speed },
-                    share: match size {
-                        Some(sz) if sz > 0 => s.bytes as f64 / sz as f64,
-                        _ => 0.0,
-                    },
+                    share: if whole > 0 { s.bytes as f64 / whole as f64 } else { 0.0 },
                     ranges_done: s.ranges_done,
                     strikes: s.strikes,
                     connections: s.connections,
@@ -407,6 +439,7 @@ fn new_progress(sources: &[String], state: DownloadState) -> Progress {
             .collect(),
         sample: None,
         finished: None,
+        stopped: None,
         waiting_since: None,
     }
 }
@@ -478,6 +511,20 @@ impl Downloads {
             .or_else(|| restricted.is_none().then(|| self.defaults.secret_file.clone()).flatten());
         let (state_tx, _) = watch::channel(state);
         let mut progress = new_progress(&spec.sources, state);
+        let started = Instant::now();
+        if state.is_final() || state == DownloadState::Paused {
+            // A listed but not running download: no time passes.
+            progress.stopped = Some(started);
+        }
+        let stats = spec.resume.as_ref().and_then(|m| m.stats.clone()).unwrap_or_default();
+        for st in &stats.sources {
+            if let Some(s) = progress.sources.iter_mut().find(|s| s.address == st.address) {
+                s.bytes = st.bytes;
+                s.bytes_received = st.bytes_received;
+                s.sample_bytes = st.bytes_received;
+                s.ranges_done = st.ranges_done;
+            }
+        }
         if let Some(f) = spec.resume.as_ref().and_then(|m| m.file.as_ref()) {
             progress.size = Some(f.size);
             progress.identity = f.identity.clone();
@@ -515,7 +562,8 @@ impl Downloads {
             budgets: self.budgets.clone(),
             resume: Mutex::new(spec.resume),
             stop: Mutex::new(None),
-            started: Instant::now(),
+            started,
+            prior_elapsed: Duration::from_millis(stats.elapsed_ms),
             progress: Mutex::new(progress),
             state_tx,
         }))
