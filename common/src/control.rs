@@ -87,6 +87,17 @@ pub enum Request {
     DownloadCancel {
         id: u64,
     },
+    /// Take an ended download off the list (a failed one's kept data too).
+    DownloadRemove {
+        id: u64,
+    },
+    /// Take every ended download off the list, except failed ones whose
+    /// data was kept for a retry.
+    DownloadsPurge,
+    /// Close a listener and forget it (it no longer shows in `servers list`).
+    ServerRemove {
+        port: u16,
+    },
     /// Add sources to a download (a running one continues with them from
     /// where it is; a paused one uses them when resumed).
     DownloadAddSource {

@@ -59,6 +59,8 @@ enum ServersCmd {
     Stop { port: u16 },
     /// Reopen a stopped listener.
     Start { port: u16 },
+    /// Close a listener and forget it (until mftd restarts or reloads).
+    Remove { port: u16 },
     /// Open a new listener.
     Add {
         /// Port to listen on (default: any free port).
@@ -98,6 +100,11 @@ enum DownloadsCmd {
     Resume { id: u64 },
     /// Stop a download and remove its partial file.
     Cancel { id: u64 },
+    /// Take an ended download off the list (a failed one's kept data too).
+    Remove { id: u64 },
+    /// Take every ended download off the list (failed ones with data kept
+    /// for a retry stay).
+    Purge,
     /// Add sources to a download (a running one uses them at once).
     AddSource {
         id: u64,
@@ -223,6 +230,7 @@ fn run(cli: Cli) -> Result<ExitCode, CtlError> {
                 ServersCmd::List => Request::ServersList,
                 ServersCmd::Stop { port } => Request::ServerStop { port },
                 ServersCmd::Start { port } => Request::ServerStart { port },
+                ServersCmd::Remove { port } => Request::ServerRemove { port },
                 ServersCmd::Add { port, rate_limit, plain } => {
                     Request::ServerAdd { port, rate_limit, transport: plain.then(|| "plain".to_string()) }
                 }
@@ -248,6 +256,8 @@ fn run(cli: Cli) -> Result<ExitCode, CtlError> {
                 DownloadsCmd::Pause { id } => Request::DownloadPause { id },
                 DownloadsCmd::Resume { id } => Request::DownloadResume { id },
                 DownloadsCmd::Cancel { id } => Request::DownloadCancel { id },
+                DownloadsCmd::Remove { id } => Request::DownloadRemove { id },
+                DownloadsCmd::Purge => Request::DownloadsPurge,
                 DownloadsCmd::AddSource { id, sources } => Request::DownloadAddSource { id, sources },
             };
             simple(&socket, json, req)

@@ -19,6 +19,7 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
     if matches!(
         req,
         Request::ServerStop { .. }
+            | Request::ServerRemove { .. }
             | Request::ServerStart { .. }
             | Request::ServerAdd { .. }
             | Request::ServerLimit { .. }
@@ -39,6 +40,13 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
         Request::ServerStop { port } => match d.listeners.stop(port) {
             Ok(n) => Response::ok(format!(
                 "stopped listener {port} (closed {n} connection{})",
+                if n == 1 { "" } else { "s" }
+            )),
+            Err(e) => listener_error(e),
+        },
+        Request::ServerRemove { port } => match d.listeners.remove(port) {
+            Ok(n) => Response::ok(format!(
+                "removed listener {port} (closed {n} connection{}); until mftd restarts or reloads its configuration",
                 if n == 1 { "" } else { "s" }
             )),
             Err(e) => listener_error(e),
@@ -64,13 +72,19 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
             match d.listeners.add(port.unwrap_or(0), rate, transport) {
                 Ok(p) => {
                     let how = if transport == crate::transport::Transport::Plain { ", unencrypted" } else { ", TLS" };
-                    Response::ok(format!("added listener {p} (rate limit {}{how})", format_rate(rate)))
+                    Response::ok(format!(
+                        "added listener {p} (rate limit {}{how}); until mftd restarts or reloads its configuration: add it to the config file to keep it",
+                        format_rate(rate)
+                    ))
                 }
                 Err(e) => listener_error(e),
             }
         }
         Request::ServerLimit { port, rate_limit } => match d.listeners.set_limit(port, rate_limit) {
-            Ok(()) => Response::ok(format!("listener {port} rate limit is now {}", format_rate(rate_limit))),
+            Ok(()) => Response::ok(format!(
+                "listener {port} rate limit is now {} (until mftd restarts or reloads its configuration)",
+                format_rate(rate_limit)
+            )),
             Err(e) => listener_error(e),
         },
         Request::Get(g) => match d.downloads.start(g, caller) {
@@ -82,6 +96,29 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
             },
             Err(r) => Response::error(r.0, r.1),
         },
+        Request::DownloadRemove { id } => match d.downloads.remove(id, caller) {
+            Ok(dl) if dl.state() == DownloadState::Failed => {
+                Response::ok(format!("removed download {id} and its partial data"))
+            }
+            Ok(_) => Response::ok(format!("removed download {id} from the list")),
+            Err(r) => Response::error(r.0, r.1),
+        },
+        Request::DownloadsPurge => {
+            let (removed, kept) = d.downloads.purge(caller);
+            let ids = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
+            let mut msg = match removed.len() {
+                0 => "no ended downloads to remove".to_string(),
+                n => format!("removed {n} ended download{}: {}", if n == 1 { "" } else { "s" }, ids(&removed)),
+            };
+            if !kept.is_empty() {
+                msg.push_str(&format!(
+                    "; kept failed download{} {} with data for a retry (`mftctl get --resume ID` retries, `mftctl downloads remove ID` deletes)",
+                    if kept.len() == 1 { "" } else { "s" },
+                    ids(&kept)
+                ));
+            }
+            Response::ok(msg)
+        }
         Request::DownloadAddSource { id, sources } => match d.downloads.add_sources(id, &sources, caller) {
             Ok((dl, added)) if added.is_empty() => Response::ok(format!(
                 "download {id} already has {}",

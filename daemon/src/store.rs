@@ -28,6 +28,9 @@ pub enum Step {
     FsyncDir,
 }
 
+/// File in the manifest directory holding the next download ID.
+const NEXT_ID: &str = "next-id";
+
 #[derive(Clone)]
 pub struct Store {
     dir: PathBuf,
@@ -100,6 +103,23 @@ impl Store {
 
     pub fn path(&self, id: u64) -> PathBuf {
         self.dir.join(format!("{id}.json"))
+    }
+
+    /// The next download ID to hand out, as last recorded (1 if never).
+    /// Kept apart from manifests so that an ID is never reused, not even
+    /// one whose download ended and left no manifest.
+    pub fn next_id(&self) -> u64 {
+        read_bounded(&self.dir.join(NEXT_ID))
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(1)
+            .max(1)
+    }
+
+    /// Records that IDs below `next` are taken.
+    pub fn save_next_id(&self, next: u64) -> io::Result<()> {
+        write_atomic(&self.dir.join(NEXT_ID), format!("{next}\n").as_bytes(), None)
     }
 
     pub fn save(&self, m: &Manifest) -> io::Result<()> {

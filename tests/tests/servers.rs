@@ -86,3 +86,40 @@ fn add_and_limit_listeners() {
     let out = server.ctl(&["servers", "limit", &p, "fast"]);
     assert_eq!(out.status.code(), Some(2), "bad RATE is a usage error");
 }
+
+#[test]
+fn remove_forgets_a_listener_and_runtime_changes_last_until_reload() {
+    // Fixed ports: a reload matches listeners to the configured ports.
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let server = Daemon::builder(2).arg("--ports").arg(format!("{},{}", free(), free())).start();
+    let (out, lines) = server.ctl_json(&["servers", "add"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let msg = lines[0]["message"].as_str().expect("message");
+    assert!(msg.contains("until mftd restarts or reloads its configuration"), "{msg}");
+    let ports = |d: &Daemon| {
+        let mut v: Vec<u64> = d.servers().iter().map(|s| s["port"].as_u64().expect("port")).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ports(&server).len(), 3);
+
+    let gone = server.ports[1];
+    let out = server.ctl(&["servers", "remove", &gone.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains(&format!("removed listener {gone}")), "{}", stdout(&out));
+    assert!(!ports(&server).contains(&(gone as u64)), "removed listener still listed");
+    let refused = mftd_tests::wait_until(Duration::from_secs(5), || {
+        TcpStream::connect_timeout(&([127, 0, 0, 1], gone).into(), Duration::from_millis(200)).is_err()
+    });
+    assert!(refused, "port {gone} still accepts connections after remove");
+    let out = server.ctl(&["servers", "remove", &gone.to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains(&format!("no listener on port {gone}")), "{}", stderr(&out));
+
+    // A reload brings back the configured set, as the replies said.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(server.pid()), nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    let mut want: Vec<u64> = server.ports.iter().map(|p| *p as u64).collect();
+    want.sort();
+    let back = mftd_tests::wait_until(Duration::from_secs(10), || ports(&server) == want);
+    assert!(back, "after a reload the listeners are {:?}, not the configured {want:?}", ports(&server));
+}

@@ -652,7 +652,7 @@ impl Downloads {
                 Err(e) => warn!(id, error = %e.1, "cannot load download"),
             }
         }
-        self.next_id.fetch_max(max.saturating_add(1), Ordering::Relaxed);
+        self.next_id.fetch_max(max.saturating_add(1).max(self.store.next_id()), Ordering::Relaxed);
     }
 
     /// Checks a `get` request and starts the download, or continues the
@@ -814,6 +814,11 @@ impl Downloads {
             ));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // IDs are never reused, not even after a restart: a script holding
+        // an old ID must not act on someone else's download.
+        if let Err(e) = self.store.save_next_id(id + 1) {
+            warn!(error = %e, "cannot record the next download ID; IDs may repeat after a restart");
+        }
         let spec = Spec {
             id,
             remote_path: req.remote_path.clone(),
@@ -1073,6 +1078,51 @@ impl Downloads {
             }
         }
         Ok(dl)
+    }
+
+    /// Takes an ended download off the list. A failed one's kept partial
+    /// file and manifest go with it (the user asked to forget it).
+    pub fn remove(&self, id: u64, caller: &Caller) -> Result<Arc<Download>, Rejected> {
+        let dl = self.get(id).ok_or_else(|| unknown(id))?;
+        owned_by(&dl, caller)?;
+        let state = dl.state();
+        if !state.is_final() {
+            let what = if state == DownloadState::Paused { "paused" } else { "still running" };
+            return Err(Rejected(
+                ErrorCode::InvalidArgument,
+                format!("download {id} is {what}; `mftctl downloads cancel {id}` stops it and removes its data"),
+            ));
+        }
+        if state == DownloadState::Failed && self.store.path(id).exists() {
+            if !engine::part_in_use(&dl.part_path()) {
+                if let Ok((dest, _pin)) = caller::pin_dir(&dl.destination, dl.restricted_owner()) {
+                    let _ = caller::as_caller(dl.restricted_owner(), || std::fs::remove_file(part_path(&dest)));
+                }
+            }
+            self.store.remove(id);
+        }
+        self.map().remove(&id);
+        Ok(dl)
+    }
+
+    /// Takes every ended download `caller` may see off the list, except
+    /// failed ones whose data was kept for a retry. Returns the IDs removed
+    /// and those kept.
+    pub fn purge(&self, caller: &Caller) -> (Vec<u64>, Vec<u64>) {
+        let mut removed = Vec::new();
+        let mut kept = Vec::new();
+        self.map().retain(|id, d| {
+            if !d.visible_to(caller) || !d.state().is_final() {
+                return true;
+            }
+            if d.state() == DownloadState::Failed && self.store.path(*id).exists() {
+                kept.push(*id);
+                return true;
+            }
+            removed.push(*id);
+            false
+        });
+        (removed, kept)
     }
 
     pub fn sample(&self) {
