@@ -127,6 +127,10 @@ pub struct GetRequest {
     /// Absolute output directory; the daemon's download directory if absent.
     #[serde(default)]
     pub output_dir: Option<String>,
+    /// Save under this name instead of the remote file's (one path
+    /// component).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_name: Option<String>,
     /// Replace an existing file at the destination.
     #[serde(default)]
     pub force: bool,

@@ -119,6 +119,9 @@ pub struct Manifest {
     /// Root identity (hex) the user pinned with `get --identity`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pin: Option<String>,
+    /// The name the file is saved under, when not the remote one (`get -O`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_name: Option<String>,
     /// Paused by the user: not resumed by `auto_resume`.
     #[serde(default)]
     pub paused: bool,
@@ -219,8 +222,9 @@ impl Manifest {
         if self.sources.is_empty() {
             return bad("no sources".into());
         }
-        // The destination is the remote file's name in some directory.
-        let name = crate::path::local_name(&self.remote_path);
+        // The destination is the remote file's name (or the checked name
+        // given for it) in some directory.
+        let name = crate::path::destination_name(&self.remote_path, self.output_name.as_deref());
         let dest = std::path::Path::new(&self.destination);
         let named = name.as_ref().ok().map(|n| std::ffi::OsStr::new(n.as_str()));
         if !dest.is_absolute() || named.is_none() || dest.file_name() != named {
@@ -286,6 +290,7 @@ mod tests {
             owner: None,
             expected_size: None,
             pin: None,
+            output_name: None,
             paused: false,
             stats: None,
             file: Some(ManifestFile { size: 10 << 20, piece_size: 256 << 10, identity: Some("ab".repeat(32)) }),

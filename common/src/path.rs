@@ -23,6 +23,38 @@ pub enum PathError {
     Control,
     #[error("path names a directory, not a file")]
     NotAFile,
+    #[error("a file name cannot contain `/`")]
+    Slash,
+    #[error("a file name cannot end in `.mftpart` (mftd's partial files)")]
+    PartSuffix,
+    #[error("a file name cannot be longer than 255 bytes")]
+    NameTooLong,
+}
+
+/// Checks a name given for the downloaded file (`get -O NAME`): one path
+/// component, not `.`/`..`, no control characters, and not a name mftd's
+/// own partial files use.
+pub fn output_name(name: &str) -> Result<String, PathError> {
+    if name.contains('/') {
+        return Err(PathError::Slash);
+    }
+    if name.len() > 255 {
+        return Err(PathError::NameTooLong);
+    }
+    let checked = normalize_remote(name)?;
+    if checked.ends_with(".mftpart") {
+        return Err(PathError::PartSuffix);
+    }
+    Ok(checked)
+}
+
+/// The file name a download is saved under: `output` if given (checked by
+/// [`output_name`]), else the last component of `remote`.
+pub fn destination_name(remote: &str, output: Option<&str>) -> Result<String, PathError> {
+    match output {
+        Some(o) => output_name(o),
+        None => local_name(remote),
+    }
 }
 
 /// Checks a remote path and returns it with empty and `.` components removed
@@ -101,6 +133,20 @@ mod tests {
         for (p, want) in cases {
             assert_eq!(normalize_remote(p).as_ref(), Err(want), "path {p:?}");
         }
+    }
+
+    #[test]
+    fn output_names_are_one_safe_component() {
+        assert_eq!(output_name("my.iso").unwrap(), "my.iso");
+        assert_eq!(output_name("a/b"), Err(PathError::Slash));
+        assert_eq!(output_name(".."), Err(PathError::DotDot));
+        assert_eq!(output_name("."), Err(PathError::NotAFile));
+        assert_eq!(output_name(""), Err(PathError::Empty));
+        assert_eq!(output_name("x.mftpart"), Err(PathError::PartSuffix));
+        assert_eq!(output_name("a\nb"), Err(PathError::Control));
+        assert_eq!(output_name(&"n".repeat(256)), Err(PathError::NameTooLong));
+        assert_eq!(destination_name("dir/f", None).unwrap(), "f");
+        assert_eq!(destination_name("dir/f", Some("g")).unwrap(), "g");
     }
 
     #[test]

@@ -117,11 +117,17 @@ enum DownloadsCmd {
 #[derive(Debug, clap::Args)]
 struct GetArgs {
     /// Path of the file on the servers, relative to their export directory.
-    #[arg(required_unless_present = "resume")]
+    #[arg(required_unless_present_any = ["resume", "input_file"])]
     remote_path: Option<String>,
+    /// Download every file listed in FILE (one remote path per line; blank
+    /// lines and lines starting with # are skipped), one after another
+    /// from the same sources ("-" reads standard input).
+    #[arg(short = 'i', long = "input-file", value_name = "FILE",
+          conflicts_with_all = ["remote_path", "resume", "output_name"])]
+    input_file: Option<PathBuf>,
     /// Continue interrupted downloads: all of them, or the one with this ID.
     #[arg(long, value_name = "ID", num_args = 0..=1, default_missing_value = "all",
-          conflicts_with_all = ["from", "host", "ports", "output", "force", "no_resume"])]
+          conflicts_with_all = ["from", "host", "ports", "output", "output_name", "force", "no_resume"])]
     resume: Option<String>,
     /// Sources as HOST:PORT; repeat or separate with commas.
     #[arg(long, value_delimiter = ',', value_name = "HOST:PORT")]
@@ -132,9 +138,14 @@ struct GetArgs {
     /// Ports on --host.
     #[arg(long, value_delimiter = ',', requires = "host", value_name = "P1,P2,...")]
     ports: Vec<u16>,
-    /// Output directory (default: the daemon's download directory).
+    /// Output directory (default: the daemon's download directory); created
+    /// if missing.
     #[arg(short = 'o', long = "output", value_name = "DIR")]
     output: Option<PathBuf>,
+    /// Save the file under this name (in the output directory) instead of
+    /// the remote file's name.
+    #[arg(short = 'O', long = "output-name", value_name = "NAME")]
+    output_name: Option<String>,
     /// Seconds between progress updates.
     #[arg(long, default_value_t = 1.0, value_name = "SECS")]
     interval: f64,
@@ -324,47 +335,84 @@ fn get(socket: &std::path::Path, json: bool, args: GetArgs) -> Result<ExitCode, 
         }
         return get_resume(socket, json, which, &args);
     }
-    let remote_path = args.remote_path.clone().unwrap_or_default();
     let sources = sources(&args)?;
     if !(args.interval > 0.0 && args.interval <= 3600.0) {
         return Err(CtlError::Usage("--interval must be more than 0 and at most 3600 seconds".into()));
     }
-    let output_dir = match &args.output {
-        Some(o) => {
-            let abs = if o.is_absolute() {
-                o.clone()
-            } else {
-                std::env::current_dir()
-                    .map_err(|e| CtlError::Usage(format!("cannot resolve {}: {e}", o.display())))?
-                    .join(o)
-            };
-            Some(abs.display().to_string())
-        }
-        None => None,
+    let absolute = |p: &PathBuf| -> Result<String, CtlError> {
+        let abs = if p.is_absolute() {
+            p.clone()
+        } else {
+            std::env::current_dir()
+                .map_err(|e| CtlError::Usage(format!("cannot resolve {}: {e}", p.display())))?
+                .join(p)
+        };
+        Ok(abs.display().to_string())
+    };
+    let output_dir = args.output.as_ref().map(absolute).transpose()?;
+    let secret_file = args.secret_file.as_ref().map(absolute).transpose()?;
+    let request = |remote: &str| {
+        Request::Get(GetRequest {
+            remote_path: remote.to_string(),
+            sources: sources.clone(),
+            output_dir: output_dir.clone(),
+            output_name: args.output_name.clone(),
+            force: args.force,
+            connections_per_source: args.connections_per_server,
+            give_up_after_secs: args.give_up_after,
+            no_resume: args.no_resume,
+            secret_file: secret_file.clone(),
+            identity: args.identity.clone(),
+            expected_size: args.size,
+        })
     };
     let mut c = Client::connect(socket)?;
-    let resp = c.request(&Request::Get(GetRequest {
-        remote_path: remote_path.clone(),
-        sources,
-        output_dir,
-        force: args.force,
-        connections_per_source: args.connections_per_server,
-        give_up_after_secs: args.give_up_after,
-        no_resume: args.no_resume,
-        secret_file: match &args.secret_file {
-            Some(f) if f.is_relative() => Some(
-                std::env::current_dir()
-                    .map_err(|e| CtlError::Usage(format!("cannot resolve {}: {e}", f.display())))?
-                    .join(f)
-                    .display()
-                    .to_string(),
-            ),
-            Some(f) => Some(f.display().to_string()),
-            None => None,
-        },
-        identity: args.identity.clone(),
-        expected_size: args.size,
-    }))?;
+    let Some(list) = &args.input_file else {
+        let remote_path = args.remote_path.clone().unwrap_or_default();
+        let resp = c.request(&request(&remote_path))?;
+        let id = accepted(json, &args, &remote_path, resp)?;
+        if args.detach {
+            return Ok(ExitCode::SUCCESS);
+        }
+        return follow(socket, json, id, args.interval);
+    };
+    // A list: every file is asked for first (mftd runs them side by side),
+    // then followed in turn. One refused does not stop the others.
+    let names = read_list(list)?;
+    let mut ids = Vec::new();
+    let mut failed = 0;
+    for name in &names {
+        match c.request(&request(name))? {
+            resp @ Response::Accepted { .. } => ids.push(accepted(json, &args, name, resp)?),
+            resp @ Response::Error { .. } => {
+                failed += 1;
+                if json {
+                    display::print_json(&resp);
+                } else if let Response::Error { message, .. } = resp {
+                    eprintln!("mftctl: {name}: {message}");
+                }
+            }
+            other => return Err(CtlError::from_response(other)),
+        }
+    }
+    if !args.detach {
+        for id in ids {
+            if follow(socket, json, id, args.interval)? != ExitCode::SUCCESS {
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        if !json {
+            eprintln!("mftctl: {failed} of {} downloads did not succeed", names.len());
+        }
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reports an accepted `get` and returns its download ID.
+fn accepted(json: bool, args: &GetArgs, remote_path: &str, resp: Response) -> Result<u64, CtlError> {
     let (id, destination, resumed, added) = match resp {
         Response::Accepted { id, ref destination, resumed, ref added_sources } => {
             (id, destination.clone(), resumed, added_sources.clone())
@@ -385,10 +433,36 @@ fn get(socket: &std::path::Path, json: bool, args: GetArgs) -> Result<ExitCode, 
             eprintln!("resume state is off for this download: if mftd stops, it starts over");
         }
     }
-    if args.detach {
-        return Ok(ExitCode::SUCCESS);
+    Ok(id)
+}
+
+/// Most remote paths one `get -i` file may list.
+const MAX_LIST: usize = 10_000;
+
+/// The remote paths listed in `path` ("-": standard input): one per line,
+/// blank lines and `#` comments skipped.
+fn read_list(path: &std::path::Path) -> Result<Vec<String>, CtlError> {
+    use std::io::Read;
+    let mut text = String::new();
+    let read = if path == std::path::Path::new("-") {
+        std::io::stdin().take(16 << 20).read_to_string(&mut text)
+    } else {
+        std::fs::File::open(path).and_then(|f| f.take(16 << 20).read_to_string(&mut text))
+    };
+    read.map_err(|e| CtlError::Usage(format!("cannot read the list {}: {e}", path.display())))?;
+    let names: Vec<String> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
+    if names.is_empty() {
+        return Err(CtlError::Usage(format!("{} lists no remote paths", path.display())));
     }
-    follow(socket, json, id, args.interval)
+    if names.len() > MAX_LIST {
+        return Err(CtlError::Usage(format!(
+            "{} lists {} remote paths; at most {MAX_LIST} at a time",
+            path.display(),
+            names.len()
+        )));
+    }
+    Ok(names)
 }
 
 /// `get --resume [ID]`: continue interrupted downloads and follow them.

@@ -289,6 +289,7 @@ mod tests {
             owner: None,
             expected_size: None,
             pin: None,
+            output_name: None,
             paused: false,
             stats: None,
             file: None,

@@ -185,3 +185,85 @@ fn server_with_a_different_version_is_excluded() {
     assert_eq!(odd_src["bytes"], 0);
     assert_eq!(odd.bytes_sent(odd.ports[0]), 0, "excluded server sent file bytes");
 }
+
+#[test]
+fn output_name_saves_under_another_name_and_survives_a_restart() {
+    let server = Daemon::builder(1).arg("--rate-limit").arg("8M").start();
+    let client = Daemon::start(0);
+    write_file(&server.export.join("dir/remote.bin"), 300_000, 40);
+    let out = client.get("dir/remote.bin", &server.sources()[0], &["-O", "local.bin"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("-> {}", client.downloads.join("local.bin").display())), "{}", stderr(&out));
+    assert_eq!(sha256_file(&client.downloads.join("local.bin")), sha256_file(&server.export.join("dir/remote.bin")));
+    assert!(!client.downloads.join("remote.bin").exists());
+    for (bad, why) in
+        [("..", "`..`"), ("../up", "`/`"), ("a/b", "cannot contain `/`"), ("x.mftpart", "`.mftpart`"), ("", "empty")]
+    {
+        let out = client.get("dir/remote.bin", &server.sources()[0], &["-O", bad]);
+        assert_eq!(out.status.code(), Some(1), "-O {bad:?}");
+        assert!(
+            stderr(&out).contains("invalid output name") && stderr(&out).contains(why),
+            "-O {bad:?}: {}",
+            stderr(&out)
+        );
+    }
+
+    // Its manifest names the chosen name: a crash and resume finish it there.
+    write_file(&server.export.join("big"), 16 << 20, 41);
+    mftd_tests::warm(&server, "big");
+    let mut client = Daemon::builder(0).arg("--checkpoint-interval").arg("0.1").start();
+    let id = client.get_detached("big", &server.sources(), &["-O", "renamed"]);
+    assert!(mftd_tests::wait_until(std::time::Duration::from_secs(20), || {
+        client.download(id)["bytes_done"].as_u64().unwrap_or(0) > 4 << 20
+    }));
+    client.kill();
+    let log = std::fs::OpenOptions::new().append(true).open(client.dir.path().join("mftd.log")).unwrap();
+    let mut cmd = client.command(0, &[]);
+    cmd.stdout(std::process::Stdio::null()).stderr(log);
+    client.child = Some(cmd.spawn().unwrap());
+    client.wait_ready();
+    let out = client.ctl(&["get", "--resume", &id.to_string()]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), client.log());
+    assert_eq!(sha256_file(&client.downloads.join("renamed")), sha256_file(&server.export.join("big")));
+    assert!(!client.log().contains("damaged"), "{}", client.log());
+}
+
+#[test]
+fn input_file_downloads_every_listed_path() {
+    let server = Daemon::start(2);
+    let client = Daemon::start(0);
+    for (i, n) in ["one", "two", "sub/three"].iter().enumerate() {
+        write_file(&server.export.join(n), 200_000 + i as u64, 50 + i as u64);
+    }
+    let list = client.dir.path().join("list.txt");
+    std::fs::write(&list, "# wanted\none\n\n  two  \nsub/three\n/etc/passwd\n").unwrap();
+    let dl = client.downloads.to_str().unwrap().to_string();
+    let from = server.sources().join(",");
+    let out = client.ctl(&["get", "-i", list.to_str().unwrap(), "--from", &from, "-o", &dl]);
+    // One refused line fails the whole command, after the others ran.
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("mftctl: /etc/passwd: invalid remote path"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("1 of 4 downloads did not succeed"), "{}", stderr(&out));
+    for n in ["one", "two", "three"] {
+        let src = if n == "three" { "sub/three" } else { n };
+        assert_eq!(sha256_file(&client.downloads.join(n)), sha256_file(&server.export.join(src)), "{n}");
+    }
+    // Detached: one ID per line; an empty list is a usage error.
+    for n in ["one", "two"] {
+        std::fs::remove_file(client.downloads.join(n)).unwrap();
+    }
+    std::fs::write(&list, "one\ntwo\n").unwrap();
+    let out = client.ctl(&["get", "-i", list.to_str().unwrap(), "--from", &from, "-o", &dl, "--detach"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ids: Vec<u64> = stdout(&out).lines().map(|l| l.parse().expect("an ID per line")).collect();
+    assert_eq!(ids.len(), 2);
+    for id in ids {
+        assert_eq!(client.wait_download(id, std::time::Duration::from_secs(30))["state"], "done");
+    }
+    std::fs::write(&list, "# nothing\n\n").unwrap();
+    let out = client.ctl(&["get", "-i", list.to_str().unwrap(), "--from", &from]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("lists no remote paths"), "{}", stderr(&out));
+    let out = client.ctl(&["get", "one", "-i", list.to_str().unwrap(), "--from", &from]);
+    assert_eq!(out.status.code(), Some(2), "a path and a list together is a usage error");
+}

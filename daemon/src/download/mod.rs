@@ -22,7 +22,7 @@ use tracing::{info_span, Instrument};
 
 use mftd_common::control::{DownloadInfo, DownloadState, ErrorCode, GetRequest, SourceInfo, SourceState};
 use mftd_common::manifest::{Manifest, ManifestOwner, ManifestStats, SourceStats, FORMAT, VERSION};
-use mftd_common::path::local_name;
+use mftd_common::path::{destination_name, local_name};
 use tracing::{info, warn};
 
 use crate::caller::{self, Caller};
@@ -132,6 +132,8 @@ pub struct Download {
     pub id: u64,
     pub remote_path: String,
     pub destination: PathBuf,
+    /// The name given with `get -O` (the destination's file name), if any.
+    pub output_name: Option<String>,
     pub sources: Vec<String>,
     pub force: bool,
     pub connections_per_source: u32,
@@ -248,6 +250,7 @@ impl Download {
             remote_path: self.remote_path.clone(),
             sources: self.sources.clone(),
             destination: self.destination.display().to_string(),
+            output_name: self.output_name.clone(),
             force: self.force,
             connections_per_source: self.connections_per_source,
             give_up_after_secs: self.give_up_after.map(|d| d.as_secs()),
@@ -387,6 +390,7 @@ struct Spec {
     id: u64,
     remote_path: String,
     destination: PathBuf,
+    output_name: Option<String>,
     sources: Vec<String>,
     force: bool,
     connections_per_source: u32,
@@ -542,6 +546,7 @@ impl Downloads {
             id: spec.id,
             remote_path: spec.remote_path,
             destination: spec.destination,
+            output_name: spec.output_name,
             sources: spec.sources,
             force: spec.force,
             connections_per_source: spec.connections_per_source,
@@ -580,6 +585,7 @@ impl Downloads {
             id: m.id,
             remote_path: m.remote_path.clone(),
             destination: PathBuf::from(&m.destination),
+            output_name: m.output_name.clone(),
             sources: m.sources.clone(),
             force: m.force,
             connections_per_source: m.connections_per_source.min(16),
@@ -659,8 +665,14 @@ impl Downloads {
     /// download already writing the same file with the request's sources
     /// added. Returns whether it continued one, and the sources added.
     pub fn start(&self, req: GetRequest, caller: &Caller) -> Result<(Arc<Download>, bool, Vec<String>), Rejected> {
-        let name = local_name(&req.remote_path)
+        local_name(&req.remote_path)
             .map_err(|e| Rejected(ErrorCode::BadPath, format!("invalid remote path {:?}: {e}", req.remote_path)))?;
+        let name = destination_name(&req.remote_path, req.output_name.as_deref()).map_err(|e| {
+            Rejected(
+                ErrorCode::BadPath,
+                format!("invalid output name {:?}: {e}", req.output_name.as_deref().unwrap_or_default()),
+            )
+        })?;
         let mut sources: Vec<String> = Vec::new();
         for s in &req.sources {
             let s = check_source(s).map_err(|e| Rejected(ErrorCode::InvalidArgument, e))?;
@@ -823,6 +835,7 @@ impl Downloads {
             id,
             remote_path: req.remote_path.clone(),
             destination,
+            output_name: req.output_name.clone(),
             sources,
             force: req.force,
             connections_per_source: req.connections_per_source.unwrap_or(self.defaults.connections_per_server).min(16),
