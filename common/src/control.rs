@@ -458,7 +458,7 @@ mod tests {
                 Request::ServerLimit { port, rate_limit: id },
                 Request::DownloadShow { id },
                 Request::GetResume { id: Some(id) },
-                Request::Get(GetRequest { remote_path: path.clone(), sources: vec![format!("h:{port}")], output_dir: None, force: false,
+                Request::Get(GetRequest { remote_path: path.clone(), sources: vec![format!("h:{port}")], output_dir: None, output_name: None, force: false,
                     connections_per_source: None, give_up_after_secs: Some(id), no_resume: true, secret_file: None, identity: Some(path.clone()), expected_size: Some(id) }),
             ] {
                 let back: Request = serde_json::from_slice(&to_line(&r)).unwrap();
