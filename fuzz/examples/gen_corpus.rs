@@ -76,7 +76,8 @@ fn requests() -> Vec<(&'static str, Request)> {
         ("servers_list", Request::ServersList),
         ("server_stop", Request::ServerStop { port: 5003 }),
         ("server_start", Request::ServerStart { port: 5003 }),
-        ("server_add", Request::ServerAdd { port: Some(5004), rate_limit: Some(1 << 20) }),
+        ("server_add", Request::ServerAdd { port: Some(5004), rate_limit: Some(1 << 20), transport: Some("plain".into()) }),
+        ("server_remove", Request::ServerRemove { port: 5004 }),
         ("server_limit", Request::ServerLimit { port: 5001, rate_limit: 0 }),
         (
             "get_full",
@@ -91,6 +92,7 @@ fn requests() -> Vec<(&'static str, Request)> {
                     "give_up_after_secs": 30,
                     "no_resume": false,
                     "secret_file": "/etc/mftd/secret",
+                    "output_name": "local.iso",
                 }))
                 .unwrap(),
             ),
@@ -100,6 +102,9 @@ fn requests() -> Vec<(&'static str, Request)> {
         ("download_pause", Request::DownloadPause { id: 1 }),
         ("download_resume", Request::DownloadResume { id: 1 }),
         ("download_cancel", Request::DownloadCancel { id: 1 }),
+        ("download_remove", Request::DownloadRemove { id: 1 }),
+        ("downloads_purge", Request::DownloadsPurge),
+        ("download_add_source", Request::DownloadAddSource { id: 1, sources: vec!["10.0.0.7:5001".into()] }),
         ("get_resume", Request::GetResume { id: None }),
         ("watch", Request::Watch { id: 1, interval_ms: 1000 }),
         ("shutdown", Request::Shutdown),
