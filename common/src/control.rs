@@ -30,6 +30,11 @@
 //! ← {"type":"error","code":"bad_request","message":"unknown variant `bogus`..."}
 //! ```
 //!
+//! A `get` whose destination already holds the file the sources serve is
+//! answered with `identical` (destination, BLAKE3 root) instead of
+//! `accepted`; one that continues a download of the same file says
+//! `"resumed": true` and lists the `added_sources`.
+//!
 //! A line that is not valid JSON or not a known request gets an `error`
 //! response and the connection stays open; a line longer than [`MAX_LINE`]
 //! gets an `error` and the connection is closed (the rest of the line cannot
@@ -191,6 +196,12 @@ pub enum Response {
     },
     Resumed {
         ids: Vec<u64>,
+    },
+    /// `get` found the file already at its destination, identical to the
+    /// sources' (same size and BLAKE3 root): nothing was downloaded.
+    Identical {
+        destination: String,
+        identity: String,
     },
     Downloads {
         downloads: Vec<DownloadInfo>,

@@ -193,6 +193,9 @@ pub fn print_human(r: &Response) {
                 println!("added sources: {}", added_sources.join(", "));
             }
         }
+        Response::Identical { destination, identity } => {
+            println!("{destination} is already the file the sources serve (blake3:{identity}); nothing to download")
+        }
         Response::Resumed { ids } if ids.is_empty() => println!("nothing to resume"),
         Response::Resumed { ids } => {
             let list: Vec<String> = ids.iter().map(u64::to_string).collect();

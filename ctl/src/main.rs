@@ -370,7 +370,7 @@ fn get(socket: &std::path::Path, json: bool, args: GetArgs) -> Result<ExitCode, 
     let Some(list) = &args.input_file else {
         let remote_path = args.remote_path.clone().unwrap_or_default();
         let resp = c.request(&request(&remote_path))?;
-        let id = accepted(json, &args, &remote_path, resp)?;
+        let Some(id) = accepted(json, &args, &remote_path, resp)? else { return Ok(ExitCode::SUCCESS) };
         if args.detach {
             return Ok(ExitCode::SUCCESS);
         }
@@ -383,7 +383,9 @@ fn get(socket: &std::path::Path, json: bool, args: GetArgs) -> Result<ExitCode, 
     let mut failed = 0;
     for name in &names {
         match c.request(&request(name))? {
-            resp @ Response::Accepted { .. } => ids.push(accepted(json, &args, name, resp)?),
+            resp @ (Response::Accepted { .. } | Response::Identical { .. }) => {
+                ids.extend(accepted(json, &args, name, resp)?)
+            }
             resp @ Response::Error { .. } => {
                 failed += 1;
                 if json {
@@ -411,11 +413,25 @@ fn get(socket: &std::path::Path, json: bool, args: GetArgs) -> Result<ExitCode, 
     Ok(ExitCode::SUCCESS)
 }
 
-/// Reports an accepted `get` and returns its download ID.
-fn accepted(json: bool, args: &GetArgs, remote_path: &str, resp: Response) -> Result<u64, CtlError> {
+/// Reports an accepted `get` and returns its download ID (none if the
+/// file was already there, identical).
+fn accepted(json: bool, args: &GetArgs, remote_path: &str, resp: Response) -> Result<Option<u64>, CtlError> {
     let (id, destination, resumed, added) = match resp {
         Response::Accepted { id, ref destination, resumed, ref added_sources } => {
             (id, destination.clone(), resumed, added_sources.clone())
+        }
+        Response::Identical { .. } => {
+            if json {
+                display::print_json(&resp);
+            } else {
+                // On stderr with the other status lines; --detach prints no ID.
+                if let Response::Identical { destination, identity } = &resp {
+                    eprintln!(
+                        "{destination} is already the file the sources serve (blake3:{identity}); nothing to download"
+                    );
+                }
+            }
+            return Ok(None);
         }
         other => return Err(CtlError::from_response(other)),
     };
@@ -433,7 +449,7 @@ fn accepted(json: bool, args: &GetArgs, remote_path: &str, resp: Response) -> Re
             eprintln!("resume state is off for this download: if mftd stops, it starts over");
         }
     }
-    Ok(id)
+    Ok(Some(id))
 }
 
 /// Most remote paths one `get -i` file may list.

@@ -88,12 +88,15 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
             Err(e) => listener_error(e),
         },
         Request::Get(g) => match d.downloads.start(g, caller) {
-            Ok((dl, resumed, added_sources)) => Response::Accepted {
+            Ok(crate::download::Started::Download { dl, resumed, added }) => Response::Accepted {
                 id: dl.id,
                 destination: dl.destination.display().to_string(),
                 resumed,
-                added_sources,
+                added_sources: added,
             },
+            Ok(crate::download::Started::Identical { destination, identity }) => {
+                Response::Identical { destination: destination.display().to_string(), identity }
+            }
             Err(r) => Response::error(r.0, r.1),
         },
         Request::DownloadRemove { id } => match d.downloads.remove(id, caller) {

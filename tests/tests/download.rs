@@ -267,3 +267,62 @@ fn input_file_downloads_every_listed_path() {
     let out = client.ctl(&["get", "one", "-i", list.to_str().unwrap(), "--from", &from]);
     assert_eq!(out.status.code(), Some(2), "a path and a list together is a usage error");
 }
+
+#[test]
+fn an_identical_file_already_there_is_not_downloaded_again() {
+    let server = Daemon::start(2);
+    let client = Daemon::start(0);
+    write_file(&server.export.join("same"), 3 << 20, 60);
+    let from = server.sources().join(",");
+    let out = client.get("same", &from, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dest = client.downloads.join("same");
+    let sent = |s: &Daemon| s.ports.iter().map(|p| s.bytes_sent(*p)).sum::<u64>();
+    let sent_before = sent(&server);
+    let mtime = std::fs::metadata(&dest).unwrap().modified().unwrap();
+
+    let out = client.get("same", &from, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let identity = mftd_tests::identity_of(&server.export.join("same"));
+    assert!(
+        stderr(&out)
+            .contains(&format!("is already the file the sources serve (blake3:{identity}); nothing to download")),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(sent(&server), sent_before, "an identical file was fetched again");
+    assert_eq!(std::fs::metadata(&dest).unwrap().modified().unwrap(), mtime, "the file was rewritten");
+    let (out, lines) = client.ctl_json(&["get", "same", "--from", &from, "-o", client.downloads.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["type"], "identical");
+    assert_eq!(lines[0]["identity"], identity.as_str());
+
+    // Same size, one byte changed: refused, and the file is left alone.
+    let mut bytes = std::fs::read(&dest).unwrap();
+    bytes[1 << 20] ^= 1;
+    std::fs::write(&dest, &bytes).unwrap();
+    let out = client.get("same", &from, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("already exists and is not the file the sources serve (same size, but BLAKE3"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read(&dest).unwrap(), bytes);
+    // Another size.
+    std::fs::write(&dest, b"short").unwrap();
+    let out = client.get("same", &from, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains(&format!("(5 bytes here, {} bytes at the sources)", 3 << 20)), "{}", stderr(&out));
+    assert_eq!(sent(&server), sent_before, "a refused get fetched data");
+    // No source to compare with: refused, saying why.
+    for p in &server.ports {
+        assert!(server.ctl(&["servers", "stop", &p.to_string()]).status.success());
+    }
+    let out = client.get("same", &from, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("could not be compared with the sources' file"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("connection refused"), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&dest).unwrap(), b"short");
+}

@@ -6,6 +6,7 @@ pub mod budget;
 pub mod client;
 pub mod engine;
 pub mod error;
+pub mod existing;
 pub mod scheduler;
 pub mod vote;
 
@@ -71,6 +72,17 @@ pub enum StopReason {
 
 /// Longest a command waits for a run to stop (pause, adding sources).
 pub const STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// What a `get` led to.
+#[derive(Debug)]
+pub enum Started {
+    /// A download runs (a new one, or one of the same file continued, with
+    /// the sources it did not have added).
+    Download { dl: Arc<Download>, resumed: bool, added: Vec<String> },
+    /// The destination already holds the file the sources serve (BLAKE3
+    /// root given): nothing to fetch.
+    Identical { destination: PathBuf, identity: String },
+}
 
 /// A request that could not be accepted: code and a sentence for the user.
 #[derive(Debug)]
@@ -664,7 +676,7 @@ impl Downloads {
     /// Checks a `get` request and starts the download, or continues the
     /// download already writing the same file with the request's sources
     /// added. Returns whether it continued one, and the sources added.
-    pub fn start(&self, req: GetRequest, caller: &Caller) -> Result<(Arc<Download>, bool, Vec<String>), Rejected> {
+    pub fn start(&self, req: GetRequest, caller: &Caller) -> Result<Started, Rejected> {
         local_name(&req.remote_path)
             .map_err(|e| Rejected(ErrorCode::BadPath, format!("invalid remote path {:?}: {e}", req.remote_path)))?;
         let name = destination_name(&req.remote_path, req.output_name.as_deref()).map_err(|e| {
@@ -814,17 +826,24 @@ impl Downloads {
                 _ if added.is_empty() && !force => other,
                 _ => self.restart(&other, all, force)?,
             };
-            return Ok((dl, true, added));
+            return Ok(Started::Download { dl, resumed: true, added });
         }
         if req.force {
             caller::check_replace(caller, &dir, &name).map_err(|e| Rejected(ErrorCode::PermissionDenied, e.0))?;
         }
-        if !req.force && std::fs::symlink_metadata(&destination).is_ok() {
-            return Err(Rejected(
-                ErrorCode::Exists,
-                format!("{} already exists; remove it or pass --force to replace it", destination.display()),
-            ));
-        }
+        // A file already there is compared with what the sources serve
+        // (below); anything else there is in the way.
+        let present = match std::fs::symlink_metadata(&destination) {
+            Ok(_) if req.force => false,
+            Ok(m) if m.is_file() => true,
+            Ok(_) => {
+                return Err(Rejected(
+                    ErrorCode::Exists,
+                    format!("{} already exists; remove it or pass --force to replace it", destination.display()),
+                ))
+            }
+            Err(_) => false,
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // IDs are never reused, not even after a restart: a script holding
         // an old ID must not act on someone else's download.
@@ -848,6 +867,27 @@ impl Downloads {
             owner: caller.clone(),
         };
         let dl = self.build(spec, DownloadState::Starting)?;
+        if present {
+            let shown = dl.destination.display().to_string();
+            match self.compare_existing(&dl) {
+                existing::Verdict::Identical(identity) => {
+                    info!(dest = %shown, identity, "already identical to the sources' file; nothing to download");
+                    return Ok(Started::Identical { destination: dl.destination.clone(), identity });
+                }
+                existing::Verdict::Different(why) => {
+                    return Err(Rejected(
+                        ErrorCode::Exists,
+                        format!("{shown} already exists and is not the file the sources serve ({why}); remove it or pass --force to replace it"),
+                    ))
+                }
+                existing::Verdict::Unknown(why) => {
+                    return Err(Rejected(
+                        ErrorCode::Exists,
+                        format!("{shown} already exists and could not be compared with the sources' file ({why}); remove it or pass --force to replace it"),
+                    ))
+                }
+            }
+        }
         if let Some(store) = &dl.store {
             // The manifest exists before the first byte is written.
             store.save(&dl.base_manifest()).map_err(|e| {
@@ -855,7 +895,38 @@ impl Downloads {
             })?;
         }
         self.spawn(dl.clone());
-        Ok((dl, false, Vec::new()))
+        Ok(Started::Download { dl, resumed: false, added: Vec::new() })
+    }
+
+    /// Compares the file at `dl`'s destination (opened with its owner's
+    /// rights, never through a symlink) with the sources' version.
+    fn compare_existing(&self, dl: &Download) -> existing::Verdict {
+        use std::os::unix::fs::OpenOptionsExt;
+        let open = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags((nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK).bits())
+                .open(&dl.destination)
+        };
+        let file = match caller::as_caller(dl.restricted_owner(), open).and_then(|r| r) {
+            Ok(f) => f,
+            Err(e) => return existing::Verdict::Unknown(format!("cannot open it: {e}")),
+        };
+        let size = match file.metadata() {
+            Ok(m) if m.is_file() => m.len(),
+            Ok(_) => return existing::Verdict::Different("it is not a regular file".into()),
+            Err(e) => return existing::Verdict::Unknown(format!("cannot stat it: {e}")),
+        };
+        existing::compare(
+            &file,
+            size,
+            &dl.sources,
+            &dl.remote_path,
+            dl.secret.clone(),
+            dl.dialer.clone(),
+            dl.idle_timeout,
+            dl.pin,
+        )
     }
 
     /// Adds sources to a download: a running one checkpoints and continues
