@@ -351,8 +351,12 @@ pub struct SourceInfo {
     /// The node ID the source proved over TLS.
     #[serde(default)]
     pub node_id: Option<String>,
+    /// Why it is not working now (cleared when it connects again).
     #[serde(default)]
     pub last_error: Option<String>,
+    /// The last error it recovered from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered_from: Option<String>,
 }
 
 /// One download, as `downloads show` and `progress` carry it.

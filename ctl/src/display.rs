@@ -28,6 +28,9 @@ fn speed(bps: u64) -> String {
 }
 
 pub fn listeners_table(ls: &[ListenerInfo]) -> String {
+    if ls.is_empty() {
+        return "no transfer listeners: this mftd serves no files (`mftctl servers add` opens one)\n".into();
+    }
     let mut out = format!(
         "{:<6} {:<8} {:<11} {:>5} {:>12} {:>12} {:>12}\n",
         "PORT", "STATE", "TRANSPORT", "CONNS", "SENT", "RATE", "LIMIT"
@@ -184,6 +187,11 @@ pub fn print_human(r: &Response) {
             print!("{}", sources_table(d));
             for s in d.sources.iter().filter(|s| s.node_id.is_some()) {
                 println!("  {} is node {}", s.address, s.node_id.as_deref().unwrap_or(""));
+            }
+            for s in &d.sources {
+                if let Some(e) = &s.recovered_from {
+                    println!("  {} recovered from: {e}", s.address);
+                }
             }
         }
         Response::Accepted { id, destination, resumed, added_sources } => {

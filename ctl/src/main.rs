@@ -158,8 +158,9 @@ struct GetArgs {
     /// Replace an existing file at the destination.
     #[arg(long)]
     force: bool,
-    /// TCP connections per source (default: the daemon's setting).
-    #[arg(long, value_name = "N")]
+    /// TCP connections per source, 1 to 16, or 0 to adapt to the path
+    /// (default: the daemon's setting, which is 0 unless configured).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=16))]
     connections_per_server: Option<u32>,
     /// Fail if no source is reachable for this long (e.g. 90s, 10m, 2h);
     /// by default the download waits as long as it takes.
@@ -248,6 +249,9 @@ fn run(cli: Cli) -> Result<ExitCode, CtlError> {
                 ServersCmd::Limit { port, rate } => Request::ServerLimit { port, rate_limit: rate },
             },
         ),
+        Cmd::Completions { .. } if json => {
+            Err(CtlError::Usage("completions prints a shell script; --json does not apply to it".into()))
+        }
         Cmd::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "mftctl", &mut std::io::stdout());
@@ -347,7 +351,8 @@ fn get(socket: &std::path::Path, json: bool, args: GetArgs) -> Result<ExitCode, 
                 .map_err(|e| CtlError::Usage(format!("cannot resolve {}: {e}", p.display())))?
                 .join(p)
         };
-        Ok(abs.display().to_string())
+        // `-o ./x` names cwd/x, not cwd/./x (components() drops the `.`).
+        Ok(abs.components().collect::<PathBuf>().display().to_string())
     };
     let output_dir = args.output.as_ref().map(absolute).transpose()?;
     let secret_file = args.secret_file.as_ref().map(absolute).transpose()?;

@@ -458,6 +458,19 @@ impl Config {
                     .insert(p, parse_cidrs(a).with_context(|| format!("invalid allow in [listener.{port}]"))?);
             }
         }
+        // A section for a port mftd does not listen on would silently do
+        // nothing (a typo, or a port dropped from `ports`).
+        let sections: std::collections::BTreeSet<u16> =
+            listener_limits.keys().chain(listener_transport.keys()).chain(listener_allow.keys()).copied().collect();
+        for p in sections {
+            if !ports.contains(&p) {
+                let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+                bail!(
+                    "[listener.{p}] is for port {p}, which is not one of the listener ports ({}); add {p} to `ports` or remove the section",
+                    if list.is_empty() { "none".to_string() } else { list.join(", ") }
+                );
+            }
+        }
         let allow = match args.allow.as_ref().or(file.allow.as_ref()) {
             Some(a) => Some(parse_cidrs(a).context("invalid allow list")?),
             None => None,

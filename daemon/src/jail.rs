@@ -45,7 +45,7 @@ pub enum JailError {
     NotFound,
     #[error("path refused")]
     Refused,
-    #[error("not a regular file")]
+    #[error("not a regular file (a directory, device or other special file): only files can be downloaded")]
     NotRegular,
     #[error("i/o error: {0}")]
     Io(io::Error),

@@ -282,6 +282,9 @@ pub async fn run(
             listeners.set_allow(p, Some(a.clone()));
         }
     }
+    if config.ports.is_empty() {
+        info!("no transfer listeners (servers = 0): this mftd serves no files, it only downloads");
+    }
     let store = store::Store::new(&config.state_dir)
         .with_context(|| format!("cannot create {}", config.state_dir.join("manifests").display()))?;
     let downloads = Downloads::new(

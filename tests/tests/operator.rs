@@ -273,3 +273,93 @@ fn errors_say_what_to_do() {
     let err = stderr(&out);
     assert!(err.contains("already in use by") && err.contains("(pid"), "{err}");
 }
+
+#[test]
+fn messages_say_what_happened_in_words() {
+    let server = Daemon::builder(1).arg("--rate-limit").arg("4M").start();
+    std::fs::create_dir(server.export.join("adir")).unwrap();
+    write_file(&server.export.join("f"), 16 << 20, 90);
+    let client = Daemon::start(0);
+    // A directory as the remote path: said in words, not as a code.
+    let out = client.get("adir", &server.sources()[0], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out) + &stderr(&out);
+    assert!(text.contains("\"adir\": not a regular file (a directory"), "{text}");
+    assert!(!text.contains("not_regular"), "{text}");
+
+    // A relative -o is shown normalised.
+    let cwd = client.dir.path();
+    let out = Command::new(mftctl_bin())
+        .current_dir(cwd)
+        .arg("--socket")
+        .arg(&client.socket)
+        .args(["get", "f", "--from", &server.sources()[0], "-o", "./here/./sub", "--detach"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id: u64 = stdout(&out).trim().parse().unwrap();
+    let d = client.download(id);
+    assert_eq!(d["destination"], cwd.join("here/sub/f").display().to_string());
+
+    // Paused: no speed, no ETA, at once.
+    assert!(wait_until(Duration::from_secs(20), || client.download(id)["speed"].as_u64().unwrap_or(0) > 0));
+    assert!(client.ctl(&["downloads", "pause", &id.to_string()]).status.success());
+    let d = client.download(id);
+    assert_eq!(d["state"], "paused");
+    assert_eq!(d["speed"], 0, "a paused download shows its old speed: {d}");
+    assert!(d["eta_secs"].is_null(), "a paused download shows an ETA: {d}");
+    assert!(d["sources"].as_array().unwrap().iter().all(|s| s["speed"] == 0), "{d}");
+
+    // Cancelled: the reason says who and what happened.
+    assert!(client.ctl(&["downloads", "cancel", &id.to_string()]).status.success());
+    let d = client.download(id);
+    assert_eq!(d["state"], "cancelled");
+    let why = d["error"].as_str().unwrap_or_default();
+    assert!(why.starts_with("cancelled by ") && why.contains("partial file was removed"), "{d}");
+
+    // Out-of-range connection counts and --json completions are usage errors.
+    let out = client.get("f", &server.sources()[0], &["--connections-per-server", "17"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let out = client.ctl(&["--json", "completions", "bash"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--json does not apply"), "{}", stderr(&out));
+    assert!(!stdout(&out).contains("complete"), "a shell script went to a --json stdout");
+}
+
+#[test]
+fn config_mistakes_are_named_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |config: &str, extra: &[&str]| {
+        let cfg = dir.path().join("c.toml");
+        std::fs::write(&cfg, config).unwrap();
+        Command::new(mftd_bin())
+            .args(["--state-dir"])
+            .arg(dir.path().join("s"))
+            .arg("--socket")
+            .arg(dir.path().join("sock"))
+            .arg("--config")
+            .arg(&cfg)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // A [listener.P] section for a port mftd does not listen on.
+    let exp = dir.path().join("exp");
+    std::fs::create_dir(&exp).unwrap();
+    let out = run(
+        &format!("export = {:?}\nports = [0]\n[listener.5999]\nrate_limit = \"1M\"\n", exp.display().to_string()),
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("[listener.5999] is for port 5999, which is not one of the listener ports (0)"),
+        "{}",
+        stderr(&out)
+    );
+    // A mistyped --export is not created.
+    let typo = dir.path().join("exprot");
+    let out = run("", &["--export", typo.to_str().unwrap(), "--ports", "0"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+    assert!(!typo.exists(), "a mistyped export directory was created");
+}

@@ -158,3 +158,31 @@ fn add_source_to_a_paused_download_is_used_when_it_resumes() {
     assert_eq!(sha256_file(&client.downloads.join("p")), sha256_file(&server.export.join("p")));
     assert!(server.bytes_sent(server.ports[1]) >= MIB);
 }
+
+#[test]
+fn a_recovered_source_shows_no_stale_error() {
+    let server = Daemon::builder(2).arg("--rate-limit").arg("2M").start();
+    write_file(&server.export.join("e"), 24 * MIB, 144);
+    warm(&server, "e");
+    let client = Daemon::start(0);
+    let id = client.get_detached("e", &server.sources(), &[]);
+    assert!(wait_until(Duration::from_secs(20), || client.download(id)["bytes_done"].as_u64().unwrap_or(0) > MIB));
+    let port = server.ports[1].to_string();
+    assert!(server.ctl(&["servers", "stop", &port]).status.success());
+    let src = |d: &serde_json::Value| d["sources"][1].clone();
+    let failed = wait_until(Duration::from_secs(20), || {
+        src(&client.download(id))["last_error"].as_str().is_some_and(|e| e.contains("refused"))
+    });
+    assert!(failed, "the stopped source never reported its error: {}", client.download(id));
+    assert!(server.ctl(&["servers", "start", &port]).status.success());
+    let recovered = wait_until(Duration::from_secs(30), || {
+        let s = src(&client.download(id));
+        s["state"] == "active" && s["last_error"].is_null()
+    });
+    let s = src(&client.download(id));
+    assert!(recovered, "the source is back but still shows its old error: {s}");
+    assert!(s["recovered_from"].as_str().is_some_and(|e| e.contains("refused")), "{s}");
+    let out = client.ctl(&["downloads", "show", &id.to_string()]);
+    assert!(stdout(&out).contains(&format!("{} recovered from: ", server.sources()[1])), "{}", stdout(&out));
+    assert!(client.ctl(&["downloads", "cancel", &id.to_string()]).status.success());
+}

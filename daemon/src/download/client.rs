@@ -39,7 +39,7 @@ pub enum ClientError {
     #[error("protocol violation: {0}")]
     Protocol(String),
     /// The server answered with an error frame.
-    #[error("server error {code}: {message}")]
+    #[error("{}", if message.is_empty() { format!("server error {code}") } else { message.clone() })]
     Server { code: ErrorCode, message: String },
     #[error("cannot resolve {0}")]
     Resolve(String),

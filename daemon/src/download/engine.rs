@@ -1391,6 +1391,10 @@ async fn session(
     eng.set_source(src, |s| {
         s.connections += 1;
         s.state = SourceState::Active;
+        // Working again: the error is history, not the source's state.
+        if let Some(e) = s.last_error.take() {
+            s.recovered_from = Some(e);
+        }
         s.rtt = Some(s.rtt.map_or(rtt, |r| r.min(rtt)));
         s.transport = Some(transport);
         s.node_id = node_id;

@@ -104,6 +104,9 @@ pub struct SourceProgress {
     pub transport: Option<crate::transport::Transport>,
     pub node_id: Option<String>,
     pub last_error: Option<String>,
+    /// The last error it recovered from (cleared from `last_error` when it
+    /// connected again).
+    pub recovered_from: Option<String>,
     sample_bytes: u64,
 }
 
@@ -329,8 +332,10 @@ impl Download {
         let credited: u64 = p.sources.iter().map(|s| s.bytes).sum();
         let found_on_disk = p.bytes_done.saturating_sub(credited);
         let whole = p.bytes_done.max(credited);
+        // A paused download moves no bytes: no speed, no ETA.
+        let stopped = p.state.is_final() || p.state == DownloadState::Paused;
         let eta_secs = match (size, p.speed) {
-            (Some(s), sp) if sp > 0 && !p.state.is_final() => Some(s.saturating_sub(p.bytes_done) / sp),
+            (Some(s), sp) if sp > 0 && !stopped => Some(s.saturating_sub(p.bytes_done) / sp),
             _ => None,
         };
         DownloadInfo {
@@ -342,7 +347,7 @@ impl Download {
             bytes_done: p.bytes_done,
             pieces_verified: p.pieces_verified,
             pieces_total: p.pieces_total,
-            speed: if p.state.is_final() { 0 } else { p.speed },
+            speed: if stopped { 0 } else { p.speed },
             eta_secs,
             elapsed_ms: self.elapsed(&p).as_millis() as u64,
             found_on_disk,
@@ -354,7 +359,7 @@ impl Download {
                     state: s.state,
                     bytes: s.bytes,
                     bytes_received: s.bytes_received,
-                    speed: if p.state.is_final() { 0 } else { s.speed },
+                    speed: if stopped { 0 } else { s.speed },
                     share: if whole > 0 { s.bytes as f64 / whole as f64 } else { 0.0 },
                     ranges_done: s.ranges_done,
                     strikes: s.strikes,
@@ -363,6 +368,7 @@ impl Download {
                     transport: s.transport.map(|t| t.to_string()),
                     node_id: s.node_id.clone(),
                     last_error: s.last_error.clone(),
+                    recovered_from: s.recovered_from.clone(),
                 })
                 .collect(),
             identity: p.identity.clone(),
@@ -450,6 +456,7 @@ fn new_progress(sources: &[String], state: DownloadState) -> Progress {
                 transport: None,
                 node_id: None,
                 last_error: None,
+                recovered_from: None,
                 sample_bytes: 0,
             })
             .collect(),
@@ -712,12 +719,20 @@ impl Downloads {
                 format!("{running} downloads are running, the most mftd runs at once; wait for some to finish"),
             ));
         }
+        if let Some(n) = req.connections_per_source.filter(|n| *n > 16) {
+            return Err(Rejected(
+                ErrorCode::InvalidArgument,
+                format!("{n} connections per source: give 1 to 16, or 0 to adapt to the path"),
+            ));
+        }
         let pin = match &req.identity {
             Some(i) => Some(parse_identity(i).map_err(|e| Rejected(ErrorCode::InvalidArgument, e))?),
             None => None,
         };
-        let dir = match &req.output_dir {
-            Some(d) => PathBuf::from(d),
+        // Lexically tidy (`a/./b` is `a/b`): the destination is shown and
+        // compared as written here.
+        let dir: PathBuf = match &req.output_dir {
+            Some(d) => Path::new(d).components().collect(),
             None => self.defaults.download_dir.clone(),
         };
         if !dir.is_absolute() {
@@ -740,7 +755,11 @@ impl Downloads {
             return Err(Rejected(ErrorCode::OutputDir, format!("output directory {} contains `..`", dir.display())));
         }
         caller::check_reachable(caller, &dir).map_err(|e| Rejected(ErrorCode::PermissionDenied, e.0))?;
-        if req.output_dir.is_some() && std::fs::symlink_metadata(&dir).is_err() {
+        let looked = std::fs::symlink_metadata(&dir);
+        if let Some(e) = looked.as_ref().err().filter(|e| e.kind() != std::io::ErrorKind::NotFound) {
+            return Err(Rejected(ErrorCode::OutputDir, format!("output directory {}: {e}", dir.display())));
+        }
+        if req.output_dir.is_some() && looked.is_err() {
             let existing = dir.ancestors().skip(1).find(|a| a.exists()).unwrap_or(Path::new("/"));
             let base = caller::check_output_dir(caller, existing, &self.defaults.download_roots)
                 .map_err(|e| Rejected(ErrorCode::PermissionDenied, e.0))?;
@@ -767,12 +786,13 @@ impl Downloads {
                     format!("output directory {} is not a directory", dir.display()),
                 ))
             }
-            Err(_) => {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Rejected(
                     ErrorCode::OutputDir,
                     format!("output directory {} does not exist; create it first", dir.display()),
                 ))
             }
+            Err(e) => return Err(Rejected(ErrorCode::OutputDir, format!("output directory {}: {e}", dir.display()))),
         }
         // The caller's rights first: mftd writes only where they could.
         let dir = caller::check_output_dir(caller, &dir, &self.defaults.download_roots)
@@ -1148,6 +1168,7 @@ impl Downloads {
                     }
                 }
                 self.store.remove(id);
+                dl.progress().error = Some(cancelled_by(caller));
                 dl.set_state_force(DownloadState::Cancelled);
             }
             DownloadState::Verifying => {
@@ -1157,6 +1178,7 @@ impl Downloads {
                 ))
             }
             _ => {
+                dl.progress().error = Some(cancelled_by(caller));
                 *dl.stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(StopReason::Cancel);
                 dl.token.cancel();
             }
@@ -1245,6 +1267,11 @@ fn new_sources(dl: &Download, new: &[String]) -> Result<Vec<String>, Rejected> {
         ));
     }
     Ok(added)
+}
+
+/// The reason a cancelled download shows.
+fn cancelled_by(caller: &Caller) -> String {
+    format!("cancelled by {} (`mftctl downloads cancel`); its partial file was removed", caller.describe())
 }
 
 /// A restricted caller manages only its own downloads.
