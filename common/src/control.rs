@@ -460,6 +460,28 @@ mod tests {
             let _ = serde_json::from_str::<Request>(&s);
         }
 
+        /// Valid request lines with bytes replaced or cut: parsed or
+        /// refused, never a panic (random text rarely gets past `{`).
+        #[test]
+        fn mutated_valid_requests_never_panic(which in 0usize..6, at in proptest::prelude::any::<usize>(),
+                                              val in proptest::prelude::any::<u8>(), cut in proptest::prelude::any::<bool>()) {
+            let reqs = [
+                Request::Hello { protocol: PROTOCOL, client: "mftctl".into() },
+                Request::ServerAdd { port: Some(5004), rate_limit: Some(1 << 20), transport: Some("plain".into()) },
+                Request::DownloadAddSource { id: 3, sources: vec!["10.0.0.7:5001".into(), "[::1]:5002#abc".into()] },
+                Request::Watch { id: 1, interval_ms: 1000 },
+                Request::GetResume { id: Some(9) },
+                Request::Get(GetRequest { remote_path: "iso/big.iso".into(), sources: vec!["h:1".into()], output_dir: Some("/tmp".into()),
+                    output_name: Some("x".into()), force: true, connections_per_source: Some(4), give_up_after_secs: Some(30),
+                    no_resume: false, secret_file: Some("/s".into()), identity: Some("ab".repeat(32)), expected_size: Some(7) }),
+            ];
+            let mut line = to_line(&reqs[which]);
+            line.pop();
+            let i = at % line.len();
+            if cut { line.truncate(i) } else { line[i] = val }
+            let _ = serde_json::from_slice::<Request>(&line);
+        }
+
         #[test]
         fn structured_garbage_never_panics(port in proptest::prelude::any::<i64>(), t in "[a-z_]{0,20}", n in 0usize..200) {
             let line = format!("{{\"type\":\"{t}\",\"port\":{port},\"id\":{port},\"sources\":{}}}", "[".repeat(n));

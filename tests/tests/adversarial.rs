@@ -122,20 +122,25 @@ fn swap_race(server: Daemon) {
         assert!(matches!(c.recv(), Some(Frame::Error(e)) if e.code == ErrorCode::PathRefused), "{p}");
     }
 
+    // As many swaps as the README claims, while requests keep coming.
+    const SWAPS: u64 = 20_000;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (s2, d2, real, out2) = (stop.clone(), d.clone(), server.export.join("d.real"), outside.clone());
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (s2, n2, d2, real, out2) =
+        (stop.clone(), done.clone(), d.clone(), server.export.join("d.real"), outside.clone());
     let swapper = std::thread::spawn(move || {
         let mut swaps = 0u64;
         let start = Instant::now();
         while !s2.load(std::sync::atomic::Ordering::SeqCst)
-            && swaps < 20_000
-            && start.elapsed() < Duration::from_secs(20)
+            && swaps < SWAPS
+            && start.elapsed() < Duration::from_secs(30)
         {
             if std::fs::rename(&d2, &real).is_ok() {
                 let _ = symlink(&out2, &d2);
                 let _ = std::fs::remove_file(&d2);
                 let _ = std::fs::rename(&real, &d2);
                 swaps += 1;
+                n2.store(swaps, std::sync::atomic::Ordering::Relaxed);
             }
         }
         swaps
@@ -143,8 +148,12 @@ fn swap_race(server: Daemon) {
     let mut leaked = 0;
     let mut served = 0;
     let mut requests = 0;
+    // Answers that show a request met the swap: the path led through the
+    // symlink (refused) or the directory was away (not found).
+    let mut refused = 0;
+    let mut missing = 0;
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(4) {
+    while done.load(std::sync::atomic::Ordering::Relaxed) < SWAPS && start.elapsed() < Duration::from_secs(30) {
         c.send(&Frame::Stat { path: "d/f.txt".into() });
         requests += 1;
         match c.recv() {
@@ -166,19 +175,26 @@ fn swap_race(server: Daemon) {
                             leaked += 1;
                         }
                     }
+                    Some(Frame::Error(e)) if e.code == ErrorCode::PathRefused => refused += 1,
+                    Some(Frame::Error(e)) if e.code == ErrorCode::NotFound => missing += 1,
                     Some(Frame::Error(_)) => {}
                     other => panic!("{other:?}"),
                 }
             }
+            Some(Frame::Error(e)) if e.code == ErrorCode::PathRefused => refused += 1,
+            Some(Frame::Error(e)) if e.code == ErrorCode::NotFound => missing += 1,
             Some(Frame::Error(_)) => {}
             other => panic!("{other:?}"),
         }
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let swaps = swapper.join().unwrap();
-    println!("{swaps} directory/symlink swaps, {requests} requests, {served} reads served, {leaked} leaked");
-    assert!(swaps >= 1000, "only {swaps} swaps");
+    println!(
+        "{swaps} directory/symlink swaps, {requests} requests: {served} reads served, {refused} refused through the symlink, {missing} found the directory away, {leaked} leaked"
+    );
+    assert_eq!(swaps, SWAPS, "only {swaps} swaps");
     assert!(served > 0, "nothing served at all");
+    assert!(refused > 0, "no request ever met the symlink: the race window was never hit");
     assert_eq!(leaked, 0, "sentinel bytes leaked");
     let _ = std::fs::remove_file(&d);
     if !d.exists() {

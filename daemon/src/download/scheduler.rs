@@ -782,11 +782,23 @@ mod tests {
         /// conn id generation per slot, so a failed conn comes back as new.
         gen: [u64; 4],
         corrupt_next: bool,
+        /// Every byte handed out for writing so far (a failed piece's bytes
+        /// leave it: they are to be written again).
+        written: IntervalSet,
+        /// Bytes handed out twice for writing (must stay 0).
+        twice: u64,
     }
 
     impl Sim {
         fn new(size: u64) -> Sim {
-            Sim { s: Scheduler::new(size, PS), inflight: HashMap::new(), gen: [0; 4], corrupt_next: false }
+            Sim {
+                s: Scheduler::new(size, PS),
+                inflight: HashMap::new(),
+                gen: [0; 4],
+                corrupt_next: false,
+                written: IntervalSet::new(),
+                twice: 0,
+            }
         }
         fn conn(&self, slot: u8) -> ConnId {
             self.gen[slot as usize] * 10 + slot as u64
@@ -816,11 +828,14 @@ mod tests {
                 }
                 n -= take;
                 for g in self.s.claim(c, ticket, r, now) {
+                    self.twice += self.written.intersecting(g).iter().map(|r| r.len()).sum::<u64>();
+                    self.written.insert(g);
                     let done = self.s.commit(slot as usize, g);
                     for p in done {
                         if self.corrupt_next {
                             self.corrupt_next = false;
                             self.s.piece_failed(p);
+                            self.written.remove(self.s.piece_range(p));
                         } else {
                             self.s.piece_verified(p);
                         }
@@ -859,6 +874,9 @@ mod tests {
                 // Invariant: received and writing never overlap; writing is
                 // empty between operations (writes are synchronous here).
                 prop_assert_eq!(sim.s.writing.covered(), 0);
+                // No byte is handed out for writing twice, except again
+                // after its piece failed verification.
+                prop_assert_eq!(sim.twice, 0);
             }
             // Drain: keep pulling and delivering; bounded.
             sim.corrupt_next = false;
@@ -870,6 +888,8 @@ mod tests {
                 }
             }
             prop_assert!(sim.s.is_complete(), "not complete: missing {:?}", sim.s.missing());
+            prop_assert_eq!(sim.twice, 0);
+            prop_assert_eq!(sim.written.covered(), size);
             prop_assert_eq!(sim.s.received_bytes(), size);
             prop_assert!(sim.s.missing().is_empty());
         }
