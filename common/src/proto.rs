@@ -715,13 +715,23 @@ mod tests {
     }
 
     #[test]
-    fn stat_ok_for_largest_file_fits_in_a_frame() {
-        let size = u64::MAX / 2;
-        let ps = piece_size_for(size);
-        assert!(piece_count_for(size, ps) <= MAX_PIECES || ps == 1 << 31);
-        // 1 TiB: the common "huge" case must fit easily.
-        let ps = piece_size_for(1 << 40);
-        assert!(piece_count_for(1 << 40, ps) * 32 + 4 <= MAX_FRAME as u64, "HASHES_OK fits");
+    fn the_largest_fetchable_file_fits_in_a_frame() {
+        // MAX_PIECES pieces of the largest piece size: 32 TiB.
+        let largest = MAX_PIECES * (1u64 << 31);
+        let min = MIN_PIECE as u64;
+        for size in [0, 1, min * MAX_PIECES, min * MAX_PIECES + 1, 1 << 40, largest - 1, largest] {
+            let ps = piece_size_for(size);
+            let n = piece_count_for(size, ps);
+            assert!(n <= MAX_PIECES, "{size} bytes: {n} pieces");
+        }
+        // One byte more has more pieces than a client accepts (it refuses
+        // such a file, see the engine's STAT check).
+        assert!(piece_count_for(largest + 1, piece_size_for(largest + 1)) > MAX_PIECES);
+        // The most hashes a HASHES_OK carries fit in a frame, and decode.
+        let f = Frame::HashesOk { hashes: vec![[7u8; 32]; MAX_PIECES as usize] };
+        let bytes = f.encode();
+        assert!(bytes.len() - HEADER_LEN <= MAX_FRAME as usize, "{} bytes", bytes.len());
+        assert_eq!(Frame::decode(bytes[0], &bytes[HEADER_LEN..]).ok(), Some(f));
     }
 
     /// The hex examples in the crate docs are what the encoder produces.

@@ -108,7 +108,16 @@ fn watch_attaches_to_a_running_download() {
     let id = client.get_detached("w", &server.sources(), &[]);
     let (out, lines) = client.ctl_json(&["downloads", "watch", &id.to_string(), "--interval", "0.2"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(lines.iter().any(|l| l["type"] == "progress"));
+    // Attached while it ran (a finished download would give one final
+    // event): progress events of a running download, with bytes moving.
+    let running: Vec<u64> = lines
+        .iter()
+        .filter(|l| l["type"] == "progress" && matches!(l["download"]["state"].as_str(), Some("active" | "starting")))
+        .map(|l| l["download"]["bytes_done"].as_u64().expect("bytes_done"))
+        .collect();
+    assert!(running.len() >= 3, "watch did not follow a running download: {lines:?}");
+    assert!(running.first() < running.last(), "no progress seen while watching: {running:?}");
+    assert!(*running.first().unwrap() < 12 * MIB);
     assert_eq!(lines.last().unwrap()["type"], "done");
 }
 
@@ -173,16 +182,18 @@ fn metrics_endpoint_moves_during_a_download() {
         assert!(body.starts_with("HTTP/1.1 200"), "{body}");
         body
     };
+    // A series missing from the scrape is a failure, not a 0.
     let value = |text: &str, series: &str| -> u64 {
-        text.lines()
-            .find(|l| l.starts_with(series))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        let line = text.lines().find(|l| l.starts_with(series)).unwrap_or_else(|| panic!("no {series} in:\n{text}"));
+        line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no number in {line:?}"))
     };
+    let has = |text: &str, series: &str| text.lines().any(|l| l.starts_with(series));
     let id = client.get_detached("m", &server.sources(), &[]);
     let series = format!("mftd_listener_bytes_sent_total{{port=\"{}\"}}", server.ports[0]);
-    assert!(wait_until(Duration::from_secs(10), || value(&scrape(port), &series) > 0));
+    assert!(wait_until(Duration::from_secs(10), || {
+        let m = scrape(port);
+        has(&m, &series) && value(&m, &series) > 0
+    }));
     let a = value(&scrape(port), &series);
     std::thread::sleep(Duration::from_millis(500));
     let m = scrape(port);
@@ -190,6 +201,15 @@ fn metrics_endpoint_moves_during_a_download() {
     assert!(b > a, "listener counter did not move: {a} -> {b}");
     assert!(m.contains("# TYPE mftd_listener_bytes_sent_total counter"), "{m}");
     assert!(m.contains(&format!("mftd_listener_connections{{port=\"{}\"}}", server.ports[0])));
+    // Every series the README lists, with the values that are known.
+    let p0 = server.ports[0];
+    assert_eq!(value(&m, &format!("mftd_listener_rate_limit_bytes{{port=\"{p0}\"}}")), 4 << 20, "{m}");
+    assert_eq!(value(&m, &format!("mftd_listener_up{{port=\"{p0}\"}}")), 1, "{m}");
+    assert!(value(&m, &format!("mftd_listener_connections_total{{port=\"{p0}\"}}")) >= 1, "{m}");
+    assert!(value(&m, &format!("mftd_listener_connections{{port=\"{p0}\"}}")) >= 1, "{m}");
+    for series in ["mftd_listener_send_rate_bytes", "mftd_uptime_seconds"] {
+        assert!(m.lines().any(|l| l.starts_with(series)), "{series} missing: {m}");
+    }
     client.wait_download(id, Duration::from_secs(20));
 
     // The downloading side exports per-download, per-source series.
@@ -197,12 +217,28 @@ fn metrics_endpoint_moves_during_a_download() {
     let client2 = Daemon::builder(0).arg("--metrics-listen").arg(format!("127.0.0.1:{cport}")).start();
     let id2 = client2.get_detached("m", &server.sources(), &[]);
     let src = format!("mftd_download_source_bytes_received_total{{id=\"{id2}\",source=\"{}\"}}", server.sources()[0]);
-    assert!(wait_until(Duration::from_secs(10), || value(&scrape(cport), &src) > 0));
+    assert!(wait_until(Duration::from_secs(10), || {
+        let m = scrape(cport);
+        has(&m, &src) && value(&m, &src) > 0
+    }));
     let x = value(&scrape(cport), &src);
     std::thread::sleep(Duration::from_millis(500));
     let text = scrape(cport);
     assert!(value(&text, &src) > x, "source counter did not move");
     assert!(text.contains(&format!("mftd_download_state{{id=\"{id2}\",state=\"active\"}} 1")), "{text}");
+    assert_eq!(value(&text, &format!("mftd_download_size_bytes{{id=\"{id2}\",path=\"m\"}}")), 12 * MIB);
+    assert!(value(&text, &format!("mftd_download_bytes_done{{id=\"{id2}\",path=\"m\"}}")) > 0);
+    let s0 = server.sources()[0].clone();
+    assert_eq!(value(&text, &format!("mftd_download_source_up{{id=\"{id2}\",source=\"{s0}\"}}")), 1, "{text}");
+    assert_eq!(value(&text, &format!("mftd_download_source_strikes_total{{id=\"{id2}\",source=\"{s0}\"}}")), 0);
+    for series in ["mftd_download_speed_bytes", "mftd_download_source_speed_bytes", "mftd_uptime_seconds"] {
+        assert!(text.lines().any(|l| l.starts_with(series)), "{series} missing: {text}");
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(&format!("mftd_download_source_strikes_total{{id=\"{id2}\"")) && l.ends_with(" 0")),
+        "{text}"
+    );
     // Anything else is a 404, and the daemon keeps serving.
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", cport)).unwrap();
