@@ -121,7 +121,7 @@ fn damaged_manifests_are_reported_and_data_is_reverified() {
     let size = 24 * MIB;
     write_file(&server.export.join("d"), size, 23);
     warm(&server, "d");
-    for (i, damage) in ["truncate", "zero", "version", "inconsistent"].iter().enumerate() {
+    for (i, damage) in ["truncate", "zero", "version", "tamper", "inconsistent"].iter().enumerate() {
         let mut client = Daemon::start(0);
         let id = client.get_detached("d", &server.sources(), &[]);
         assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 8 * MIB));
@@ -141,6 +141,15 @@ fn damaged_manifests_are_reported_and_data_is_reverified() {
                 let s = String::from_utf8(text).unwrap().replace("\"version\": 1", "\"version\": 99");
                 std::fs::write(&m, s).unwrap();
                 "version 99 is not supported"
+            }
+            "tamper" => {
+                // Valid JSON, one field changed (a source redirected), as
+                // someone without the manifest key would: never obeyed.
+                let s = String::from_utf8(text).unwrap();
+                let redirected = s.replace(&server.sources()[0], "127.0.0.1:1");
+                assert_ne!(s, redirected, "the manifest does not name the source");
+                std::fs::write(&m, redirected).unwrap();
+                "checksum mismatch"
             }
             _ => {
                 // The manifest is fine but the data file no longer matches it.
@@ -162,6 +171,9 @@ fn damaged_manifests_are_reported_and_data_is_reverified() {
             let msg = damaged[0].as_str().unwrap();
             assert!(msg.contains(&m.display().to_string()) && msg.contains(reason), "{damage}: {msg}");
             assert!(client.log().contains("damaged download manifest"), "logged");
+            // Not obeyed: no download was loaded from it.
+            let (_, listed) = client.ctl_json(&["downloads", "list"]);
+            assert_eq!(listed[0]["downloads"], serde_json::json!([]), "{damage}: a damaged manifest was loaded");
         }
         // Recover: the same get re-verifies what is on disk and finishes.
         let out = if reason.is_empty() {
