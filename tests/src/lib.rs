@@ -216,6 +216,44 @@ impl Daemon {
             .expect("run mftctl")
     }
 
+    /// A daemon whose listeners and serving settings come from the config
+    /// file `cfg` alone, so a reload (SIGHUP) re-reads them (the builder's
+    /// daemons pass --ports).
+    pub fn from_config(cfg: &Path) -> Daemon {
+        let mut server = Daemon::start(0);
+        server.kill();
+        let log = std::fs::File::create(server.dir.path().join("mftd.log")).expect("log file");
+        let mut cmd = Command::new(mftd_bin());
+        cmd.arg("--config")
+            .arg(cfg)
+            .arg("--export")
+            .arg(&server.export)
+            .arg("--state-dir")
+            .arg(server.dir.path().join("state"))
+            .arg("--socket")
+            .arg(&server.socket)
+            .env_remove("MFTD_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(log);
+        server.child = Some(cmd.spawn().expect("spawn mftd"));
+        server.wait_ready();
+        server.ports = server.servers().iter().map(|s| s["port"].as_u64().expect("port") as u16).collect();
+        server
+    }
+
+    /// Sends SIGHUP and waits (at most 5 s) until the log says the
+    /// configuration was reloaded.
+    pub fn reload(&self) {
+        let before = self.log().matches("configuration reloaded").count();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), nix::sys::signal::Signal::SIGHUP)
+            .expect("SIGHUP");
+        assert!(
+            wait_until(Duration::from_secs(5), || self.log().matches("configuration reloaded").count() > before),
+            "no reload: {}",
+            self.log()
+        );
+    }
+
     /// Runs `mftctl ARGS` and panics if it has not ended within `limit`
     /// (for commands that follow a download and would otherwise hang a
     /// test that should fail).
@@ -376,6 +414,12 @@ impl RawConn {
 }
 
 /// Polls `cond` every 20 ms until it holds or `limit` passes.
+/// `n` loopback ports free a moment ago (bound, then released).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let ls: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
+    ls.iter().map(|l| l.local_addr().expect("local addr").port()).collect()
+}
+
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     while start.elapsed() < limit {

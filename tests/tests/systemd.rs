@@ -5,37 +5,9 @@ use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mftd_tests::{mftd_bin, sha256_file, stderr, wait_until, write_file, Daemon};
+use mftd_tests::{free_ports, mftd_bin, sha256_file, stderr, wait_until, write_file, Daemon};
 
 const MIB: u64 = 1 << 20;
-
-fn free_ports(n: usize) -> Vec<u16> {
-    let ls: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
-}
-
-/// A daemon whose listeners and serving settings come from the config file
-/// `cfg` alone, so a reload re-reads them (the helper's daemon would pass
-/// --ports).
-fn from_config(cfg: &std::path::Path) -> Daemon {
-    let mut server = Daemon::start(0);
-    server.kill();
-    let log = std::fs::File::create(server.dir.path().join("mftd.log")).unwrap();
-    let mut cmd = Command::new(mftd_bin());
-    cmd.arg("--config")
-        .arg(cfg)
-        .arg("--export")
-        .arg(&server.export)
-        .arg("--state-dir")
-        .arg(server.dir.path().join("state"))
-        .arg("--socket")
-        .arg(&server.socket)
-        .stdout(Stdio::null())
-        .stderr(log);
-    server.child = Some(cmd.spawn().unwrap());
-    server.wait_ready();
-    server
-}
 
 #[test]
 fn ready_only_after_listeners_accept_then_status_and_watchdog() {
@@ -115,7 +87,7 @@ fn sighup_adds_removes_and_relimits_listeners_while_a_download_runs() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("mftd.toml");
     std::fs::write(&cfg, format!("ports = [{a}, {b}]\nrate_limit = \"4M\"\n")).unwrap();
-    let server = from_config(&cfg);
+    let server = Daemon::from_config(&cfg);
     let size = 24 * MIB;
     write_file(&server.export.join("h"), size, 41);
     let client = Daemon::start(0);
@@ -234,22 +206,13 @@ fn sighup_applies_allow_list_secret_and_timeouts() {
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "reloaded-secret-42").unwrap();
     std::fs::write(&cfg, format!("ports = [{port}]\n")).unwrap();
-    let server = from_config(&cfg);
-    let hup = |server: &Daemon| {
-        let before = server.log().matches("configuration reloaded").count();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(server.pid()), nix::sys::signal::Signal::SIGHUP).unwrap();
-        assert!(
-            wait_until(Duration::from_secs(5), || server.log().matches("configuration reloaded").count() > before),
-            "no reload: {}",
-            server.log()
-        );
-    };
+    let server = Daemon::from_config(&cfg);
 
     // An open connection from 127.0.0.1, then an allow list without it.
     let mut open = RawConn::hello(port);
     std::fs::write(&cfg, format!("ports = [{port}]\nallow = [\"10.0.0.0/8\"]\n")).unwrap();
     let t = Instant::now();
-    hup(&server);
+    server.reload();
     // Closed (EOF), not merely silent until the 10 s read timeout.
     assert!(open.recv().is_none(), "a connection the new allow list forbids stayed open");
     assert!(t.elapsed() < Duration::from_secs(5), "closed only after {:?}", t.elapsed());
@@ -262,7 +225,7 @@ fn sighup_applies_allow_list_secret_and_timeouts() {
 
     // A shared secret: new connections must prove it.
     std::fs::write(&cfg, format!("ports = [{port}]\nauth_secret_file = {:?}\n", secret.display().to_string())).unwrap();
-    hup(&server);
+    server.reload();
     let challenged = |port| {
         let mut c = RawConn::connect(port);
         c.send(&Frame::Hello { magic: MAGIC, version: VERSION, flags: 0 });
@@ -274,14 +237,14 @@ fn sighup_applies_allow_list_secret_and_timeouts() {
     let missing = dir.path().join("missing");
     std::fs::write(&cfg, format!("ports = [{port}]\nauth_secret_file = {:?}\n", missing.display().to_string()))
         .unwrap();
-    hup(&server);
+    server.reload();
     assert!(server.log().contains("keeping the previous secret"), "{}", server.log());
     assert!(challenged(port), "the previous secret was dropped");
 
     // A shorter handshake timeout: a silent connection is cut after it
     // (at least the configured 1 s, well before the default 10 s).
     std::fs::write(&cfg, format!("ports = [{port}]\nhandshake_timeout = 1\n")).unwrap();
-    hup(&server);
+    server.reload();
     let mut silent = RawConn::connect(port);
     let t = Instant::now();
     let got = silent.recv();

@@ -2156,6 +2156,32 @@ fn settle(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize, ok: Result<io::Result
 mod tests {
     use super::*;
 
+    /// The README's schedule: from 250 ms, doubling to a 5 s cap, each
+    /// delay within ±25 % of its step, and not all alike.
+    #[test]
+    fn backoff_doubles_from_250_ms_to_a_5_s_cap_with_jitter() {
+        assert_eq!(BACKOFF_START, Duration::from_millis(250));
+        assert_eq!(BACKOFF_CAP, Duration::from_secs(5));
+        let mut firsts = std::collections::HashSet::new();
+        for _ in 0..50 {
+            let mut b = Backoff::new();
+            let mut step = BACKOFF_START;
+            for i in 0..10 {
+                let d = b.next();
+                assert!(
+                    d >= step.mul_f64(0.75) && d <= step.mul_f64(1.25).min(BACKOFF_CAP),
+                    "try {i}: {d:?} for step {step:?}"
+                );
+                if i == 0 {
+                    firsts.insert(d);
+                }
+                step = (step * 2).min(BACKOFF_CAP);
+            }
+            assert_eq!(step, BACKOFF_CAP, "ten tries reach the cap");
+        }
+        assert!(firsts.len() > 10, "no jitter: {firsts:?}");
+    }
+
     /// Review finding: a hard link planted at the part file's name made
     /// mftd write (and truncate) the file it links to.
     #[test]
