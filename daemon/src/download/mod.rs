@@ -757,7 +757,7 @@ impl Downloads {
         caller::check_reachable(caller, &dir).map_err(|e| Rejected(ErrorCode::PermissionDenied, e.0))?;
         let looked = std::fs::symlink_metadata(&dir);
         if let Some(e) = looked.as_ref().err().filter(|e| e.kind() != std::io::ErrorKind::NotFound) {
-            return Err(Rejected(ErrorCode::OutputDir, format!("output directory {}: {e}", dir.display())));
+            return Err(Rejected(ErrorCode::OutputDir, format!("cannot use output directory {}: {e}", dir.display())));
         }
         if req.output_dir.is_some() && looked.is_err() {
             let existing = dir.ancestors().skip(1).find(|a| a.exists()).unwrap_or(Path::new("/"));
@@ -792,7 +792,12 @@ impl Downloads {
                     format!("output directory {} does not exist; create it first", dir.display()),
                 ))
             }
-            Err(e) => return Err(Rejected(ErrorCode::OutputDir, format!("output directory {}: {e}", dir.display()))),
+            Err(e) => {
+                return Err(Rejected(
+                    ErrorCode::OutputDir,
+                    format!("cannot use output directory {}: {e}", dir.display()),
+                ))
+            }
         }
         // The caller's rights first: mftd writes only where they could.
         let dir = caller::check_output_dir(caller, &dir, &self.defaults.download_roots)
