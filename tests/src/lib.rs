@@ -483,6 +483,16 @@ pub struct StallProxy {
 
 impl StallProxy {
     pub fn start(upstream: u16, limit: u64) -> StallProxy {
+        StallProxy::spawn(upstream, limit, false)
+    }
+
+    /// Like [`StallProxy::start`], but takes one connection only: later
+    /// ones (a client's probes and reconnections) are refused.
+    pub fn start_once(upstream: u16, limit: u64) -> StallProxy {
+        StallProxy::spawn(upstream, limit, true)
+    }
+
+    fn spawn(upstream: u16, limit: u64, once: bool) -> StallProxy {
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::{Arc, Mutex};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
@@ -526,6 +536,10 @@ impl StallProxy {
                     // proxy is dropped.
                     let _ = sr.read_to_end(&mut Vec::new());
                 });
+                if once {
+                    // Closing the listener: connects are refused from now on.
+                    return;
+                }
             }
         });
         StallProxy { port, stop, conns }
