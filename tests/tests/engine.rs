@@ -162,7 +162,11 @@ fn give_up_after_fails_a_download_with_no_source() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let client = Daemon::start(0);
     let t = Instant::now();
-    let out = client.get("x", &format!("127.0.0.1:{port}"), &["--give-up-after", "2s"]);
+    let from = format!("127.0.0.1:{port}");
+    let dl = client.downloads.to_str().expect("utf-8").to_string();
+    // Bounded: without give-up the get would wait forever.
+    let out =
+        client.ctl_within(Duration::from_secs(30), &["get", "x", "--from", &from, "-o", &dl, "--give-up-after", "2s"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).is_empty() || !stderr(&out).contains("panic"));
     let text = String::from_utf8_lossy(&out.stdout);
