@@ -230,6 +230,15 @@ impl Manifest {
         if !dest.is_absolute() || named.is_none() || dest.file_name() != named {
             return bad(format!("destination {:?} is not named after {:?}", self.destination, self.remote_path));
         }
+        // Identities are 64 hex digits (they are sliced and compared as such).
+        let hex64 = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+        for (what, id) in
+            [("identity", self.file.as_ref().and_then(|f| f.identity.as_deref())), ("pin", self.pin.as_deref())]
+        {
+            if let Some(id) = id.filter(|id| !hex64(id)) {
+                return bad(format!("{what} {id:?} is not 64 hexadecimal digits"));
+            }
+        }
         if let Some(f) = &self.file {
             if f.piece_size != piece_size_for(f.size) || piece_count_for(f.size, f.piece_size) > MAX_PIECES {
                 return bad(format!("piece size {} does not fit a {}-byte file", f.piece_size, f.size));
@@ -361,6 +370,18 @@ mod tests {
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
             let _ = Manifest::decode(&bytes, &KEY);
+        }
+
+        /// A manifest carrying any identity or pin string is accepted only
+        /// if it is 64 hex digits (it is sliced as such later), and never
+        /// panics the decoder.
+        #[test]
+        fn identities_must_be_hex(id in "\\PC{0,80}", as_pin in proptest::prelude::any::<bool>()) {
+            let mut m = sample();
+            if as_pin { m.pin = Some(id.clone()) } else if let Some(f) = m.file.as_mut() { f.identity = Some(id.clone()) }
+            let ok = id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit());
+            let got = Manifest::decode(&m.encode(&KEY), &KEY);
+            proptest::prop_assert_eq!(got.is_ok(), ok, "{:?}", got);
         }
 
         /// Flipping any byte of a valid manifest is either caught or harmless.

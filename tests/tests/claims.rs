@@ -294,3 +294,14 @@ fn mftctl_finds_the_socket_by_flag_then_environment() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("none.sock"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_daemon_without_listeners_says_so() {
+    let d = Daemon::start(0);
+    let out = d.ctl(&["servers", "list"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("no transfer listeners: this mftd serves no files"), "{}", stdout(&out));
+    assert!(d.log().contains("no transfer listeners (servers = 0)"), "{}", d.log());
+    let with = Daemon::start(1);
+    assert!(!with.log().contains("no transfer listeners"), "{}", with.log());
+}
