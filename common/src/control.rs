@@ -42,8 +42,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::range::Range;
-
 /// Control protocol version.
 pub const PROTOCOL: u32 = 1;
 /// Longest request or response line, newline excluded.
@@ -396,9 +394,6 @@ pub struct DownloadInfo {
     pub vote: Option<String>,
     #[serde(default)]
     pub error: Option<String>,
-    /// Missing ranges (only in `downloads show`, for debugging).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub missing: Vec<Range>,
 }
 
 impl DownloadInfo {

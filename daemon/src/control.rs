@@ -327,7 +327,7 @@ async fn watch<W: tokio::io::AsyncWrite + Unpin>(
                 }
             }
         }
-        let info = dl.info(false);
+        let info = dl.info();
         // A paused download's run is over: the stream ends with it.
         let last = info.state.is_final() || info.state == DownloadState::Paused;
         send(w, &Response::Progress { download: info }).await?;
@@ -344,7 +344,7 @@ async fn watch<W: tokio::io::AsyncWrite + Unpin>(
                 }
             }
             _ = daemon.shutdown.cancelled() => {
-                let info = dl.info(false);
+                let info = dl.info();
                 return send(w, &Response::Progress { download: info }).await;
             }
         }

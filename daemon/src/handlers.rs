@@ -177,10 +177,10 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
             Err(r) => Response::error(r.0, r.1),
         },
         Request::DownloadsList => {
-            Response::Downloads { downloads: d.downloads.visible_to(caller).iter().map(|x| x.info(false)).collect() }
+            Response::Downloads { downloads: d.downloads.visible_to(caller).iter().map(|x| x.info()).collect() }
         }
         Request::DownloadShow { id } => match d.downloads.get(id).filter(|dl| dl.visible_to(caller)) {
-            Some(dl) => Response::Download { download: dl.info(true) },
+            Some(dl) => Response::Download { download: dl.info() },
             None => {
                 let r = crate::download::unknown(id);
                 Response::error(r.0, r.1)
@@ -241,7 +241,7 @@ fn status(d: &Daemon, caller: &Caller) -> Response {
         socket: cfg.socket.display().to_string(),
         node_id: d.node_id.clone(),
         listeners: d.listeners.list(),
-        downloads: d.downloads.visible_to(caller).iter().map(|x| x.info(false)).collect(),
+        downloads: d.downloads.visible_to(caller).iter().map(|x| x.info()).collect(),
         damaged_manifests: d.downloads.damaged(),
     })
 }

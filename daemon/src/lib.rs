@@ -4,21 +4,21 @@
 //! [`run`] is the whole daemon; the binary only parses flags, sets up
 //! logging and signals, and calls it.
 
-pub mod caller;
+mod caller;
 pub mod config;
-pub mod control;
-pub mod download;
-pub mod handlers;
-pub mod identity;
-pub mod jail;
-pub mod listener;
-pub mod metrics;
+mod control;
+mod download;
+mod handlers;
+mod identity;
+mod jail;
+mod listener;
+mod metrics;
 pub mod node;
-pub mod notify;
-pub mod ratelimit;
-pub mod serve;
-pub mod store;
-pub mod transport;
+mod notify;
+mod ratelimit;
+mod serve;
+mod store;
+mod transport;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -212,14 +212,8 @@ pub type Reloader = Box<dyn Fn() -> anyhow::Result<Config> + Send + Sync>;
 /// How long shutdown waits for connections and downloads to wind down.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 
-/// Runs the daemon until `shutdown` is cancelled. `ready` is called once
-/// every listener is bound and the control socket accepts connections.
-pub async fn run(
-    config: Config,
-    shutdown: CancellationToken,
-    reloader: Option<Reloader>,
-    ready: impl FnOnce(&Daemon),
-) -> anyhow::Result<()> {
+/// Runs the daemon until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken, reloader: Option<Reloader>) -> anyhow::Result<()> {
     // The control socket first: a second daemon on the same socket must
     // say so, not complain about ports.
     let sock = control::ControlSocket::bind(&config.socket, config.socket_group.as_deref())?;
@@ -387,7 +381,6 @@ pub async fn run(
     );
     // Listeners are bound and the control socket listens: tell systemd.
     notify::ready(&daemon.summary());
-    ready(&daemon);
     control::serve(sock, daemon.clone()).await;
 
     // One shutdown path for signals and `mftctl shutdown`.

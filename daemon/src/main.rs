@@ -84,7 +84,7 @@ fn main() -> ExitCode {
         });
         let reload_args = args.clone();
         let reloader: mftd::Reloader = Box::new(move || Config::load(&reload_args));
-        mftd::run(config, shutdown, Some(reloader), |_| {}).await
+        mftd::run(config, shutdown, Some(reloader)).await
     });
     // Tasks that ignored the grace period must not hold up the exit.
     rt.shutdown_timeout(std::time::Duration::from_millis(500));

@@ -133,7 +133,7 @@ pub fn render(d: &Daemon) -> String {
         &|l| l.rate_limit,
     );
 
-    let ds: Vec<DownloadInfo> = d.downloads.all().iter().map(|x| x.info(false)).collect();
+    let ds: Vec<DownloadInfo> = d.downloads.all().iter().map(|x| x.info()).collect();
     const STATES: [(DownloadState, &str); 8] = [
         (DownloadState::Starting, "starting"),
         (DownloadState::Active, "active"),

@@ -312,8 +312,8 @@ pub enum Event {
     },
     /// The piece hashes asked for with [`Stream::hashes`].
     Hashes(Vec<[u8; 32]>),
+    /// An ERROR frame from the server.
     Error {
-        id: u32,
         code: ErrorCode,
         message: String,
     },
@@ -457,7 +457,7 @@ async fn read_events(mut rd: OwnedReadHalf, tx: mpsc::Sender<Event>, mut free: m
             }
             Frame::Trimmed { id, end } => Event::Trimmed { id, end },
             Frame::HashesOk { hashes } => Event::Hashes(hashes),
-            Frame::Error(e) => Event::Error { id: e.id, code: e.code, message: printable(e.message) },
+            Frame::Error(e) => Event::Error { code: e.code, message: printable(e.message) },
             other => Event::Failed(ClientError::Protocol(format!("unexpected {} frame", other.name()))),
         };
         let last = matches!(ev, Event::Failed(_));

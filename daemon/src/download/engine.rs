@@ -1734,7 +1734,7 @@ async fn fetch(
                 }
                 let ticket = o.ticket;
                 o.next = got.end;
-                let buf = match store(eng, chosen, src, conn_id, ticket, got, buf, &mut hasher).await {
+                let buf = match write_received(eng, chosen, src, conn_id, ticket, got, buf, &mut hasher).await {
                     Ok(b) => b,
                     Err(fatal) => {
                         let _ = eng.outcome.try_send(Outcome::Fatal(fatal));
@@ -1842,7 +1842,7 @@ async fn fetch(
 /// Claims `got`, writes the claimed parts at their offsets, commits them and
 /// starts verification of completed pieces. Returns the buffer.
 #[allow(clippy::too_many_arguments)]
-async fn store(
+async fn write_received(
     eng: &Arc<Engine>,
     chosen: &Arc<Chosen>,
     src: SourceId,

@@ -33,8 +33,6 @@ pub enum SourceError {
     ForgedHashes,
     #[error("no data for {0:.1?} while a new connection got through; reconnecting")]
     Stalled(Duration),
-    #[error("download stopped")]
-    Cancelled,
 }
 
 /// Why a download stopped short of its file.

@@ -324,7 +324,7 @@ impl Download {
         }
     }
 
-    pub fn info(&self, _detailed: bool) -> DownloadInfo {
+    pub fn info(&self) -> DownloadInfo {
         let p = self.progress();
         let size = p.size;
         // Shares are of what is in the file, so they (with what was found
@@ -374,7 +374,6 @@ impl Download {
             identity: p.identity.clone(),
             vote: if p.identity.is_none() { p.vote.clone() } else { None },
             error: p.error.clone(),
-            missing: Vec::new(),
         }
     }
 }

@@ -188,9 +188,6 @@ impl Scheduler {
     pub fn size(&self) -> u64 {
         self.size
     }
-    pub fn piece_count(&self) -> usize {
-        self.verified.len()
-    }
     pub fn verified_count(&self) -> usize {
         self.verified_count
     }
@@ -199,9 +196,6 @@ impl Scheduler {
     }
     pub fn is_complete(&self) -> bool {
         self.verified_count == self.verified.len()
-    }
-    pub fn received(&self) -> &IntervalSet {
-        &self.received
     }
     pub fn piece_range(&self, i: usize) -> Range {
         let s = i as u64 * self.piece_size;
