@@ -56,19 +56,24 @@ async fn version_of(
     }
 }
 
+/// Whom to ask about which file, and how.
+pub struct Ask<'a> {
+    pub sources: &'a [String],
+    pub path: &'a str,
+    pub secret: Option<Arc<Vec<u8>>>,
+    pub dialer: Arc<Dialer>,
+    pub idle: Duration,
+    /// The version the user pinned, if any.
+    pub pin: Option<[u8; 32]>,
+}
+
 /// The version the sources serve: the pinned one if given, else the one a
 /// strict majority of all the sources named (the rule downloads vote by).
-async fn sources_version(
-    sources: &[String],
-    path: &str,
-    secret: Option<Arc<Vec<u8>>>,
-    dialer: Arc<Dialer>,
-    idle: Duration,
-    pin: Option<[u8; 32]>,
-) -> Result<(u64, [u8; 32]), String> {
+async fn sources_version(ask: &Ask<'_>) -> Result<(u64, [u8; 32]), String> {
+    let (sources, idle, pin) = (ask.sources, ask.idle, ask.pin);
     let mut asks = tokio::task::JoinSet::new();
     for s in sources {
-        let (s, path, secret, dialer) = (s.clone(), path.to_string(), secret.clone(), dialer.clone());
+        let (s, path, secret, dialer) = (s.clone(), ask.path.to_string(), ask.secret.clone(), ask.dialer.clone());
         asks.spawn(async move {
             timeout(PROBE_TIME, version_of(&s, &path, secret.as_deref().map(|v| v.as_slice()), &dialer, idle))
                 .await
@@ -118,21 +123,11 @@ fn reasons(errors: &[String]) -> String {
 
 /// Compares `local` (open, `local_size` bytes) with what the sources serve.
 /// Blocking: call off the async runtime, from a thread that can reach it.
-#[allow(clippy::too_many_arguments)]
-pub fn compare(
-    local: &File,
-    local_size: u64,
-    sources: &[String],
-    path: &str,
-    secret: Option<Arc<Vec<u8>>>,
-    dialer: Arc<Dialer>,
-    idle: Duration,
-    pin: Option<[u8; 32]>,
-) -> Verdict {
+pub fn compare(local: &File, local_size: u64, ask: &Ask<'_>) -> Verdict {
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         return Verdict::Unknown("no runtime to ask the sources from".into());
     };
-    let (size, root) = match rt.block_on(sources_version(sources, path, secret, dialer, idle, pin)) {
+    let (size, root) = match rt.block_on(sources_version(ask)) {
         Ok(v) => v,
         Err(e) => return Verdict::Unknown(e),
     };

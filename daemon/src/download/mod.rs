@@ -941,16 +941,15 @@ impl Downloads {
             Ok(_) => return existing::Verdict::Different("it is not a regular file".into()),
             Err(e) => return existing::Verdict::Unknown(format!("cannot stat it: {e}")),
         };
-        existing::compare(
-            &file,
-            size,
-            &dl.sources,
-            &dl.remote_path,
-            dl.secret.clone(),
-            dl.dialer.clone(),
-            dl.idle_timeout,
-            dl.pin,
-        )
+        let ask = existing::Ask {
+            sources: &dl.sources,
+            path: &dl.remote_path,
+            secret: dl.secret.clone(),
+            dialer: dl.dialer.clone(),
+            idle: dl.idle_timeout,
+            pin: dl.pin,
+        };
+        existing::compare(&file, size, &ask)
     }
 
     /// Adds sources to a download: a running one checkpoints and continues
