@@ -415,6 +415,15 @@ impl Response {
     }
 }
 
+/// The name a unit enum of this protocol has on the wire (`"paused"`,
+/// `"unknown_download"`): the one string form of states, codes and kinds.
+pub fn word<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
+    }
+}
+
 /// Encodes a message as one line, newline included.
 pub fn to_line<T: Serialize>(msg: &T) -> Vec<u8> {
     // Serializing these types cannot fail: no maps with non-string keys, no

@@ -54,17 +54,14 @@ impl std::fmt::Display for CtlError {
 }
 
 impl CtlError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> String {
         match self {
-            CtlError::NotRunning(_) => "not_running",
-            CtlError::Permission(_) => "permission_denied",
-            CtlError::Io(..) => "io",
-            CtlError::Protocol(_) => "protocol",
-            CtlError::Daemon { code, .. } => match serde_json::to_value(code) {
-                Ok(serde_json::Value::String(s)) => Box::leak(s.into_boxed_str()),
-                _ => "daemon",
-            },
-            CtlError::Usage(_) => "usage",
+            CtlError::NotRunning(_) => "not_running".into(),
+            CtlError::Permission(_) => "permission_denied".into(),
+            CtlError::Io(..) => "io".into(),
+            CtlError::Protocol(_) => "protocol".into(),
+            CtlError::Daemon { code, .. } => mftd_common::control::word(code),
+            CtlError::Usage(_) => "usage".into(),
         }
     }
 

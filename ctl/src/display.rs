@@ -36,7 +36,7 @@ pub fn listeners_table(ls: &[ListenerInfo]) -> String {
         "PORT", "STATE", "TRANSPORT", "CONNS", "SENT", "RATE", "LIMIT"
     );
     for l in ls {
-        let state = serde_json::to_value(l.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        let state = state_name(&l.state);
         out.push_str(&format!(
             "{:<6} {:<8} {:<11} {:>5} {:>12} {:>12} {:>12}\n",
             l.port,
@@ -60,7 +60,7 @@ pub fn transport_name(t: &str) -> &str {
 }
 
 fn state_name<T: serde::Serialize>(s: &T) -> String {
-    serde_json::to_value(s).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+    mftd_common::control::word(s)
 }
 
 /// The header above [`download_line`]s.

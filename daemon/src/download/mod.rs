@@ -1289,7 +1289,7 @@ fn owned_by(dl: &Download, caller: &Caller) -> Result<(), Rejected> {
 }
 
 pub fn state_word(s: DownloadState) -> String {
-    serde_json::to_value(s).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+    mftd_common::control::word(&s)
 }
 
 pub fn unknown(id: u64) -> Rejected {
