@@ -21,11 +21,16 @@ fn download_ids_are_never_reused_after_a_restart() {
     let mut client = Daemon::start(0);
     let first = client.get_detached("a", &server.sources(), &[]);
     assert_eq!(client.wait_download(first, Duration::from_secs(30))["state"], "done");
+    // A get with nothing to do and a refused one take no ID.
+    let out = client.get("a", &server.sources()[0], &[]);
+    assert!(out.status.success() && stderr(&out).contains("nothing to download"), "{}", stderr(&out));
+    let out = client.get("missing/../../x", &server.sources()[0], &[]);
+    assert_eq!(out.status.code(), Some(1));
     // Finished: no manifest is left to remember the ID by.
     assert!(client.terminate(Duration::from_secs(10)).is_some_and(|s| s.success()));
     let client2 = Daemon::builder(0).arg("--state-dir").arg(client.dir.path().join("state").to_str().unwrap()).start();
     let second = client2.get_detached("b", &server.sources(), &[]);
-    assert!(second > first, "download ID {second} was handed out again after a restart (first was {first})");
+    assert_eq!(second, first + 1, "after a restart download {second} follows {first} (no ID reused, none skipped)");
 }
 
 #[test]

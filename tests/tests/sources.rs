@@ -121,6 +121,9 @@ fn add_source_joins_a_running_download_and_watchers_follow() {
     assert_eq!(lines.last().expect("events")["type"], "done", "{lines:?}");
     assert!(lines.iter().all(|l| l["download"]["state"] != "paused"), "the watcher saw a pause: {lines:?}");
     assert!(lines.iter().any(|l| l["download"]["sources"].as_array().is_some_and(|s| s.len() == 2)));
+    // Running time carries over to the new run without going back.
+    let times: Vec<u64> = lines.iter().filter_map(|l| l["download"]["elapsed_ms"].as_u64()).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "elapsed_ms went backwards: {times:?}");
 
     // Bad input: unknown ID, a source without a port.
     let out = client.ctl(&["downloads", "add-source", "999", &server.sources()[1]]);
@@ -149,6 +152,9 @@ fn add_source_to_a_paused_download_is_used_when_it_resumes() {
     let d = client.download(id);
     assert_eq!(d["state"], "paused");
     assert_eq!(d["sources"].as_array().expect("sources").len(), 2);
+    // A listed, paused download connects to nothing and keeps its pieces.
+    assert!(d["sources"].as_array().unwrap().iter().all(|s| s["state"] == "idle"), "{d}");
+    assert!(d["pieces_verified"].as_u64().unwrap_or(0) > 0, "{d}");
     let sent = server.bytes_sent(server.ports[1]);
     assert_eq!(sent, 0, "a paused download fetched from the added source");
     let out = client.ctl(&["downloads", "resume", &id.to_string()]);

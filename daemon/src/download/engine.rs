@@ -336,44 +336,55 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
             dl.progress().error = Some(format!("{e}; fix the problem and resume the download"));
             dl.set_state(DownloadState::Paused);
         }
-        None => match dl.stop_reason() {
-            Some(StopReason::Cancel) => {
-                forget("download cancelled");
-                dl.set_state(DownloadState::Cancelled);
-            }
-            // The registry starts the next run from this checkpoint.
-            Some(StopReason::Restart) => {
-                if let Err(e) = checkpoint(&eng, false).await {
-                    dl.progress().error = Some(e.to_string());
-                }
-                drop(eng);
-                dl.set_state(DownloadState::Paused);
-            }
-            Some(StopReason::Pause) => match checkpoint(&eng, true).await {
-                Ok(()) => {
-                    info!("download paused");
-                    dl.set_state(DownloadState::Paused);
-                }
-                Err(e) => {
-                    dl.progress().error = Some(e.to_string());
-                    dl.set_state(DownloadState::Paused);
-                }
-            },
-            None if store.is_some() => {
-                // Daemon shutdown: persist, and come back paused next time.
-                if let Err(e) = checkpoint(&eng, false).await {
-                    warn!(error = %e, "could not persist progress at shutdown");
-                }
-                info!("download state saved for the next start");
-                dl.set_state(DownloadState::Paused);
-            }
-            None => {
-                forget("mftd stopped and this download has no resume state");
-                dl.fail(DownloadError::NoResume.to_string());
-            }
-        },
+        None => {
+            // Paused, restarted, cancelled or shut down: the checkpoint
+            // below records the running time as it is now, and it stays so.
+            dl.stop_clock();
+            stopped(eng, &dl, &forget).await;
+        }
     }
     None
+}
+
+/// The end of a run stopped from outside (see [`StopReason`]).
+async fn stopped(eng: Arc<Engine>, dl: &Arc<Download>, forget: &impl Fn(&str)) {
+    let store = dl.store.clone();
+    match dl.stop_reason() {
+        Some(StopReason::Cancel) => {
+            forget("download cancelled");
+            dl.set_state(DownloadState::Cancelled);
+        }
+        // The registry starts the next run from this checkpoint.
+        Some(StopReason::Restart) => {
+            if let Err(e) = checkpoint(&eng, false).await {
+                dl.progress().error = Some(e.to_string());
+            }
+            drop(eng);
+            dl.set_state(DownloadState::Paused);
+        }
+        Some(StopReason::Pause) => match checkpoint(&eng, true).await {
+            Ok(()) => {
+                info!("download paused");
+                dl.set_state(DownloadState::Paused);
+            }
+            Err(e) => {
+                dl.progress().error = Some(e.to_string());
+                dl.set_state(DownloadState::Paused);
+            }
+        },
+        None if store.is_some() => {
+            // Daemon shutdown: persist, and come back paused next time.
+            if let Err(e) = checkpoint(&eng, false).await {
+                warn!(error = %e, "could not persist progress at shutdown");
+            }
+            info!("download state saved for the next start");
+            dl.set_state(DownloadState::Paused);
+        }
+        None => {
+            forget("mftd stopped and this download has no resume state");
+            dl.fail(DownloadError::NoResume.to_string());
+        }
+    }
 }
 
 /// Writes the manifest: fdatasync the data first, then claim it.
@@ -566,12 +577,12 @@ fn open_part(
                 let ranges = match claimed {
                     Some(r) if len == size => r,
                     Some(_) => {
-                        warn!(part = %part.display(), len, size, "partial file does not match its manifest; re-verifying all of it");
-                        vec![Range::new(0, len.min(size))]
+                        warn!(part = %part.display(), len, size, "partial file does not match its manifest; re-verifying what it holds");
+                        data_ranges(&file, len.min(size))
                     }
                     None => {
-                        info!(part = %part.display(), "found a partial file without recorded progress; re-verifying it");
-                        vec![Range::new(0, len.min(size))]
+                        info!(part = %part.display(), "found a partial file without recorded progress; re-verifying what it holds");
+                        data_ranges(&file, len.min(size))
                     }
                 };
                 if len != size {
@@ -585,6 +596,42 @@ fn open_part(
         }
     }
     Ok((create_part(&part, dest, size, keep_free)?, Vec::new()))
+}
+
+/// The parts of the first `len` bytes of `file` that hold data: a part file
+/// is created sparse at its full size, so its holes are what was never
+/// written (SEEK_DATA/SEEK_HOLE). Where the file system cannot tell, all of
+/// it.
+fn data_ranges(file: &File, len: u64) -> Vec<Range> {
+    use nix::unistd::{lseek, Whence};
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos: u64 = 0;
+    // Bounded: each turn moves past one extent.
+    for _ in 0..1_000_000 {
+        if pos >= len {
+            return out;
+        }
+        let start = match lseek(fd, pos as i64, Whence::SeekData) {
+            Ok(s) => s as u64,
+            Err(nix::errno::Errno::ENXIO) => return out, // only a hole is left
+            Err(_) => return vec![Range::new(0, len)],
+        };
+        if start >= len {
+            return out;
+        }
+        let end = match lseek(fd, start as i64, Whence::SeekHole) {
+            Ok(e) => (e as u64).min(len),
+            Err(_) => return vec![Range::new(0, len)],
+        };
+        if end <= start {
+            return vec![Range::new(0, len)];
+        }
+        out.push(Range::new(start, end));
+        pos = end;
+    }
+    vec![Range::new(0, len)]
 }
 
 /// Creates `NAME.mftpart` (never through a symlink) at the file's size.
@@ -1389,12 +1436,15 @@ async fn session(
     // Connected and serving the right file: reset the backoff.
     *backoff = Backoff::new();
     eng.set_source(src, |s| {
+        // Working again: the error is history, not the source's state
+        // (unless the source was dropped meanwhile: its reason stands).
+        if !s.dropped() {
+            if let Some(e) = s.last_error.take() {
+                s.recovered_from = Some(e);
+            }
+        }
         s.connections += 1;
         s.state = SourceState::Active;
-        // Working again: the error is history, not the source's state.
-        if let Some(e) = s.last_error.take() {
-            s.recovered_from = Some(e);
-        }
         s.rtt = Some(s.rtt.map_or(rtt, |r| r.min(rtt)));
         s.transport = Some(transport);
         s.node_id = node_id;
@@ -2155,6 +2205,27 @@ fn settle(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize, ok: Result<io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_written_parts_of_a_sparse_part_file_are_re_verified() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f =
+            OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("p")).unwrap();
+        f.set_len(16 << 20).unwrap();
+        f.write_all_at(&vec![7u8; 1 << 20], 4 << 20).unwrap();
+        f.write_all_at(&vec![9u8; 1 << 20], 10 << 20).unwrap();
+        f.sync_all().unwrap();
+        let r = data_ranges(&f, 16 << 20);
+        let covered: u64 = r.iter().map(|r| r.len()).sum();
+        // Block granularity at most; where SEEK_DATA is unsupported, all.
+        if covered < 16 << 20 {
+            assert!((2 << 20..(2 << 20) + (256 << 10)).contains(&covered), "{r:?}");
+            assert!(r.iter().any(|x| x.start <= 4 << 20 && x.end >= 5 << 20), "{r:?}");
+            assert!(r.iter().any(|x| x.start <= 10 << 20 && x.end >= 11 << 20), "{r:?}");
+        }
+        assert_eq!(data_ranges(&f, 0), vec![]);
+    }
 
     /// The README's schedule: from 250 ms, doubling to a 5 s cap, each
     /// delay within ±25 % of its step, and not all alike.

@@ -234,6 +234,12 @@ impl Download {
         *self.stop.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Stops this run's clock (it is about to stop running): the time a
+    /// last checkpoint records is the time it shows.
+    pub fn stop_clock(&self) {
+        self.progress().stopped.get_or_insert_with(Instant::now);
+    }
+
     /// Running time over all runs.
     fn elapsed(&self, p: &Progress) -> Duration {
         self.prior_elapsed + p.stopped.unwrap_or_else(Instant::now).saturating_duration_since(self.started)
@@ -403,6 +409,7 @@ pub fn check_source(s: &str) -> Result<String, String> {
 }
 
 /// What a new run of a download is made of.
+#[derive(Clone)]
 struct Spec {
     id: u64,
     remote_path: String,
@@ -537,6 +544,16 @@ impl Downloads {
         if state.is_final() || state == DownloadState::Paused {
             // A listed but not running download: no time passes.
             progress.stopped = Some(started);
+        }
+        if state.is_final() || state == DownloadState::Paused {
+            // Listed, not running: no source is being connected to, and
+            // the verified pieces are the manifest's (a run verifies anew).
+            for s in &mut progress.sources {
+                s.state = SourceState::Idle;
+            }
+            if let Some(m) = &spec.resume {
+                progress.pieces_verified = m.verified_pieces().count() as u64;
+            }
         }
         let stats = spec.resume.as_ref().and_then(|m| m.stats.clone()).unwrap_or_default();
         for st in &stats.sources {
@@ -868,14 +885,10 @@ impl Downloads {
             }
             Err(_) => false,
         };
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        // IDs are never reused, not even after a restart: a script holding
-        // an old ID must not act on someone else's download.
-        if let Err(e) = self.store.save_next_id(id + 1) {
-            warn!(error = %e, "cannot record the next download ID; IDs may repeat after a restart");
-        }
-        let spec = Spec {
-            id,
+        let mut spec = Spec {
+            // Given below, once the download is sure to exist: a refused
+            // or needless `get` takes no ID.
+            id: 0,
             remote_path: req.remote_path.clone(),
             destination,
             output_name: req.output_name.clone(),
@@ -890,7 +903,7 @@ impl Downloads {
             expected_size: req.expected_size,
             owner: caller.clone(),
         };
-        let dl = self.build(spec, DownloadState::Starting)?;
+        let dl = self.build(spec.clone(), DownloadState::Starting)?;
         if present {
             let shown = dl.destination.display().to_string();
             match self.compare_existing(&dl) {
@@ -912,6 +925,14 @@ impl Downloads {
                 }
             }
         }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // IDs are never reused, not even after a restart: a script holding
+        // an old ID must not act on someone else's download.
+        if let Err(e) = self.store.save_next_id(id + 1) {
+            warn!(error = %e, "cannot record the next download ID; IDs may repeat after a restart");
+        }
+        spec.id = id;
+        let dl = self.build(spec, DownloadState::Starting)?;
         if let Some(store) = &dl.store {
             // The manifest exists before the first byte is written.
             store.save(&dl.base_manifest()).map_err(|e| {
