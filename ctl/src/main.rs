@@ -391,12 +391,14 @@ fn get(socket: &std::path::Path, json: bool, args: GetArgs) -> Result<ExitCode, 
             resp @ (Response::Accepted { .. } | Response::Identical { .. }) => {
                 ids.extend(accepted(json, &args, name, resp)?)
             }
-            resp @ Response::Error { .. } => {
+            Response::Error { code, message } => {
                 failed += 1;
+                // Which line it was, in both forms.
+                let message = format!("{name}: {message}");
                 if json {
-                    display::print_json(&resp);
-                } else if let Response::Error { message, .. } = resp {
-                    eprintln!("mftctl: {name}: {message}");
+                    display::print_json(&Response::Error { code, message });
+                } else {
+                    eprintln!("mftctl: {message}");
                 }
             }
             other => return Err(CtlError::from_response(other)),
@@ -500,7 +502,12 @@ fn get_resume(socket: &std::path::Path, json: bool, which: &str, args: &GetArgs)
     };
     if json {
         display::print_json(&resp);
-    } else if args.detach || ids.is_empty() {
+    } else if args.detach {
+        // As `get --detach`: one bare ID per line, for scripts.
+        for id in &ids {
+            println!("{id}");
+        }
+    } else if ids.is_empty() {
         display::print_human(&resp);
     }
     if args.detach {

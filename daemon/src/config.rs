@@ -683,7 +683,7 @@ fn consecutive(base: u16, n: u16) -> anyhow::Result<Vec<u16>> {
     }
     let last = base as u32 + n as u32 - 1;
     if base == 0 || last > u16::MAX as u32 {
-        bail!("--servers {n} from --base-port {base} does not fit in the port range 1-65535");
+        bail!("{n} listeners (servers) from port {base} (base_port) do not fit in the port range 1-65535");
     }
     Ok((base..=last as u16).collect())
 }

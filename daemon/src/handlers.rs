@@ -100,10 +100,8 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
             Err(r) => Response::error(r.0, r.1),
         },
         Request::DownloadRemove { id } => match d.downloads.remove(id, caller) {
-            Ok(dl) if dl.state() == DownloadState::Failed => {
-                Response::ok(format!("removed download {id} and its partial data"))
-            }
-            Ok(_) => Response::ok(format!("removed download {id} from the list")),
+            Ok(true) => Response::ok(format!("removed download {id} and its partial data")),
+            Ok(false) => Response::ok(format!("removed download {id} from the list")),
             Err(r) => Response::error(r.0, r.1),
         },
         Request::DownloadsPurge => {
@@ -115,7 +113,7 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
             };
             if !kept.is_empty() {
                 msg.push_str(&format!(
-                    "; kept failed download{} {} with data for a retry (`mftctl get --resume ID` retries, `mftctl downloads remove ID` deletes)",
+                    "; kept failed download{} {} with data (`mftctl downloads show ID` says why it failed, `mftctl get --resume ID` retries, `mftctl downloads remove ID` deletes)",
                     if kept.len() == 1 { "" } else { "s" },
                     ids(&kept)
                 ));

@@ -89,11 +89,27 @@ fn purge_keeps_failed_downloads_with_data_and_remove_deletes_it() {
     assert!(part.exists(), "failed download kept no data to retry from");
     let out = client.ctl(&["downloads", "purge"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains(&format!("kept failed download {id} with data for a retry")), "{}", stdout(&out));
+    assert!(stdout(&out).contains(&format!("kept failed download {id} with data")), "{}", stdout(&out));
     assert_eq!(ids(&client), [id]);
     let out = client.ctl(&["downloads", "remove", &id.to_string()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out).trim(), format!("removed download {id} and its partial data"));
     assert!(!part.exists(), "the partial file outlived remove");
     assert!(ids(&client).is_empty());
+}
+
+#[test]
+fn get_resume_detached_prints_bare_ids_and_names_a_running_download() {
+    let server = Daemon::builder(1).arg("--rate-limit").arg("2M").start();
+    write_file(&server.export.join("r"), 8 * MIB, 171);
+    let client = Daemon::start(0);
+    let id = client.get_detached("r", &server.sources(), &[]);
+    let out = client.ctl(&["get", "--resume", &id.to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains(&format!("`mftctl downloads watch {id}` follows it")), "{}", stderr(&out));
+    assert!(client.ctl(&["downloads", "pause", &id.to_string()]).status.success());
+    let out = client.ctl(&["get", "--resume", "--detach"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), id.to_string());
+    assert_eq!(client.wait_download(id, Duration::from_secs(30))["state"], "done");
 }

@@ -314,6 +314,7 @@ fn changed_remote_file_is_not_mixed() {
     let mut client = Daemon::start(0);
     let id = client.get_detached("c", &server.sources(), &[]);
     assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 2 * MIB));
+    let old = mftd_tests::identity_of(&server.export.join("c"));
     client.kill();
     write_file(&server.export.join("c"), 16 * MIB, 28); // new version
     restart(&mut client, &[]);
@@ -322,6 +323,8 @@ fn changed_remote_file_is_not_mixed() {
     let dl = client.download(id);
     assert_eq!(dl["state"], "failed");
     assert!(dl["error"].as_str().unwrap().contains("remote file changed"), "{dl}");
+    // It shows the version its partial file holds, not the new one.
+    assert_eq!(dl["identity"], old.as_str(), "{dl}");
     assert!(!client.downloads.join("c").exists());
 }
 

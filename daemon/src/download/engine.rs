@@ -924,9 +924,8 @@ impl Engine {
             Decision::Adopt(root) => root,
         };
         if c.root.set(root).is_ok() {
-            info!(identity = %hex::encode(root), pinned = self.dl.pin.is_some(), "file version adopted");
-            self.dl.progress().identity = Some(hex::encode(root));
-            self.progressed.notify_one();
+            // The partial file holds the version recorded before: a new one
+            // at the sources fails the download and is not shown as its own.
             let earlier = lock(&self.dl.resume).as_ref().and_then(|m| m.file.as_ref()).and_then(|f| f.identity.clone());
             if let Some(was) = earlier.filter(|was| *was != hex::encode(root)) {
                 let _ = self.outcome.try_send(Outcome::Fatal(DownloadError::RemoteChanged {
@@ -936,6 +935,9 @@ impl Engine {
                 }));
                 return;
             }
+            info!(identity = %hex::encode(root), pinned = self.dl.pin.is_some(), "file version adopted");
+            self.dl.progress().identity = Some(hex::encode(root));
+            self.progressed.notify_one();
         }
         let others: Vec<(SourceId, Ballot)> = {
             let v = lock(&self.votes);

@@ -1126,7 +1126,12 @@ impl Downloads {
                     format!("download {id} has already ended ({})", state_word(dl.state())),
                 ))
             }
-            _ => return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} is already running"))),
+            _ => {
+                return Err(Rejected(
+                    ErrorCode::InvalidArgument,
+                    format!("download {id} is already running; `mftctl downloads watch {id}` follows it"),
+                ))
+            }
         }
         // Two downloads must never write the same part file.
         if let Some(other) = self.map().values().find(|d| {
@@ -1211,8 +1216,9 @@ impl Downloads {
     }
 
     /// Takes an ended download off the list. A failed one's kept partial
-    /// file and manifest go with it (the user asked to forget it).
-    pub fn remove(&self, id: u64, caller: &Caller) -> Result<Arc<Download>, Rejected> {
+    /// file and manifest go with it (the user asked to forget it). Returns
+    /// whether there was such data.
+    pub fn remove(&self, id: u64, caller: &Caller) -> Result<bool, Rejected> {
         let dl = self.get(id).ok_or_else(|| unknown(id))?;
         owned_by(&dl, caller)?;
         let state = dl.state();
@@ -1223,7 +1229,8 @@ impl Downloads {
                 format!("download {id} is {what}; `mftctl downloads cancel {id}` stops it and removes its data"),
             ));
         }
-        if state == DownloadState::Failed && self.store.path(id).exists() {
+        let kept = state == DownloadState::Failed && self.store.path(id).exists();
+        if kept {
             if !engine::part_in_use(&dl.part_path()) {
                 if let Ok((dest, _pin)) = caller::pin_dir(&dl.destination, dl.restricted_owner()) {
                     let _ = caller::as_caller(dl.restricted_owner(), || std::fs::remove_file(part_path(&dest)));
@@ -1232,7 +1239,7 @@ impl Downloads {
             self.store.remove(id);
         }
         self.map().remove(&id);
-        Ok(dl)
+        Ok(kept)
     }
 
     /// Takes every ended download `caller` may see off the list, except
