@@ -414,6 +414,16 @@ impl RawConn {
 }
 
 /// Polls `cond` every 20 ms until it holds or `limit` passes.
+/// The error a source of a `downloads show` object had: its current
+/// `last_error`, or the one it recovered from since; panics if neither.
+pub fn source_error(s: &serde_json::Value) -> String {
+    s["last_error"]
+        .as_str()
+        .or(s["recovered_from"].as_str())
+        .unwrap_or_else(|| panic!("source reports no error: {s}"))
+        .to_string()
+}
+
 /// `n` loopback ports free a moment ago (bound, then released).
 pub fn free_ports(n: usize) -> Vec<u16> {
     let ls: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind")).collect();

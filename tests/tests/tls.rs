@@ -190,7 +190,7 @@ fn a_flipped_byte_on_the_wire_is_a_transport_error_not_a_bad_piece() {
         assert_eq!(s["strikes"], 0, "a wire error counted against pieces: {s}");
     }
     let relayed = info["sources"].as_array().expect("sources").iter().find(|s| s["address"] == flip.source().as_str());
-    let why = relayed.expect("relayed source")["last_error"].as_str().unwrap_or_default().to_string();
+    let why = mftd_tests::source_error(relayed.expect("relayed source"));
     assert!(why.contains("decrypt"), "the flipped byte never surfaced as a TLS error: {info}");
 }
 
