@@ -211,7 +211,7 @@ fn a_stalled_connection_is_replaced_when_a_probe_gets_through() {
     // The mechanism: the stall probe (the idle timeout is 600 s here). The
     // error is current, or what the source recovered from when its new
     // connection got through.
-    let why = mftd_tests::source_error(&s);
+    let why = mftd_tests::source_error(s);
     assert!(why.contains("while a new connection got through"), "not replaced by the stall probe: {s}");
     // 16 MiB at 4 MiB/s is 4 s; the stall costs about a second on top.
     assert!(took < Duration::from_secs(4 + 4), "took {took:?}");
