@@ -24,13 +24,12 @@ use mftd_common::control::{ListenerInfo, ListenerState};
 use mftd_common::proto::{ErrorCode, ErrorFrame, Frame};
 
 use crate::ratelimit::RateLimiter;
-use crate::serve::{serve_connection, ServeContext};
+use crate::serve::{serve_connection, Egress, ServeContext};
 use crate::transport::Transport;
 
 /// Counters of one listener; they survive stop/start.
 #[derive(Debug, Default)]
 pub struct ListenerStats {
-    pub bytes_sent: AtomicU64,
     pub connections: AtomicU64,
     pub total_connections: AtomicU64,
     /// Bytes/s over the last sampling period.
@@ -43,11 +42,10 @@ pub struct ListenerStats {
 pub struct ListenerShared {
     pub port: u16,
     pub stats: ListenerStats,
-    pub limiter: RateLimiter,
+    /// Transport, rate limit and bytes sent: what its connections use.
+    pub egress: Arc<Egress>,
     /// Address ranges this listener accepts, over the global list.
     pub allow: std::sync::RwLock<Option<Vec<ipnet::IpNet>>>,
-    /// TLS or plain TCP.
-    pub transport: Transport,
     /// Open connections: peer address and the token that closes them, so
     /// a new allow list can close those it forbids.
     live: std::sync::Mutex<std::collections::HashMap<u64, (std::net::IpAddr, CancellationToken)>>,
@@ -182,9 +180,12 @@ impl Listeners {
         let shared = Arc::new(ListenerShared {
             port,
             stats: ListenerStats::default(),
-            limiter: RateLimiter::new(rate_limit),
+            egress: Arc::new(Egress {
+                transport,
+                limiter: RateLimiter::new(rate_limit),
+                bytes_sent: AtomicU64::new(0),
+            }),
             allow: std::sync::RwLock::new(None),
-            transport,
             live: Default::default(),
             next_conn: Default::default(),
         });
@@ -277,13 +278,13 @@ impl Listeners {
     }
 
     pub fn limit(&self, port: u16) -> Option<u64> {
-        self.entries().get(&port).map(|e| e.shared.limiter.rate())
+        self.entries().get(&port).map(|e| e.shared.egress.limiter.rate())
     }
 
     pub fn set_limit(&self, port: u16, rate: u64) -> Result<(), ListenerError> {
         let entries = self.entries();
         let e = entries.get(&port).ok_or(ListenerError::Unknown(port))?;
-        e.shared.limiter.set_rate(rate);
+        e.shared.egress.limiter.set_rate(rate);
         info!(port, rate, "rate limit changed");
         Ok(())
     }
@@ -303,10 +304,10 @@ impl Listeners {
                     state: if e.running.is_some() { ListenerState::Running } else { ListenerState::Stopped },
                     connections: s.connections.load(Ordering::Relaxed),
                     total_connections: s.total_connections.load(Ordering::Relaxed),
-                    bytes_sent: s.bytes_sent.load(Ordering::Relaxed),
+                    bytes_sent: e.shared.egress.bytes_sent.load(Ordering::Relaxed),
                     rate: s.rate.load(Ordering::Relaxed),
-                    rate_limit: e.shared.limiter.rate(),
-                    transport: e.shared.transport.to_string(),
+                    rate_limit: e.shared.egress.limiter.rate(),
+                    transport: e.shared.egress.transport.to_string(),
                 }
             })
             .collect()
@@ -317,7 +318,7 @@ impl Listeners {
         let now = Instant::now();
         for e in self.entries().values() {
             let s = &e.shared.stats;
-            let bytes = s.bytes_sent.load(Ordering::Relaxed);
+            let bytes = e.shared.egress.bytes_sent.load(Ordering::Relaxed);
             let mut sample = s.sample.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((t, b)) = *sample {
                 let dt = now.duration_since(t).as_secs_f64();
@@ -400,7 +401,7 @@ async fn accept_loop(
         }
         tracker.spawn(
             async move {
-                serve_connection(stream, ctx2, shared2.clone(), conn_token).await;
+                serve_connection(stream, ctx2, shared2.egress.clone(), conn_token).await;
                 shared2.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&conn_id);
                 shared2.stats.connections.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);

@@ -25,7 +25,6 @@ use mftd_common::proto::{
 
 use crate::identity::{mtime_ns, Hashing, IdentityCache};
 use crate::jail::{Jail, JailError};
-use crate::listener::ListenerShared;
 use crate::node::NodeId;
 use crate::transport::{Conn, Transport, WriteHalf};
 
@@ -295,22 +294,27 @@ enum ConnError {
     TooSlow { rate: u64, min: u64 },
 }
 
+/// What a connection's answers draw on, shared with the listener that
+/// accepted it: its transport, its bandwidth cap and its count of file
+/// bytes sent.
+#[derive(Debug)]
+pub struct Egress {
+    pub transport: Transport,
+    pub limiter: crate::ratelimit::RateLimiter,
+    pub bytes_sent: std::sync::atomic::AtomicU64,
+}
+
 /// Serves one connection until the peer leaves, breaks the protocol, times
 /// out, or `token` is cancelled (listener stopped, daemon shutting down).
-pub async fn serve_connection(
-    tcp: TcpStream,
-    ctx: Arc<ServeContext>,
-    listener: Arc<ListenerShared>,
-    token: CancellationToken,
-) {
+pub async fn serve_connection(tcp: TcpStream, ctx: Arc<ServeContext>, egress: Arc<Egress>, token: CancellationToken) {
     let _ = tcp.set_nodelay(true);
     let peer = tcp.peer_addr().map_or_else(|_| "unknown".to_string(), |a| a.to_string());
     let settings = ctx.settings();
     let deadline = tokio::time::Instant::now() + settings.handshake_timeout;
     let result = tokio::select! {
         r = async {
-            let mut conn = secure(tcp, &ctx, &listener, deadline).await?;
-            let r = run(&mut conn, &ctx, &listener, &token, deadline).await;
+            let mut conn = secure(tcp, &ctx, &egress, deadline).await?;
+            let r = run(&mut conn, &ctx, &egress, &token, deadline).await;
             if matches!(r, Err(ConnError::TooSlow { .. } | ConnError::Stalled(_))) {
                 // Reset rather than close: the data still queued for a
                 // peer that does not take it would otherwise keep the
@@ -344,7 +348,7 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 async fn secure(
     tcp: TcpStream,
     ctx: &ServeContext,
-    listener: &ListenerShared,
+    egress: &Egress,
     deadline: tokio::time::Instant,
 ) -> Result<Conn, ConnError> {
     let mut first = [0u8; 1];
@@ -357,7 +361,7 @@ async fn secure(
         Ok(Ok(0)) => return Err(ConnError::Proto(ProtoError::Closed)),
         Ok(r) => r?,
     };
-    let Some(tls) = ctx.tls.as_ref().filter(|_| listener.transport == Transport::Tls) else {
+    let Some(tls) = ctx.tls.as_ref().filter(|_| egress.transport == Transport::Tls) else {
         if first[0] == TLS_HANDSHAKE_RECORD {
             let mut conn = Conn::plain(tcp);
             let msg = "this listener is plain TCP (unencrypted): name it as plain://HOST:PORT";
@@ -405,7 +409,7 @@ async fn write_frame<W: AsyncWrite + Unpin>(stream: &mut W, frame: &Frame) -> Re
 async fn run(
     stream: &mut Conn,
     ctx: &ServeContext,
-    listener: &ListenerShared,
+    egress: &Egress,
     token: &CancellationToken,
     deadline: tokio::time::Instant,
 ) -> Result<(), ConnError> {
@@ -500,7 +504,7 @@ async fn run(
     // so the connection closes now, not at the reader's idle timeout.
     let writer_failed = CancellationToken::new();
     let writer = async {
-        let r = write_loop(&mut wr, ctx, listener, token, &queue).await;
+        let r = write_loop(&mut wr, ctx, egress, token, &queue).await;
         queue.close();
         if r.is_err() {
             writer_failed.cancel();
@@ -650,7 +654,7 @@ async fn read_loop(
 async fn write_loop(
     wr: &mut WriteHalf<'_>,
     ctx: &ServeContext,
-    listener: &ListenerShared,
+    egress: &Egress,
     token: &CancellationToken,
     queue: &RequestQueue,
 ) -> Result<(), ConnError> {
@@ -723,7 +727,7 @@ async fn write_loop(
                 }
             }
             Request::Read(req, trimmed) => {
-                handle_read(wr, ctx, listener, token, &mut open, queue, &mut hashes, &mut pace, req, trimmed).await?
+                handle_read(wr, ctx, egress, token, &mut open, queue, &mut hashes, &mut pace, req, trimmed).await?
             }
         }
     }
@@ -832,7 +836,7 @@ struct OpenFile {
 async fn handle_read(
     stream: &mut WriteHalf<'_>,
     ctx: &ServeContext,
-    listener: &ListenerShared,
+    egress: &Egress,
     token: &CancellationToken,
     open: &mut Option<OpenFile>,
     queue: &RequestQueue,
@@ -889,9 +893,9 @@ async fn handle_read(
         answer_hashes(stream, hashes).await?;
         // A paced listener sends smaller frames (about 20 ms of its rate),
         // so a TRIM never waits behind half a second of one frame.
-        let len = (end - pos).min(DATA_CHUNK).min(listener.limiter.chunk());
+        let len = (end - pos).min(DATA_CHUNK).min(egress.limiter.chunk());
         write_frame(stream, &Frame::Data(DataHeader { id, offset: pos, len })).await?;
-        send_range(stream, &of.file, pos, len, listener, token, pace).await?;
+        send_range(stream, &of.file, pos, len, egress, token, pace).await?;
         pace.judge()?;
         pos += len;
     }
@@ -962,7 +966,7 @@ async fn send_range(
     file: &File,
     offset: u64,
     len: u64,
-    listener: &ListenerShared,
+    egress: &Egress,
     token: &CancellationToken,
     pace: &mut PeerPace,
 ) -> Result<(), ConnError> {
@@ -977,9 +981,9 @@ async fn send_range(
         if token.is_cancelled() {
             return Err(ConnError::Cancelled);
         }
-        let chunk = left.min(listener.limiter.chunk());
+        let chunk = left.min(egress.limiter.chunk());
         let paced = Instant::now();
-        listener.limiter.acquire(chunk).await;
+        egress.limiter.acquire(chunk).await;
         pace.excused += paced.elapsed();
         let mut chunk_left = chunk;
         while chunk_left > 0 {
@@ -1034,7 +1038,7 @@ async fn send_range(
             off += sent;
             chunk_left -= sent;
             left -= sent;
-            listener.stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
+            egress.bytes_sent.fetch_add(sent, Ordering::Relaxed);
         }
     }
     // TLS keeps the last record in rustls until it is flushed.
