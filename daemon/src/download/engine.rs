@@ -43,9 +43,9 @@ use mftd_common::range::Range;
 use super::budget::HostBudget;
 use super::client::{ClientError, Conn, Event, Stream};
 use super::error::{DownloadError, SourceError};
+use super::run::{part_path, Download, SourceProgress, StopReason};
 use super::scheduler::{ConnId, Hold, Scheduler, SourceId, Ticket};
 use super::vote::{Ballot, Decision, Offer, Votes};
-use super::{part_path, Download, StopReason};
 use mftd_common::manifest::{piece_runs, ManifestFile};
 
 /// Bad pieces a source may send before it is dropped from the download.
@@ -759,7 +759,7 @@ impl Backoff {
 /// `downloads show` reports): whether a source was dropped and why, its
 /// strikes, its bytes. The scheduler is told about drops as input.
 impl Engine {
-    fn set_source(&self, src: SourceId, f: impl FnOnce(&mut super::SourceProgress)) {
+    fn set_source(&self, src: SourceId, f: impl FnOnce(&mut SourceProgress)) {
         let mut p = self.dl.progress();
         if let Some(s) = p.sources.get_mut(src) {
             let was = s.state;

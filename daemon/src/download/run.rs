@@ -1,0 +1,367 @@
+//! One run of one download and what can be seen of it: its progress, its
+//! sources' progress, and how its run was stopped. The registry
+//! ([`super::Downloads`]) makes runs; the [`super::engine`] drives one.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use mftd_common::control::{DownloadInfo, DownloadState, SourceInfo, SourceState};
+use mftd_common::manifest::{Manifest, ManifestOwner, ManifestStats, SourceStats, FORMAT, VERSION};
+
+use super::{budget, client};
+use crate::caller::Caller;
+use crate::store::Store;
+
+/// Why a download's run was stopped from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Pause,
+    Cancel,
+    /// Checkpoint and hand over to a new run with changed settings (sources
+    /// added): the registry starts it, and watchers follow it.
+    Restart,
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceProgress {
+    pub address: String,
+    pub state: SourceState,
+    pub bytes: u64,
+    pub bytes_received: u64,
+    pub speed: u64,
+    pub ranges_done: u64,
+    pub strikes: u32,
+    pub connections: u32,
+    /// Smallest handshake round trip of this source's connections.
+    pub rtt: Option<Duration>,
+    /// How its last connection was made, and the node ID it proved.
+    pub transport: Option<crate::transport::Transport>,
+    pub node_id: Option<String>,
+    pub last_error: Option<String>,
+    /// The last error it recovered from (cleared from `last_error` when it
+    /// connected again).
+    pub recovered_from: Option<String>,
+    pub(super) sample_bytes: u64,
+}
+
+impl SourceProgress {
+    /// Dropped for the rest of this run: failed for good, or excluded for
+    /// serving another version (`last_error` says why).
+    pub fn dropped(&self) -> bool {
+        matches!(self.state, SourceState::Failed | SourceState::Excluded)
+    }
+}
+
+#[derive(Debug)]
+pub struct Progress {
+    pub state: DownloadState,
+    pub size: Option<u64>,
+    pub identity: Option<String>,
+    /// How the version vote stands while no identity is adopted.
+    pub vote: Option<String>,
+    pub error: Option<String>,
+    pub bytes_done: u64,
+    pub pieces_verified: u64,
+    pub pieces_total: u64,
+    pub speed: u64,
+    pub sources: Vec<SourceProgress>,
+    pub(super) sample: Option<(Instant, u64)>,
+    pub(super) finished: Option<Instant>,
+    /// When the run stopped (paused or ended): its time stops counting.
+    pub(super) stopped: Option<Instant>,
+    /// Since when the download has been `waiting` without interruption.
+    pub waiting_since: Option<Instant>,
+}
+
+/// One run of one download: what was asked and how it is going. Pausing
+/// ends a run; resuming starts a new `Download` with the same ID from the
+/// manifest on disk.
+#[derive(Debug)]
+pub struct Download {
+    pub id: u64,
+    pub remote_path: String,
+    pub destination: PathBuf,
+    /// The name given with `get -O` (the destination's file name), if any.
+    pub output_name: Option<String>,
+    pub sources: Vec<String>,
+    pub force: bool,
+    pub connections_per_source: u32,
+    pub idle_timeout: Duration,
+    pub give_up_after: Option<Duration>,
+    pub checkpoint_interval: Duration,
+    pub checkpoint_bytes: u64,
+    /// Manifests are written for this download (`--no-resume` turns it off).
+    pub store: Option<Store>,
+    /// Shared secret for sources that require authentication.
+    pub secret: Option<Arc<Vec<u8>>>,
+    pub secret_file: Option<PathBuf>,
+    /// Root identity the user pinned (`get --identity`).
+    pub pin: Option<[u8; 32]>,
+    /// Size the user expects (`get --size`).
+    pub expected_size: Option<u64>,
+    /// Who asked for it: the destination is written with their rights.
+    pub owner: Caller,
+    /// Free space to leave (see [`DownloadDefaults::min_free_space`]).
+    pub min_free_space: Option<u64>,
+    /// Largest file it may fetch.
+    pub max_size: Option<u64>,
+    pub token: CancellationToken,
+    /// Connection budgets per source host, shared by all downloads.
+    pub budgets: Arc<budget::Budgets>,
+    /// TLS and node-ID rules for connecting to sources.
+    pub dialer: Arc<client::Dialer>,
+    /// Progress to continue from, taken by the engine when it starts.
+    pub resume: Mutex<Option<Manifest>>,
+    pub stop: Mutex<Option<StopReason>>,
+    pub(super) started: Instant,
+    /// Running time of earlier runs (from the manifest).
+    pub(super) prior_elapsed: Duration,
+    pub(super) progress: Mutex<Progress>,
+    pub(super) state_tx: watch::Sender<DownloadState>,
+}
+
+impl Download {
+    pub fn progress(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_state(&self, state: DownloadState) {
+        let mut p = self.progress();
+        if p.state.is_final() || p.state == state {
+            return;
+        }
+        p.state = state;
+        p.waiting_since = if state == DownloadState::Waiting { Some(Instant::now()) } else { None };
+        if state.is_final() {
+            p.finished = Some(Instant::now());
+        }
+        p.stopped =
+            (state.is_final() || state == DownloadState::Paused).then(|| p.stopped.unwrap_or_else(Instant::now));
+        drop(p);
+        self.state_tx.send_replace(state);
+    }
+
+    /// Sets a state even after a final one (cancelling a failed download).
+    pub fn set_state_force(&self, state: DownloadState) {
+        let mut p = self.progress();
+        p.state = state;
+        p.finished.get_or_insert_with(Instant::now);
+        p.stopped.get_or_insert_with(Instant::now);
+        drop(p);
+        self.state_tx.send_replace(state);
+    }
+
+    pub fn fail(&self, error: String) {
+        self.progress().error = Some(error);
+        self.set_state(DownloadState::Failed);
+    }
+
+    pub fn state(&self) -> DownloadState {
+        self.progress().state
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<DownloadState> {
+        self.state_tx.subscribe()
+    }
+
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        *self.stop.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops this run's clock (it is about to stop running): the time a
+    /// last checkpoint records is the time it shows.
+    pub fn stop_clock(&self) {
+        self.progress().stopped.get_or_insert_with(Instant::now);
+    }
+
+    /// Running time over all runs.
+    fn elapsed(&self, p: &Progress) -> Duration {
+        self.prior_elapsed + p.stopped.unwrap_or_else(Instant::now).saturating_duration_since(self.started)
+    }
+
+    /// The manifest for this download without data progress (but with the
+    /// time and per-source work so far).
+    pub fn base_manifest(&self) -> Manifest {
+        let stats = {
+            let p = self.progress();
+            ManifestStats {
+                elapsed_ms: self.elapsed(&p).as_millis() as u64,
+                sources: p
+                    .sources
+                    .iter()
+                    .map(|s| SourceStats {
+                        address: s.address.clone(),
+                        bytes: s.bytes,
+                        bytes_received: s.bytes_received,
+                        ranges_done: s.ranges_done,
+                    })
+                    .collect(),
+            }
+        };
+        Manifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            id: self.id,
+            remote_path: self.remote_path.clone(),
+            sources: self.sources.clone(),
+            destination: self.destination.display().to_string(),
+            output_name: self.output_name.clone(),
+            force: self.force,
+            connections_per_source: self.connections_per_source,
+            give_up_after_secs: self.give_up_after.map(|d| d.as_secs()),
+            secret_file: self.secret_file.as_ref().map(|p| p.display().to_string()),
+            pin: self.pin.map(hex::encode),
+            expected_size: self.expected_size,
+            owner: Some(ManifestOwner { uid: self.owner.uid, gid: self.owner.gid }),
+            paused: false,
+            stats: Some(stats),
+            file: None,
+            verified: Vec::new(),
+            received: Vec::new(),
+            checksum: String::new(),
+        }
+    }
+
+    pub fn part_path(&self) -> PathBuf {
+        part_path(&self.destination)
+    }
+
+    /// Whether `caller` may see this download (its destination, sources
+    /// and progress): the unrestricted see all, others their own.
+    pub fn visible_to(&self, caller: &Caller) -> bool {
+        caller.unrestricted() || self.owner.uid == caller.uid
+    }
+
+    /// The owner when its rights are not the daemon's: file operations on
+    /// the destination then run with them (see [`caller::as_caller`]).
+    pub fn restricted_owner(&self) -> Option<&Caller> {
+        (!self.owner.unrestricted()).then_some(&self.owner)
+    }
+
+    /// Updates speeds; called periodically.
+    pub fn sample(&self) {
+        let now = Instant::now();
+        let mut p = self.progress();
+        if p.state.is_final() {
+            p.speed = 0;
+            for s in &mut p.sources {
+                s.speed = 0;
+            }
+            return;
+        }
+        if let Some((t, b)) = p.sample {
+            let dt = now.duration_since(t).as_secs_f64();
+            if dt > 0.0 {
+                p.speed = (p.bytes_done.saturating_sub(b) as f64 / dt) as u64;
+                for s in &mut p.sources {
+                    s.speed = (s.bytes_received.saturating_sub(s.sample_bytes) as f64 / dt) as u64;
+                }
+            }
+        }
+        p.sample = Some((now, p.bytes_done));
+        for s in &mut p.sources {
+            s.sample_bytes = s.bytes_received;
+        }
+    }
+
+    pub fn info(&self) -> DownloadInfo {
+        let p = self.progress();
+        let size = p.size;
+        // Shares are of what is in the file, so they (with what was found
+        // on disk without a record) always add up to 100 %.
+        let credited: u64 = p.sources.iter().map(|s| s.bytes).sum();
+        let found_on_disk = p.bytes_done.saturating_sub(credited);
+        let whole = p.bytes_done.max(credited);
+        // A paused download moves no bytes: no speed, no ETA.
+        let stopped = p.state.is_final() || p.state == DownloadState::Paused;
+        let eta_secs = match (size, p.speed) {
+            (Some(s), sp) if sp > 0 && !stopped => Some(s.saturating_sub(p.bytes_done) / sp),
+            _ => None,
+        };
+        DownloadInfo {
+            id: self.id,
+            remote_path: self.remote_path.clone(),
+            destination: self.destination.display().to_string(),
+            state: p.state,
+            size,
+            bytes_done: p.bytes_done,
+            pieces_verified: p.pieces_verified,
+            pieces_total: p.pieces_total,
+            speed: if stopped { 0 } else { p.speed },
+            eta_secs,
+            elapsed_ms: self.elapsed(&p).as_millis() as u64,
+            found_on_disk,
+            sources: p
+                .sources
+                .iter()
+                .map(|s| SourceInfo {
+                    address: s.address.clone(),
+                    state: s.state,
+                    bytes: s.bytes,
+                    bytes_received: s.bytes_received,
+                    speed: if stopped { 0 } else { s.speed },
+                    share: if whole > 0 { s.bytes as f64 / whole as f64 } else { 0.0 },
+                    ranges_done: s.ranges_done,
+                    strikes: s.strikes,
+                    connections: s.connections,
+                    rtt_ms: s.rtt.map(|r| (r.as_secs_f64() * 1e5).round() / 100.0),
+                    transport: s.transport.map(|t| t.to_string()),
+                    node_id: s.node_id.clone(),
+                    last_error: s.last_error.clone(),
+                    recovered_from: s.recovered_from.clone(),
+                })
+                .collect(),
+            identity: p.identity.clone(),
+            vote: if p.identity.is_none() { p.vote.clone() } else { None },
+            error: p.error.clone(),
+        }
+    }
+}
+
+/// `NAME.mftpart` next to the destination.
+pub fn part_path(dest: &Path) -> PathBuf {
+    let mut s = dest.as_os_str().to_owned();
+    s.push(".mftpart");
+    PathBuf::from(s)
+}
+
+pub(super) fn new_progress(sources: &[String], state: DownloadState) -> Progress {
+    Progress {
+        state,
+        size: None,
+        identity: None,
+        vote: None,
+        error: None,
+        bytes_done: 0,
+        pieces_verified: 0,
+        pieces_total: 0,
+        speed: 0,
+        sources: sources
+            .iter()
+            .map(|a| SourceProgress {
+                address: a.clone(),
+                state: SourceState::Connecting,
+                bytes: 0,
+                bytes_received: 0,
+                speed: 0,
+                ranges_done: 0,
+                strikes: 0,
+                connections: 0,
+                rtt: None,
+                transport: None,
+                node_id: None,
+                last_error: None,
+                recovered_from: None,
+                sample_bytes: 0,
+            })
+            .collect(),
+        sample: None,
+        finished: None,
+        stopped: None,
+        waiting_since: None,
+    }
+}
