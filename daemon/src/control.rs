@@ -19,7 +19,7 @@ use anyhow::{bail, Context};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use mftd_common::control::{to_line, DownloadState, ErrorCode, Request, Response, MAX_LINE, PROTOCOL};
 
@@ -131,6 +131,7 @@ impl ControlSocket {
 /// Accepts control connections until shutdown.
 pub async fn serve(sock: ControlSocket, daemon: Arc<Daemon>) {
     let group = sock.group;
+    let mut backoff = crate::accept::AcceptBackoff::new("control socket");
     loop {
         let accepted = tokio::select! {
             _ = daemon.shutdown.cancelled() => break,
@@ -138,6 +139,7 @@ pub async fn serve(sock: ControlSocket, daemon: Arc<Daemon>) {
         };
         match accepted {
             Ok((stream, _)) => {
+                backoff.ok();
                 let d = daemon.clone();
                 daemon.tracker.spawn(async move {
                     if let Err(e) = handle_conn(stream, d, group).await {
@@ -145,10 +147,8 @@ pub async fn serve(sock: ControlSocket, daemon: Arc<Daemon>) {
                     }
                 });
             }
-            Err(e) => {
-                warn!(error = %e, "control accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            Err(e) if backoff.failed(&e, &daemon.shutdown).await => {}
+            Err(_) => break,
         }
     }
     drop(sock);

@@ -4,6 +4,7 @@
 //! [`run`] is the whole daemon; the binary only parses flags, sets up
 //! logging and signals, and calls it.
 
+mod accept;
 mod caller;
 pub mod config;
 mod control;

@@ -23,6 +23,7 @@ use tracing::{info, info_span, warn, Instrument};
 use mftd_common::control::{ListenerInfo, ListenerState};
 use mftd_common::proto::{ErrorCode, ErrorFrame, Frame};
 
+use crate::accept::AcceptBackoff;
 use crate::ratelimit::RateLimiter;
 use crate::serve::{serve_connection, Egress, ServeContext};
 use crate::transport::Transport;
@@ -348,7 +349,7 @@ async fn accept_loop(
     token: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let mut backoff = Duration::from_millis(10);
+    let mut backoff = AcceptBackoff::new("transfer listener");
     loop {
         let accepted = tokio::select! {
             _ = token.cancelled() => break,
@@ -356,19 +357,11 @@ async fn accept_loop(
         };
         let (stream, peer) = match accepted {
             Ok(x) => {
-                backoff = Duration::from_millis(10);
+                backoff.ok();
                 x
             }
-            Err(e) => {
-                // EMFILE, ENFILE, ENOBUFS...: the listener must survive them.
-                warn!(error = %e, retry_in = ?backoff, "accept failed");
-                tokio::select! {
-                    _ = token.cancelled() => break,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
+            Err(e) if backoff.failed(&e, &token).await => continue,
+            Err(_) => break,
         };
         shared.stats.total_connections.fetch_add(1, Ordering::Relaxed);
         let ip = peer.ip().to_canonical();

@@ -28,14 +28,19 @@ pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
         info!(addr = %a, "metrics endpoint listening");
     }
     let slots = Arc::new(Semaphore::new(16));
+    let mut backoff = crate::accept::AcceptBackoff::new("metrics endpoint");
     loop {
         let accepted = tokio::select! {
             _ = daemon.shutdown.cancelled() => break,
             r = listener.accept() => r,
         };
-        let Ok((stream, _)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
+        let stream = match accepted {
+            Ok((s, _)) => {
+                backoff.ok();
+                s
+            }
+            Err(e) if backoff.failed(&e, &daemon.shutdown).await => continue,
+            Err(_) => break,
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
         let d = daemon.clone();
