@@ -212,6 +212,18 @@ pub fn piece_count_for(size: u64, piece_size: u32) -> u64 {
     size.div_ceil(piece_size as u64)
 }
 
+/// The bytes of pieces `first..end` of a `size`-byte file (the last piece
+/// may be short; pieces past the end are empty at the end).
+pub fn pieces_range(size: u64, piece_size: u32, first: u64, end: u64) -> crate::range::Range {
+    let ps = piece_size as u64;
+    crate::range::Range::new(first.saturating_mul(ps).min(size), end.saturating_mul(ps).min(size))
+}
+
+/// The bytes of piece `i`.
+pub fn piece_range(size: u64, piece_size: u32, i: u64) -> crate::range::Range {
+    pieces_range(size, piece_size, i, i.saturating_add(1))
+}
+
 /// `STAT_OK` contents: what the vote and the first READ need, small on
 /// the wire. The piece hashes come with `HASHES_OK`. `root` is `None` while
 /// the server is still hashing the file: data can flow before it is known.
@@ -807,6 +819,20 @@ mod tests {
         assert_eq!(piece_size_for(8 << 30), 512 << 10);
         assert_eq!(piece_count_for(0, MIN_PIECE), 0);
         assert_eq!(piece_count_for(1, MIN_PIECE), 1);
+    }
+
+    #[test]
+    fn piece_ranges_cover_the_file_once() {
+        let (size, ps) = (1_000_000u64, MIN_PIECE);
+        let n = piece_count_for(size, ps);
+        assert_eq!(n, 4);
+        let all: Vec<_> = (0..n).map(|i| piece_range(size, ps, i)).collect();
+        assert_eq!(all[0], crate::range::Range::new(0, 262_144));
+        assert_eq!(all[3], crate::range::Range::new(786_432, 1_000_000), "the last piece is short");
+        assert_eq!(all.iter().map(|r| r.len()).sum::<u64>(), size);
+        assert_eq!(pieces_range(size, ps, 1, 3), crate::range::Range::new(262_144, 786_432));
+        assert!(piece_range(size, ps, 9).is_empty(), "past the end");
+        assert!(piece_range(u64::MAX, 1 << 31, u64::MAX).is_empty(), "no overflow");
     }
 
     #[test]

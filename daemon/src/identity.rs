@@ -353,8 +353,8 @@ pub fn hash_file(file: &File, size: u64, threads: usize) -> io::Result<Identity>
                     if i >= count {
                         break;
                     }
-                    let start = i as u64 * piece_size as u64;
-                    let len = (size - start).min(piece_size as u64) as usize;
+                    let r = mftd_common::proto::piece_range(size, piece_size, i as u64);
+                    let (start, len) = (r.start, r.len() as usize);
                     match read_full_at(file, &mut buf[..len], start) {
                         Ok(()) => local.push((i, *blake3::hash(&buf[..len]).as_bytes())),
                         Err(e) => {

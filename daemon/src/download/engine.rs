@@ -1008,10 +1008,7 @@ impl Engine {
                 let mut ranges: Vec<Range> = m
                     .verified
                     .iter()
-                    .map(|&(a, b)| {
-                        let ps = f.piece_size as u64;
-                        Range::new((a * ps).min(f.size), (b * ps).min(f.size))
-                    })
+                    .map(|&(a, b)| mftd_common::proto::pieces_range(f.size, f.piece_size, a, b))
                     .collect();
                 ranges.extend(m.received.iter().copied());
                 Some(ranges)
@@ -1940,8 +1937,8 @@ async fn write_received(
             let mut at = got.start;
             while at < got.end {
                 let piece = (at / piece_size) as usize;
-                let piece_start = piece as u64 * piece_size;
-                let piece_end = (piece_start + piece_size).min(size);
+                let Range { start: piece_start, end: piece_end } =
+                    mftd_common::proto::piece_range(size, piece_size as u32, piece as u64);
                 let end = piece_end.min(got.end);
                 let gen = gens.iter().find(|(p, _)| *p == piece).map(|(_, g)| *g).unwrap_or(u32::MAX);
                 if at == piece_start {
@@ -2018,8 +2015,8 @@ impl Chosen {
 
     /// Byte range `[start, end)` of piece `i`.
     fn piece_range(&self, i: usize) -> (u64, u64) {
-        let start = i as u64 * self.piece_size as u64;
-        (start, (start + self.piece_size as u64).min(self.size))
+        let r = mftd_common::proto::piece_range(self.size, self.piece_size, i as u64);
+        (r.start, r.end)
     }
 
     /// Whether pieces can be checked against an adopted identity: its root

@@ -224,10 +224,12 @@ impl Downloads {
             progress.pieces_total = f.size.div_ceil(f.piece_size as u64);
         }
         if let Some(m) = &spec.resume {
-            let piece = m.file.as_ref().map(|f| f.piece_size as u64).unwrap_or(0);
-            let size = m.file.as_ref().map(|f| f.size).unwrap_or(0);
-            let verified: u64 =
-                m.verified_pieces().map(|p| (piece.saturating_mul(p + 1)).min(size).saturating_sub(piece * p)).sum();
+            let verified: u64 = match &m.file {
+                Some(f) => {
+                    m.verified_pieces().map(|p| mftd_common::proto::piece_range(f.size, f.piece_size, p).len()).sum()
+                }
+                None => 0,
+            };
             let partial: u64 = m.received.iter().map(|r| r.len()).sum();
             progress.bytes_done = verified + partial;
         }

@@ -198,8 +198,7 @@ impl Scheduler {
         self.verified_count == self.verified.len()
     }
     pub fn piece_range(&self, i: usize) -> Range {
-        let s = i as u64 * self.piece_size;
-        Range::new(s, (s + self.piece_size).min(self.size))
+        mftd_common::proto::piece_range(self.size, self.piece_size as u32, i as u64)
     }
     fn pieces_of(&self, r: Range) -> std::ops::Range<usize> {
         if r.is_empty() {
