@@ -21,9 +21,10 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, info};
 
-use mftd_common::control::{to_line, DownloadState, ErrorCode, Request, Response, MAX_LINE, PROTOCOL};
+use mftd_common::control::{to_line, DownloadState, ErrorCode, Request, Response, MAX_LINE};
 
 use crate::caller::Caller;
+use crate::handlers::Reply;
 use crate::Daemon;
 
 /// A bound control socket; unlinked when dropped.
@@ -245,46 +246,24 @@ async fn handle_conn(stream: UnixStream, daemon: Arc<Daemon>, group: Option<nix:
                 continue;
             }
         };
-        match req {
-            Request::Hello { protocol, .. } => {
-                let resp = if protocol == PROTOCOL {
-                    Response::Hello {
-                        protocol: PROTOCOL,
-                        daemon: format!("mftd {}", env!("CARGO_PKG_VERSION")),
-                        pid: std::process::id(),
-                    }
-                } else {
-                    Response::error(
-                        ErrorCode::VersionMismatch,
-                        format!(
-                            "mftd speaks control protocol {PROTOCOL}, mftctl sent {protocol}; use matching versions"
-                        ),
-                    )
-                };
-                send(&mut w, &resp).await?;
-            }
-            Request::Watch { id, interval_ms } => {
+        // Handlers touch the file system (output directories, secret files,
+        // manifests): off the runtime's threads.
+        let (d, c) = (daemon.clone(), caller.clone());
+        let reply =
+            tokio::task::spawn_blocking(move || crate::handlers::handle(&d, &c, req)).await.unwrap_or_else(|e| {
+                Reply::One(Response::error(ErrorCode::Internal, format!("request handler failed: {e}")))
+            });
+        match reply {
+            Reply::One(resp) => send(&mut w, &resp).await?,
+            Reply::Watch { id, interval_ms } => {
                 watch(&daemon, &caller, id, interval_ms, &mut w).await?;
                 return Ok(());
             }
-            Request::Shutdown if !caller.unrestricted() => {
-                let resp = crate::handlers::handle(&daemon, &caller, Request::Shutdown);
+            Reply::Shutdown(resp) => {
                 send(&mut w, &resp).await?;
-            }
-            Request::Shutdown => {
-                send(&mut w, &Response::ok("mftd is shutting down")).await?;
                 info!("shutdown requested over the control socket");
                 daemon.shutdown.cancel();
                 return Ok(());
-            }
-            other => {
-                // Handlers touch the file system (output directories, secret
-                // files, manifests): off the runtime's threads.
-                let (d, c) = (daemon.clone(), caller.clone());
-                let resp = tokio::task::spawn_blocking(move || crate::handlers::handle(&d, &c, other))
-                    .await
-                    .unwrap_or_else(|e| Response::error(ErrorCode::Internal, format!("request handler failed: {e}")));
-                send(&mut w, &resp).await?;
             }
         }
     }

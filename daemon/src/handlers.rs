@@ -1,7 +1,8 @@
-//! One function per control request (except `hello`, `watch` and
-//! `shutdown`, which shape the connection itself and live in `control`).
+//! What each control request does and answers. `watch` and `shutdown`
+//! shape the connection itself: their [`Reply`] tells the control socket
+//! what to do with it.
 
-use mftd_common::control::{DownloadState, ErrorCode, Request, Response, StatusInfo};
+use mftd_common::control::{DownloadState, ErrorCode, Request, Response, StatusInfo, PROTOCOL};
 
 /// Longest a `pause` waits for the download to stop before answering.
 const PAUSE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -11,9 +12,38 @@ use crate::caller::Caller;
 use crate::listener::ListenerError;
 use crate::Daemon;
 
+/// What the control socket does after a request.
+#[derive(Debug)]
+pub enum Reply {
+    /// Send this; the session goes on.
+    One(Response),
+    /// Turn the connection into the `progress` stream of download `id`.
+    Watch { id: u64, interval_ms: u64 },
+    /// Send this, then stop the daemon.
+    Shutdown(Response),
+}
+
 /// Answers `req` from `caller` (see [`crate::caller`] for what each caller
 /// may do). Blocking: runs off the async runtime.
-pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
+pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Reply {
+    match req {
+        Request::Hello { protocol, .. } if protocol == PROTOCOL => Reply::One(Response::Hello {
+            protocol: PROTOCOL,
+            daemon: format!("mftd {}", env!("CARGO_PKG_VERSION")),
+            pid: std::process::id(),
+        }),
+        Request::Hello { protocol, .. } => Reply::One(Response::error(
+            ErrorCode::VersionMismatch,
+            format!("mftd speaks control protocol {PROTOCOL}, mftctl sent {protocol}; use matching versions"),
+        )),
+        Request::Watch { id, interval_ms } => Reply::Watch { id, interval_ms },
+        Request::Shutdown if caller.unrestricted() => Reply::Shutdown(Response::ok("mftd is shutting down")),
+        other => Reply::One(answer(d, caller, other)),
+    }
+}
+
+/// The requests answered with one response.
+fn answer(d: &Daemon, caller: &Caller, req: Request) -> Response {
     // Listeners and the daemon itself are the operator's, not every
     // socket-group member's.
     if matches!(
@@ -188,8 +218,10 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
             Ok(dl) => Response::ok(format!("cancelled download {id}; removed {}", dl.part_path().display())),
             Err(r) => Response::error(r.0, r.1),
         },
+        // A restricted caller's shutdown is refused above; hello, watch and
+        // the operator's shutdown are answered by `handle`.
         Request::Hello { .. } | Request::Watch { .. } | Request::Shutdown => {
-            Response::error(ErrorCode::Internal, "request handled elsewhere")
+            Response::error(ErrorCode::Internal, "hello, watch and shutdown are answered by handle")
         }
     }
 }
