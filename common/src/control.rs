@@ -415,6 +415,98 @@ impl Response {
     }
 }
 
+/// What `mftctl --json` prints besides the daemon's own responses
+/// (`accepted`, `identical`, `resumed`, `progress`, ...), one object per
+/// line: while following a download, a `source_state` whenever a source
+/// changes state, and one terminal event (`done`, `error`, `paused` or
+/// `detached`); an `error` also when mftctl cannot carry out a command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    SourceState {
+        id: u64,
+        address: String,
+        state: SourceState,
+        #[serde(default)]
+        last_error: Option<String>,
+    },
+    /// The file is in place.
+    Done(Summary),
+    /// The download ended without its file, or a command failed.
+    Error(Failure),
+    /// Paused elsewhere (or by a full disk); `message` says how to continue.
+    Paused { id: u64, message: String },
+    /// mftctl stopped following (Ctrl-C); the download goes on.
+    Detached { id: u64, message: String },
+}
+
+/// How a download ended (the `done` event, and `error` for a download).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub id: u64,
+    pub state: DownloadState,
+    pub destination: String,
+    pub size: u64,
+    /// Bytes in the file.
+    pub bytes: u64,
+    pub elapsed_ms: u64,
+    #[serde(default)]
+    pub identity: Option<String>,
+    /// Why it failed (`error` only).
+    #[serde(default)]
+    pub message: Option<String>,
+    pub sources: Vec<SourceSummary>,
+    #[serde(default)]
+    pub found_on_disk: u64,
+}
+
+/// One source's part in a finished download.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceSummary {
+    pub address: String,
+    pub bytes: u64,
+    /// `bytes` over the download's running time, bytes/s.
+    pub avg_speed: u64,
+}
+
+/// An `error` event: a download that ended without its file, or a command
+/// mftctl could not carry out (`code` as in [`ErrorCode`], or one of
+/// mftctl's own: `not_running`, `permission_denied`, `io`, `protocol`,
+/// `usage`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Failure {
+    Download(Summary),
+    Command { code: String, message: String },
+}
+
+impl Summary {
+    /// The summary of a download as it ended.
+    pub fn of(d: &DownloadInfo) -> Summary {
+        let secs = (d.elapsed_ms as f64 / 1000.0).max(1e-3);
+        Summary {
+            id: d.id,
+            state: d.state,
+            destination: d.destination.clone(),
+            size: d.size.unwrap_or(0),
+            bytes: d.bytes_done,
+            elapsed_ms: d.elapsed_ms,
+            identity: d.identity.clone(),
+            message: if d.state == DownloadState::Done { None } else { d.error.clone() },
+            sources: d
+                .sources
+                .iter()
+                .map(|s| SourceSummary {
+                    address: s.address.clone(),
+                    bytes: s.bytes,
+                    avg_speed: (s.bytes as f64 / secs) as u64,
+                })
+                .collect(),
+            found_on_disk: d.found_on_disk,
+        }
+    }
+}
+
 /// The name a unit enum of this protocol has on the wire (`"paused"`,
 /// `"unknown_download"`): the one string form of states, codes and kinds.
 pub fn word<T: Serialize>(v: &T) -> String {
@@ -449,6 +541,41 @@ mod tests {
         let g: Request =
             serde_json::from_str(r#"{"type":"get","remote_path":"a","sources":["127.0.0.1:5001"]}"#).unwrap();
         assert!(matches!(g, Request::Get(GetRequest { ref remote_path, .. }) if remote_path == "a"));
+    }
+
+    #[test]
+    fn events_have_the_documented_shape_and_round_trip() {
+        let summary = Summary {
+            id: 3,
+            state: DownloadState::Failed,
+            destination: "/tmp/x".into(),
+            size: 10,
+            bytes: 4,
+            elapsed_ms: 1500,
+            identity: None,
+            message: Some("gave up".into()),
+            sources: vec![SourceSummary { address: "h:1".into(), bytes: 4, avg_speed: 2 }],
+            found_on_disk: 0,
+        };
+        let cases = [
+            (
+                Event::SourceState { id: 3, address: "h:1".into(), state: SourceState::Waiting, last_error: None },
+                r#"{"type":"source_state","id":3,"address":"h:1","state":"waiting","last_error":null}"#,
+            ),
+            (Event::Paused { id: 3, message: "m".into() }, r#"{"type":"paused","id":3,"message":"m"}"#),
+            (
+                Event::Error(Failure::Command { code: "usage".into(), message: "m".into() }),
+                r#"{"type":"error","code":"usage","message":"m"}"#,
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(serde_json::to_string(&e).unwrap(), want);
+            assert_eq!(serde_json::from_str::<Event>(want).unwrap(), e);
+        }
+        for e in [Event::Error(Failure::Download(summary.clone())), Event::Done(summary)] {
+            let line = serde_json::to_string(&e).unwrap();
+            assert_eq!(serde_json::from_str::<Event>(&line).unwrap(), e, "{line}");
+        }
     }
 
     #[test]

@@ -2,17 +2,18 @@
 
 use std::io::{IsTerminal, Write};
 
-use mftd_common::control::{DownloadInfo, ListenerInfo, Response};
+use mftd_common::control::{to_line, DownloadInfo, Event, Failure, ListenerInfo, Response, Summary};
 use mftd_common::human_bytes;
 use mftd_common::rate::format_rate;
 
-/// Prints the payload of a response as one JSON line.
+/// Prints a response as one JSON line.
 pub fn print_json(r: &Response) {
-    let v = match serde_json::to_value(r) {
-        Ok(v) => v,
-        Err(e) => serde_json::json!({"type": "error", "message": e.to_string()}),
-    };
-    println!("{v}");
+    print!("{}", String::from_utf8_lossy(&to_line(r)));
+}
+
+/// Prints one of mftctl's own events as one JSON line.
+pub fn print_event(e: &Event) {
+    print!("{}", String::from_utf8_lossy(&to_line(e)));
 }
 
 fn duration(secs: u64) -> String {
@@ -306,10 +307,12 @@ impl ProgressView {
                 None => true,
             };
             if changed {
-                println!(
-                    "{}",
-                    serde_json::json!({"type": "source_state", "id": d.id, "address": s.address, "state": st, "last_error": s.last_error})
-                );
+                print_event(&Event::SourceState {
+                    id: d.id,
+                    address: s.address.clone(),
+                    state: s.state,
+                    last_error: s.last_error.clone(),
+                });
             }
         }
         self.states = d.sources.iter().map(|s| (s.address.clone(), state_name(&s.state))).collect();
@@ -383,7 +386,11 @@ impl ProgressView {
     /// stream ends with a terminal event.
     pub fn stopped(&mut self, kind: &str, id: u64, message: &str) {
         if self.json {
-            println!("{}", serde_json::json!({"type": kind, "id": id, "message": message}));
+            let (id, message) = (id, message.to_string());
+            print_event(&match kind {
+                "paused" => Event::Paused { id, message },
+                _ => Event::Detached { id, message },
+            });
             let _ = std::io::stdout().flush();
         }
     }
@@ -392,21 +399,11 @@ impl ProgressView {
         let secs = d.elapsed_ms as f64 / 1000.0;
         let size = d.size.unwrap_or(0);
         if self.json {
-            let (kind, extra) = match d.state {
-                mftd_common::control::DownloadState::Done => ("done", serde_json::json!(null)),
-                _ => ("error", serde_json::json!(d.error)),
-            };
-            let sources: Vec<serde_json::Value> = d
-                .sources
-                .iter()
-                .map(|s| serde_json::json!({"address": s.address, "bytes": s.bytes, "avg_speed": (s.bytes as f64 / secs.max(1e-3)) as u64}))
-                .collect();
-            println!(
-                "{}",
-                serde_json::json!({"type": kind, "id": d.id, "state": state_name(&d.state), "destination": d.destination,
-                    "size": size, "bytes": d.bytes_done, "elapsed_ms": d.elapsed_ms, "identity": d.identity,
-                    "message": extra, "sources": sources, "found_on_disk": d.found_on_disk})
-            );
+            let summary = Summary::of(d);
+            print_event(&match d.state {
+                mftd_common::control::DownloadState::Done => Event::Done(summary),
+                _ => Event::Error(Failure::Download(summary)),
+            });
             return;
         }
         self.clear();

@@ -215,7 +215,10 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             if json {
-                println!("{}", serde_json::json!({"type": "error", "code": e.code(), "message": e.to_string()}));
+                display::print_event(&mftd_common::control::Event::Error(mftd_common::control::Failure::Command {
+                    code: e.code(),
+                    message: e.to_string(),
+                }));
             }
             eprintln!("mftctl: {e}");
             // As documented: 1 for failures, 2 for bad usage.

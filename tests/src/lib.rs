@@ -281,6 +281,17 @@ impl Daemon {
         }
     }
 
+    /// Runs `mftctl --json ...` and parses every stdout line into the
+    /// protocol's types: a daemon [`Response`] or one of mftctl's events.
+    pub fn ctl_typed(&self, args: &[&str]) -> (Output, Vec<Line>) {
+        let (out, values) = self.ctl_json(args);
+        let lines = values
+            .into_iter()
+            .map(|v| serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("line {v} is no known message: {e}")))
+            .collect();
+        (out, lines)
+    }
+
     /// Runs `mftctl --json ...` and parses every stdout line.
     pub fn ctl_json(&self, args: &[&str]) -> (Output, Vec<serde_json::Value>) {
         let mut a = vec!["--json"];
@@ -422,6 +433,14 @@ pub fn source_error(s: &serde_json::Value) -> String {
         .or(s["recovered_from"].as_str())
         .unwrap_or_else(|| panic!("source reports no error: {s}"))
         .to_string()
+}
+
+/// One line of `mftctl --json` output.
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+pub enum Line {
+    Response(mftd_common::control::Response),
+    Event(mftd_common::control::Event),
 }
 
 /// `n` loopback ports free a moment ago (bound, then released).

@@ -4,7 +4,8 @@
 use std::process::Command;
 use std::time::Duration;
 
-use mftd_tests::{mftctl_bin, mftd_bin, sha256_file, stderr, stdout, wait_until, write_file, Daemon};
+use mftd_common::control::{DownloadInfo, Event, Response, SourceState};
+use mftd_tests::{mftctl_bin, mftd_bin, sha256_file, stderr, stdout, wait_until, write_file, Daemon, Line};
 
 const MIB: u64 = 1 << 20;
 
@@ -19,7 +20,7 @@ fn json_stream_has_per_source_progress_and_a_done_event_that_adds_up() {
     let size = 24 * MIB;
     write_file(&server.export.join("j"), size, 31);
     let client = Daemon::start(0);
-    let (out, lines) = client.ctl_json(&[
+    let (out, lines) = client.ctl_typed(&[
         "get",
         "j",
         "--from",
@@ -30,30 +31,33 @@ fn json_stream_has_per_source_progress_and_a_done_event_that_adds_up() {
         "0.2",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(lines[0]["type"], "accepted");
-    let progress: Vec<_> = lines.iter().filter(|l| l["type"] == "progress").collect();
+    assert!(matches!(lines[0], Line::Response(Response::Accepted { .. })), "{:?}", lines[0]);
+    let progress: Vec<&DownloadInfo> = lines
+        .iter()
+        .filter_map(|l| match l {
+            Line::Response(Response::Progress { download }) => Some(download),
+            _ => None,
+        })
+        .collect();
     assert!(progress.len() >= 3, "only {} progress events", progress.len());
     // Every source shows up with progress while the download runs.
     for addr in server.sources() {
         assert!(
-            progress.iter().any(|p| p["download"]["sources"]
-                .as_array()
-                .unwrap()
+            progress
                 .iter()
-                .any(|s| s["address"] == addr.as_str() && s["bytes"].as_u64().unwrap() > 0 && s["state"] == "active")),
+                .any(|p| p.sources.iter().any(|s| s.address == addr && s.bytes > 0 && s.state == SourceState::Active)),
             "no active progress for {addr}"
         );
         assert!(
-            lines.iter().any(|l| l["type"] == "source_state" && l["address"] == addr.as_str()),
+            lines.iter().any(|l| matches!(l, Line::Event(Event::SourceState { address, .. }) if *address == addr)),
             "no source_state for {addr}"
         );
     }
-    let done = lines.last().unwrap();
-    assert_eq!(done["type"], "done", "{done}");
-    assert_eq!(done["size"], size);
-    let sum: u64 = done["sources"].as_array().unwrap().iter().map(|s| s["bytes"].as_u64().unwrap()).sum();
-    assert_eq!(sum, size, "per-source bytes add up to the file size: {done}");
-    assert!(done["identity"].as_str().unwrap().len() == 64);
+    let Some(Line::Event(Event::Done(done))) = lines.last() else { panic!("no done event last: {lines:?}") };
+    assert_eq!(done.size, size);
+    let sum: u64 = done.sources.iter().map(|s| s.bytes).sum();
+    assert_eq!(sum, size, "per-source bytes add up to the file size: {done:?}");
+    assert_eq!(done.identity.as_deref().map(str::len), Some(64));
     assert_eq!(sha256_file(&client.downloads.join("j")), sha256_file(&server.export.join("j")));
 }
 
