@@ -401,85 +401,7 @@ impl Downloads {
             Some(i) => Some(parse_identity(i).map_err(|e| Rejected(ErrorCode::InvalidArgument, e))?),
             None => None,
         };
-        // Lexically tidy (`a/./b` is `a/b`): the destination is shown and
-        // compared as written here.
-        let dir: PathBuf = match &req.output_dir {
-            Some(d) => Path::new(d).components().collect(),
-            None => self.defaults.download_dir.clone(),
-        };
-        if !dir.is_absolute() {
-            return Err(Rejected(
-                ErrorCode::OutputDir,
-                format!("output directory {} must be an absolute path", dir.display()),
-            ));
-        }
-        if req.output_dir.is_none() && !dir.exists() {
-            std::fs::create_dir_all(&dir).map_err(|e| {
-                Rejected(ErrorCode::OutputDir, format!("cannot create download directory {}: {e}", dir.display()))
-            })?;
-        }
-        // A missing -o directory is created (as aria2c -d does), if the
-        // caller may create it: it must be allowed to write where the first
-        // missing component goes, and the directories are made with its
-        // rights.
-        let restricted = !caller.unrestricted();
-        if restricted && dir.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-            return Err(Rejected(ErrorCode::OutputDir, format!("output directory {} contains `..`", dir.display())));
-        }
-        caller::check_reachable(caller, &dir).map_err(|e| Rejected(ErrorCode::PermissionDenied, e.0))?;
-        let looked = std::fs::symlink_metadata(&dir);
-        if let Some(e) = looked.as_ref().err().filter(|e| e.kind() != std::io::ErrorKind::NotFound) {
-            return Err(Rejected(ErrorCode::OutputDir, format!("cannot use output directory {}: {e}", dir.display())));
-        }
-        if req.output_dir.is_some() && looked.is_err() {
-            let existing = dir.ancestors().skip(1).find(|a| a.exists()).unwrap_or(Path::new("/"));
-            let base = caller::check_output_dir(caller, existing, &self.defaults.download_roots)
-                .map_err(|e| Rejected(ErrorCode::PermissionDenied, e.0))?;
-            let owner = restricted.then_some(caller);
-            if restricted && !nix::unistd::geteuid().is_root() {
-                // mftd cannot make a directory that belongs to the caller:
-                // it would be mftd's, and not the caller's to write.
-                let _ = base;
-                return Err(Rejected(
-                    ErrorCode::OutputDir,
-                    format!("output directory {} does not exist; create it yourself first", dir.display()),
-                ));
-            }
-            let made = caller::as_caller(owner, || std::fs::create_dir_all(&dir)).and_then(|r| r);
-            made.map_err(|e| {
-                Rejected(ErrorCode::OutputDir, format!("cannot create output directory {}: {e}", dir.display()))
-            })?;
-        }
-        match std::fs::metadata(&dir) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(Rejected(
-                    ErrorCode::OutputDir,
-                    format!("output directory {} is not a directory", dir.display()),
-                ))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Rejected(
-                    ErrorCode::OutputDir,
-                    format!("output directory {} does not exist; create it first", dir.display()),
-                ))
-            }
-            Err(e) => {
-                return Err(Rejected(
-                    ErrorCode::OutputDir,
-                    format!("cannot use output directory {}: {e}", dir.display()),
-                ))
-            }
-        }
-        // The caller's rights first: mftd writes only where they could.
-        let dir = caller::check_output_dir(caller, &dir, &self.defaults.download_roots)
-            .map_err(|e| Rejected(ErrorCode::PermissionDenied, e.0))?;
-        if nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK).is_err() {
-            return Err(Rejected(
-                ErrorCode::OutputDir,
-                format!("output directory {} is not writable by mftd; choose another with -o", dir.display()),
-            ));
-        }
+        let dir = self.output_dir(&req, caller)?;
         let destination = dir.join(&name);
 
         // The same file into the same place: continue that download (also a
@@ -493,37 +415,7 @@ impl Downloads {
             })
             .cloned();
         if let Some(other) = existing {
-            owned_by(&other, caller)?;
-            if other.remote_path != req.remote_path {
-                return Err(Rejected(
-                    ErrorCode::Exists,
-                    format!(
-                        "download {} is already writing {} (from {})",
-                        other.id,
-                        destination.display(),
-                        other.remote_path
-                    ),
-                ));
-            }
-            if req.no_resume {
-                return Err(Rejected(
-                    ErrorCode::Exists,
-                    format!(
-                        "download {id} is already writing {} and keeps resume state, which --no-resume cannot take away: drop --no-resume to continue it, or `mftctl downloads cancel {id}` to start over",
-                        destination.display(),
-                        id = other.id,
-                    ),
-                ));
-            }
-            let added = new_sources(&other, &sources)?;
-            let all: Vec<String> = other.sources.iter().chain(&added).cloned().collect();
-            let force = req.force && !other.force;
-            let dl = match other.state() {
-                DownloadState::Paused | DownloadState::Failed => self.resume_with(other.id, Some(all), force)?,
-                _ if added.is_empty() && !force => other,
-                _ => self.restart(&other, all, force)?,
-            };
-            return Ok(Started::Download { dl, resumed: true, added });
+            return self.continue_same(other, &req, &sources, &destination, caller);
         }
         if req.force {
             caller::check_replace(caller, &dir, &name).map_err(|e| Rejected(ErrorCode::PermissionDenied, e.0))?;
@@ -627,6 +519,136 @@ impl Downloads {
             pin: dl.pin,
         };
         existing::compare(&file, size, &ask)
+    }
+
+    /// The output directory of a `get`, checked: absolute, reachable and
+    /// writable by the caller (within the download roots for a restricted
+    /// one) and by mftd; a missing `-o` directory is created with the
+    /// caller's rights.
+    fn output_dir(&self, req: &GetRequest, caller: &Caller) -> Result<PathBuf, Rejected> {
+        // Lexically tidy (`a/./b` is `a/b`): the destination is shown and
+        // compared as written here.
+        let dir: PathBuf = match &req.output_dir {
+            Some(d) => Path::new(d).components().collect(),
+            None => self.defaults.download_dir.clone(),
+        };
+        if !dir.is_absolute() {
+            return Err(Rejected(
+                ErrorCode::OutputDir,
+                format!("output directory {} must be an absolute path", dir.display()),
+            ));
+        }
+        if req.output_dir.is_none() && !dir.exists() {
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                Rejected(ErrorCode::OutputDir, format!("cannot create download directory {}: {e}", dir.display()))
+            })?;
+        }
+        // A missing -o directory is created (as aria2c -d does), if the
+        // caller may create it: it must be allowed to write where the first
+        // missing component goes, and the directories are made with its
+        // rights.
+        let restricted = !caller.unrestricted();
+        if restricted && dir.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            return Err(Rejected(ErrorCode::OutputDir, format!("output directory {} contains `..`", dir.display())));
+        }
+        caller::check_reachable(caller, &dir).map_err(|e| Rejected(ErrorCode::PermissionDenied, e.0))?;
+        let looked = std::fs::symlink_metadata(&dir);
+        if let Some(e) = looked.as_ref().err().filter(|e| e.kind() != std::io::ErrorKind::NotFound) {
+            return Err(Rejected(ErrorCode::OutputDir, format!("cannot use output directory {}: {e}", dir.display())));
+        }
+        if req.output_dir.is_some() && looked.is_err() {
+            let existing = dir.ancestors().skip(1).find(|a| a.exists()).unwrap_or(Path::new("/"));
+            let base = caller::check_output_dir(caller, existing, &self.defaults.download_roots)
+                .map_err(|e| Rejected(ErrorCode::PermissionDenied, e.0))?;
+            let owner = restricted.then_some(caller);
+            if restricted && !nix::unistd::geteuid().is_root() {
+                // mftd cannot make a directory that belongs to the caller:
+                // it would be mftd's, and not the caller's to write.
+                let _ = base;
+                return Err(Rejected(
+                    ErrorCode::OutputDir,
+                    format!("output directory {} does not exist; create it yourself first", dir.display()),
+                ));
+            }
+            let made = caller::as_caller(owner, || std::fs::create_dir_all(&dir)).and_then(|r| r);
+            made.map_err(|e| {
+                Rejected(ErrorCode::OutputDir, format!("cannot create output directory {}: {e}", dir.display()))
+            })?;
+        }
+        match std::fs::metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(Rejected(
+                    ErrorCode::OutputDir,
+                    format!("output directory {} is not a directory", dir.display()),
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Rejected(
+                    ErrorCode::OutputDir,
+                    format!("output directory {} does not exist; create it first", dir.display()),
+                ))
+            }
+            Err(e) => {
+                return Err(Rejected(
+                    ErrorCode::OutputDir,
+                    format!("cannot use output directory {}: {e}", dir.display()),
+                ))
+            }
+        }
+        // The caller's rights first: mftd writes only where they could.
+        let dir = caller::check_output_dir(caller, &dir, &self.defaults.download_roots)
+            .map_err(|e| Rejected(ErrorCode::PermissionDenied, e.0))?;
+        if nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK).is_err() {
+            return Err(Rejected(
+                ErrorCode::OutputDir,
+                format!("output directory {} is not writable by mftd; choose another with -o", dir.display()),
+            ));
+        }
+        Ok(dir)
+    }
+
+    /// A `get` of the file `other` is already writing into the same place:
+    /// continue it with the request's sources added (and its `--force`).
+    fn continue_same(
+        &self,
+        other: Arc<Download>,
+        req: &GetRequest,
+        sources: &[String],
+        destination: &Path,
+        caller: &Caller,
+    ) -> Result<Started, Rejected> {
+        owned_by(&other, caller)?;
+        if other.remote_path != req.remote_path {
+            return Err(Rejected(
+                ErrorCode::Exists,
+                format!(
+                    "download {} is already writing {} (from {})",
+                    other.id,
+                    destination.display(),
+                    other.remote_path
+                ),
+            ));
+        }
+        if req.no_resume {
+            return Err(Rejected(
+            ErrorCode::Exists,
+            format!(
+                "download {id} is already writing {} and keeps resume state, which --no-resume cannot take away: drop --no-resume to continue it, or `mftctl downloads cancel {id}` to start over",
+                destination.display(),
+                id = other.id,
+            ),
+        ));
+        }
+        let added = new_sources(&other, sources)?;
+        let all: Vec<String> = other.sources.iter().chain(&added).cloned().collect();
+        let force = req.force && !other.force;
+        let dl = match other.state() {
+            DownloadState::Paused | DownloadState::Failed => self.resume_with(other.id, Some(all), force)?,
+            _ if added.is_empty() && !force => other,
+            _ => self.restart(&other, all, force)?,
+        };
+        Ok(Started::Download { dl, resumed: true, added })
     }
 
     /// Adds sources to a download: a running one checkpoints and continues
