@@ -100,7 +100,6 @@ pub fn check_source(s: &str) -> Result<String, String> {
 }
 
 /// What a new run of a download is made of.
-#[derive(Clone)]
 struct Spec {
     id: u64,
     remote_path: String,
@@ -169,6 +168,11 @@ impl Downloads {
     }
 
     fn build(&self, spec: Spec, state: DownloadState) -> Result<Arc<Download>, Rejected> {
+        self.download(spec, state).map(Arc::new)
+    }
+
+    /// A run of `spec` (its secret read), not yet shared.
+    fn download(&self, spec: Spec, state: DownloadState) -> Result<Download, Rejected> {
         // A secret file the request names is read with the caller's rights;
         // the daemon's own (auth_secret_file) with the daemon's.
         // A restricted caller never borrows the daemon's own secret (its
@@ -233,7 +237,7 @@ impl Downloads {
             let partial: u64 = m.received.iter().map(|r| r.len()).sum();
             progress.bytes_done = verified + partial;
         }
-        Ok(Arc::new(Download {
+        Ok(Download {
             id: spec.id,
             remote_path: spec.remote_path,
             destination: spec.destination,
@@ -262,7 +266,7 @@ impl Downloads {
             prior_elapsed: Duration::from_millis(stats.elapsed_ms),
             progress: Mutex::new(progress),
             state_tx,
-        }))
+        })
     }
 
     fn spawn(&self, dl: Arc<Download>) {
@@ -433,9 +437,8 @@ impl Downloads {
             }
             Err(_) => false,
         };
-        let mut spec = Spec {
-            // Given below, once the download is sure to exist: a refused
-            // or needless `get` takes no ID.
+        let spec = Spec {
+            // Given below, once the download is sure to exist.
             id: 0,
             remote_path: req.remote_path.clone(),
             destination,
@@ -451,7 +454,8 @@ impl Downloads {
             expected_size: req.expected_size,
             owner: caller.clone(),
         };
-        let dl = self.build(spec.clone(), DownloadState::Starting)?;
+        // Built before it has an ID: a refused or needless `get` takes none.
+        let mut dl = self.download(spec, DownloadState::Starting)?;
         if present {
             let shown = dl.destination.display().to_string();
             match self.compare_existing(&dl) {
@@ -479,8 +483,8 @@ impl Downloads {
         if let Err(e) = self.store.save_next_id(id + 1) {
             warn!(error = %e, "cannot record the next download ID; IDs may repeat after a restart");
         }
-        spec.id = id;
-        let dl = self.build(spec, DownloadState::Starting)?;
+        dl.id = id;
+        let dl = Arc::new(dl);
         if let Some(store) = &dl.store {
             // The manifest exists before the first byte is written.
             store.save(&dl.base_manifest()).map_err(|e| {
