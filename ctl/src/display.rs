@@ -124,13 +124,17 @@ fn sources_table(d: &DownloadInfo) -> String {
 const FOUND_ON_DISK: &str = "(found on disk)";
 
 fn found_share(d: &DownloadInfo) -> f64 {
-    let credited: u64 = d.sources.iter().map(|s| s.bytes).sum();
-    let whole = d.bytes_done.max(credited);
+    let whole = d.bytes_done.max(d.sources.iter().map(|s| s.bytes).sum());
     if whole > 0 {
         d.found_on_disk as f64 / whole as f64
     } else {
         0.0
     }
+}
+
+/// What `get` says when the file is already there.
+pub fn identical(destination: &str, identity: &str) -> String {
+    format!("{destination} is already the file the sources serve (blake3:{identity}); nothing to download")
 }
 
 pub fn print_human(r: &Response) {
@@ -202,9 +206,7 @@ pub fn print_human(r: &Response) {
                 println!("added sources: {}", added_sources.join(", "));
             }
         }
-        Response::Identical { destination, identity } => {
-            println!("{destination} is already the file the sources serve (blake3:{identity}); nothing to download")
-        }
+        Response::Identical { destination, identity } => println!("{}", identical(destination, identity)),
         Response::Resumed { ids } if ids.is_empty() => println!("nothing to resume"),
         Response::Resumed { ids } => {
             let list: Vec<String> = ids.iter().map(u64::to_string).collect();
@@ -384,13 +386,9 @@ impl ProgressView {
     /// The stream ends without a result (`paused` elsewhere, `detached`
     /// by Ctrl-C): with `--json`, a last event that says so, so every
     /// stream ends with a terminal event.
-    pub fn stopped(&mut self, kind: &str, id: u64, message: &str) {
+    pub fn stopped(&mut self, event: &Event) {
         if self.json {
-            let (id, message) = (id, message.to_string());
-            print_event(&match kind {
-                "paused" => Event::Paused { id, message },
-                _ => Event::Detached { id, message },
-            });
+            print_event(event);
             let _ = std::io::stdout().flush();
         }
     }

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use mftd_common::control::{GetRequest, Request, Response};
+use mftd_common::control::{Event, GetRequest, Request, Response};
 use mftd_common::rate::parse_rate;
 
 use client::{Client, CtlError};
@@ -436,9 +436,7 @@ fn accepted(json: bool, args: &GetArgs, remote_path: &str, resp: Response) -> Re
             } else {
                 // On stderr with the other status lines; --detach prints no ID.
                 if let Response::Identical { destination, identity } = &resp {
-                    eprintln!(
-                        "{destination} is already the file the sources serve (blake3:{identity}); nothing to download"
-                    );
+                    eprintln!("{}", display::identical(destination, identity));
                 }
             }
             return Ok(None);
@@ -542,7 +540,7 @@ fn follow(socket: &std::path::Path, json: bool, id: u64, interval: f64) -> Resul
             None => {
                 view.clear();
                 let message = format!("detached; download {id} continues in mftd (see `mftctl downloads show {id}`)");
-                view.stopped("detached", id, &message);
+                view.stopped(&Event::Detached { id, message: message.clone() });
                 if !json {
                     eprintln!("mftctl: {message}");
                 }
@@ -556,7 +554,7 @@ fn follow(socket: &std::path::Path, json: bool, id: u64, interval: f64) -> Resul
                     view.clear();
                     let why = download.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
                     let message = format!("download {id} is paused{why}; `mftctl downloads resume {id}` continues it");
-                    view.stopped("paused", id, &message);
+                    view.stopped(&Event::Paused { id, message: message.clone() });
                     if !json {
                         eprintln!("{message}");
                     }
