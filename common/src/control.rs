@@ -121,7 +121,7 @@ pub enum Request {
 }
 
 /// Start a download.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GetRequest {
     /// Path of the file on the servers, relative to their export root.
     pub remote_path: String,

@@ -9,7 +9,6 @@ mod caller;
 pub mod config;
 mod control;
 mod download;
-mod handlers;
 mod identity;
 mod jail;
 mod listener;
@@ -19,6 +18,8 @@ mod notify;
 mod ratelimit;
 mod serve;
 mod store;
+#[cfg(test)]
+mod testing;
 mod transport;
 
 use std::sync::Arc;
@@ -213,16 +214,135 @@ pub type Reloader = Box<dyn Fn() -> anyhow::Result<Config> + Send + Sync>;
 /// How long shutdown waits for connections and downloads to wind down.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 
-/// Runs the daemon until `shutdown` is cancelled.
-pub async fn run(config: Config, shutdown: CancellationToken, reloader: Option<Reloader>) -> anyhow::Result<()> {
+/// The sockets [`run`] serves on, bound by [`bind`] before anything else
+/// happens: a second daemon, a busy port or a missing permission is said
+/// first, and a test can hand in sockets of its own choosing.
+pub struct Bound {
+    control: control::ControlSocket,
+    /// Each configured transfer port (0 for "any") with its socket.
+    transfer: Vec<(u16, tokio::net::TcpListener)>,
+    metrics: Option<tokio::net::TcpListener>,
+}
+
+/// Binds the control socket, the configured transfer ports and the metrics
+/// endpoint.
+pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
     // The control socket first: a second daemon on the same socket must
     // say so, not complain about ports.
-    let sock = control::ControlSocket::bind(&config.socket, config.socket_group.as_deref())?;
+    let control = control::ControlSocket::bind(&config.socket, config.socket_group.as_deref())?;
+    let mut transfer = Vec::with_capacity(config.ports.len());
+    for &port in &config.ports {
+        transfer.push((port, listener::bind(std::net::SocketAddr::new(config.listen, port))?));
+    }
+    let metrics = match config.metrics_listen {
+        Some(a) => Some(metrics::bind(a).await?),
+        None => None,
+    };
+    Ok(Bound { control, transfer, metrics })
+}
 
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("cannot create state directory {}", config.state_dir.display()))?;
-    // An export directory someone named and that is not there is a mistake
-    // (a typo, an unmounted disk), not something to create empty and serve.
+impl Daemon {
+    /// Builds the daemon over already bound transfer ports: the state
+    /// directory, the export jail, this node's identity, the listeners and
+    /// the downloads of earlier runs. Everything it starts stops when
+    /// `shutdown` is cancelled.
+    fn start(
+        config: Config,
+        transfer: Vec<(u16, tokio::net::TcpListener)>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<Daemon>> {
+        std::fs::create_dir_all(&config.state_dir)
+            .with_context(|| format!("cannot create state directory {}", config.state_dir.display()))?;
+        let jail = open_export(&config)?;
+        let secret = match &config.auth_secret_file {
+            Some(p) => Some(config::read_secret(p)?),
+            None => None,
+        };
+        if secret.is_some() {
+            info!("transfer listeners require authentication");
+        }
+        let node = node::NodeIdentity::load_or_create(&config.state_dir)
+            .with_context(|| format!("cannot load this node's identity from {}", config.state_dir.display()))?;
+        let tls = Arc::new(node::TlsConfigs::new(&node)?);
+        info!(node_id = %tls.id, "node identity");
+        check_transports(&config, secret.is_some())?;
+        let ctx = Arc::new(ServeContext::new(
+            jail,
+            identity::IdentityCache::new(config.hash_threads, Some(config.state_dir.join("identities"))),
+            serve_settings(&config, secret),
+            Some(tls.clone()),
+        ));
+
+        let tracker = TaskTracker::new();
+        if config.index_export {
+            let (ctx, stop) = (ctx.clone(), shutdown.child_token());
+            tracker.spawn(async move { identity::index_export(&ctx.jail, &ctx.identities, stop).await });
+        }
+        let listeners =
+            Listeners::new(config.listen, config.max_connections, ctx, shutdown.child_token(), tracker.clone());
+        for (port, socket) in transfer {
+            let p = listeners.adopt(
+                socket,
+                config.listener_limits.get(&port).copied().unwrap_or(config.rate_limit),
+                config.listener_transport.get(&port).copied().unwrap_or(config.transport),
+            )?;
+            if let Some(a) = config.listener_allow.get(&port) {
+                listeners.set_allow(p, Some(a.clone()));
+            }
+        }
+        if config.ports.is_empty() {
+            info!("no transfer listeners (servers = 0): this mftd serves no files, it only downloads");
+        }
+        let store = store::Store::new(&config.state_dir)
+            .with_context(|| format!("cannot create {}", config.state_dir.join("manifests").display()))?;
+        let downloads = Downloads::new(
+            DownloadDefaults {
+                dialer: Arc::new(download::client::Dialer {
+                    tls: tls.clone(),
+                    known: node::KnownNodes::load(&config.known_nodes, config.node_trust)?,
+                }),
+                download_dir: config.download_dir.clone(),
+                connections_per_server: config.connections_per_server,
+                idle_timeout: config.idle_timeout,
+                checkpoint_interval: config.checkpoint_interval,
+                checkpoint_bytes: config.checkpoint_bytes,
+                secret_file: config.auth_secret_file.clone(),
+                download_roots: config.download_roots.clone(),
+                min_free_space: config.min_free_space,
+                max_download_size: config.max_download_size,
+                retention: config.retention,
+            },
+            shutdown.child_token(),
+            tracker.clone(),
+            store,
+        );
+        downloads.load(config.auto_resume);
+        Ok(Arc::new(Daemon {
+            config: std::sync::RwLock::new(config),
+            started: Instant::now(),
+            listeners,
+            downloads,
+            shutdown,
+            tracker,
+            node_id: tls.id.to_string(),
+        }))
+    }
+
+    /// Closes the listeners and waits (at most [`SHUTDOWN_GRACE`]) for
+    /// connections and downloads to wind down and checkpoint.
+    async fn drain(&self) {
+        self.listeners.stop_all();
+        self.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait()).await.is_err() {
+            warn!("some tasks did not finish within {SHUTDOWN_GRACE:?}; exiting anyway");
+        }
+    }
+}
+
+/// Opens the export directory as a jail, creating it when it is the
+/// default; one someone named and that is not there is a mistake (a typo,
+/// an unmounted disk), not something to create empty and serve.
+fn open_export(config: &Config) -> anyhow::Result<jail::Jail> {
     let named = config.origins.get("export").is_some_and(|o| *o != "default");
     if named && !config.export.exists() {
         anyhow::bail!(
@@ -236,142 +356,93 @@ pub async fn run(config: Config, shutdown: CancellationToken, reloader: Option<R
         })?;
         info!(export = %config.export.display(), "created empty export directory");
     }
-    let jail = jail::Jail::new(&config.export)
-        .with_context(|| format!("cannot open export directory {}", config.export.display()))?;
-    let secret = match &config.auth_secret_file {
-        Some(p) => Some(config::read_secret(p)?),
-        None => None,
-    };
-    if secret.is_some() {
-        info!("transfer listeners require authentication");
-    }
-    let node = node::NodeIdentity::load_or_create(&config.state_dir)
-        .with_context(|| format!("cannot load this node's identity from {}", config.state_dir.display()))?;
-    let tls = Arc::new(node::TlsConfigs::new(&node)?);
-    info!(node_id = %tls.id, "node identity");
-    check_transports(&config, secret.is_some())?;
-    let ctx = Arc::new(ServeContext::new(
-        jail,
-        identity::IdentityCache::new(config.hash_threads, Some(config.state_dir.join("identities"))),
-        serve_settings(&config, secret.clone()),
-        Some(tls.clone()),
-    ));
+    jail::Jail::new(&config.export).with_context(|| format!("cannot open export directory {}", config.export.display()))
+}
 
-    let metrics = match config.metrics_listen {
-        Some(a) => Some(metrics::bind(a).await?),
-        None => None,
-    };
-    let tracker = TaskTracker::new();
-    if config.index_export {
-        let (ctx, stop) = (ctx.clone(), shutdown.child_token());
-        tracker.spawn(async move { identity::index_export(&ctx.jail, &ctx.identities, stop).await });
-    }
-    let listeners = Listeners::new(config.listen, config.max_connections, ctx, shutdown.child_token(), tracker.clone());
-    for &port in &config.ports {
-        let p = listeners.add(
-            port,
-            config.listener_limits.get(&port).copied().unwrap_or(config.rate_limit),
-            config.listener_transport.get(&port).copied().unwrap_or(config.transport),
-        )?;
-        if let Some(a) = config.listener_allow.get(&port) {
-            listeners.set_allow(p, Some(a.clone()));
-        }
-    }
-    if config.ports.is_empty() {
-        info!("no transfer listeners (servers = 0): this mftd serves no files, it only downloads");
-    }
-    let store = store::Store::new(&config.state_dir)
-        .with_context(|| format!("cannot create {}", config.state_dir.join("manifests").display()))?;
-    let downloads = Downloads::new(
-        DownloadDefaults {
-            dialer: Arc::new(download::client::Dialer {
-                tls: tls.clone(),
-                known: node::KnownNodes::load(&config.known_nodes, config.node_trust)?,
-            }),
-            download_dir: config.download_dir.clone(),
-            connections_per_server: config.connections_per_server,
-            idle_timeout: config.idle_timeout,
-            checkpoint_interval: config.checkpoint_interval,
-            checkpoint_bytes: config.checkpoint_bytes,
-            secret_file: config.auth_secret_file.clone(),
-            download_roots: config.download_roots.clone(),
-            min_free_space: config.min_free_space,
-            max_download_size: config.max_download_size,
-            retention: config.retention,
-        },
-        shutdown.child_token(),
-        tracker.clone(),
-        store,
-    );
-    downloads.load(config.auto_resume);
-    let daemon = Arc::new(Daemon {
-        config: std::sync::RwLock::new(config),
-        started: Instant::now(),
-        listeners,
-        downloads,
-        shutdown: shutdown.clone(),
-        tracker: tracker.clone(),
-        node_id: tls.id.to_string(),
-    });
-
-    // Samplers for rates and the periodic status line.
-    {
-        let d = daemon.clone();
-        tracker.spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(500));
-            let mut last_status = Instant::now();
-            let watchdog = notify::watchdog_interval();
-            let mut last_ping = Instant::now();
-            let mut last_summary = String::new();
-            loop {
-                tokio::select! {
-                    _ = d.shutdown.cancelled() => break,
-                    _ = tick.tick() => {}
-                }
-                d.listeners.sample_rates();
-                d.downloads.sample();
-                if let Some(w) = watchdog {
-                    if last_ping.elapsed() >= w {
-                        notify::watchdog();
-                        last_ping = Instant::now();
-                    }
-                }
-                let summary = d.summary();
-                if summary != last_summary {
-                    notify::status(&summary);
-                    last_summary = summary;
-                }
-                let every = d.config().status_interval;
-                if every > 0 && last_status.elapsed() >= Duration::from_secs(every) {
-                    last_status = Instant::now();
-                    for l in d.listeners.list() {
-                        info!(port = l.port, state = ?l.state, connections = l.connections, bytes_sent = l.bytes_sent, rate = l.rate, rate_limit = l.rate_limit, "listener status");
-                    }
+/// Samples rates every 500 ms, pings systemd's watchdog, keeps systemd's
+/// STATUS= current and logs the periodic listener status line.
+fn spawn_sampler(d: &Arc<Daemon>) {
+    let d = d.clone();
+    d.tracker.clone().spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut last_status = Instant::now();
+        let watchdog = notify::watchdog_interval();
+        let mut last_ping = Instant::now();
+        let mut last_summary = String::new();
+        loop {
+            tokio::select! {
+                _ = d.shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            d.listeners.sample_rates();
+            d.downloads.sample();
+            if let Some(w) = watchdog {
+                if last_ping.elapsed() >= w {
+                    notify::watchdog();
+                    last_ping = Instant::now();
                 }
             }
-        });
-    }
+            let summary = d.summary();
+            if summary != last_summary {
+                notify::status(&summary);
+                last_summary = summary;
+            }
+            let every = d.config().status_interval;
+            if every > 0 && last_status.elapsed() >= Duration::from_secs(every) {
+                last_status = Instant::now();
+                for l in d.listeners.list() {
+                    info!(port = l.port, state = ?l.state, connections = l.connections, bytes_sent = l.bytes_sent, rate = l.rate, rate_limit = l.rate_limit, "listener status");
+                }
+            }
+        }
+    });
+}
 
-    if let Some(m) = metrics {
-        tracker.spawn(metrics::serve(m, daemon.clone()));
+/// Re-reads and applies the configuration on every SIGHUP.
+fn spawn_reloader(d: &Arc<Daemon>, reload: Reloader) -> anyhow::Result<()> {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot install the SIGHUP handler")?;
+    let d = d.clone();
+    d.tracker.clone().spawn(async move {
+        loop {
+            tokio::select! {
+                _ = d.shutdown.cancelled() => break,
+                r = hup.recv() => if r.is_none() { break },
+            }
+            info!("SIGHUP: reloading configuration");
+            match reload() {
+                Ok(c) => d.reload(c),
+                Err(e) => warn!(error = %format!("{e:#}"), "reload failed; keeping the current configuration"),
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Runs the daemon on `bound` until `shutdown` completes or a caller of
+/// the control socket asks it to stop; then drains and returns.
+pub async fn run(
+    config: Config,
+    bound: Bound,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    reloader: Option<Reloader>,
+) -> anyhow::Result<()> {
+    let token = CancellationToken::new();
+    let daemon = Daemon::start(config, bound.transfer, token.clone())?;
+    // One shutdown path: the caller's future (signals, for the binary) and
+    // `mftctl shutdown` both cancel `token`.
+    daemon.tracker.spawn(async move {
+        tokio::select! {
+            _ = shutdown => token.cancel(),
+            _ = token.cancelled() => {}
+        }
+    });
+    spawn_sampler(&daemon);
+    if let Some(m) = bound.metrics {
+        daemon.tracker.spawn(metrics::serve(m, daemon.clone()));
     }
     if let Some(reload) = reloader {
-        let d = daemon.clone();
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .context("cannot install the SIGHUP handler")?;
-        tracker.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = d.shutdown.cancelled() => break,
-                    r = hup.recv() => if r.is_none() { break },
-                }
-                info!("SIGHUP: reloading configuration");
-                match reload() {
-                    Ok(c) => d.reload(c),
-                    Err(e) => warn!(error = %format!("{e:#}"), "reload failed; keeping the current configuration"),
-                }
-            }
-        });
+        spawn_reloader(&daemon, reload)?;
     }
     let cfg = daemon.config();
     info!(
@@ -382,16 +453,11 @@ pub async fn run(config: Config, shutdown: CancellationToken, reloader: Option<R
     );
     // Listeners are bound and the control socket listens: tell systemd.
     notify::ready(&daemon.summary());
-    control::serve(sock, daemon.clone()).await;
+    control::serve(bound.control, daemon.clone()).await;
 
-    // One shutdown path for signals and `mftctl shutdown`.
     info!("shutting down");
     notify::stopping();
-    daemon.listeners.stop_all();
-    tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
-        warn!("some tasks did not finish within {SHUTDOWN_GRACE:?}; exiting anyway");
-    }
+    daemon.drain().await;
     info!("mftd stopped");
     Ok(())
 }

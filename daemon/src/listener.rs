@@ -135,7 +135,8 @@ pub fn port_owner(port: u16) -> Option<String> {
     None
 }
 
-fn bind(addr: SocketAddr) -> Result<TcpListener, ListenerError> {
+/// Binds a transfer port (port 0 picks a free one).
+pub fn bind(addr: SocketAddr) -> Result<TcpListener, ListenerError> {
     let sock = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }
         .map_err(|source| ListenerError::Bind { addr, source })?;
     // Reuse TIME_WAIT addresses so a quick restart or `servers start` works.
@@ -173,11 +174,18 @@ impl Listeners {
         if port != 0 && self.entries().contains_key(&port) {
             return Err(ListenerError::Exists(port));
         }
-        let listener = bind(SocketAddr::new(self.ip, port))?;
+        self.adopt(bind(SocketAddr::new(self.ip, port))?, rate_limit, transport)
+    }
+
+    /// Serves on a port bound beforehand (see [`bind`]).
+    pub fn adopt(&self, listener: TcpListener, rate_limit: u64, transport: Transport) -> Result<u16, ListenerError> {
         let addr = listener
             .local_addr()
-            .map_err(|source| ListenerError::Bind { addr: SocketAddr::new(self.ip, port), source })?;
+            .map_err(|source| ListenerError::Bind { addr: SocketAddr::new(self.ip, 0), source })?;
         let port = addr.port();
+        if self.entries().contains_key(&port) {
+            return Err(ListenerError::Exists(port));
+        }
         let shared = Arc::new(ListenerShared {
             port,
             stats: ListenerStats::default(),

@@ -1,10 +1,9 @@
-//! The `mftd` binary: flags, logging, signals, then [`mftd::run`].
+//! The `mftd` binary: flags, logging, signals, then [`mftd::bind`] and [`mftd::run`].
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio_util::sync::CancellationToken;
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
@@ -70,21 +69,18 @@ fn main() -> ExitCode {
         }
     };
     let result = rt.block_on(async {
-        let shutdown = CancellationToken::new();
+        let bound = mftd::bind(&config).await?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        let s = shutdown.clone();
-        tokio::spawn(async move {
+        let shutdown = async move {
             tokio::select! {
                 _ = term.recv() => info!("SIGTERM received"),
                 _ = int.recv() => info!("SIGINT received"),
-                _ = s.cancelled() => return,
             }
-            s.cancel();
-        });
+        };
         let reload_args = args.clone();
         let reloader: mftd::Reloader = Box::new(move || Config::load(&reload_args));
-        mftd::run(config, shutdown, Some(reloader)).await
+        mftd::run(config, bound, shutdown, Some(reloader)).await
     });
     // Tasks that ignored the grace period must not hold up the exit.
     rt.shutdown_timeout(std::time::Duration::from_millis(500));

@@ -7,6 +7,8 @@
 //! dispatching requests. Must never: let a bad line end the daemon, or
 //! delete a file at the socket path that is not a socket.
 
+pub(crate) mod handlers;
+
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -24,8 +26,8 @@ use tracing::{debug, info};
 use mftd_common::control::{to_line, DownloadState, ErrorCode, Request, Response, MAX_LINE};
 
 use crate::caller::Caller;
-use crate::handlers::Reply;
 use crate::Daemon;
+use handlers::Reply;
 
 /// A bound control socket; unlinked when dropped.
 pub struct ControlSocket {
@@ -249,10 +251,9 @@ async fn handle_conn(stream: UnixStream, daemon: Arc<Daemon>, group: Option<nix:
         // Handlers touch the file system (output directories, secret files,
         // manifests): off the runtime's threads.
         let (d, c) = (daemon.clone(), caller.clone());
-        let reply =
-            tokio::task::spawn_blocking(move || crate::handlers::handle(&d, &c, req)).await.unwrap_or_else(|e| {
-                Reply::One(Response::error(ErrorCode::Internal, format!("request handler failed: {e}")))
-            });
+        let reply = tokio::task::spawn_blocking(move || handlers::handle(&d, &c, req)).await.unwrap_or_else(|e| {
+            Reply::One(Response::error(ErrorCode::Internal, format!("request handler failed: {e}")))
+        });
         match reply {
             Reply::One(resp) => send(&mut w, &resp).await?,
             Reply::Watch { id, interval_ms } => {

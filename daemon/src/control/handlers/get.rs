@@ -1,0 +1,92 @@
+//! `get`: start a download, or add sources to the same one already under
+//! way, or say the destination already holds the file. The checks (what
+//! the caller may write, which sources, which name) live in
+//! [`crate::download::Downloads::start`]; this says what came of them.
+
+use mftd_common::control::{GetRequest, Response};
+
+use crate::caller::Caller;
+use crate::download::Started;
+use crate::Daemon;
+
+pub(super) fn get(d: &Daemon, caller: &Caller, g: GetRequest) -> Response {
+    match d.downloads.start(g, caller) {
+        Ok(Started::Download { dl, resumed, added }) => Response::Accepted {
+            id: dl.id,
+            destination: dl.destination.display().to_string(),
+            resumed,
+            added_sources: added,
+        },
+        Ok(Started::Identical { destination, identity }) => {
+            Response::Identical { destination: destination.display().to_string(), identity }
+        }
+        Err(r) => r.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use mftd_common::control::{DownloadState, ErrorCode, Request};
+
+    use super::*;
+    use crate::testing::TestDaemon;
+
+    fn request(t: &TestDaemon, name: &str) -> GetRequest {
+        GetRequest {
+            remote_path: name.into(),
+            sources: t.ports().iter().map(|p| format!("127.0.0.1:{p}")).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_get_from_two_listeners_arrives_whole_and_a_repeat_is_identical() {
+        let t = TestDaemon::start(2).await;
+        let data = t.export("whole.bin", 5 << 20);
+        let (id, destination) = match t.answer(Request::Get(request(&t, "whole.bin"))).await {
+            Response::Accepted { id, destination, resumed: false, added_sources } if added_sources.is_empty() => {
+                (id, destination)
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(destination, t.downloads_dir().join("whole.bin").display().to_string());
+        let info = t.wait_for(id, DownloadState::Done, Duration::from_secs(30)).await;
+        let got = std::fs::read(&destination).expect("the downloaded file");
+        assert!(got == data, "the downloaded file differs from the exported one");
+        let served: u64 = t.daemon.listeners.list().iter().map(|l| l.bytes_sent).sum();
+        assert!(served >= data.len() as u64, "the listeners sent {served} bytes of {}", data.len());
+        assert_eq!(info.sources.len(), 2);
+        match t.answer(Request::Get(request(&t, "whole.bin"))).await {
+            Response::Identical { destination: again, identity } => {
+                assert_eq!(again, destination);
+                assert_eq!(identity.len(), 64, "{identity}");
+            }
+            other => panic!("a repeat of a finished get: {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_bad_request_is_refused_before_any_download_exists() {
+        let t = TestDaemon::start(1).await;
+        let mut no_sources = request(&t, "x.bin");
+        no_sources.sources.clear();
+        let mut traversal = request(&t, "x.bin");
+        traversal.remote_path = "../etc/passwd".into();
+        let mut bad_source = request(&t, "x.bin");
+        bad_source.sources = vec!["no-port-here".into()];
+        for g in [no_sources, traversal, bad_source] {
+            match t.answer(Request::Get(g.clone())).await {
+                Response::Error { code, message } => {
+                    assert!(
+                        matches!(code, ErrorCode::InvalidArgument | ErrorCode::BadPath),
+                        "{g:?}: {code:?} {message}"
+                    )
+                }
+                other => panic!("{g:?}: {other:?}"),
+            }
+        }
+        assert!(t.daemon.downloads.all().is_empty(), "a refused get left a download behind");
+    }
+}
