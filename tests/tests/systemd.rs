@@ -178,7 +178,7 @@ fn make_install_into_destdir_produces_the_documented_tree() {
         .arg("PROFILE=debug")
         .output()
         .unwrap();
-    assert!(again.status.success());
+    assert!(again.status.success(), "{}", stderr(&again));
     assert_eq!(std::fs::read_to_string(d.join("etc/mftd/mftd.toml")).unwrap(), "rate_limit = \"1M\"\n");
     let un = Command::new("make")
         .arg("-C")

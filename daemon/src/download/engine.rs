@@ -148,10 +148,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Runs a download to its end. Never panics on peer or disk input.
 pub async fn run(dl: Arc<Download>) {
-    let mut votes = Votes::new(dl.sources.len(), dl.pin).expect_size(dl.expected_size);
+    let mut votes = Votes::new(dl.job.sources.len(), dl.job.pin).expect_size(dl.job.expected_size);
     // Bounded: each start over follows a new majority, and ballots never
     // change, so there are at most as many as there are sources.
-    for _ in 0..=dl.sources.len() {
+    for _ in 0..=dl.job.sources.len() {
         match run_once(dl.clone(), votes).await {
             Some(v) => votes = v,
             None => return,
@@ -175,7 +175,7 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
         asked: Mutex::new((HashSet::new(), HashSet::new())),
         next_conn: AtomicU64::new(1),
         live_workers: AtomicUsize::new(0),
-        slots: Mutex::new(vec![0; dl.sources.len()]),
+        slots: Mutex::new(vec![0; dl.job.sources.len()]),
         wakers: Mutex::new(HashMap::new()),
         changed: Notify::new(),
         verify_slots: Semaphore::new(2),
@@ -184,13 +184,13 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
         drained: Notify::new(),
         progressed: Notify::new(),
         offered: Notify::new(),
-        rtt_known: Mutex::new(vec![false; dl.sources.len()]),
+        rtt_known: Mutex::new(vec![false; dl.job.sources.len()]),
         more_conns: more_tx,
     });
-    info!(remote = %dl.remote_path, dest = %dl.destination.display(), sources = ?dl.sources, "download started");
+    info!(remote = %dl.job.remote_path, dest = %dl.job.destination.display(), sources = ?dl.job.sources, "download started");
     let mut tasks = tokio::task::JoinSet::new();
-    let fixed = dl.connections_per_source as usize;
-    for src in 0..dl.sources.len() {
+    let fixed = dl.job.connections_per_source as usize;
+    for src in 0..dl.job.sources.len() {
         for _ in 0..if fixed > 0 { fixed } else { CONNS_START } {
             eng.add_worker(&mut tasks, src);
         }
@@ -199,7 +199,7 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
         tasks.spawn(checkpointer(eng.clone()));
     }
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let mut grow = Growth::new(dl.sources.len());
+    let mut grow = Growth::new(dl.job.sources.len());
     let outcome = loop {
         tokio::select! {
             o = rx.recv() => break o,
@@ -218,7 +218,7 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
                         }
                     }
                 }
-                if let Some(limit) = dl.give_up_after {
+                if let Some(limit) = dl.job.give_up_after {
                     let since = dl.progress().waiting_since;
                     if since.is_some_and(|t| t.elapsed() >= limit) {
                         let reasons: Vec<String> = dl.progress().sources.iter()
@@ -261,7 +261,7 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
 
     let store = dl.store.clone();
     let forget = |why: &str| {
-        if let Ok((dest, _pin)) = crate::caller::pin_dir(&dl.destination, dl.restricted_owner()) {
+        if let Ok((dest, _pin)) = crate::caller::pin_dir(&dl.job.destination, dl.restricted_owner()) {
             let _ = crate::caller::as_caller(dl.restricted_owner(), || std::fs::remove_file(part_path(&dest)));
         }
         if let Some(st) = &store {
@@ -274,7 +274,7 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
             // Nothing fetched so far belongs to the file the majority serves.
             let votes = std::mem::replace(&mut *lock(&eng.votes), Votes::new(0, None));
             drop(eng);
-            if let Ok((dest, _pin)) = crate::caller::pin_dir(&dl.destination, dl.restricted_owner()) {
+            if let Ok((dest, _pin)) = crate::caller::pin_dir(&dl.job.destination, dl.restricted_owner()) {
                 let _ = crate::caller::as_caller(dl.restricted_owner(), || std::fs::remove_file(part_path(&dest)));
             }
             if let Some(m) = lock(&dl.resume).as_mut() {
@@ -308,7 +308,7 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
                     if let Some(st) = &store {
                         st.remove(dl.id);
                     }
-                    info!(dest = %dl.destination.display(), "download complete");
+                    info!(dest = %dl.job.destination.display(), "download complete");
                     dl.set_state(DownloadState::Done);
                 }
                 Err(e) => {
@@ -482,8 +482,8 @@ async fn checkpointer(eng: Arc<Engine>) {
 /// fsync, whole-file check against the identity, rename, directory fsync.
 async fn finish(eng: &Arc<Engine>) -> Result<(), DownloadError> {
     let Some(chosen) = eng.chosen.get().cloned() else { return Err(DownloadError::NotVerified(eng.dl.part_path())) };
-    let dest = eng.dl.destination.clone();
-    let force = eng.dl.force;
+    let dest = eng.dl.job.destination.clone();
+    let force = eng.dl.job.force;
     let owner = eng.dl.restricted_owner().cloned();
     tokio::task::spawn_blocking(move || {
         let part = part_path(&dest);
@@ -788,7 +788,7 @@ impl Engine {
             s.state = state;
             s.last_error = Some(why.to_string());
         }
-        warn!(source = %self.dl.sources[src], reason = %why, "source dropped");
+        warn!(source = %self.dl.job.sources[src], reason = %why, "source dropped");
         if let Some(c) = self.chosen.get() {
             lock(&c.sched).source_dead(src);
         }
@@ -889,10 +889,10 @@ impl Engine {
     fn different(&self, size: u64, root: Option<[u8; 32]>, c: &Chosen) -> SourceError {
         let theirs = root.map(|r| format!(", identity {}", &hex::encode(r)[..16])).unwrap_or_default();
         let ours = c.root.get().map(|r| format!(", identity {}", &hex::encode(r)[..16])).unwrap_or_default();
-        let who = if self.dl.pin.is_some() { "the pinned version" } else { "the majority of the sources" };
+        let who = if self.dl.job.pin.is_some() { "the pinned version" } else { "the majority of the sources" };
         SourceError::DifferentVersion(format!(
             "serves a different version of {} ({size} bytes{theirs}) than {who} ({} bytes{ours})",
-            self.dl.remote_path, c.size
+            self.dl.job.remote_path, c.size
         ))
     }
 
@@ -935,13 +935,13 @@ impl Engine {
                 }));
                 return;
             }
-            info!(identity = %hex::encode(root), pinned = self.dl.pin.is_some(), "file version adopted");
+            info!(identity = %hex::encode(root), pinned = self.dl.job.pin.is_some(), "file version adopted");
             self.dl.progress().identity = Some(hex::encode(root));
             self.progressed.notify_one();
         }
         let others: Vec<(SourceId, Ballot)> = {
             let v = lock(&self.votes);
-            (0..self.dl.sources.len())
+            (0..self.dl.job.sources.len())
                 .filter_map(|s| v.ballot(s).map(|b| (s, b)))
                 .filter(|(_, b)| b.size != c.size || b.root.is_some_and(|r| r != root))
                 .collect()
@@ -1015,7 +1015,7 @@ impl Engine {
             }
             None => None,
         };
-        let dest = self.dl.destination.clone();
+        let dest = self.dl.job.destination.clone();
         let reuse = self.dl.store.is_some();
         // The part file is created with the owner's rights and belongs to it.
         if let Some(max) = self.dl.max_size.filter(|m| size > *m) {
@@ -1065,7 +1065,7 @@ impl Engine {
                 .map_err(DownloadError::disk("write manifest", path))?;
         }
         let mut sched = Scheduler::new(size, piece_size);
-        sched.set_sources(self.dl.sources.len());
+        sched.set_sources(self.dl.job.sources.len());
         sched.set_expected_conns(lock(&self.slots).iter().sum());
         for (i, s) in self.dl.progress().sources.iter().enumerate() {
             if s.dropped() {
@@ -1104,7 +1104,7 @@ impl Engine {
         // serving another version, whose parked pieces fail once the
         // majority's hashes are known): its first reason stands.
         if self.is_dead(src) {
-            debug!(source = %self.dl.sources[src], piece, "piece of a dropped source failed verification");
+            debug!(source = %self.dl.job.sources[src], piece, "piece of a dropped source failed verification");
             return;
         }
         let mut n = 0;
@@ -1113,7 +1113,7 @@ impl Engine {
             n = s.strikes;
             s.last_error = Some(format!("piece {piece} failed verification"));
         });
-        warn!(source = %self.dl.sources[src], piece, strikes = n, "piece failed verification");
+        warn!(source = %self.dl.job.sources[src], piece, strikes = n, "piece failed verification");
         if n >= MAX_STRIKES {
             self.kill_source(src, SourceState::Failed, SourceError::BadPieces(n));
         }
@@ -1229,7 +1229,7 @@ impl Growth {
                 if before > 0.0 {
                     let per_conn = before / n_before.max(1) as f64;
                     if rate < before + per_conn * k as f64 * 0.5 {
-                        debug!(source = %eng.dl.sources[src], before, after = rate, conns = conns[src], "more connections did not help");
+                        debug!(source = %eng.dl.job.sources[src], before, after = rate, conns = conns[src], "more connections did not help");
                         g.saturated = true;
                         continue;
                     }
@@ -1251,7 +1251,7 @@ impl Growth {
                 continue;
             }
             let k = next.min(room);
-            debug!(source = %eng.dl.sources[src], rate, conns = conns[src], add = k, "window-bound connections: adding");
+            debug!(source = %eng.dl.job.sources[src], rate, conns = conns[src], add = k, "window-bound connections: adding");
             g.added = Some((now, rate, conns[src], k));
             out.push((src, k));
         }
@@ -1313,7 +1313,7 @@ impl Engine {
 
 /// One connection slot to one source, for the whole download.
 async fn worker(eng: Arc<Engine>, src: SourceId) {
-    let addr = eng.dl.sources[src].clone();
+    let addr = eng.dl.job.sources[src].clone();
     let budget = eng.dl.budgets.for_source(&addr);
     let mut backoff = Backoff::new();
     loop {
@@ -1387,10 +1387,10 @@ async fn session(
 ) -> WorkerEnd {
     let idle = eng.dl.idle_timeout;
     let secret = eng.dl.secret.as_deref().map(|s| s.as_slice());
-    let (conn, stat) = match Conn::open(addr, idle, secret, &eng.dl.remote_path, &eng.dl.dialer).await {
+    let (conn, stat) = match Conn::open(addr, idle, secret, &eng.dl.job.remote_path, &eng.dl.dialer).await {
         Ok(x) => x,
         Err(ClientError::Server { code: ErrorCode::NotFound, .. }) => {
-            return WorkerEnd::Dead(SourceState::Failed, SourceError::NotFound(eng.dl.remote_path.clone()))
+            return WorkerEnd::Dead(SourceState::Failed, SourceError::NotFound(eng.dl.job.remote_path.clone()))
         }
         Err(e) if e.is_permanent() => return WorkerEnd::Dead(SourceState::Failed, e.into()),
         Err(e) => return WorkerEnd::Retry(e.into()),
@@ -1400,7 +1400,7 @@ async fn session(
     // more connection per 100 ms (a window-bound TCP connection carries
     // about its socket buffer per round trip), asked for now so they are
     // connected by the time the version is chosen and get their shares.
-    if eng.dl.connections_per_source == 0 {
+    if eng.dl.job.connections_per_source == 0 {
         let first = lock(&eng.rtt_known).get_mut(src).map(|k| !std::mem::replace(k, true)).unwrap_or(false);
         let extra = ((rtt.as_secs_f64() / 0.1) as usize).min(CONNS_MAX - CONNS_START);
         if first && extra > 0 {
@@ -1544,7 +1544,7 @@ async fn fetch(
     wake: &Notify,
     budget: &HostBudget,
 ) -> WorkerEnd {
-    let path = eng.dl.remote_path.clone();
+    let path = eng.dl.job.remote_path.clone();
     let idle = eng.dl.idle_timeout;
     // Quiet for longer than this while owed data counts as stalled: at
     // least STALL_AFTER and four round trips, and three times the longest
@@ -1721,7 +1721,7 @@ async fn fetch(
         }
         let owed = !open.is_empty();
         if owed && quiet >= stall_after && probe.is_none() {
-            probe = Some(Box::pin(probe_path(eng.dl.sources[src].clone(), probe_step)));
+            probe = Some(Box::pin(probe_path(eng.dl.job.sources[src].clone(), probe_step)));
             probe_step = (probe_step * 2).min(PROBE_CAP);
         }
         let next_check = if owed && probe.is_none() { stall_after.saturating_sub(quiet) } else { patience - quiet };

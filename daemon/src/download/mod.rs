@@ -31,7 +31,7 @@ use crate::caller::{self, Caller};
 use crate::store::{Damaged, Store};
 
 use run::new_progress;
-pub use run::{part_path, Download, StopReason};
+pub use run::{part_path, Download, Job, StopReason};
 
 /// Settings every download starts from.
 #[derive(Debug, Clone)]
@@ -102,19 +102,11 @@ pub fn check_source(s: &str) -> Result<String, String> {
 /// What a new run of a download is made of.
 struct Spec {
     id: u64,
-    remote_path: String,
-    destination: PathBuf,
-    output_name: Option<String>,
-    sources: Vec<String>,
-    force: bool,
-    connections_per_source: u32,
-    give_up_after: Option<Duration>,
+    job: Job,
+    /// Write manifests (`get --no-resume` turns it off).
     persist: bool,
+    /// The manifest of the earlier runs, if any.
     resume: Option<Manifest>,
-    secret_file: Option<PathBuf>,
-    pin: Option<[u8; 32]>,
-    expected_size: Option<u64>,
-    owner: Caller,
 }
 
 /// Parses a root identity given as 64 hex digits.
@@ -178,10 +170,10 @@ impl Downloads {
         // A restricted caller never borrows the daemon's own secret (its
         // proofs would go to servers of the caller's choosing), and its own
         // file is opened with its rights.
-        let restricted = (!spec.owner.unrestricted()).then_some(&spec.owner);
-        let secret = match (&spec.secret_file, &self.defaults.secret_file) {
+        let restricted = (!spec.job.owner.unrestricted()).then_some(&spec.job.owner);
+        let secret = match (&spec.job.secret_file, &self.defaults.secret_file) {
             (Some(p), _) => Some(
-                caller::as_caller(restricted, || caller::read_secret(&spec.owner, p))
+                caller::as_caller(restricted, || caller::read_secret(&spec.job.owner, p))
                     .unwrap_or_else(|e| Err(caller::Denied(format!("secret file {}: {e}", p.display())))),
             ),
             (None, Some(p)) if restricted.is_none() => Some(caller::read_secret(&Caller::daemon(), p)),
@@ -193,11 +185,12 @@ impl Downloads {
             None => None,
         };
         let secret_file = spec
+            .job
             .secret_file
             .clone()
             .or_else(|| restricted.is_none().then(|| self.defaults.secret_file.clone()).flatten());
         let (state_tx, _) = watch::channel(state);
-        let mut progress = new_progress(&spec.sources, state);
+        let mut progress = new_progress(&spec.job.sources, state);
         let started = Instant::now();
         if state.is_final() || state == DownloadState::Paused {
             // A listed but not running download: no time passes.
@@ -239,23 +232,13 @@ impl Downloads {
         }
         Ok(Download {
             id: spec.id,
-            remote_path: spec.remote_path,
-            destination: spec.destination,
-            output_name: spec.output_name,
-            sources: spec.sources,
-            force: spec.force,
-            connections_per_source: spec.connections_per_source,
+            job: Job { secret_file, ..spec.job },
             idle_timeout: self.defaults.idle_timeout,
             dialer: self.defaults.dialer.clone(),
-            give_up_after: spec.give_up_after,
             checkpoint_interval: self.defaults.checkpoint_interval,
             checkpoint_bytes: self.defaults.checkpoint_bytes,
             store: spec.persist.then(|| self.store.clone()),
             secret,
-            secret_file,
-            pin: spec.pin,
-            expected_size: spec.expected_size,
-            owner: spec.owner,
             min_free_space: self.defaults.min_free_space,
             max_size: self.defaults.max_download_size,
             token: self.parent.child_token(),
@@ -276,38 +259,23 @@ impl Downloads {
     }
 
     fn spec_from(m: Manifest) -> Spec {
-        Spec {
-            id: m.id,
-            remote_path: m.remote_path.clone(),
-            destination: PathBuf::from(&m.destination),
-            output_name: m.output_name.clone(),
-            sources: m.sources.clone(),
-            force: m.force,
-            connections_per_source: m.connections_per_source.min(16),
-            give_up_after: m.give_up_after_secs.map(Duration::from_secs),
-            persist: true,
-            secret_file: m.secret_file.as_ref().map(PathBuf::from),
-            pin: m.pin.as_deref().and_then(|p| parse_identity(p).ok()),
-            expected_size: m.expected_size,
-            owner: m.owner.map(|o| Caller::user(o.uid, o.gid)).unwrap_or_else(Caller::daemon),
-            resume: Some(m),
-        }
+        Spec { id: m.id, job: Job::from_manifest(&m), persist: true, resume: Some(m) }
     }
 
     /// A restricted owner's rights are checked again before its download
     /// runs anew (after a pause or a restart): the directory, the roots and
     /// group membership may have changed since.
     fn recheck(&self, spec: &Spec) -> Result<(), Rejected> {
-        if spec.owner.unrestricted() {
+        if spec.job.owner.unrestricted() {
             return Ok(());
         }
-        let dir = spec.destination.parent().unwrap_or(Path::new("/"));
+        let dir = spec.job.destination.parent().unwrap_or(Path::new("/"));
         let denied = |e: caller::Denied| Rejected(ErrorCode::PermissionDenied, e.0);
-        caller::check_reachable(&spec.owner, dir).map_err(denied)?;
-        caller::check_output_dir(&spec.owner, dir, &self.defaults.download_roots).map_err(denied)?;
-        if spec.force {
-            let name = spec.destination.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            caller::check_replace(&spec.owner, dir, name).map_err(denied)?;
+        caller::check_reachable(&spec.job.owner, dir).map_err(denied)?;
+        caller::check_output_dir(&spec.job.owner, dir, &self.defaults.download_roots).map_err(denied)?;
+        if spec.job.force {
+            let name = spec.job.destination.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            caller::check_replace(&spec.job.owner, dir, name).map_err(denied)?;
         }
         Ok(())
     }
@@ -414,7 +382,7 @@ impl Downloads {
             .map()
             .values()
             .find(|d| {
-                d.destination == destination
+                d.job.destination == destination
                     && (!d.state().is_final() || (d.state() == DownloadState::Failed && self.store.path(d.id).exists()))
             })
             .cloned();
@@ -440,28 +408,33 @@ impl Downloads {
         let spec = Spec {
             // Given below, once the download is sure to exist.
             id: 0,
-            remote_path: req.remote_path.clone(),
-            destination,
-            output_name: req.output_name.clone(),
-            sources,
-            force: req.force,
-            connections_per_source: req.connections_per_source.unwrap_or(self.defaults.connections_per_server).min(16),
-            give_up_after: req.give_up_after_secs.map(Duration::from_secs),
+            job: Job {
+                remote_path: req.remote_path.clone(),
+                destination,
+                output_name: req.output_name.clone(),
+                sources,
+                force: req.force,
+                connections_per_source: req
+                    .connections_per_source
+                    .unwrap_or(self.defaults.connections_per_server)
+                    .min(16),
+                give_up_after: req.give_up_after_secs.map(Duration::from_secs),
+                secret_file: req.secret_file.as_ref().map(PathBuf::from),
+                pin,
+                expected_size: req.expected_size,
+                owner: caller.clone(),
+            },
             persist: !req.no_resume,
             resume: None,
-            secret_file: req.secret_file.as_ref().map(PathBuf::from),
-            pin,
-            expected_size: req.expected_size,
-            owner: caller.clone(),
         };
         // Built before it has an ID: a refused or needless `get` takes none.
         let mut dl = self.download(spec, DownloadState::Starting)?;
         if present {
-            let shown = dl.destination.display().to_string();
+            let shown = dl.job.destination.display().to_string();
             match self.compare_existing(&dl) {
                 existing::Verdict::Identical(identity) => {
                     info!(dest = %shown, identity, "already identical to the sources' file; nothing to download");
-                    return Ok(Started::Identical { destination: dl.destination.clone(), identity });
+                    return Ok(Started::Identical { destination: dl.job.destination.clone(), identity });
                 }
                 existing::Verdict::Different(why) => {
                     return Err(Rejected(
@@ -503,7 +476,7 @@ impl Downloads {
             std::fs::OpenOptions::new()
                 .read(true)
                 .custom_flags((nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK).bits())
-                .open(&dl.destination)
+                .open(&dl.job.destination)
         };
         let file = match caller::as_caller(dl.restricted_owner(), open).and_then(|r| r) {
             Ok(f) => f,
@@ -515,12 +488,12 @@ impl Downloads {
             Err(e) => return existing::Verdict::Unknown(format!("cannot stat it: {e}")),
         };
         let ask = existing::Ask {
-            sources: &dl.sources,
-            path: &dl.remote_path,
+            sources: &dl.job.sources,
+            path: &dl.job.remote_path,
             secret: dl.secret.clone(),
             dialer: dl.dialer.clone(),
             idle: dl.idle_timeout,
-            pin: dl.pin,
+            pin: dl.job.pin,
         };
         existing::compare(&file, size, &ask)
     }
@@ -623,14 +596,14 @@ impl Downloads {
         caller: &Caller,
     ) -> Result<Started, Rejected> {
         owned_by(&other, caller)?;
-        if other.remote_path != req.remote_path {
+        if other.job.remote_path != req.remote_path {
             return Err(Rejected(
                 ErrorCode::Exists,
                 format!(
                     "download {} is already writing {} (from {})",
                     other.id,
                     destination.display(),
-                    other.remote_path
+                    other.job.remote_path
                 ),
             ));
         }
@@ -645,8 +618,8 @@ impl Downloads {
         ));
         }
         let added = new_sources(&other, sources)?;
-        let all: Vec<String> = other.sources.iter().chain(&added).cloned().collect();
-        let force = req.force && !other.force;
+        let all: Vec<String> = other.job.sources.iter().chain(&added).cloned().collect();
+        let force = req.force && !other.job.force;
         let dl = match other.state() {
             DownloadState::Paused | DownloadState::Failed => self.resume_with(other.id, Some(all), force)?,
             _ if added.is_empty() && !force => other,
@@ -678,7 +651,7 @@ impl Downloads {
         if added.is_empty() {
             return Ok((dl, added));
         }
-        let all: Vec<String> = dl.sources.iter().chain(&added).cloned().collect();
+        let all: Vec<String> = dl.job.sources.iter().chain(&added).cloned().collect();
         let state = dl.state();
         match state {
             DownloadState::Paused | DownloadState::Failed if self.store.path(id).exists() => {
@@ -817,11 +790,18 @@ impl Downloads {
         }
         // Two downloads must never write the same part file.
         if let Some(other) = self.map().values().find(|d| {
-            d.id != id && d.destination == dl.destination && !d.state().is_final() && d.state() != DownloadState::Paused
+            d.id != id
+                && d.job.destination == dl.job.destination
+                && !d.state().is_final()
+                && d.state() != DownloadState::Paused
         }) {
             return Err(Rejected(
                 ErrorCode::Exists,
-                format!("download {} is already writing {}; cancel one of them", other.id, dl.destination.display()),
+                format!(
+                    "download {} is already writing {}; cancel one of them",
+                    other.id,
+                    dl.job.destination.display()
+                ),
             ));
         }
         let mut m = self.store.load(id).map_err(|d| {
@@ -874,7 +854,7 @@ impl Downloads {
                 // No engine runs: clean up here, unless another download
                 // (same destination) is writing that part file now.
                 if !engine::part_in_use(&dl.part_path()) {
-                    if let Ok((dest, _pin)) = caller::pin_dir(&dl.destination, dl.restricted_owner()) {
+                    if let Ok((dest, _pin)) = caller::pin_dir(&dl.job.destination, dl.restricted_owner()) {
                         let _ = caller::as_caller(dl.restricted_owner(), || std::fs::remove_file(part_path(&dest)));
                     }
                 }
@@ -914,7 +894,7 @@ impl Downloads {
         let kept = state == DownloadState::Failed && self.store.path(id).exists();
         if kept {
             if !engine::part_in_use(&dl.part_path()) {
-                if let Ok((dest, _pin)) = caller::pin_dir(&dl.destination, dl.restricted_owner()) {
+                if let Ok((dest, _pin)) = caller::pin_dir(&dl.job.destination, dl.restricted_owner()) {
                     let _ = caller::as_caller(dl.restricted_owner(), || std::fs::remove_file(part_path(&dest)));
                 }
             }
@@ -964,17 +944,17 @@ impl Downloads {
 fn new_sources(dl: &Download, new: &[String]) -> Result<Vec<String>, Rejected> {
     let mut added: Vec<String> = Vec::new();
     for s in new {
-        if !dl.sources.contains(s) && !added.contains(s) {
+        if !dl.job.sources.contains(s) && !added.contains(s) {
             added.push(s.clone());
         }
     }
-    if dl.sources.len() + added.len() > MAX_SOURCES {
+    if dl.job.sources.len() + added.len() > MAX_SOURCES {
         return Err(Rejected(
             ErrorCode::InvalidArgument,
             format!(
                 "download {} has {} sources; {} more would exceed the {MAX_SOURCES} a download takes",
                 dl.id,
-                dl.sources.len(),
+                dl.job.sources.len(),
                 added.len()
             ),
         ));
@@ -989,12 +969,17 @@ fn cancelled_by(caller: &Caller) -> String {
 
 /// A restricted caller manages only its own downloads.
 fn owned_by(dl: &Download, caller: &Caller) -> Result<(), Rejected> {
-    if caller.unrestricted() || dl.owner.uid == caller.uid {
+    if caller.unrestricted() || dl.job.owner.uid == caller.uid {
         return Ok(());
     }
     Err(Rejected(
         ErrorCode::PermissionDenied,
-        format!("permission denied: download {} belongs to {}, not {}", dl.id, dl.owner.describe(), caller.describe()),
+        format!(
+            "permission denied: download {} belongs to {}, not {}",
+            dl.id,
+            dl.job.owner.describe(),
+            caller.describe()
+        ),
     ))
 }
 

@@ -16,6 +16,51 @@ use super::{budget, client};
 use crate::caller::Caller;
 use crate::store::Store;
 
+/// What was asked for, parsed: from a `get`, or from its manifest after a
+/// pause or restart. The same for every run of a download; the manifest
+/// records it (see [`Job::from_manifest`] and [`Download::base_manifest`]).
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub remote_path: String,
+    pub destination: PathBuf,
+    /// The name given with `get -O` (the destination's file name), if any.
+    pub output_name: Option<String>,
+    pub sources: Vec<String>,
+    /// Replace an existing file at the destination.
+    pub force: bool,
+    pub connections_per_source: u32,
+    /// Fail after this long in a row without a reachable source.
+    pub give_up_after: Option<Duration>,
+    /// Where the shared secret for the sources is read from.
+    pub secret_file: Option<PathBuf>,
+    /// Root identity the user pinned (`get --identity`).
+    pub pin: Option<[u8; 32]>,
+    /// Size the user expects (`get --size`).
+    pub expected_size: Option<u64>,
+    /// Who asked for it: the destination is written with their rights.
+    pub owner: Caller,
+}
+
+impl Job {
+    /// The job a manifest records. A pin that is not 64 hex digits cannot
+    /// come from a manifest that loaded (see [`Manifest::validate`]).
+    pub fn from_manifest(m: &Manifest) -> Job {
+        Job {
+            remote_path: m.remote_path.clone(),
+            destination: PathBuf::from(&m.destination),
+            output_name: m.output_name.clone(),
+            sources: m.sources.clone(),
+            force: m.force,
+            connections_per_source: m.connections_per_source.min(16),
+            give_up_after: m.give_up_after_secs.map(Duration::from_secs),
+            secret_file: m.secret_file.as_ref().map(PathBuf::from),
+            pin: m.pin.as_deref().and_then(|p| super::parse_identity(p).ok()),
+            expected_size: m.expected_size,
+            owner: m.owner.map(|o| Caller::user(o.uid, o.gid)).unwrap_or_else(Caller::daemon),
+        }
+    }
+}
+
 /// Why a download's run was stopped from outside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
@@ -83,28 +128,15 @@ pub struct Progress {
 #[derive(Debug)]
 pub struct Download {
     pub id: u64,
-    pub remote_path: String,
-    pub destination: PathBuf,
-    /// The name given with `get -O` (the destination's file name), if any.
-    pub output_name: Option<String>,
-    pub sources: Vec<String>,
-    pub force: bool,
-    pub connections_per_source: u32,
+    pub job: Job,
     pub idle_timeout: Duration,
-    pub give_up_after: Option<Duration>,
     pub checkpoint_interval: Duration,
     pub checkpoint_bytes: u64,
     /// Manifests are written for this download (`--no-resume` turns it off).
     pub store: Option<Store>,
-    /// Shared secret for sources that require authentication.
+    /// Shared secret for sources that require authentication (read from
+    /// `job.secret_file`).
     pub secret: Option<Arc<Vec<u8>>>,
-    pub secret_file: Option<PathBuf>,
-    /// Root identity the user pinned (`get --identity`).
-    pub pin: Option<[u8; 32]>,
-    /// Size the user expects (`get --size`).
-    pub expected_size: Option<u64>,
-    /// Who asked for it: the destination is written with their rights.
-    pub owner: Caller,
     /// Free space to leave (see [`DownloadDefaults::min_free_space`]).
     pub min_free_space: Option<u64>,
     /// Largest file it may fetch.
@@ -202,21 +234,22 @@ impl Download {
                     .collect(),
             }
         };
+        let job = &self.job;
         Manifest {
             format: FORMAT.into(),
             version: VERSION,
             id: self.id,
-            remote_path: self.remote_path.clone(),
-            sources: self.sources.clone(),
-            destination: self.destination.display().to_string(),
-            output_name: self.output_name.clone(),
-            force: self.force,
-            connections_per_source: self.connections_per_source,
-            give_up_after_secs: self.give_up_after.map(|d| d.as_secs()),
-            secret_file: self.secret_file.as_ref().map(|p| p.display().to_string()),
-            pin: self.pin.map(hex::encode),
-            expected_size: self.expected_size,
-            owner: Some(ManifestOwner { uid: self.owner.uid, gid: self.owner.gid }),
+            remote_path: job.remote_path.clone(),
+            sources: job.sources.clone(),
+            destination: job.destination.display().to_string(),
+            output_name: job.output_name.clone(),
+            force: job.force,
+            connections_per_source: job.connections_per_source,
+            give_up_after_secs: job.give_up_after.map(|d| d.as_secs()),
+            secret_file: job.secret_file.as_ref().map(|p| p.display().to_string()),
+            pin: job.pin.map(hex::encode),
+            expected_size: job.expected_size,
+            owner: Some(ManifestOwner { uid: job.owner.uid, gid: job.owner.gid }),
             paused: false,
             stats: Some(stats),
             file: None,
@@ -227,19 +260,19 @@ impl Download {
     }
 
     pub fn part_path(&self) -> PathBuf {
-        part_path(&self.destination)
+        part_path(&self.job.destination)
     }
 
     /// Whether `caller` may see this download (its destination, sources
     /// and progress): the unrestricted see all, others their own.
     pub fn visible_to(&self, caller: &Caller) -> bool {
-        caller.unrestricted() || self.owner.uid == caller.uid
+        caller.unrestricted() || self.job.owner.uid == caller.uid
     }
 
     /// The owner when its rights are not the daemon's: file operations on
     /// the destination then run with them (see [`caller::as_caller`]).
     pub fn restricted_owner(&self) -> Option<&Caller> {
-        (!self.owner.unrestricted()).then_some(&self.owner)
+        (!self.job.owner.unrestricted()).then_some(&self.job.owner)
     }
 
     /// Updates speeds; called periodically.
@@ -284,8 +317,8 @@ impl Download {
         };
         DownloadInfo {
             id: self.id,
-            remote_path: self.remote_path.clone(),
-            destination: self.destination.display().to_string(),
+            remote_path: self.job.remote_path.clone(),
+            destination: self.job.destination.display().to_string(),
             state: p.state,
             size,
             bytes_done: p.bytes_done,

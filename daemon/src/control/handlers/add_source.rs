@@ -13,7 +13,7 @@ pub(super) fn add_source(d: &Daemon, caller: &Caller, id: u64, sources: &[String
         Ok(x) => x,
         Err(r) => return r.into(),
     };
-    let n = dl.sources.len();
+    let n = dl.job.sources.len();
     let now = format!("(now {n} {})", plural(n, "source", "sources"));
     if added.is_empty() {
         return Response::ok(format!(

@@ -13,7 +13,7 @@ pub(super) fn get(d: &Daemon, caller: &Caller, g: GetRequest) -> Response {
     match d.downloads.start(g, caller) {
         Ok(Started::Download { dl, resumed, added }) => Response::Accepted {
             id: dl.id,
-            destination: dl.destination.display().to_string(),
+            destination: dl.job.destination.display().to_string(),
             resumed,
             added_sources: added,
         },
