@@ -342,86 +342,15 @@ impl Config {
         Config::merge(args, file, config_file)
     }
 
-    pub fn merge(args: &Args, file: FileConfig, config_file: Option<PathBuf>) -> anyhow::Result<Config> {
-        fn from<A, B>(flag: &Option<A>, file: &Option<B>) -> &'static str {
-            if flag.is_some() {
-                "flag"
-            } else if file.is_some() {
-                "config file"
-            } else {
-                "default"
-            }
-        }
-        let mut origins = std::collections::BTreeMap::new();
-        origins.insert("export", from(&args.export, &file.export));
-        origins.insert("listen", from(&args.listen, &file.listen));
-        origins.insert(
-            "ports",
-            if args.ports.is_some() || args.servers.is_some() || args.base_port.is_some() {
-                "flag"
-            } else if file.ports.is_some() || file.servers.is_some() || file.base_port.is_some() {
-                "config file"
-            } else {
-                "default"
-            },
-        );
-        origins.insert("rate_limit", from(&args.rate_limit, &file.rate_limit));
-        origins.insert("status_interval", from(&args.status_interval, &file.status_interval));
-        origins.insert("socket", from(&args.socket, &file.socket));
-        origins.insert("socket_group", from(&args.socket_group, &file.socket_group));
-        origins.insert("state_dir", from(&args.state_dir, &file.state_dir));
-        origins.insert("download_dir", from(&args.download_dir, &file.download_dir));
-        origins.insert("download_roots", from(&args.download_roots, &file.download_roots));
-        origins.insert("max_connections", from(&args.max_connections, &file.max_connections));
-        origins.insert("max_connections_per_ip", from(&args.max_connections_per_ip, &file.max_connections_per_ip));
-        origins.insert("handshake_timeout", from(&args.handshake_timeout, &file.handshake_timeout));
-        origins.insert("serve_idle_timeout", from(&args.serve_idle_timeout, &file.serve_idle_timeout));
-        origins.insert("serve_min_rate", from(&args.serve_min_rate, &file.serve_min_rate));
-        origins.insert("transport", from(&args.transport, &file.transport));
-        origins.insert("allow_nodes", from(&args.allow_nodes, &file.allow_nodes));
-        origins.insert("node_trust", from(&args.node_trust, &file.node_trust));
-        origins.insert("known_nodes", from(&args.known_nodes, &file.known_nodes));
-        origins.insert("auth_secret_file", from(&args.auth_secret_file, &file.auth_secret_file));
-        origins.insert("allow", from(&args.allow, &file.allow));
-        origins.insert("connections_per_server", from(&args.connections_per_server, &file.connections_per_server));
-        origins.insert("idle_timeout", from(&args.idle_timeout, &file.idle_timeout));
-        origins.insert("checkpoint_interval", from(&args.checkpoint_interval, &file.checkpoint_interval));
-        origins.insert("checkpoint_bytes", from(&args.checkpoint_bytes, &file.checkpoint_bytes));
-        origins.insert("auto_resume", from(&args.auto_resume.then_some(()), &file.auto_resume));
-        origins.insert("hash_threads", from(&args.hash_threads, &file.hash_threads));
-        origins.insert("min_free_space", from(&args.min_free_space, &file.min_free_space));
-        origins.insert("max_download_size", from(&args.max_download_size, &file.max_download_size));
-        origins.insert("retention", from(&args.retention, &file.retention));
-        origins.insert("index_export", from(&args.index_export.then_some(()), &file.index_export));
-        origins.insert("metrics_listen", from(&args.metrics_listen, &file.metrics_listen));
-        origins.insert("listener", from(&None::<()>, &file.listener));
+    pub fn merge(args: &Args, mut file: FileConfig, config_file: Option<PathBuf>) -> anyhow::Result<Config> {
+        let origins = origins(args, &file);
+        let ports = ports(args, &file)?;
         let state_dir = args.state_dir.clone().or(file.state_dir).unwrap_or_else(default_state_dir);
         let export = args.export.clone().or(file.export).unwrap_or_else(|| default_export_dir(&state_dir));
         let download_dir =
             args.download_dir.clone().or(file.download_dir).unwrap_or_else(|| default_download_dir(&state_dir));
         let socket = args.socket.clone().or(file.socket).unwrap_or_else(default_socket_path);
         let listen = args.listen.or(file.listen).unwrap_or(IpAddr::from([127, 0, 0, 1]));
-
-        // Ports: explicit lists win; a flag for count/base overrides the file's list.
-        let ports = if let Some(p) = &args.ports {
-            p.clone()
-        } else if args.servers.is_some() || args.base_port.is_some() {
-            let n = args.servers.or(file.servers).unwrap_or(DEFAULT_SERVERS);
-            let base = args.base_port.or(file.base_port).unwrap_or(DEFAULT_BASE_PORT);
-            consecutive(base, n)?
-        } else if let Some(p) = file.ports {
-            p
-        } else {
-            let n = file.servers.unwrap_or(DEFAULT_SERVERS);
-            let base = file.base_port.unwrap_or(DEFAULT_BASE_PORT);
-            consecutive(base, n)?
-        };
-        let mut seen = std::collections::HashSet::new();
-        for p in &ports {
-            if *p != 0 && !seen.insert(*p) {
-                bail!("port {p} is listed twice");
-            }
-        }
 
         let rate_limit = match (args.rate_limit, &file.rate_limit) {
             (Some(r), _) => r,
@@ -437,40 +366,8 @@ impl Config {
         if connections_per_server > 16 {
             bail!("connections_per_server must be between 1 and 16 (or 0 to adapt)");
         }
-        let mut listener_limits = std::collections::BTreeMap::new();
-        let mut listener_allow = std::collections::BTreeMap::new();
-        let mut listener_transport = std::collections::BTreeMap::new();
-        for (port, lc) in file.listener.unwrap_or_default() {
-            let p: u16 = port
-                .parse()
-                .ok()
-                .filter(|p| *p > 0)
-                .with_context(|| format!("[listener.{port}]: not a port number"))?;
-            if let Some(r) = &lc.rate_limit {
-                listener_limits
-                    .insert(p, r.parse().with_context(|| format!("invalid rate_limit in [listener.{port}]"))?);
-            }
-            if let Some(t) = lc.transport {
-                listener_transport.insert(p, t);
-            }
-            if let Some(a) = &lc.allow {
-                listener_allow
-                    .insert(p, parse_cidrs(a).with_context(|| format!("invalid allow in [listener.{port}]"))?);
-            }
-        }
-        // A section for a port mftd does not listen on would silently do
-        // nothing (a typo, or a port dropped from `ports`).
-        let sections: std::collections::BTreeSet<u16> =
-            listener_limits.keys().chain(listener_transport.keys()).chain(listener_allow.keys()).copied().collect();
-        for p in sections {
-            if !ports.contains(&p) {
-                let list: Vec<String> = ports.iter().map(u16::to_string).collect();
-                bail!(
-                    "[listener.{p}] is for port {p}, which is not one of the listener ports ({}); add {p} to `ports` or remove the section",
-                    if list.is_empty() { "none".to_string() } else { list.join(", ") }
-                );
-            }
-        }
+        let Sections { limits: listener_limits, transport: listener_transport, allow: listener_allow } =
+            listener_sections(file.listener.take().unwrap_or_default(), &ports)?;
         let allow = match args.allow.as_ref().or(file.allow.as_ref()) {
             Some(a) => Some(parse_cidrs(a).context("invalid allow list")?),
             None => None,
@@ -686,6 +583,135 @@ fn consecutive(base: u16, n: u16) -> anyhow::Result<Vec<u16>> {
         bail!("{n} listeners (servers) from port {base} (base_port) do not fit in the port range 1-65535");
     }
     Ok((base..=last as u16).collect())
+}
+
+/// Where each setting came from (`flag`, `config file` or `default`), for
+/// `--print-config` and for telling a named directory from a default one.
+fn origins(args: &Args, file: &FileConfig) -> std::collections::BTreeMap<&'static str, &'static str> {
+    fn from<A, B>(flag: &Option<A>, file: &Option<B>) -> &'static str {
+        if flag.is_some() {
+            "flag"
+        } else if file.is_some() {
+            "config file"
+        } else {
+            "default"
+        }
+    }
+    let mut origins = std::collections::BTreeMap::new();
+    origins.insert("export", from(&args.export, &file.export));
+    origins.insert("listen", from(&args.listen, &file.listen));
+    origins.insert(
+        "ports",
+        if args.ports.is_some() || args.servers.is_some() || args.base_port.is_some() {
+            "flag"
+        } else if file.ports.is_some() || file.servers.is_some() || file.base_port.is_some() {
+            "config file"
+        } else {
+            "default"
+        },
+    );
+    origins.insert("rate_limit", from(&args.rate_limit, &file.rate_limit));
+    origins.insert("status_interval", from(&args.status_interval, &file.status_interval));
+    origins.insert("socket", from(&args.socket, &file.socket));
+    origins.insert("socket_group", from(&args.socket_group, &file.socket_group));
+    origins.insert("state_dir", from(&args.state_dir, &file.state_dir));
+    origins.insert("download_dir", from(&args.download_dir, &file.download_dir));
+    origins.insert("download_roots", from(&args.download_roots, &file.download_roots));
+    origins.insert("max_connections", from(&args.max_connections, &file.max_connections));
+    origins.insert("max_connections_per_ip", from(&args.max_connections_per_ip, &file.max_connections_per_ip));
+    origins.insert("handshake_timeout", from(&args.handshake_timeout, &file.handshake_timeout));
+    origins.insert("serve_idle_timeout", from(&args.serve_idle_timeout, &file.serve_idle_timeout));
+    origins.insert("serve_min_rate", from(&args.serve_min_rate, &file.serve_min_rate));
+    origins.insert("transport", from(&args.transport, &file.transport));
+    origins.insert("allow_nodes", from(&args.allow_nodes, &file.allow_nodes));
+    origins.insert("node_trust", from(&args.node_trust, &file.node_trust));
+    origins.insert("known_nodes", from(&args.known_nodes, &file.known_nodes));
+    origins.insert("auth_secret_file", from(&args.auth_secret_file, &file.auth_secret_file));
+    origins.insert("allow", from(&args.allow, &file.allow));
+    origins.insert("connections_per_server", from(&args.connections_per_server, &file.connections_per_server));
+    origins.insert("idle_timeout", from(&args.idle_timeout, &file.idle_timeout));
+    origins.insert("checkpoint_interval", from(&args.checkpoint_interval, &file.checkpoint_interval));
+    origins.insert("checkpoint_bytes", from(&args.checkpoint_bytes, &file.checkpoint_bytes));
+    origins.insert("auto_resume", from(&args.auto_resume.then_some(()), &file.auto_resume));
+    origins.insert("hash_threads", from(&args.hash_threads, &file.hash_threads));
+    origins.insert("min_free_space", from(&args.min_free_space, &file.min_free_space));
+    origins.insert("max_download_size", from(&args.max_download_size, &file.max_download_size));
+    origins.insert("retention", from(&args.retention, &file.retention));
+    origins.insert("index_export", from(&args.index_export.then_some(()), &file.index_export));
+    origins.insert("metrics_listen", from(&args.metrics_listen, &file.metrics_listen));
+    origins.insert("listener", from(&None::<()>, &file.listener));
+    origins
+}
+
+/// The listener ports: an explicit list wins; a flag for count or base
+/// port overrides the file's list. A port may appear once (0 any number
+/// of times: each picks a free one).
+fn ports(args: &Args, file: &FileConfig) -> anyhow::Result<Vec<u16>> {
+    let ports = if let Some(p) = &args.ports {
+        p.clone()
+    } else if args.servers.is_some() || args.base_port.is_some() {
+        let n = args.servers.or(file.servers).unwrap_or(DEFAULT_SERVERS);
+        let base = args.base_port.or(file.base_port).unwrap_or(DEFAULT_BASE_PORT);
+        consecutive(base, n)?
+    } else if let Some(p) = &file.ports {
+        p.clone()
+    } else {
+        let n = file.servers.unwrap_or(DEFAULT_SERVERS);
+        let base = file.base_port.unwrap_or(DEFAULT_BASE_PORT);
+        consecutive(base, n)?
+    };
+    let mut seen = std::collections::HashSet::new();
+    for p in &ports {
+        if *p != 0 && !seen.insert(*p) {
+            bail!("port {p} is listed twice");
+        }
+    }
+
+    Ok(ports)
+}
+
+/// The `[listener.PORT]` sections, per setting.
+struct Sections {
+    limits: std::collections::BTreeMap<u16, u64>,
+    transport: std::collections::BTreeMap<u16, crate::transport::Transport>,
+    allow: std::collections::BTreeMap<u16, Vec<ipnet::IpNet>>,
+}
+
+/// Parses the `[listener.PORT]` sections; one for a port mftd does not
+/// listen on would silently do nothing (a typo, or a port dropped from
+/// `ports`), so it is an error.
+fn listener_sections(
+    sections: std::collections::BTreeMap<String, ListenerFileConfig>,
+    ports: &[u16],
+) -> anyhow::Result<Sections> {
+    let mut listener_limits = std::collections::BTreeMap::new();
+    let mut listener_allow = std::collections::BTreeMap::new();
+    let mut listener_transport = std::collections::BTreeMap::new();
+    for (port, lc) in sections {
+        let p: u16 =
+            port.parse().ok().filter(|p| *p > 0).with_context(|| format!("[listener.{port}]: not a port number"))?;
+        if let Some(r) = &lc.rate_limit {
+            listener_limits.insert(p, r.parse().with_context(|| format!("invalid rate_limit in [listener.{port}]"))?);
+        }
+        if let Some(t) = lc.transport {
+            listener_transport.insert(p, t);
+        }
+        if let Some(a) = &lc.allow {
+            listener_allow.insert(p, parse_cidrs(a).with_context(|| format!("invalid allow in [listener.{port}]"))?);
+        }
+    }
+    let sections: std::collections::BTreeSet<u16> =
+        listener_limits.keys().chain(listener_transport.keys()).chain(listener_allow.keys()).copied().collect();
+    for p in sections {
+        if !ports.contains(&p) {
+            let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+            bail!(
+                "[listener.{p}] is for port {p}, which is not one of the listener ports ({}); add {p} to `ports` or remove the section",
+                if list.is_empty() { "none".to_string() } else { list.join(", ") }
+            );
+        }
+    }
+    Ok(Sections { limits: listener_limits, transport: listener_transport, allow: listener_allow })
 }
 
 #[cfg(test)]

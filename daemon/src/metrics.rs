@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
-use mftd_common::control::{DownloadInfo, DownloadState, ListenerInfo, ListenerState, SourceInfo, SourceState};
+use mftd_common::control::{word, DownloadInfo, DownloadState, ListenerInfo, ListenerState, SourceInfo, SourceState};
 
 use crate::Daemon;
 
@@ -109,74 +109,78 @@ pub fn render(d: &Daemon) -> String {
         [(String::new(), d.started.elapsed().as_secs())],
     );
 
-    let ls = d.listeners.list();
+    listeners(&mut o, &d.listeners.list());
+    let ds: Vec<DownloadInfo> = d.downloads.all().iter().map(|x| x.info()).collect();
+    downloads(&mut o, &ds);
+    o
+}
+
+/// Per listener: up, bytes and connections, rate and cap.
+fn listeners(o: &mut String, ls: &[ListenerInfo]) {
     let per_listener = |o: &mut String, name: &str, kind: &str, help: &str, value: &dyn Fn(&ListenerInfo) -> u64| {
         series(o, name, kind, help, ls.iter().map(|l| (format!("port=\"{}\"", l.port), value(l))));
     };
-    per_listener(&mut o, "mftd_listener_up", "gauge", "1 if the listener accepts connections, 0 if stopped.", &|l| {
+    per_listener(o, "mftd_listener_up", "gauge", "1 if the listener accepts connections, 0 if stopped.", &|l| {
         u64::from(l.state == ListenerState::Running)
     });
-    per_listener(&mut o, "mftd_listener_bytes_sent_total", "counter", "File bytes sent by the listener.", &|l| {
-        l.bytes_sent
-    });
-    per_listener(&mut o, "mftd_listener_connections", "gauge", "Connections open on the listener.", &|l| l.connections);
-    per_listener(&mut o, "mftd_listener_connections_total", "counter", "Connections accepted by the listener.", &|l| {
+    per_listener(o, "mftd_listener_bytes_sent_total", "counter", "File bytes sent by the listener.", &|l| l.bytes_sent);
+    per_listener(o, "mftd_listener_connections", "gauge", "Connections open on the listener.", &|l| l.connections);
+    per_listener(o, "mftd_listener_connections_total", "counter", "Connections accepted by the listener.", &|l| {
         l.total_connections
     });
     per_listener(
-        &mut o,
+        o,
         "mftd_listener_send_rate_bytes",
         "gauge",
         "Bytes per second sent over the last sampling interval.",
         &|l| l.rate,
     );
-    per_listener(
-        &mut o,
-        "mftd_listener_rate_limit_bytes",
-        "gauge",
-        "Bandwidth cap in bytes per second (0 = none).",
-        &|l| l.rate_limit,
-    );
+    per_listener(o, "mftd_listener_rate_limit_bytes", "gauge", "Bandwidth cap in bytes per second (0 = none).", &|l| {
+        l.rate_limit
+    });
+}
 
-    let ds: Vec<DownloadInfo> = d.downloads.all().iter().map(|x| x.info()).collect();
-    const STATES: [(DownloadState, &str); 8] = [
-        (DownloadState::Starting, "starting"),
-        (DownloadState::Active, "active"),
-        (DownloadState::Waiting, "waiting"),
-        (DownloadState::Paused, "paused"),
-        (DownloadState::Verifying, "verifying"),
-        (DownloadState::Done, "done"),
-        (DownloadState::Failed, "failed"),
-        (DownloadState::Cancelled, "cancelled"),
+/// Per download: state, size, progress and speed; per source of each: bytes,
+/// speed, strikes and whether it is active.
+fn downloads(o: &mut String, ds: &[DownloadInfo]) {
+    const STATES: [DownloadState; 8] = [
+        DownloadState::Starting,
+        DownloadState::Active,
+        DownloadState::Waiting,
+        DownloadState::Paused,
+        DownloadState::Verifying,
+        DownloadState::Done,
+        DownloadState::Failed,
+        DownloadState::Cancelled,
     ];
     series(
-        &mut o,
+        o,
         "mftd_download_state",
         "gauge",
         "1 for the download's current state.",
         ds.iter().flat_map(|dl| {
             STATES
                 .iter()
-                .map(move |(st, name)| (format!("id=\"{}\",state=\"{name}\"", dl.id), u64::from(dl.state == *st)))
+                .map(move |st| (format!("id=\"{}\",state=\"{}\"", dl.id, word(st)), u64::from(dl.state == *st)))
         }),
     );
     let id_path = |dl: &DownloadInfo| format!("id=\"{}\",path=\"{}\"", dl.id, esc(&dl.remote_path));
     series(
-        &mut o,
+        o,
         "mftd_download_size_bytes",
         "gauge",
         "Size of the file being downloaded.",
         ds.iter().filter_map(|dl| dl.size.map(|s| (id_path(dl), s))),
     );
     series(
-        &mut o,
+        o,
         "mftd_download_bytes_done",
         "gauge",
         "Bytes of the file on disk.",
         ds.iter().map(|dl| (id_path(dl), dl.bytes_done)),
     );
     series(
-        &mut o,
+        o,
         "mftd_download_speed_bytes",
         "gauge",
         "Download speed over the last sampling interval.",
@@ -193,19 +197,18 @@ pub fn render(d: &Daemon) -> String {
             }),
         );
     };
-    per_source(&mut o, "mftd_download_source_bytes_received_total", "counter", "Bytes received from a source.", &|s| {
+    per_source(o, "mftd_download_source_bytes_received_total", "counter", "Bytes received from a source.", &|s| {
         s.bytes_received
     });
-    per_source(&mut o, "mftd_download_source_speed_bytes", "gauge", "Bytes per second from a source.", &|s| s.speed);
+    per_source(o, "mftd_download_source_speed_bytes", "gauge", "Bytes per second from a source.", &|s| s.speed);
     per_source(
-        &mut o,
+        o,
         "mftd_download_source_strikes_total",
         "counter",
         "Pieces from a source that failed verification.",
         &|s| u64::from(s.strikes),
     );
-    per_source(&mut o, "mftd_download_source_up", "gauge", "1 if the source is active for the download.", &|s| {
+    per_source(o, "mftd_download_source_up", "gauge", "1 if the source is active for the download.", &|s| {
         u64::from(s.state == SourceState::Active)
     });
-    o
 }

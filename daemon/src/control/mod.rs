@@ -194,26 +194,33 @@ async fn send<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, resp: &Response) -> i
     w.flush().await
 }
 
+/// Tells a peer that may not use the socket so, and closes.
+async fn refuse(stream: UnixStream) {
+    let (r, mut w) = stream.into_split();
+    // Let the client's first line arrive (bounded) so it reads our answer
+    // instead of a broken pipe.
+    let mut r = BufReader::new(r);
+    let mut first = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(1), read_line(&mut r, &mut first)).await;
+    let _ = send(
+        &mut w,
+        &Response::error(
+            ErrorCode::PermissionDenied,
+            "permission denied: only root, mftd's own user or its socket group may use this socket",
+        ),
+    )
+    .await;
+}
+
+/// One control session: requests in, replies out, until the peer closes,
+/// a reply ends it (`watch`, `shutdown`) or the daemon stops.
 async fn handle_conn(stream: UnixStream, daemon: Arc<Daemon>, group: Option<nix::unistd::Gid>) -> io::Result<()> {
     let caller = Caller::of(&stream);
     if let Err(e) = &caller {
         debug!(error = %e, "cannot read the control peer's credentials");
     }
     let Some(caller) = caller.ok().filter(|c| peer_allowed(c, group)) else {
-        let (r, mut w) = stream.into_split();
-        // Let the client's first line arrive (bounded) so it reads our
-        // answer instead of a broken pipe.
-        let mut r = BufReader::new(r);
-        let mut first = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(1), read_line(&mut r, &mut first)).await;
-        let _ = send(
-            &mut w,
-            &Response::error(
-                ErrorCode::PermissionDenied,
-                "permission denied: only root, mftd's own user or its socket group may use this socket",
-            ),
-        )
-        .await;
+        refuse(stream).await;
         return Ok(());
     };
     let (r, mut w) = stream.into_split();

@@ -164,29 +164,7 @@ pub async fn run(dl: Arc<Download>) {
 /// One attempt: returns the votes when the download must start over with
 /// another file size.
 async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
-    let (tx, mut rx) = mpsc::channel(8);
-    let (more_tx, mut more_rx) = mpsc::unbounded_channel();
-    let eng = Arc::new(Engine {
-        dl: dl.clone(),
-        workers: dl.token.child_token(),
-        chosen: OnceCell::new(),
-        votes: Mutex::new(votes),
-        lists: Mutex::new(HashMap::new()),
-        asked: Mutex::new((HashSet::new(), HashSet::new())),
-        next_conn: AtomicU64::new(1),
-        live_workers: AtomicUsize::new(0),
-        slots: Mutex::new(vec![0; dl.job.sources.len()]),
-        wakers: Mutex::new(HashMap::new()),
-        changed: Notify::new(),
-        verify_slots: Semaphore::new(2),
-        outcome: tx,
-        in_flight: AtomicUsize::new(0),
-        drained: Notify::new(),
-        progressed: Notify::new(),
-        offered: Notify::new(),
-        rtt_known: Mutex::new(vec![false; dl.job.sources.len()]),
-        more_conns: more_tx,
-    });
+    let (eng, mut rx, mut more_rx) = Engine::start(dl.clone(), votes);
     info!(remote = %dl.job.remote_path, dest = %dl.job.destination.display(), sources = ?dl.job.sources, "download started");
     let mut tasks = tokio::task::JoinSet::new();
     let fixed = dl.job.connections_per_source as usize;
@@ -230,40 +208,11 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
             }
         }
     };
-    debug!("run over; stopping workers");
-    eng.workers.cancel();
-    // Workers stop at their next await; bound the wait anyway.
-    let _ = tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;
-    tasks.abort_all();
-    // A write or verification handed to the blocking pool cannot be
-    // cancelled; wait (bounded) until they are done before the next run
-    // could open the file.
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let drained = eng.drained.notified();
-            if eng.in_flight.load(Ordering::SeqCst) == 0 {
-                break;
-            }
-            drained.await;
-        }
-    })
-    .await;
-    // Workers cancelled mid-session did not get to count themselves out.
-    for s in dl.progress().sources.iter_mut() {
-        if s.dropped() {
-            continue;
-        }
-        s.connections = 0;
-        if matches!(s.state, SourceState::Active | SourceState::Connecting | SourceState::Waiting) {
-            s.state = SourceState::Idle;
-        }
-    }
+    wind_down(&eng, tasks).await;
 
     let store = dl.store.clone();
     let forget = |why: &str| {
-        if let Ok((dest, _pin)) = crate::caller::pin_dir(&dl.job.destination, dl.restricted_owner()) {
-            let _ = crate::caller::as_caller(dl.restricted_owner(), || std::fs::remove_file(part_path(&dest)));
-        }
+        dl.remove_part_file();
         if let Some(st) = &store {
             st.remove(dl.id);
         }
@@ -271,34 +220,7 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
     };
     match outcome {
         Some(Outcome::Relayout) => {
-            // Nothing fetched so far belongs to the file the majority serves.
-            let votes = std::mem::replace(&mut *lock(&eng.votes), Votes::new(0, None));
-            drop(eng);
-            if let Ok((dest, _pin)) = crate::caller::pin_dir(&dl.job.destination, dl.restricted_owner()) {
-                let _ = crate::caller::as_caller(dl.restricted_owner(), || std::fs::remove_file(part_path(&dest)));
-            }
-            if let Some(m) = lock(&dl.resume).as_mut() {
-                m.file = None;
-                m.verified.clear();
-                m.received.clear();
-            }
-            {
-                let mut p = dl.progress();
-                p.size = None;
-                p.identity = None;
-                p.bytes_done = 0;
-                p.pieces_verified = 0;
-                for s in p.sources.iter_mut() {
-                    s.bytes = 0;
-                    // Excluded for serving the size now chosen, perhaps:
-                    // every source gets a new chance (ballots stay).
-                    if s.dropped() {
-                        s.state = SourceState::Connecting;
-                        s.strikes = 0;
-                    }
-                }
-            }
-            return Some(votes);
+            return Some(relayout(eng, &dl));
         }
         Some(Outcome::Complete) => {
             dl.set_state(DownloadState::Verifying);
@@ -344,6 +266,106 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
         }
     }
     None
+}
+
+/// The end of every run: stops the workers and waits (bounded) for writes
+/// and verifications handed to the blocking pool; sources the cancelled
+/// workers did not count out are shown idle.
+async fn wind_down(eng: &Arc<Engine>, mut tasks: tokio::task::JoinSet<()>) {
+    let dl = &eng.dl;
+    debug!("run over; stopping workers");
+    eng.workers.cancel();
+    // Workers stop at their next await; bound the wait anyway.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;
+    tasks.abort_all();
+    // A write or verification handed to the blocking pool cannot be
+    // cancelled; wait (bounded) until they are done before the next run
+    // could open the file.
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let drained = eng.drained.notified();
+            if eng.in_flight.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            drained.await;
+        }
+    })
+    .await;
+    // Workers cancelled mid-session did not get to count themselves out.
+    for s in dl.progress().sources.iter_mut() {
+        if s.dropped() {
+            continue;
+        }
+        s.connections = 0;
+        if matches!(s.state, SourceState::Active | SourceState::Connecting | SourceState::Waiting) {
+            s.state = SourceState::Idle;
+        }
+    }
+}
+
+/// Starts over for the size the majority now serves: nothing fetched so far
+/// belongs to that file. Returns the votes (ballots stay).
+fn relayout(eng: Arc<Engine>, dl: &Arc<Download>) -> Votes {
+    let votes = std::mem::replace(&mut *lock(&eng.votes), Votes::new(0, None));
+    drop(eng);
+    dl.remove_part_file();
+    if let Some(m) = lock(&dl.resume).as_mut() {
+        m.file = None;
+        m.verified.clear();
+        m.received.clear();
+    }
+    {
+        let mut p = dl.progress();
+        p.size = None;
+        p.identity = None;
+        p.bytes_done = 0;
+        p.pieces_verified = 0;
+        for s in p.sources.iter_mut() {
+            s.bytes = 0;
+            // Excluded for serving the size now chosen, perhaps:
+            // every source gets a new chance (ballots stay).
+            if s.dropped() {
+                s.state = SourceState::Connecting;
+                s.strikes = 0;
+            }
+        }
+    }
+    votes
+}
+
+impl Engine {
+    /// The engine of one run, with the channel its workers report the
+    /// run's outcome on and the one they ask for more connections on.
+    #[allow(clippy::type_complexity)]
+    fn start(
+        dl: Arc<Download>,
+        votes: Votes,
+    ) -> (Arc<Engine>, mpsc::Receiver<Outcome>, mpsc::UnboundedReceiver<(usize, usize)>) {
+        let (tx, rx) = mpsc::channel(8);
+        let (more_tx, more_rx) = mpsc::unbounded_channel();
+        let eng = Arc::new(Engine {
+            dl: dl.clone(),
+            workers: dl.token.child_token(),
+            chosen: OnceCell::new(),
+            votes: Mutex::new(votes),
+            lists: Mutex::new(HashMap::new()),
+            asked: Mutex::new((HashSet::new(), HashSet::new())),
+            next_conn: AtomicU64::new(1),
+            live_workers: AtomicUsize::new(0),
+            slots: Mutex::new(vec![0; dl.job.sources.len()]),
+            wakers: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
+            verify_slots: Semaphore::new(2),
+            outcome: tx,
+            in_flight: AtomicUsize::new(0),
+            drained: Notify::new(),
+            progressed: Notify::new(),
+            offered: Notify::new(),
+            rtt_known: Mutex::new(vec![false; dl.job.sources.len()]),
+            more_conns: more_tx,
+        });
+        (eng, rx, more_rx)
+    }
 }
 
 /// The end of a run stopped from outside (see [`StopReason`]).

@@ -31,7 +31,7 @@ use crate::caller::{self, Caller};
 use crate::store::{Damaged, Store};
 
 use run::new_progress;
-pub use run::{part_path, Download, Job, StopReason};
+pub use run::{Download, Job, StopReason};
 
 /// Settings every download starts from.
 #[derive(Debug, Clone)]
@@ -854,9 +854,7 @@ impl Downloads {
                 // No engine runs: clean up here, unless another download
                 // (same destination) is writing that part file now.
                 if !engine::part_in_use(&dl.part_path()) {
-                    if let Ok((dest, _pin)) = caller::pin_dir(&dl.job.destination, dl.restricted_owner()) {
-                        let _ = caller::as_caller(dl.restricted_owner(), || std::fs::remove_file(part_path(&dest)));
-                    }
+                    dl.remove_part_file();
                 }
                 self.store.remove(id);
                 dl.progress().error = Some(cancelled_by(caller));
@@ -894,9 +892,7 @@ impl Downloads {
         let kept = state == DownloadState::Failed && self.store.path(id).exists();
         if kept {
             if !engine::part_in_use(&dl.part_path()) {
-                if let Ok((dest, _pin)) = caller::pin_dir(&dl.job.destination, dl.restricted_owner()) {
-                    let _ = caller::as_caller(dl.restricted_owner(), || std::fs::remove_file(part_path(&dest)));
-                }
+                dl.remove_part_file();
             }
             self.store.remove(id);
         }

@@ -259,6 +259,15 @@ impl Download {
         }
     }
 
+    /// Deletes the partial file (with the owner's rights, through the
+    /// pinned directory, so a swapped-in link cannot redirect it); a file
+    /// already gone is fine.
+    pub fn remove_part_file(&self) {
+        if let Ok((dest, _pin)) = crate::caller::pin_dir(&self.job.destination, self.restricted_owner()) {
+            let _ = crate::caller::as_caller(self.restricted_owner(), || std::fs::remove_file(part_path(&dest)));
+        }
+    }
+
     pub fn part_path(&self) -> PathBuf {
         part_path(&self.job.destination)
     }
