@@ -51,47 +51,77 @@ pub const MAX_LINE: usize = 1 << 20;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
+    /// First line of every session; answered with `hello`, or an `error` of code `version_mismatch`.
     Hello {
+        /// The control protocol the client speaks ([`PROTOCOL`]).
         protocol: u32,
+        /// Client name and version, e.g. `mftctl 0.1.0`; informational only.
         client: String,
     },
+    /// `mftctl status`: answered with `status`.
     Status,
+    /// `mftctl servers list`: answered with `servers`.
     ServersList,
+    /// `mftctl servers stop PORT`: close a listener and its connections; answered with `ok`.
     ServerStop {
+        /// Port of the listener.
         port: u16,
     },
+    /// `mftctl servers start PORT`: reopen a stopped listener; answered with `ok`.
     ServerStart {
+        /// Port of the listener.
         port: u16,
     },
+    /// `mftctl servers add`: open a new listener until mftd restarts or reloads; answered with `ok`.
     ServerAdd {
+        /// Port to listen on; any free port if absent (the `ok` message names it).
         #[serde(default)]
         port: Option<u16>,
+        /// Bandwidth cap in bytes per second, 0 for none; the daemon's `rate_limit` if absent.
         #[serde(default)]
         rate_limit: Option<u64>,
         /// `tls` or `plain`; default: the daemon's `transport`.
         #[serde(default)]
         transport: Option<String>,
     },
+    /// `mftctl servers limit PORT RATE`: change a listener's bandwidth cap until mftd restarts
+    /// or reloads; answered with `ok`.
     ServerLimit {
+        /// Port of the listener.
         port: u16,
+        /// New cap in bytes per second, 0 for none.
         rate_limit: u64,
     },
+    /// `mftctl get`: start a download; answered with `accepted`, or `identical` if the file is
+    /// already there.
     Get(GetRequest),
+    /// `mftctl downloads list`: answered with `downloads` (those the caller may see).
     DownloadsList,
+    /// `mftctl downloads show ID`: answered with `download`.
     DownloadShow {
+        /// Download ID, as `downloads list` shows it.
         id: u64,
     },
+    /// `mftctl downloads pause ID`: stop a download, keeping its data; answered with `ok` once it
+    /// has paused (or after 10 s of winding down).
     DownloadPause {
+        /// Download ID.
         id: u64,
     },
+    /// `mftctl downloads resume ID`: continue a paused download; answered with `ok`.
     DownloadResume {
+        /// Download ID.
         id: u64,
     },
+    /// `mftctl downloads cancel ID`: stop a download and delete its partial file; answered with
+    /// `ok`.
     DownloadCancel {
+        /// Download ID.
         id: u64,
     },
     /// Take an ended download off the list (a failed one's kept data too).
     DownloadRemove {
+        /// Download ID.
         id: u64,
     },
     /// Take every ended download off the list, except failed ones whose
@@ -99,24 +129,32 @@ pub enum Request {
     DownloadsPurge,
     /// Close a listener and forget it (it no longer shows in `servers list`).
     ServerRemove {
+        /// Port of the listener.
         port: u16,
     },
     /// Add sources to a download (a running one continues with them from
     /// where it is; a paused one uses them when resumed).
     DownloadAddSource {
+        /// Download ID.
         id: u64,
+        /// `host:port` of each new source (as in [`GetRequest::sources`]); ones it has are skipped.
         sources: Vec<String>,
     },
     /// Continue one download, or every paused/interrupted one.
     GetResume {
+        /// The download to continue; absent: every paused one, and every failed one whose data
+        /// was kept, that the caller may resume.
         #[serde(default)]
         id: Option<u64>,
     },
     /// Stream `progress` for a download every `interval_ms` until it ends.
     Watch {
+        /// Download ID.
         id: u64,
+        /// Milliseconds between snapshots, clamped to 50..=60000; state changes are sent at once.
         interval_ms: u64,
     },
+    /// `mftctl shutdown`: answered with `ok`, then mftd stops as on SIGTERM.
     Shutdown,
 }
 
@@ -165,24 +203,39 @@ pub struct GetRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
+    /// Answer to a `hello` of the same protocol version.
     Hello {
+        /// The control protocol mftd speaks ([`PROTOCOL`]).
         protocol: u32,
+        /// Daemon name and version, e.g. `mftd 0.1.0`.
         daemon: String,
+        /// Process ID of mftd.
         pid: u32,
     },
+    /// The request was carried out.
     Ok {
+        /// One sentence for the person, saying what was done; mftctl prints it as is.
         message: String,
     },
+    /// A refused or failed request, or a line that is not a known request.
     Error {
+        /// What kind of failure, for programs.
         code: ErrorCode,
+        /// One sentence for the person, usually with what to do; mftctl prints it as is.
         message: String,
     },
+    /// Answer to `status`.
     Status(StatusInfo),
+    /// Answer to `servers_list`.
     Servers {
+        /// Every listener, running or stopped, by port.
         servers: Vec<ListenerInfo>,
     },
+    /// `get` started a download (or continued one, see `resumed`).
     Accepted {
+        /// Download ID, for `watch` and the `download_*` requests.
         id: u64,
+        /// Absolute path the file will have once done.
         destination: String,
         /// An interrupted download of the same file continued instead.
         #[serde(default)]
@@ -192,22 +245,32 @@ pub enum Response {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         added_sources: Vec<String>,
     },
+    /// Answer to `get_resume`.
     Resumed {
+        /// IDs of the downloads now running again; empty when there was nothing to resume.
         ids: Vec<u64>,
     },
     /// `get` found the file already at its destination, identical to the
     /// sources' (same size and BLAKE3 root): nothing was downloaded.
     Identical {
+        /// Absolute path of the file found.
         destination: String,
+        /// Its BLAKE3 root (64 hex digits).
         identity: String,
     },
+    /// Answer to `downloads_list`.
     Downloads {
+        /// The downloads the caller may see, by ID.
         downloads: Vec<DownloadInfo>,
     },
+    /// Answer to `download_show`.
     Download {
+        /// The download, with per-source detail.
         download: DownloadInfo,
     },
+    /// One snapshot of a `watch` stream, which ends after a final or `paused` one (or when mftd stops).
     Progress {
+        /// The download as it is now.
         download: DownloadInfo,
     },
 }
@@ -216,17 +279,29 @@ pub enum Response {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
+    /// The line is not valid JSON or not a known request; the connection stays open.
     BadRequest,
+    /// `hello` named another protocol version; the message names both.
     VersionMismatch,
+    /// A line longer than [`MAX_LINE`]; the connection is closed.
     LineTooLong,
+    /// No listener on this port.
     UnknownPort,
+    /// The port is taken, by another listener or another program.
     PortInUse,
+    /// No download with this ID that the caller may see.
     UnknownDownload,
+    /// The remote path or output name is not a valid relative path or file name.
     BadPath,
+    /// The output directory cannot be used: not absolute, missing, not a directory or not writable.
     OutputDir,
+    /// Something is in the way at the destination (without `force`), or another download
+    /// writes there.
     Exists,
+    /// A value out of range, or an action the current state does not allow (stopping a stopped
+    /// listener, removing a running download).
     InvalidArgument,
-    ShuttingDown,
+    /// mftd failed itself (a handler panicked, a manifest could not be written); see its log.
     Internal,
     /// The caller may not do this (see the README's security model).
     PermissionDenied,
@@ -235,35 +310,50 @@ pub enum ErrorCode {
 /// `status`: the daemon at a glance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusInfo {
+    /// mftd's version, without the name (`0.1.0`).
     pub version: String,
+    /// Process ID of mftd.
     pub pid: u32,
+    /// Seconds since mftd started.
     pub uptime_secs: u64,
+    /// IP address the transfer listeners bind (`listen` in the config).
     pub listen: String,
+    /// Directory whose files the listeners serve (`export`).
     pub export_dir: String,
+    /// Where downloads go when `get` names no output directory.
     pub download_dir: String,
+    /// Path of this control socket.
     pub socket: String,
     /// This daemon's node ID (what sources are pinned with).
     #[serde(default)]
     pub node_id: String,
+    /// Every listener, running or stopped, by port.
     pub listeners: Vec<ListenerInfo>,
+    /// The downloads the caller may see (all for root and mftd's user), by ID.
     pub downloads: Vec<DownloadInfo>,
     /// Manifests that could not be loaded, as "path: reason".
     #[serde(default)]
     pub damaged_manifests: Vec<String>,
 }
 
+/// Whether a listener accepts connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ListenerState {
+    /// Bound and accepting connections.
     Running,
+    /// Closed by `servers stop`, port and settings kept; `servers start` reopens it.
     Stopped,
 }
 
 /// One transfer listener, as `servers list` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ListenerInfo {
+    /// TCP port, the listener's name in `server_*` requests.
     pub port: u16,
+    /// Bound address, `IP:PORT`.
     pub address: String,
+    /// Whether it accepts connections now.
     pub state: ListenerState,
     /// Connections open right now.
     pub connections: u64,
@@ -280,32 +370,43 @@ pub struct ListenerInfo {
     pub transport: String,
 }
 
+/// Where a download is in its life, as `downloads list` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DownloadState {
     /// Asking the sources about the file.
     Starting,
+    /// The size is known and a source is connected: data flows.
     Active,
     /// Every source is unreachable; retrying with backoff.
     Waiting,
+    /// Stopped with data and progress kept: by `downloads pause`, an mftd restart, or a failed
+    /// checkpoint such as a full disk (then `error` says why).
     Paused,
     /// All bytes are in; final checks, fsync and rename.
     Verifying,
+    /// The file is verified and in place under its name.
     Done,
+    /// Ended without the file; `error` says why (`get --resume` retries if data was kept).
     Failed,
+    /// Stopped by `downloads cancel`; the partial file is deleted.
     Cancelled,
 }
 
 impl DownloadState {
+    /// Whether the download has ended (`done`, `failed` or `cancelled`); `paused` has not.
     pub fn is_final(self) -> bool {
         matches!(self, DownloadState::Done | DownloadState::Failed | DownloadState::Cancelled)
     }
 }
 
+/// What one source of a download is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SourceState {
+    /// Not connected yet in this run (connect, handshake and `STAT`).
     Connecting,
+    /// At least one connection open to it, serving the chosen file.
     Active,
     /// Unreachable for now; retried with backoff.
     Waiting,
@@ -320,7 +421,9 @@ pub enum SourceState {
 /// One source of one download.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SourceInfo {
+    /// The source as the `get` named it: `[plain://]HOST:PORT[#NODEID]`.
     pub address: String,
+    /// What it is doing now.
     pub state: SourceState,
     /// Bytes from this source that ended up in the file.
     pub bytes: u64,
@@ -360,9 +463,13 @@ pub struct SourceInfo {
 /// One download, as `downloads show` and `progress` carry it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DownloadInfo {
+    /// Download ID: never reused, not even across restarts.
     pub id: u64,
+    /// Path of the file on the servers, as the `get` gave it.
     pub remote_path: String,
+    /// Absolute path of the file once done (the data is in `DESTINATION.mftpart` until then).
     pub destination: String,
+    /// Where it is in its life.
     pub state: DownloadState,
     /// File size, once a source has answered.
     #[serde(default)]
@@ -371,12 +478,17 @@ pub struct DownloadInfo {
     pub bytes_done: u64,
     /// Pieces verified / total.
     pub pieces_verified: u64,
+    /// Pieces in the file (256 KiB each, larger over 4 GiB); 0 until the size is known.
     pub pieces_total: u64,
+    /// Bytes per second into the file over the last sample (0.5 s); 0 when paused or ended.
     pub speed: u64,
+    /// Seconds left at the current `speed`; absent while the size or speed is unknown, paused
+    /// or ended.
     #[serde(default)]
     pub eta_secs: Option<u64>,
     /// Time spent running, over all runs (pauses and restarts excluded).
     pub elapsed_ms: u64,
+    /// One per source, in the order they were given (added ones last).
     pub sources: Vec<SourceInfo>,
     /// Bytes in the file that no listed source is credited with: found in
     /// the partial file and re-verified when its record of who delivered
@@ -392,11 +504,13 @@ pub struct DownloadInfo {
     /// flows meanwhile; no piece is verified before the vote is settled).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vote: Option<String>,
+    /// What went wrong: why it failed or paused itself, or who cancelled it; absent if nothing did.
     #[serde(default)]
     pub error: Option<String>,
 }
 
 impl DownloadInfo {
+    /// How much of the file is in, 0 to 100: 100 for an empty file, 0 while the size is unknown.
     pub fn percent(&self) -> f64 {
         match self.size {
             Some(0) => 100.0,
@@ -407,9 +521,11 @@ impl DownloadInfo {
 }
 
 impl Response {
+    /// An `error` response; `message` is for the person and should say what to do.
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Response {
         Response::Error { code, message: message.into() }
     }
+    /// An `ok` response saying, in one sentence, what was done.
     pub fn ok(message: impl Into<String>) -> Response {
         Response::Ok { message: message.into() }
     }
@@ -423,10 +539,15 @@ impl Response {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
+    /// A source of the followed download changed state (each source's first state included).
     SourceState {
+        /// Download ID.
         id: u64,
+        /// The source, as in [`SourceInfo::address`].
         address: String,
+        /// Its new state.
         state: SourceState,
+        /// Why it is not working, as in [`SourceInfo::last_error`].
         #[serde(default)]
         last_error: Option<String>,
     },
@@ -435,27 +556,45 @@ pub enum Event {
     /// The download ended without its file, or a command failed.
     Error(Failure),
     /// Paused elsewhere (or by a full disk); `message` says how to continue.
-    Paused { id: u64, message: String },
+    Paused {
+        /// Download ID.
+        id: u64,
+        /// As mftctl prints it without `--json`: why it paused, and the command that continues it.
+        message: String,
+    },
     /// mftctl stopped following (Ctrl-C); the download goes on.
-    Detached { id: u64, message: String },
+    Detached {
+        /// Download ID.
+        id: u64,
+        /// As mftctl prints it without `--json`: the download goes on, and how to look at it.
+        message: String,
+    },
 }
 
 /// How a download ended (the `done` event, and `error` for a download).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
+    /// Download ID.
     pub id: u64,
+    /// `done` in a `done` event; `failed` or `cancelled` in an `error`.
     pub state: DownloadState,
+    /// Absolute path of the file (where it would have been, for an `error`).
     pub destination: String,
+    /// File size in bytes; 0 if no source ever told it.
     pub size: u64,
     /// Bytes in the file.
     pub bytes: u64,
+    /// Running time over all runs, in milliseconds (as [`DownloadInfo::elapsed_ms`]).
     pub elapsed_ms: u64,
+    /// BLAKE3 root (hex) adopted for the file (what `done` was verified against); absent if none was.
     #[serde(default)]
     pub identity: Option<String>,
     /// Why it failed (`error` only).
     #[serde(default)]
     pub message: Option<String>,
+    /// Each source's part, in the download's order.
     pub sources: Vec<SourceSummary>,
+    /// Bytes no source is credited with (see [`DownloadInfo::found_on_disk`]).
     #[serde(default)]
     pub found_on_disk: u64,
 }
@@ -463,7 +602,9 @@ pub struct Summary {
 /// One source's part in a finished download.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SourceSummary {
+    /// The source, as in [`SourceInfo::address`].
     pub address: String,
+    /// Bytes from this source that ended up in the file.
     pub bytes: u64,
     /// `bytes` over the download's running time, bytes/s.
     pub avg_speed: u64,
@@ -476,8 +617,15 @@ pub struct SourceSummary {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Failure {
+    /// A download that ended `failed` or `cancelled`; `message` says why.
     Download(Summary),
-    Command { code: String, message: String },
+    /// A command mftctl could not carry out (exit status 1, or 2 for `usage`).
+    Command {
+        /// An [`ErrorCode`] word from mftd, or one of mftctl's own listed above.
+        code: String,
+        /// The sentence mftctl also prints on stderr.
+        message: String,
+    },
 }
 
 impl Summary {

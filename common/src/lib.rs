@@ -238,6 +238,8 @@
 //! # Control protocol
 //! See [`control`]: newline-delimited JSON over a Unix-domain socket.
 
+#![warn(missing_docs)]
+
 pub mod control;
 pub mod manifest;
 pub mod path;

@@ -17,7 +17,7 @@
 //!   "paused": false,
 //!   "file": { "size": 1073741824, "piece_size": 262144, "identity": "9ea8…" },
 //!   "verified": [[0, 812]],
-//!   "received": [[212860928, 213385216]],
+//!   "received": [{ "start": 212860928, "end": 213385216 }],
 //!   "checksum": "5f1c…"
 //! }
 //! ```
@@ -52,14 +52,19 @@ use crate::range::Range;
 /// The key manifests are checksummed with.
 pub type Key = [u8; 32];
 
+/// The `format` field's value: tells a manifest from any other JSON file.
 pub const FORMAT: &str = "mftd-manifest";
+/// The `version` field's value, written and the only one read (others: [`ManifestError::UnknownVersion`]).
 pub const VERSION: u32 = 1;
 /// Manifests larger than this are refused before parsing.
 pub const MAX_MANIFEST: u64 = 64 << 20;
 
+/// The `file` object: what the sources said the file is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestFile {
+    /// File size in bytes, as the sources' `STAT_OK` gave it.
     pub size: u64,
+    /// Bytes per piece; a manifest whose value is not [`piece_size_for`]`(size)` is refused.
     pub piece_size: u32,
     /// Root identity (hex) the sources agreed on; absent while they are
     /// still hashing the file (what is on disk is verified once it is known).
@@ -72,16 +77,22 @@ pub struct ManifestFile {
 pub struct ManifestStats {
     /// Time spent running (not paused), in milliseconds.
     pub elapsed_ms: u64,
+    /// One entry per source, matched to [`Manifest::sources`] by address when loaded.
     #[serde(default)]
     pub sources: Vec<SourceStats>,
 }
 
+/// What one source did over the runs so far.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceStats {
+    /// The source as written in [`Manifest::sources`]; an entry matching none is ignored.
     pub address: String,
+    /// Bytes it wrote that are still in the file (those of pieces that failed verification are taken off).
     pub bytes: u64,
+    /// Bytes received from it off the wire, duplicates and discarded bytes included.
     #[serde(default)]
     pub bytes_received: u64,
+    /// Ranges (one `READ` each) it finished, trimmed ones included.
     #[serde(default)]
     pub ranges_done: u64,
 }
@@ -89,21 +100,34 @@ pub struct SourceStats {
 /// The user a download acts for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestOwner {
+    /// User ID whose rights the destination is written with.
     pub uid: u32,
+    /// Group ID whose rights the destination is written with.
     pub gid: u32,
 }
 
+/// One download, as stored in `<state_dir>/manifests/<ID>.json` (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
+    /// Always [`FORMAT`]; checked before anything else is parsed.
     pub format: String,
+    /// Always [`VERSION`]; checked before anything else is parsed.
     pub version: u32,
+    /// The download's ID, never reused; must match the file name (`<ID>.json`).
     pub id: u64,
+    /// The file's path on the sources, relative to their export roots.
     pub remote_path: String,
+    /// Where to fetch from, each `[plain://]HOST:PORT[#NODEID]`; never empty.
     pub sources: Vec<String>,
+    /// Absolute path of the finished file, named after `remote_path` or `output_name`;
+    /// the data is written to `<destination>.mftpart` until it is verified.
     pub destination: String,
+    /// Replace a file already at the destination (`get --force`).
     #[serde(default)]
     pub force: bool,
+    /// Connections per source, 1 to 16 (more is cut to 16 when loaded); 0: adapt to the path.
     pub connections_per_source: u32,
+    /// Fail after this many seconds in a row without a reachable source; absent: keep trying.
     #[serde(default)]
     pub give_up_after_secs: Option<u64>,
     /// Where the shared secret for the sources is read from (never the secret).
@@ -128,6 +152,7 @@ pub struct Manifest {
     /// Time and per-source work of the runs so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<ManifestStats>,
+    /// Absent until a source has answered `STAT`; no progress may be recorded without it.
     #[serde(default)]
     pub file: Option<ManifestFile>,
     /// Piece index ranges `[first, end)` that passed verification.
@@ -136,6 +161,7 @@ pub struct Manifest {
     /// Byte ranges on disk outside verified pieces.
     #[serde(default)]
     pub received: Vec<Range>,
+    /// Keyed BLAKE3 (hex) of the manifest serialized with this field empty; see the module docs.
     #[serde(default)]
     pub checksum: String,
 }
@@ -143,20 +169,31 @@ pub struct Manifest {
 /// Why a manifest could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ManifestError {
+    /// Zero bytes long: a write cut short.
     #[error("the file is empty (truncated)")]
     Empty,
+    /// Nothing but zero bytes, as a crash can leave a file whose data never reached the disk.
     #[error("the file is all zero bytes")]
     Zeroed,
+    /// Over [`MAX_MANIFEST`] bytes: refused unparsed.
     #[error("the file is larger than {MAX_MANIFEST} bytes")]
     TooLarge,
+    /// Unreadable, not JSON, or JSON without a manifest's fields; carries the reader's or parser's reason.
     #[error("not valid manifest JSON ({0}); probably truncated or overwritten")]
     NotJson(String),
+    /// `format` is not [`FORMAT`]; carries what it is (empty if missing).
     #[error("not an mftd manifest (format {0:?})")]
     WrongFormat(String),
+    /// `version` is not [`VERSION`]: written by another mftd (or missing).
     #[error("manifest version {found} is not supported (this mftd reads version {VERSION})")]
-    UnknownVersion { found: u32 },
+    UnknownVersion {
+        /// The version found: 0 if missing or not a number, at most `u32::MAX`.
+        found: u32,
+    },
+    /// The checksum does not match under this daemon's key: damaged, edited or planted.
     #[error("checksum mismatch: the manifest was modified or damaged after it was written")]
     Checksum,
+    /// Fields contradict each other or the protocol (piece size, ranges, destination name); carries which.
     #[error("inconsistent manifest: {0}")]
     Inconsistent(String),
 }

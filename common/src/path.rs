@@ -7,26 +7,37 @@ use crate::proto::MAX_PATH;
 /// Why a remote path is refused before touching the file system.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
+    /// No bytes at all (a path or a `-O` name).
     #[error("path is empty")]
     Empty,
+    /// Over [`MAX_PATH`] bytes, the protocol's limit.
     #[error("path is longer than {MAX_PATH} bytes")]
     TooLong,
+    /// Starts with `/`; remote paths are relative to the export root.
     #[error("path is absolute; paths are relative to the export directory")]
     Absolute,
+    /// A `..` component, which could climb out of the export root or the download directory.
     #[error("path contains a `..` component")]
     DotDot,
+    /// A NUL byte, where system calls would cut the path short.
     #[error("path contains a NUL byte")]
     Nul,
+    /// A `\`, a separator elsewhere (`..\x`): refused rather than taken as part of a name.
     #[error("path contains a backslash")]
     Backslash,
+    /// A control character other than NUL (newline, escape, DEL…).
     #[error("path contains a control character")]
     Control,
+    /// Ends in `/` or has only `.` and empty components: no file is named.
     #[error("path names a directory, not a file")]
     NotAFile,
+    /// A `-O` name with a `/`: it must be one component, in the download directory.
     #[error("a file name cannot contain `/`")]
     Slash,
+    /// A `-O` name ending in `.mftpart`, which could collide with another download's partial file.
     #[error("a file name cannot end in `.mftpart` (mftd's partial files)")]
     PartSuffix,
+    /// A `-O` name over 255 bytes, the usual file system limit for one component.
     #[error("a file name cannot be longer than 255 bytes")]
     NameTooLong,
 }

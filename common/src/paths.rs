@@ -23,6 +23,7 @@ pub fn env_dir(var: &str) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
+/// The user's `mftd` directories (XDG: `~/.config/mftd`, `~/.local/state/mftd`, …); `None` without a home directory.
 pub fn project_dirs() -> Option<directories::ProjectDirs> {
     directories::ProjectDirs::from("", "", "mftd")
 }

@@ -1,4 +1,4 @@
-//! Transfer protocol v3 frames: encoding, decoding and limits.
+//! Transfer protocol v4 frames: encoding, decoding and limits.
 //!
 //! The normative description is in the [crate docs](crate). This module turns
 //! frames into bytes and back; it never allocates more than [`MAX_FRAME`] for
@@ -28,24 +28,35 @@ pub const DATA_CHUNK: u64 = 1 << 20;
 pub const TRIM_NOT_OPEN: u64 = u64::MAX;
 /// Smallest piece size; see [`piece_size_for`].
 pub const MIN_PIECE: u32 = 256 << 10;
-/// Most pieces a file is cut into; bounds the size of `STAT_OK`.
+/// Most pieces a file is cut into; bounds the size of `HASHES_OK`.
 pub const MAX_PIECES: u64 = 16384;
 /// Longest ERROR message kept, in bytes (longer ones are cut on both sides).
 pub const MAX_ERROR_MESSAGE: usize = 1024;
 /// Size of the fixed frame header: type (1) + length (4).
 pub const HEADER_LEN: usize = 5;
 
+/// Type byte of `HELLO`, the first frame both ways: magic (4) · version u16 · flags u16.
 pub const T_HELLO: u8 = 0x01;
+/// Type byte of `STAT`, client → server: the whole body is the path.
 pub const T_STAT: u8 = 0x02;
+/// Type byte of `READ`, client → server: a byte range to stream (see [`ReadReq`]).
 pub const T_READ: u8 = 0x03;
+/// Type byte of `AUTH`, both ways right behind a `HELLO` with [`FLAG_AUTH`]: a 32-byte proof.
 pub const T_AUTH: u8 = 0x04;
+/// Type byte of `TRIM`, client → server: id u32 · end u64.
 pub const T_TRIM: u8 = 0x05;
+/// Type byte of `HASHES`, client → server: size u64 · mtime_ns i64 · path (rest).
 pub const T_HASHES: u8 = 0x06;
+/// Type byte of `TRIMMED`, server → client: id u32 · end u64.
 pub const T_TRIMMED: u8 = 0x85;
+/// Type byte of `HASHES_OK`, server → client: count u32 · count × 32-byte hash.
 pub const T_HASHES_OK: u8 = 0x86;
 // 0x84 was CHALLENGE (versions 1-3); never reused.
+/// Type byte of `STAT_OK`, server → client: a 57-byte body (see [`StatInfo`]).
 pub const T_STAT_OK: u8 = 0x82;
+/// Type byte of `DATA`, server → client: a 20-byte [`DataHeader`]; the file bytes follow outside the frame.
 pub const T_DATA: u8 = 0x83;
+/// Type byte of `ERROR`, server → client: id u32 · code u16 · message (rest).
 pub const T_ERROR: u8 = 0x7f;
 
 /// Stable error codes carried by `ERROR` frames. Numbers never change meaning.
@@ -82,6 +93,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// The code a number off the wire stands for; numbers this build does not know are [`ErrorCode::Unknown`].
     pub fn from_u16(v: u16) -> ErrorCode {
         use ErrorCode::*;
         match v {
@@ -102,6 +114,7 @@ impl ErrorCode {
         }
     }
 
+    /// Stable snake_case name (`not_found`), what `Display` prints in logs and messages.
     pub fn as_str(self) -> &'static str {
         use ErrorCode::*;
         match self {
@@ -132,29 +145,41 @@ impl fmt::Display for ErrorCode {
 /// A `READ` request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadReq {
+    /// Client's number for the request, echoed in its `DATA`, `TRIMMED` and `ERROR`; mftd never uses 0.
     pub id: u32,
+    /// File offset of the first byte asked for.
     pub offset: u64,
+    /// Bytes asked for, any number (0 gets one empty `DATA`); past the end of the file gets `BAD_RANGE`.
     pub len: u64,
     /// File version the client expects (from its `STAT`).
     pub size: u64,
+    /// Modification time from the same `STAT`, ns since the Unix epoch; with `size`, a mismatch gets `FILE_CHANGED`.
     pub mtime_ns: i64,
+    /// Path relative to the export root: the rest of the body, at most [`MAX_PATH`] bytes.
     pub path: String,
 }
 
 /// Header of a `DATA` answer; `len` raw bytes follow it on the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DataHeader {
+    /// The `READ` these bytes answer: the oldest one still open on the connection.
     pub id: u32,
+    /// File offset of the first byte that follows: where the request's previous `DATA` stopped.
     pub offset: u64,
+    /// Raw bytes after the header: at most [`MAX_DATA`] accepted, at most [`DATA_CHUNK`] sent.
     pub len: u64,
 }
 
 /// A file's content identity: per-piece BLAKE3 hashes and their root.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
+    /// File size in bytes; hashed into the root, so files of other sizes never match.
     pub size: u64,
+    /// Bytes per piece (the last piece may be shorter): [`piece_size_for`]`(size)`.
     pub piece_size: u32,
+    /// BLAKE3 hash of each piece, in file order: what `HASHES_OK` carries.
     pub hashes: Vec<[u8; 32]>,
+    /// [`root_of`]`(size, piece_size, hashes)`: what `STAT_OK` carries.
     pub root: [u8; 32],
 }
 
@@ -181,6 +206,7 @@ impl Identity {
         (start, (start + self.piece_size as u64).min(self.size))
     }
 
+    /// The root as 64 lowercase hex digits, for people and manifests.
     pub fn root_hex(&self) -> String {
         hex::encode(self.root)
     }
@@ -229,13 +255,18 @@ pub fn piece_range(size: u64, piece_size: u32, i: u64) -> crate::range::Range {
 /// the server is still hashing the file: data can flow before it is known.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatInfo {
+    /// File size in bytes.
     pub size: u64,
+    /// Modification time, ns since the Unix epoch; the client sends it back in `READ` and `HASHES`.
     pub mtime_ns: i64,
+    /// Bytes per piece, never 0; a client drops a source whose value is not [`piece_size_for`]`(size)`.
     pub piece_size: u32,
+    /// Content identity root; `None` is sent as `hashed` = 0 and 32 zero bytes.
     pub root: Option<[u8; 32]>,
 }
 
 impl StatInfo {
+    /// Pieces of the file: the `count` field on the wire, which decoding checks against size and piece size.
     pub fn piece_count(&self) -> u64 {
         piece_count_for(self.size, self.piece_size)
     }
@@ -244,52 +275,74 @@ impl StatInfo {
 /// An `ERROR` frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorFrame {
+    /// The `READ` the error is about, or 0: the handshake, a `STAT`, a `HASHES` or the connection.
     pub id: u32,
+    /// What went wrong; after some codes the server closes the connection (see the crate docs).
     pub code: ErrorCode,
+    /// Detail for people, at most [`MAX_ERROR_MESSAGE`] bytes of UTF-8 (cut at a character boundary).
     pub message: String,
 }
 
 /// Every frame of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
+    /// First frame both ways: the protocol version, and whether an `AUTH` follows.
     Hello {
+        /// Must be [`MAGIC`]; anything else gets `BAD_HANDSHAKE`.
         magic: [u8; 4],
+        /// The sender's [`VERSION`]; the server answers another with `VERSION_MISMATCH`.
         version: u16,
+        /// Bit set of `FLAG_*` ([`FLAG_AUTH`] only, so far); unknown bits are ignored.
         flags: u16,
     },
+    /// Client → server: size, mtime and identity of a file, answered by `STAT_OK` or an `ERROR` with id 0.
     Stat {
+        /// Relative to the export root: the whole body, at most [`MAX_PATH`] bytes.
         path: String,
     },
+    /// Client → server: stream a byte range of a file as `DATA` frames.
     Read(ReadReq),
+    /// Server → client: the answer to `STAT`.
     StatOk(StatInfo),
+    /// Server → client: announces file bytes that follow the frame raw.
     Data(DataHeader),
+    /// Server → client: a request or the whole connection failed.
     Error(ErrorFrame),
     /// Both ways, right behind a `HELLO` with [`FLAG_AUTH`]: proof of the
     /// shared secret, bound to this TLS channel ([`auth_mac`]).
     Auth {
+        /// HMAC-SHA256(secret, role label · exporter value); checked in constant time by [`auth_ok`].
         mac: [u8; 32],
     },
     /// Client → server: stop request `id` at byte `end` (exclusive) instead
     /// of its original end, or as soon after as the server can.
     Trim {
+        /// The `READ` to shorten.
         id: u32,
+        /// File offset to stop at (exclusive); the offset of a request not yet started cancels it.
         end: u64,
     },
     /// Server → client: request `id` ends at byte `end` (never before what
     /// the server already sent), or [`TRIM_NOT_OPEN`] if it was finished.
     Trimmed {
+        /// The `READ` a `TRIM` was about.
         id: u32,
+        /// File offset where the server really stops (exclusive), or [`TRIM_NOT_OPEN`].
         end: u64,
     },
     /// Client → server: the piece hashes of `path` in the version `size`,
     /// `mtime_ns` (from STAT).
     Hashes {
+        /// File size from `STAT_OK`; another version gets `FILE_CHANGED`.
         size: u64,
+        /// Modification time from the same `STAT_OK`, ns since the Unix epoch.
         mtime_ns: i64,
+        /// Path as sent in `STAT`: the rest of the body.
         path: String,
     },
     /// Server → client: every piece hash, in order.
     HashesOk {
+        /// As many as `STAT_OK`'s piece count; the client checks them against the root before use.
         hashes: Vec<[u8; 32]>,
     },
 }
@@ -305,7 +358,9 @@ pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-mftd-v4-auth";
 /// so one cannot be reflected back as the other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
+    /// The side that connected: a downloading `mftd` (label `mftd-v4 client proof`).
     Client,
+    /// The transfer listener (label `mftd-v4 server proof`).
     Server,
 }
 
@@ -345,14 +400,30 @@ pub fn auth_ok(secret: &[u8], role: Role, binding: &[u8; 32], mac: &[u8; 32]) ->
 /// Why bytes from a peer could not be turned into a frame.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtoError {
+    /// End of stream before a whole frame: between two frames or inside one.
     #[error("connection closed by peer")]
     Closed,
-    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
-    TooLarge(u32),
+    /// The header announced a body over the limit in force (smaller during
+    /// the handshake); nothing was allocated for it.
+    #[error("frame of {len} bytes exceeds the {limit}-byte limit")]
+    TooLarge {
+        /// The body length the header announced.
+        len: u32,
+        /// The limit in force where it was read.
+        limit: u32,
+    },
+    /// The type byte, none of the `T_*` constants; [`read_frame`] does not read the body.
     #[error("unknown frame type 0x{0:02x}")]
     UnknownType(u8),
+    /// The body does not fit its type: too short, trailing bytes, a value out of range.
     #[error("malformed {kind} frame: {why}")]
-    Malformed { kind: &'static str, why: &'static str },
+    Malformed {
+        /// The frame's name as the protocol docs spell it (`STAT_OK`).
+        kind: &'static str,
+        /// What is wrong with the body.
+        why: &'static str,
+    },
+    /// Reading the stream failed other than by end of stream.
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
 }
@@ -578,8 +649,9 @@ pub async fn read_frame_limited<R: AsyncRead + Unpin>(r: &mut R, max: u32) -> Re
     }
     let kind = header[0];
     let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
-    if len > max.min(MAX_FRAME) {
-        return Err(ProtoError::TooLarge(len));
+    let limit = max.min(MAX_FRAME);
+    if len > limit {
+        return Err(ProtoError::TooLarge { len, limit });
     }
     if !matches!(
         kind,
@@ -873,7 +945,7 @@ mod tests {
         let mut bytes = vec![T_STAT];
         bytes.extend_from_slice(&u32::MAX.to_be_bytes());
         let mut r = &bytes[..];
-        assert!(matches!(read_frame(&mut r).await, Err(ProtoError::TooLarge(_))));
+        assert!(matches!(read_frame(&mut r).await, Err(ProtoError::TooLarge { .. })));
     }
 
     #[tokio::test]

@@ -6,21 +6,27 @@ use std::collections::BTreeMap;
 /// A half-open byte range `[start, end)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Range {
+    /// Offset of the first byte in the range.
     pub start: u64,
+    /// Offset one past the last byte (exclusive); equal to `start` for an empty range.
     pub end: u64,
 }
 
 impl Range {
+    /// `[start, end)`; `start > end` is a bug, caught in debug builds only.
     pub fn new(start: u64, end: u64) -> Range {
         debug_assert!(start <= end);
         Range { start, end }
     }
+    /// Bytes in the range; 0 if it is empty (or inverted).
     pub fn len(&self) -> u64 {
         self.end.saturating_sub(self.start)
     }
+    /// Whether it holds no byte (`end <= start`, so an inverted range counts as empty).
     pub fn is_empty(&self) -> bool {
         self.end <= self.start
     }
+    /// The bytes both ranges hold; `None` if they share none.
     pub fn intersect(&self, other: &Range) -> Option<Range> {
         let s = self.start.max(other.start);
         let e = self.end.min(other.end);
@@ -37,6 +43,7 @@ pub struct IntervalSet {
 }
 
 impl IntervalSet {
+    /// An empty set.
     pub fn new() -> IntervalSet {
         IntervalSet::default()
     }
@@ -46,6 +53,7 @@ impl IntervalSet {
         self.total
     }
 
+    /// The set's ranges in ascending order, each as long as it can be (no two touch).
     pub fn ranges(&self) -> impl Iterator<Item = Range> + '_ {
         self.map.iter().map(|(&s, &e)| Range { start: s, end: e })
     }

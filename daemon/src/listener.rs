@@ -322,7 +322,7 @@ impl Listeners {
             .collect()
     }
 
-    /// Updates each listener's current send rate; called about once a second.
+    /// Updates each listener's current send rate; called every 500 ms.
     pub fn sample_rates(&self) {
         let now = Instant::now();
         for e in self.entries().values() {

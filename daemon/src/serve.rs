@@ -433,7 +433,10 @@ async fn run(
             }
             flags & FLAG_AUTH != 0
         }
-        Ok(_) | Err(ProtoError::Malformed { .. }) | Err(ProtoError::UnknownType(_)) | Err(ProtoError::TooLarge(_)) => {
+        Ok(_)
+        | Err(ProtoError::Malformed { .. })
+        | Err(ProtoError::UnknownType(_))
+        | Err(ProtoError::TooLarge { .. }) => {
             send_error(stream, 0, ErrorCode::BadHandshake, "expected HELLO with magic MFTD").await?;
             return Err(ConnError::Closed("bad handshake".into()));
         }
@@ -616,7 +619,7 @@ async fn read_loop(
         };
         let frame = match frame {
             Err(ProtoError::Closed) => return Ok(()),
-            Err(e @ (ProtoError::Malformed { .. } | ProtoError::UnknownType(_) | ProtoError::TooLarge(_))) => {
+            Err(e @ (ProtoError::Malformed { .. } | ProtoError::UnknownType(_) | ProtoError::TooLarge { .. })) => {
                 queue.lock().fatal = Some(ErrorFrame { id: 0, code: ErrorCode::BadFrame, message: e.to_string() });
                 return Err(e.into());
             }
