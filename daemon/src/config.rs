@@ -18,177 +18,215 @@ use serde::Deserialize;
 use mftd_common::paths::{default_socket_path, env_dir, project_dirs, system_mode};
 use mftd_common::rate::parse_rate;
 
-/// Command-line flags of `mftd`.
-#[derive(Debug, Parser, Default, Clone)]
-#[command(name = "mftd", version, about = "Multi-server file transfer daemon")]
-pub struct Args {
-    /// TOML config file (default: /etc/mftd/mftd.toml as root, else the XDG config dir).
-    #[arg(long, value_name = "FILE", env = "MFTD_CONFIG")]
-    pub config: Option<PathBuf>,
+/// Declares every setting once: its doc, its flag and the type of its
+/// config-file key. From this one table follow the flags ([`Args`]), the
+/// file keys ([`FileConfig`]), [`KEYS`] and where each value came from
+/// ([`origins`]); a key left out of `--print-config` or of the shipped
+/// `mftd.toml` fails a test.
+macro_rules! settings {
+    ($(
+        $(#[doc = $doc:literal])*
+        #[arg($($arg:tt)*)]
+        $key:ident: $flag:ty => $file:ty,
+    )*) => {
+        /// Command-line flags of `mftd`.
+        #[derive(Debug, Parser, Default, Clone)]
+        #[command(name = "mftd", version, about = "Multi-server file transfer daemon")]
+        pub struct Args {
+            /// TOML config file (default: /etc/mftd/mftd.toml as root, else the XDG config dir).
+            #[arg(long, value_name = "FILE", env = "MFTD_CONFIG")]
+            pub config: Option<PathBuf>,
+            $(
+                $(#[doc = $doc])*
+                #[arg($($arg)*)]
+                pub $key: $flag,
+            )*
+            /// Print the effective configuration, and where each value came from, then exit.
+            #[arg(long)]
+            pub print_config: bool,
+            /// Print this node's ID (making its identity if it has none yet), then exit.
+            #[arg(long)]
+            pub print_node_id: bool,
+            /// Write the mftd(8) man page into DIR and exit.
+            #[arg(long, value_name = "DIR", hide = true)]
+            pub manpage: Option<PathBuf>,
+            /// More log output (-v debug, -vv trace); RUST_LOG overrides.
+            #[arg(short, long, action = clap::ArgAction::Count)]
+            pub verbose: u8,
+        }
+
+        /// The config file: every key is optional; flags win over it.
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct FileConfig {
+            $(
+                $(#[doc = $doc])*
+                pub $key: Option<$file>,
+            )*
+            /// Per-listener settings: `[listener.5001]` with `rate_limit = "4M"`.
+            pub listener: Option<std::collections::BTreeMap<String, ListenerFileConfig>>,
+        }
+
+        /// Every setting: the flag is `--` and the key with dashes.
+        pub const KEYS: &[&str] = &[$(stringify!($key)),*];
+
+        /// Where each setting came from (`flag`, `config file` or
+        /// `default`), for `--print-config` and for telling a named
+        /// directory from a default one.
+        fn origins(args: &Args, file: &FileConfig) -> std::collections::BTreeMap<&'static str, &'static str> {
+            let mut origins = std::collections::BTreeMap::new();
+            $(
+                origins.insert(stringify!($key), origin(Given::given(&args.$key), file.$key.is_some()));
+            )*
+            // The ports are given by any of three keys.
+            let port_keys = ["ports", "servers", "base_port"];
+            let from = |o: &str| port_keys.iter().any(|k| origins.get(k) == Some(&o));
+            let ports = if from("flag") { "flag" } else if from("config file") { "config file" } else { "default" };
+            origins.insert("ports", ports);
+            origins.insert("listener", origin(false, file.listener.is_some()));
+            origins
+        }
+    };
+}
+
+fn origin(flag: bool, file: bool) -> &'static str {
+    if flag {
+        "flag"
+    } else if file {
+        "config file"
+    } else {
+        "default"
+    }
+}
+
+/// Whether a flag was given: an `Option` that is set, a switch that is on.
+trait Given {
+    fn given(&self) -> bool;
+}
+
+impl<T> Given for Option<T> {
+    fn given(&self) -> bool {
+        self.is_some()
+    }
+}
+
+impl Given for bool {
+    fn given(&self) -> bool {
+        *self
+    }
+}
+
+settings! {
     /// Directory whose files the transfer listeners serve.
     #[arg(long, value_name = "DIR")]
-    pub export: Option<PathBuf>,
+    export: Option<PathBuf> => PathBuf,
     /// Address the transfer listeners bind to (default 127.0.0.1).
     #[arg(long, value_name = "ADDR")]
-    pub listen: Option<IpAddr>,
+    listen: Option<IpAddr> => IpAddr,
     /// Number of transfer listeners, on consecutive ports from --base-port.
     #[arg(long, value_name = "N")]
-    pub servers: Option<u16>,
+    servers: Option<u16> => u16,
     /// First listener port (default 5001).
     #[arg(long, value_name = "PORT")]
-    pub base_port: Option<u16>,
+    base_port: Option<u16> => u16,
     /// Explicit listener ports (overrides --servers/--base-port); 0 picks a free port.
     #[arg(long, value_name = "P1,P2,...", value_delimiter = ',')]
-    pub ports: Option<Vec<u16>>,
+    ports: Option<Vec<u16>> => Vec<u16>,
     /// Bandwidth cap for every listener, bytes/s with K/M/G suffix (0 = none).
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
-    pub rate_limit: Option<u64>,
+    rate_limit: Option<u64> => RateValue,
     /// Log a one-line status of every listener this often (0 = off).
     #[arg(long, value_name = "SECS")]
-    pub status_interval: Option<u64>,
+    status_interval: Option<u64> => u64,
     /// Control socket path.
     #[arg(long, value_name = "PATH")]
-    pub socket: Option<PathBuf>,
+    socket: Option<PathBuf> => PathBuf,
     /// Make the control socket usable by this group (mode 0660) so operators
     /// need no root for mftctl.
     #[arg(long, value_name = "GROUP")]
-    pub socket_group: Option<String>,
+    socket_group: Option<String> => String,
     /// Directory for download manifests and daemon state.
     #[arg(long, value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
+    state_dir: Option<PathBuf> => PathBuf,
     /// Where downloads go when `mftctl get` gives no -o.
     #[arg(long, value_name = "DIR")]
-    pub download_dir: Option<PathBuf>,
+    download_dir: Option<PathBuf> => PathBuf,
     /// Directories that users other than root and mftd's own may download
     /// into (comma-separated; default: wherever they could write themselves).
     #[arg(long, value_name = "DIR,...", value_delimiter = ',')]
-    pub download_roots: Option<Vec<PathBuf>>,
+    download_roots: Option<Vec<PathBuf>> => Vec<PathBuf>,
     /// Most simultaneous connections per listener.
     #[arg(long, value_name = "N")]
-    pub max_connections: Option<u32>,
+    max_connections: Option<u32> => u32,
     /// Most simultaneous connections from one client address, all listeners together.
     #[arg(long, value_name = "N")]
-    pub max_connections_per_ip: Option<u32>,
+    max_connections_per_ip: Option<u32> => u32,
     /// Seconds a new transfer connection has to complete its handshake.
     #[arg(long, value_name = "SECS")]
-    pub handshake_timeout: Option<u64>,
+    handshake_timeout: Option<u64> => u64,
     /// Seconds a transfer connection may stay silent before it is closed.
     #[arg(long, value_name = "SECS")]
-    pub serve_idle_timeout: Option<u64>,
+    serve_idle_timeout: Option<u64> => u64,
     /// Slowest a client may take the file data it asked for (bytes/s, K/M/G
     /// suffixes; judged over 10 s of waiting on it; 0 turns it off; default 1K).
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
-    pub serve_min_rate: Option<u64>,
+    serve_min_rate: Option<u64> => RateValue,
     /// File holding the shared secret that clients must prove (listeners)
     /// and that downloads prove to servers. Never pass secrets on the command line.
     #[arg(long, value_name = "FILE")]
-    pub auth_secret_file: Option<PathBuf>,
+    auth_secret_file: Option<PathBuf> => PathBuf,
     /// Client address ranges the listeners accept (CIDR, comma-separated); default all.
     #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
-    pub allow: Option<Vec<String>>,
+    allow: Option<Vec<String>> => Vec<String>,
     /// TCP connections a download opens to each source.
     #[arg(long, value_name = "N")]
-    pub connections_per_server: Option<u32>,
+    connections_per_server: Option<u32> => u32,
     /// Seconds without a byte before a source connection is abandoned.
     #[arg(long, value_name = "SECS")]
-    pub idle_timeout: Option<u64>,
+    idle_timeout: Option<u64> => u64,
     /// Write download progress to disk at least this often, in seconds (default 1).
     #[arg(long, value_name = "SECS")]
-    pub checkpoint_interval: Option<f64>,
+    checkpoint_interval: Option<f64> => f64,
     /// ...and after at most this many new bytes (default 64M).
     #[arg(long, value_name = "BYTES", value_parser = parse_rate)]
-    pub checkpoint_bytes: Option<u64>,
+    checkpoint_bytes: Option<u64> => RateValue,
     /// Continue interrupted downloads by themselves after a restart.
     #[arg(long)]
-    pub auto_resume: bool,
+    auto_resume: bool => bool,
     /// Free space a download leaves on its file system (default: the smaller
     /// of 1G and 5 % of it).
     #[arg(long, value_name = "BYTES", value_parser = parse_rate)]
-    pub min_free_space: Option<u64>,
+    min_free_space: Option<u64> => RateValue,
     /// Largest file a download may fetch (default: no limit).
     #[arg(long, value_name = "BYTES", value_parser = parse_rate)]
-    pub max_download_size: Option<u64>,
+    max_download_size: Option<u64> => RateValue,
     /// Seconds a finished, failed or cancelled download stays listed.
     #[arg(long, value_name = "SECS")]
-    pub retention: Option<u64>,
+    retention: Option<u64> => u64,
     /// Threads that hash one exported file (0 = one per core).
     #[arg(long, value_name = "N")]
-    pub hash_threads: Option<usize>,
+    hash_threads: Option<usize> => usize,
     /// Hash every file of the export directory in the background at start,
     /// so the first download of each need not wait for its identity.
     #[arg(long)]
-    pub index_export: bool,
+    index_export: bool => bool,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9105); off by default.
     #[arg(long, value_name = "ADDR")]
-    pub metrics_listen: Option<std::net::SocketAddr>,
-    /// Print the effective configuration, and where each value came from, then exit.
-    #[arg(long)]
-    pub print_config: bool,
-    /// Print this node's ID (making its identity if it has none yet), then exit.
-    #[arg(long)]
-    pub print_node_id: bool,
+    metrics_listen: Option<std::net::SocketAddr> => std::net::SocketAddr,
     /// Transport of the listeners: tls (default) or plain (unencrypted, for
     /// trusted networks); `[listener.PORT] transport` overrides per listener.
     #[arg(long, value_name = "tls|plain")]
-    pub transport: Option<crate::transport::Transport>,
+    transport: Option<crate::transport::Transport> => crate::transport::Transport,
     /// Node IDs of the clients the listeners accept (comma-separated); default any.
     #[arg(long, value_name = "NODEID,...", value_delimiter = ',')]
-    pub allow_nodes: Option<Vec<String>>,
+    allow_nodes: Option<Vec<String>> => Vec<String>,
     /// Sources whose node ID nothing pins: any (accept), tofu (accept and
     /// record in known_nodes, refuse a change), known (refuse).
     #[arg(long, value_name = "any|tofu|known")]
-    pub node_trust: Option<crate::node::TrustMode>,
+    node_trust: Option<crate::node::TrustMode> => crate::node::TrustMode,
     /// File of `HOST:PORT NODEID` lines (default STATE_DIR/known_nodes).
     #[arg(long, value_name = "FILE")]
-    pub known_nodes: Option<PathBuf>,
-    /// Write the mftd(8) man page into DIR and exit.
-    #[arg(long, value_name = "DIR", hide = true)]
-    pub manpage: Option<PathBuf>,
-    /// More log output (-v debug, -vv trace); RUST_LOG overrides.
-    #[arg(short, long, action = clap::ArgAction::Count)]
-    pub verbose: u8,
-}
-
-/// The config file. Every key is optional.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub export: Option<PathBuf>,
-    pub listen: Option<IpAddr>,
-    pub servers: Option<u16>,
-    pub base_port: Option<u16>,
-    pub ports: Option<Vec<u16>>,
-    pub rate_limit: Option<RateValue>,
-    pub status_interval: Option<u64>,
-    pub socket: Option<PathBuf>,
-    pub socket_group: Option<String>,
-    pub state_dir: Option<PathBuf>,
-    pub download_dir: Option<PathBuf>,
-    pub download_roots: Option<Vec<PathBuf>>,
-    pub max_connections: Option<u32>,
-    pub max_connections_per_ip: Option<u32>,
-    pub handshake_timeout: Option<u64>,
-    pub serve_idle_timeout: Option<u64>,
-    pub serve_min_rate: Option<RateValue>,
-    pub transport: Option<crate::transport::Transport>,
-    pub allow_nodes: Option<Vec<String>>,
-    pub node_trust: Option<crate::node::TrustMode>,
-    pub known_nodes: Option<PathBuf>,
-    pub auth_secret_file: Option<PathBuf>,
-    pub allow: Option<Vec<String>>,
-    pub connections_per_server: Option<u32>,
-    pub idle_timeout: Option<u64>,
-    pub checkpoint_interval: Option<f64>,
-    pub checkpoint_bytes: Option<RateValue>,
-    pub auto_resume: Option<bool>,
-    pub hash_threads: Option<usize>,
-    pub index_export: Option<bool>,
-    pub min_free_space: Option<RateValue>,
-    pub max_download_size: Option<RateValue>,
-    pub retention: Option<u64>,
-    pub metrics_listen: Option<std::net::SocketAddr>,
-    /// Per-listener settings: `[listener.5001]` with `rate_limit = "4M"`.
-    pub listener: Option<std::collections::BTreeMap<String, ListenerFileConfig>>,
+    known_nodes: Option<PathBuf> => PathBuf,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -585,64 +623,6 @@ fn consecutive(base: u16, n: u16) -> anyhow::Result<Vec<u16>> {
     Ok((base..=last as u16).collect())
 }
 
-/// Where each setting came from (`flag`, `config file` or `default`), for
-/// `--print-config` and for telling a named directory from a default one.
-fn origins(args: &Args, file: &FileConfig) -> std::collections::BTreeMap<&'static str, &'static str> {
-    fn from<A, B>(flag: &Option<A>, file: &Option<B>) -> &'static str {
-        if flag.is_some() {
-            "flag"
-        } else if file.is_some() {
-            "config file"
-        } else {
-            "default"
-        }
-    }
-    let mut origins = std::collections::BTreeMap::new();
-    origins.insert("export", from(&args.export, &file.export));
-    origins.insert("listen", from(&args.listen, &file.listen));
-    origins.insert(
-        "ports",
-        if args.ports.is_some() || args.servers.is_some() || args.base_port.is_some() {
-            "flag"
-        } else if file.ports.is_some() || file.servers.is_some() || file.base_port.is_some() {
-            "config file"
-        } else {
-            "default"
-        },
-    );
-    origins.insert("rate_limit", from(&args.rate_limit, &file.rate_limit));
-    origins.insert("status_interval", from(&args.status_interval, &file.status_interval));
-    origins.insert("socket", from(&args.socket, &file.socket));
-    origins.insert("socket_group", from(&args.socket_group, &file.socket_group));
-    origins.insert("state_dir", from(&args.state_dir, &file.state_dir));
-    origins.insert("download_dir", from(&args.download_dir, &file.download_dir));
-    origins.insert("download_roots", from(&args.download_roots, &file.download_roots));
-    origins.insert("max_connections", from(&args.max_connections, &file.max_connections));
-    origins.insert("max_connections_per_ip", from(&args.max_connections_per_ip, &file.max_connections_per_ip));
-    origins.insert("handshake_timeout", from(&args.handshake_timeout, &file.handshake_timeout));
-    origins.insert("serve_idle_timeout", from(&args.serve_idle_timeout, &file.serve_idle_timeout));
-    origins.insert("serve_min_rate", from(&args.serve_min_rate, &file.serve_min_rate));
-    origins.insert("transport", from(&args.transport, &file.transport));
-    origins.insert("allow_nodes", from(&args.allow_nodes, &file.allow_nodes));
-    origins.insert("node_trust", from(&args.node_trust, &file.node_trust));
-    origins.insert("known_nodes", from(&args.known_nodes, &file.known_nodes));
-    origins.insert("auth_secret_file", from(&args.auth_secret_file, &file.auth_secret_file));
-    origins.insert("allow", from(&args.allow, &file.allow));
-    origins.insert("connections_per_server", from(&args.connections_per_server, &file.connections_per_server));
-    origins.insert("idle_timeout", from(&args.idle_timeout, &file.idle_timeout));
-    origins.insert("checkpoint_interval", from(&args.checkpoint_interval, &file.checkpoint_interval));
-    origins.insert("checkpoint_bytes", from(&args.checkpoint_bytes, &file.checkpoint_bytes));
-    origins.insert("auto_resume", from(&args.auto_resume.then_some(()), &file.auto_resume));
-    origins.insert("hash_threads", from(&args.hash_threads, &file.hash_threads));
-    origins.insert("min_free_space", from(&args.min_free_space, &file.min_free_space));
-    origins.insert("max_download_size", from(&args.max_download_size, &file.max_download_size));
-    origins.insert("retention", from(&args.retention, &file.retention));
-    origins.insert("index_export", from(&args.index_export.then_some(()), &file.index_export));
-    origins.insert("metrics_listen", from(&args.metrics_listen, &file.metrics_listen));
-    origins.insert("listener", from(&None::<()>, &file.listener));
-    origins
-}
-
 /// The listener ports: an explicit list wins; a flag for count or base
 /// port overrides the file's list. A port may appear once (0 any number
 /// of times: each picks a free one).
@@ -738,6 +718,57 @@ mod tests {
         let c = Config::merge(&Args::default(), file, None).unwrap();
         assert_eq!(c.listener_limits.get(&5001), Some(&(4 << 20)));
         assert_eq!(c.listener_limits.get(&5002), Some(&0));
+    }
+
+    /// A config with every setting given, in the file or by flag.
+    fn everything_set() -> Config {
+        let file: FileConfig = toml::from_str(
+            "auth_secret_file = \"/etc/mftd/secret\"\nallow = [\"10.0.0.0/8\"]\nsocket_group = \"mftd\"\nmetrics_listen = \"127.0.0.1:9105\"\n",
+        )
+        .unwrap();
+        Config::merge(&Args::default(), file, None).unwrap()
+    }
+
+    #[test]
+    fn print_config_shows_every_setting_and_where_it_came_from() {
+        let text = everything_set().describe();
+        for key in KEYS {
+            // `servers` and `base_port` are shown as the ports they make.
+            let shown = if matches!(*key, "servers" | "base_port") { "ports" } else { key };
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&format!("{shown} = ")))
+                .unwrap_or_else(|| panic!("--print-config does not show {key}:\n{text}"));
+            assert!(line.ends_with("# default") || line.ends_with("# config file"), "{line}");
+        }
+    }
+
+    #[test]
+    fn the_shipped_config_file_names_every_setting() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/mftd.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        for key in KEYS {
+            assert!(
+                text.lines().any(|l| l.trim_start_matches('#').starts_with(&format!("{key} = "))),
+                "{} does not mention {key}",
+                path.display()
+            );
+        }
+        // And it is valid with each key's first example uncommented.
+        let mut seen = std::collections::HashSet::new();
+        let uncommented: String = text
+            .lines()
+            .map(|l| {
+                let key = l.strip_prefix('#').and_then(|r| KEYS.iter().find(|k| r.starts_with(&format!("{k} = "))));
+                match key {
+                    Some(k) if seen.insert(*k) => &l[1..],
+                    _ => l,
+                }
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let file: FileConfig = toml::from_str(&uncommented).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+        assert!(file.ports.is_some() && file.auth_secret_file.is_some());
     }
 
     #[test]
