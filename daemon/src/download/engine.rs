@@ -91,7 +91,8 @@ struct Chosen {
     /// hash if one was computed.
     unchecked: Mutex<Vec<(usize, Option<[u8; 32]>)>>,
     file: Arc<File>,
-    sched: Mutex<Scheduler>,
+    /// Shared with [`Download::pieces`]: progress is read from here.
+    sched: Arc<Mutex<Scheduler>>,
 }
 
 enum Outcome {
@@ -245,7 +246,7 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
         Some(Outcome::Fatal(e)) => {
             warn!(error = %e, "download failed");
             // Keep what is on disk if there is something worth resuming.
-            let worth = dl.progress().bytes_done > 0 && store.is_some();
+            let worth = dl.pieces().bytes_done > 0 && store.is_some();
             if worth && checkpoint(&eng, false).await.is_ok() {
                 info!("partial data kept; `mftctl get --resume {}` retries", dl.id);
             } else {
@@ -269,8 +270,9 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
 }
 
 /// The end of every run: stops the workers and waits (bounded) for writes
-/// and verifications handed to the blocking pool; sources the cancelled
-/// workers did not count out are shown idle.
+/// and verifications handed to the blocking pool; the scheduler's counts
+/// are kept as the recorded ones, and sources the cancelled workers did not
+/// count out are shown idle.
 async fn wind_down(eng: &Arc<Engine>, mut tasks: tokio::task::JoinSet<()>) {
     let dl = &eng.dl;
     debug!("run over; stopping workers");
@@ -291,8 +293,13 @@ async fn wind_down(eng: &Arc<Engine>, mut tasks: tokio::task::JoinSet<()>) {
         }
     })
     .await;
+    // The scheduler goes with the run; what it knew stays on show.
+    let pieces = dl.pieces();
+    *lock(&dl.pieces) = None;
+    let mut p = dl.progress();
+    p.recorded = pieces;
     // Workers cancelled mid-session did not get to count themselves out.
-    for s in dl.progress().sources.iter_mut() {
+    for s in p.sources.iter_mut() {
         if s.dropped() {
             continue;
         }
@@ -309,6 +316,7 @@ fn relayout(eng: Arc<Engine>, dl: &Arc<Download>) -> Votes {
     let votes = std::mem::replace(&mut *lock(&eng.votes), Votes::new(0, None));
     drop(eng);
     dl.remove_part_file();
+    *lock(&dl.pieces) = None;
     if let Some(m) = lock(&dl.resume).as_mut() {
         m.file = None;
         m.verified.clear();
@@ -318,8 +326,7 @@ fn relayout(eng: Arc<Engine>, dl: &Arc<Download>) -> Votes {
         let mut p = dl.progress();
         p.size = None;
         p.identity = None;
-        p.bytes_done = 0;
-        p.pieces_verified = 0;
+        p.recorded = Default::default();
         for s in p.sources.iter_mut() {
             s.bytes = 0;
             // Excluded for serving the size now chosen, perhaps:
@@ -1068,11 +1075,7 @@ impl Engine {
         })
         .await
         .map_err(DownloadError::task("prepare"))??;
-        {
-            let mut p = self.dl.progress();
-            p.size = Some(size);
-            p.pieces_total = mftd_common::proto::piece_count_for(size, piece_size);
-        }
+        self.dl.progress().size = Some(size);
         info!(size, "file size chosen");
         // Record the file before the first byte is written, so a restart
         // can tell whether the remote file changed.
@@ -1103,7 +1106,8 @@ impl Engine {
         if !preload.is_empty() {
             info!(bytes = sched.received_bytes(), pieces = recheck.len(), "re-verifying data already on disk");
         }
-        self.dl.progress().bytes_done = sched.received_bytes();
+        let sched = Arc::new(Mutex::new(sched));
+        *lock(&self.dl.pieces) = Some(sched.clone());
         let chosen = Arc::new(Chosen {
             size,
             piece_size,
@@ -1111,7 +1115,7 @@ impl Engine {
             hashes: std::sync::OnceLock::new(),
             unchecked: Mutex::new(Vec::new()),
             file: Arc::new(file),
-            sched: Mutex::new(sched),
+            sched,
         });
         for p in recheck {
             let eng = self.clone();
@@ -2003,7 +2007,7 @@ async fn write_received(
     }
     let mut ready = Vec::new();
     let written: u64 = claims.iter().map(|c| c.len()).sum();
-    let (total, hashed) = {
+    let hashed = {
         let mut s = lock(&chosen.sched);
         for c in &claims {
             ready.extend(s.commit(src, *c));
@@ -2011,14 +2015,10 @@ async fn write_received(
         // A hash started before the piece last failed describes an old copy.
         let hashed: Vec<(usize, [u8; 32])> =
             hashed.into_iter().filter(|(p, g, _)| s.generation(*p) == *g).map(|(p, _, h)| (p, h)).collect();
-        (s.received_bytes(), hashed)
+        hashed
     };
-    {
-        let mut p = eng.dl.progress();
-        p.bytes_done = total;
-        if let Some(s) = p.sources.get_mut(src) {
-            s.bytes += written;
-        }
+    if let Some(s) = eng.dl.progress().sources.get_mut(src) {
+        s.bytes += written;
     }
     for piece in ready {
         let eng = eng.clone();
@@ -2184,19 +2184,13 @@ fn settle(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize, ok: Result<io::Result
     match ok {
         Ok(Ok(true)) => {
             lock(&chosen.sched).piece_verified(p);
-            eng.dl.progress().pieces_verified += 1;
             eng.check_complete(&chosen);
         }
         Ok(Ok(false)) => {
-            let (bad, total) = {
-                let mut s = lock(&chosen.sched);
-                let bad = s.piece_failed(p);
-                (bad, s.received_bytes())
-            };
+            let bad = lock(&chosen.sched).piece_failed(p);
             {
                 // Those bytes are no longer part of the file.
                 let mut prog = eng.dl.progress();
-                prog.bytes_done = total;
                 for &(s, n) in &bad.contributors {
                     if let Some(sp) = prog.sources.get_mut(s) {
                         sp.bytes = sp.bytes.saturating_sub(n);

@@ -203,7 +203,7 @@ impl Downloads {
                 s.state = SourceState::Idle;
             }
             if let Some(m) = &spec.resume {
-                progress.pieces_verified = m.verified_pieces().count() as u64;
+                progress.recorded.verified = m.verified_pieces().count() as u64;
             }
         }
         let stats = spec.resume.as_ref().and_then(|m| m.stats.clone()).unwrap_or_default();
@@ -218,7 +218,7 @@ impl Downloads {
         if let Some(f) = spec.resume.as_ref().and_then(|m| m.file.as_ref()) {
             progress.size = Some(f.size);
             progress.identity = f.identity.clone();
-            progress.pieces_total = f.size.div_ceil(f.piece_size as u64);
+            progress.recorded.total = f.size.div_ceil(f.piece_size as u64);
         }
         if let Some(m) = &spec.resume {
             let verified: u64 = match &m.file {
@@ -228,7 +228,7 @@ impl Downloads {
                 None => 0,
             };
             let partial: u64 = m.received.iter().map(|r| r.len()).sum();
-            progress.bytes_done = verified + partial;
+            progress.recorded.bytes_done = verified + partial;
         }
         Ok(Download {
             id: spec.id,
@@ -248,6 +248,7 @@ impl Downloads {
             started,
             prior_elapsed: Duration::from_millis(stats.elapsed_ms),
             progress: Mutex::new(progress),
+            pieces: Mutex::new(None),
             state_tx,
         })
     }

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use mftd_common::control::{DownloadInfo, DownloadState, SourceInfo, SourceState};
 use mftd_common::manifest::{Manifest, ManifestOwner, ManifestStats, SourceStats, FORMAT, VERSION};
 
+use super::scheduler::Scheduler;
 use super::{budget, client};
 use crate::caller::Caller;
 use crate::store::Store;
@@ -101,6 +102,15 @@ impl SourceProgress {
     }
 }
 
+/// Where a download's pieces stand.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pieces {
+    /// Bytes of the file on disk: verified pieces and received parts.
+    pub bytes_done: u64,
+    pub verified: u64,
+    pub total: u64,
+}
+
 #[derive(Debug)]
 pub struct Progress {
     pub state: DownloadState,
@@ -109,9 +119,9 @@ pub struct Progress {
     /// How the version vote stands while no identity is adopted.
     pub vote: Option<String>,
     pub error: Option<String>,
-    pub bytes_done: u64,
-    pub pieces_verified: u64,
-    pub pieces_total: u64,
+    /// Where the pieces stood by the manifest, shown while no run has a
+    /// scheduler (see [`Download::pieces`]).
+    pub recorded: Pieces,
     pub speed: u64,
     pub sources: Vec<SourceProgress>,
     pub(super) sample: Option<(Instant, u64)>,
@@ -153,6 +163,9 @@ pub struct Download {
     /// Running time of earlier runs (from the manifest).
     pub(super) prior_elapsed: Duration,
     pub(super) progress: Mutex<Progress>,
+    /// The running engine's scheduler, once the file's size is chosen: the
+    /// one place that knows which bytes and pieces are in.
+    pub(super) pieces: Mutex<Option<Arc<Mutex<Scheduler>>>>,
     pub(super) state_tx: watch::Sender<DownloadState>,
 }
 
@@ -287,6 +300,7 @@ impl Download {
     /// Updates speeds; called periodically.
     pub fn sample(&self) {
         let now = Instant::now();
+        let done = self.pieces().bytes_done;
         let mut p = self.progress();
         if p.state.is_final() {
             p.speed = 0;
@@ -298,30 +312,49 @@ impl Download {
         if let Some((t, b)) = p.sample {
             let dt = now.duration_since(t).as_secs_f64();
             if dt > 0.0 {
-                p.speed = (p.bytes_done.saturating_sub(b) as f64 / dt) as u64;
+                p.speed = (done.saturating_sub(b) as f64 / dt) as u64;
                 for s in &mut p.sources {
                     s.speed = (s.bytes_received.saturating_sub(s.sample_bytes) as f64 / dt) as u64;
                 }
             }
         }
-        p.sample = Some((now, p.bytes_done));
+        p.sample = Some((now, done));
         for s in &mut p.sources {
             s.sample_bytes = s.bytes_received;
         }
     }
 
+    /// Where the pieces stand: the scheduler's count while a run has one,
+    /// else the manifest's.
+    pub fn pieces(&self) -> Pieces {
+        let sched = self.pieces.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match sched {
+            // Never held together with the progress lock.
+            Some(s) => {
+                let s = s.lock().unwrap_or_else(|p| p.into_inner());
+                Pieces {
+                    bytes_done: s.received_bytes(),
+                    verified: s.verified_count() as u64,
+                    total: s.piece_count() as u64,
+                }
+            }
+            None => self.progress().recorded,
+        }
+    }
+
     pub fn info(&self) -> DownloadInfo {
+        let pieces = self.pieces();
         let p = self.progress();
         let size = p.size;
         // Shares are of what is in the file, so they (with what was found
         // on disk without a record) always add up to 100 %.
         let credited: u64 = p.sources.iter().map(|s| s.bytes).sum();
-        let found_on_disk = p.bytes_done.saturating_sub(credited);
-        let whole = p.bytes_done.max(credited);
+        let found_on_disk = pieces.bytes_done.saturating_sub(credited);
+        let whole = pieces.bytes_done.max(credited);
         // A paused download moves no bytes: no speed, no ETA.
         let stopped = p.state.is_final() || p.state == DownloadState::Paused;
         let eta_secs = match (size, p.speed) {
-            (Some(s), sp) if sp > 0 && !stopped => Some(s.saturating_sub(p.bytes_done) / sp),
+            (Some(s), sp) if sp > 0 && !stopped => Some(s.saturating_sub(pieces.bytes_done) / sp),
             _ => None,
         };
         DownloadInfo {
@@ -330,9 +363,9 @@ impl Download {
             destination: self.job.destination.display().to_string(),
             state: p.state,
             size,
-            bytes_done: p.bytes_done,
-            pieces_verified: p.pieces_verified,
-            pieces_total: p.pieces_total,
+            bytes_done: pieces.bytes_done,
+            pieces_verified: pieces.verified,
+            pieces_total: pieces.total,
             speed: if stopped { 0 } else { p.speed },
             eta_secs,
             elapsed_ms: self.elapsed(&p).as_millis() as u64,
@@ -378,9 +411,7 @@ pub(super) fn new_progress(sources: &[String], state: DownloadState) -> Progress
         identity: None,
         vote: None,
         error: None,
-        bytes_done: 0,
-        pieces_verified: 0,
-        pieces_total: 0,
+        recorded: Pieces::default(),
         speed: 0,
         sources: sources
             .iter()

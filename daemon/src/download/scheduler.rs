@@ -188,6 +188,9 @@ impl Scheduler {
     pub fn size(&self) -> u64 {
         self.size
     }
+    pub fn piece_count(&self) -> usize {
+        self.verified.len()
+    }
     pub fn verified_count(&self) -> usize {
         self.verified_count
     }

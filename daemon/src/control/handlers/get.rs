@@ -58,6 +58,10 @@ mod tests {
         let served: u64 = t.daemon.listeners.list().iter().map(|l| l.bytes_sent).sum();
         assert!(served >= data.len() as u64, "the listeners sent {served} bytes of {}", data.len());
         assert_eq!(info.sources.len(), 2);
+        // Progress is the scheduler's, kept when the run ended.
+        assert_eq!(info.bytes_done, data.len() as u64);
+        assert_eq!(info.pieces_total, (data.len() as u64).div_ceil(256 << 10));
+        assert_eq!(info.pieces_verified, info.pieces_total);
         match t.answer(Request::Get(request(&t, "whole.bin"))).await {
             Response::Identical { destination: again, identity } => {
                 assert_eq!(again, destination);

@@ -44,12 +44,19 @@ mod tests {
     async fn pause_answers_once_the_download_is_paused_and_resume_finishes_it() {
         let t = TestDaemon::start(1).await;
         let (id, data) = t.slow_download(4 << 20).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while t.info(id).bytes_done == 0 {
+            assert!(Instant::now() < deadline, "no bytes in 10 s: {:?}", t.info(id));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let message = ok_message(t.ask(Request::DownloadPause { id }).await);
         assert_eq!(message, format!("paused download {id}; `mftctl downloads resume {id}` continues it"));
         // Already paused when the answer came, not some time after.
         assert_eq!(t.info(id).state, DownloadState::Paused);
-        let done_before = t.info(id).bytes_done;
-        assert!(done_before < data.len() as u64, "finished before the pause: the test proves nothing");
+        let paused = t.info(id);
+        assert!(paused.bytes_done < data.len() as u64, "finished before the pause: the test proves nothing");
+        assert!(paused.bytes_done > 0 && paused.pieces_total == 16, "progress was lost at the pause: {paused:?}");
+        assert!(paused.pieces_verified <= paused.bytes_done.div_ceil(256 << 10), "{paused:?}");
         t.daemon.listeners.set_limit(t.ports()[0], 0).expect("lift the limit");
         assert_eq!(ok_message(t.ask(Request::DownloadResume { id }).await), format!("resumed download {id}"));
         t.wait_for(id, DownloadState::Done, Duration::from_secs(30)).await;
