@@ -772,6 +772,20 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_options_table_names_every_setting() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let table = text.split("### mftd options").nth(1).expect("README has an mftd options section");
+        for key in KEYS {
+            let flag = format!("`--{}", key.replace('_', "-"));
+            assert!(
+                table.lines().any(|l| l.starts_with('|') && l.contains(&flag) && l.contains(&format!("`{key}`"))),
+                "the README's mftd options table has no row with {flag}` and `{key}`"
+            );
+        }
+    }
+
+    #[test]
     fn servers_and_base_port_make_consecutive_ports() {
         let args = Args { servers: Some(3), base_port: Some(7000), ..Args::default() };
         let c = Config::merge(&args, FileConfig::default(), None).unwrap();
