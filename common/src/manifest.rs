@@ -199,6 +199,33 @@ pub enum ManifestError {
 }
 
 impl Manifest {
+    /// A manifest of download `id` with nothing but what to fetch from
+    /// where: every other field at its default, no progress.
+    pub fn new(id: u64, remote_path: &str, sources: &[&str], destination: &str) -> Manifest {
+        Manifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            id,
+            remote_path: remote_path.into(),
+            sources: sources.iter().map(|s| s.to_string()).collect(),
+            destination: destination.into(),
+            force: false,
+            connections_per_source: 0,
+            give_up_after_secs: None,
+            secret_file: None,
+            owner: None,
+            expected_size: None,
+            pin: None,
+            output_name: None,
+            paused: false,
+            stats: None,
+            file: None,
+            verified: Vec::new(),
+            received: Vec::new(),
+            checksum: String::new(),
+        }
+    }
+
     /// Serializes with a fresh checksum under `key`.
     pub fn encode(&self, key: &Key) -> Vec<u8> {
         let mut m = self.clone();
@@ -323,26 +350,11 @@ mod tests {
 
     fn sample() -> Manifest {
         Manifest {
-            format: FORMAT.into(),
-            version: VERSION,
-            id: 3,
-            remote_path: "iso/big.iso".into(),
-            sources: vec!["127.0.0.1:5001".into()],
-            destination: "/tmp/big.iso".into(),
-            force: false,
             connections_per_source: 2,
-            give_up_after_secs: None,
-            secret_file: None,
-            owner: None,
-            expected_size: None,
-            pin: None,
-            output_name: None,
-            paused: false,
-            stats: None,
             file: Some(ManifestFile { size: 10 << 20, piece_size: 256 << 10, identity: Some("ab".repeat(32)) }),
             verified: vec![(0, 4), (6, 7)],
             received: vec![Range::new(5 << 18, (5 << 18) + 1000)],
-            checksum: String::new(),
+            ..Manifest::new(3, "iso/big.iso", &["127.0.0.1:5001"], "/tmp/big.iso")
         }
     }
 

@@ -272,31 +272,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8], fail: Option<Step>) -> io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mftd_common::manifest::{FORMAT, VERSION};
 
     fn manifest(id: u64, path: &str) -> Manifest {
-        Manifest {
-            format: FORMAT.into(),
-            version: VERSION,
-            id,
-            remote_path: path.into(),
-            sources: vec!["127.0.0.1:1".into()],
-            destination: format!("/tmp/{path}"),
-            force: false,
-            connections_per_source: 1,
-            give_up_after_secs: None,
-            secret_file: None,
-            owner: None,
-            expected_size: None,
-            pin: None,
-            output_name: None,
-            paused: false,
-            stats: None,
-            file: None,
-            verified: vec![],
-            received: vec![],
-            checksum: String::new(),
-        }
+        Manifest { connections_per_source: 1, ..Manifest::new(id, path, &["127.0.0.1:1"], &format!("/tmp/{path}")) }
     }
 
     #[test]
