@@ -109,6 +109,15 @@ struct Spec {
     resume: Option<Manifest>,
 }
 
+/// A `get`'s parts that passed [`Downloads::check`].
+struct Checked {
+    /// The file name at the destination.
+    name: String,
+    /// The sources, trimmed and without repeats.
+    sources: Vec<String>,
+    pin: Option<[u8; 32]>,
+}
+
 /// Parses a root identity given as 64 hex digits.
 pub fn parse_identity(s: &str) -> Result<[u8; 32], String> {
     let s = s.strip_prefix("blake3:").unwrap_or(s);
@@ -329,51 +338,7 @@ impl Downloads {
     /// download already writing the same file with the request's sources
     /// added. Returns whether it continued one, and the sources added.
     pub fn start(&self, req: GetRequest, caller: &Caller) -> Result<Started, Rejected> {
-        local_name(&req.remote_path)
-            .map_err(|e| Rejected(ErrorCode::BadPath, format!("invalid remote path {:?}: {e}", req.remote_path)))?;
-        let name = destination_name(&req.remote_path, req.output_name.as_deref()).map_err(|e| {
-            Rejected(
-                ErrorCode::BadPath,
-                format!("invalid output name {:?}: {e}", req.output_name.as_deref().unwrap_or_default()),
-            )
-        })?;
-        let mut sources: Vec<String> = Vec::new();
-        for s in &req.sources {
-            let s = check_source(s).map_err(|e| Rejected(ErrorCode::InvalidArgument, e))?;
-            if !sources.contains(&s) {
-                sources.push(s);
-            }
-        }
-        if sources.is_empty() {
-            return Err(Rejected(
-                ErrorCode::InvalidArgument,
-                "no sources given; use --from HOST:PORT or --host with --ports".into(),
-            ));
-        }
-        if sources.len() > MAX_SOURCES {
-            return Err(Rejected(
-                ErrorCode::InvalidArgument,
-                format!("{} sources given; a download takes at most {MAX_SOURCES}", sources.len()),
-            ));
-        }
-        let running =
-            self.map().values().filter(|d| !d.state().is_final() && d.state() != DownloadState::Paused).count();
-        if running >= MAX_RUNNING {
-            return Err(Rejected(
-                ErrorCode::InvalidArgument,
-                format!("{running} downloads are running, the most mftd runs at once; wait for some to finish"),
-            ));
-        }
-        if let Some(n) = req.connections_per_source.filter(|n| *n > 16) {
-            return Err(Rejected(
-                ErrorCode::InvalidArgument,
-                format!("{n} connections per source: give 1 to 16, or 0 to adapt to the path"),
-            ));
-        }
-        let pin = match &req.identity {
-            Some(i) => Some(parse_identity(i).map_err(|e| Rejected(ErrorCode::InvalidArgument, e))?),
-            None => None,
-        };
+        let Checked { name, sources, pin } = self.check(&req)?;
         let dir = self.output_dir(&req, caller)?;
         let destination = dir.join(&name);
 
@@ -429,28 +394,86 @@ impl Downloads {
             resume: None,
         };
         // Built before it has an ID: a refused or needless `get` takes none.
-        let mut dl = self.download(spec, DownloadState::Starting)?;
+        let dl = self.download(spec, DownloadState::Starting)?;
         if present {
-            let shown = dl.job.destination.display().to_string();
-            match self.compare_existing(&dl) {
-                existing::Verdict::Identical(identity) => {
-                    info!(dest = %shown, identity, "already identical to the sources' file; nothing to download");
-                    return Ok(Started::Identical { destination: dl.job.destination.clone(), identity });
-                }
-                existing::Verdict::Different(why) => {
-                    return Err(Rejected(
-                        ErrorCode::Exists,
-                        format!("{shown} already exists and is not the file the sources serve ({why}); remove it or pass --force to replace it"),
-                    ))
-                }
-                existing::Verdict::Unknown(why) => {
-                    return Err(Rejected(
-                        ErrorCode::Exists,
-                        format!("{shown} already exists and could not be compared with the sources' file ({why}); remove it or pass --force to replace it"),
-                    ))
-                }
+            return self.compare_with_present(&dl);
+        }
+        let dl = self.register(dl)?;
+        Ok(Started::Download { dl, resumed: false, added: Vec::new() })
+    }
+
+    /// What a `get` is refused for before anything is looked at on disk:
+    /// bad paths or sources, too many of them or of running downloads.
+    fn check(&self, req: &GetRequest) -> Result<Checked, Rejected> {
+        local_name(&req.remote_path)
+            .map_err(|e| Rejected(ErrorCode::BadPath, format!("invalid remote path {:?}: {e}", req.remote_path)))?;
+        let name = destination_name(&req.remote_path, req.output_name.as_deref()).map_err(|e| {
+            Rejected(
+                ErrorCode::BadPath,
+                format!("invalid output name {:?}: {e}", req.output_name.as_deref().unwrap_or_default()),
+            )
+        })?;
+        let mut sources: Vec<String> = Vec::new();
+        for s in &req.sources {
+            let s = check_source(s).map_err(|e| Rejected(ErrorCode::InvalidArgument, e))?;
+            if !sources.contains(&s) {
+                sources.push(s);
             }
         }
+        if sources.is_empty() {
+            return Err(Rejected(
+                ErrorCode::InvalidArgument,
+                "no sources given; use --from HOST:PORT or --host with --ports".into(),
+            ));
+        }
+        if sources.len() > MAX_SOURCES {
+            return Err(Rejected(
+                ErrorCode::InvalidArgument,
+                format!("{} sources given; a download takes at most {MAX_SOURCES}", sources.len()),
+            ));
+        }
+        let running =
+            self.map().values().filter(|d| !d.state().is_final() && d.state() != DownloadState::Paused).count();
+        if running >= MAX_RUNNING {
+            return Err(Rejected(
+                ErrorCode::InvalidArgument,
+                format!("{running} downloads are running, the most mftd runs at once; wait for some to finish"),
+            ));
+        }
+        if let Some(n) = req.connections_per_source.filter(|n| *n > 16) {
+            return Err(Rejected(
+                ErrorCode::InvalidArgument,
+                format!("{n} connections per source: give 1 to 16, or 0 to adapt to the path"),
+            ));
+        }
+        let pin = match &req.identity {
+            Some(i) => Some(parse_identity(i).map_err(|e| Rejected(ErrorCode::InvalidArgument, e))?),
+            None => None,
+        };
+        Ok(Checked { name, sources, pin })
+    }
+
+    /// The destination holds a file: nothing to fetch if it is the sources'
+    /// file, else the `get` is refused (without `--force`).
+    fn compare_with_present(&self, dl: &Download) -> Result<Started, Rejected> {
+        let shown = dl.job.destination.display().to_string();
+        let (why, how) = match self.compare_existing(dl) {
+            existing::Verdict::Identical(identity) => {
+                info!(dest = %shown, identity, "already identical to the sources' file; nothing to download");
+                return Ok(Started::Identical { destination: dl.job.destination.clone(), identity });
+            }
+            existing::Verdict::Different(why) => (why, "is not the file the sources serve"),
+            existing::Verdict::Unknown(why) => (why, "could not be compared with the sources' file"),
+        };
+        Err(Rejected(
+            ErrorCode::Exists,
+            format!("{shown} already exists and {how} ({why}); remove it or pass --force to replace it"),
+        ))
+    }
+
+    /// Gives a new download its ID (never reused, not even after a
+    /// restart), writes its first manifest and starts it.
+    fn register(&self, mut dl: Download) -> Result<Arc<Download>, Rejected> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // IDs are never reused, not even after a restart: a script holding
         // an old ID must not act on someone else's download.
@@ -466,7 +489,7 @@ impl Downloads {
             })?;
         }
         self.spawn(dl.clone());
-        Ok(Started::Download { dl, resumed: false, added: Vec::new() })
+        Ok(dl)
     }
 
     /// Compares the file at `dl`'s destination (opened with its owner's

@@ -72,6 +72,38 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn a_source_that_hangs_up_at_once_is_given_up_on_after_the_time_asked() {
+        let t = TestDaemon::start(0).await;
+        // A fake source: accepts every connection and closes it unanswered.
+        let fake = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = format!("127.0.0.1:{}", fake.local_addr().expect("addr").port());
+        let hang_up = tokio::spawn(async move {
+            while let Ok((conn, _)) = fake.accept().await {
+                drop(conn);
+            }
+        });
+        let g = GetRequest {
+            remote_path: "f.bin".into(),
+            sources: vec![address.clone()],
+            give_up_after_secs: Some(1),
+            ..Default::default()
+        };
+        let started = std::time::Instant::now();
+        let id = match t.answer(Request::Get(g)).await {
+            Response::Accepted { id, .. } => id,
+            other => panic!("{other:?}"),
+        };
+        let info = t.wait_for(id, DownloadState::Failed, Duration::from_secs(15)).await;
+        let took = started.elapsed();
+        hang_up.abort();
+        assert!(took >= Duration::from_secs(1), "gave up after {took:?}, before the 1 s asked");
+        assert!(took < Duration::from_secs(10), "took {took:?} to give up after 1 s");
+        let error = info.error.expect("a failed download says why");
+        assert!(error.contains("gave up") && error.contains(&address), "{error}");
+        assert!(!t.downloads_dir().join("f.bin").exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn a_bad_request_is_refused_before_any_download_exists() {
         let t = TestDaemon::start(1).await;
         let mut no_sources = request(&t, "x.bin");
