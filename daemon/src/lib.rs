@@ -79,6 +79,16 @@ impl Daemon {
             notify::ready(&self.summary());
             return;
         }
+        self.reload_listeners(&new);
+        self.reload_serving(&new);
+        warn_restart_only(&old, &new);
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = new;
+        info!("configuration reloaded");
+        notify::ready(&self.summary());
+    }
+
+    /// Adds, removes and re-limits listeners to match `new`.
+    fn reload_listeners(&self, new: &Config) {
         if new.ports.contains(&0) {
             warn!(
                 "reload: port 0 in the config cannot be matched to running listeners; the listener set is left as is"
@@ -109,8 +119,11 @@ impl Daemon {
                 self.listeners.set_allow(*port, new.listener_allow.get(port).cloned());
             }
         }
-        // Serving settings: for connections accepted from now on; open ones
-        // that the new allow lists forbid are closed.
+    }
+
+    /// Serving settings apply to connections accepted from now on; open
+    /// ones that the new allow lists forbid are closed.
+    fn reload_serving(&self, new: &Config) {
         let ctx = self.listeners.context();
         let previous = ctx.settings();
         let secret = match &new.auth_secret_file {
@@ -123,7 +136,7 @@ impl Daemon {
                 }
             },
         };
-        let settings = serve_settings(&new, secret);
+        let settings = serve_settings(new, secret);
         if settings != *previous {
             if settings.secret != previous.secret {
                 info!(on = settings.secret.is_some(), "reload: transfer authentication changed");
@@ -134,37 +147,38 @@ impl Daemon {
         if closed > 0 {
             info!(closed, "reload: closed connections the new allow lists forbid");
         }
-        for (what, changed) in [
-            ("download_dir", old.download_dir != new.download_dir),
-            ("download_roots", old.download_roots != new.download_roots),
-            ("min_free_space", old.min_free_space != new.min_free_space),
-            ("max_download_size", old.max_download_size != new.max_download_size),
-            ("retention", old.retention != new.retention),
-            ("connections_per_server", old.connections_per_server != new.connections_per_server),
-            ("max_connections", old.max_connections != new.max_connections),
-            ("listen", old.listen != new.listen),
-            ("export", old.export != new.export),
-            ("socket", old.socket != new.socket),
-            ("state_dir", old.state_dir != new.state_dir),
-            ("metrics_listen", old.metrics_listen != new.metrics_listen),
-            ("node_trust", old.node_trust != new.node_trust),
-            ("known_nodes", old.known_nodes != new.known_nodes),
-            (
-                "transport of a running listener",
-                new.ports.iter().any(|p| {
-                    old.ports.contains(p)
-                        && old.listener_transport.get(p).unwrap_or(&old.transport)
-                            != new.listener_transport.get(p).unwrap_or(&new.transport)
-                }),
-            ),
-        ] {
-            if changed {
-                warn!(setting = what, "reload: this setting only changes with a restart");
-            }
+    }
+}
+
+/// Warns about settings that changed but only take effect at a restart.
+fn warn_restart_only(old: &Config, new: &Config) {
+    for (what, changed) in [
+        ("download_dir", old.download_dir != new.download_dir),
+        ("download_roots", old.download_roots != new.download_roots),
+        ("min_free_space", old.min_free_space != new.min_free_space),
+        ("max_download_size", old.max_download_size != new.max_download_size),
+        ("retention", old.retention != new.retention),
+        ("connections_per_server", old.connections_per_server != new.connections_per_server),
+        ("max_connections", old.max_connections != new.max_connections),
+        ("listen", old.listen != new.listen),
+        ("export", old.export != new.export),
+        ("socket", old.socket != new.socket),
+        ("state_dir", old.state_dir != new.state_dir),
+        ("metrics_listen", old.metrics_listen != new.metrics_listen),
+        ("node_trust", old.node_trust != new.node_trust),
+        ("known_nodes", old.known_nodes != new.known_nodes),
+        (
+            "transport of a running listener",
+            new.ports.iter().any(|p| {
+                old.ports.contains(p)
+                    && old.listener_transport.get(p).unwrap_or(&old.transport)
+                        != new.listener_transport.get(p).unwrap_or(&new.transport)
+            }),
+        ),
+    ] {
+        if changed {
+            warn!(setting = what, "reload: this setting only changes with a restart");
         }
-        *self.config.write().unwrap_or_else(|p| p.into_inner()) = new;
-        info!("configuration reloaded");
-        notify::ready(&self.summary());
     }
 }
 
