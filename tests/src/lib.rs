@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use mftd_common::control::{DownloadInfo, Event, Failure, ListenerInfo, Response, SourceInfo, StatusInfo, Summary};
 use mftd_common::proto::{Frame, HEADER_LEN};
 
 /// Directory holding the built `mftd` and `mftctl`.
@@ -174,7 +175,7 @@ impl Daemon {
         let child = cmd.spawn().expect("spawn mftd");
         self.child = Some(child);
         self.wait_ready();
-        self.ports = self.servers().iter().map(|s| s["port"].as_u64().expect("port") as u16).collect();
+        self.ports = self.servers().iter().map(|s| s.port).collect();
     }
 
     /// Polls until the control socket answers (at most 10 s).
@@ -237,7 +238,7 @@ impl Daemon {
             .stderr(log);
         server.child = Some(cmd.spawn().expect("spawn mftd"));
         server.wait_ready();
-        server.ports = server.servers().iter().map(|s| s["port"].as_u64().expect("port") as u16).collect();
+        server.ports = server.servers().iter().map(|s| s.port).collect();
         server
     }
 
@@ -284,12 +285,20 @@ impl Daemon {
     /// Runs `mftctl --json ...` and parses every stdout line into the
     /// protocol's types: a daemon [`Response`] or one of mftctl's events.
     pub fn ctl_typed(&self, args: &[&str]) -> (Output, Vec<Line>) {
-        let (out, values) = self.ctl_json(args);
-        let lines = values
-            .into_iter()
-            .map(|v| serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("line {v} is no known message: {e}")))
-            .collect();
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.ctl(&a);
+        let lines = typed_lines(&stdout(&out));
         (out, lines)
+    }
+
+    /// Runs `mftctl --json ARGS`, checks that it succeeded and printed one
+    /// line, and returns that line (a daemon [`Response`]).
+    pub fn ctl_response(&self, args: &[&str]) -> Response {
+        let (out, lines) = self.ctl_typed(args);
+        assert!(out.status.success(), "mftctl {args:?} failed: {}", stderr(&out));
+        assert_eq!(lines.len(), 1, "mftctl {args:?} printed {} lines, not one: {lines:?}", lines.len());
+        lines[0].response().clone()
     }
 
     /// Runs `mftctl --json ...` and parses every stdout line.
@@ -304,18 +313,41 @@ impl Daemon {
         (out, lines)
     }
 
-    pub fn servers(&self) -> Vec<serde_json::Value> {
-        let (out, lines) = self.ctl_json(&["servers", "list"]);
-        assert!(out.status.success(), "servers list failed: {}", stderr(&out));
-        lines[0]["servers"].as_array().expect("servers array").clone()
+    /// `servers list`: every listener, by port.
+    pub fn servers(&self) -> Vec<ListenerInfo> {
+        match self.ctl_response(&["servers", "list"]) {
+            Response::Servers { servers } => servers,
+            other => panic!("servers list answered {}", json_text(&other)),
+        }
+    }
+
+    /// Listener `port` as `servers list` shows it; panics if there is none.
+    pub fn listener(&self, port: u16) -> ListenerInfo {
+        let servers = self.servers();
+        servers.iter().find(|s| s.port == port).cloned().unwrap_or_else(|| panic!("no listener {port}: {servers:?}"))
     }
 
     /// File bytes listener `port` has sent; panics if there is no such
     /// listener (a 0 would make `<` assertions pass vacuously).
     pub fn bytes_sent(&self, port: u16) -> u64 {
-        let servers = self.servers();
-        let l = servers.iter().find(|s| s["port"] == port).unwrap_or_else(|| panic!("no listener {port}: {servers:?}"));
-        l["bytes_sent"].as_u64().unwrap_or_else(|| panic!("listener {port} has no bytes_sent: {l}"))
+        self.listener(port).bytes_sent
+    }
+
+    /// `status`: the daemon at a glance.
+    pub fn status(&self) -> StatusInfo {
+        match self.ctl_response(&["status"]) {
+            Response::Status(st) => st,
+            other => panic!("status answered {}", json_text(&other)),
+        }
+    }
+
+    /// `downloads list`: the downloads the caller may see, by ID (named
+    /// after the request, as `downloads` is the download directory).
+    pub fn downloads_list(&self) -> Vec<DownloadInfo> {
+        match self.ctl_response(&["downloads", "list"]) {
+            Response::Downloads { downloads } => downloads,
+            other => panic!("downloads list answered {}", json_text(&other)),
+        }
     }
 
     pub fn sources(&self) -> Vec<String> {
@@ -424,23 +456,103 @@ impl RawConn {
     }
 }
 
-/// Polls `cond` every 20 ms until it holds or `limit` passes.
 /// The error a source of a `downloads show` object had: its current
 /// `last_error`, or the one it recovered from since; panics if neither.
-pub fn source_error(s: &serde_json::Value) -> String {
-    s["last_error"]
-        .as_str()
-        .or(s["recovered_from"].as_str())
-        .unwrap_or_else(|| panic!("source reports no error: {s}"))
-        .to_string()
+pub fn source_error(s: &SourceInfo) -> String {
+    s.last_error
+        .as_ref()
+        .or(s.recovered_from.as_ref())
+        .cloned()
+        .unwrap_or_else(|| panic!("source reports no error: {s:?}"))
+}
+
+/// The source of `dl` with address `addr`; panics if it has none.
+pub fn source<'a>(dl: &'a DownloadInfo, addr: &str) -> &'a SourceInfo {
+    dl.sources.iter().find(|s| s.address == addr).unwrap_or_else(|| panic!("download has no source {addr}: {dl:?}"))
+}
+
+/// A protocol message as it is on the wire, for failure messages.
+pub fn json_text<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|e| format!("<cannot encode: {e}>"))
+}
+
+/// Parses each line of `mftctl --json` output into the protocol's types;
+/// panics on a line that is not JSON or no known message.
+pub fn typed_lines(text: &str) -> Vec<Line> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("line {l:?} is no known message: {e}")))
+        .collect()
 }
 
 /// One line of `mftctl --json` output.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(untagged)]
 pub enum Line {
-    Response(mftd_common::control::Response),
-    Event(mftd_common::control::Event),
+    Response(Response),
+    Event(Event),
+}
+
+/// The line as JSON (re-encoded from its type: the same fields and values).
+impl std::fmt::Display for Line {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&json_text(self))
+    }
+}
+
+/// Accessors that panic with the line's text when it is not the variant
+/// asked for.
+impl Line {
+    /// The daemon's response this line is.
+    pub fn response(&self) -> &Response {
+        match self {
+            Line::Response(r) => r,
+            Line::Event(_) => panic!("not a response: {self}"),
+        }
+    }
+
+    /// The download of a `progress` line, or None for any other line (for
+    /// filtering a stream).
+    pub fn progress(&self) -> Option<&DownloadInfo> {
+        match self {
+            Line::Response(Response::Progress { download }) => Some(download),
+            _ => None,
+        }
+    }
+
+    /// The summary of a `done` event.
+    pub fn done(&self) -> &Summary {
+        match self {
+            Line::Event(Event::Done(s)) => s,
+            _ => panic!("not a done event: {self}"),
+        }
+    }
+
+    /// The ID in an `accepted` response.
+    pub fn accepted_id(&self) -> u64 {
+        match self {
+            Line::Response(Response::Accepted { id, .. }) => *id,
+            _ => panic!("not an accepted response: {self}"),
+        }
+    }
+
+    /// The message of an `ok` response.
+    pub fn ok_message(&self) -> &str {
+        match self {
+            Line::Response(Response::Ok { message }) => message,
+            _ => panic!("not an ok response: {self}"),
+        }
+    }
+
+    /// The code and message of an `error`: a daemon's error response, or
+    /// an error event for a command mftctl could not carry out (whose code
+    /// may be one of mftctl's own). The code as on the wire.
+    pub fn command_error(&self) -> (String, &str) {
+        match self {
+            Line::Response(Response::Error { code, message }) => (mftd_common::control::word(code), message),
+            Line::Event(Event::Error(Failure::Command { code, message })) => (code.clone(), message),
+            _ => panic!("not an error for a command: {self}"),
+        }
+    }
 }
 
 /// `n` loopback ports free a moment ago (bound, then released).
@@ -449,6 +561,7 @@ pub fn free_ports(n: usize) -> Vec<u16> {
     ls.iter().map(|l| l.local_addr().expect("local addr").port()).collect()
 }
 
+/// Polls `cond` every 20 ms until it holds or `limit` passes.
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     while start.elapsed() < limit {
@@ -482,22 +595,28 @@ impl Daemon {
         stdout(&out).trim().parse().expect("download id")
     }
 
-    /// `downloads show ID` as JSON.
-    pub fn download(&self, id: u64) -> serde_json::Value {
-        let (out, lines) = self.ctl_json(&["downloads", "show", &id.to_string()]);
+    /// `downloads show ID`.
+    pub fn download(&self, id: u64) -> DownloadInfo {
+        let (out, lines) = self.ctl_typed(&["downloads", "show", &id.to_string()]);
         assert!(out.status.success(), "show failed: {}", stderr(&out));
-        lines[0]["download"].clone()
+        match lines.first() {
+            Some(Line::Response(Response::Download { download })) => download.clone(),
+            _ => panic!("downloads show {id} answered {lines:?}"),
+        }
     }
 
-    /// Waits for a download to end; returns its final JSON.
-    pub fn wait_download(&self, id: u64, limit: Duration) -> serde_json::Value {
-        let mut last = serde_json::Value::Null;
+    /// Waits for a download to end (`done`, `failed` or `cancelled`);
+    /// returns it as it ended.
+    pub fn wait_download(&self, id: u64, limit: Duration) -> DownloadInfo {
+        let mut last = None;
         let ok = wait_until(limit, || {
-            last = self.download(id);
-            matches!(last["state"].as_str(), Some("done" | "failed" | "cancelled"))
+            let d = self.download(id);
+            let end = d.state.is_final();
+            last = Some(d);
+            end
         });
-        assert!(ok, "download {id} did not end within {limit:?}: {last}\n{}", self.log());
-        last
+        assert!(ok, "download {id} did not end within {limit:?}: {last:?}\n{}", self.log());
+        last.expect("polled at least once")
     }
 }
 

@@ -8,6 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use mftd_common::control::{DownloadState, SourceState};
 use mftd_common::proto::{ErrorCode, Frame, ReadReq};
 use mftd_tests::{
     fd_count, mftctl_bin, rss_kib, sha256_file, stderr, stdout, tls, wait_until, write_file, Daemon, Lie, LyingServer,
@@ -214,12 +215,12 @@ fn lying_servers_are_dropped_and_the_others_finish() {
         let liar_addr = format!("127.0.0.1:{}", liar.port);
         let id = client.get_detached("l", &[liar_addr.clone(), server.sources()[1].clone()], &[]);
         let dl = client.wait_download(id, Duration::from_secs(30));
-        assert_eq!(dl["state"], "done", "{lie:?}: {dl}");
+        assert_eq!(dl.state, DownloadState::Done, "{lie:?}: {dl:?}");
         assert_eq!(sha256_file(&client.downloads.join("l")), sha256_file(&server.export.join("l")), "{lie:?}");
-        let l = dl["sources"].as_array().unwrap().iter().find(|s| s["address"] == liar_addr.as_str()).unwrap().clone();
-        println!("{lie:?}: {l}");
-        assert_eq!(l["state"], "failed", "{lie:?}: {l}");
-        let err = l["last_error"].as_str().unwrap();
+        let l = mftd_tests::source(&dl, &liar_addr);
+        println!("{lie:?}: {l:?}");
+        assert_eq!(l.state, SourceState::Failed, "{lie:?}: {l:?}");
+        let err = l.last_error.as_deref().unwrap();
         assert!(err.contains("protocol violation") || err.contains("exceeds"), "{lie:?}: {err}");
         assert!(rss_kib(client.pid()) < 200 * 1024, "{lie:?}: client memory grew to {} KiB", rss_kib(client.pid()));
         // Nothing but the file was written to the output directory.
@@ -574,7 +575,7 @@ fn a_peer_that_stops_reading_gives_its_slot_back() {
     }));
     // Not a byte read from here on.
     let asked = Instant::now();
-    let open = || server.servers()[0]["connections"].as_u64().unwrap_or(0);
+    let open = || server.servers()[0].connections;
     std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(open(), 1, "closed before the stall limit");
     assert!(wait_until(Duration::from_secs(12), || open() == 0), "a peer that reads nothing kept its slot");

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use mftd_common::control::DownloadState;
 use mftd_tests::{sha256_file, warm, write_file, Daemon};
 
 const MIB: u64 = 1 << 20;
@@ -23,12 +24,12 @@ fn capped_listeners_share_in_proportion_and_finish_near_ideal() {
     let client = Daemon::start(0);
     let id = client.get_detached("big", &server.sources(), &[]);
     let dl = client.wait_download(id, Duration::from_secs(30));
-    assert_eq!(dl["state"], "done", "{dl}");
+    assert_eq!(dl.state, DownloadState::Done, "{dl:?}");
     assert_eq!(sha256_file(&client.downloads.join("big")), sha256_file(&server.export.join("big")));
     let sum: u64 = caps.iter().sum();
     let ideal = size as f64 / sum as f64;
-    let took = dl["elapsed_ms"].as_f64().unwrap() / 1000.0;
-    let shares: Vec<f64> = dl["sources"].as_array().unwrap().iter().map(|s| s["share"].as_f64().unwrap()).collect();
+    let took = dl.elapsed_ms as f64 / 1000.0;
+    let shares: Vec<f64> = dl.sources.iter().map(|s| s.share).collect();
     println!(
         "capped 4/8/16/32 MiB/s, {size} bytes: {took:.3}s, ideal {ideal:.3}s, ratio {:.3}, shares {shares:?}",
         took / ideal

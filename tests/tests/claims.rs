@@ -7,9 +7,12 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use mftd_common::control::{DownloadState, Event, Response};
+use mftd_common::manifest::Manifest;
 use mftd_common::proto::{ErrorCode, Frame};
 use mftd_tests::{
-    free_ports, mftctl_bin, mftd_bin, sha256_file, stderr, stdout, wait_until, warm, write_file, Daemon, RawConn,
+    free_ports, mftctl_bin, mftd_bin, sha256_file, stderr, stdout, typed_lines, wait_until, warm, write_file, Daemon,
+    Line, RawConn,
 };
 
 const MIB: u64 = 1 << 20;
@@ -39,20 +42,17 @@ fn ctrl_c_detaches_get_and_watch_and_the_download_goes_on() {
     let client = Daemon::start(0);
     let dl = client.downloads.to_str().expect("utf-8").to_string();
     let get = spawn_ctl(&client, &["--json", "get", "c", "--from", &server.sources()[0], "-o", &dl]);
-    let started = wait_until(Duration::from_secs(10), || {
-        client.ctl_json(&["downloads", "list"]).1[0]["downloads"].as_array().is_some_and(|d| !d.is_empty())
-    });
+    let started = wait_until(Duration::from_secs(10), || !client.downloads_list().is_empty());
     assert!(started);
     std::thread::sleep(Duration::from_millis(300));
     sigint(get.id());
     let out = get.wait_with_output().expect("get");
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
-    let last: serde_json::Value = serde_json::from_str(stdout(&out).lines().last().expect("events")).expect("JSON");
-    assert_eq!(last["type"], "detached", "{last}");
-    let id = last["id"].as_u64().expect("id");
+    let last: Line = serde_json::from_str(stdout(&out).lines().last().expect("events")).expect("JSON");
+    let Line::Event(Event::Detached { id, .. }) = last else { panic!("not detached: {last}") };
     // Still running after mftctl left.
-    let a = client.download(id)["bytes_done"].as_u64().unwrap();
-    assert!(wait_until(Duration::from_secs(5), || client.download(id)["bytes_done"].as_u64().unwrap() > a));
+    let a = client.download(id).bytes_done;
+    assert!(wait_until(Duration::from_secs(5), || client.download(id).bytes_done > a));
 
     let watch = spawn_ctl(&client, &["downloads", "watch", &id.to_string(), "--interval", "0.2"]);
     std::thread::sleep(Duration::from_millis(500));
@@ -60,7 +60,7 @@ fn ctrl_c_detaches_get_and_watch_and_the_download_goes_on() {
     let out = watch.wait_with_output().expect("watch");
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     assert!(stderr(&out).contains(&format!("detached; download {id} continues in mftd")), "{}", stderr(&out));
-    assert_eq!(client.wait_download(id, Duration::from_secs(30))["state"], "done");
+    assert_eq!(client.wait_download(id, Duration::from_secs(30)).state, DownloadState::Done);
     assert_eq!(sha256_file(&client.downloads.join("c")), sha256_file(&server.export.join("c")));
 }
 
@@ -71,27 +71,17 @@ fn sigint_persists_downloads_and_exits_0() {
     warm(&server, "i");
     let mut client = Daemon::start(0);
     let id = client.get_detached("i", &server.sources(), &[]);
-    assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 2 * MIB));
-    let done = client.download(id)["bytes_done"].as_u64().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || client.download(id).bytes_done > 2 * MIB));
+    let done = client.download(id).bytes_done;
     sigint(client.pid() as u32);
     let status = client.wait_exit(Duration::from_secs(10)).expect("mftd did not exit on SIGINT");
     assert_eq!(status.code(), Some(0), "{}", client.log());
-    let m: serde_json::Value = serde_json::from_slice(
+    let m: Manifest = serde_json::from_slice(
         &std::fs::read(client.dir.path().join(format!("state/manifests/{id}.json"))).expect("manifest kept"),
     )
     .expect("manifest JSON");
-    let claimed: u64 = m["received"]
-        .as_array()
-        .expect("received")
-        .iter()
-        .map(|r| r["end"].as_u64().unwrap() - r["start"].as_u64().unwrap())
-        .sum::<u64>()
-        + m["verified"]
-            .as_array()
-            .expect("verified")
-            .iter()
-            .map(|p| (p[1].as_u64().unwrap() - p[0].as_u64().unwrap()) * (256 << 10))
-            .sum::<u64>();
+    let claimed: u64 = m.received.iter().map(|r| r.end - r.start).sum::<u64>()
+        + m.verified.iter().map(|&(a, b)| (b - a) * (256 << 10)).sum::<u64>();
     assert!(claimed >= done, "SIGINT persisted {claimed} bytes of the {done} done before it");
 }
 
@@ -121,17 +111,12 @@ fn per_listener_allow_lists_refuse_others_and_follow_a_reload() {
 
 /// Sum of the bytes a manifest claims (verified pieces and received ranges).
 fn claimed(d: &Daemon, id: u64) -> Option<u64> {
-    let m: serde_json::Value =
+    let m: Manifest =
         serde_json::from_slice(&std::fs::read(d.dir.path().join(format!("state/manifests/{id}.json"))).ok()?).ok()?;
-    let ps = m["file"]["piece_size"].as_u64()?;
-    let size = m["file"]["size"].as_u64()?;
-    let verified: u64 = m["verified"]
-        .as_array()?
-        .iter()
-        .map(|p| ((p[1].as_u64().unwrap() * ps).min(size)) - p[0].as_u64().unwrap() * ps)
-        .sum();
-    let received: u64 =
-        m["received"].as_array()?.iter().map(|r| r["end"].as_u64().unwrap() - r["start"].as_u64().unwrap()).sum();
+    let file = m.file?;
+    let (ps, size) = (u64::from(file.piece_size), file.size);
+    let verified: u64 = m.verified.iter().map(|&(a, b)| (b * ps).min(size) - a * ps).sum();
+    let received: u64 = m.received.iter().map(|r| r.end - r.start).sum();
     Some(verified + received)
 }
 
@@ -261,13 +246,7 @@ fn host_and_ports_name_the_sources() {
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(sha256_file(&client.downloads.join("h")), sha256_file(&server.export.join("h")));
-    let (_, lines) = client.ctl_json(&["downloads", "list"]);
-    let sources: Vec<String> = lines[0]["downloads"][0]["sources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["address"].as_str().unwrap().to_string())
-        .collect();
+    let sources: Vec<String> = client.downloads_list()[0].sources.iter().map(|s| s.address.clone()).collect();
     assert_eq!(sources, server.sources());
     // --ports without --host is a usage error.
     let out = client.ctl(&["get", "h", "--ports", &ports[0]]);
@@ -281,8 +260,10 @@ fn mftctl_finds_the_socket_by_flag_then_environment() {
     let servers = |cmd: &mut Command| -> usize {
         let out = cmd.args(["--json", "servers", "list"]).output().expect("mftctl");
         assert!(out.status.success(), "{}", stderr(&out));
-        let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("JSON");
-        v["servers"].as_array().expect("servers").len()
+        match typed_lines(&stdout(&out)).as_slice() {
+            [Line::Response(Response::Servers { servers })] => servers.len(),
+            lines => panic!("not one servers line: {lines:?}"),
+        }
     };
     // MFTD_SOCKET is used when no --socket is given...
     assert_eq!(servers(Command::new(mftctl_bin()).env("MFTD_SOCKET", &a.socket)), 1);

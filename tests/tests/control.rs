@@ -5,16 +5,22 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
-use mftd_tests::{mftctl_bin, stderr, stdout, Daemon};
+use mftd_common::control::{ErrorCode, Response};
+use mftd_tests::{mftctl_bin, stderr, stdout, typed_lines, Daemon};
 
-fn raw_request(d: &Daemon, line: &[u8]) -> serde_json::Value {
+/// Sends `line` on a new connection (no hello) and returns the code and
+/// message of the error it gets; panics on any other response.
+fn raw_request(d: &Daemon, line: &[u8]) -> (ErrorCode, String) {
     let mut s = UnixStream::connect(&d.socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(line).unwrap();
     let mut r = BufReader::new(s);
     let mut resp = String::new();
     r.read_line(&mut resp).unwrap();
-    serde_json::from_str(&resp).unwrap_or_else(|e| panic!("bad reply {resp:?}: {e}"))
+    match serde_json::from_str(&resp).unwrap_or_else(|e| panic!("bad reply {resp:?}: {e}")) {
+        Response::Error { code, message } => (code, message),
+        other => panic!("not an error: {other:?}"),
+    }
 }
 
 #[test]
@@ -28,8 +34,7 @@ fn malformed_requests_get_errors_and_daemon_keeps_serving() {
         b"\xff\xfe\n",
     ] {
         let v = raw_request(&d, bad);
-        assert_eq!(v["type"], "error", "{v}");
-        assert_eq!(v["code"], "bad_request", "{v}");
+        assert_eq!(v.0, ErrorCode::BadRequest, "{v:?}");
     }
     // Same connection keeps working after an error.
     let mut s = UnixStream::connect(&d.socket).unwrap();
@@ -44,12 +49,12 @@ fn malformed_requests_get_errors_and_daemon_keeps_serving() {
     // An over-long line is refused without killing the daemon.
     let mut big = vec![b'x'; (1 << 20) + 10];
     big.push(b'\n');
-    let v = raw_request(&d, &big);
-    assert_eq!(v["code"], "line_too_long");
+    let (code, _) = raw_request(&d, &big);
+    assert_eq!(code, ErrorCode::LineTooLong);
     // A version mismatch names both versions.
-    let v = raw_request(&d, b"{\"type\":\"hello\",\"protocol\":99,\"client\":\"x\"}\n");
-    assert_eq!(v["code"], "version_mismatch");
-    assert!(v["message"].as_str().unwrap().contains("99"));
+    let (code, message) = raw_request(&d, b"{\"type\":\"hello\",\"protocol\":99,\"client\":\"x\"}\n");
+    assert_eq!(code, ErrorCode::VersionMismatch);
+    assert!(message.contains("99"));
     assert!(d.ctl(&["status"]).status.success());
 }
 
@@ -104,8 +109,9 @@ fn ctl_without_daemon_says_how_to_start_it() {
     assert_eq!(err.trim().lines().count(), 1, "one sentence: {err}");
     // --json still prints only JSON on stdout.
     let out = Command::new(mftctl_bin()).arg("--socket").arg(&sock).arg("--json").arg("status").output().unwrap();
-    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
-    assert_eq!(v["code"], "not_running");
+    let lines = typed_lines(&stdout(&out));
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0].command_error().0, "not_running");
 }
 
 #[test]

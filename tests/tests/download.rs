@@ -1,7 +1,8 @@
 //! Downloads through the real binaries: sizes around the piece size, one and
 //! four servers, checked by sha256 and by the bytes each listener sent.
 
-use mftd_tests::{sha256_file, stderr, stdout, write_file, Daemon};
+use mftd_common::control::{DownloadState, Response, SourceState};
+use mftd_tests::{sha256_file, stderr, stdout, write_file, Daemon, Line};
 
 const PIECE: u64 = 256 << 10;
 
@@ -58,7 +59,7 @@ fn get_reports_per_server_result_and_json_events() {
     let server = Daemon::start(4);
     let client = Daemon::start(0);
     write_file(&server.export.join("dir/data.bin"), 5 << 20, 9);
-    let (out, lines) = client.ctl_json(&[
+    let (out, lines) = client.ctl_typed(&[
         "get",
         "dir/data.bin",
         "--from",
@@ -67,12 +68,12 @@ fn get_reports_per_server_result_and_json_events() {
         client.downloads.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(lines[0]["type"], "accepted");
-    let last = lines.iter().rev().find(|l| l["type"] == "progress").unwrap();
-    assert_eq!(last["download"]["state"], "done");
-    let srcs = last["download"]["sources"].as_array().unwrap();
+    assert!(matches!(lines[0], Line::Response(Response::Accepted { .. })), "{}", lines[0]);
+    let last = lines.iter().rev().find_map(Line::progress).unwrap();
+    assert_eq!(last.state, DownloadState::Done);
+    let srcs = &last.sources;
     assert_eq!(srcs.len(), 4);
-    let sum: u64 = srcs.iter().map(|s| s["bytes"].as_u64().unwrap()).sum();
+    let sum: u64 = srcs.iter().map(|s| s.bytes).sum();
     assert_eq!(sum, 5 << 20, "per-source bytes add up to the file size");
     assert_eq!(sha256_file(&client.downloads.join("data.bin")), sha256_file(&server.export.join("dir/data.bin")));
 
@@ -102,9 +103,8 @@ fn several_downloads_at_once() {
     }
     let start = std::time::Instant::now();
     loop {
-        let (_, lines) = client.ctl_json(&["downloads", "list"]);
-        let ds = lines[0]["downloads"].as_array().unwrap().clone();
-        if ds.len() == 3 && ds.iter().all(|d| d["state"] == "done") {
+        let ds = client.downloads_list();
+        if ds.len() == 3 && ds.iter().all(|d| d.state == DownloadState::Done) {
             break;
         }
         assert!(start.elapsed().as_secs() < 30, "downloads did not finish: {ds:?}");
@@ -174,15 +174,14 @@ fn server_with_a_different_version_is_excluded() {
     let mut sources = good.sources();
     sources.push(odd.sources()[0].clone());
     let (out, lines) =
-        client.ctl_json(&["get", "v.bin", "--from", &sources.join(","), "-o", client.downloads.to_str().unwrap()]);
+        client.ctl_typed(&["get", "v.bin", "--from", &sources.join(","), "-o", client.downloads.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(sha256_file(&client.downloads.join("v.bin")), sha256_file(&good.export.join("v.bin")));
-    let last = &lines.iter().rev().find(|l| l["type"] == "progress").unwrap()["download"];
-    let odd_src =
-        last["sources"].as_array().unwrap().iter().find(|s| s["address"] == odd.sources()[0].as_str()).unwrap().clone();
-    assert_eq!(odd_src["state"], "excluded", "{odd_src}");
-    assert!(odd_src["last_error"].as_str().unwrap().contains("different version"), "{odd_src}");
-    assert_eq!(odd_src["bytes"], 0);
+    let last = lines.iter().rev().find_map(Line::progress).unwrap();
+    let odd_src = mftd_tests::source(last, &odd.sources()[0]);
+    assert_eq!(odd_src.state, SourceState::Excluded, "{odd_src:?}");
+    assert!(odd_src.last_error.as_deref().unwrap().contains("different version"), "{odd_src:?}");
+    assert_eq!(odd_src.bytes, 0);
     assert_eq!(odd.bytes_sent(odd.ports[0]), 0, "excluded server sent file bytes");
 }
 
@@ -214,7 +213,7 @@ fn output_name_saves_under_another_name_and_survives_a_restart() {
     let mut client = Daemon::builder(0).arg("--checkpoint-interval").arg("0.1").start();
     let id = client.get_detached("big", &server.sources(), &["-O", "renamed"]);
     assert!(mftd_tests::wait_until(std::time::Duration::from_secs(20), || {
-        client.download(id)["bytes_done"].as_u64().unwrap_or(0) > 4 << 20
+        client.download(id).bytes_done > 4 << 20
     }));
     client.kill();
     let log = std::fs::OpenOptions::new().append(true).open(client.dir.path().join("mftd.log")).unwrap();
@@ -258,7 +257,7 @@ fn input_file_downloads_every_listed_path() {
     let ids: Vec<u64> = stdout(&out).lines().map(|l| l.parse().expect("an ID per line")).collect();
     assert_eq!(ids.len(), 2);
     for id in ids {
-        assert_eq!(client.wait_download(id, std::time::Duration::from_secs(30))["state"], "done");
+        assert_eq!(client.wait_download(id, std::time::Duration::from_secs(30)).state, DownloadState::Done);
     }
     std::fs::write(&list, "# nothing\n\n").unwrap();
     let out = client.ctl(&["get", "-i", list.to_str().unwrap(), "--from", &from]);
@@ -292,11 +291,13 @@ fn an_identical_file_already_there_is_not_downloaded_again() {
     );
     assert_eq!(sent(&server), sent_before, "an identical file was fetched again");
     assert_eq!(std::fs::metadata(&dest).unwrap().modified().unwrap(), mtime, "the file was rewritten");
-    let (out, lines) = client.ctl_json(&["get", "same", "--from", &from, "-o", client.downloads.to_str().unwrap()]);
+    let (out, lines) = client.ctl_typed(&["get", "same", "--from", &from, "-o", client.downloads.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(lines.len(), 1, "{lines:?}");
-    assert_eq!(lines[0]["type"], "identical");
-    assert_eq!(lines[0]["identity"], identity.as_str());
+    let Line::Response(Response::Identical { identity: got, .. }) = &lines[0] else {
+        panic!("not identical: {}", lines[0])
+    };
+    assert_eq!(*got, identity);
 
     // Same size, one byte changed: refused, and the file is left alone.
     let mut bytes = std::fs::read(&dest).unwrap();

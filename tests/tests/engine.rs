@@ -3,18 +3,16 @@
 
 use std::time::{Duration, Instant};
 
+use mftd_common::control::{DownloadInfo, DownloadState, SourceState};
 use mftd_tests::{
-    identity_of, sha256_file, stderr, wait_until, warm, write_file, Daemon, Lie, LyingServer, StallProxy, WINDOW_BYTES,
+    identity_of, sha256_file, source, stderr, wait_until, warm, write_file, Daemon, Lie, LyingServer, StallProxy,
+    WINDOW_BYTES,
 };
 
 const MIB: u64 = 1 << 20;
 
-fn received_total(dl: &serde_json::Value) -> u64 {
-    dl["sources"].as_array().unwrap().iter().map(|s| s["bytes_received"].as_u64().unwrap()).sum()
-}
-
-fn source<'a>(dl: &'a serde_json::Value, addr: &str) -> &'a serde_json::Value {
-    dl["sources"].as_array().unwrap().iter().find(|s| s["address"] == addr).unwrap()
+fn received_total(dl: &DownloadInfo) -> u64 {
+    dl.sources.iter().map(|s| s.bytes_received).sum()
 }
 
 #[test]
@@ -39,7 +37,7 @@ fn listener_rate_limit_holds_within_two_percent() {
     let rate = (b1 - b0) as f64 / (t1 - t0).as_secs_f64();
     println!("8 MiB/s cap measured at {:.3} MiB/s over {:?} (query times {q0:?}, {q1:?})", rate / MIB as f64, t1 - t0);
     assert!((rate / (8.0 * MIB as f64) - 1.0).abs() <= 0.02, "rate {rate}");
-    assert_eq!(client.wait_download(id, Duration::from_secs(30))["state"], "done");
+    assert_eq!(client.wait_download(id, Duration::from_secs(30)).state, DownloadState::Done);
 }
 
 #[test]
@@ -53,19 +51,19 @@ fn stopped_listener_fails_over_refetching_at_most_a_window() {
     warm(&server, "f");
     let client = Daemon::start(0);
     let id = client.get_detached("f", &server.sources(), &[]);
-    assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > size / 4));
+    assert!(wait_until(Duration::from_secs(10), || client.download(id).bytes_done > size / 4));
     let victim = server.ports[2];
     let out = server.ctl(&["servers", "stop", &victim.to_string()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let dl = client.wait_download(id, Duration::from_secs(30));
-    assert_eq!(dl["state"], "done", "{dl}");
+    assert_eq!(dl.state, DownloadState::Done, "{dl:?}");
     assert_eq!(sha256_file(&client.downloads.join("f")), sha256_file(&server.export.join("f")));
     let total = received_total(&dl);
     println!("one listener stopped: received {total} bytes for a {size}-byte file (+{})", total - size);
     // One failure: at most one pipelined window per connection of that source.
     assert!(total <= size + 2 * WINDOW_BYTES, "received {total}");
     let v = source(&dl, &format!("127.0.0.1:{victim}"));
-    assert!(v["last_error"].is_string(), "{v}");
+    assert!(v.last_error.is_some(), "{v:?}");
 }
 
 #[test]
@@ -81,10 +79,10 @@ fn killed_server_daemon_fails_over() {
     let mut sources = a.sources();
     sources.extend(b.sources());
     let id = client.get_detached("k", &sources, &[]);
-    assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > size / 4));
+    assert!(wait_until(Duration::from_secs(10), || client.download(id).bytes_done > size / 4));
     a.kill(); // SIGKILL
     let dl = client.wait_download(id, Duration::from_secs(30));
-    assert_eq!(dl["state"], "done", "{dl}");
+    assert_eq!(dl.state, DownloadState::Done, "{dl:?}");
     assert_eq!(sha256_file(&client.downloads.join("k")), sha256_file(&b.export.join("k")));
     let total = received_total(&dl);
     println!("server SIGKILLed: received {total} bytes for {size} (+{})", total - size);
@@ -100,28 +98,28 @@ fn total_outage_waits_then_resumes_by_itself() {
     warm(&server, "o");
     let client = Daemon::start(0);
     let id = client.get_detached("o", &server.sources(), &[]);
-    assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > size / 5));
+    assert!(wait_until(Duration::from_secs(10), || client.download(id).bytes_done > size / 5));
     for p in &server.ports {
         assert!(server.ctl(&["servers", "stop", &p.to_string()]).status.success());
     }
     assert!(
-        wait_until(Duration::from_secs(15), || client.download(id)["state"] == "waiting"),
-        "never showed waiting: {}",
+        wait_until(Duration::from_secs(15), || client.download(id).state == DownloadState::Waiting),
+        "never showed waiting: {:?}",
         client.download(id)
     );
-    let frozen = client.download(id)["bytes_done"].as_u64().unwrap();
+    let frozen = client.download(id).bytes_done;
     // Waiting costs no CPU to speak of: sample the client's CPU time.
     let cpu0 = cpu_ticks(client.pid());
     std::thread::sleep(Duration::from_secs(2));
     let cpu1 = cpu_ticks(client.pid());
     println!("CPU while waiting: {} ticks in 2 s", cpu1 - cpu0);
     assert!(cpu1 - cpu0 <= 10, "busy while waiting: {} ticks", cpu1 - cpu0);
-    assert_eq!(client.download(id)["bytes_done"].as_u64().unwrap(), frozen);
+    assert_eq!(client.download(id).bytes_done, frozen);
     for p in &server.ports {
         assert!(server.ctl(&["servers", "start", &p.to_string()]).status.success());
     }
     let dl = client.wait_download(id, Duration::from_secs(30));
-    assert_eq!(dl["state"], "done", "{dl}");
+    assert_eq!(dl.state, DownloadState::Done, "{dl:?}");
     assert_eq!(sha256_file(&client.downloads.join("o")), sha256_file(&server.export.join("o")));
 }
 
@@ -141,7 +139,7 @@ fn download_started_before_any_source_is_up() {
     let client = Daemon::start(0);
     let sources: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let id = client.get_detached("late", &sources, &[]);
-    assert!(wait_until(Duration::from_secs(10), || client.download(id)["state"] == "waiting"));
+    assert!(wait_until(Duration::from_secs(10), || client.download(id).state == DownloadState::Waiting));
     // Waiting costs nothing: no loop of the download spins meanwhile
     // (a checkpointer once woke itself without pause until a version was
     // chosen). Bound: a tenth of one core over 3 s.
@@ -153,7 +151,7 @@ fn download_started_before_any_source_is_up() {
     let server = Daemon::builder(0).arg("--ports").arg(ports_arg).start();
     write_file(&server.export.join("late"), 5 * MIB, 16);
     let dl = client.wait_download(id, Duration::from_secs(30));
-    assert_eq!(dl["state"], "done", "{dl}");
+    assert_eq!(dl.state, DownloadState::Done, "{dl:?}");
     assert_eq!(sha256_file(&client.downloads.join("late")), sha256_file(&server.export.join("late")));
 }
 
@@ -204,15 +202,15 @@ fn a_stalled_connection_is_replaced_when_a_probe_gets_through() {
     );
     let dl = client.wait_download(id, Duration::from_secs(30));
     let took = t.elapsed();
-    assert_eq!(dl["state"], "done", "{dl}");
+    assert_eq!(dl.state, DownloadState::Done, "{dl:?}");
     assert_eq!(sha256_file(&client.downloads.join("s")), sha256_file(&server.export.join("s")));
     let s = source(&dl, &stalled);
-    println!("stalled source: {s}; took {took:?}");
+    println!("stalled source: {s:?}; took {took:?}");
     // The mechanism: the stall probe (the idle timeout is 600 s here). The
     // error is current, or what the source recovered from when its new
     // connection got through.
     let why = mftd_tests::source_error(s);
-    assert!(why.contains("while a new connection got through"), "not replaced by the stall probe: {s}");
+    assert!(why.contains("while a new connection got through"), "not replaced by the stall probe: {s:?}");
     // 16 MiB at 4 MiB/s is 4 s; the stall costs about a second on top.
     assert!(took < Duration::from_secs(4 + 4), "took {took:?}");
     drop(proxy);
@@ -246,7 +244,7 @@ fn the_idle_timeout_cuts_a_stall_that_no_probe_gets_past() {
     assert!(at >= Duration::from_secs(3), "cut after {at:?}, before the 3 s idle timeout");
     assert!(at < Duration::from_secs(3 + 5), "cut only after {at:?}");
     let dl = client.wait_download(id, Duration::from_secs(30));
-    assert_eq!(dl["state"], "done", "{dl}");
+    assert_eq!(dl.state, DownloadState::Done, "{dl:?}");
     assert_eq!(sha256_file(&client.downloads.join("s")), sha256_file(&server.export.join("s")));
     drop(proxy);
 }
@@ -267,14 +265,14 @@ fn corrupt_pieces_are_refetched_and_the_liar_is_dropped() {
     let liar_addr = format!("127.0.0.1:{}", liar.port);
     let id = client.get_detached("c", &[liar_addr.clone(), good.sources()[0].clone()], &[]);
     let dl = client.wait_download(id, Duration::from_secs(30));
-    assert_eq!(dl["state"], "done", "{dl}");
+    assert_eq!(dl.state, DownloadState::Done, "{dl:?}");
     assert_eq!(sha256_file(&client.downloads.join("c")), sha256_file(&good.export.join("c")));
     let l = source(&dl, &liar_addr);
-    println!("liar: {l}");
+    println!("liar: {l:?}");
     // Dropped at the third strike; pieces already in flight may add more.
-    assert!(l["strikes"].as_u64().unwrap() >= 3, "{l}");
-    assert_eq!(l["state"], "failed", "{l}");
-    assert!(l["last_error"].as_str().unwrap().contains("failed verification"), "{l}");
+    assert!(l.strikes >= 3, "{l:?}");
+    assert_eq!(l.state, SourceState::Failed, "{l:?}");
+    assert!(l.last_error.as_deref().unwrap().contains("failed verification"), "{l:?}");
 }
 
 #[test]
@@ -298,24 +296,24 @@ fn one_corrupt_piece_is_refetched_from_another_source() {
     let root = identity_of(&good.export.join("p"));
     let id = client.get_detached("p", &[liar_addr.clone(), good_addr.clone()], &["--identity", &root]);
     assert!(
-        wait_until(Duration::from_secs(15), || source(&client.download(id), &liar_addr)["strikes"] == 1),
-        "liar never struck: {}",
+        wait_until(Duration::from_secs(15), || source(&client.download(id), &liar_addr).strikes == 1),
+        "liar never struck: {:?}",
         client.download(id)
     );
     // The bad piece is not taken from the liar again while another source
     // may still deliver it.
     std::thread::sleep(Duration::from_millis(500));
     let dl = client.download(id);
-    assert_ne!(dl["state"], "done");
-    assert_eq!(source(&dl, &liar_addr)["strikes"], 1, "{dl}");
+    assert_ne!(dl.state, DownloadState::Done);
+    assert_eq!(source(&dl, &liar_addr).strikes, 1, "{dl:?}");
     assert!(good.ctl(&["servers", "start", &good_port]).status.success());
     let dl = client.wait_download(id, Duration::from_secs(30));
-    assert_eq!(dl["state"], "done", "{dl}");
+    assert_eq!(dl.state, DownloadState::Done, "{dl:?}");
     assert_eq!(sha256_file(&client.downloads.join("p")), sha256_file(&good.export.join("p")));
     let l = source(&dl, &liar_addr);
     let g = source(&dl, &good_addr);
-    println!("liar: {l}\ngood: {g}");
-    assert_eq!(l["strikes"], 1, "{l}");
-    assert_ne!(l["state"], "failed", "{l}");
-    assert_eq!(g["bytes"], 256 * 1024, "the good source sent exactly the bad piece: {g}");
+    println!("liar: {l:?}\ngood: {g:?}");
+    assert_eq!(l.strikes, 1, "{l:?}");
+    assert_ne!(l.state, SourceState::Failed, "{l:?}");
+    assert_eq!(g.bytes, 256 * 1024, "the good source sent exactly the bad piece: {g:?}");
 }

@@ -3,14 +3,13 @@
 
 use std::time::Duration;
 
+use mftd_common::control::DownloadState;
 use mftd_tests::{stderr, stdout, wait_until, write_file, Daemon};
 
 const MIB: u64 = 1 << 20;
 
 fn ids(d: &Daemon) -> Vec<u64> {
-    let (out, lines) = d.ctl_json(&["downloads", "list"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    lines[0]["downloads"].as_array().expect("downloads").iter().map(|x| x["id"].as_u64().expect("id")).collect()
+    d.downloads_list().iter().map(|x| x.id).collect()
 }
 
 #[test]
@@ -20,7 +19,7 @@ fn download_ids_are_never_reused_after_a_restart() {
     write_file(&server.export.join("b"), MIB, 151);
     let mut client = Daemon::start(0);
     let first = client.get_detached("a", &server.sources(), &[]);
-    assert_eq!(client.wait_download(first, Duration::from_secs(30))["state"], "done");
+    assert_eq!(client.wait_download(first, Duration::from_secs(30)).state, DownloadState::Done);
     // A get with nothing to do and a refused one take no ID.
     let out = client.get("a", &server.sources()[0], &[]);
     assert!(out.status.success() && stderr(&out).contains("nothing to download"), "{}", stderr(&out));
@@ -43,7 +42,7 @@ fn remove_and_purge_take_ended_downloads_off_the_list() {
     let x = client.get_detached("x", &server.sources(), &[]);
     let y = client.get_detached("y", &server.sources(), &[]);
     for id in [x, y] {
-        assert_eq!(client.wait_download(id, Duration::from_secs(30))["state"], "done");
+        assert_eq!(client.wait_download(id, Duration::from_secs(30)).state, DownloadState::Done);
     }
     // A download waiting on a dead port cannot be removed, only cancelled.
     let dead = {
@@ -64,7 +63,7 @@ fn remove_and_purge_take_ended_downloads_off_the_list() {
     assert_eq!(out.status.code(), Some(1));
 
     assert!(client.ctl(&["downloads", "cancel", &z.to_string()]).status.success());
-    assert!(wait_until(Duration::from_secs(10), || client.download(z)["state"] == "cancelled"));
+    assert!(wait_until(Duration::from_secs(10), || client.download(z).state == DownloadState::Cancelled));
     let out = client.ctl(&["downloads", "purge"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out).trim(), format!("removed 2 ended downloads: {y}, {z}"));
@@ -82,9 +81,9 @@ fn purge_keeps_failed_downloads_with_data_and_remove_deletes_it() {
     write_file(&server.export.join("f"), 16 * MIB, 170);
     let client = Daemon::start(0);
     let id = client.get_detached("f", &server.sources(), &["--give-up-after", "2s"]);
-    assert!(wait_until(Duration::from_secs(20), || client.download(id)["bytes_done"].as_u64().unwrap_or(0) > 2 * MIB));
+    assert!(wait_until(Duration::from_secs(20), || client.download(id).bytes_done > 2 * MIB));
     assert!(server.ctl(&["servers", "stop", &server.ports[0].to_string()]).status.success());
-    assert_eq!(client.wait_download(id, Duration::from_secs(30))["state"], "failed");
+    assert_eq!(client.wait_download(id, Duration::from_secs(30)).state, DownloadState::Failed);
     let part = client.downloads.join("f.mftpart");
     assert!(part.exists(), "failed download kept no data to retry from");
     let out = client.ctl(&["downloads", "purge"]);
@@ -111,5 +110,5 @@ fn get_resume_detached_prints_bare_ids_and_names_a_running_download() {
     let out = client.ctl(&["get", "--resume", "--detach"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out).trim(), id.to_string());
-    assert_eq!(client.wait_download(id, Duration::from_secs(30))["state"], "done");
+    assert_eq!(client.wait_download(id, Duration::from_secs(30)).state, DownloadState::Done);
 }

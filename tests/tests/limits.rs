@@ -44,10 +44,7 @@ fn ended_downloads_leave_the_registry_after_retention() {
     let out = client.get("r", &server.sources()[0], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let ended = Instant::now();
-    let listed = || {
-        let (_, lines) = client.ctl_json(&["downloads", "list"]);
-        lines[0]["downloads"].as_array().expect("downloads").len()
-    };
+    let listed = || client.downloads_list().len();
     assert_eq!(listed(), 1, "gone before its retention");
     assert!(wait_until(Duration::from_secs(10), || listed() == 0), "still listed after 10 s");
     let after = ended.elapsed();

@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use mftd_common::control::{DownloadInfo, Event, Response, SourceState};
+use mftd_common::control::{DownloadInfo, DownloadState, Event, Response, SourceState};
 use mftd_tests::{mftctl_bin, mftd_bin, sha256_file, stderr, stdout, wait_until, write_file, Daemon, Line};
 
 const MIB: u64 = 1 << 20;
@@ -110,24 +110,26 @@ fn watch_attaches_to_a_running_download() {
     write_file(&server.export.join("w"), 12 * MIB, 34);
     let client = Daemon::start(0);
     let id = client.get_detached("w", &server.sources(), &[]);
-    let (out, lines) = client.ctl_json(&["downloads", "watch", &id.to_string(), "--interval", "0.2"]);
+    let (out, lines) = client.ctl_typed(&["downloads", "watch", &id.to_string(), "--interval", "0.2"]);
     assert!(out.status.success(), "{}", stderr(&out));
     // Attached while it ran (a finished download would give one final
     // event): progress events of a running download, with bytes moving.
     let running: Vec<u64> = lines
         .iter()
-        .filter(|l| l["type"] == "progress" && matches!(l["download"]["state"].as_str(), Some("active" | "starting")))
-        .map(|l| l["download"]["bytes_done"].as_u64().expect("bytes_done"))
+        .filter_map(Line::progress)
+        .filter(|d| matches!(d.state, DownloadState::Active | DownloadState::Starting))
+        .map(|d| d.bytes_done)
         .collect();
     assert!(running.len() >= 3, "watch did not follow a running download: {lines:?}");
     assert!(running.first() < running.last(), "no progress seen while watching: {running:?}");
     assert!(*running.first().unwrap() < 12 * MIB);
-    assert_eq!(lines.last().unwrap()["type"], "done");
+    assert!(matches!(lines.last().unwrap(), Line::Event(Event::Done(_))), "{:?}", lines.last());
 }
 
 #[test]
 fn servers_list_and_status_json_schemas() {
     let server = Daemon::start(2);
+    // Stays raw: this test checks the JSON schema on the wire, not the types.
     let (out, lines) = server.ctl_json(&["servers", "list"]);
     assert!(out.status.success());
     assert_eq!(lines.len(), 1);
@@ -339,23 +341,23 @@ fn messages_say_what_happened_in_words() {
     assert!(out.status.success(), "{}", stderr(&out));
     let id: u64 = stdout(&out).trim().parse().unwrap();
     let d = client.download(id);
-    assert_eq!(d["destination"], cwd.join("here/sub/f").display().to_string());
+    assert_eq!(d.destination, cwd.join("here/sub/f").display().to_string());
 
     // Paused: no speed, no ETA, at once.
-    assert!(wait_until(Duration::from_secs(20), || client.download(id)["speed"].as_u64().unwrap_or(0) > 0));
+    assert!(wait_until(Duration::from_secs(20), || client.download(id).speed > 0));
     assert!(client.ctl(&["downloads", "pause", &id.to_string()]).status.success());
     let d = client.download(id);
-    assert_eq!(d["state"], "paused");
-    assert_eq!(d["speed"], 0, "a paused download shows its old speed: {d}");
-    assert!(d["eta_secs"].is_null(), "a paused download shows an ETA: {d}");
-    assert!(d["sources"].as_array().unwrap().iter().all(|s| s["speed"] == 0), "{d}");
+    assert_eq!(d.state, DownloadState::Paused);
+    assert_eq!(d.speed, 0, "a paused download shows its old speed: {d:?}");
+    assert!(d.eta_secs.is_none(), "a paused download shows an ETA: {d:?}");
+    assert!(d.sources.iter().all(|s| s.speed == 0), "{d:?}");
 
     // Cancelled: the reason says who and what happened.
     assert!(client.ctl(&["downloads", "cancel", &id.to_string()]).status.success());
     let d = client.download(id);
-    assert_eq!(d["state"], "cancelled");
-    let why = d["error"].as_str().unwrap_or_default();
-    assert!(why.starts_with("cancelled by ") && why.contains("partial file was removed"), "{d}");
+    assert_eq!(d.state, DownloadState::Cancelled);
+    let why = d.error.as_deref().unwrap_or_default();
+    assert!(why.starts_with("cancelled by ") && why.contains("partial file was removed"), "{d:?}");
 
     // Out-of-range connection counts and --json completions are usage errors.
     let out = client.get("f", &server.sources()[0], &["--connections-per-server", "17"]);

@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use mftd_tests::{sha256_file, stderr, stdout, wait_until, warm, write_file, Daemon};
+use mftd_common::control::{DownloadInfo, DownloadState, Event, Response};
+use mftd_tests::{sha256_file, stderr, stdout, typed_lines, wait_until, warm, write_file, Daemon, Line};
 use rand::{Rng, SeedableRng};
 
 const MIB: u64 = 1 << 20;
@@ -55,14 +56,14 @@ fn twenty_sigkills_then_resume_to_the_right_file() {
         // Let it run a random while, then kill without warning.
         std::thread::sleep(Duration::from_millis(rng.gen_range(500..800)));
         let before = client.download(id);
-        assert_ne!(before["state"], "done", "finished before kill {k}: the test did not kill 20 times");
-        let done_before = before["bytes_done"].as_u64().expect("bytes_done");
+        assert_ne!(before.state, DownloadState::Done, "finished before kill {k}: the test did not kill 20 times");
+        let done_before = before.bytes_done;
         client.kill();
         kills += 1;
         restart(&mut client, &extra);
         let st = client.download(id);
-        assert_eq!(st["state"], "paused", "after kill {k}: {st}");
-        let saved = st["bytes_done"].as_u64().expect("bytes_done");
+        assert_eq!(st.state, DownloadState::Paused, "after kill {k}: {st:?}");
+        let saved = st.bytes_done;
         println!("kill {k}: {done_before} bytes done before, {saved} saved, servers sent {}", sent_total(&server));
         assert!(
             saved + may_lose >= done_before,
@@ -73,7 +74,7 @@ fn twenty_sigkills_then_resume_to_the_right_file() {
     }
     assert_eq!(kills, 20);
     let dl = client.wait_download(id, Duration::from_secs(60));
-    assert_eq!(dl["state"], "done", "{dl}\n{}", client.log());
+    assert_eq!(dl.state, DownloadState::Done, "{dl:?}\n{}", client.log());
     assert_eq!(sha256_file(&client.downloads.join("big")), want);
     assert!(manifests(&client).is_empty(), "manifest removed after success");
     // Each kill may cost what it lost of saved progress plus what was in
@@ -97,7 +98,7 @@ fn sigterm_persists_and_next_start_resumes() {
     warm(&server, "t");
     let mut client = Daemon::start(0);
     let id = client.get_detached("t", &server.sources(), &[]);
-    assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 8 * MIB));
+    assert!(wait_until(Duration::from_secs(10), || client.download(id).bytes_done > 8 * MIB));
     let t = Instant::now();
     let st = client.terminate(Duration::from_secs(5)).expect("exits within 5 s of SIGTERM with a download in flight");
     assert!(st.success(), "{st}");
@@ -106,8 +107,8 @@ fn sigterm_persists_and_next_start_resumes() {
     let sent_before = sent_total(&server);
     restart(&mut client, &[]);
     let dl = client.download(id);
-    assert_eq!(dl["state"], "paused", "{dl}");
-    assert!(dl["bytes_done"].as_u64().unwrap() >= 8 * MIB, "progress kept: {dl}");
+    assert_eq!(dl.state, DownloadState::Paused, "{dl:?}");
+    assert!(dl.bytes_done >= 8 * MIB, "progress kept: {dl:?}");
     let out = client.ctl(&["get", "--resume", &id.to_string()]);
     assert!(out.status.success(), "{}\n{}", stderr(&out), client.log());
     assert_eq!(sha256_file(&client.downloads.join("t")), sha256_file(&server.export.join("t")));
@@ -125,7 +126,7 @@ fn damaged_manifests_are_reported_and_data_is_reverified() {
     for (i, damage) in ["truncate", "zero", "version", "tamper", "inconsistent"].iter().enumerate() {
         let mut client = Daemon::start(0);
         let id = client.get_detached("d", &server.sources(), &[]);
-        assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 8 * MIB));
+        assert!(wait_until(Duration::from_secs(10), || client.download(id).bytes_done > 8 * MIB));
         client.kill();
         let m = client.dir.path().join(format!("state/manifests/{id}.json"));
         let text = std::fs::read(&m).unwrap();
@@ -162,19 +163,16 @@ fn damaged_manifests_are_reported_and_data_is_reverified() {
         };
         let sent_before = server.bytes_sent(server.ports[0]);
         restart(&mut client, &[]);
-        let (out, lines) = client.ctl_json(&["status"]);
-        assert!(out.status.success());
-        let damaged = lines[0]["damaged_manifests"].as_array().unwrap();
+        let damaged = client.status().damaged_manifests;
         if reason.is_empty() {
             assert!(damaged.is_empty(), "{damaged:?}");
         } else {
             assert_eq!(damaged.len(), 1, "{damage}: {damaged:?}");
-            let msg = damaged[0].as_str().unwrap();
+            let msg = &damaged[0];
             assert!(msg.contains(&m.display().to_string()) && msg.contains(reason), "{damage}: {msg}");
             assert!(client.log().contains("damaged download manifest"), "logged");
             // Not obeyed: no download was loaded from it.
-            let (_, listed) = client.ctl_json(&["downloads", "list"]);
-            assert_eq!(listed[0]["downloads"], serde_json::json!([]), "{damage}: a damaged manifest was loaded");
+            assert_eq!(client.downloads_list(), vec![], "{damage}: a damaged manifest was loaded");
         }
         // Recover: the same get re-verifies what is on disk and finishes.
         let out = if reason.is_empty() {
@@ -203,10 +201,10 @@ fn no_resume_leaves_no_manifest() {
     let out = client.get("n", &server.sources()[0], &["--no-resume", "--detach"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let id: u64 = stdout(&out).trim().parse().unwrap();
-    assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > MIB));
+    assert!(wait_until(Duration::from_secs(10), || client.download(id).bytes_done > MIB));
     assert!(manifests(&client).is_empty(), "manifest written during a --no-resume download");
     let dl = client.wait_download(id, Duration::from_secs(20));
-    assert_eq!(dl["state"], "done");
+    assert_eq!(dl.state, DownloadState::Done);
     assert!(manifests(&client).is_empty());
     // And the CLI says what --no-resume means.
     let out = client.get("n", &server.sources()[0], &["--no-resume", "--force"]);
@@ -230,15 +228,15 @@ fn pause_resume_cancel() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("mftctl get");
-    assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 2 * MIB));
+    assert!(wait_until(Duration::from_secs(10), || client.download(id).bytes_done > 2 * MIB));
     let out = client.ctl(&["downloads", "pause", &id.to_string()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(wait_until(Duration::from_secs(30), || client.download(id)["state"] == "paused"));
+    assert!(wait_until(Duration::from_secs(30), || client.download(id).state == DownloadState::Paused));
     // Pause releases connections.
-    assert!(wait_until(Duration::from_secs(30), || server.servers().iter().all(|s| s["connections"] == 0)));
-    let frozen = client.download(id)["bytes_done"].as_u64().unwrap();
+    assert!(wait_until(Duration::from_secs(30), || server.servers().iter().all(|s| s.connections == 0)));
+    let frozen = client.download(id).bytes_done;
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(client.download(id)["bytes_done"].as_u64().unwrap(), frozen);
+    assert_eq!(client.download(id).bytes_done, frozen);
     assert_eq!(manifests(&client).len(), 1);
     // `status` does not count a paused download as active.
     let status = stdout(&client.ctl(&["status"]));
@@ -251,8 +249,10 @@ fn pause_resume_cancel() {
     // A `get --json` following it elsewhere ended with a terminal event.
     let events = follower_out(follower);
     let last = events.last().expect("get --json printed nothing");
-    assert_eq!(last["type"], "paused", "the stream did not end with `paused`: {events:?}");
-    assert!(last["message"].as_str().is_some_and(|m| m.contains("downloads resume")), "{last}");
+    let Line::Event(Event::Paused { message, .. }) = last else {
+        panic!("the stream did not end with `paused`: {events:?}")
+    };
+    assert!(message.contains("downloads resume"), "{last}");
     // Pausing twice is an error with a sentence.
     let out = client.ctl(&["downloads", "pause", &id.to_string()]);
     assert_eq!(out.status.code(), Some(1));
@@ -265,19 +265,19 @@ fn pause_resume_cancel() {
     let out = client.ctl(&["downloads", "pause", &id.to_string()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("paused download"), "{}", stdout(&out));
-    assert_eq!(client.download(id)["state"], "paused", "the pause did not hold when `pause` returned");
+    assert_eq!(client.download(id).state, DownloadState::Paused, "the pause did not hold when `pause` returned");
     let out = client.ctl(&["downloads", "resume", &id.to_string()]);
     assert!(out.status.success(), "resume right after pause: {}", stderr(&out));
     let dl = client.wait_download(id, Duration::from_secs(30));
-    assert_eq!(dl["state"], "done", "{dl}");
+    assert_eq!(dl.state, DownloadState::Done, "{dl:?}");
     assert_eq!(sha256_file(&client.downloads.join("m")), sha256_file(&server.export.join("m")));
 
     // Cancel removes the partial file and the manifest.
     let id2 = client.get_detached("m", &server.sources(), &["--force"]);
-    assert!(wait_until(Duration::from_secs(10), || client.download(id2)["bytes_done"].as_u64().unwrap() > MIB));
+    assert!(wait_until(Duration::from_secs(10), || client.download(id2).bytes_done > MIB));
     let out = client.ctl(&["downloads", "cancel", &id2.to_string()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(wait_until(Duration::from_secs(30), || client.download(id2)["state"] == "cancelled"));
+    assert!(wait_until(Duration::from_secs(30), || client.download(id2).state == DownloadState::Cancelled));
     assert!(wait_until(Duration::from_secs(30), || !client.downloads.join("m.mftpart").exists()));
     assert!(manifests(&client).is_empty());
     let out = client.ctl(&["downloads", "cancel", "999"]);
@@ -292,16 +292,18 @@ fn same_get_again_continues_the_interrupted_download() {
     warm(&server, "g");
     let mut client = Daemon::builder(0).arg("--checkpoint-interval").arg("0.1").start();
     let id = client.get_detached("g", &server.sources(), &[]);
-    assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 8 * MIB));
+    assert!(wait_until(Duration::from_secs(10), || client.download(id).bytes_done > 8 * MIB));
     client.kill();
     restart(&mut client, &["--checkpoint-interval".into(), "0.1".into()]);
     let sent_before = sent_total(&server);
     let (out, lines) =
-        client.ctl_json(&["get", "g", "--from", &server.sources()[0], "-o", client.downloads.to_str().unwrap()]);
+        client.ctl_typed(&["get", "g", "--from", &server.sources()[0], "-o", client.downloads.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(lines[0]["type"], "accepted");
-    assert_eq!(lines[0]["id"], id);
-    assert_eq!(lines[0]["resumed"], true);
+    let Line::Response(Response::Accepted { id: accepted, resumed, .. }) = &lines[0] else {
+        panic!("not accepted: {}", lines[0])
+    };
+    assert_eq!(*accepted, id);
+    assert!(*resumed);
     assert_eq!(sha256_file(&client.downloads.join("g")), sha256_file(&server.export.join("g")));
     assert!(sent_total(&server) - sent_before < 18 * MIB);
 }
@@ -313,7 +315,7 @@ fn changed_remote_file_is_not_mixed() {
     warm(&server, "c");
     let mut client = Daemon::start(0);
     let id = client.get_detached("c", &server.sources(), &[]);
-    assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 2 * MIB));
+    assert!(wait_until(Duration::from_secs(10), || client.download(id).bytes_done > 2 * MIB));
     let old = mftd_tests::identity_of(&server.export.join("c"));
     client.kill();
     write_file(&server.export.join("c"), 16 * MIB, 28); // new version
@@ -321,10 +323,10 @@ fn changed_remote_file_is_not_mixed() {
     let out = client.ctl(&["get", "--resume", &id.to_string()]);
     assert_eq!(out.status.code(), Some(1), "{}\n{}\n{}", stdout(&out), stderr(&out), client.log());
     let dl = client.download(id);
-    assert_eq!(dl["state"], "failed");
-    assert!(dl["error"].as_str().unwrap().contains("remote file changed"), "{dl}");
+    assert_eq!(dl.state, DownloadState::Failed);
+    assert!(dl.error.as_deref().unwrap().contains("remote file changed"), "{dl:?}");
     // It shows the version its partial file holds, not the new one.
-    assert_eq!(dl["identity"], old.as_str(), "{dl}");
+    assert_eq!(dl.identity.as_deref(), Some(old.as_str()), "{dl:?}");
     assert!(!client.downloads.join("c").exists());
 }
 
@@ -335,11 +337,11 @@ fn auto_resume_continues_after_restart() {
     warm(&server, "a");
     let mut client = Daemon::start(0);
     let id = client.get_detached("a", &server.sources(), &[]);
-    assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 2 * MIB));
+    assert!(wait_until(Duration::from_secs(10), || client.download(id).bytes_done > 2 * MIB));
     client.kill();
     restart(&mut client, &["--auto-resume".into()]);
     let dl = client.wait_download(id, Duration::from_secs(30));
-    assert_eq!(dl["state"], "done", "{dl}");
+    assert_eq!(dl.state, DownloadState::Done, "{dl:?}");
     assert_eq!(sha256_file(&client.downloads.join("a")), sha256_file(&server.export.join("a")));
 }
 
@@ -397,7 +399,7 @@ fn a_full_disk_pauses_with_the_error_and_keeps_the_last_manifest() {
         .arg("0.1")
         .start();
     let id = client.get_detached("f", &server.sources(), &[]);
-    assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 2 * MIB));
+    assert!(wait_until(Duration::from_secs(10), || client.download(id).bytes_done > 2 * MIB));
     let manifest = state.join(format!("manifests/{id}.json"));
     let key: mftd_common::manifest::Key =
         std::fs::read(state.join("manifest.key")).unwrap().try_into().expect("a 32-byte manifest key");
@@ -406,14 +408,14 @@ fn a_full_disk_pauses_with_the_error_and_keeps_the_last_manifest() {
     let filler = state.join("filler");
     let _ = std::fs::write(&filler, vec![0u8; 2 << 20]);
     assert!(
-        wait_until(Duration::from_secs(30), || client.download(id)["state"] == "paused"),
-        "download did not pause on a full disk: {}",
+        wait_until(Duration::from_secs(30), || client.download(id).state == DownloadState::Paused),
+        "download did not pause on a full disk: {:?}",
         client.download(id)
     );
     let dl = client.download(id);
-    let err = dl["error"].as_str().unwrap_or("");
+    let err = dl.error.as_deref().unwrap_or("");
     println!("full disk: {err}");
-    assert!(err.contains("cannot write manifest") && err.contains("No space left"), "{dl}");
+    assert!(err.contains("cannot write manifest") && err.contains("No space left"), "{dl:?}");
     // The previous manifest is intact and still decodes.
     let now = std::fs::read(&manifest).unwrap();
     assert!(mftd_common::manifest::Manifest::decode(&now, &key).is_ok(), "manifest damaged");
@@ -424,7 +426,7 @@ fn a_full_disk_pauses_with_the_error_and_keeps_the_last_manifest() {
     let out = client.ctl(&["downloads", "resume", &id.to_string()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let dl = client.wait_download(id, Duration::from_secs(30));
-    assert_eq!(dl["state"], "done", "{dl}");
+    assert_eq!(dl.state, DownloadState::Done, "{dl:?}");
     assert_eq!(sha256_file(&client.downloads.join("f")), sha256_file(&server.export.join("f")));
 }
 
@@ -469,9 +471,8 @@ fn planted_manifests_are_refused_and_downloads_never_collide_with_state() {
     std::fs::write(dir.join("3.json"), serde_json::to_vec(&m).unwrap()).unwrap();
     client.kill();
     restart(&mut client, &["--auto-resume".into()]);
-    let (_, lines) = client.ctl_json(&["status"]);
-    let damaged = lines[0]["damaged_manifests"].as_array().unwrap();
-    assert!(damaged.iter().any(|d| d.as_str().unwrap().contains("checksum")), "{damaged:?}");
+    let damaged = client.status().damaged_manifests;
+    assert!(damaged.iter().any(|d| d.contains("checksum")), "{damaged:?}");
     assert!(!client.dir.path().join("victim").exists());
     // A download named 3.json into the state directory's downloads/ (the
     // default download directory of the system service): it is a file like
@@ -483,9 +484,8 @@ fn planted_manifests_are_refused_and_downloads_never_collide_with_state() {
     client.kill();
     restart(&mut client, &[]);
     assert_eq!(sha256_file(&dl_dir.join("3.json")), sha256_file(&server.export.join("3.json")));
-    let (_, lines) = client.ctl_json(&["status"]);
-    let damaged = lines[0]["damaged_manifests"].as_array().unwrap();
-    assert!(damaged.iter().all(|d| !d.as_str().unwrap().contains("state/downloads")), "{damaged:?}");
+    let damaged = client.status().damaged_manifests;
+    assert!(damaged.iter().all(|d| !d.contains("state/downloads")), "{damaged:?}");
     assert!(dir.join("3.json").exists(), "the planted manifest is left in place for the operator");
 }
 
@@ -495,26 +495,21 @@ fn blake3_hex(b: &[u8]) -> String {
 
 /// The JSON lines a following `mftctl --json` child printed before it exited
 /// (within 20 s, or the test fails), checking it exited 1.
-fn follower_out(mut child: std::process::Child) -> Vec<serde_json::Value> {
+fn follower_out(mut child: std::process::Child) -> Vec<Line> {
     if !wait_until(Duration::from_secs(20), || child.try_wait().ok().flatten().is_some()) {
         let _ = child.kill();
         panic!("the follower did not exit within 20 s of the pause");
     }
     let out = child.wait_with_output().expect("mftctl get");
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
-        .collect()
+    typed_lines(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// Sum of the sources' shares and the found-on-disk share of a download.
-fn shares(d: &serde_json::Value) -> f64 {
-    let sources = d["sources"].as_array().expect("sources");
-    let credited: u64 = sources.iter().map(|s| s["bytes"].as_u64().expect("bytes")).sum();
-    let found = d["found_on_disk"].as_u64().expect("found_on_disk");
-    let whole = d["bytes_done"].as_u64().expect("bytes_done").max(credited) as f64;
-    sources.iter().map(|s| s["share"].as_f64().expect("share")).sum::<f64>() + found as f64 / whole
+fn shares(d: &DownloadInfo) -> f64 {
+    let credited: u64 = d.sources.iter().map(|s| s.bytes).sum();
+    let whole = d.bytes_done.max(credited) as f64;
+    d.sources.iter().map(|s| s.share).sum::<f64>() + d.found_on_disk as f64 / whole
 }
 
 #[test]
@@ -527,40 +522,39 @@ fn per_source_work_and_running_time_survive_pause_and_restart() {
     let mut client = Daemon::builder(0).arg("--checkpoint-interval").arg("0.1").start();
     let t0 = Instant::now();
     let id = client.get_detached("w", &server.sources(), &[]);
-    assert!(wait_until(Duration::from_secs(20), || client.download(id)["bytes_done"].as_u64().unwrap_or(0) > 6 * MIB));
+    assert!(wait_until(Duration::from_secs(20), || client.download(id).bytes_done > 6 * MIB));
     assert!(client.ctl(&["downloads", "pause", &id.to_string()]).status.success());
     let paused = client.download(id);
-    let before: Vec<u64> = paused["sources"].as_array().unwrap().iter().map(|s| s["bytes"].as_u64().unwrap()).collect();
-    assert!(before.iter().all(|b| *b > 0), "{paused}");
+    let before: Vec<u64> = paused.sources.iter().map(|s| s.bytes).collect();
+    assert!(before.iter().all(|b| *b > 0), "{paused:?}");
     // Paused time does not count.
     std::thread::sleep(Duration::from_millis(1500));
     let still = client.download(id);
-    assert_eq!(still["elapsed_ms"], paused["elapsed_ms"], "elapsed time ran on while paused");
+    assert_eq!(still.elapsed_ms, paused.elapsed_ms, "elapsed time ran on while paused");
     assert!(client.ctl(&["downloads", "resume", &id.to_string()]).status.success());
-    assert!(wait_until(Duration::from_secs(20), || client.download(id)["bytes_done"].as_u64().unwrap_or(0) > 14 * MIB));
+    assert!(wait_until(Duration::from_secs(20), || client.download(id).bytes_done > 14 * MIB));
     // A crash and restart keep them too (from the last checkpoint).
     client.kill();
     restart(&mut client, &["--checkpoint-interval".into(), "0.1".into()]);
     let reloaded = client.download(id);
-    let after: Vec<u64> =
-        reloaded["sources"].as_array().unwrap().iter().map(|s| s["bytes"].as_u64().unwrap()).collect();
+    let after: Vec<u64> = reloaded.sources.iter().map(|s| s.bytes).collect();
     for (a, b) in after.iter().zip(&before) {
-        assert!(a >= b, "a source's bytes went back from {b} to {a} after the restart: {reloaded}");
+        assert!(a >= b, "a source's bytes went back from {b} to {a} after the restart: {reloaded:?}");
     }
-    assert!(reloaded["elapsed_ms"].as_u64().unwrap() >= paused["elapsed_ms"].as_u64().unwrap());
+    assert!(reloaded.elapsed_ms >= paused.elapsed_ms);
     let out = client.ctl(&["get", "--resume", &id.to_string()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let wall = t0.elapsed();
     let d = client.download(id);
-    assert_eq!(d["state"], "done");
+    assert_eq!(d.state, DownloadState::Done);
     assert_eq!(sha256_file(&client.downloads.join("w")), sha256_file(&server.export.join("w")));
-    let credited: u64 = d["sources"].as_array().unwrap().iter().map(|s| s["bytes"].as_u64().unwrap()).sum();
-    assert_eq!(d["found_on_disk"], 0, "{d}");
-    assert_eq!(credited, size, "the sources' bytes do not add up to the file: {d}");
-    assert!((shares(&d) - 1.0).abs() < 1e-9, "shares add to {}: {d}", shares(&d));
+    let credited: u64 = d.sources.iter().map(|s| s.bytes).sum();
+    assert_eq!(d.found_on_disk, 0, "{d:?}");
+    assert_eq!(credited, size, "the sources' bytes do not add up to the file: {d:?}");
+    assert!((shares(&d) - 1.0).abs() < 1e-9, "shares add to {}: {d:?}", shares(&d));
     // Running time: at least what the rate limit allows, less than the wall
     // time minus the pause.
-    let elapsed = Duration::from_millis(d["elapsed_ms"].as_u64().unwrap());
+    let elapsed = Duration::from_millis(d.elapsed_ms);
     assert!(elapsed >= Duration::from_millis(2500), "elapsed {elapsed:?} is less than 24 MiB at 8 MiB/s takes");
     assert!(elapsed + Duration::from_millis(1500) <= wall, "elapsed {elapsed:?} counts the pause (wall {wall:?})");
 }
@@ -573,24 +567,23 @@ fn bytes_found_on_disk_without_a_record_are_shown_as_such() {
     warm(&server, "f");
     let mut client = Daemon::start(0);
     let id = client.get_detached("f", &server.sources(), &[]);
-    assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 6 * MIB));
+    assert!(wait_until(Duration::from_secs(10), || client.download(id).bytes_done > 6 * MIB));
     client.kill();
     std::fs::write(client.dir.path().join(format!("state/manifests/{id}.json")), b"{").unwrap();
     restart(&mut client, &[]);
     let (out, lines) =
-        client.ctl_json(&["get", "f", "--from", &server.sources()[0], "-o", client.downloads.to_str().unwrap()]);
+        client.ctl_typed(&["get", "f", "--from", &server.sources()[0], "-o", client.downloads.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let done = lines.last().expect("events");
-    assert_eq!(done["type"], "done", "{done}");
-    let found = done["found_on_disk"].as_u64().expect("found_on_disk");
-    assert!(found >= 4 * MIB, "reused data is not shown: {done}");
+    let done = lines.last().expect("events").done();
+    let found = done.found_on_disk;
+    assert!(found >= 4 * MIB, "reused data is not shown: {done:?}");
     // While it was re-verified, never more was claimed than the partial
     // file held (it is sparse: its holes are not data).
-    let most = lines.iter().filter_map(|l| l["download"]["found_on_disk"].as_u64()).max().unwrap_or(0);
+    let most = lines.iter().filter_map(|l| Some(l.progress()?.found_on_disk)).max().unwrap_or(0);
     assert!(most <= found + MIB, "{most} bytes claimed found on disk while re-verifying, {found} in the end");
-    let new_id = lines[0]["id"].as_u64().expect("id");
+    let new_id = lines[0].accepted_id();
     let d = client.download(new_id);
-    assert!((shares(&d) - 1.0).abs() < 1e-9, "shares add to {}: {d}", shares(&d));
+    assert!((shares(&d) - 1.0).abs() < 1e-9, "shares add to {}: {d:?}", shares(&d));
     let out = client.ctl(&["downloads", "show", &new_id.to_string()]);
     assert!(stdout(&out).contains("(found on disk)"), "{}", stdout(&out));
 }

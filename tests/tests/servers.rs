@@ -3,6 +3,7 @@
 use std::net::TcpStream;
 use std::time::Duration;
 
+use mftd_common::control::ListenerState;
 use mftd_tests::{sha256_file, stderr, stdout, write_file, Daemon};
 
 #[test]
@@ -13,13 +14,13 @@ fn list_shows_state_and_bytes_sent() {
     let servers = server.servers();
     assert_eq!(servers.len(), 3);
     for s in &servers {
-        assert_eq!(s["state"], "running");
-        assert_eq!(s["bytes_sent"], 0);
-        assert_eq!(s["rate_limit"], 0);
+        assert_eq!(s.state, ListenerState::Running);
+        assert_eq!(s.bytes_sent, 0);
+        assert_eq!(s.rate_limit, 0);
     }
     let out = client.get("a", &server.sources()[0], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let sent: Vec<u64> = server.servers().iter().map(|s| s["bytes_sent"].as_u64().unwrap()).collect();
+    let sent: Vec<u64> = server.servers().iter().map(|s| s.bytes_sent).collect();
     assert_eq!(sent[0], 2 << 20, "{sent:?}");
     assert_eq!(sent[1] + sent[2], 0, "{sent:?}");
     let table = stdout(&server.ctl(&["servers", "list"]));
@@ -43,8 +44,8 @@ fn stop_refuses_connections_and_start_reopens() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(refused, "port {port} still accepts connections after stop");
-    let st = server.servers().into_iter().find(|s| s["port"] == port).unwrap();
-    assert_eq!(st["state"], "stopped");
+    let st = server.listener(port);
+    assert_eq!(st.state, ListenerState::Stopped);
 
     // Stopping twice and unknown ports are clear errors.
     let out = server.ctl(&["servers", "stop", &port.to_string()]);
@@ -67,18 +68,18 @@ fn stop_refuses_connections_and_start_reopens() {
 #[test]
 fn add_and_limit_listeners() {
     let server = Daemon::start(1);
-    let (out, lines) = server.ctl_json(&["servers", "add", "--rate-limit", "800K"]);
+    let (out, lines) = server.ctl_typed(&["servers", "add", "--rate-limit", "800K"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(lines[0]["message"].as_str().unwrap().contains("added listener"));
+    assert!(lines[0].ok_message().contains("added listener"));
     let servers = server.servers();
     assert_eq!(servers.len(), 2);
-    let added = servers.iter().find(|s| s["port"] != server.ports[0]).unwrap();
-    assert_eq!(added["rate_limit"], 800 * 1024);
-    let p = added["port"].as_u64().unwrap().to_string();
+    let added = servers.iter().find(|s| s.port != server.ports[0]).unwrap();
+    assert_eq!(added.rate_limit, 800 * 1024);
+    let p = added.port.to_string();
     let out = server.ctl(&["servers", "limit", &p, "0"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let added = server.servers().into_iter().find(|s| s["port"] == p.parse::<u64>().unwrap()).unwrap();
-    assert_eq!(added["rate_limit"], 0);
+    let added = server.listener(added.port);
+    assert_eq!(added.rate_limit, 0);
     // Adding a port that is taken names the port.
     let out = server.ctl(&["servers", "add", "--port", &server.ports[0].to_string()]);
     assert_eq!(out.status.code(), Some(1));
@@ -92,12 +93,12 @@ fn remove_forgets_a_listener_and_runtime_changes_last_until_reload() {
     // Fixed ports: a reload matches listeners to the configured ports.
     let free = || std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
     let server = Daemon::builder(2).arg("--ports").arg(format!("{},{}", free(), free())).start();
-    let (out, lines) = server.ctl_json(&["servers", "add"]);
+    let (out, lines) = server.ctl_typed(&["servers", "add"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let msg = lines[0]["message"].as_str().expect("message");
+    let msg = lines[0].ok_message();
     assert!(msg.contains("until mftd restarts or reloads its configuration"), "{msg}");
     let ports = |d: &Daemon| {
-        let mut v: Vec<u64> = d.servers().iter().map(|s| s["port"].as_u64().expect("port")).collect();
+        let mut v: Vec<u64> = d.servers().iter().map(|s| u64::from(s.port)).collect();
         v.sort();
         v
     };

@@ -5,6 +5,7 @@ use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use mftd_common::control::DownloadState;
 use mftd_tests::{free_ports, mftd_bin, sha256_file, stderr, wait_until, write_file, Daemon};
 
 const MIB: u64 = 1 << 20;
@@ -92,7 +93,7 @@ fn sighup_adds_removes_and_relimits_listeners_while_a_download_runs() {
     write_file(&server.export.join("h"), size, 41);
     let client = Daemon::start(0);
     let id = client.get_detached("h", &[format!("127.0.0.1:{a}"), format!("127.0.0.1:{b}")], &[]);
-    assert!(wait_until(Duration::from_secs(10), || client.download(id)["bytes_done"].as_u64().unwrap() > 2 * MIB));
+    assert!(wait_until(Duration::from_secs(10), || client.download(id).bytes_done > 2 * MIB));
 
     std::fs::write(&cfg, format!("ports = [{b}, {c}]\nrate_limit = \"4M\"\n[listener.{b}]\nrate_limit = \"8M\"\n"))
         .unwrap();
@@ -100,7 +101,7 @@ fn sighup_adds_removes_and_relimits_listeners_while_a_download_runs() {
     assert!(
         wait_until(Duration::from_secs(5), || {
             let s = server.servers();
-            let mut ports: Vec<u64> = s.iter().map(|x| x["port"].as_u64().unwrap()).collect();
+            let mut ports: Vec<u64> = s.iter().map(|x| u64::from(x.port)).collect();
             ports.sort();
             let mut want = vec![b as u64, c as u64];
             want.sort();
@@ -111,11 +112,11 @@ fn sighup_adds_removes_and_relimits_listeners_while_a_download_runs() {
         server.log()
     );
     let s = server.servers();
-    assert_eq!(s.iter().find(|x| x["port"] == b).unwrap()["rate_limit"], 8 * MIB);
-    assert_eq!(s.iter().find(|x| x["port"] == c).unwrap()["rate_limit"], 4 * MIB);
+    assert_eq!(s.iter().find(|x| x.port == b).unwrap().rate_limit, 8 * MIB);
+    assert_eq!(s.iter().find(|x| x.port == c).unwrap().rate_limit, 4 * MIB);
     assert!(std::net::TcpStream::connect(("127.0.0.1", a)).is_err(), "removed listener {a} still accepts");
     let dl = client.wait_download(id, Duration::from_secs(30));
-    assert_eq!(dl["state"], "done", "{dl}");
+    assert_eq!(dl.state, DownloadState::Done, "{dl:?}");
     assert_eq!(sha256_file(&client.downloads.join("h")), sha256_file(&server.export.join("h")));
     assert!(server.ctl(&["status"]).status.success(), "daemon survived the reload");
     // A broken config on reload keeps the running one.

@@ -6,6 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+use mftd_common::control::DownloadState;
 use mftd_common::proto::{ErrorCode, Frame, MAGIC, VERSION};
 use mftd_tests::{mftd_bin, sha256_file, stderr, stdout, tls, write_file, Daemon, RawConn, Relay, RelayMode};
 
@@ -13,9 +14,7 @@ const MIB: u64 = 1 << 20;
 
 /// A daemon's node ID, from `mftctl status`.
 fn node_id(d: &Daemon) -> String {
-    let (out, lines) = d.ctl_json(&["status"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let id = lines[0]["node_id"].as_str().unwrap_or_else(|| panic!("no node_id in {}", lines[0])).to_string();
+    let id = d.status().node_id;
     assert_eq!(id.len(), 26, "{id}");
     id
 }
@@ -42,15 +41,15 @@ fn four_tls_sources_and_every_one_proves_its_node() {
     write_file(&server.export.join("a"), 24 * MIB + 7, 1);
     let id = node_id(&server);
     let listeners = server.servers();
-    assert!(listeners.iter().all(|l| l["transport"] == "tls"), "{listeners:?}");
+    assert!(listeners.iter().all(|l| l.transport == "tls"), "{listeners:?}");
     let client = Daemon::start(0);
     let dl = client.get_detached("a", &server.sources(), &[]);
     let info = client.wait_download(dl, Duration::from_secs(60));
-    assert_eq!(info["state"], "done", "{info}");
+    assert_eq!(info.state, DownloadState::Done, "{info:?}");
     same_file(&client, &server, "a");
-    for s in info["sources"].as_array().expect("sources") {
-        assert_eq!(s["transport"], "tls", "{s}");
-        assert_eq!(s["node_id"].as_str(), Some(id.as_str()), "{s}");
+    for s in &info.sources {
+        assert_eq!(s.transport.as_deref(), Some("tls"), "{s:?}");
+        assert_eq!(s.node_id.as_deref(), Some(id.as_str()), "{s:?}");
     }
     // `mftd --print-node-id` shows the same ID from the same state.
     let out = Command::new(mftd_bin())
@@ -184,14 +183,14 @@ fn a_flipped_byte_on_the_wire_is_a_transport_error_not_a_bad_piece() {
     let client = Daemon::start(0);
     let dl = client.get_detached("a", &[flip.source(), server.sources()[1].clone()], &[]);
     let info = client.wait_download(dl, Duration::from_secs(60));
-    assert_eq!(info["state"], "done", "{info}");
+    assert_eq!(info.state, DownloadState::Done, "{info:?}");
     same_file(&client, &server, "a");
-    for s in info["sources"].as_array().expect("sources") {
-        assert_eq!(s["strikes"], 0, "a wire error counted against pieces: {s}");
+    for s in &info.sources {
+        assert_eq!(s.strikes, 0, "a wire error counted against pieces: {s:?}");
     }
-    let relayed = info["sources"].as_array().expect("sources").iter().find(|s| s["address"] == flip.source().as_str());
+    let relayed = info.sources.iter().find(|s| s.address == flip.source());
     let why = mftd_tests::source_error(relayed.expect("relayed source"));
-    assert!(why.contains("decrypt"), "the flipped byte never surfaced as a TLS error: {info}");
+    assert!(why.contains("decrypt"), "the flipped byte never surfaced as a TLS error: {info:?}");
 }
 
 #[test]
@@ -206,9 +205,9 @@ fn plain_and_tls_listeners_side_by_side() {
         .env("MFTD_CONFIG", cfg.to_str().expect("utf-8"))
         .start();
     write_file(&server.export.join("a"), 8 * MIB, 8);
-    let by_port = |port: u16| server.servers().into_iter().find(|l| l["port"] == port).expect("listener");
-    assert_eq!(by_port(t)["transport"], "tls");
-    assert_eq!(by_port(p)["transport"], "plain");
+    let by_port = |port: u16| server.listener(port);
+    assert_eq!(by_port(t).transport, "tls");
+    assert_eq!(by_port(p).transport, "plain");
     let list = server.ctl(&["servers", "list"]);
     assert!(stdout(&list).contains("unencrypted"), "{}", stdout(&list));
     // `servers add --plain` opens another plain listener; the default is TLS.
@@ -222,21 +221,18 @@ fn plain_and_tls_listeners_side_by_side() {
             .nth(2)
             .and_then(|w| w.parse().ok())
             .unwrap_or_else(|| panic!("no port in {:?}", stdout(&out)));
-        assert_eq!(by_port(port)["transport"], want);
+        assert_eq!(by_port(port).transport, want);
     }
 
     let client = Daemon::start(0);
     let plain = format!("plain://127.0.0.1:{p}");
     let dl = client.get_detached("a", &[format!("127.0.0.1:{t}"), plain.clone()], &[]);
     let info = client.wait_download(dl, Duration::from_secs(60));
-    assert_eq!(info["state"], "done", "{info}");
+    assert_eq!(info.state, DownloadState::Done, "{info:?}");
     same_file(&client, &server, "a");
-    let transport = |addr: &str| {
-        info["sources"].as_array().expect("sources").iter().find(|s| s["address"] == addr).expect("source")["transport"]
-            .clone()
-    };
-    assert_eq!(transport(&format!("127.0.0.1:{t}")), "tls");
-    assert_eq!(transport(&plain), "plain");
+    let transport = |addr: &str| info.sources.iter().find(|s| s.address == addr).expect("source").transport.clone();
+    assert_eq!(transport(&format!("127.0.0.1:{t}")).as_deref(), Some("tls"));
+    assert_eq!(transport(&plain).as_deref(), Some("plain"));
 
     // A plaintext HELLO to the TLS listener is told what is wrong.
     let mut c = RawConn::connect_plain(t);

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use mftd_common::control::{DownloadState, ListenerState};
 use mftd_tests::{mftctl_bin, sha256_file, stderr, stdout, wait_until, write_file, Daemon};
 
 const NOBODY: u32 = 65534;
@@ -167,14 +168,14 @@ fn a_directory_swapped_for_a_symlink_after_the_check_leads_nowhere() {
     std::os::unix::fs::symlink(&root_only, &out_dir).unwrap();
     assert!(server.ctl(&["servers", "start", &port]).status.success());
     assert!(
-        wait_until(Duration::from_secs(20), || client.download(id)["state"] == "failed"),
-        "{}\n{}",
+        wait_until(Duration::from_secs(20), || client.download(id).state == DownloadState::Failed),
+        "{:?}\n{}",
         client.download(id),
         client.log()
     );
     assert!(
-        client.download(id)["error"].as_str().unwrap_or("").contains("Permission denied"),
-        "{}",
+        client.download(id).error.as_deref().unwrap_or("").contains("Permission denied"),
+        "{:?}",
         client.download(id)
     );
     assert_eq!(std::fs::read_dir(&root_only).unwrap().count(), 0, "wrote into root's directory");
@@ -262,7 +263,7 @@ fn a_group_member_manages_only_its_own_downloads() {
     write_file(&server.export.join("slow.bin"), 16 << 20, 13);
     let client = daemon(&[]);
     let id = client.get_detached("slow.bin", &server.sources(), &[]);
-    assert!(wait_until(Duration::from_secs(10), || client.download(id)["state"] == "active"));
+    assert!(wait_until(Duration::from_secs(10), || client.download(id).state == DownloadState::Active));
     for verb in ["cancel", "pause"] {
         let out = nobody(&client, &["downloads", verb, &id.to_string()]);
         assert_ne!(out.status.code(), Some(0), "{verb}: {}", text(&out));
@@ -275,7 +276,7 @@ fn a_group_member_manages_only_its_own_downloads() {
     let out = nobody(&client, &["downloads", "show", &id.to_string()]);
     assert_ne!(out.status.code(), Some(0), "{}", text(&out));
     assert!(!text(&out).contains("slow.bin"), "{}", text(&out));
-    assert_eq!(client.download(id)["state"], "active");
+    assert_eq!(client.download(id).state, DownloadState::Active);
     assert!(client.ctl(&["downloads", "cancel", &id.to_string()]).status.success());
 }
 
@@ -285,7 +286,7 @@ fn a_group_member_manages_only_its_own_downloads() {
 fn a_group_member_cannot_change_listeners_or_stop_mftd() {
     skip_unless_possible!();
     let d = daemon(&["--ports", "0"]);
-    let port = d.servers()[0]["port"].as_u64().unwrap().to_string();
+    let port = d.servers()[0].port.to_string();
     for args in [
         vec!["servers", "stop", port.as_str()],
         vec!["servers", "limit", port.as_str(), "1K"],
@@ -297,7 +298,7 @@ fn a_group_member_cannot_change_listeners_or_stop_mftd() {
         assert!(text(&out).contains("permission denied"), "{args:?}: {}", text(&out));
     }
     assert_eq!(d.servers().len(), 1);
-    assert_eq!(d.servers()[0]["state"], "running");
+    assert_eq!(d.servers()[0].state, ListenerState::Running);
     assert!(d.ctl(&["status"]).status.success(), "the daemon stopped");
 }
 
@@ -341,11 +342,11 @@ fn a_resumed_download_is_checked_against_the_rights_of_now() {
     assert!(out.status.success(), "{}", text(&out));
     let id = stdout(&out).trim().to_string();
     let id_n: u64 = id.parse().expect("id");
-    assert!(wait_until(Duration::from_secs(10), || client.download(id_n)["bytes_done"].as_u64().unwrap_or(0) > 0));
+    assert!(wait_until(Duration::from_secs(10), || client.download(id_n).bytes_done > 0));
     assert!(nobody(&client, &["downloads", "pause", &id]).status.success());
     assert!(
-        wait_until(Duration::from_secs(10), || client.download(id_n)["state"] == "paused"),
-        "{}\n{}",
+        wait_until(Duration::from_secs(10), || client.download(id_n).state == DownloadState::Paused),
+        "{:?}\n{}",
         client.download(id_n),
         client.log()
     );
@@ -355,5 +356,5 @@ fn a_resumed_download_is_checked_against_the_rights_of_now() {
     let out = nobody(&client, &["downloads", "resume", &id]);
     assert_ne!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).contains("cannot write to"), "{}", text(&out));
-    assert_eq!(client.download(id_n)["state"], "paused");
+    assert_eq!(client.download(id_n).state, DownloadState::Paused);
 }

@@ -4,8 +4,9 @@
 
 use std::time::{Duration, Instant};
 
+use mftd_common::control::{DownloadInfo, SourceState};
 use mftd_common::proto::{DataHeader, Frame, ReadReq};
-use mftd_tests::{identity_of, sha256_file, stderr, stdout, warm, write_file, Daemon, RawConn};
+use mftd_tests::{identity_of, sha256_file, source, stderr, stdout, warm, write_file, Daemon, RawConn};
 
 const MIB: u64 = 1 << 20;
 
@@ -14,16 +15,6 @@ const MIB: u64 = 1 << 20;
 fn sparse_file(path: &std::path::Path, size: u64) {
     write_file(path, MIB, 77);
     std::fs::OpenOptions::new().write(true).open(path).expect("open").set_len(size).expect("set_len");
-}
-
-/// The source entry of `address` in a download's JSON.
-fn source<'a>(dl: &'a serde_json::Value, address: &str) -> &'a serde_json::Value {
-    dl["sources"]
-        .as_array()
-        .expect("sources")
-        .iter()
-        .find(|s| s["address"] == address)
-        .unwrap_or_else(|| panic!("no source {address} in {dl}"))
 }
 
 #[test]
@@ -107,16 +98,15 @@ fn a_fast_liar_cannot_pick_the_file_while_honest_servers_hash() {
     assert_eq!(std::fs::metadata(&dest).expect("downloaded").len(), size);
     assert_eq!(sha256_file(&dest), sha256_file(&honest.export.join("f.bin")));
     // Each liar is excluded by name, and the version in use is the honest one.
-    let (_, lines) = client.ctl_json(&["downloads", "show", "1"]);
-    let dl = &lines[0]["download"];
-    assert_eq!(dl["identity"], identity_of(&honest.export.join("f.bin")), "{dl}");
+    let dl: &DownloadInfo = &client.download(1);
+    assert_eq!(dl.identity, Some(identity_of(&honest.export.join("f.bin"))), "{dl:?}");
     for liar in [&tiny, &same] {
         let s = source(dl, &liar.sources()[0]);
-        assert_eq!(s["state"], "excluded", "{s}");
-        let why = s["last_error"].as_str().expect("reason");
+        assert_eq!(s.state, SourceState::Excluded, "{s:?}");
+        let why = s.last_error.as_deref().expect("reason");
         assert!(why.contains("different version") && why.contains("majority"), "{why}");
     }
-    assert!(source(dl, &tiny.sources()[0])["last_error"].as_str().unwrap().contains("(1 bytes"), "{dl}");
+    assert!(source(dl, &tiny.sources()[0]).last_error.as_deref().unwrap().contains("(1 bytes"), "{dl:?}");
     // The same-size liar's bytes, if any arrived, were not kept.
     assert!(client.log().contains("file version adopted"), "{}", client.log());
 }
@@ -137,12 +127,11 @@ fn a_pinned_identity_excludes_others_and_needs_no_majority() {
     let out = client.get("p.bin", &sources.join(","), &["--identity", &root]);
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     assert_eq!(sha256_file(&client.downloads.join("p.bin")), sha256_file(&honest.export.join("p.bin")));
-    let (_, lines) = client.ctl_json(&["downloads", "show", "1"]);
-    let dl = &lines[0]["download"];
+    let dl: &DownloadInfo = &client.download(1);
     for l in liars.sources() {
         let s = source(dl, &l);
-        assert_eq!(s["state"], "excluded", "{s}");
-        assert!(s["last_error"].as_str().unwrap().contains("pinned version"), "{s}");
+        assert_eq!(s.state, SourceState::Excluded, "{s:?}");
+        assert!(s.last_error.as_deref().unwrap().contains("pinned version"), "{s:?}");
     }
     // Without the pin, the majority's version wins and the honest one is out.
     std::fs::remove_file(client.downloads.join("p.bin")).expect("rm");
@@ -190,7 +179,7 @@ fn identities_survive_a_restart_and_a_rewrite_is_noticed() {
     write_file(&path, 64 * MIB, 91);
     warm(&server, "kept.bin");
     let stat_of = |server: &Daemon| {
-        let port = server.servers()[0]["port"].as_u64().expect("port") as u16;
+        let port = server.servers()[0].port;
         let mut c = RawConn::hello(port);
         c.send(&Frame::Stat { path: "kept.bin".into() });
         match c.recv() {
@@ -218,7 +207,7 @@ fn identities_survive_a_restart_and_a_rewrite_is_noticed() {
     assert_eq!(after.mtime_ns, first.mtime_ns, "the test failed to put the mtime back");
     assert_eq!(after.root, None, "a rewritten file was served with its old identity");
     // A damaged identity file is ignored, not trusted.
-    let port = server.servers()[0]["port"].as_u64().expect("port") as u16;
+    let port = server.servers()[0].port;
     let mut c = RawConn::hello(port);
     c.send(&Frame::Hashes { size: after.size, mtime_ns: after.mtime_ns, path: "kept.bin".into() });
     assert!(matches!(c.recv(), Some(Frame::HashesOk { .. })), "not hashed");

@@ -17,7 +17,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use mftd_tests::{sha256_file, stderr, write_file, Daemon};
+use mftd_common::control::Response;
+use mftd_tests::{sha256_file, stderr, write_file, Daemon, Line};
 
 const MIB: u64 = 1 << 20;
 /// One-way delay: RTT = 100 ms.
@@ -151,13 +152,15 @@ fn two_sources_at_100ms_rtt_within_twice_the_ideal_time() {
     // The mechanism: the round trip was there, and both sources carried data.
     let id = String::from_utf8_lossy(&out.stdout)
         .lines()
-        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok().filter(|v| v["type"] == "accepted"))
-        .and_then(|v| v["id"].as_u64())
+        .find_map(|l| match serde_json::from_str::<Line>(l) {
+            Ok(Line::Response(Response::Accepted { id, .. })) => Some(id),
+            _ => None,
+        })
         .expect("an accepted event with the download id");
     let dl = client.download(id);
-    for s in dl["sources"].as_array().expect("sources") {
-        let rtt = s["rtt_ms"].as_f64().expect("rtt_ms measured");
-        assert!((95.0..400.0).contains(&rtt), "{}: rtt {rtt} ms, expected about 100", s["address"]);
-        assert!(s["bytes"].as_u64().unwrap_or(0) >= SIZE / 8, "{} carried little: {s}", s["address"]);
+    for s in &dl.sources {
+        let rtt = s.rtt_ms.expect("rtt_ms measured");
+        assert!((95.0..400.0).contains(&rtt), "{}: rtt {rtt} ms, expected about 100", s.address);
+        assert!(s.bytes >= SIZE / 8, "{} carried little: {s:?}", s.address);
     }
 }
