@@ -233,26 +233,58 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 /// first, and a test can hand in sockets of its own choosing.
 pub struct Bound {
     control: control::ControlSocket,
+    ground: Ground,
+    metrics: Option<tokio::net::TcpListener>,
     /// Each configured transfer port (0 for "any") with its socket.
     transfer: Vec<(u16, tokio::net::TcpListener)>,
-    metrics: Option<tokio::net::TcpListener>,
 }
 
-/// Binds the control socket, the configured transfer ports and the metrics
-/// endpoint.
+/// What the daemon stands on, opened before any port is bound: a missing
+/// export directory or secret file is said as such, not as a busy port.
+struct Ground {
+    jail: jail::Jail,
+    secret: Option<Vec<u8>>,
+    tls: Arc<node::TlsConfigs>,
+}
+
+/// Opens the state directory, the export directory, the secret and this
+/// node's identity, and refuses a secret on plaintext listeners.
+fn ground(config: &Config) -> anyhow::Result<Ground> {
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("cannot create state directory {}", config.state_dir.display()))?;
+    let jail = open_export(config)?;
+    let secret = match &config.auth_secret_file {
+        Some(p) => Some(config::read_secret(p)?),
+        None => None,
+    };
+    if secret.is_some() {
+        info!("transfer listeners require authentication");
+    }
+    let node = node::NodeIdentity::load_or_create(&config.state_dir)
+        .with_context(|| format!("cannot load this node's identity from {}", config.state_dir.display()))?;
+    let tls = Arc::new(node::TlsConfigs::new(&node)?);
+    info!(node_id = %tls.id, "node identity");
+    check_transports(config, secret.is_some())?;
+    Ok(Ground { jail, secret, tls })
+}
+
+/// Binds the control socket, opens what the daemon stands on (see
+/// [`Ground`]), then binds the metrics endpoint and the transfer ports, in
+/// that order, so the first problem an operator reads is the one to fix.
 pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
     // The control socket first: a second daemon on the same socket must
     // say so, not complain about ports.
     let control = control::ControlSocket::bind(&config.socket, config.socket_group.as_deref())?;
-    let mut transfer = Vec::with_capacity(config.ports.len());
-    for &port in &config.ports {
-        transfer.push((port, listener::bind(std::net::SocketAddr::new(config.listen, port))?));
-    }
+    let ground = ground(config)?;
     let metrics = match config.metrics_listen {
         Some(a) => Some(metrics::bind(a).await?),
         None => None,
     };
-    Ok(Bound { control, transfer, metrics })
+    let mut transfer = Vec::with_capacity(config.ports.len());
+    for &port in &config.ports {
+        transfer.push((port, listener::bind(std::net::SocketAddr::new(config.listen, port))?));
+    }
+    Ok(Bound { control, ground, metrics, transfer })
 }
 
 impl Daemon {
@@ -262,24 +294,11 @@ impl Daemon {
     /// `shutdown` is cancelled.
     fn start(
         config: Config,
+        ground: Ground,
         transfer: Vec<(u16, tokio::net::TcpListener)>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Daemon>> {
-        std::fs::create_dir_all(&config.state_dir)
-            .with_context(|| format!("cannot create state directory {}", config.state_dir.display()))?;
-        let jail = open_export(&config)?;
-        let secret = match &config.auth_secret_file {
-            Some(p) => Some(config::read_secret(p)?),
-            None => None,
-        };
-        if secret.is_some() {
-            info!("transfer listeners require authentication");
-        }
-        let node = node::NodeIdentity::load_or_create(&config.state_dir)
-            .with_context(|| format!("cannot load this node's identity from {}", config.state_dir.display()))?;
-        let tls = Arc::new(node::TlsConfigs::new(&node)?);
-        info!(node_id = %tls.id, "node identity");
-        check_transports(&config, secret.is_some())?;
+        let Ground { jail, secret, tls } = ground;
         let ctx = Arc::new(ServeContext::new(
             jail,
             identity::IdentityCache::new(config.hash_threads, Some(config.state_dir.join("identities"))),
@@ -442,7 +461,7 @@ pub async fn run(
     reloader: Option<Reloader>,
 ) -> anyhow::Result<()> {
     let token = CancellationToken::new();
-    let daemon = Daemon::start(config, bound.transfer, token.clone())?;
+    let daemon = Daemon::start(config, bound.ground, bound.transfer, token.clone())?;
     // One shutdown path: the caller's future (signals, for the binary) and
     // `mftctl shutdown` both cancel `token`.
     daemon.tracker.spawn(async move {

@@ -69,9 +69,10 @@ fn main() -> ExitCode {
         }
     };
     let result = rt.block_on(async {
-        let bound = mftd::bind(&config).await?;
+        // Handlers first: a signal while binding must not leave the socket.
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        let bound = mftd::bind(&config).await?;
         let shutdown = async move {
             tokio::select! {
                 _ = term.recv() => info!("SIGTERM received"),

@@ -48,7 +48,8 @@ impl TestDaemon {
         let args = Args::try_parse_from(&argv).expect("test flags parse");
         let config = Config::merge(&args, FileConfig::default(), None).expect("test config");
         let transfer = ports.iter().copied().zip(sockets).collect();
-        let daemon = Daemon::start(config, transfer, CancellationToken::new()).expect("daemon starts");
+        let ground = crate::ground(&config).expect("state, export and identity open");
+        let daemon = Daemon::start(config, ground, transfer, CancellationToken::new()).expect("daemon starts");
         TestDaemon { daemon, dir }
     }
 

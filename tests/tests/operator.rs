@@ -404,4 +404,13 @@ fn config_mistakes_are_named_at_start() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
     assert!(!typo.exists(), "a mistyped export directory was created");
+    // With a busy port too, the export is what is said: it is checked
+    // before any port is bound, so the first error read is the one to fix.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port().to_string();
+    let out = run("", &["--export", typo.to_str().unwrap(), "--ports", &port]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("does not exist") && !stderr(&out).contains("in use"), "{}", stderr(&out));
+    let out = run("", &["--export", exp.to_str().unwrap(), "--ports", &port]);
+    assert!(stderr(&out).contains(&format!("port {port} is already in use")), "{}", stderr(&out));
 }

@@ -294,10 +294,11 @@ async fn wind_down(eng: &Arc<Engine>, mut tasks: tokio::task::JoinSet<()>) {
     })
     .await;
     // The scheduler goes with the run; what it knew stays on show.
+    // (Recorded before the scheduler is let go, so no reader sees neither.)
     let pieces = dl.pieces();
+    dl.progress().recorded = pieces;
     *lock(&dl.pieces) = None;
     let mut p = dl.progress();
-    p.recorded = pieces;
     // Workers cancelled mid-session did not get to count themselves out.
     for s in p.sources.iter_mut() {
         if s.dropped() {
@@ -1075,7 +1076,11 @@ impl Engine {
         })
         .await
         .map_err(DownloadError::task("prepare"))??;
-        self.dl.progress().size = Some(size);
+        {
+            let mut p = self.dl.progress();
+            p.size = Some(size);
+            p.recorded.total = mftd_common::proto::piece_count_for(size, piece_size);
+        }
         info!(size, "file size chosen");
         // Record the file before the first byte is written, so a restart
         // can tell whether the remote file changed.
