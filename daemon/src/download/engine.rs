@@ -316,8 +316,8 @@ async fn wind_down(eng: &Arc<Engine>, mut tasks: tokio::task::JoinSet<()>) {
 fn relayout(eng: Arc<Engine>, dl: &Arc<Download>) -> Votes {
     let votes = std::mem::replace(&mut *lock(&eng.votes), Votes::new(0, None));
     drop(eng);
+    // (wind_down has already let the scheduler go.)
     dl.remove_part_file();
-    *lock(&dl.pieces) = None;
     if let Some(m) = lock(&dl.resume).as_mut() {
         m.file = None;
         m.verified.clear();
@@ -2012,15 +2012,13 @@ async fn write_received(
     }
     let mut ready = Vec::new();
     let written: u64 = claims.iter().map(|c| c.len()).sum();
-    let hashed = {
+    let hashed: Vec<(usize, [u8; 32])> = {
         let mut s = lock(&chosen.sched);
         for c in &claims {
             ready.extend(s.commit(src, *c));
         }
         // A hash started before the piece last failed describes an old copy.
-        let hashed: Vec<(usize, [u8; 32])> =
-            hashed.into_iter().filter(|(p, g, _)| s.generation(*p) == *g).map(|(p, _, h)| (p, h)).collect();
-        hashed
+        hashed.into_iter().filter(|(p, g, _)| s.generation(*p) == *g).map(|(p, _, h)| (p, h)).collect()
     };
     if let Some(s) = eng.dl.progress().sources.get_mut(src) {
         s.bytes += written;

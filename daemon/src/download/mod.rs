@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info_span, Instrument};
 
-use mftd_common::control::{DownloadState, ErrorCode, GetRequest, SourceState};
+use mftd_common::control::{word, DownloadState, ErrorCode, GetRequest, SourceState};
 use mftd_common::manifest::Manifest;
 use mftd_common::path::{destination_name, local_name};
 use tracing::{info, warn};
@@ -227,7 +227,7 @@ impl Downloads {
         if let Some(f) = spec.resume.as_ref().and_then(|m| m.file.as_ref()) {
             progress.size = Some(f.size);
             progress.identity = f.identity.clone();
-            progress.recorded.total = f.size.div_ceil(f.piece_size as u64);
+            progress.recorded.total = mftd_common::proto::piece_count_for(f.size, f.piece_size);
         }
         if let Some(m) = &spec.resume {
             let verified: u64 = match &m.file {
@@ -701,7 +701,7 @@ impl Downloads {
             }
             s if s.is_final() => Err(Rejected(
                 ErrorCode::InvalidArgument,
-                format!("download {id} has already ended ({}); start it again with `mftctl get`", state_word(s)),
+                format!("download {id} has already ended ({}); start it again with `mftctl get`", word(&s)),
             )),
             _ => Ok((self.restart(&dl, all, false)?, added)),
         }
@@ -743,7 +743,7 @@ impl Downloads {
             }),
             s if s.is_final() => Err(Rejected(
                 ErrorCode::InvalidArgument,
-                format!("download {id} ended ({}) before the sources could be added", state_word(s)),
+                format!("download {id} ended ({}) before the sources could be added", word(&s)),
             )),
             _ => Err(give_up(format!(
                 "download {id} did not stop within {} s to take the new sources; it will be paused: resume it to use them",
@@ -769,7 +769,7 @@ impl Downloads {
             s if s.is_final() => {
                 return Err(Rejected(
                     ErrorCode::InvalidArgument,
-                    format!("download {id} has already ended ({})", state_word(s)),
+                    format!("download {id} has already ended ({})", word(&s)),
                 ))
             }
             _ => {}
@@ -802,7 +802,7 @@ impl Downloads {
             DownloadState::Done | DownloadState::Cancelled => {
                 return Err(Rejected(
                     ErrorCode::InvalidArgument,
-                    format!("download {id} has already ended ({})", state_word(dl.state())),
+                    format!("download {id} has already ended ({})", word(&dl.state())),
                 ))
             }
             _ => {
@@ -871,7 +871,7 @@ impl Downloads {
             DownloadState::Done | DownloadState::Cancelled => {
                 return Err(Rejected(
                     ErrorCode::InvalidArgument,
-                    format!("download {id} has already ended ({})", state_word(dl.state())),
+                    format!("download {id} has already ended ({})", word(&dl.state())),
                 ))
             }
             DownloadState::Paused | DownloadState::Failed => {
@@ -1001,10 +1001,6 @@ fn owned_by(dl: &Download, caller: &Caller) -> Result<(), Rejected> {
             caller.describe()
         ),
     ))
-}
-
-pub fn state_word(s: DownloadState) -> String {
-    mftd_common::control::word(&s)
 }
 
 pub fn unknown(id: u64) -> Rejected {

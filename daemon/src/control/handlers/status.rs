@@ -49,8 +49,9 @@ mod tests {
         assert_eq!(operator.download_dir, t.downloads_dir().display().to_string());
         assert_eq!(operator.listeners.iter().map(|l| l.port).collect::<Vec<_>>(), t.ports());
         assert_eq!(operator.downloads.len(), 1);
-        assert_eq!(operator.node_id.len(), t.daemon.node_id.len());
-        assert!(!operator.node_id.is_empty());
+        // The ID the node identity in the state directory has.
+        let node = crate::node::NodeIdentity::load_or_create(&t.dir.path().join("state")).expect("node identity");
+        assert_eq!(operator.node_id, node.id.to_string());
         match status(&t.daemon, &TestDaemon::stranger()) {
             Response::Status(s) => {
                 assert!(s.downloads.is_empty(), "a stranger sees the operator's download: {:?}", s.downloads);
