@@ -198,6 +198,20 @@ impl Daemon {
         panic!("mftd did not become ready: {}", self.log());
     }
 
+    /// Starts a client daemon (no listeners) again on the same directories
+    /// and socket after it was stopped or killed; its log goes on.
+    pub fn spawn_again(&mut self, extra: &[String]) {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(self.dir.path().join("mftd.log"))
+            .expect("log file");
+        let mut cmd = self.command(0, extra);
+        cmd.stdout(Stdio::null()).stderr(log);
+        self.child = Some(cmd.spawn().expect("spawn mftd"));
+        self.wait_ready();
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("mftd.log")).unwrap_or_default()
     }

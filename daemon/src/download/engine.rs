@@ -76,6 +76,10 @@ const PROBE_CAP: Duration = Duration::from_secs(1);
 /// How long a connection waits for a `HASHES_OK` while it has nothing else
 /// to receive: the server may be hashing a large file.
 const HASHES_TIMEOUT: Duration = super::client::STAT_TIMEOUT;
+/// The election deadline: sources that have not answered `STAT` this long
+/// after a run started are no longer waited for (see [`super::vote`]). A
+/// source that answers later still joins, or is excluded if it disagrees.
+pub const ELECTION_DEADLINE: Duration = super::client::CONNECT_TIMEOUT;
 
 /// The file the download is fetching: its size, chosen by the vote before
 /// the first byte is asked for, and its root, adopted by the vote once no
@@ -179,6 +183,8 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
     }
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut grow = Growth::new(dl.job.sources.len());
+    let run_started = Instant::now();
+    let mut deadline_passed = false;
     let outcome = loop {
         tokio::select! {
             o = rx.recv() => break o,
@@ -190,6 +196,10 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
                 }
             }
             _ = tick.tick() => {
+                if !deadline_passed && run_started.elapsed() >= ELECTION_DEADLINE {
+                    deadline_passed = true;
+                    eng.stop_waiting_for_silent();
+                }
                 if fixed == 0 {
                     for (src, k) in grow.due(&eng) {
                         for _ in 0..k {
@@ -441,9 +451,12 @@ async fn checkpoint(eng: &Arc<Engine>, paused: bool) -> Result<(), DownloadError
         }
         None => {
             // Progress from a previous run is not known to the scheduler
-            // yet; the manifest on disk already has it.
-            if lock(&eng.dl.resume).is_some() {
-                return Ok(());
+            // yet: what the manifest it started from recorded stands (with
+            // this run's sources, stats and pause flag).
+            if let Some(r) = lock(&eng.dl.resume).as_ref() {
+                m.file = r.file.clone();
+                m.verified = r.verified.clone();
+                m.received = r.received.clone();
             }
         }
     }
@@ -844,6 +857,78 @@ impl Engine {
         self.dl.set_state(state);
     }
 
+    /// Sources that have not answered are no longer waited for (the
+    /// election deadline passed).
+    fn stop_waiting_for_silent(self: &Arc<Self>) {
+        let changed = lock(&self.votes).deadline_passed();
+        if changed {
+            debug!("election deadline passed: sources that did not answer are not waited for");
+            self.vote_changed();
+        }
+        self.note_waiting();
+    }
+
+    /// A source is no longer waited for: the vote may close now.
+    fn vote_changed(self: &Arc<Self>) {
+        self.offered.notify_waiters();
+        if let Some(c) = self.chosen.get() {
+            self.decide_root(c);
+        }
+    }
+
+    /// `src` could not be reached before it answered: the vote no longer
+    /// waits for it.
+    fn unreachable(self: &Arc<Self>, src: SourceId) {
+        let changed = lock(&self.votes).absent(src);
+        if changed {
+            self.vote_changed();
+        }
+        self.note_waiting();
+    }
+
+    /// While no source has answered, says so and what to do; once one has,
+    /// says nothing.
+    fn note_waiting(&self) {
+        let answered = lock(&self.votes).any_answered();
+        let note = (!answered).then(|| {
+            format!(
+                "no source has answered yet; repeat the get with the right --from, or `mftctl downloads add-source {} HOST:PORT`",
+                self.dl.id
+            )
+        });
+        self.dl.progress().waiting = note;
+    }
+
+    /// How the version in use was decided, for `downloads show`: how many
+    /// sources serve it, and which were not heard from and why.
+    fn note_version(&self, c: &Chosen, root: [u8; 32]) {
+        let (agree, total, silent) = {
+            let v = lock(&self.votes);
+            let (agree, total) = v.support(c.size, root);
+            (agree, total, v.silent().collect::<Vec<_>>())
+        };
+        let mut note = if self.dl.job.pin.is_some() {
+            format!("pinned with --identity; served by {agree} of {total} sources")
+        } else {
+            format!("version from {agree} of {total} sources")
+        };
+        let p = self.dl.progress();
+        let missing: Vec<String> = silent
+            .iter()
+            .filter_map(|&s| p.sources.get(s))
+            .map(|s| match &s.last_error {
+                Some(e) => format!("{} unreachable ({e})", s.address),
+                None => format!("{} not answered", s.address),
+            })
+            .collect();
+        drop(p);
+        if !missing.is_empty() {
+            note.push_str("; ");
+            note.push_str(&missing.join("; "));
+        }
+        self.dl.progress().version = Some(note);
+    }
+
     /// Casts `src`'s ballot and waits until the size to fetch is chosen.
     /// Returns the chosen file if this source serves it. While the vote is
     /// open and other connections wait for `budget`, the connection is not
@@ -866,6 +951,7 @@ impl Engine {
             ))));
         }
         self.offered.notify_waiters();
+        self.dl.progress().waiting = None;
         loop {
             // Registered before looking, so an offer in between is not missed.
             let offered = self.offered.notified();
@@ -930,6 +1016,17 @@ impl Engine {
     /// adopted, sources serving another are excluded and the pieces that
     /// waited are verified as soon as a hash list adding up to it is known.
     fn decide_root(self: &Arc<Self>, c: &Arc<Chosen>) {
+        // Adopted already: late sources may join, or out-vote it.
+        if let Some(&adopted) = c.root.get() {
+            let overturned = lock(&self.votes).overturned(c.size, adopted);
+            if let Some(why) = overturned {
+                info!(reason = %why, "late sources out-voted the adopted version: starting over");
+                let _ = self.outcome.try_send(Outcome::Relayout);
+                return;
+            }
+            self.settle_root(c, adopted);
+            return;
+        }
         let (decision, standing) = {
             let v = lock(&self.votes);
             (v.root(c.size), v.describe(c.size))
@@ -969,6 +1066,28 @@ impl Engine {
             self.dl.progress().identity = Some(hex::encode(root));
             self.progressed.notify_one();
         }
+        self.settle_root(c, root);
+    }
+
+    /// With `root` adopted: sources of other versions are excluded, the
+    /// pieces that waited are verified once a hash list adding up to it is
+    /// known, and the download completes if every piece is verified.
+    fn settle_root(self: &Arc<Self>, c: &Arc<Chosen>, root: [u8; 32]) {
+        self.exclude_others(c, root);
+        self.note_version(c, root);
+        let list = lock(&self.lists).get(&root).cloned();
+        if let Some(list) = list {
+            if c.hashes.get().is_none() {
+                c.hashes_arrived(self, list);
+            }
+            lock(&self.lists).clear();
+        }
+        self.check_complete(c);
+    }
+
+    /// Excludes the sources whose ballot is for another version than the
+    /// one adopted.
+    fn exclude_others(&self, c: &Chosen, root: [u8; 32]) {
         let others: Vec<(SourceId, Ballot)> = {
             let v = lock(&self.votes);
             (0..self.dl.job.sources.len())
@@ -981,14 +1100,6 @@ impl Engine {
                 self.kill_source(s, SourceState::Excluded, self.different(b.size, b.root, c));
             }
         }
-        let list = lock(&self.lists).get(&root).cloned();
-        if let Some(list) = list {
-            if c.hashes.get().is_none() {
-                c.hashes_arrived(self, list);
-            }
-            lock(&self.lists).clear();
-        }
-        self.check_complete(c);
     }
 
     /// Sends `Complete` when every piece is verified against the adopted
@@ -1389,6 +1500,10 @@ async fn worker(eng: Arc<Engine>, src: SourceId) {
             }
             WorkerEnd::Retry(why) => {
                 let delay = backoff.next();
+                if lock(&eng.votes).ballot(src).is_none() {
+                    eng.set_source(src, |s| s.last_error = Some(why.to_string()));
+                    eng.unreachable(src);
+                }
                 debug!(source = %addr, error = %why, retry_in = ?delay, "source connection failed");
                 eng.set_source(src, |s| {
                     s.last_error = Some(why.to_string());

@@ -839,10 +839,19 @@ impl Downloads {
             )
         })?;
         m.paused = false;
+        let changed = sources.as_ref().is_some_and(|s| *s != m.sources) || (force && !m.force);
         if let Some(s) = sources {
             m.sources = s;
         }
         m.force |= force;
+        if changed {
+            // Recorded before the run starts: the sources and --force stay
+            // through a pause, a restart or a crash, even if the run never
+            // gets to a checkpoint of its own.
+            self.store.save(&m).map_err(|e| {
+                Rejected(ErrorCode::Internal, format!("cannot write manifest {}: {e}", self.store.path(id).display()))
+            })?;
+        }
         let mut spec = Self::spec_from(m);
         spec.id = id;
         self.recheck(&spec)?;

@@ -118,6 +118,10 @@ pub struct Progress {
     pub identity: Option<String>,
     /// How the version vote stands while no identity is adopted.
     pub vote: Option<String>,
+    /// How the version in use was decided (see [`DownloadInfo::version`]).
+    pub version: Option<String>,
+    /// What the download waits for while no source has answered.
+    pub waiting: Option<String>,
     pub error: Option<String>,
     /// Where the pieces stood by the manifest, shown while no run has a
     /// scheduler (see [`Download::pieces`]).
@@ -392,6 +396,8 @@ impl Download {
                 .collect(),
             identity: p.identity.clone(),
             vote: if p.identity.is_none() { p.vote.clone() } else { None },
+            version: if p.identity.is_some() { p.version.clone() } else { None },
+            waiting: if stopped { None } else { p.waiting.clone() },
             error: p.error.clone(),
         }
     }
@@ -410,6 +416,8 @@ pub(super) fn new_progress(sources: &[String], state: DownloadState) -> Progress
         size: None,
         identity: None,
         vote: None,
+        version: None,
+        waiting: None,
         error: None,
         recorded: Pieces::default(),
         speed: 0,
