@@ -733,6 +733,13 @@ pub enum Lie {
     /// Relays the real file but flips the byte at `first` and every
     /// `every` bytes after it: bad pieces under the honest identity.
     Flip { first: u64, every: u64 },
+    /// Sends the right bytes, one every `every_ms` milliseconds, and never
+    /// answers TRIM: a source that is never silent long enough to count as
+    /// stalled and never gives a range back.
+    Trickle { every_ms: u64 },
+    /// Relays the real file, but never answers HASHES: a source whose hash
+    /// list, asked for, never comes.
+    NoHashes,
 }
 
 /// A transfer server that tells the truth about the file (it relays the
@@ -795,13 +802,20 @@ fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie) {
     loop {
         let Some(f) = c.recv() else { return };
         match f {
+            // The trickler ignores TRIM: no answer, no effect.
+            Frame::Trim { .. } if matches!(lie, Lie::Trickle { .. }) => {}
+            Frame::Hashes { .. } if lie == Lie::NoHashes => {}
             Frame::Stat { .. } | Frame::Hashes { .. } | Frame::Trim { .. } => {
                 up.try_send(&f);
                 let Some(answer) = up.recv() else { return };
                 c.try_send(&answer);
             }
             Frame::Read(r) => match lie {
-                Lie::Flip { first, every } => {
+                Lie::Flip { .. } | Lie::NoHashes => {
+                    let (first, every) = match lie {
+                        Lie::Flip { first, every } => (first, every),
+                        _ => (u64::MAX, u64::MAX),
+                    };
                     up.try_send(&Frame::Read(r.clone()));
                     let mut got = 0u64;
                     while got < r.len {
@@ -831,6 +845,27 @@ fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie) {
                                 }
                             }
                             None => return,
+                        }
+                    }
+                }
+                Lie::Trickle { every_ms } => {
+                    // The real bytes, announced as one DATA frame each of up
+                    // to 1 MiB, then written a byte at a time.
+                    up.try_send(&Frame::Read(r.clone()));
+                    let mut got = 0u64;
+                    while got < r.len {
+                        let Some(Frame::Data(h)) = up.recv() else { return };
+                        let payload = up.read_payload(h.len);
+                        got += h.len;
+                        if h.len == 0 {
+                            break;
+                        }
+                        c.try_send(&Frame::Data(h));
+                        for b in payload {
+                            if c.s.write_all(&[b]).and_then(|_| c.s.flush()).is_err() {
+                                return;
+                            }
+                            std::thread::sleep(Duration::from_millis(every_ms));
                         }
                     }
                 }

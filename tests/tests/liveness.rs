@@ -209,3 +209,77 @@ fn a_single_fast_same_size_liar_loses_to_two_honest_sources_still_hashing() {
     assert_eq!(s.state, SourceState::Excluded, "{s:?}");
     assert!(d.version.as_deref().is_some_and(|v| v.starts_with("version from 2 of 3 sources")), "{d:?}");
 }
+
+/// A source that announces the right identity, sends the right bytes one
+/// every 250 ms and never answers TRIM costs at most 1.5 times what the
+/// honest sources alone need: its ranges are taken from it without waiting
+/// for an answer that never comes.
+#[test]
+fn a_trickling_source_that_ignores_trim_cannot_hold_the_download() {
+    let honest = Daemon::builder(2).arg("--rate-limit").arg("4M").start();
+    let size = 24 * MIB;
+    write_file(&honest.export.join("t.bin"), size, 207);
+    warm(&honest, "t.bin");
+    // The trickler relays the file from a server of its own, so what it
+    // reads does not eat into the honest listeners' caps.
+    let upstream = Daemon::start(1);
+    write_file(&upstream.export.join("t.bin"), size, 207);
+    warm(&upstream, "t.bin");
+    let trickler = mftd_tests::LyingServer::start(upstream.ports[0], mftd_tests::Lie::Trickle { every_ms: 250 });
+    let trickle_addr = format!("127.0.0.1:{}", trickler.port);
+    let client = Daemon::start(0);
+    // The honest sources alone, measured in the same run: 24 MiB at 2 x 4 MiB/s.
+    let (out, alone) = get_timed(&client, "t.bin", &honest.sources(), Duration::from_secs(60));
+    assert!(out.status.success(), "{}\n{}", stderr(&out), client.log());
+    std::fs::remove_file(client.downloads.join("t.bin")).expect("remove");
+    let mut sources = honest.sources();
+    sources.push(trickle_addr.clone());
+    let (out, with) = get_timed(&client, "t.bin", &sources, Duration::from_secs(120));
+    assert!(out.status.success(), "{}\n{}", stderr(&out), client.log());
+    assert_eq!(sha256_file(&client.downloads.join("t.bin")), sha256_file(&honest.export.join("t.bin")));
+    println!("honest sources alone {alone:?}, with the trickler {with:?}");
+    // At least what the honest sources' caps allow (the caps hold), at
+    // most 1.5 times what they alone took.
+    assert!(with >= Duration::from_millis(2900), "{with:?}: faster than 8 MiB/s, the caps did not hold");
+    assert!(with <= alone.mul_f64(1.5), "with the trickler {with:?}, honest sources alone {alone:?}");
+    let d = client.download(2);
+    let t = source(&d, &trickle_addr);
+    assert!(t.bytes < MIB, "the trickler delivered {} bytes: {t:?}", t.bytes);
+}
+
+/// A source that announced its root but never answers HASHES cannot hold
+/// up verification: after a short patience another source of the same
+/// root is asked for the hash list.
+#[test]
+fn a_source_that_never_sends_its_hash_list_does_not_hold_verification() {
+    let honest = Daemon::start(1);
+    let upstream = Daemon::start(1);
+    let size = 8 * MIB;
+    write_file(&honest.export.join("v.bin"), size, 208);
+    write_file(&upstream.export.join("v.bin"), size, 208);
+    warm(&honest, "v.bin");
+    warm(&upstream, "v.bin");
+    let mute = mftd_tests::LyingServer::start(upstream.ports[0], mftd_tests::Lie::NoHashes);
+    let mute_addr = format!("127.0.0.1:{}", mute.port);
+    // The honest source is down at first: the mute one is asked for the
+    // hash list, and sends every byte of the file.
+    let port = honest.ports[0].to_string();
+    assert!(honest.ctl(&["servers", "stop", &port]).status.success());
+    let client = Daemon::start(0);
+    let id = client.get_detached("v.bin", &[mute_addr.clone(), honest.sources()[0].clone()], &[]);
+    assert!(
+        wait_until(Duration::from_secs(15), || client.download(id).bytes_done == size),
+        "{:?}",
+        client.download(id)
+    );
+    let d = client.download(id);
+    assert_eq!(d.pieces_verified, 0, "verified without a hash list: {d:?}");
+    assert!(honest.ctl(&["servers", "start", &port]).status.success());
+    let back = Instant::now();
+    let d = client.wait_download(id, Duration::from_secs(20));
+    assert_eq!(d.state, DownloadState::Done, "{d:?}");
+    assert_eq!(sha256_file(&client.downloads.join("v.bin")), sha256_file(&honest.export.join("v.bin")));
+    println!("done {:?} after the honest source came back", back.elapsed());
+    // It came from the mute source; the honest one sent only its list.
+    assert_eq!(source(&d, &mute_addr).bytes, size, "{d:?}");
+}

@@ -76,6 +76,11 @@ const PROBE_CAP: Duration = Duration::from_secs(1);
 /// How long a connection waits for a `HASHES_OK` while it has nothing else
 /// to receive: the server may be hashing a large file.
 const HASHES_TIMEOUT: Duration = super::client::STAT_TIMEOUT;
+/// How long a hash list asked for from a source that announced its root
+/// (so has hashed the file) may take before another source of that root is
+/// asked as well: a source that never answers `HASHES` cannot hold up
+/// verification.
+const HASHES_PATIENCE: Duration = Duration::from_secs(2);
 /// The election deadline: sources that have not answered `STAT` this long
 /// after a run started are no longer waited for (see [`super::vote`]). A
 /// source that answers later still joins, or is excluded if it disagrees.
@@ -110,6 +115,10 @@ enum Outcome {
     Suspend(DownloadError),
 }
 
+/// Sources asked for their hash list, and roots whose list was asked for
+/// with when (see [`Engine::should_ask_hashes`]).
+type Asked = (HashSet<SourceId>, HashMap<[u8; 32], Instant>);
+
 struct Engine {
     dl: Arc<Download>,
     /// Cancelled when the download ends for any reason: stops all workers.
@@ -119,8 +128,8 @@ struct Engine {
     /// Piece hash lists received, by the root they add up to.
     lists: Mutex<HashMap<[u8; 32], Vec<[u8; 32]>>>,
     /// Sources a connection has asked for their hash list (and not failed),
-    /// and the roots whose list was asked for.
-    asked: Mutex<(HashSet<SourceId>, HashSet<[u8; 32]>)>,
+    /// and the roots whose list was asked for, with when.
+    asked: Mutex<Asked>,
     next_conn: AtomicU64,
     live_workers: AtomicUsize,
     /// Workers started per source.
@@ -367,7 +376,7 @@ impl Engine {
             chosen: OnceCell::new(),
             votes: Mutex::new(votes),
             lists: Mutex::new(HashMap::new()),
-            asked: Mutex::new((HashSet::new(), HashSet::new())),
+            asked: Mutex::new((HashSet::new(), HashMap::new())),
             next_conn: AtomicU64::new(1),
             live_workers: AtomicUsize::new(0),
             slots: Mutex::new(vec![0; dl.job.sources.len()]),
@@ -1124,10 +1133,14 @@ impl Engine {
             return None;
         }
         if let Some(r) = root {
-            if asked.1.contains(&r) || lock(&self.lists).contains_key(&r) {
+            // A source that announced its root has hashed the file: its
+            // answer is due within a round trip and what is queued ahead of
+            // it. Past that, another source of the same root is asked too.
+            let waited = asked.1.get(&r).map(|t| t.elapsed());
+            if waited.is_some_and(|w| w < HASHES_PATIENCE) || lock(&self.lists).contains_key(&r) {
                 return None;
             }
-            asked.1.insert(r);
+            asked.1.insert(r, Instant::now());
         }
         asked.0.insert(src);
         Some(root)

@@ -48,6 +48,14 @@ pub const DUPLICATE_AFTER: Duration = Duration::from_millis(1500);
 const LAG_PRIOR: f64 = 0.02;
 /// Time constant of the per-connection speed estimate.
 const SPEED_TAU: f64 = 0.5;
+/// A connection delivering less than this fraction of what the other
+/// connections of the download deliver each (their mean) is *crawling*: its
+/// range is taken over without waiting for its `TRIMMED` (see
+/// [`Scheduler::crawling`]).
+const CRAWL_FRACTION: f64 = 1.0 / 16.0;
+/// How long a connection may carry a range before it can count as crawling:
+/// a fresh connection is still ramping up.
+const CRAWL_GRACE: f64 = 1.0;
 
 #[derive(Debug, Clone)]
 struct Assignment {
@@ -62,7 +70,8 @@ struct Assignment {
     granted: Instant,
     /// Taken from this ticket's range: not to be requested until its owner
     /// learned (TRIMMED) where its server really stops, so no byte already
-    /// on its way is fetched twice.
+    /// on its way is fetched twice; or until the deadline for that answer
+    /// passed (see [`Scheduler::trim_deadline`]).
     held_by: Option<Ticket>,
 }
 
@@ -294,6 +303,47 @@ impl Scheduler {
         a.start < a.end && since_data > quiet && since_grant > quiet
     }
 
+    /// Whether the connection owning `a` delivers far below what the rest of
+    /// the download achieves: less than [`CRAWL_FRACTION`] of the mean rate
+    /// of the other connections, after [`CRAWL_GRACE`] to ramp up. A source
+    /// trickling a byte at a time is never stalled, but it is crawling, and
+    /// it loses its range without being waited for.
+    fn crawling(&self, a: &Assignment, now: Instant) -> bool {
+        let Some(c) = self.conns.get(&a.conn) else { return false };
+        let held_for = now.saturating_duration_since(a.granted).as_secs_f64();
+        if a.start >= a.end || held_for < CRAWL_GRACE.max(4.0 * c.rtt) {
+            return false;
+        }
+        let others: Vec<f64> = self
+            .conns
+            .iter()
+            .filter(|(id, _)| **id != a.conn)
+            .map(|(_, i)| i.meter.rate(now))
+            .filter(|r| *r > 0.0)
+            .collect();
+        if others.is_empty() {
+            return false;
+        }
+        let mean = others.iter().sum::<f64>() / others.len() as f64;
+        c.meter.rate(now) < mean * CRAWL_FRACTION
+    }
+
+    /// Whether the owner of `a` is not worth waiting for: stalled or
+    /// crawling.
+    fn lagging(&self, a: &Assignment, now: Instant) -> bool {
+        self.stalled(a, now) || self.crawling(a, now)
+    }
+
+    /// How long a range taken from `owner`'s connection waits for its
+    /// `TRIMMED` before it is requested anyway: the answer follows the TRIM
+    /// by a round trip plus what the owner's buffers hold (learned from
+    /// earlier answers), so four times that, at least 300 ms. Bytes the
+    /// owner still sends past the split are then late copies, discarded.
+    pub fn trim_deadline(&self, owner: ConnId) -> Duration {
+        let rtt = self.conns.get(&owner).map(|c| c.rtt).unwrap_or(0.0);
+        Duration::from_secs_f64((4.0 * (rtt + self.lag)).max(0.3))
+    }
+
     /// Whether `a`'s owner has not received a byte yet but was granted the
     /// range so recently that all of it may well be on its way: neither
     /// split nor duplicated until it looks stuck (a loaded machine can take
@@ -362,7 +412,9 @@ impl Scheduler {
             if a.conn == conn {
                 continue;
             }
-            let floor = a.start.saturating_add(self.in_flight(t, a, now));
+            // A lagging owner has next to nothing on its way: everything it
+            // has not delivered may be taken (a late copy is discarded).
+            let floor = if self.lagging(a, now) { a.start } else { a.start.saturating_add(self.in_flight(t, a, now)) };
             if a.end.saturating_sub(floor) < MIN_SPLIT || self.avoided(source, Range::new(floor, a.end)) {
                 continue;
             }
@@ -374,7 +426,7 @@ impl Scheduler {
             if self.fresh(a, now) {
                 continue;
             }
-            let rate = if self.stalled(a, now) { 0.0 } else { self.conn_rate(a.conn, now) };
+            let rate = if self.lagging(a, now) { 0.0 } else { self.conn_rate(a.conn, now) };
             let when = self.pending(a.conn) as f64 / rate.max(1.0);
             if best.map(|(_, bt, _)| when > bt).unwrap_or(true) {
                 best = Some((t, when, floor));
@@ -386,7 +438,8 @@ impl Scheduler {
             // Both should finish together: the victim keeps bytes in
             // proportion to its speed. Unknown speeds split in half; a
             // stalled owner keeps only what may still be on its way.
-            let frac = if self.stalled(a, now) {
+            let lagging = self.lagging(a, now);
+            let frac = if lagging {
                 0.0
             } else if vr > 0.0 && my_rate > 0.0 {
                 vr / (vr + my_rate)
@@ -395,9 +448,10 @@ impl Scheduler {
             };
             let remaining = a.end - a.start;
             let mut split = (a.start + (remaining as f64 * frac) as u64).max(floor);
-            // On a piece boundary, so both sides can hash whole pieces.
+            // On a piece boundary, so both sides can hash whole pieces
+            // (not for a lagging owner: it would keep the rest of its piece).
             let aligned = split.div_ceil(self.piece_size) * self.piece_size;
-            if aligned < a.end {
+            if aligned < a.end && !lagging {
                 split = aligned;
             }
             if split < a.end {
@@ -406,9 +460,10 @@ impl Scheduler {
                 if let Some(v) = self.assignments.get_mut(&victim) {
                     v.end = split;
                 }
-                // A stalled owner's server will not answer the TRIM soon:
-                // what it may still send is small next to what it owes.
-                let stalled = self.assignments.get(&victim).is_some_and(|v| self.stalled(v, now));
+                // A stalled or crawling owner's server will not answer the
+                // TRIM soon: what it may still send is small next to what
+                // it owes, and a late copy of it is discarded.
+                let stalled = lagging;
                 let g = self.give(conn, source, Range::new(split, end), false, Some(vconn));
                 if let Some(a) = self.assignments.get_mut(&g.ticket) {
                     a.held_by = (!stalled).then_some(victim);
@@ -428,7 +483,7 @@ impl Scheduler {
             {
                 continue;
             }
-            let rate = if self.stalled(a, now) { 0.0 } else { self.conn_rate(a.conn, now) };
+            let rate = if self.lagging(a, now) { 0.0 } else { self.conn_rate(a.conn, now) };
             let when = (a.end - a.start) as f64 / rate.max(1.0);
             // Worth it when the owner needs long, or when this connection
             // would clearly finish first (the last piece on a slow source).
@@ -642,10 +697,14 @@ impl Scheduler {
     /// Whether the range of `ticket` (granted with `shrunk`) may be
     /// requested now.
     pub fn held(&mut self, ticket: Ticket, now: Instant) -> Hold {
-        // An owner that stalled since (a link gone silent) will not answer:
-        // go ahead without its TRIMMED.
-        let owner_stalled = match self.assignments.get(&ticket).and_then(|a| a.held_by) {
-            Some(owner) => self.assignments.get(&owner).is_none_or(|o| self.stalled(o, now)),
+        // An owner that stalled or crawls since (a link gone silent, a
+        // source trickling bytes) will not answer soon, and no owner is
+        // waited for past the deadline of its answer: go ahead without its
+        // TRIMMED.
+        let owner_stalled = match self.assignments.get(&ticket).and_then(|a| a.held_by.map(|o| (a, o))) {
+            Some((a, owner)) => self.assignments.get(&owner).is_none_or(|o| {
+                self.lagging(o, now) || now.saturating_duration_since(a.granted) >= self.trim_deadline(o.conn)
+            }),
             None => false,
         };
         if owner_stalled {
@@ -979,6 +1038,83 @@ mod tests {
         let b = s.assign(2, 1, t0 + Duration::from_millis(100)).unwrap();
         assert_eq!(s.held(b.ticket, t0 + Duration::from_millis(150)), Hold::Waiting);
         assert_eq!(s.held(b.ticket, t0 + Duration::from_secs(2)), Hold::Ready(b.range));
+    }
+
+    /// Issue 20: a range taken from an owner that keeps receiving but whose
+    /// server never answers the TRIM waited forever.
+    #[test]
+    fn a_trimmed_answer_is_waited_for_only_until_its_deadline() {
+        let mut s = Scheduler::new(64 << 20, PS);
+        let t0 = Instant::now();
+        s.open_conn(1, 0, Duration::from_millis(1), t0);
+        let a = s.assign(1, 0, t0).unwrap();
+        let mut at = 0;
+        let mut deliver = |s: &mut Scheduler, now: Instant| {
+            for c in s.claim(1, a.ticket, Range::new(at, at + (1 << 20)), now) {
+                s.commit(0, c);
+            }
+            at += 1 << 20;
+        };
+        for i in 1..=10 {
+            deliver(&mut s, t0 + Duration::from_millis(i));
+        }
+        let now = t0 + Duration::from_millis(20);
+        let b = s.assign(2, 1, now).unwrap();
+        assert_eq!(b.shrunk, Some(1));
+        let deadline = s.trim_deadline(1);
+        assert!(deadline >= Duration::from_millis(300), "{deadline:?}");
+        // The owner keeps receiving (never stalled), its TRIMMED never comes.
+        let mut t = now;
+        while t < now + deadline - Duration::from_millis(50) {
+            t += Duration::from_millis(10);
+            deliver(&mut s, t);
+            assert_eq!(s.held(b.ticket, t), Hold::Waiting, "at {:?}", t - now);
+        }
+        let late = now + deadline + Duration::from_millis(10);
+        deliver(&mut s, late);
+        assert!(matches!(s.held(b.ticket, late), Hold::Ready(_)), "past the deadline");
+    }
+
+    /// A connection trickling bytes is never stalled, but it crawls: its
+    /// range is taken whole, without waiting for its TRIMMED.
+    #[test]
+    fn a_crawling_owner_loses_its_range_without_being_waited_for() {
+        let mut s = Scheduler::new(64 << 20, PS);
+        s.set_expected_conns(2);
+        let t0 = Instant::now();
+        s.open_conn(1, 0, Duration::from_millis(1), t0);
+        s.open_conn(3, 1, Duration::from_millis(1), t0);
+        let slow = s.assign(1, 0, t0).unwrap();
+        let fast = s.assign(3, 1, t0).unwrap();
+        assert_eq!(slow.range, Range::new(0, 32 << 20));
+        // For two seconds the slow one gets 4 bytes every 200 ms, the fast
+        // one 1 MiB every 100 ms.
+        let (mut s_at, mut f_at) = (0u64, 32u64 << 20);
+        for i in 1..=20u64 {
+            let now = t0 + Duration::from_millis(100 * i);
+            for c in s.claim(3, fast.ticket, Range::new(f_at, f_at + (1 << 20)), now) {
+                s.commit(1, c);
+            }
+            f_at += 1 << 20;
+            if i % 2 == 0 {
+                for c in s.claim(1, slow.ticket, Range::new(s_at, s_at + 4), now) {
+                    s.commit(0, c);
+                }
+                s_at += 4;
+            }
+        }
+        let now = t0 + Duration::from_millis(2010);
+        let a = slow_assignment(&s, slow.ticket);
+        assert!(!s.stalled(&a, now), "a trickle is not a stall");
+        assert!(s.crawling(&a, now));
+        let g = s.assign(2, 1, now).unwrap();
+        assert_eq!(g.shrunk, Some(1));
+        assert_eq!(g.range.start, s_at, "everything the crawler has not delivered is taken");
+        assert_eq!(s.held(g.ticket, now), Hold::Ready(g.range), "no wait for the crawler's TRIMMED");
+    }
+
+    fn slow_assignment(s: &Scheduler, t: Ticket) -> Assignment {
+        s.assignments.get(&t).cloned().expect("assignment")
     }
 
     #[test]
