@@ -740,6 +740,9 @@ pub enum Lie {
     /// Relays the real file, but never answers HASHES: a source whose hash
     /// list, asked for, never comes.
     NoHashes,
+    /// Answers each READ with its first byte wrong, then hangs up: the
+    /// rest of the piece comes from an honest source.
+    OneByte,
 }
 
 /// A transfer server that tells the truth about the file (it relays the
@@ -847,6 +850,16 @@ fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie) {
                             None => return,
                         }
                     }
+                }
+                Lie::OneByte => {
+                    up.try_send(&Frame::Read(r.clone()));
+                    let Some(Frame::Data(h)) = up.recv() else { return };
+                    let payload = up.read_payload(h.len);
+                    let Some(first) = payload.first() else { return };
+                    c.try_send(&Frame::Data(h));
+                    let _ = c.s.write_all(&[first ^ 0x55]);
+                    let _ = c.s.flush();
+                    return;
                 }
                 Lie::Trickle { every_ms } => {
                     // The real bytes, announced as one DATA frame each of up

@@ -283,3 +283,39 @@ fn a_source_that_never_sends_its_hash_list_does_not_hold_verification() {
     // It came from the mute source; the honest one sent only its list.
     assert_eq!(source(&d, &mute_addr).bytes, size, "{d:?}");
 }
+
+/// A source that sends one wrong byte at the start of each READ and hangs
+/// up, so an honest source writes the rest of each piece: only the liar is
+/// struck (and dropped at the third strike), with and without a pin.
+#[test]
+fn a_one_byte_liar_never_gets_the_honest_source_struck() {
+    let honest = Daemon::builder(1).arg("--rate-limit").arg("8M").start();
+    let upstream = Daemon::start(1);
+    let size = 12 * MIB;
+    write_file(&honest.export.join("l.bin"), size, 209);
+    write_file(&upstream.export.join("l.bin"), size, 209);
+    warm(&honest, "l.bin");
+    warm(&upstream, "l.bin");
+    let liar = mftd_tests::LyingServer::start(upstream.ports[0], mftd_tests::Lie::OneByte);
+    let liar_addr = format!("127.0.0.1:{}", liar.port);
+    let honest_addr = honest.sources()[0].clone();
+    let root = identity_of(&honest.export.join("l.bin"));
+    let client = Daemon::start(0);
+    for (i, pin) in [vec!["--identity", root.as_str()], vec![]].into_iter().enumerate() {
+        let name = "l.bin";
+        let _ = std::fs::remove_file(client.downloads.join(name));
+        let id = client.get_detached(name, &[liar_addr.clone(), honest_addr.clone()], &pin);
+        let d = client.wait_download(id, Duration::from_secs(60));
+        assert_eq!(d.state, DownloadState::Done, "run {i}: {d:?}\n{}", client.log());
+        assert_eq!(sha256_file(&client.downloads.join(name)), sha256_file(&honest.export.join(name)));
+        let h = source(&d, &honest_addr);
+        let l = source(&d, &liar_addr);
+        println!("run {i}: honest {h:?}\nliar {l:?}");
+        assert_eq!(h.strikes, 0, "run {i}: the honest source was struck: {h:?}");
+        assert_eq!(l.strikes, 3, "run {i}: {l:?}");
+        assert_eq!(l.state, SourceState::Failed, "run {i}: {l:?}");
+        assert!(l.last_error.as_deref().is_some_and(|e| e.contains("failed verification")), "{l:?}");
+        assert_eq!(h.bytes, size, "run {i}: every byte in the file is the honest source's: {d:?}");
+        assert_eq!(l.bytes, 0, "run {i}: the liar's bytes all failed and are not credited: {l:?}");
+    }
+}

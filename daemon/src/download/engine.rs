@@ -115,6 +115,10 @@ enum Outcome {
     Suspend(DownloadError),
 }
 
+/// One bad copy of a piece with several authors: each author's span and
+/// the hash of what it wrote there (see [`suspect`]).
+type BadCopy = Vec<(SourceId, Range, [u8; 32])>;
+
 /// Sources asked for their hash list, and roots whose list was asked for
 /// with when (see [`Engine::should_ask_hashes`]).
 type Asked = (HashSet<SourceId>, HashMap<[u8; 32], Instant>);
@@ -146,6 +150,9 @@ struct Engine {
     in_flight: AtomicUsize,
     /// Woken when `in_flight` drops to zero.
     drained: Notify,
+    /// Bad copies of pieces with several authors, waiting for a good copy
+    /// to tell who was wrong: per copy, each author's span and its hash.
+    suspects: Mutex<HashMap<usize, Vec<BadCopy>>>,
     /// Woken when bytes were committed or a piece verified (checkpointer).
     progressed: Notify,
     /// Woken when a source offered a version or was dropped (election).
@@ -386,6 +393,7 @@ impl Engine {
             outcome: tx,
             in_flight: AtomicUsize::new(0),
             drained: Notify::new(),
+            suspects: Mutex::new(HashMap::new()),
             progressed: Notify::new(),
             offered: Notify::new(),
             rtt_known: Mutex::new(vec![false; dl.job.sources.len()]),
@@ -2282,7 +2290,87 @@ async fn verify(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize, known: Option<[
         Some(h) => Ok(Ok(hashes.get(p) == Some(&h))),
         None => read_back(&eng, &chosen, p, hashes).await,
     };
-    settle(eng, chosen, p, ok);
+    match ok {
+        // A good copy tells whose bytes in earlier bad ones were wrong.
+        Ok(Ok(true)) => judge(&eng, &chosen, p).await,
+        Ok(Ok(false)) => {
+            if let Some(solo) = suspect(&eng, &chosen, p).await {
+                settle(eng, chosen.clone(), p, ok, false);
+                lock(&chosen.sched).refetch_from(p, solo);
+                return;
+            }
+        }
+        _ => {}
+    }
+    settle(eng, chosen, p, ok, true);
+}
+
+/// BLAKE3 of bytes `r` of `file`.
+fn hash_range(file: &File, r: Range) -> io::Result<[u8; 32]> {
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; (r.len() as usize).min(1 << 20)];
+    let mut at = r.start;
+    while at < r.end {
+        let n = ((r.end - at) as usize).min(buf.len());
+        file.read_exact_at(&mut buf[..n], at)?;
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(*h.finalize().as_bytes())
+}
+
+/// Piece `p` failed with bytes of several sources in it (none dropped):
+/// nobody is struck yet. The hash of each source's span of the bad copy is
+/// kept, and the piece is fetched again whole from one source (the one
+/// that wrote most of it). When a good copy is verified, [`judge`] strikes
+/// exactly the sources whose spans differ from it: an honest source that
+/// finished a piece a liar started is never struck for the liar's bytes.
+/// Returns the source to fetch it from, or `None` when one source alone is
+/// to blame (a sole author, or a dropped source among the authors).
+async fn suspect(eng: &Arc<Engine>, chosen: &Arc<Chosen>, p: usize) -> Option<SourceId> {
+    let spans = lock(&chosen.sched).spans_of(p);
+    let mut bytes: HashMap<SourceId, u64> = HashMap::new();
+    for (s, r) in &spans {
+        *bytes.entry(*s).or_default() += r.len();
+    }
+    if bytes.len() < 2 || bytes.keys().any(|s| eng.is_dead(*s)) {
+        return None;
+    }
+    let file = chosen.file.clone();
+    let hashed = tokio::task::spawn_blocking(move || {
+        spans.into_iter().map(|(s, r)| hash_range(&file, r).map(|h| (s, r, h))).collect::<io::Result<Vec<_>>>()
+    })
+    .await
+    .ok()?
+    .ok()?;
+    debug!(piece = p, authors = ?bytes, "bad piece with several authors: fetching it again from one to tell who was wrong");
+    lock(&eng.suspects).entry(p).or_default().push(hashed);
+    bytes.into_iter().max_by_key(|(s, n)| (*n, std::cmp::Reverse(*s))).map(|(s, _)| s)
+}
+
+/// Piece `p` verified: every source whose span of an earlier bad copy of
+/// it differs from the good bytes gets a strike; the others were honest.
+async fn judge(eng: &Arc<Engine>, chosen: &Arc<Chosen>, p: usize) {
+    let Some(copies) = lock(&eng.suspects).remove(&p) else { return };
+    let file = chosen.file.clone();
+    let guilty = tokio::task::spawn_blocking(move || {
+        let mut guilty = Vec::new();
+        for copy in copies {
+            let mut spoiled: Vec<SourceId> = Vec::new();
+            for (s, r, bad) in copy {
+                if hash_range(&file, r).is_ok_and(|good| good != bad) && !spoiled.contains(&s) {
+                    spoiled.push(s);
+                }
+            }
+            guilty.extend(spoiled);
+        }
+        guilty
+    })
+    .await
+    .unwrap_or_default();
+    for s in guilty {
+        eng.strike(s, p);
+    }
 }
 
 async fn read_back(
@@ -2294,24 +2382,18 @@ async fn read_back(
     let Some(want) = hashes.get(p).copied() else { return Ok(Ok(false)) };
     let Ok(_slot) = eng.verify_slots.acquire().await else { return Ok(Ok(false)) };
     let c2 = chosen.clone();
-    tokio::task::spawn_blocking(move || {
-        let Range { start, end } = c2.piece_range(p);
-        let mut h = blake3::Hasher::new();
-        let mut buf = vec![0u8; ((end - start) as usize).min(1 << 20)];
-        let mut at = start;
-        while at < end {
-            let n = ((end - at) as usize).min(buf.len());
-            c2.file.read_exact_at(&mut buf[..n], at)?;
-            h.update(&buf[..n]);
-            at += n as u64;
-        }
-        Ok(*h.finalize().as_bytes() == want)
-    })
-    .await
+    tokio::task::spawn_blocking(move || Ok(hash_range(&c2.file, c2.piece_range(p))? == want)).await
 }
 
-/// Records the outcome of verifying piece `p`.
-fn settle(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize, ok: Result<io::Result<bool>, tokio::task::JoinError>) {
+/// Records the outcome of verifying piece `p`; with `blame`, a bad piece's
+/// authors are struck at once (see [`suspect`] for when they are not).
+fn settle(
+    eng: Arc<Engine>,
+    chosen: Arc<Chosen>,
+    p: usize,
+    ok: Result<io::Result<bool>, tokio::task::JoinError>,
+    blame: bool,
+) {
     match ok {
         Ok(Ok(true)) => {
             lock(&chosen.sched).piece_verified(p);
@@ -2331,7 +2413,7 @@ fn settle(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize, ok: Result<io::Result
             // A piece that a dropped source (typically one excluded for
             // serving another version) helped write is its fault alone.
             let blame_dropped = bad.contributors.iter().any(|(s, _)| eng.is_dead(*s));
-            if !blame_dropped {
+            if blame && !blame_dropped {
                 for (s, _) in bad.contributors {
                     eng.strike(s, p);
                 }

@@ -53,6 +53,9 @@ const SPEED_TAU: f64 = 0.5;
 /// range is taken over without waiting for its `TRIMMED` (see
 /// [`Scheduler::crawling`]).
 const CRAWL_FRACTION: f64 = 1.0 / 16.0;
+/// Longest others leave a piece to the one source it is fetched again from
+/// (see [`Scheduler::refetch_from`]): a slow source cannot hold it for long.
+const SOLO_MAX: Duration = Duration::from_secs(10);
 /// How long a connection may carry a range before it can count as crawling:
 /// a fresh connection is still ramping up.
 const CRAWL_GRACE: f64 = 1.0;
@@ -140,6 +143,10 @@ pub struct BadPiece {
     pub contributors: Vec<(SourceId, u64)>,
 }
 
+/// Which source wrote which bytes of a piece: the exact spans, so a bad
+/// piece can be blamed on the sources whose bytes were wrong.
+pub type Spans = Vec<(SourceId, Range)>;
+
 #[derive(Debug)]
 pub struct Scheduler {
     size: u64,
@@ -151,6 +158,12 @@ pub struct Scheduler {
     verifying: HashSet<usize>,
     /// Bytes each source wrote into each unverified piece.
     contributors: HashMap<usize, Vec<(SourceId, u64)>>,
+    /// The exact spans each source wrote into each unverified piece.
+    spans: HashMap<usize, Spans>,
+    /// Pieces to fetch again from one source alone (whole, so its copy
+    /// tells whose bytes were wrong in the last one): others leave them to
+    /// it while it has a connection open.
+    solo: HashMap<usize, (SourceId, Instant)>,
     /// Sources that sent a bad copy of a piece; asked last for it.
     avoid: HashMap<usize, HashSet<SourceId>>,
     assignments: HashMap<Ticket, Assignment>,
@@ -183,6 +196,8 @@ impl Scheduler {
             verified_count: 0,
             verifying: HashSet::new(),
             contributors: HashMap::new(),
+            spans: HashMap::new(),
+            solo: HashMap::new(),
             avoid: HashMap::new(),
             assignments: HashMap::new(),
             conns: HashMap::new(),
@@ -521,10 +536,23 @@ impl Scheduler {
     /// still in the download. When every remaining source sent a bad copy,
     /// nobody is avoided (otherwise the piece would never be fetched).
     fn avoided(&self, source: SourceId, r: Range) -> bool {
-        if self.avoid.is_empty() {
+        if self.avoid.is_empty() && self.solo.is_empty() {
             return false;
         }
         self.pieces_of(r).any(|p| {
+            // A piece to fetch again from one source: its own, and left to
+            // it by the others while it is connected (for at most SOLO_MAX).
+            if let Some(&(s, since)) = self.solo.get(&p) {
+                if s == source {
+                    return false;
+                }
+                if since.elapsed() < SOLO_MAX
+                    && self.alive.get(s).copied().unwrap_or(true)
+                    && self.conns.values().any(|c| c.source == s)
+                {
+                    return true;
+                }
+            }
             let Some(bad) = self.avoid.get(&p) else { return false };
             bad.contains(&source) && self.someone_else_for(p, source, bad)
         })
@@ -604,6 +632,13 @@ impl Scheduler {
                 Some((_, n)) => *n += part,
                 None => c.push((source, part)),
             }
+            if let Some(span) = self.piece_range(p).intersect(&r) {
+                let spans = self.spans.entry(p).or_default();
+                match spans.last_mut() {
+                    Some((s, last)) if *s == source && last.end == span.start => last.end = span.end,
+                    _ => spans.push((source, span)),
+                }
+            }
             if !self.verified[p] && !self.verifying.contains(&p) && self.received.contains_range(self.piece_range(p)) {
                 self.verifying.insert(p);
                 ready.push(p);
@@ -620,6 +655,8 @@ impl Scheduler {
     pub fn piece_verified(&mut self, p: usize) {
         self.verifying.remove(&p);
         self.contributors.remove(&p);
+        self.spans.remove(&p);
+        self.solo.remove(&p);
         if p < self.verified.len() && !self.verified[p] {
             self.verified[p] = true;
             self.verified_count += 1;
@@ -633,8 +670,23 @@ impl Scheduler {
         let r = self.piece_range(p);
         self.received.remove(r);
         let contributors = self.contributors.remove(&p).unwrap_or_default();
+        self.spans.remove(&p);
+        self.solo.remove(&p);
         self.avoid.entry(p).or_default().extend(contributors.iter().map(|(s, _)| *s));
         BadPiece { piece: p, contributors }
+    }
+
+    /// Who wrote which bytes of piece `p` (not verified yet).
+    pub fn spans_of(&self, p: usize) -> Spans {
+        self.spans.get(&p).cloned().unwrap_or_default()
+    }
+
+    /// Piece `p`, which failed with several sources' bytes in it, is to be
+    /// fetched again whole from `source`: others leave it alone while that
+    /// source has a connection open (so a source that is down does not
+    /// hold it up).
+    pub fn refetch_from(&mut self, p: usize, source: SourceId) {
+        self.solo.insert(p, (source, Instant::now()));
     }
 
     /// Bytes found on disk (resume): they count as received, and the
