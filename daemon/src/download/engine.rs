@@ -23,9 +23,9 @@
 //! lifetime, and a run waits for its blocking writes before it ends.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -149,6 +149,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Runs a download to its end. Never panics on peer or disk input.
 pub async fn run(dl: Arc<Download>) {
+    let d = dl.clone();
+    if tokio::task::spawn_blocking(move || finished_before(&d)).await.unwrap_or(false) {
+        info!(dest = %dl.job.destination.display(), "already renamed into place before a crash: download complete");
+        dl.stop_clock();
+        dl.set_state(DownloadState::Done);
+        return;
+    }
     let mut votes = Votes::new(dl.job.sources.len(), dl.job.pin).expect_size(dl.job.expected_size);
     // Bounded: each start over follows a new majority, and ballots never
     // change, so there are at most as many as there are sources.
@@ -424,14 +431,7 @@ async fn checkpoint(eng: &Arc<Engine>, paused: bool) -> Result<(), DownloadError
     m.paused = paused;
     match eng.chosen.get() {
         Some(c) => {
-            let (verified, received) = {
-                let s = lock(&c.sched);
-                (piece_runs(s.verified_pieces()), s.received_unverified())
-            };
-            m.file =
-                Some(ManifestFile { size: c.size, piece_size: c.piece_size, identity: c.root.get().map(hex::encode) });
-            m.verified = verified;
-            m.received = received;
+            record_progress(&mut m, c);
             let file = c.file.clone();
             let part = eng.dl.part_path();
             tokio::task::spawn_blocking(move || file.sync_data())
@@ -447,11 +447,32 @@ async fn checkpoint(eng: &Arc<Engine>, paused: bool) -> Result<(), DownloadError
             }
         }
     }
+    // The crash windows of a checkpoint with something to lose.
+    let progress = !m.verified.is_empty() || !m.received.is_empty();
+    let at = move |step: crate::store::Step| {
+        if progress {
+            crate::failpoint::hit(step.failpoint());
+        }
+    };
+    if progress {
+        crate::failpoint::hit("checkpoint-data-synced");
+    }
     let path = store.path(m.id);
-    tokio::task::spawn_blocking(move || store.save(&m))
+    tokio::task::spawn_blocking(move || store.save_with(&m, at))
         .await
         .map_err(DownloadError::task("manifest"))?
         .map_err(DownloadError::disk("write manifest", path))
+}
+
+/// Puts what the scheduler knows of the file into `m`.
+fn record_progress(m: &mut mftd_common::manifest::Manifest, c: &Chosen) {
+    let (verified, received) = {
+        let s = lock(&c.sched);
+        (piece_runs(s.verified_pieces()), s.received_unverified())
+    };
+    m.file = Some(ManifestFile { size: c.size, piece_size: c.piece_size, identity: c.root.get().map(hex::encode) });
+    m.verified = verified;
+    m.received = received;
 }
 
 /// Checkpoints while bytes arrive: at least every `checkpoint_interval`, and
@@ -509,26 +530,47 @@ async fn checkpointer(eng: Arc<Engine>) {
     }
 }
 
-/// fsync, whole-file check against the identity, rename, directory fsync.
+/// Whole-file check against the identity, fsync, the manifest marked
+/// `finishing`, rename, directory fsync. The mark lets a run after a crash
+/// between the rename and the manifest's removal recognise the finished
+/// file ([`finished_before`]).
 async fn finish(eng: &Arc<Engine>) -> Result<(), DownloadError> {
     let Some(chosen) = eng.chosen.get().cloned() else { return Err(DownloadError::NotVerified(eng.dl.part_path())) };
     let dest = eng.dl.job.destination.clone();
     let force = eng.dl.job.force;
     let owner = eng.dl.restricted_owner().cloned();
+    let c = chosen.clone();
     tokio::task::spawn_blocking(move || {
         let part = part_path(&dest);
         // The whole file is the union of its pieces, each checked against
         // its hash after it was written; the piece hashes must add up to
         // the announced root identity.
-        let all = lock(&chosen.sched).verified_count() == chosen.piece_count();
-        if !all || !chosen.identity_holds() {
+        let all = lock(&c.sched).verified_count() == c.piece_count();
+        if !all || !c.identity_holds() {
             return Err(DownloadError::NotVerified(part));
         }
-        let len = chosen.file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
-        if len != chosen.size {
-            return Err(DownloadError::WrongLength { path: part, len, want: chosen.size });
+        let len = c.file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+        if len != c.size {
+            return Err(DownloadError::WrongLength { path: part, len, want: c.size });
         }
-        chosen.file.sync_all().map_err(DownloadError::disk("fsync", &part))?;
+        c.file.sync_all().map_err(DownloadError::disk("fsync", &part))
+    })
+    .await
+    .map_err(DownloadError::task("final check"))??;
+    if let Some(store) = eng.dl.store.clone() {
+        let mut m = eng.dl.base_manifest();
+        record_progress(&mut m, &chosen);
+        m.finishing = true;
+        let path = store.path(m.id);
+        tokio::task::spawn_blocking(move || store.save(&m))
+            .await
+            .map_err(DownloadError::task("manifest"))?
+            .map_err(DownloadError::disk("write manifest", path))?;
+        crate::failpoint::hit("finish-marked");
+    }
+    let dest = eng.dl.job.destination.clone();
+    tokio::task::spawn_blocking(move || {
+        let part = part_path(&dest);
         let (at, _pin) = crate::caller::pin_dir(&dest, owner.as_ref())
             .map_err(DownloadError::disk("open the directory of", &part))?;
         crate::caller::as_caller(owner.as_ref(), || rename_into_place(&chosen.file, &part_path(&at), &at, force))
@@ -536,7 +578,45 @@ async fn finish(eng: &Arc<Engine>) -> Result<(), DownloadError> {
         Ok(())
     })
     .await
-    .map_err(DownloadError::task("final check"))?
+    .map_err(DownloadError::task("rename"))?
+}
+
+/// Whether a crash came between the final rename and the manifest's
+/// removal: the manifest says `finishing`, and the destination is a
+/// regular file of the recorded size and identity. Then the download is
+/// done; what is left of it (the manifest, a part file of its own) is
+/// removed. Blocking (it may hash the whole file).
+fn finished_before(dl: &Download) -> bool {
+    let Some(m) = lock(&dl.resume).clone().filter(|m| m.finishing) else { return false };
+    let Some((size, Some(identity))) = m.file.as_ref().map(|f| (f.size, f.identity.clone())) else { return false };
+    let open = || {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags((nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK).bits())
+            .open(&dl.job.destination)
+    };
+    let Ok(Ok(file)) = crate::caller::as_caller(dl.restricted_owner(), open) else { return false };
+    if !file.metadata().is_ok_and(|meta| meta.is_file() && meta.len() == size) {
+        return false;
+    }
+    match crate::identity::hash_file(&file, size, 2) {
+        Ok(id) if hex::encode(id.root) == identity => {}
+        _ => return false,
+    }
+    dl.remove_part_file();
+    if let Some(st) = &dl.store {
+        st.remove(dl.id);
+    }
+    let piece_size = mftd_common::proto::piece_size_for(size);
+    let total = mftd_common::proto::piece_count_for(size, piece_size);
+    let mut p = dl.progress();
+    p.size = Some(size);
+    p.identity = Some(identity);
+    p.recorded = super::run::Pieces { bytes_done: size, verified: total, total };
+    for s in p.sources.iter_mut() {
+        s.state = SourceState::Idle;
+    }
+    true
 }
 
 struct Backoff(Duration);

@@ -344,6 +344,7 @@ fn create(dir: &Dir, part: &Path, dest: &Path, size: u64, keep_free: Option<u64>
         }
     }
     let record = record_of(&file).map_err(DownloadError::disk("inspect", part))?;
+    crate::failpoint::hit("part-created");
     Ok(Opened { file, preload: Vec::new(), record })
 }
 
@@ -434,6 +435,7 @@ pub(super) fn rename_into_place(verified: &File, part: &Path, dest: &Path, force
         nix::errno::Errno::EEXIST => DownloadError::DestinationAppeared(dest.to_path_buf()),
         e => DownloadError::disk("rename to its final name", part)(e.into()),
     })?;
+    crate::failpoint::hit("finish-renamed");
     nix::unistd::fsync(raw).map_err(|e| DownloadError::disk("fsync", dir)(e.into()))?;
     Ok(())
 }

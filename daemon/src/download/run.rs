@@ -272,6 +272,7 @@ impl Download {
             verified: Vec::new(),
             received: Vec::new(),
             part: *self.part.lock().unwrap_or_else(|p| p.into_inner()),
+            finishing: false,
             checksum: String::new(),
         }
     }
