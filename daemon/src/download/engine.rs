@@ -26,7 +26,6 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,6 +42,7 @@ use mftd_common::range::Range;
 use super::budget::HostBudget;
 use super::client::{ClientError, Conn, Event, Stream};
 use super::error::{DownloadError, SourceError};
+use super::part::{open_part, rename_into_place, PartRequest};
 use super::run::{part_path, Download, SourceProgress, StopReason};
 use super::scheduler::{ConnId, Hold, Scheduler, SourceId, Ticket};
 use super::vote::{Ballot, Decision, Offer, Votes};
@@ -169,6 +169,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Runs a download to its end. Never panics on peer or disk input.
 pub async fn run(dl: Arc<Download>) {
+    let d = dl.clone();
+    if tokio::task::spawn_blocking(move || finished_before(&d)).await.unwrap_or(false) {
+        info!(dest = %dl.job.destination.display(), "already renamed into place before a crash: download complete");
+        dl.stop_clock();
+        dl.set_state(DownloadState::Done);
+        return;
+    }
     let mut votes = Votes::new(dl.job.sources.len(), dl.job.pin).expect_size(dl.job.expected_size);
     // Bounded: each start over follows a new majority, and ballots never
     // change, so there are at most as many as there are sources.
@@ -451,14 +458,7 @@ async fn checkpoint(eng: &Arc<Engine>, paused: bool) -> Result<(), DownloadError
     m.paused = paused;
     match eng.chosen.get() {
         Some(c) => {
-            let (verified, received) = {
-                let s = lock(&c.sched);
-                (piece_runs(s.verified_pieces()), s.received_unverified())
-            };
-            m.file =
-                Some(ManifestFile { size: c.size, piece_size: c.piece_size, identity: c.root.get().map(hex::encode) });
-            m.verified = verified;
-            m.received = received;
+            record_progress(&mut m, c);
             let file = c.file.clone();
             let part = eng.dl.part_path();
             tokio::task::spawn_blocking(move || file.sync_data())
@@ -477,11 +477,32 @@ async fn checkpoint(eng: &Arc<Engine>, paused: bool) -> Result<(), DownloadError
             }
         }
     }
+    // The crash windows of a checkpoint with something to lose.
+    let progress = !m.verified.is_empty() || !m.received.is_empty();
+    let at = move |step: crate::store::Step| {
+        if progress {
+            crate::failpoint::hit(step.failpoint());
+        }
+    };
+    if progress {
+        crate::failpoint::hit("checkpoint-data-synced");
+    }
     let path = store.path(m.id);
-    tokio::task::spawn_blocking(move || store.save(&m))
+    tokio::task::spawn_blocking(move || store.save_with(&m, at))
         .await
         .map_err(DownloadError::task("manifest"))?
         .map_err(DownloadError::disk("write manifest", path))
+}
+
+/// Puts what the scheduler knows of the file into `m`.
+fn record_progress(m: &mut mftd_common::manifest::Manifest, c: &Chosen) {
+    let (verified, received) = {
+        let s = lock(&c.sched);
+        (piece_runs(s.verified_pieces()), s.received_unverified())
+    };
+    m.file = Some(ManifestFile { size: c.size, piece_size: c.piece_size, identity: c.root.get().map(hex::encode) });
+    m.verified = verified;
+    m.received = received;
 }
 
 /// Checkpoints while bytes arrive: at least every `checkpoint_interval`, and
@@ -539,26 +560,47 @@ async fn checkpointer(eng: Arc<Engine>) {
     }
 }
 
-/// fsync, whole-file check against the identity, rename, directory fsync.
+/// Whole-file check against the identity, fsync, the manifest marked
+/// `finishing`, rename, directory fsync. The mark lets a run after a crash
+/// between the rename and the manifest's removal recognise the finished
+/// file ([`finished_before`]).
 async fn finish(eng: &Arc<Engine>) -> Result<(), DownloadError> {
     let Some(chosen) = eng.chosen.get().cloned() else { return Err(DownloadError::NotVerified(eng.dl.part_path())) };
     let dest = eng.dl.job.destination.clone();
     let force = eng.dl.job.force;
     let owner = eng.dl.restricted_owner().cloned();
+    let c = chosen.clone();
     tokio::task::spawn_blocking(move || {
         let part = part_path(&dest);
         // The whole file is the union of its pieces, each checked against
         // its hash after it was written; the piece hashes must add up to
         // the announced root identity.
-        let all = lock(&chosen.sched).verified_count() == chosen.piece_count();
-        if !all || !chosen.identity_holds() {
+        let all = lock(&c.sched).verified_count() == c.piece_count();
+        if !all || !c.identity_holds() {
             return Err(DownloadError::NotVerified(part));
         }
-        let len = chosen.file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
-        if len != chosen.size {
-            return Err(DownloadError::WrongLength { path: part, len, want: chosen.size });
+        let len = c.file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+        if len != c.size {
+            return Err(DownloadError::WrongLength { path: part, len, want: c.size });
         }
-        chosen.file.sync_all().map_err(DownloadError::disk("fsync", &part))?;
+        c.file.sync_all().map_err(DownloadError::disk("fsync", &part))
+    })
+    .await
+    .map_err(DownloadError::task("final check"))??;
+    if let Some(store) = eng.dl.store.clone() {
+        let mut m = eng.dl.base_manifest();
+        record_progress(&mut m, &chosen);
+        m.finishing = true;
+        let path = store.path(m.id);
+        tokio::task::spawn_blocking(move || store.save(&m))
+            .await
+            .map_err(DownloadError::task("manifest"))?
+            .map_err(DownloadError::disk("write manifest", path))?;
+        crate::failpoint::hit("finish-marked");
+    }
+    let dest = eng.dl.job.destination.clone();
+    tokio::task::spawn_blocking(move || {
+        let part = part_path(&dest);
         let (at, _pin) = crate::caller::pin_dir(&dest, owner.as_ref())
             .map_err(DownloadError::disk("open the directory of", &part))?;
         crate::caller::as_caller(owner.as_ref(), || rename_into_place(&chosen.file, &part_path(&at), &at, force))
@@ -566,237 +608,45 @@ async fn finish(eng: &Arc<Engine>) -> Result<(), DownloadError> {
         Ok(())
     })
     .await
-    .map_err(DownloadError::task("final check"))?
+    .map_err(DownloadError::task("rename"))?
 }
 
-/// Renames the verified part file to its final name through one descriptor
-/// of the directory, after checking that the part file there is still the
-/// one that was verified (`verified`, the open file): a part file swapped
-/// for another, or a directory swapped for a symlink, is never renamed into
-/// place. Then fsyncs the directory.
-fn rename_into_place(verified: &File, part: &Path, dest: &Path, force: bool) -> Result<(), DownloadError> {
-    use nix::fcntl::{renameat2, AtFlags, OFlag, RenameFlags};
-    use std::os::unix::fs::MetadataExt;
-    let (Some(dir), Some(part_name), Some(dest_name)) = (dest.parent(), part.file_name(), dest.file_name()) else {
-        return Err(DownloadError::NotVerified(part.to_path_buf()));
+/// Whether a crash came between the final rename and the manifest's
+/// removal: the manifest says `finishing`, and the destination is a
+/// regular file of the recorded size and identity. Then the download is
+/// done; what is left of it (the manifest, a part file of its own) is
+/// removed. Blocking (it may hash the whole file).
+fn finished_before(dl: &Download) -> bool {
+    let Some(m) = lock(&dl.resume).clone().filter(|m| m.finishing) else { return false };
+    let Some((size, Some(identity))) = m.file.as_ref().map(|f| (f.size, f.identity.clone())) else { return false };
+    let open = || {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags((nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK).bits())
+            .open(&dl.job.destination)
     };
-    let dirfd =
-        nix::fcntl::open(dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())
-            .map_err(|e| DownloadError::disk("open", dir)(e.into()))?;
-    // SAFETY: `open` returned a new descriptor that nothing else owns.
-    let dirfd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dirfd) };
-    let there =
-        nix::sys::stat::fstatat(Some(std::os::fd::AsRawFd::as_raw_fd(&dirfd)), part_name, AtFlags::AT_SYMLINK_NOFOLLOW)
-            .map_err(|e| DownloadError::disk("inspect", part)(e.into()))?;
-    let ours = verified.metadata().map_err(DownloadError::disk("inspect", part))?;
-    if there.st_dev != ours.dev() || there.st_ino != ours.ino() {
-        return Err(DownloadError::PartReplaced(part.to_path_buf()));
-    }
-    let raw = std::os::fd::AsRawFd::as_raw_fd(&dirfd);
-    renameat2(
-        Some(raw),
-        part_name,
-        Some(raw),
-        dest_name,
-        if force { RenameFlags::empty() } else { RenameFlags::RENAME_NOREPLACE },
-    )
-    .map_err(|e| match e {
-        nix::errno::Errno::EEXIST => DownloadError::DestinationAppeared(dest.to_path_buf()),
-        e => DownloadError::disk("rename to its final name", part)(e.into()),
-    })?;
-    nix::unistd::fsync(raw).map_err(|e| DownloadError::disk("fsync", dir)(e.into()))?;
-    Ok(())
-}
-
-/// Opens `NAME.mftpart` for a download of `size` bytes, never through a
-/// symlink. With `reuse`, an existing part file is kept and the ranges to
-/// re-verify are returned: what the manifest claims (`claimed`) if the file
-/// is consistent with it, otherwise whatever the file holds.
-fn open_part(
-    dest: &Path,
-    size: u64,
-    claimed: Option<Vec<Range>>,
-    reuse: bool,
-    keep_free: Option<u64>,
-) -> Result<(File, Vec<Range>), DownloadError> {
-    let part = part_path(dest);
-    if reuse {
-        if let Ok(meta) = std::fs::symlink_metadata(&part) {
-            if meta.file_type().is_file() {
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .custom_flags(libc_o_nofollow() | nix::fcntl::OFlag::O_NONBLOCK.bits())
-                    .open(&part)
-                    .map_err(DownloadError::disk("open", &part))?;
-                // Swapped for a FIFO or a device since the lstat above, or a
-                // hard link to some other file mftd may write?
-                check_own_file(&file, &part)?;
-                lock_part(&file, &part)?;
-                let len = meta.len();
-                let ranges = match claimed {
-                    Some(r) if len == size => r,
-                    Some(_) => {
-                        warn!(part = %part.display(), len, size, "partial file does not match its manifest; re-verifying what it holds");
-                        data_ranges(&file, len.min(size))
-                    }
-                    None => {
-                        info!(part = %part.display(), "found a partial file without recorded progress; re-verifying what it holds");
-                        data_ranges(&file, len.min(size))
-                    }
-                };
-                if len != size {
-                    file.set_len(size).map_err(DownloadError::disk("size", &part))?;
-                }
-                return Ok((file, ranges));
-            }
-        }
-        if claimed.as_ref().is_some_and(|c| !c.is_empty()) {
-            warn!(part = %part.display(), "partial file is missing; starting over");
-        }
-    }
-    Ok((create_part(&part, dest, size, keep_free)?, Vec::new()))
-}
-
-/// The parts of the first `len` bytes of `file` that hold data: a part file
-/// is created sparse at its full size, so its holes are what was never
-/// written (SEEK_DATA/SEEK_HOLE). Where the file system cannot tell, all of
-/// it.
-fn data_ranges(file: &File, len: u64) -> Vec<Range> {
-    use nix::unistd::{lseek, Whence};
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
-    let mut out = Vec::new();
-    let mut pos: u64 = 0;
-    // Bounded: each turn moves past one extent.
-    for _ in 0..1_000_000 {
-        if pos >= len {
-            return out;
-        }
-        let start = match lseek(fd, pos as i64, Whence::SeekData) {
-            Ok(s) => s as u64,
-            Err(nix::errno::Errno::ENXIO) => return out, // only a hole is left
-            Err(_) => return vec![Range::new(0, len)],
-        };
-        if start >= len {
-            return out;
-        }
-        let end = match lseek(fd, start as i64, Whence::SeekHole) {
-            Ok(e) => (e as u64).min(len),
-            Err(_) => return vec![Range::new(0, len)],
-        };
-        if end <= start {
-            return vec![Range::new(0, len)];
-        }
-        out.push(Range::new(start, end));
-        pos = end;
-    }
-    vec![Range::new(0, len)]
-}
-
-/// Creates `NAME.mftpart` (never through a symlink) at the file's size.
-/// `keep_free`: bytes to leave free on the file system (`None`: the smaller
-/// of 1 GiB and 5 % of it), so no source can make mftd fill a disk.
-fn create_part(part: &Path, dest: &Path, size: u64, keep_free: Option<u64>) -> Result<File, DownloadError> {
-    let part = part.to_path_buf();
-    // Lock before truncating: another download may be writing this file.
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o644)
-        .custom_flags(libc_o_nofollow() | nix::fcntl::OFlag::O_NONBLOCK.bits())
-        .open(&part)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) {
-                DownloadError::Symlink(part.clone())
-            } else {
-                DownloadError::disk("create", &part)(e)
-            }
-        })?;
-    check_own_file(&file, &part)?;
-    lock_part(&file, &part)?;
-    file.set_len(0).map_err(DownloadError::disk("truncate", &part))?;
-    if let Ok(v) = nix::sys::statvfs::fstatvfs(&file) {
-        let avail = v.blocks_available().saturating_mul(v.fragment_size());
-        let total = v.blocks().saturating_mul(v.fragment_size());
-        let keep = keep_free.unwrap_or((1u64 << 30).min(total / 20));
-        if size.saturating_add(keep) > avail {
-            let _ = std::fs::remove_file(&part);
-            let detail = format!(", {avail} bytes available, {keep} kept free (min_free_space)");
-            return Err(DownloadError::NoSpace { dest: dest.to_path_buf(), size, detail });
-        }
-    }
-    // On tmpfs, fallocate zeroes every page up front (0.37 s per GiB
-    // measured here) for memory the writes fill anyway: check the free
-    // space instead and let the file grow sparse.
-    if size > 0 && on_tmpfs(&file) {
-        file.set_len(size).map_err(DownloadError::disk("size", &part))?;
-    } else if size > 0 {
-        use std::os::fd::AsRawFd;
-        match nix::fcntl::posix_fallocate(file.as_raw_fd(), 0, size as i64) {
-            Ok(()) => {}
-            Err(nix::errno::Errno::ENOSPC) => {
-                let _ = std::fs::remove_file(&part);
-                return Err(DownloadError::NoSpace { dest: dest.to_path_buf(), size, detail: String::new() });
-            }
-            Err(_) => file.set_len(size).map_err(DownloadError::disk("size", &part))?,
-        }
-    }
-    Ok(file)
-}
-
-/// A part file must be a regular file with no other name: a hard link
-/// someone made to another file mftd may write (its manifest key, say) is
-/// never written through.
-fn check_own_file(file: &File, part: &Path) -> Result<(), DownloadError> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = file.metadata().map_err(DownloadError::disk("inspect", part))?;
-    if !meta.is_file() {
-        return Err(DownloadError::disk("open", part)(io::Error::other("not a regular file")));
-    }
-    if meta.nlink() != 1 {
-        return Err(DownloadError::disk("open", part)(io::Error::other(
-            "it has other names (hard links); remove it and start again",
-        )));
-    }
-    Ok(())
-}
-
-fn on_tmpfs(file: &File) -> bool {
-    nix::sys::statfs::fstatfs(file).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
-}
-
-/// Takes an exclusive lock on a part file for as long as the file stays
-/// open, so two downloads can never write (or truncate) the same one.
-fn lock_part(file: &File, part: &Path) -> Result<(), DownloadError> {
-    use std::os::fd::AsRawFd;
-    #[allow(deprecated)] // nix's Flock wrapper would take ownership of the File.
-    let r = nix::fcntl::flock(file.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock);
-    match r {
-        Ok(()) => Ok(()),
-        Err(nix::errno::Errno::EWOULDBLOCK) => Err(DownloadError::PartBusy(part.to_path_buf())),
-        Err(e) => Err(DownloadError::disk("lock", part)(e.into())),
-    }
-}
-
-/// Whether some running download holds the lock on `part`.
-pub fn part_in_use(part: &Path) -> bool {
-    use std::os::fd::AsRawFd;
-    // O_NONBLOCK: a FIFO planted at the part file's name must not hang us.
-    let flags = libc_o_nofollow() | nix::fcntl::OFlag::O_NONBLOCK.bits();
-    let Ok(f) = OpenOptions::new().read(true).custom_flags(flags).open(part) else { return false };
-    if !f.metadata().is_ok_and(|m| m.is_file()) {
+    let Ok(Ok(file)) = crate::caller::as_caller(dl.restricted_owner(), open) else { return false };
+    if !file.metadata().is_ok_and(|meta| meta.is_file() && meta.len() == size) {
         return false;
     }
-    #[allow(deprecated)]
-    let r = nix::fcntl::flock(f.as_raw_fd(), nix::fcntl::FlockArg::LockSharedNonblock);
-    matches!(r, Err(nix::errno::Errno::EWOULDBLOCK))
-}
-
-fn libc_o_nofollow() -> i32 {
-    nix::fcntl::OFlag::O_NOFOLLOW.bits()
+    match crate::identity::hash_file(&file, size, 2) {
+        Ok(id) if hex::encode(id.root) == identity => {}
+        _ => return false,
+    }
+    dl.remove_part_file();
+    if let Some(st) = &dl.store {
+        st.remove(dl.id);
+    }
+    let piece_size = mftd_common::proto::piece_size_for(size);
+    let total = mftd_common::proto::piece_count_for(size, piece_size);
+    let mut p = dl.progress();
+    p.size = Some(size);
+    p.identity = Some(identity);
+    p.recorded = super::run::Pieces { bytes_done: size, verified: total, total };
+    for s in p.sources.iter_mut() {
+        s.state = SourceState::Idle;
+    }
+    true
 }
 
 struct Backoff(Duration);
@@ -1185,7 +1035,9 @@ impl Engine {
         }
         let owner = self.dl.restricted_owner().cloned();
         let keep_free = self.dl.min_free_space;
-        let (file, preload) = tokio::task::spawn_blocking(move || {
+        let record = resume.as_ref().and_then(|m| m.part);
+        let owner_uid = self.dl.part_owner_uid();
+        let opened = tokio::task::spawn_blocking(move || {
             let (at, _pin) = crate::caller::pin_dir(&dest, owner.as_ref())
                 .map_err(DownloadError::disk("open the directory of", part_path(&dest)))?;
             // The previous run of this download (paused or restarted a
@@ -1194,7 +1046,15 @@ impl Engine {
             let mut tries = 0;
             loop {
                 let r = crate::caller::as_caller(owner.as_ref(), || {
-                    open_part(&at, size, claimed.clone(), reuse, keep_free)
+                    open_part(PartRequest {
+                        dest: &at,
+                        size,
+                        claimed: claimed.clone(),
+                        record,
+                        reuse,
+                        keep_free,
+                        owner_uid,
+                    })
                 })
                 .map_err(DownloadError::disk("act as the download's owner on", part_path(&dest)))?;
                 match r {
@@ -1208,17 +1068,27 @@ impl Engine {
         })
         .await
         .map_err(DownloadError::task("prepare"))??;
+        let (file, preload) = (opened.file, opened.preload);
+        *lock(&self.dl.part) = Some(opened.record);
         {
             let mut p = self.dl.progress();
             p.size = Some(size);
             p.recorded.total = mftd_common::proto::piece_count_for(size, piece_size);
         }
         info!(size, "file size chosen");
-        // Record the file before the first byte is written, so a restart
-        // can tell whether the remote file changed.
-        if let (Some(store), false) = (&self.dl.store, resume.as_ref().is_some_and(|m| m.file.is_some())) {
+        // Record the file and its part file before the first byte is
+        // written, so a restart can tell whether the remote file changed
+        // and which part file is this download's.
+        let recorded = resume.as_ref().is_some_and(|m| m.file.is_some() && m.part == Some(opened.record));
+        if let (Some(store), false) = (&self.dl.store, recorded) {
             let mut m = self.dl.base_manifest();
             m.file = Some(ManifestFile { size, piece_size, identity: None });
+            if let Some(f) = resume.as_ref().and_then(|r| r.file.clone()) {
+                // A new part file: the identity stays (a restart must still
+                // tell a changed remote file); progress is claimed again
+                // once checkpoints see it in this file.
+                m.file = Some(f);
+            }
             let store = store.clone();
             let path = store.path(m.id);
             tokio::task::spawn_blocking(move || store.save(&m))
@@ -2433,26 +2303,6 @@ fn settle(
 mod tests {
     use super::*;
 
-    #[test]
-    fn only_the_written_parts_of_a_sparse_part_file_are_re_verified() {
-        use std::os::unix::fs::FileExt;
-        let dir = tempfile::tempdir().unwrap();
-        let f =
-            OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("p")).unwrap();
-        f.set_len(16 << 20).unwrap();
-        f.write_all_at(&vec![7u8; 1 << 20], 4 << 20).unwrap();
-        f.write_all_at(&vec![9u8; 1 << 20], 10 << 20).unwrap();
-        f.sync_all().unwrap();
-        let r = data_ranges(&f, 16 << 20);
-        let covered: u64 = r.iter().map(|r| r.len()).sum();
-        // The written 2 MiB, at block granularity (every file system Linux
-        // offers for /tmp answers SEEK_DATA/SEEK_HOLE).
-        assert!((2 << 20..(2 << 20) + (256 << 10)).contains(&covered), "{r:?}");
-        assert!(r.iter().any(|x| x.start <= 4 << 20 && x.end >= 5 << 20), "{r:?}");
-        assert!(r.iter().any(|x| x.start <= 10 << 20 && x.end >= 11 << 20), "{r:?}");
-        assert_eq!(data_ranges(&f, 0), vec![]);
-    }
-
     /// The README's schedule: from 250 ms, doubling to a 5 s cap, each
     /// delay within ±25 % of its step, and not all alike.
     #[test]
@@ -2477,69 +2327,5 @@ mod tests {
             assert_eq!(step, BACKOFF_CAP, "ten tries reach the cap");
         }
         assert!(firsts.len() > 10, "no jitter: {firsts:?}");
-    }
-
-    /// Review finding: a hard link planted at the part file's name made
-    /// mftd write (and truncate) the file it links to.
-    #[test]
-    fn a_hard_link_at_the_part_file_is_not_written_through() {
-        let dir = tempfile::tempdir().unwrap();
-        let precious = dir.path().join("precious");
-        std::fs::write(&precious, b"keep me").unwrap();
-        let dest = dir.path().join("f");
-        std::fs::hard_link(&precious, part_path(&dest)).unwrap();
-        assert!(open_part(&dest, 10, None, true, Some(0)).is_err());
-        assert!(open_part(&dest, 10, None, false, Some(0)).is_err());
-        assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
-    }
-
-    /// Review finding: a FIFO planted at the part file's name hung the
-    /// check (and a blocking thread) forever.
-    #[test]
-    fn a_fifo_at_the_part_file_neither_hangs_nor_counts() {
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f");
-        nix::unistd::mkfifo(&part_path(&dest), nix::sys::stat::Mode::S_IRWXU).unwrap();
-        let t = std::time::Instant::now();
-        assert!(!part_in_use(&part_path(&dest)));
-        assert!(open_part(&dest, 10, None, true, Some(0)).is_err());
-        assert!(t.elapsed() < Duration::from_secs(2));
-    }
-
-    #[test]
-    fn only_the_verified_part_file_is_renamed_into_place() {
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f");
-        let (verified, _) = open_part(&dest, 10, None, false, Some(0)).unwrap();
-        // Someone swaps the part file for their own.
-        std::fs::remove_file(part_path(&dest)).unwrap();
-        std::fs::write(part_path(&dest), b"planted!!!").unwrap();
-        let err = rename_into_place(&verified, &part_path(&dest), &dest, false).unwrap_err();
-        assert!(matches!(err, DownloadError::PartReplaced(_)), "{err}");
-        assert!(!dest.exists());
-        // The real one goes in place.
-        std::fs::remove_file(part_path(&dest)).unwrap();
-        let (verified, _) = open_part(&dest, 10, None, false, Some(0)).unwrap();
-        rename_into_place(&verified, &part_path(&dest), &dest, false).unwrap();
-        assert_eq!(std::fs::metadata(&dest).unwrap().len(), 10);
-    }
-
-    #[test]
-    fn a_part_file_is_never_shared_between_runs() {
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f");
-        let (first, _) = open_part(&dest, 1000, None, true, Some(0)).unwrap();
-        assert!(part_in_use(&part_path(&dest)));
-        // A second run, resuming or starting over, is refused while the
-        // first holds the file, and nothing gets truncated.
-        std::fs::write(part_path(&dest), vec![7u8; 1000]).unwrap();
-        let err = open_part(&dest, 1000, None, true, Some(0)).unwrap_err();
-        assert!(matches!(err, DownloadError::PartBusy(_)), "{err}");
-        let err = open_part(&dest, 1000, None, false, Some(0)).unwrap_err();
-        assert!(err.to_string().contains("another download is already writing"), "{err}");
-        assert_eq!(std::fs::read(part_path(&dest)).unwrap(), vec![7u8; 1000]);
-        drop(first);
-        assert!(!part_in_use(&part_path(&dest)));
-        assert!(open_part(&dest, 1000, None, true, Some(0)).is_ok());
     }
 }

@@ -7,6 +7,7 @@ pub mod client;
 pub mod engine;
 pub mod error;
 pub mod existing;
+mod part;
 pub mod run;
 pub mod scheduler;
 pub mod vote;
@@ -252,6 +253,7 @@ impl Downloads {
             max_size: self.defaults.max_download_size,
             token: self.parent.child_token(),
             budgets: self.budgets.clone(),
+            part: Mutex::new(spec.resume.as_ref().and_then(|m| m.part)),
             resume: Mutex::new(spec.resume),
             stop: Mutex::new(None),
             started,
@@ -886,7 +888,7 @@ impl Downloads {
             DownloadState::Paused | DownloadState::Failed => {
                 // No engine runs: clean up here, unless another download
                 // (same destination) is writing that part file now.
-                if !engine::part_in_use(&dl.part_path()) {
+                if !part::part_in_use(&dl.part_path()) {
                     dl.remove_part_file();
                 }
                 self.store.remove(id);
@@ -924,7 +926,7 @@ impl Downloads {
         }
         let kept = state == DownloadState::Failed && self.store.path(id).exists();
         if kept {
-            if !engine::part_in_use(&dl.part_path()) {
+            if !part::part_in_use(&dl.part_path()) {
                 dl.remove_part_file();
             }
             self.store.remove(id);

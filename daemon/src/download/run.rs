@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use mftd_common::control::{DownloadInfo, DownloadState, SourceInfo, SourceState};
-use mftd_common::manifest::{Manifest, ManifestOwner, ManifestStats, SourceStats, FORMAT, VERSION};
+use mftd_common::manifest::{Manifest, ManifestOwner, ManifestPart, ManifestStats, SourceStats, FORMAT, VERSION};
 
 use super::scheduler::Scheduler;
 use super::{budget, client};
@@ -162,6 +162,9 @@ pub struct Download {
     pub dialer: Arc<client::Dialer>,
     /// Progress to continue from, taken by the engine when it starts.
     pub resume: Mutex<Option<Manifest>>,
+    /// The part file this download created (see [`super::part`]), as the
+    /// manifest records it.
+    pub(super) part: Mutex<Option<ManifestPart>>,
     pub stop: Mutex<Option<StopReason>>,
     pub(super) started: Instant,
     /// Running time of earlier runs (from the manifest).
@@ -272,16 +275,33 @@ impl Download {
             file: None,
             verified: Vec::new(),
             received: Vec::new(),
+            part: *self.part.lock().unwrap_or_else(|p| p.into_inner()),
+            finishing: false,
             checksum: String::new(),
         }
     }
 
-    /// Deletes the partial file (with the owner's rights, through the
-    /// pinned directory, so a swapped-in link cannot redirect it); a file
-    /// already gone is fine.
+    /// Deletes the partial file if it is this download's (with the owner's
+    /// rights, through the pinned directory, so a swapped-in link cannot
+    /// redirect it); a file already gone is fine, anyone else's stays.
     pub fn remove_part_file(&self) {
+        let record = *self.part.lock().unwrap_or_else(|p| p.into_inner());
+        let uid = self.part_owner_uid();
         if let Ok((dest, _pin)) = crate::caller::pin_dir(&self.job.destination, self.restricted_owner()) {
-            let _ = crate::caller::as_caller(self.restricted_owner(), || std::fs::remove_file(part_path(&dest)));
+            let _ = crate::caller::as_caller(self.restricted_owner(), || {
+                super::part::remove_own(&part_path(&dest), record, uid)
+            });
+        }
+    }
+
+    /// The user the part file belongs to: the owner when the daemon is root
+    /// and acts with the owner's rights, else the daemon's (as
+    /// [`crate::caller::as_caller`] decides).
+    pub fn part_owner_uid(&self) -> u32 {
+        let me = nix::unistd::geteuid();
+        match self.restricted_owner() {
+            Some(o) if me.is_root() => o.uid,
+            _ => me.as_raw(),
         }
     }
 
