@@ -289,7 +289,9 @@ fn a_source_that_never_sends_its_hash_list_does_not_hold_verification() {
 /// struck (and dropped at the third strike), with and without a pin.
 #[test]
 fn a_one_byte_liar_never_gets_the_honest_source_struck() {
-    let honest = Daemon::builder(1).arg("--rate-limit").arg("8M").start();
+    // Slow enough (4 s a run) that the liar reaches its third strike
+    // before the honest source has sent everything.
+    let honest = Daemon::builder(1).arg("--rate-limit").arg("3M").start();
     let upstream = Daemon::start(1);
     let size = 12 * MIB;
     write_file(&honest.export.join("l.bin"), size, 209);
