@@ -12,6 +12,7 @@ mod download;
 mod identity;
 mod jail;
 mod listener;
+pub mod logging;
 mod metrics;
 pub mod node;
 mod notify;
