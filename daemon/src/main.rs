@@ -28,7 +28,6 @@ fn main() -> ExitCode {
 /// Everything after logging is set up. Its messages go through `log`:
 /// `eprintln!` would panic on a closed stderr and block on a full one.
 fn run(args: Args, log: &QueueWriter) -> ExitCode {
-
     if let Some(dir) = &args.manpage {
         use clap::CommandFactory;
         let mut buf = Vec::new();
