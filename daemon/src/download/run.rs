@@ -159,6 +159,9 @@ pub struct Download {
     /// Progress to continue from, taken by the engine when it starts.
     pub resume: Mutex<Option<Manifest>>,
     pub stop: Mutex<Option<StopReason>>,
+    /// Set when this run paused for a full disk: the registry resumes the
+    /// download once there is room (never set by a user's pause).
+    pub space_wait: Mutex<Option<super::space::SpaceWait>>,
     pub(super) started: Instant,
     /// Running time of earlier runs (from the manifest).
     pub(super) prior_elapsed: Duration,
