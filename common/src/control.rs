@@ -397,7 +397,7 @@ pub enum DownloadState {
 /// How the `error` of a download paused for lack of disk space begins:
 /// `disk full on DIR, N bytes needed; ...`. mftd resumes such a download by
 /// itself once the file system of DIR has N bytes free (beyond
-/// `min_free_space`).
+/// `min_free_space` when DIR is the destination's directory).
 pub const DISK_FULL: &str = "disk full on ";
 
 impl DownloadState {
