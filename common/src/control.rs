@@ -511,6 +511,15 @@ pub struct DownloadInfo {
     /// flows meanwhile; no piece is verified before the vote is settled).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vote: Option<String>,
+    /// Once an identity is adopted: how it was decided, e.g. `version from
+    /// 1 of 2 sources; 127.0.0.1:37002 unreachable (connection refused)`
+    /// (the sources that had not answered, and why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// While no source has answered: that, and what to do about it (each
+    /// source's last answer is its `last_error`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
     /// What went wrong: why it failed or paused itself, or who cancelled it; absent if nothing did.
     #[serde(default)]
     pub error: Option<String>,

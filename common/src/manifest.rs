@@ -30,6 +30,20 @@
 //! * `verified` lists ranges of piece indices `[first, end)` whose hash was
 //!   checked; `received` lists byte ranges on disk outside verified pieces
 //!   (the exact progress inside partial pieces).
+//! * `part` (optional) is the part file this download created, with
+//!   `O_EXCL`: its device, inode and owner's uid. A file at the part name
+//!   that does not match it is not this download's and is never written
+//!   to (the daemon's `download::part` module says what happens to it).
+//!   Absent in manifests of older mftd versions: their part file counts as
+//!   one without a record.
+//! * `finishing` (optional, `true` only) is written, after the part file's
+//!   fsync, just before the verified file is renamed to `destination`. A
+//!   run that finds it, and a file at `destination` of `file.size` bytes
+//!   whose BLAKE3 identity is `file.identity`, marks the download done and
+//!   removes what is left (manifest, part file) without fetching.
+//! * Fields added later (`part`, `finishing`) are left out when absent, so
+//!   the checksum of a manifest written before them still matches; an mftd
+//!   older than them reads a manifest that has them as damaged.
 //! * `checksum` is the keyed BLAKE3 hash (hex) of the document serialized
 //!   with an empty checksum, under a 32-byte key only the daemon can read
 //!   (`<state_dir>/manifest.key`, mode 0600). A manifest whose checksum does
@@ -97,6 +111,18 @@ pub struct SourceStats {
     pub ranges_done: u64,
 }
 
+/// The part file a download created (see the module docs): a file at the
+/// part name is this download's only if all three match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestPart {
+    /// `st_dev` of the file system it is on.
+    pub dev: u64,
+    /// `st_ino` when it was created.
+    pub ino: u64,
+    /// The user it belongs to: the one whose rights the download writes with.
+    pub uid: u32,
+}
+
 /// The user a download acts for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestOwner {
@@ -161,6 +187,12 @@ pub struct Manifest {
     /// Byte ranges on disk outside verified pieces.
     #[serde(default)]
     pub received: Vec<Range>,
+    /// The part file this download created; absent before it exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<ManifestPart>,
+    /// Every piece is verified and the file is being renamed into place.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub finishing: bool,
     /// Keyed BLAKE3 (hex) of the manifest serialized with this field empty; see the module docs.
     #[serde(default)]
     pub checksum: String,
@@ -222,6 +254,8 @@ impl Manifest {
             file: None,
             verified: Vec::new(),
             received: Vec::new(),
+            part: None,
+            finishing: false,
             checksum: String::new(),
         }
     }
@@ -449,6 +483,20 @@ mod tests {
                 proptest::prop_assert_eq!(a, b);
             }
         }
+    }
+
+    /// A manifest written before `part` and `finishing` existed still
+    /// passes its checksum, and the new fields survive a round trip.
+    #[test]
+    fn older_manifests_load_and_new_fields_roundtrip() {
+        let old = sample();
+        let v: serde_json::Value = serde_json::from_slice(&old.encode(&KEY)).unwrap();
+        assert!(v.get("part").is_none() && v.get("finishing").is_none(), "absent fields are written: {v}");
+        let back = Manifest::decode(&serde_json::to_vec(&v).unwrap(), &KEY).unwrap();
+        assert_eq!((back.part, back.finishing), (None, false));
+        let new = Manifest { part: Some(ManifestPart { dev: 2049, ino: 77, uid: 1000 }), finishing: true, ..sample() };
+        let back = Manifest::decode(&new.encode(&KEY), &KEY).unwrap();
+        assert_eq!((back.part, back.finishing), (new.part, true));
     }
 
     #[test]

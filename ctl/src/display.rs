@@ -185,6 +185,14 @@ pub fn print_human(r: &Response) {
             if let Some(v) = &d.vote {
                 println!("  vote      {v}");
             }
+            if let Some(v) = &d.version {
+                println!("  version   {v}");
+            }
+            if let Some(w) = waiting_notice(d) {
+                for line in w.lines() {
+                    println!("  {line}");
+                }
+            }
             println!("  pieces    {}/{}", d.pieces_verified, d.pieces_total);
             if let Some(e) = &d.error {
                 println!("  error     {e}");
@@ -229,6 +237,9 @@ pub struct ProgressView {
     total: Option<indicatif::ProgressBar>,
     /// Last state seen per source, to report changes.
     states: Vec<(String, String)>,
+    /// The last notice printed (what the download waits for, how its
+    /// version was decided), so each is printed once.
+    notice: Option<String>,
 }
 
 fn source_row(s: &mftd_common::control::SourceInfo) -> String {
@@ -243,6 +254,18 @@ fn source_row(s: &mftd_common::control::SourceInfo) -> String {
         rtt(s)
     ) + unencrypted(s)
         + &why_not(s)
+}
+
+/// While no source has answered: the daemon's sentence, then one line per
+/// source with its last answer.
+pub fn waiting_notice(d: &DownloadInfo) -> Option<String> {
+    let w = d.waiting.as_ref()?;
+    let mut out = format!("{w}\n");
+    for s in &d.sources {
+        let last = s.last_error.as_deref().unwrap_or("no answer yet");
+        out.push_str(&format!("  {}: {last}\n", s.address));
+    }
+    Some(out)
 }
 
 /// Why a source that is not working is not, from its last error.
@@ -286,6 +309,7 @@ impl ProgressView {
             rows: Vec::new(),
             total: None,
             states: Vec::new(),
+            notice: None,
         }
     }
 
@@ -358,6 +382,7 @@ impl ProgressView {
         if d.state.is_final() {
             return;
         }
+        self.notices(d);
         if self.tty {
             self.draw_tty(d);
         } else {
@@ -381,6 +406,23 @@ impl ProgressView {
             println!("{} | {}", total_line(d), per.join(" | "));
         }
         let _ = std::io::stdout().flush();
+    }
+
+    /// Prints what the download waits for, or how its version was
+    /// decided, when that changes: above the live rows on a terminal.
+    fn notices(&mut self, d: &DownloadInfo) {
+        let notice = waiting_notice(d).or_else(|| d.version.as_ref().map(|v| format!("{v}\n")));
+        if notice.is_none() || notice == self.notice {
+            return;
+        }
+        self.notice = notice.clone();
+        let text = notice.unwrap_or_default();
+        match &self.multi {
+            Some(m) => {
+                let _ = m.println(text.trim_end());
+            }
+            None => print!("{text}"),
+        }
     }
 
     /// The stream ends without a result (`paused` elsewhere, `detached`

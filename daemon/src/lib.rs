@@ -9,6 +9,7 @@ mod caller;
 pub mod config;
 mod control;
 mod download;
+mod failpoint;
 mod identity;
 mod jail;
 mod listener;

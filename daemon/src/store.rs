@@ -19,13 +19,26 @@ use std::path::{Path, PathBuf};
 
 use mftd_common::manifest::{Key, Manifest, ManifestError, MAX_MANIFEST};
 
-/// Steps of [`write_atomic`], for failure injection in tests.
+/// Steps of [`write_atomic`], for failure injection in tests and crash
+/// points ([`crate::failpoint`]): each is reached just before it is done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     WriteTemp,
     FsyncTemp,
     Rename,
     FsyncDir,
+}
+
+impl Step {
+    /// The crash point of a checkpoint reaching this step.
+    pub fn failpoint(self) -> &'static str {
+        match self {
+            Step::WriteTemp => "checkpoint-temp-created",
+            Step::FsyncTemp => "checkpoint-temp-unsynced",
+            Step::Rename => "checkpoint-temp-written",
+            Step::FsyncDir => "checkpoint-renamed",
+        }
+    }
 }
 
 /// File in the manifest directory holding the next download ID.
@@ -119,15 +132,25 @@ impl Store {
 
     /// Records that IDs below `next` are taken.
     pub fn save_next_id(&self, next: u64) -> io::Result<()> {
-        write_atomic(&self.dir.join(NEXT_ID), format!("{next}\n").as_bytes(), None)
+        write_atomic(&self.dir.join(NEXT_ID), format!("{next}\n").as_bytes(), |_| Ok(()))
     }
 
     pub fn save(&self, m: &Manifest) -> io::Result<()> {
-        write_atomic(&self.path(m.id), &m.encode(&self.key), None)
+        self.save_with(m, |_| {})
     }
 
+    /// [`Store::save`], calling `at` before each step (crash points).
+    pub fn save_with(&self, m: &Manifest, at: impl Fn(Step)) -> io::Result<()> {
+        write_atomic(&self.path(m.id), &m.encode(&self.key), |s| {
+            at(s);
+            Ok(())
+        })
+    }
+
+    /// Removes the manifest, and its temp file if a crash left one.
     pub fn remove(&self, id: u64) {
         let _ = std::fs::remove_file(self.path(id));
+        let _ = std::fs::remove_file(self.path(id).with_extension("json.tmp"));
         if let Ok(d) = File::open(&self.dir) {
             let _ = d.sync_all();
         }
@@ -232,16 +255,9 @@ fn load_or_create_key(path: &Path) -> io::Result<Key> {
     Ok(key)
 }
 
-/// Writes `bytes` to `path` crash-consistently. `fail` makes the given step
-/// fail (tests only).
-pub fn write_atomic(path: &Path, bytes: &[u8], fail: Option<Step>) -> io::Result<()> {
-    let injected = |s: Step| -> io::Result<()> {
-        if fail == Some(s) {
-            Err(io::Error::other(format!("injected failure at {s:?}")))
-        } else {
-            Ok(())
-        }
-    };
+/// Writes `bytes` to `path` crash-consistently. `injected` is called
+/// before each step; an error it returns fails the write there (tests).
+pub fn write_atomic(path: &Path, bytes: &[u8], injected: impl Fn(Step) -> io::Result<()>) -> io::Result<()> {
     let dir = path.parent().ok_or_else(|| io::Error::other("manifest path has no directory"))?;
     let tmp = path.with_extension("json.tmp");
     let result = (|| {
@@ -284,7 +300,14 @@ mod tests {
             let store = Store::new(dir.path()).unwrap();
             store.save(&manifest(1, "old")).unwrap();
             let new = manifest(1, "new");
-            let r = write_atomic(&store.path(1), &new.encode(&store.key), Some(step));
+            let fail = |s: Step| {
+                if s == step {
+                    Err(io::Error::other(format!("injected failure at {s:?}")))
+                } else {
+                    Ok(())
+                }
+            };
+            let r = write_atomic(&store.path(1), &new.encode(&store.key), fail);
             assert!(r.is_err());
             let got = store.load(1).expect("a complete manifest is always there");
             // Before the rename the old one stays; after it, the new one.

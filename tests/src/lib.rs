@@ -198,6 +198,20 @@ impl Daemon {
         panic!("mftd did not become ready: {}", self.log());
     }
 
+    /// Starts a client daemon (no listeners) again on the same directories
+    /// and socket after it was stopped or killed; its log goes on.
+    pub fn spawn_again(&mut self, extra: &[String]) {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(self.dir.path().join("mftd.log"))
+            .expect("log file");
+        let mut cmd = self.command(0, extra);
+        cmd.stdout(Stdio::null()).stderr(log);
+        self.child = Some(cmd.spawn().expect("spawn mftd"));
+        self.wait_ready();
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("mftd.log")).unwrap_or_default()
     }
@@ -719,6 +733,16 @@ pub enum Lie {
     /// Relays the real file but flips the byte at `first` and every
     /// `every` bytes after it: bad pieces under the honest identity.
     Flip { first: u64, every: u64 },
+    /// Sends the right bytes, one every `every_ms` milliseconds, and never
+    /// answers TRIM: a source that is never silent long enough to count as
+    /// stalled and never gives a range back.
+    Trickle { every_ms: u64 },
+    /// Relays the real file, but never answers HASHES: a source whose hash
+    /// list, asked for, never comes.
+    NoHashes,
+    /// Answers each READ with its first byte wrong, then hangs up: the
+    /// rest of the piece comes from an honest source.
+    OneByte,
 }
 
 /// A transfer server that tells the truth about the file (it relays the
@@ -781,13 +805,20 @@ fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie) {
     loop {
         let Some(f) = c.recv() else { return };
         match f {
+            // The trickler ignores TRIM: no answer, no effect.
+            Frame::Trim { .. } if matches!(lie, Lie::Trickle { .. }) => {}
+            Frame::Hashes { .. } if lie == Lie::NoHashes => {}
             Frame::Stat { .. } | Frame::Hashes { .. } | Frame::Trim { .. } => {
                 up.try_send(&f);
                 let Some(answer) = up.recv() else { return };
                 c.try_send(&answer);
             }
             Frame::Read(r) => match lie {
-                Lie::Flip { first, every } => {
+                Lie::Flip { .. } | Lie::NoHashes => {
+                    let (first, every) = match lie {
+                        Lie::Flip { first, every } => (first, every),
+                        _ => (u64::MAX, u64::MAX),
+                    };
                     up.try_send(&Frame::Read(r.clone()));
                     let mut got = 0u64;
                     while got < r.len {
@@ -817,6 +848,37 @@ fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie) {
                                 }
                             }
                             None => return,
+                        }
+                    }
+                }
+                Lie::OneByte => {
+                    up.try_send(&Frame::Read(r.clone()));
+                    let Some(Frame::Data(h)) = up.recv() else { return };
+                    let payload = up.read_payload(h.len);
+                    let Some(first) = payload.first() else { return };
+                    c.try_send(&Frame::Data(h));
+                    let _ = c.s.write_all(&[first ^ 0x55]);
+                    let _ = c.s.flush();
+                    return;
+                }
+                Lie::Trickle { every_ms } => {
+                    // The real bytes, announced as one DATA frame each of up
+                    // to 1 MiB, then written a byte at a time.
+                    up.try_send(&Frame::Read(r.clone()));
+                    let mut got = 0u64;
+                    while got < r.len {
+                        let Some(Frame::Data(h)) = up.recv() else { return };
+                        let payload = up.read_payload(h.len);
+                        got += h.len;
+                        if h.len == 0 {
+                            break;
+                        }
+                        c.try_send(&Frame::Data(h));
+                        for b in payload {
+                            if c.s.write_all(&[b]).and_then(|_| c.s.flush()).is_err() {
+                                return;
+                            }
+                            std::thread::sleep(Duration::from_millis(every_ms));
                         }
                     }
                 }

@@ -142,6 +142,9 @@ fn checkpoint_interval_and_checkpoint_bytes_are_honoured() {
     assert!(steps.len() >= 4, "with checkpoint_bytes 2 MiB at 4 MiB/s, expected several checkpoints: {steps:?}");
     for w in steps.windows(2).skip(1) {
         assert!(w[1] - w[0] >= 2 * MIB - 256 * 1024, "checkpoints closer than checkpoint_bytes: {steps:?}");
+        // And not much further apart: checkpoints at twice checkpoint_bytes
+        // would leave twice the data unclaimed after a crash.
+        assert!(w[1] - w[0] <= 3 * MIB, "checkpoints further apart than checkpoint_bytes: {steps:?}");
     }
     assert!(client.ctl(&["downloads", "cancel", &id.to_string()]).status.success());
 

@@ -269,8 +269,8 @@ fn corrupt_pieces_are_refetched_and_the_liar_is_dropped() {
     assert_eq!(sha256_file(&client.downloads.join("c")), sha256_file(&good.export.join("c")));
     let l = source(&dl, &liar_addr);
     println!("liar: {l:?}");
-    // Dropped at the third strike; pieces already in flight may add more.
-    assert!(l.strikes >= 3, "{l:?}");
+    // Dropped at the third strike exactly: a dropped source gets no more.
+    assert_eq!(l.strikes, 3, "{l:?}");
     assert_eq!(l.state, SourceState::Failed, "{l:?}");
     assert!(l.last_error.as_deref().unwrap().contains("failed verification"), "{l:?}");
 }
@@ -316,4 +316,6 @@ fn one_corrupt_piece_is_refetched_from_another_source() {
     assert_eq!(l.strikes, 1, "{l:?}");
     assert_ne!(l.state, SourceState::Failed, "{l:?}");
     assert_eq!(g.bytes, 256 * 1024, "the good source sent exactly the bad piece: {g:?}");
+    // The liar's bytes of the bad piece are no longer credited to it.
+    assert_eq!(l.bytes + g.bytes, size, "{dl:?}");
 }

@@ -26,7 +26,6 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,6 +42,7 @@ use mftd_common::range::Range;
 use super::budget::HostBudget;
 use super::client::{ClientError, Conn, Event, Stream};
 use super::error::{DownloadError, SourceError};
+use super::part::{open_part, rename_into_place, PartRequest};
 use super::run::{part_path, Download, SourceProgress, StopReason};
 use super::scheduler::{ConnId, Hold, Scheduler, SourceId, Ticket};
 use super::space::{self, SpaceWait};
@@ -77,6 +77,15 @@ const PROBE_CAP: Duration = Duration::from_secs(1);
 /// How long a connection waits for a `HASHES_OK` while it has nothing else
 /// to receive: the server may be hashing a large file.
 const HASHES_TIMEOUT: Duration = super::client::STAT_TIMEOUT;
+/// How long a hash list asked for from a source that announced its root
+/// (so has hashed the file) may take before another source of that root is
+/// asked as well: a source that never answers `HASHES` cannot hold up
+/// verification.
+const HASHES_PATIENCE: Duration = Duration::from_secs(2);
+/// The election deadline: sources that have not answered `STAT` this long
+/// after a run started are no longer waited for (see [`super::vote`]). A
+/// source that answers later still joins, or is excluded if it disagrees.
+pub const ELECTION_DEADLINE: Duration = super::client::CONNECT_TIMEOUT;
 
 /// The file the download is fetching: its size, chosen by the vote before
 /// the first byte is asked for, and its root, adopted by the vote once no
@@ -107,6 +116,14 @@ enum Outcome {
     Suspend(DownloadError),
 }
 
+/// One bad copy of a piece with several authors: each author's span and
+/// the hash of what it wrote there (see [`suspect`]).
+type BadCopy = Vec<(SourceId, Range, [u8; 32])>;
+
+/// Sources asked for their hash list, and roots whose list was asked for
+/// with when (see [`Engine::should_ask_hashes`]).
+type Asked = (HashSet<SourceId>, HashMap<[u8; 32], Instant>);
+
 struct Engine {
     dl: Arc<Download>,
     /// Cancelled when the download ends for any reason: stops all workers.
@@ -116,8 +133,8 @@ struct Engine {
     /// Piece hash lists received, by the root they add up to.
     lists: Mutex<HashMap<[u8; 32], Vec<[u8; 32]>>>,
     /// Sources a connection has asked for their hash list (and not failed),
-    /// and the roots whose list was asked for.
-    asked: Mutex<(HashSet<SourceId>, HashSet<[u8; 32]>)>,
+    /// and the roots whose list was asked for, with when.
+    asked: Mutex<Asked>,
     next_conn: AtomicU64,
     live_workers: AtomicUsize,
     /// Workers started per source.
@@ -134,6 +151,9 @@ struct Engine {
     in_flight: AtomicUsize,
     /// Woken when `in_flight` drops to zero.
     drained: Notify,
+    /// Bad copies of pieces with several authors, waiting for a good copy
+    /// to tell who was wrong: per copy, each author's span and its hash.
+    suspects: Mutex<HashMap<usize, Vec<BadCopy>>>,
     /// Woken when bytes were committed or a piece verified (checkpointer).
     progressed: Notify,
     /// Woken when a source offered a version or was dropped (election).
@@ -150,6 +170,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Runs a download to its end. Never panics on peer or disk input.
 pub async fn run(dl: Arc<Download>) {
+    let d = dl.clone();
+    if tokio::task::spawn_blocking(move || finished_before(&d)).await.unwrap_or(false) {
+        info!(dest = %dl.job.destination.display(), "already renamed into place before a crash: download complete");
+        dl.stop_clock();
+        dl.set_state(DownloadState::Done);
+        return;
+    }
     let mut votes = Votes::new(dl.job.sources.len(), dl.job.pin).expect_size(dl.job.expected_size);
     // Bounded: each start over follows a new majority, and ballots never
     // change, so there are at most as many as there are sources.
@@ -180,6 +207,8 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
     }
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut grow = Growth::new(dl.job.sources.len());
+    let run_started = Instant::now();
+    let mut deadline_passed = false;
     let outcome = loop {
         tokio::select! {
             o = rx.recv() => break o,
@@ -191,6 +220,10 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
                 }
             }
             _ = tick.tick() => {
+                if !deadline_passed && run_started.elapsed() >= ELECTION_DEADLINE {
+                    deadline_passed = true;
+                    eng.stop_waiting_for_silent();
+                }
                 if fixed == 0 {
                     for (src, k) in grow.due(&eng) {
                         for _ in 0..k {
@@ -388,7 +421,7 @@ impl Engine {
             chosen: OnceCell::new(),
             votes: Mutex::new(votes),
             lists: Mutex::new(HashMap::new()),
-            asked: Mutex::new((HashSet::new(), HashSet::new())),
+            asked: Mutex::new((HashSet::new(), HashMap::new())),
             next_conn: AtomicU64::new(1),
             live_workers: AtomicUsize::new(0),
             slots: Mutex::new(vec![0; dl.job.sources.len()]),
@@ -398,6 +431,7 @@ impl Engine {
             outcome: tx,
             in_flight: AtomicUsize::new(0),
             drained: Notify::new(),
+            suspects: Mutex::new(HashMap::new()),
             progressed: Notify::new(),
             offered: Notify::new(),
             rtt_known: Mutex::new(vec![false; dl.job.sources.len()]),
@@ -455,14 +489,7 @@ async fn checkpoint(eng: &Arc<Engine>, paused: bool) -> Result<(), DownloadError
     m.paused = paused;
     match eng.chosen.get() {
         Some(c) => {
-            let (verified, received) = {
-                let s = lock(&c.sched);
-                (piece_runs(s.verified_pieces()), s.received_unverified())
-            };
-            m.file =
-                Some(ManifestFile { size: c.size, piece_size: c.piece_size, identity: c.root.get().map(hex::encode) });
-            m.verified = verified;
-            m.received = received;
+            record_progress(&mut m, c);
             let file = c.file.clone();
             let part = eng.dl.part_path();
             tokio::task::spawn_blocking(move || file.sync_data())
@@ -472,17 +499,41 @@ async fn checkpoint(eng: &Arc<Engine>, paused: bool) -> Result<(), DownloadError
         }
         None => {
             // Progress from a previous run is not known to the scheduler
-            // yet; the manifest on disk already has it.
-            if lock(&eng.dl.resume).is_some() {
-                return Ok(());
+            // yet: what the manifest it started from recorded stands (with
+            // this run's sources, stats and pause flag).
+            if let Some(r) = lock(&eng.dl.resume).as_ref() {
+                m.file = r.file.clone();
+                m.verified = r.verified.clone();
+                m.received = r.received.clone();
             }
         }
     }
+    // The crash windows of a checkpoint with something to lose.
+    let progress = !m.verified.is_empty() || !m.received.is_empty();
+    let at = move |step: crate::store::Step| {
+        if progress {
+            crate::failpoint::hit(step.failpoint());
+        }
+    };
+    if progress {
+        crate::failpoint::hit("checkpoint-data-synced");
+    }
     let path = store.path(m.id);
-    tokio::task::spawn_blocking(move || store.save(&m))
+    tokio::task::spawn_blocking(move || store.save_with(&m, at))
         .await
         .map_err(DownloadError::task("manifest"))?
         .map_err(DownloadError::disk("write manifest", path))
+}
+
+/// Puts what the scheduler knows of the file into `m`.
+fn record_progress(m: &mut mftd_common::manifest::Manifest, c: &Chosen) {
+    let (verified, received) = {
+        let s = lock(&c.sched);
+        (piece_runs(s.verified_pieces()), s.received_unverified())
+    };
+    m.file = Some(ManifestFile { size: c.size, piece_size: c.piece_size, identity: c.root.get().map(hex::encode) });
+    m.verified = verified;
+    m.received = received;
 }
 
 /// Checkpoints while bytes arrive: at least every `checkpoint_interval`, and
@@ -540,26 +591,47 @@ async fn checkpointer(eng: Arc<Engine>) {
     }
 }
 
-/// fsync, whole-file check against the identity, rename, directory fsync.
+/// Whole-file check against the identity, fsync, the manifest marked
+/// `finishing`, rename, directory fsync. The mark lets a run after a crash
+/// between the rename and the manifest's removal recognise the finished
+/// file ([`finished_before`]).
 async fn finish(eng: &Arc<Engine>) -> Result<(), DownloadError> {
     let Some(chosen) = eng.chosen.get().cloned() else { return Err(DownloadError::NotVerified(eng.dl.part_path())) };
     let dest = eng.dl.job.destination.clone();
     let force = eng.dl.job.force;
     let owner = eng.dl.restricted_owner().cloned();
+    let c = chosen.clone();
     tokio::task::spawn_blocking(move || {
         let part = part_path(&dest);
         // The whole file is the union of its pieces, each checked against
         // its hash after it was written; the piece hashes must add up to
         // the announced root identity.
-        let all = lock(&chosen.sched).verified_count() == chosen.piece_count();
-        if !all || !chosen.identity_holds() {
+        let all = lock(&c.sched).verified_count() == c.piece_count();
+        if !all || !c.identity_holds() {
             return Err(DownloadError::NotVerified(part));
         }
-        let len = chosen.file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
-        if len != chosen.size {
-            return Err(DownloadError::WrongLength { path: part, len, want: chosen.size });
+        let len = c.file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+        if len != c.size {
+            return Err(DownloadError::WrongLength { path: part, len, want: c.size });
         }
-        chosen.file.sync_all().map_err(DownloadError::disk("fsync", &part))?;
+        c.file.sync_all().map_err(DownloadError::disk("fsync", &part))
+    })
+    .await
+    .map_err(DownloadError::task("final check"))??;
+    if let Some(store) = eng.dl.store.clone() {
+        let mut m = eng.dl.base_manifest();
+        record_progress(&mut m, &chosen);
+        m.finishing = true;
+        let path = store.path(m.id);
+        tokio::task::spawn_blocking(move || store.save(&m))
+            .await
+            .map_err(DownloadError::task("manifest"))?
+            .map_err(DownloadError::disk("write manifest", path))?;
+        crate::failpoint::hit("finish-marked");
+    }
+    let dest = eng.dl.job.destination.clone();
+    tokio::task::spawn_blocking(move || {
+        let part = part_path(&dest);
         let (at, _pin) = crate::caller::pin_dir(&dest, owner.as_ref())
             .map_err(DownloadError::disk("open the directory of", &part))?;
         crate::caller::as_caller(owner.as_ref(), || rename_into_place(&chosen.file, &part_path(&at), &at, force))
@@ -567,237 +639,45 @@ async fn finish(eng: &Arc<Engine>) -> Result<(), DownloadError> {
         Ok(())
     })
     .await
-    .map_err(DownloadError::task("final check"))?
+    .map_err(DownloadError::task("rename"))?
 }
 
-/// Renames the verified part file to its final name through one descriptor
-/// of the directory, after checking that the part file there is still the
-/// one that was verified (`verified`, the open file): a part file swapped
-/// for another, or a directory swapped for a symlink, is never renamed into
-/// place. Then fsyncs the directory.
-fn rename_into_place(verified: &File, part: &Path, dest: &Path, force: bool) -> Result<(), DownloadError> {
-    use nix::fcntl::{renameat2, AtFlags, OFlag, RenameFlags};
-    use std::os::unix::fs::MetadataExt;
-    let (Some(dir), Some(part_name), Some(dest_name)) = (dest.parent(), part.file_name(), dest.file_name()) else {
-        return Err(DownloadError::NotVerified(part.to_path_buf()));
+/// Whether a crash came between the final rename and the manifest's
+/// removal: the manifest says `finishing`, and the destination is a
+/// regular file of the recorded size and identity. Then the download is
+/// done; what is left of it (the manifest, a part file of its own) is
+/// removed. Blocking (it may hash the whole file).
+fn finished_before(dl: &Download) -> bool {
+    let Some(m) = lock(&dl.resume).clone().filter(|m| m.finishing) else { return false };
+    let Some((size, Some(identity))) = m.file.as_ref().map(|f| (f.size, f.identity.clone())) else { return false };
+    let open = || {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags((nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK).bits())
+            .open(&dl.job.destination)
     };
-    let dirfd =
-        nix::fcntl::open(dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())
-            .map_err(|e| DownloadError::disk("open", dir)(e.into()))?;
-    // SAFETY: `open` returned a new descriptor that nothing else owns.
-    let dirfd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dirfd) };
-    let there =
-        nix::sys::stat::fstatat(Some(std::os::fd::AsRawFd::as_raw_fd(&dirfd)), part_name, AtFlags::AT_SYMLINK_NOFOLLOW)
-            .map_err(|e| DownloadError::disk("inspect", part)(e.into()))?;
-    let ours = verified.metadata().map_err(DownloadError::disk("inspect", part))?;
-    if there.st_dev != ours.dev() || there.st_ino != ours.ino() {
-        return Err(DownloadError::PartReplaced(part.to_path_buf()));
-    }
-    let raw = std::os::fd::AsRawFd::as_raw_fd(&dirfd);
-    renameat2(
-        Some(raw),
-        part_name,
-        Some(raw),
-        dest_name,
-        if force { RenameFlags::empty() } else { RenameFlags::RENAME_NOREPLACE },
-    )
-    .map_err(|e| match e {
-        nix::errno::Errno::EEXIST => DownloadError::DestinationAppeared(dest.to_path_buf()),
-        e => DownloadError::disk("rename to its final name", part)(e.into()),
-    })?;
-    nix::unistd::fsync(raw).map_err(|e| DownloadError::disk("fsync", dir)(e.into()))?;
-    Ok(())
-}
-
-/// Opens `NAME.mftpart` for a download of `size` bytes, never through a
-/// symlink. With `reuse`, an existing part file is kept and the ranges to
-/// re-verify are returned: what the manifest claims (`claimed`) if the file
-/// is consistent with it, otherwise whatever the file holds.
-fn open_part(
-    dest: &Path,
-    size: u64,
-    claimed: Option<Vec<Range>>,
-    reuse: bool,
-    keep_free: Option<u64>,
-) -> Result<(File, Vec<Range>), DownloadError> {
-    let part = part_path(dest);
-    if reuse {
-        if let Ok(meta) = std::fs::symlink_metadata(&part) {
-            if meta.file_type().is_file() {
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .custom_flags(libc_o_nofollow() | nix::fcntl::OFlag::O_NONBLOCK.bits())
-                    .open(&part)
-                    .map_err(DownloadError::disk("open", &part))?;
-                // Swapped for a FIFO or a device since the lstat above, or a
-                // hard link to some other file mftd may write?
-                check_own_file(&file, &part)?;
-                lock_part(&file, &part)?;
-                let len = meta.len();
-                let ranges = match claimed {
-                    Some(r) if len == size => r,
-                    Some(_) => {
-                        warn!(part = %part.display(), len, size, "partial file does not match its manifest; re-verifying what it holds");
-                        data_ranges(&file, len.min(size))
-                    }
-                    None => {
-                        info!(part = %part.display(), "found a partial file without recorded progress; re-verifying what it holds");
-                        data_ranges(&file, len.min(size))
-                    }
-                };
-                if len != size {
-                    file.set_len(size).map_err(DownloadError::disk("size", &part))?;
-                }
-                return Ok((file, ranges));
-            }
-        }
-        if claimed.as_ref().is_some_and(|c| !c.is_empty()) {
-            warn!(part = %part.display(), "partial file is missing; starting over");
-        }
-    }
-    Ok((create_part(&part, dest, size, keep_free)?, Vec::new()))
-}
-
-/// The parts of the first `len` bytes of `file` that hold data: a part file
-/// is created sparse at its full size, so its holes are what was never
-/// written (SEEK_DATA/SEEK_HOLE). Where the file system cannot tell, all of
-/// it.
-fn data_ranges(file: &File, len: u64) -> Vec<Range> {
-    use nix::unistd::{lseek, Whence};
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
-    let mut out = Vec::new();
-    let mut pos: u64 = 0;
-    // Bounded: each turn moves past one extent.
-    for _ in 0..1_000_000 {
-        if pos >= len {
-            return out;
-        }
-        let start = match lseek(fd, pos as i64, Whence::SeekData) {
-            Ok(s) => s as u64,
-            Err(nix::errno::Errno::ENXIO) => return out, // only a hole is left
-            Err(_) => return vec![Range::new(0, len)],
-        };
-        if start >= len {
-            return out;
-        }
-        let end = match lseek(fd, start as i64, Whence::SeekHole) {
-            Ok(e) => (e as u64).min(len),
-            Err(_) => return vec![Range::new(0, len)],
-        };
-        if end <= start {
-            return vec![Range::new(0, len)];
-        }
-        out.push(Range::new(start, end));
-        pos = end;
-    }
-    vec![Range::new(0, len)]
-}
-
-/// Creates `NAME.mftpart` (never through a symlink) at the file's size.
-/// `keep_free`: bytes to leave free on the file system (`None`: the smaller
-/// of 1 GiB and 5 % of it), so no source can make mftd fill a disk.
-fn create_part(part: &Path, dest: &Path, size: u64, keep_free: Option<u64>) -> Result<File, DownloadError> {
-    let part = part.to_path_buf();
-    // Lock before truncating: another download may be writing this file.
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o644)
-        .custom_flags(libc_o_nofollow() | nix::fcntl::OFlag::O_NONBLOCK.bits())
-        .open(&part)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) {
-                DownloadError::Symlink(part.clone())
-            } else {
-                DownloadError::disk("create", &part)(e)
-            }
-        })?;
-    check_own_file(&file, &part)?;
-    lock_part(&file, &part)?;
-    file.set_len(0).map_err(DownloadError::disk("truncate", &part))?;
-    if let Ok(v) = nix::sys::statvfs::fstatvfs(&file) {
-        let avail = v.blocks_available().saturating_mul(v.fragment_size());
-        let total = v.blocks().saturating_mul(v.fragment_size());
-        let keep = keep_free.unwrap_or((1u64 << 30).min(total / 20));
-        if size.saturating_add(keep) > avail {
-            let _ = std::fs::remove_file(&part);
-            let detail = format!(", {avail} bytes available, {keep} kept free (min_free_space)");
-            return Err(DownloadError::NoSpace { dest: dest.to_path_buf(), size, detail });
-        }
-    }
-    // On tmpfs, fallocate zeroes every page up front (0.37 s per GiB
-    // measured here) for memory the writes fill anyway: check the free
-    // space instead and let the file grow sparse.
-    if size > 0 && on_tmpfs(&file) {
-        file.set_len(size).map_err(DownloadError::disk("size", &part))?;
-    } else if size > 0 {
-        use std::os::fd::AsRawFd;
-        match nix::fcntl::posix_fallocate(file.as_raw_fd(), 0, size as i64) {
-            Ok(()) => {}
-            Err(nix::errno::Errno::ENOSPC) => {
-                let _ = std::fs::remove_file(&part);
-                return Err(DownloadError::NoSpace { dest: dest.to_path_buf(), size, detail: String::new() });
-            }
-            Err(_) => file.set_len(size).map_err(DownloadError::disk("size", &part))?,
-        }
-    }
-    Ok(file)
-}
-
-/// A part file must be a regular file with no other name: a hard link
-/// someone made to another file mftd may write (its manifest key, say) is
-/// never written through.
-fn check_own_file(file: &File, part: &Path) -> Result<(), DownloadError> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = file.metadata().map_err(DownloadError::disk("inspect", part))?;
-    if !meta.is_file() {
-        return Err(DownloadError::disk("open", part)(io::Error::other("not a regular file")));
-    }
-    if meta.nlink() != 1 {
-        return Err(DownloadError::disk("open", part)(io::Error::other(
-            "it has other names (hard links); remove it and start again",
-        )));
-    }
-    Ok(())
-}
-
-fn on_tmpfs(file: &File) -> bool {
-    nix::sys::statfs::fstatfs(file).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
-}
-
-/// Takes an exclusive lock on a part file for as long as the file stays
-/// open, so two downloads can never write (or truncate) the same one.
-fn lock_part(file: &File, part: &Path) -> Result<(), DownloadError> {
-    use std::os::fd::AsRawFd;
-    #[allow(deprecated)] // nix's Flock wrapper would take ownership of the File.
-    let r = nix::fcntl::flock(file.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock);
-    match r {
-        Ok(()) => Ok(()),
-        Err(nix::errno::Errno::EWOULDBLOCK) => Err(DownloadError::PartBusy(part.to_path_buf())),
-        Err(e) => Err(DownloadError::disk("lock", part)(e.into())),
-    }
-}
-
-/// Whether some running download holds the lock on `part`.
-pub fn part_in_use(part: &Path) -> bool {
-    use std::os::fd::AsRawFd;
-    // O_NONBLOCK: a FIFO planted at the part file's name must not hang us.
-    let flags = libc_o_nofollow() | nix::fcntl::OFlag::O_NONBLOCK.bits();
-    let Ok(f) = OpenOptions::new().read(true).custom_flags(flags).open(part) else { return false };
-    if !f.metadata().is_ok_and(|m| m.is_file()) {
+    let Ok(Ok(file)) = crate::caller::as_caller(dl.restricted_owner(), open) else { return false };
+    if !file.metadata().is_ok_and(|meta| meta.is_file() && meta.len() == size) {
         return false;
     }
-    #[allow(deprecated)]
-    let r = nix::fcntl::flock(f.as_raw_fd(), nix::fcntl::FlockArg::LockSharedNonblock);
-    matches!(r, Err(nix::errno::Errno::EWOULDBLOCK))
-}
-
-fn libc_o_nofollow() -> i32 {
-    nix::fcntl::OFlag::O_NOFOLLOW.bits()
+    match crate::identity::hash_file(&file, size, 2) {
+        Ok(id) if hex::encode(id.root) == identity => {}
+        _ => return false,
+    }
+    dl.remove_part_file();
+    if let Some(st) = &dl.store {
+        st.remove(dl.id);
+    }
+    let piece_size = mftd_common::proto::piece_size_for(size);
+    let total = mftd_common::proto::piece_count_for(size, piece_size);
+    let mut p = dl.progress();
+    p.size = Some(size);
+    p.identity = Some(identity);
+    p.recorded = super::run::Pieces { bytes_done: size, verified: total, total };
+    for s in p.sources.iter_mut() {
+        s.state = SourceState::Idle;
+    }
+    true
 }
 
 struct Backoff(Duration);
@@ -875,6 +755,78 @@ impl Engine {
         self.dl.set_state(state);
     }
 
+    /// Sources that have not answered are no longer waited for (the
+    /// election deadline passed).
+    fn stop_waiting_for_silent(self: &Arc<Self>) {
+        let changed = lock(&self.votes).deadline_passed();
+        if changed {
+            debug!("election deadline passed: sources that did not answer are not waited for");
+            self.vote_changed();
+        }
+        self.note_waiting();
+    }
+
+    /// A source is no longer waited for: the vote may close now.
+    fn vote_changed(self: &Arc<Self>) {
+        self.offered.notify_waiters();
+        if let Some(c) = self.chosen.get() {
+            self.decide_root(c);
+        }
+    }
+
+    /// `src` could not be reached before it answered: the vote no longer
+    /// waits for it.
+    fn unreachable(self: &Arc<Self>, src: SourceId) {
+        let changed = lock(&self.votes).absent(src);
+        if changed {
+            self.vote_changed();
+        }
+        self.note_waiting();
+    }
+
+    /// While no source has answered, says so and what to do; once one has,
+    /// says nothing.
+    fn note_waiting(&self) {
+        let answered = lock(&self.votes).any_answered();
+        let note = (!answered).then(|| {
+            format!(
+                "no source has answered yet; repeat the get with the right --from, or `mftctl downloads add-source {} HOST:PORT`",
+                self.dl.id
+            )
+        });
+        self.dl.progress().waiting = note;
+    }
+
+    /// How the version in use was decided, for `downloads show`: how many
+    /// sources serve it, and which were not heard from and why.
+    fn note_version(&self, c: &Chosen, root: [u8; 32]) {
+        let (agree, total, silent) = {
+            let v = lock(&self.votes);
+            let (agree, total) = v.support(c.size, root);
+            (agree, total, v.silent().collect::<Vec<_>>())
+        };
+        let mut note = if self.dl.job.pin.is_some() {
+            format!("pinned with --identity; served by {agree} of {total} sources")
+        } else {
+            format!("version from {agree} of {total} sources")
+        };
+        let p = self.dl.progress();
+        let missing: Vec<String> = silent
+            .iter()
+            .filter_map(|&s| p.sources.get(s))
+            .map(|s| match &s.last_error {
+                Some(e) => format!("{} unreachable ({e})", s.address),
+                None => format!("{} not answered", s.address),
+            })
+            .collect();
+        drop(p);
+        if !missing.is_empty() {
+            note.push_str("; ");
+            note.push_str(&missing.join("; "));
+        }
+        self.dl.progress().version = Some(note);
+    }
+
     /// Casts `src`'s ballot and waits until the size to fetch is chosen.
     /// Returns the chosen file if this source serves it. While the vote is
     /// open and other connections wait for `budget`, the connection is not
@@ -897,6 +849,7 @@ impl Engine {
             ))));
         }
         self.offered.notify_waiters();
+        self.dl.progress().waiting = None;
         loop {
             // Registered before looking, so an offer in between is not missed.
             let offered = self.offered.notified();
@@ -961,6 +914,17 @@ impl Engine {
     /// adopted, sources serving another are excluded and the pieces that
     /// waited are verified as soon as a hash list adding up to it is known.
     fn decide_root(self: &Arc<Self>, c: &Arc<Chosen>) {
+        // Adopted already: late sources may join, or out-vote it.
+        if let Some(&adopted) = c.root.get() {
+            let overturned = lock(&self.votes).overturned(c.size, adopted);
+            if let Some(why) = overturned {
+                info!(reason = %why, "late sources out-voted the adopted version: starting over");
+                let _ = self.outcome.try_send(Outcome::Relayout);
+                return;
+            }
+            self.settle_root(c, adopted);
+            return;
+        }
         let (decision, standing) = {
             let v = lock(&self.votes);
             (v.root(c.size), v.describe(c.size))
@@ -1000,6 +964,28 @@ impl Engine {
             self.dl.progress().identity = Some(hex::encode(root));
             self.progressed.notify_one();
         }
+        self.settle_root(c, root);
+    }
+
+    /// With `root` adopted: sources of other versions are excluded, the
+    /// pieces that waited are verified once a hash list adding up to it is
+    /// known, and the download completes if every piece is verified.
+    fn settle_root(self: &Arc<Self>, c: &Arc<Chosen>, root: [u8; 32]) {
+        self.exclude_others(c, root);
+        self.note_version(c, root);
+        let list = lock(&self.lists).get(&root).cloned();
+        if let Some(list) = list {
+            if c.hashes.get().is_none() {
+                c.hashes_arrived(self, list);
+            }
+            lock(&self.lists).clear();
+        }
+        self.check_complete(c);
+    }
+
+    /// Excludes the sources whose ballot is for another version than the
+    /// one adopted.
+    fn exclude_others(&self, c: &Chosen, root: [u8; 32]) {
         let others: Vec<(SourceId, Ballot)> = {
             let v = lock(&self.votes);
             (0..self.dl.job.sources.len())
@@ -1012,14 +998,6 @@ impl Engine {
                 self.kill_source(s, SourceState::Excluded, self.different(b.size, b.root, c));
             }
         }
-        let list = lock(&self.lists).get(&root).cloned();
-        if let Some(list) = list {
-            if c.hashes.get().is_none() {
-                c.hashes_arrived(self, list);
-            }
-            lock(&self.lists).clear();
-        }
-        self.check_complete(c);
     }
 
     /// Sends `Complete` when every piece is verified against the adopted
@@ -1044,10 +1022,14 @@ impl Engine {
             return None;
         }
         if let Some(r) = root {
-            if asked.1.contains(&r) || lock(&self.lists).contains_key(&r) {
+            // A source that announced its root has hashed the file: its
+            // answer is due within a round trip and what is queued ahead of
+            // it. Past that, another source of the same root is asked too.
+            let waited = asked.1.get(&r).map(|t| t.elapsed());
+            if waited.is_some_and(|w| w < HASHES_PATIENCE) || lock(&self.lists).contains_key(&r) {
                 return None;
             }
-            asked.1.insert(r);
+            asked.1.insert(r, Instant::now());
         }
         asked.0.insert(src);
         Some(root)
@@ -1084,7 +1066,9 @@ impl Engine {
         }
         let owner = self.dl.restricted_owner().cloned();
         let keep_free = self.dl.min_free_space;
-        let (file, preload) = tokio::task::spawn_blocking(move || {
+        let record = resume.as_ref().and_then(|m| m.part);
+        let owner_uid = self.dl.part_owner_uid();
+        let opened = tokio::task::spawn_blocking(move || {
             let (at, _pin) = crate::caller::pin_dir(&dest, owner.as_ref())
                 .map_err(DownloadError::disk("open the directory of", part_path(&dest)))?;
             // The previous run of this download (paused or restarted a
@@ -1093,7 +1077,15 @@ impl Engine {
             let mut tries = 0;
             loop {
                 let r = crate::caller::as_caller(owner.as_ref(), || {
-                    open_part(&at, size, claimed.clone(), reuse, keep_free)
+                    open_part(PartRequest {
+                        dest: &at,
+                        size,
+                        claimed: claimed.clone(),
+                        record,
+                        reuse,
+                        keep_free,
+                        owner_uid,
+                    })
                 })
                 .map_err(DownloadError::disk("act as the download's owner on", part_path(&dest)))?;
                 match r {
@@ -1107,17 +1099,27 @@ impl Engine {
         })
         .await
         .map_err(DownloadError::task("prepare"))??;
+        let (file, preload) = (opened.file, opened.preload);
+        *lock(&self.dl.part) = Some(opened.record);
         {
             let mut p = self.dl.progress();
             p.size = Some(size);
             p.recorded.total = mftd_common::proto::piece_count_for(size, piece_size);
         }
         info!(size, "file size chosen");
-        // Record the file before the first byte is written, so a restart
-        // can tell whether the remote file changed.
-        if let (Some(store), false) = (&self.dl.store, resume.as_ref().is_some_and(|m| m.file.is_some())) {
+        // Record the file and its part file before the first byte is
+        // written, so a restart can tell whether the remote file changed
+        // and which part file is this download's.
+        let recorded = resume.as_ref().is_some_and(|m| m.file.is_some() && m.part == Some(opened.record));
+        if let (Some(store), false) = (&self.dl.store, recorded) {
             let mut m = self.dl.base_manifest();
             m.file = Some(ManifestFile { size, piece_size, identity: None });
+            if let Some(f) = resume.as_ref().and_then(|r| r.file.clone()) {
+                // A new part file: the identity stays (a restart must still
+                // tell a changed remote file); progress is claimed again
+                // once checkpoints see it in this file.
+                m.file = Some(f);
+            }
             let store = store.clone();
             let path = store.path(m.id);
             tokio::task::spawn_blocking(move || store.save(&m))
@@ -1420,6 +1422,10 @@ async fn worker(eng: Arc<Engine>, src: SourceId) {
             }
             WorkerEnd::Retry(why) => {
                 let delay = backoff.next();
+                if lock(&eng.votes).ballot(src).is_none() {
+                    eng.set_source(src, |s| s.last_error = Some(why.to_string()));
+                    eng.unreachable(src);
+                }
                 debug!(source = %addr, error = %why, retry_in = ?delay, "source connection failed");
                 eng.set_source(src, |s| {
                     s.last_error = Some(why.to_string());
@@ -2185,7 +2191,87 @@ async fn verify(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize, known: Option<[
         Some(h) => Ok(Ok(hashes.get(p) == Some(&h))),
         None => read_back(&eng, &chosen, p, hashes).await,
     };
-    settle(eng, chosen, p, ok);
+    match ok {
+        // A good copy tells whose bytes in earlier bad ones were wrong.
+        Ok(Ok(true)) => judge(&eng, &chosen, p).await,
+        Ok(Ok(false)) => {
+            if let Some(solo) = suspect(&eng, &chosen, p).await {
+                settle(eng, chosen.clone(), p, ok, false);
+                lock(&chosen.sched).refetch_from(p, solo);
+                return;
+            }
+        }
+        _ => {}
+    }
+    settle(eng, chosen, p, ok, true);
+}
+
+/// BLAKE3 of bytes `r` of `file`.
+fn hash_range(file: &File, r: Range) -> io::Result<[u8; 32]> {
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; (r.len() as usize).min(1 << 20)];
+    let mut at = r.start;
+    while at < r.end {
+        let n = ((r.end - at) as usize).min(buf.len());
+        file.read_exact_at(&mut buf[..n], at)?;
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(*h.finalize().as_bytes())
+}
+
+/// Piece `p` failed with bytes of several sources in it (none dropped):
+/// nobody is struck yet. The hash of each source's span of the bad copy is
+/// kept, and the piece is fetched again whole from one source (the one
+/// that wrote most of it). When a good copy is verified, [`judge`] strikes
+/// exactly the sources whose spans differ from it: an honest source that
+/// finished a piece a liar started is never struck for the liar's bytes.
+/// Returns the source to fetch it from, or `None` when one source alone is
+/// to blame (a sole author, or a dropped source among the authors).
+async fn suspect(eng: &Arc<Engine>, chosen: &Arc<Chosen>, p: usize) -> Option<SourceId> {
+    let spans = lock(&chosen.sched).spans_of(p);
+    let mut bytes: HashMap<SourceId, u64> = HashMap::new();
+    for (s, r) in &spans {
+        *bytes.entry(*s).or_default() += r.len();
+    }
+    if bytes.len() < 2 || bytes.keys().any(|s| eng.is_dead(*s)) {
+        return None;
+    }
+    let file = chosen.file.clone();
+    let hashed = tokio::task::spawn_blocking(move || {
+        spans.into_iter().map(|(s, r)| hash_range(&file, r).map(|h| (s, r, h))).collect::<io::Result<Vec<_>>>()
+    })
+    .await
+    .ok()?
+    .ok()?;
+    debug!(piece = p, authors = ?bytes, "bad piece with several authors: fetching it again from one to tell who was wrong");
+    lock(&eng.suspects).entry(p).or_default().push(hashed);
+    bytes.into_iter().max_by_key(|(s, n)| (*n, std::cmp::Reverse(*s))).map(|(s, _)| s)
+}
+
+/// Piece `p` verified: every source whose span of an earlier bad copy of
+/// it differs from the good bytes gets a strike; the others were honest.
+async fn judge(eng: &Arc<Engine>, chosen: &Arc<Chosen>, p: usize) {
+    let Some(copies) = lock(&eng.suspects).remove(&p) else { return };
+    let file = chosen.file.clone();
+    let guilty = tokio::task::spawn_blocking(move || {
+        let mut guilty = Vec::new();
+        for copy in copies {
+            let mut spoiled: Vec<SourceId> = Vec::new();
+            for (s, r, bad) in copy {
+                if hash_range(&file, r).is_ok_and(|good| good != bad) && !spoiled.contains(&s) {
+                    spoiled.push(s);
+                }
+            }
+            guilty.extend(spoiled);
+        }
+        guilty
+    })
+    .await
+    .unwrap_or_default();
+    for s in guilty {
+        eng.strike(s, p);
+    }
 }
 
 async fn read_back(
@@ -2197,24 +2283,18 @@ async fn read_back(
     let Some(want) = hashes.get(p).copied() else { return Ok(Ok(false)) };
     let Ok(_slot) = eng.verify_slots.acquire().await else { return Ok(Ok(false)) };
     let c2 = chosen.clone();
-    tokio::task::spawn_blocking(move || {
-        let Range { start, end } = c2.piece_range(p);
-        let mut h = blake3::Hasher::new();
-        let mut buf = vec![0u8; ((end - start) as usize).min(1 << 20)];
-        let mut at = start;
-        while at < end {
-            let n = ((end - at) as usize).min(buf.len());
-            c2.file.read_exact_at(&mut buf[..n], at)?;
-            h.update(&buf[..n]);
-            at += n as u64;
-        }
-        Ok(*h.finalize().as_bytes() == want)
-    })
-    .await
+    tokio::task::spawn_blocking(move || Ok(hash_range(&c2.file, c2.piece_range(p))? == want)).await
 }
 
-/// Records the outcome of verifying piece `p`.
-fn settle(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize, ok: Result<io::Result<bool>, tokio::task::JoinError>) {
+/// Records the outcome of verifying piece `p`; with `blame`, a bad piece's
+/// authors are struck at once (see [`suspect`] for when they are not).
+fn settle(
+    eng: Arc<Engine>,
+    chosen: Arc<Chosen>,
+    p: usize,
+    ok: Result<io::Result<bool>, tokio::task::JoinError>,
+    blame: bool,
+) {
     match ok {
         Ok(Ok(true)) => {
             lock(&chosen.sched).piece_verified(p);
@@ -2234,7 +2314,7 @@ fn settle(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize, ok: Result<io::Result
             // A piece that a dropped source (typically one excluded for
             // serving another version) helped write is its fault alone.
             let blame_dropped = bad.contributors.iter().any(|(s, _)| eng.is_dead(*s));
-            if !blame_dropped {
+            if blame && !blame_dropped {
                 for (s, _) in bad.contributors {
                     eng.strike(s, p);
                 }
@@ -2253,26 +2333,6 @@ fn settle(eng: Arc<Engine>, chosen: Arc<Chosen>, p: usize, ok: Result<io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_the_written_parts_of_a_sparse_part_file_are_re_verified() {
-        use std::os::unix::fs::FileExt;
-        let dir = tempfile::tempdir().unwrap();
-        let f =
-            OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("p")).unwrap();
-        f.set_len(16 << 20).unwrap();
-        f.write_all_at(&vec![7u8; 1 << 20], 4 << 20).unwrap();
-        f.write_all_at(&vec![9u8; 1 << 20], 10 << 20).unwrap();
-        f.sync_all().unwrap();
-        let r = data_ranges(&f, 16 << 20);
-        let covered: u64 = r.iter().map(|r| r.len()).sum();
-        // The written 2 MiB, at block granularity (every file system Linux
-        // offers for /tmp answers SEEK_DATA/SEEK_HOLE).
-        assert!((2 << 20..(2 << 20) + (256 << 10)).contains(&covered), "{r:?}");
-        assert!(r.iter().any(|x| x.start <= 4 << 20 && x.end >= 5 << 20), "{r:?}");
-        assert!(r.iter().any(|x| x.start <= 10 << 20 && x.end >= 11 << 20), "{r:?}");
-        assert_eq!(data_ranges(&f, 0), vec![]);
-    }
 
     /// The README's schedule: from 250 ms, doubling to a 5 s cap, each
     /// delay within ±25 % of its step, and not all alike.
@@ -2298,69 +2358,5 @@ mod tests {
             assert_eq!(step, BACKOFF_CAP, "ten tries reach the cap");
         }
         assert!(firsts.len() > 10, "no jitter: {firsts:?}");
-    }
-
-    /// Review finding: a hard link planted at the part file's name made
-    /// mftd write (and truncate) the file it links to.
-    #[test]
-    fn a_hard_link_at_the_part_file_is_not_written_through() {
-        let dir = tempfile::tempdir().unwrap();
-        let precious = dir.path().join("precious");
-        std::fs::write(&precious, b"keep me").unwrap();
-        let dest = dir.path().join("f");
-        std::fs::hard_link(&precious, part_path(&dest)).unwrap();
-        assert!(open_part(&dest, 10, None, true, Some(0)).is_err());
-        assert!(open_part(&dest, 10, None, false, Some(0)).is_err());
-        assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
-    }
-
-    /// Review finding: a FIFO planted at the part file's name hung the
-    /// check (and a blocking thread) forever.
-    #[test]
-    fn a_fifo_at_the_part_file_neither_hangs_nor_counts() {
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f");
-        nix::unistd::mkfifo(&part_path(&dest), nix::sys::stat::Mode::S_IRWXU).unwrap();
-        let t = std::time::Instant::now();
-        assert!(!part_in_use(&part_path(&dest)));
-        assert!(open_part(&dest, 10, None, true, Some(0)).is_err());
-        assert!(t.elapsed() < Duration::from_secs(2));
-    }
-
-    #[test]
-    fn only_the_verified_part_file_is_renamed_into_place() {
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f");
-        let (verified, _) = open_part(&dest, 10, None, false, Some(0)).unwrap();
-        // Someone swaps the part file for their own.
-        std::fs::remove_file(part_path(&dest)).unwrap();
-        std::fs::write(part_path(&dest), b"planted!!!").unwrap();
-        let err = rename_into_place(&verified, &part_path(&dest), &dest, false).unwrap_err();
-        assert!(matches!(err, DownloadError::PartReplaced(_)), "{err}");
-        assert!(!dest.exists());
-        // The real one goes in place.
-        std::fs::remove_file(part_path(&dest)).unwrap();
-        let (verified, _) = open_part(&dest, 10, None, false, Some(0)).unwrap();
-        rename_into_place(&verified, &part_path(&dest), &dest, false).unwrap();
-        assert_eq!(std::fs::metadata(&dest).unwrap().len(), 10);
-    }
-
-    #[test]
-    fn a_part_file_is_never_shared_between_runs() {
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f");
-        let (first, _) = open_part(&dest, 1000, None, true, Some(0)).unwrap();
-        assert!(part_in_use(&part_path(&dest)));
-        // A second run, resuming or starting over, is refused while the
-        // first holds the file, and nothing gets truncated.
-        std::fs::write(part_path(&dest), vec![7u8; 1000]).unwrap();
-        let err = open_part(&dest, 1000, None, true, Some(0)).unwrap_err();
-        assert!(matches!(err, DownloadError::PartBusy(_)), "{err}");
-        let err = open_part(&dest, 1000, None, false, Some(0)).unwrap_err();
-        assert!(err.to_string().contains("another download is already writing"), "{err}");
-        assert_eq!(std::fs::read(part_path(&dest)).unwrap(), vec![7u8; 1000]);
-        drop(first);
-        assert!(!part_in_use(&part_path(&dest)));
-        assert!(open_part(&dest, 1000, None, true, Some(0)).is_ok());
     }
 }

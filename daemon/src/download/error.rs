@@ -56,6 +56,10 @@ pub enum DownloadError {
     PartBusy(PathBuf),
     #[error("{} appeared while downloading; not replacing it without --force", .0.display())]
     DestinationAppeared(PathBuf),
+    /// A file at the part name that this download did not create, which
+    /// cannot be moved aside (see [`super::part`]).
+    #[error("{} belongs to uid {uid} and was not created by this download, so mftd will not write into it, and cannot move it aside ({why}); remove it (or ask its owner to) and resume", path.display())]
+    ForeignPart { path: PathBuf, uid: u32, why: &'static str },
     #[error("{} was replaced while downloading; not putting it in place", .0.display())]
     PartReplaced(PathBuf),
     #[error("{} is not fully verified against the file's identity", .0.display())]

@@ -7,6 +7,7 @@ pub mod client;
 pub mod engine;
 pub mod error;
 pub mod existing;
+mod part;
 pub mod run;
 pub mod scheduler;
 pub mod space;
@@ -253,6 +254,7 @@ impl Downloads {
             max_size: self.defaults.max_download_size,
             token: self.parent.child_token(),
             budgets: self.budgets.clone(),
+            part: Mutex::new(spec.resume.as_ref().and_then(|m| m.part)),
             resume: Mutex::new(spec.resume),
             stop: Mutex::new(None),
             space_wait: Mutex::new(None),
@@ -845,10 +847,19 @@ impl Downloads {
             )
         })?;
         m.paused = false;
+        let changed = sources.as_ref().is_some_and(|s| *s != m.sources) || (force && !m.force);
         if let Some(s) = sources {
             m.sources = s;
         }
         m.force |= force;
+        if changed {
+            // Recorded before the run starts: the sources and --force stay
+            // through a pause, a restart or a crash, even if the run never
+            // gets to a checkpoint of its own.
+            self.store.save(&m).map_err(|e| {
+                Rejected(ErrorCode::Internal, format!("cannot write manifest {}: {e}", self.store.path(id).display()))
+            })?;
+        }
         let mut spec = Self::spec_from(m);
         spec.id = id;
         self.recheck(&spec)?;
@@ -883,7 +894,7 @@ impl Downloads {
             DownloadState::Paused | DownloadState::Failed => {
                 // No engine runs: clean up here, unless another download
                 // (same destination) is writing that part file now.
-                if !engine::part_in_use(&dl.part_path()) {
+                if !part::part_in_use(&dl.part_path()) {
                     dl.remove_part_file();
                 }
                 self.store.remove(id);
@@ -921,7 +932,7 @@ impl Downloads {
         }
         let kept = state == DownloadState::Failed && self.store.path(id).exists();
         if kept {
-            if !engine::part_in_use(&dl.part_path()) {
+            if !part::part_in_use(&dl.part_path()) {
                 dl.remove_part_file();
             }
             self.store.remove(id);

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use mftd_common::control::{DownloadInfo, DownloadState, SourceInfo, SourceState};
-use mftd_common::manifest::{Manifest, ManifestOwner, ManifestStats, SourceStats, FORMAT, VERSION};
+use mftd_common::manifest::{Manifest, ManifestOwner, ManifestPart, ManifestStats, SourceStats, FORMAT, VERSION};
 
 use super::scheduler::Scheduler;
 use super::{budget, client};
@@ -118,6 +118,10 @@ pub struct Progress {
     pub identity: Option<String>,
     /// How the version vote stands while no identity is adopted.
     pub vote: Option<String>,
+    /// How the version in use was decided (see [`DownloadInfo::version`]).
+    pub version: Option<String>,
+    /// What the download waits for while no source has answered.
+    pub waiting: Option<String>,
     pub error: Option<String>,
     /// Where the pieces stood by the manifest, shown while no run has a
     /// scheduler (see [`Download::pieces`]).
@@ -158,6 +162,9 @@ pub struct Download {
     pub dialer: Arc<client::Dialer>,
     /// Progress to continue from, taken by the engine when it starts.
     pub resume: Mutex<Option<Manifest>>,
+    /// The part file this download created (see [`super::part`]), as the
+    /// manifest records it.
+    pub(super) part: Mutex<Option<ManifestPart>>,
     pub stop: Mutex<Option<StopReason>>,
     /// Set when this run paused for a full disk: the registry resumes the
     /// download once there is room (never set by a user's pause).
@@ -271,16 +278,33 @@ impl Download {
             file: None,
             verified: Vec::new(),
             received: Vec::new(),
+            part: *self.part.lock().unwrap_or_else(|p| p.into_inner()),
+            finishing: false,
             checksum: String::new(),
         }
     }
 
-    /// Deletes the partial file (with the owner's rights, through the
-    /// pinned directory, so a swapped-in link cannot redirect it); a file
-    /// already gone is fine.
+    /// Deletes the partial file if it is this download's (with the owner's
+    /// rights, through the pinned directory, so a swapped-in link cannot
+    /// redirect it); a file already gone is fine, anyone else's stays.
     pub fn remove_part_file(&self) {
+        let record = *self.part.lock().unwrap_or_else(|p| p.into_inner());
+        let uid = self.part_owner_uid();
         if let Ok((dest, _pin)) = crate::caller::pin_dir(&self.job.destination, self.restricted_owner()) {
-            let _ = crate::caller::as_caller(self.restricted_owner(), || std::fs::remove_file(part_path(&dest)));
+            let _ = crate::caller::as_caller(self.restricted_owner(), || {
+                super::part::remove_own(&part_path(&dest), record, uid)
+            });
+        }
+    }
+
+    /// The user the part file belongs to: the owner when the daemon is root
+    /// and acts with the owner's rights, else the daemon's (as
+    /// [`crate::caller::as_caller`] decides).
+    pub fn part_owner_uid(&self) -> u32 {
+        let me = nix::unistd::geteuid();
+        match self.restricted_owner() {
+            Some(o) if me.is_root() => o.uid,
+            _ => me.as_raw(),
         }
     }
 
@@ -395,6 +419,8 @@ impl Download {
                 .collect(),
             identity: p.identity.clone(),
             vote: if p.identity.is_none() { p.vote.clone() } else { None },
+            version: if p.identity.is_some() { p.version.clone() } else { None },
+            waiting: if stopped { None } else { p.waiting.clone() },
             error: p.error.clone(),
         }
     }
@@ -413,6 +439,8 @@ pub(super) fn new_progress(sources: &[String], state: DownloadState) -> Progress
         size: None,
         identity: None,
         vote: None,
+        version: None,
+        waiting: None,
         error: None,
         recorded: Pieces::default(),
         speed: 0,

@@ -48,6 +48,17 @@ pub const DUPLICATE_AFTER: Duration = Duration::from_millis(1500);
 const LAG_PRIOR: f64 = 0.02;
 /// Time constant of the per-connection speed estimate.
 const SPEED_TAU: f64 = 0.5;
+/// A connection delivering less than this fraction of what the other
+/// connections of the download deliver each (their mean) is *crawling*: its
+/// range is taken over without waiting for its `TRIMMED` (see
+/// [`Scheduler::crawling`]).
+const CRAWL_FRACTION: f64 = 1.0 / 16.0;
+/// Longest others leave a piece to the one source it is fetched again from
+/// (see [`Scheduler::refetch_from`]): a slow source cannot hold it for long.
+const SOLO_MAX: Duration = Duration::from_secs(10);
+/// How long a connection may carry a range before it can count as crawling:
+/// a fresh connection is still ramping up.
+const CRAWL_GRACE: f64 = 1.0;
 
 #[derive(Debug, Clone)]
 struct Assignment {
@@ -62,7 +73,8 @@ struct Assignment {
     granted: Instant,
     /// Taken from this ticket's range: not to be requested until its owner
     /// learned (TRIMMED) where its server really stops, so no byte already
-    /// on its way is fetched twice.
+    /// on its way is fetched twice; or until the deadline for that answer
+    /// passed (see [`Scheduler::trim_deadline`]).
     held_by: Option<Ticket>,
 }
 
@@ -131,6 +143,10 @@ pub struct BadPiece {
     pub contributors: Vec<(SourceId, u64)>,
 }
 
+/// Which source wrote which bytes of a piece: the exact spans, so a bad
+/// piece can be blamed on the sources whose bytes were wrong.
+pub type Spans = Vec<(SourceId, Range)>;
+
 #[derive(Debug)]
 pub struct Scheduler {
     size: u64,
@@ -142,6 +158,12 @@ pub struct Scheduler {
     verifying: HashSet<usize>,
     /// Bytes each source wrote into each unverified piece.
     contributors: HashMap<usize, Vec<(SourceId, u64)>>,
+    /// The exact spans each source wrote into each unverified piece.
+    spans: HashMap<usize, Spans>,
+    /// Pieces to fetch again from one source alone (whole, so its copy
+    /// tells whose bytes were wrong in the last one): others leave them to
+    /// it while it has a connection open.
+    solo: HashMap<usize, (SourceId, Instant)>,
     /// Sources that sent a bad copy of a piece; asked last for it.
     avoid: HashMap<usize, HashSet<SourceId>>,
     assignments: HashMap<Ticket, Assignment>,
@@ -174,6 +196,8 @@ impl Scheduler {
             verified_count: 0,
             verifying: HashSet::new(),
             contributors: HashMap::new(),
+            spans: HashMap::new(),
+            solo: HashMap::new(),
             avoid: HashMap::new(),
             assignments: HashMap::new(),
             conns: HashMap::new(),
@@ -294,6 +318,47 @@ impl Scheduler {
         a.start < a.end && since_data > quiet && since_grant > quiet
     }
 
+    /// Whether the connection owning `a` delivers far below what the rest of
+    /// the download achieves: less than [`CRAWL_FRACTION`] of the mean rate
+    /// of the other connections, after [`CRAWL_GRACE`] to ramp up. A source
+    /// trickling a byte at a time is never stalled, but it is crawling, and
+    /// it loses its range without being waited for.
+    fn crawling(&self, a: &Assignment, now: Instant) -> bool {
+        let Some(c) = self.conns.get(&a.conn) else { return false };
+        let held_for = now.saturating_duration_since(a.granted).as_secs_f64();
+        if a.start >= a.end || held_for < CRAWL_GRACE.max(4.0 * c.rtt) {
+            return false;
+        }
+        let others: Vec<f64> = self
+            .conns
+            .iter()
+            .filter(|(id, _)| **id != a.conn)
+            .map(|(_, i)| i.meter.rate(now))
+            .filter(|r| *r > 0.0)
+            .collect();
+        if others.is_empty() {
+            return false;
+        }
+        let mean = others.iter().sum::<f64>() / others.len() as f64;
+        c.meter.rate(now) < mean * CRAWL_FRACTION
+    }
+
+    /// Whether the owner of `a` is not worth waiting for: stalled or
+    /// crawling.
+    fn lagging(&self, a: &Assignment, now: Instant) -> bool {
+        self.stalled(a, now) || self.crawling(a, now)
+    }
+
+    /// How long a range taken from `owner`'s connection waits for its
+    /// `TRIMMED` before it is requested anyway: the answer follows the TRIM
+    /// by a round trip plus what the owner's buffers hold (learned from
+    /// earlier answers), so four times that, at least 300 ms. Bytes the
+    /// owner still sends past the split are then late copies, discarded.
+    pub fn trim_deadline(&self, owner: ConnId) -> Duration {
+        let rtt = self.conns.get(&owner).map(|c| c.rtt).unwrap_or(0.0);
+        Duration::from_secs_f64((4.0 * (rtt + self.lag)).max(0.3))
+    }
+
     /// Whether `a`'s owner has not received a byte yet but was granted the
     /// range so recently that all of it may well be on its way: neither
     /// split nor duplicated until it looks stuck (a loaded machine can take
@@ -362,7 +427,9 @@ impl Scheduler {
             if a.conn == conn {
                 continue;
             }
-            let floor = a.start.saturating_add(self.in_flight(t, a, now));
+            // A lagging owner has next to nothing on its way: everything it
+            // has not delivered may be taken (a late copy is discarded).
+            let floor = if self.lagging(a, now) { a.start } else { a.start.saturating_add(self.in_flight(t, a, now)) };
             if a.end.saturating_sub(floor) < MIN_SPLIT || self.avoided(source, Range::new(floor, a.end)) {
                 continue;
             }
@@ -374,7 +441,7 @@ impl Scheduler {
             if self.fresh(a, now) {
                 continue;
             }
-            let rate = if self.stalled(a, now) { 0.0 } else { self.conn_rate(a.conn, now) };
+            let rate = if self.lagging(a, now) { 0.0 } else { self.conn_rate(a.conn, now) };
             let when = self.pending(a.conn) as f64 / rate.max(1.0);
             if best.map(|(_, bt, _)| when > bt).unwrap_or(true) {
                 best = Some((t, when, floor));
@@ -386,7 +453,8 @@ impl Scheduler {
             // Both should finish together: the victim keeps bytes in
             // proportion to its speed. Unknown speeds split in half; a
             // stalled owner keeps only what may still be on its way.
-            let frac = if self.stalled(a, now) {
+            let lagging = self.lagging(a, now);
+            let frac = if lagging {
                 0.0
             } else if vr > 0.0 && my_rate > 0.0 {
                 vr / (vr + my_rate)
@@ -395,9 +463,10 @@ impl Scheduler {
             };
             let remaining = a.end - a.start;
             let mut split = (a.start + (remaining as f64 * frac) as u64).max(floor);
-            // On a piece boundary, so both sides can hash whole pieces.
+            // On a piece boundary, so both sides can hash whole pieces
+            // (not for a lagging owner: it would keep the rest of its piece).
             let aligned = split.div_ceil(self.piece_size) * self.piece_size;
-            if aligned < a.end {
+            if aligned < a.end && !lagging {
                 split = aligned;
             }
             if split < a.end {
@@ -406,9 +475,10 @@ impl Scheduler {
                 if let Some(v) = self.assignments.get_mut(&victim) {
                     v.end = split;
                 }
-                // A stalled owner's server will not answer the TRIM soon:
-                // what it may still send is small next to what it owes.
-                let stalled = self.assignments.get(&victim).is_some_and(|v| self.stalled(v, now));
+                // A stalled or crawling owner's server will not answer the
+                // TRIM soon: what it may still send is small next to what
+                // it owes, and a late copy of it is discarded.
+                let stalled = lagging;
                 let g = self.give(conn, source, Range::new(split, end), false, Some(vconn));
                 if let Some(a) = self.assignments.get_mut(&g.ticket) {
                     a.held_by = (!stalled).then_some(victim);
@@ -428,7 +498,7 @@ impl Scheduler {
             {
                 continue;
             }
-            let rate = if self.stalled(a, now) { 0.0 } else { self.conn_rate(a.conn, now) };
+            let rate = if self.lagging(a, now) { 0.0 } else { self.conn_rate(a.conn, now) };
             let when = (a.end - a.start) as f64 / rate.max(1.0);
             // Worth it when the owner needs long, or when this connection
             // would clearly finish first (the last piece on a slow source).
@@ -466,10 +536,23 @@ impl Scheduler {
     /// still in the download. When every remaining source sent a bad copy,
     /// nobody is avoided (otherwise the piece would never be fetched).
     fn avoided(&self, source: SourceId, r: Range) -> bool {
-        if self.avoid.is_empty() {
+        if self.avoid.is_empty() && self.solo.is_empty() {
             return false;
         }
         self.pieces_of(r).any(|p| {
+            // A piece to fetch again from one source: its own, and left to
+            // it by the others while it is connected (for at most SOLO_MAX).
+            if let Some(&(s, since)) = self.solo.get(&p) {
+                if s == source {
+                    return false;
+                }
+                if since.elapsed() < SOLO_MAX
+                    && self.alive.get(s).copied().unwrap_or(true)
+                    && self.conns.values().any(|c| c.source == s)
+                {
+                    return true;
+                }
+            }
             let Some(bad) = self.avoid.get(&p) else { return false };
             bad.contains(&source) && self.someone_else_for(p, source, bad)
         })
@@ -549,6 +632,13 @@ impl Scheduler {
                 Some((_, n)) => *n += part,
                 None => c.push((source, part)),
             }
+            if let Some(span) = self.piece_range(p).intersect(&r) {
+                let spans = self.spans.entry(p).or_default();
+                match spans.last_mut() {
+                    Some((s, last)) if *s == source && last.end == span.start => last.end = span.end,
+                    _ => spans.push((source, span)),
+                }
+            }
             if !self.verified[p] && !self.verifying.contains(&p) && self.received.contains_range(self.piece_range(p)) {
                 self.verifying.insert(p);
                 ready.push(p);
@@ -565,6 +655,8 @@ impl Scheduler {
     pub fn piece_verified(&mut self, p: usize) {
         self.verifying.remove(&p);
         self.contributors.remove(&p);
+        self.spans.remove(&p);
+        self.solo.remove(&p);
         if p < self.verified.len() && !self.verified[p] {
             self.verified[p] = true;
             self.verified_count += 1;
@@ -578,8 +670,23 @@ impl Scheduler {
         let r = self.piece_range(p);
         self.received.remove(r);
         let contributors = self.contributors.remove(&p).unwrap_or_default();
+        self.spans.remove(&p);
+        self.solo.remove(&p);
         self.avoid.entry(p).or_default().extend(contributors.iter().map(|(s, _)| *s));
         BadPiece { piece: p, contributors }
+    }
+
+    /// Who wrote which bytes of piece `p` (not verified yet).
+    pub fn spans_of(&self, p: usize) -> Spans {
+        self.spans.get(&p).cloned().unwrap_or_default()
+    }
+
+    /// Piece `p`, which failed with several sources' bytes in it, is to be
+    /// fetched again whole from `source`: others leave it alone while that
+    /// source has a connection open (so a source that is down does not
+    /// hold it up).
+    pub fn refetch_from(&mut self, p: usize, source: SourceId) {
+        self.solo.insert(p, (source, Instant::now()));
     }
 
     /// Bytes found on disk (resume): they count as received, and the
@@ -642,10 +749,14 @@ impl Scheduler {
     /// Whether the range of `ticket` (granted with `shrunk`) may be
     /// requested now.
     pub fn held(&mut self, ticket: Ticket, now: Instant) -> Hold {
-        // An owner that stalled since (a link gone silent) will not answer:
-        // go ahead without its TRIMMED.
-        let owner_stalled = match self.assignments.get(&ticket).and_then(|a| a.held_by) {
-            Some(owner) => self.assignments.get(&owner).is_none_or(|o| self.stalled(o, now)),
+        // An owner that stalled or crawls since (a link gone silent, a
+        // source trickling bytes) will not answer soon, and no owner is
+        // waited for past the deadline of its answer: go ahead without its
+        // TRIMMED.
+        let owner_stalled = match self.assignments.get(&ticket).and_then(|a| a.held_by.map(|o| (a, o))) {
+            Some((a, owner)) => self.assignments.get(&owner).is_none_or(|o| {
+                self.lagging(o, now) || now.saturating_duration_since(a.granted) >= self.trim_deadline(o.conn)
+            }),
             None => false,
         };
         if owner_stalled {
@@ -979,6 +1090,83 @@ mod tests {
         let b = s.assign(2, 1, t0 + Duration::from_millis(100)).unwrap();
         assert_eq!(s.held(b.ticket, t0 + Duration::from_millis(150)), Hold::Waiting);
         assert_eq!(s.held(b.ticket, t0 + Duration::from_secs(2)), Hold::Ready(b.range));
+    }
+
+    /// Issue 20: a range taken from an owner that keeps receiving but whose
+    /// server never answers the TRIM waited forever.
+    #[test]
+    fn a_trimmed_answer_is_waited_for_only_until_its_deadline() {
+        let mut s = Scheduler::new(64 << 20, PS);
+        let t0 = Instant::now();
+        s.open_conn(1, 0, Duration::from_millis(1), t0);
+        let a = s.assign(1, 0, t0).unwrap();
+        let mut at = 0;
+        let mut deliver = |s: &mut Scheduler, now: Instant| {
+            for c in s.claim(1, a.ticket, Range::new(at, at + (1 << 20)), now) {
+                s.commit(0, c);
+            }
+            at += 1 << 20;
+        };
+        for i in 1..=10 {
+            deliver(&mut s, t0 + Duration::from_millis(i));
+        }
+        let now = t0 + Duration::from_millis(20);
+        let b = s.assign(2, 1, now).unwrap();
+        assert_eq!(b.shrunk, Some(1));
+        let deadline = s.trim_deadline(1);
+        assert!(deadline >= Duration::from_millis(300), "{deadline:?}");
+        // The owner keeps receiving (never stalled), its TRIMMED never comes.
+        let mut t = now;
+        while t < now + deadline - Duration::from_millis(50) {
+            t += Duration::from_millis(10);
+            deliver(&mut s, t);
+            assert_eq!(s.held(b.ticket, t), Hold::Waiting, "at {:?}", t - now);
+        }
+        let late = now + deadline + Duration::from_millis(10);
+        deliver(&mut s, late);
+        assert!(matches!(s.held(b.ticket, late), Hold::Ready(_)), "past the deadline");
+    }
+
+    /// A connection trickling bytes is never stalled, but it crawls: its
+    /// range is taken whole, without waiting for its TRIMMED.
+    #[test]
+    fn a_crawling_owner_loses_its_range_without_being_waited_for() {
+        let mut s = Scheduler::new(64 << 20, PS);
+        s.set_expected_conns(2);
+        let t0 = Instant::now();
+        s.open_conn(1, 0, Duration::from_millis(1), t0);
+        s.open_conn(3, 1, Duration::from_millis(1), t0);
+        let slow = s.assign(1, 0, t0).unwrap();
+        let fast = s.assign(3, 1, t0).unwrap();
+        assert_eq!(slow.range, Range::new(0, 32 << 20));
+        // For two seconds the slow one gets 4 bytes every 200 ms, the fast
+        // one 1 MiB every 100 ms.
+        let (mut s_at, mut f_at) = (0u64, 32u64 << 20);
+        for i in 1..=20u64 {
+            let now = t0 + Duration::from_millis(100 * i);
+            for c in s.claim(3, fast.ticket, Range::new(f_at, f_at + (1 << 20)), now) {
+                s.commit(1, c);
+            }
+            f_at += 1 << 20;
+            if i % 2 == 0 {
+                for c in s.claim(1, slow.ticket, Range::new(s_at, s_at + 4), now) {
+                    s.commit(0, c);
+                }
+                s_at += 4;
+            }
+        }
+        let now = t0 + Duration::from_millis(2010);
+        let a = slow_assignment(&s, slow.ticket);
+        assert!(!s.stalled(&a, now), "a trickle is not a stall");
+        assert!(s.crawling(&a, now));
+        let g = s.assign(2, 1, now).unwrap();
+        assert_eq!(g.shrunk, Some(1));
+        assert_eq!(g.range.start, s_at, "everything the crawler has not delivered is taken");
+        assert_eq!(s.held(g.ticket, now), Hold::Ready(g.range), "no wait for the crawler's TRIMMED");
+    }
+
+    fn slow_assignment(s: &Scheduler, t: Ticket) -> Assignment {
+        s.assignments.get(&t).cloned().expect("assignment")
     }
 
     #[test]

@@ -8,10 +8,16 @@
 //! hashed the file yet answers at once without a root, so data flows while
 //! the vote is open.
 //!
-//! A version wins only with a **strict majority of the usable sources**:
-//! more than half of those that answered plus those that still may (not
-//! answered yet, or answered but still hashing). So nobody still to answer
-//! can out-vote it, and a tie is never broken by who was first:
+//! The vote is decided by the sources that answer, and it is **live**: a
+//! source that has not answered is *absent* once its first connection
+//! failed (refused, unresolvable, timed out, a broken handshake) or once
+//! the election deadline passed (the connect timeout from the start of the
+//! run; the engine marks it), and an absent source never holds up a
+//! decision. It is **safe** among those that answered: a version wins only
+//! with a **strict majority of the usable sources**, more than half of
+//! those that answered plus those that still may (not absent, or answered
+//! but still hashing). So nobody still to answer can out-vote it, and a tie
+//! is never broken by who was first:
 //!
 //! * **Layout** (the size to fetch): the size a strict majority of the
 //!   usable sources announce.
@@ -19,18 +25,23 @@
 //!   majority of the usable sources announce (sources of another size vote
 //!   against it). No byte is verified, and so no file is completed, before a
 //!   root is adopted: a fast liar cannot decide the file while honest servers
-//!   are still hashing, and neither can two liars against two honest ones.
+//!   are still hashing (a source that answered "hashing" counts as
+//!   answered), and neither can two liars against two honest ones.
 //! * A root pinned by the user (`get --identity`) is adopted at once, only
 //!   sources that may serve it count, and its size is the one to fetch as
 //!   soon as any source announces it.
 //! * A source that failed for good (not found, refused, dropped) before its
-//!   vote was complete does not count; a source that is merely unreachable
-//!   may still answer, and the vote waits for it as a download waits
-//!   through an outage. With two sources, one of them down, nothing is
-//!   verified until it is back: `--identity` settles it without a vote.
-//! * When nobody is left to answer and no version has a majority, the vote
-//!   is a **conflict**: the download fails naming every version, and the
-//!   user pins one.
+//!   vote was complete does not count.
+//! * Sources that answered and disagree with no majority among them: while
+//!   an absent source could still break the tie the vote waits for it (the
+//!   standing is shown); when nobody is left to answer it is a
+//!   **conflict**: the download fails naming every version, and the user
+//!   pins one.
+//! * **Late sources**: a source that answers after the version was adopted
+//!   and agrees joins the download; one that disagrees is excluded by the
+//!   engine, unless the sources that answered now hold a strict majority
+//!   for another version ([`Votes::overturned`]): then the download starts
+//!   over with that one (a pin is never overturned).
 //! * A source whose answer changes (another size or mtime on a later
 //!   connection) keeps its first ballot and is excluded by the engine.
 
@@ -70,6 +81,9 @@ pub struct Votes {
     ballots: Vec<Option<Ballot>>,
     /// Failed for good: if its vote is not complete, it never will be.
     gone: Vec<bool>,
+    /// Not answered, and no longer waited for (its first connection failed
+    /// or the election deadline passed). Its ballot counts if it comes.
+    absent: Vec<bool>,
     pin: Option<[u8; 32]>,
     /// The size the user expects: only sources announcing it count.
     size: Option<u64>,
@@ -81,7 +95,13 @@ fn short(root: &[u8; 32]) -> String {
 
 impl Votes {
     pub fn new(sources: usize, pin: Option<[u8; 32]>) -> Votes {
-        Votes { ballots: vec![None; sources], gone: vec![false; sources], pin, size: None }
+        Votes {
+            ballots: vec![None; sources],
+            gone: vec![false; sources],
+            absent: vec![false; sources],
+            pin,
+            size: None,
+        }
     }
 
     /// Only sources announcing `size` count (`get --size`).
@@ -118,6 +138,41 @@ impl Votes {
         }
     }
 
+    /// `src` has not answered and is no longer waited for: its first
+    /// connection failed, or the election deadline passed. Returns whether
+    /// that changed anything.
+    pub fn absent(&mut self, src: SourceId) -> bool {
+        let answered = self.ballot(src).is_some();
+        match self.absent.get_mut(src) {
+            Some(a) if !*a && !answered => {
+                *a = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Every source that has not answered is no longer waited for (the
+    /// election deadline). Returns whether that changed anything.
+    pub fn deadline_passed(&mut self) -> bool {
+        let mut changed = false;
+        for src in 0..self.ballots.len() {
+            changed |= self.absent(src);
+        }
+        changed
+    }
+
+    /// Sources not answered and not failed for good, whether still waited
+    /// for or not (absent).
+    pub fn silent(&self) -> impl Iterator<Item = SourceId> + '_ {
+        (0..self.ballots.len()).filter(|&s| self.ballots[s].is_none() && !self.gone[s])
+    }
+
+    /// Whether any source has answered `STAT`.
+    pub fn any_answered(&self) -> bool {
+        self.ballots.iter().any(|b| b.is_some())
+    }
+
     pub fn ballot(&self, src: SourceId) -> Option<Ballot> {
         self.ballots.get(src).copied().flatten()
     }
@@ -134,9 +189,14 @@ impl Votes {
         })
     }
 
-    /// Sources that may still answer.
+    /// Sources that may still answer and are waited for.
     fn unanswered(&self) -> usize {
-        self.ballots.iter().zip(&self.gone).filter(|(b, g)| b.is_none() && !**g).count()
+        self.silent().filter(|&s| !self.absent[s]).count()
+    }
+
+    /// Absent sources that may still answer (and break a tie).
+    fn absentees(&self) -> usize {
+        self.silent().filter(|&s| self.absent[s]).count()
     }
 
     /// The size to fetch.
@@ -157,7 +217,7 @@ impl Votes {
                 return Decision::Adopt(size);
             }
         }
-        if undecided > 0 {
+        if undecided > 0 || self.absentees() > 0 {
             return Decision::Wait;
         }
         if answered == 0 {
@@ -198,6 +258,10 @@ impl Votes {
         if unanswered > 0 {
             parts.push(format!("{unanswered} not answered"));
         }
+        let absent = self.absentees();
+        if absent > 0 {
+            parts.push(format!("{absent} unreachable"));
+        }
         format!(
             "identity not settled: {}; no piece is verified before one identity has a majority of the usable sources",
             parts.join(", ")
@@ -236,7 +300,7 @@ impl Votes {
                 return Decision::Adopt(root);
             }
         }
-        if undecided > 0 || known == 0 {
+        if undecided > 0 || known == 0 || self.absentees() > 0 {
             return Decision::Wait;
         }
         let list: Vec<String> = ranked
@@ -250,6 +314,41 @@ impl Votes {
             "the sources disagree about the file ({}); no version has a majority: pin the right one with --identity ROOT",
             list.join("; ")
         ))
+    }
+}
+
+impl Votes {
+    /// Whether the sources that answered now hold a strict majority of the
+    /// usable sources for another version than the adopted one (`size`,
+    /// `root`): late sources out-voted the first to answer. Returns the
+    /// sentence that says so. A pin is never overturned.
+    pub fn overturned(&self, size: u64, root: [u8; 32]) -> Option<String> {
+        if self.pin.is_some() {
+            return None;
+        }
+        // Another size with a majority of all that may vote.
+        if let Decision::Adopt(other) = self.layout() {
+            if other != size {
+                return Some(format!(
+                    "a majority of the sources now serves {other} bytes, not the {size} bytes first adopted"
+                ));
+            }
+        }
+        match self.root(size) {
+            Decision::Adopt(other) if other != root => Some(format!(
+                "a majority of the sources now serves identity {}…, not {}… first adopted",
+                short(&other),
+                short(&root)
+            )),
+            _ => None,
+        }
+    }
+
+    /// How the adopted version was decided, for `downloads show`: how many
+    /// of the sources that count serve it, of how many there are.
+    pub fn support(&self, size: u64, root: [u8; 32]) -> (usize, usize) {
+        let agree = self.ballots.iter().flatten().filter(|b| b.size == size && b.root == Some(root)).count();
+        (agree, self.ballots.len())
     }
 }
 
@@ -353,6 +452,99 @@ mod tests {
         assert_eq!(v.layout(), Decision::Adopt(7));
         v.root_known(0, R1);
         assert_eq!(v.root(7), Decision::Adopt(R1));
+    }
+
+    /// Issue 20: with half the sources down the vote never closed.
+    #[test]
+    fn absent_sources_do_not_hold_up_the_sources_that_answered() {
+        // Two sources, one refused: the other decides once the refused
+        // one is absent (its first connection failed), not before.
+        let mut v = Votes::new(2, None);
+        v.offer(0, b(100, Some(R1)));
+        assert_eq!(v.layout(), Decision::Wait);
+        assert_eq!(v.root(100), Decision::Wait);
+        assert!(v.absent(1));
+        assert!(!v.absent(1), "marked once");
+        assert_eq!(v.layout(), Decision::Adopt(100));
+        assert_eq!(v.root(100), Decision::Adopt(R1));
+        assert_eq!(v.support(100, R1), (1, 2));
+        // Four sources, two silent past the deadline: the two that agree.
+        let mut v = Votes::new(4, None);
+        v.offer(0, b(100, Some(R1)));
+        v.offer(1, b(100, Some(R1)));
+        assert_eq!(v.root(100), Decision::Wait);
+        assert!(v.deadline_passed());
+        assert_eq!(v.layout(), Decision::Adopt(100));
+        assert_eq!(v.root(100), Decision::Adopt(R1));
+        // A source that answered counts even if marked absent afterwards.
+        assert!(!v.absent(0));
+        // Nobody answered: wait, whatever the deadline says.
+        let mut v = Votes::new(2, None);
+        v.deadline_passed();
+        assert_eq!(v.layout(), Decision::Wait);
+        assert!(!v.any_answered());
+    }
+
+    #[test]
+    fn a_source_still_hashing_is_answered_and_holds_off_a_fast_liar() {
+        // The liar has a root, the honest source is hashing: absent
+        // sources do not change that a hashing one is waited for.
+        let mut v = Votes::new(3, None);
+        v.offer(0, b(100, Some(R1)));
+        v.offer(1, b(100, None));
+        v.deadline_passed();
+        assert_eq!(v.layout(), Decision::Adopt(100));
+        assert_eq!(v.root(100), Decision::Wait);
+        v.root_known(1, R2);
+        // 1 against 1 with one absent that could still break the tie.
+        assert_eq!(v.root(100), Decision::Wait);
+        assert!(v.describe(100).contains("1 unreachable"), "{}", v.describe(100));
+        v.gone(2);
+        assert!(matches!(v.root(100), Decision::Conflict(_)));
+    }
+
+    #[test]
+    fn a_single_fast_liar_of_the_same_size_never_wins_against_two_honest_sources() {
+        let mut v = Votes::new(3, None);
+        v.offer(0, b(100, Some(R1)));
+        assert_eq!(v.layout(), Decision::Wait, "1 of 3 answered, the others not absent");
+        v.offer(1, b(100, None));
+        v.offer(2, b(100, None));
+        assert_eq!(v.root(100), Decision::Wait);
+        v.root_known(1, R2);
+        assert_eq!(v.root(100), Decision::Wait);
+        v.root_known(2, R2);
+        assert_eq!(v.root(100), Decision::Adopt(R2));
+    }
+
+    #[test]
+    fn late_sources_that_out_vote_the_adopted_version_overturn_it() {
+        // A answered alone (B and C absent) and its version was adopted.
+        let mut v = Votes::new(3, None);
+        v.offer(0, b(100, Some(R1)));
+        v.deadline_passed();
+        assert_eq!(v.root(100), Decision::Adopt(R1));
+        assert_eq!(v.overturned(100, R1), None);
+        // B comes back with another version: 1 against 1, not overturned.
+        v.offer(1, b(100, Some(R2)));
+        assert_eq!(v.overturned(100, R1), None);
+        // C agrees with B: 2 of 3 for R2.
+        v.offer(2, b(100, Some(R2)));
+        let why = v.overturned(100, R1).expect("overturned");
+        assert!(why.contains("0202020202020202"), "{why}");
+        // Another size works the same way.
+        let mut v = Votes::new(3, None);
+        v.offer(0, b(100, Some(R1)));
+        v.deadline_passed();
+        v.offer(1, b(7, None));
+        v.offer(2, b(7, None));
+        assert!(v.overturned(100, R1).is_some_and(|w| w.contains("7 bytes")));
+        // A pin is never overturned.
+        let mut v = Votes::new(3, Some(R1));
+        v.offer(0, b(100, Some(R1)));
+        v.offer(1, b(100, Some(R2)));
+        v.offer(2, b(100, Some(R2)));
+        assert_eq!(v.overturned(100, R1), None);
     }
 
     /// Review finding: sources dropped while still hashing stayed undecided.
