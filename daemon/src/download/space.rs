@@ -95,8 +95,8 @@ fn room(dir: &Path) -> Option<Room> {
 }
 
 /// Bytes `min_free_space` keeps free on a file system of `total` bytes:
-/// the setting, or by default the smaller of 1 GiB and 5 % (the rule
-/// `create_part` applies before a part file is sized).
+/// the setting, or by default the smaller of 1 GiB and 5 %. One rule for
+/// creating a part file and for resuming after a full disk.
 pub fn keep_free(setting: Option<u64>, total: u64) -> u64 {
     setting.unwrap_or((1u64 << 30).min(total / 20))
 }
