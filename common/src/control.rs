@@ -380,8 +380,9 @@ pub enum DownloadState {
     Active,
     /// Every source is unreachable; retrying with backoff.
     Waiting,
-    /// Stopped with data and progress kept: by `downloads pause`, an mftd restart, or a failed
-    /// checkpoint such as a full disk (then `error` says why).
+    /// Stopped with data and progress kept: by `downloads pause`, an mftd restart, or a full
+    /// disk or failed checkpoint (then `error` says why; after a full disk it begins with
+    /// [`DISK_FULL`] and the download continues by itself when there is room).
     Paused,
     /// All bytes are in; final checks, fsync and rename.
     Verifying,
@@ -392,6 +393,12 @@ pub enum DownloadState {
     /// Stopped by `downloads cancel`; the partial file is deleted.
     Cancelled,
 }
+
+/// How the `error` of a download paused for lack of disk space begins:
+/// `disk full on DIR, N bytes needed; ...`. mftd resumes such a download by
+/// itself once the file system of DIR has N bytes free (beyond
+/// `min_free_space` when DIR is the destination's directory).
+pub const DISK_FULL: &str = "disk full on ";
 
 impl DownloadState {
     /// Whether the download has ended (`done`, `failed` or `cancelled`); `paused` has not.

@@ -552,8 +552,15 @@ fn follow(socket: &std::path::Path, json: bool, id: u64, interval: f64) -> Resul
                 view.update(&download);
                 if download.state == mftd_common::control::DownloadState::Paused {
                     view.clear();
-                    let why = download.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
-                    let message = format!("download {id} is paused{why}; `mftctl downloads resume {id}` continues it");
+                    let message = match download.error.as_deref() {
+                        // mftd resumes it by itself; resuming by hand would
+                        // only meet the full disk again.
+                        Some(e) if e.starts_with(mftd_common::control::DISK_FULL) => {
+                            format!("download {id} is paused: {e} (`mftctl downloads show {id}` to check on it)")
+                        }
+                        Some(e) => format!("download {id} is paused: {e}; `mftctl downloads resume {id}` continues it"),
+                        None => format!("download {id} is paused; `mftctl downloads resume {id}` continues it"),
+                    };
                     view.stopped(&Event::Paused { id, message: message.clone() });
                     if !json {
                         eprintln!("{message}");

@@ -13,6 +13,7 @@ mod failpoint;
 mod identity;
 mod jail;
 mod listener;
+pub mod logging;
 mod metrics;
 pub mod node;
 mod notify;

@@ -1,29 +1,33 @@
 //! The `mftd` binary: flags, logging, signals, then [`mftd::bind`] and [`mftd::run`].
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
-use tracing_subscriber::EnvFilter;
 
 use mftd::config::{Args, Config};
+use mftd::logging::{self, QueueWriter};
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let level = match args.verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
+    let log = match logging::init(args.verbose) {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "mftd: cannot start the logging thread: {e}");
+            return ExitCode::FAILURE;
+        }
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let code = run(args, &log);
+    // Lines still queued for a stderr that is stuck are given up after this.
+    log.flush_within(logging::FLUSH_LIMIT);
+    code
+}
 
+/// Everything after logging is set up. Its messages go through `log`:
+/// `eprintln!` would panic on a closed stderr and block on a full one.
+fn run(args: Args, log: &QueueWriter) -> ExitCode {
     if let Some(dir) = &args.manpage {
         use clap::CommandFactory;
         let mut buf = Vec::new();
@@ -33,7 +37,7 @@ fn main() -> ExitCode {
         return match page {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("mftd: cannot write the man page into {}: {e}", dir.display());
+                log.say(format_args!("mftd: cannot write the man page into {}: {e}", dir.display()));
                 ExitCode::FAILURE
             }
         };
@@ -41,30 +45,31 @@ fn main() -> ExitCode {
     let config = match Config::load(&args) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("mftd: {e:#}");
+            log.say(format_args!("mftd: {e:#}"));
             return ExitCode::from(2);
         }
     };
     if args.print_node_id {
         return match mftd::node::NodeIdentity::load_or_create(&config.state_dir) {
             Ok(n) => {
-                println!("{}", n.id);
+                // A closed stdout is the reader's choice, not an error.
+                let _ = writeln!(std::io::stdout(), "{}", n.id);
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("mftd: {e:#}");
+                log.say(format_args!("mftd: {e:#}"));
                 ExitCode::FAILURE
             }
         };
     }
     if args.print_config {
-        print!("{}", config.describe());
+        let _ = write!(std::io::stdout(), "{}", config.describe());
         return ExitCode::SUCCESS;
     }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("mftd: cannot start the async runtime: {e}");
+            log.say(format_args!("mftd: cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -88,7 +93,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("mftd: {e:#}");
+            log.say(format_args!("mftd: {e:#}"));
             ExitCode::FAILURE
         }
     }

@@ -45,6 +45,7 @@ use super::error::{DownloadError, SourceError};
 use super::part::{open_part, rename_into_place, PartRequest};
 use super::run::{part_path, Download, SourceProgress, StopReason};
 use super::scheduler::{ConnId, Hold, Scheduler, SourceId, Ticket};
+use super::space::{self, SpaceWait};
 use super::vote::{Ballot, Decision, Offer, Votes};
 use mftd_common::manifest::{piece_runs, ManifestFile};
 
@@ -243,6 +244,15 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
         }
     };
     wind_down(&eng, tasks).await;
+    if let Some(Outcome::Fatal(e) | Outcome::Suspend(e)) = &outcome {
+        if let Some(wait) = space::wait_for(e, &dl, remaining(&dl)) {
+            // A failed write left what was committed before it intact; a
+            // failed checkpoint means nothing since the last one is trusted.
+            let keep = matches!(outcome, Some(Outcome::Fatal(_)));
+            pause_for_space(&eng, &dl, e, wait, keep).await;
+            return None;
+        }
+    }
 
     let store = dl.store.clone();
     let forget = |why: &str| {
@@ -300,6 +310,27 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
         }
     }
     None
+}
+
+/// Bytes of the file not on disk yet (all of it while the size is unknown).
+fn remaining(dl: &Download) -> u64 {
+    let size = dl.progress().size.unwrap_or(0);
+    size.saturating_sub(dl.pieces().bytes_done)
+}
+
+/// The disk is full: keep what is in (checkpointed when `keep`), pause, and
+/// leave `wait` for the registry, which resumes the download when there is
+/// room (see [`space`]).
+async fn pause_for_space(eng: &Arc<Engine>, dl: &Arc<Download>, e: &DownloadError, wait: SpaceWait, keep: bool) {
+    warn!(error = %e, dir = %wait.dir.display(), needed = wait.needed, "disk full; download paused until there is room");
+    if keep {
+        if let Err(c) = checkpoint(eng, false).await {
+            warn!(error = %c, "could not persist progress; the last good manifest stays");
+        }
+    }
+    dl.progress().error = Some(wait.message());
+    *lock(&dl.space_wait) = Some(wait);
+    dl.set_state(DownloadState::Paused);
 }
 
 /// The end of every run: stops the workers and waits (bounded) for writes

@@ -10,6 +10,7 @@ pub mod existing;
 mod part;
 pub mod run;
 pub mod scheduler;
+pub mod space;
 pub mod vote;
 
 use std::collections::BTreeMap;
@@ -256,6 +257,7 @@ impl Downloads {
             part: Mutex::new(spec.resume.as_ref().and_then(|m| m.part)),
             resume: Mutex::new(spec.resume),
             stop: Mutex::new(None),
+            space_wait: Mutex::new(None),
             started,
             prior_elapsed: Duration::from_millis(stats.elapsed_ms),
             progress: Mutex::new(progress),
@@ -760,7 +762,11 @@ impl Downloads {
         owned_by(&dl, caller)?;
         match dl.state() {
             DownloadState::Paused => {
-                return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} is already paused")))
+                if dl.space_wait.lock().unwrap_or_else(|p| p.into_inner()).take().is_some() {
+                    self.hold(&dl)?;
+                    return Ok(dl);
+                }
+                return Err(Rejected(ErrorCode::InvalidArgument, format!("download {id} is already paused")));
             }
             DownloadState::Verifying => {
                 return Err(Rejected(
@@ -959,6 +965,7 @@ impl Downloads {
         for d in self.all() {
             d.sample();
         }
+        self.resume_when_room();
         // Ended downloads leave the registry (and the metrics) after the
         // retention period; failed ones whose data and manifest were kept
         // for a retry stay until resumed or cancelled.
@@ -967,6 +974,53 @@ impl Downloads {
             let ended = d.progress().finished.is_some_and(|t| t.elapsed() >= retention);
             !(ended && d.state().is_final() && !self.store.path(*id).exists())
         });
+    }
+}
+
+impl Downloads {
+    /// Resumes the downloads paused for a full disk whose file system has
+    /// room again, through the same path as `downloads resume`. Each looks
+    /// when its [`space::SpaceWait`] is due (backing off from 1 s to 30 s):
+    /// one `statvfs`, cheap enough for the sampler's tick.
+    fn resume_when_room(&self) {
+        let now = Instant::now();
+        for d in self.all() {
+            if d.state() != DownloadState::Paused {
+                continue;
+            }
+            let wait = {
+                let mut w = d.space_wait.lock().unwrap_or_else(|p| p.into_inner());
+                if !w.as_ref().is_some_and(|w| w.due(now)) {
+                    continue;
+                }
+                w.take()
+            };
+            let Some(wait) = wait else { continue };
+            let dir = wait.dir.clone();
+            match wait.check() {
+                Err(later) => *d.space_wait.lock().unwrap_or_else(|p| p.into_inner()) = Some(later),
+                Ok(()) => {
+                    info!(id = d.id, dir = %dir.display(), "disk space is back; resuming the download");
+                    if let Err(e) = self.resume_with(d.id, None, false) {
+                        warn!(id = d.id, error = %e.1, "disk space is back but the download cannot resume");
+                        d.progress().error =
+                            Some(format!("disk space is back but the download cannot resume: {}", e.1));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A download waiting for disk space, paused by its user: it stops
+    /// waiting, and stays paused across restarts like any user's pause.
+    fn hold(&self, dl: &Download) -> Result<(), Rejected> {
+        let mut m = self.store.load(dl.id).map_err(|d| Rejected(ErrorCode::Internal, d.error.to_string()))?;
+        m.paused = true;
+        self.store.save(&m).map_err(|e| {
+            Rejected(ErrorCode::Internal, format!("cannot write manifest {}: {e}", self.store.path(dl.id).display()))
+        })?;
+        dl.progress().error = None;
+        Ok(())
     }
 }
 

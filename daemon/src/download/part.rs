@@ -302,8 +302,8 @@ pub(super) fn data_ranges(file: &File, len: u64) -> Vec<Range> {
 }
 
 /// Creates `NAME.mftpart` with `O_EXCL` at the file's size, locked.
-/// `keep_free`: bytes to leave free on the file system (`None`: the smaller
-/// of 1 GiB and 5 % of it), so no source can make mftd fill a disk.
+/// `keep_free`: bytes to leave free on the file system (`None`: see
+/// [`super::space::keep_free`]), so no source can make mftd fill a disk.
 fn create(dir: &Dir, part: &Path, dest: &Path, size: u64, keep_free: Option<u64>) -> Result<Opened, DownloadError> {
     let file = dir.open(&dir.name, OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL, 0o644).map_err(|e| {
         match e.raw_os_error() {
@@ -321,7 +321,7 @@ fn create(dir: &Dir, part: &Path, dest: &Path, size: u64, keep_free: Option<u64>
     if let Ok(v) = nix::sys::statvfs::fstatvfs(&file) {
         let avail = v.blocks_available().saturating_mul(v.fragment_size());
         let total = v.blocks().saturating_mul(v.fragment_size());
-        let keep = keep_free.unwrap_or((1u64 << 30).min(total / 20));
+        let keep = super::space::keep_free(keep_free, total);
         if size.saturating_add(keep) > avail {
             remove();
             let detail = format!(", {avail} bytes available, {keep} kept free (min_free_space)");

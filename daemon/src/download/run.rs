@@ -166,6 +166,9 @@ pub struct Download {
     /// manifest records it.
     pub(super) part: Mutex<Option<ManifestPart>>,
     pub stop: Mutex<Option<StopReason>>,
+    /// Set when this run paused for a full disk: the registry resumes the
+    /// download once there is room (never set by a user's pause).
+    pub space_wait: Mutex<Option<super::space::SpaceWait>>,
     pub(super) started: Instant,
     /// Running time of earlier runs (from the manifest).
     pub(super) prior_elapsed: Duration,
