@@ -753,7 +753,17 @@ pub struct LyingServer {
 }
 
 impl LyingServer {
+    /// A lying node speaking TLS with an identity of its own.
     pub fn start(upstream: u16, lie: Lie) -> LyingServer {
+        LyingServer::start_with(upstream, lie, true)
+    }
+
+    /// The same liar over plain TCP: name it `plain://127.0.0.1:PORT`.
+    pub fn start_plain(upstream: u16, lie: Lie) -> LyingServer {
+        LyingServer::start_with(upstream, lie, false)
+    }
+
+    fn start_with(upstream: u16, lie: Lie, tls: bool) -> LyingServer {
         use std::sync::atomic::{AtomicBool, Ordering};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
@@ -768,7 +778,7 @@ impl LyingServer {
                     continue;
                 };
                 let _ = client.set_nonblocking(false);
-                std::thread::spawn(move || lie_to(client, upstream, lie));
+                std::thread::spawn(move || lie_to(client, upstream, lie, tls));
             }
         });
         LyingServer { port, stop }
@@ -781,16 +791,21 @@ impl Drop for LyingServer {
     }
 }
 
-fn lie_to(client: TcpStream, upstream: u16, lie: Lie) {
+fn lie_to(client: TcpStream, upstream: u16, lie: Lie, tls: bool) {
     // The client hangs up on a liar; that must not panic this thread.
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lie_to_inner(client, upstream, lie)));
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lie_to_inner(client, upstream, lie, tls)));
 }
 
-fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie) {
+fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie, over_tls: bool) {
     use mftd_common::proto::DataHeader;
     let _ = client.set_read_timeout(Some(Duration::from_secs(30)));
-    // A lying node with a TLS identity of its own.
-    let Ok(s) = tls::server(client, tls::Identity::shared()) else { return };
+    // A lying node with a TLS identity of its own, or a plain one.
+    let s = if over_tls {
+        let Ok(s) = tls::server(client, tls::Identity::shared()) else { return };
+        s
+    } else {
+        Stream::Plain(client)
+    };
     let mut c = RawConn { s };
     let mut up = RawConn::hello(upstream);
     // Handshake: answer HELLO ourselves.

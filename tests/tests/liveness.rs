@@ -259,8 +259,8 @@ fn a_source_that_never_sends_its_hash_list_does_not_hold_verification() {
     write_file(&upstream.export.join("v.bin"), size, 208);
     warm(&honest, "v.bin");
     warm(&upstream, "v.bin");
-    let mute = mftd_tests::LyingServer::start(upstream.ports[0], mftd_tests::Lie::NoHashes);
-    let mute_addr = format!("127.0.0.1:{}", mute.port);
+    let mute = mftd_tests::LyingServer::start_plain(upstream.ports[0], mftd_tests::Lie::NoHashes);
+    let mute_addr = format!("plain://127.0.0.1:{}", mute.port);
     // The honest source is down at first: the mute one is asked for the
     // hash list, and sends every byte of the file.
     let port = honest.ports[0].to_string();
@@ -298,12 +298,17 @@ fn a_one_byte_liar_never_gets_the_honest_source_struck() {
     write_file(&upstream.export.join("l.bin"), size, 209);
     warm(&honest, "l.bin");
     warm(&upstream, "l.bin");
-    let liar = mftd_tests::LyingServer::start(upstream.ports[0], mftd_tests::Lie::OneByte);
-    let liar_addr = format!("127.0.0.1:{}", liar.port);
+    // The pinned run meets the liar over TLS, the voting one over plain TCP.
+    let tls_liar = mftd_tests::LyingServer::start(upstream.ports[0], mftd_tests::Lie::OneByte);
+    let plain_liar = mftd_tests::LyingServer::start_plain(upstream.ports[0], mftd_tests::Lie::OneByte);
     let honest_addr = honest.sources()[0].clone();
     let root = identity_of(&honest.export.join("l.bin"));
     let client = Daemon::start(0);
-    for (i, pin) in [vec!["--identity", root.as_str()], vec![]].into_iter().enumerate() {
+    let runs = [
+        (vec!["--identity", root.as_str()], format!("127.0.0.1:{}", tls_liar.port)),
+        (vec![], format!("plain://127.0.0.1:{}", plain_liar.port)),
+    ];
+    for (i, (pin, liar_addr)) in runs.into_iter().enumerate() {
         let name = "l.bin";
         let _ = std::fs::remove_file(client.downloads.join(name));
         let id = client.get_detached(name, &[liar_addr.clone(), honest_addr.clone()], &pin);
