@@ -326,3 +326,39 @@ fn a_one_byte_liar_never_gets_the_honest_source_struck() {
         assert_eq!(l.bytes, 0, "run {i}: the liar's bytes all failed and are not credited: {l:?}");
     }
 }
+
+/// Safety with liveness: a liar that answered alone while the honest
+/// sources were down had its version adopted (1 of 3); when both honest
+/// sources come back and agree, they hold a majority against it, and the
+/// download starts over with their version. The liar is excluded.
+#[test]
+fn late_sources_that_agree_overturn_a_version_adopted_from_one() {
+    let size = 16 * MIB;
+    let liar = Daemon::builder(1).arg("--rate-limit").arg("2M").start();
+    write_file(&liar.export.join("o.bin"), size, 210);
+    warm(&liar, "o.bin");
+    let honest = Daemon::start(2);
+    write_file(&honest.export.join("o.bin"), size, 211);
+    warm(&honest, "o.bin");
+    for p in &honest.ports {
+        assert!(honest.ctl(&["servers", "stop", &p.to_string()]).status.success());
+    }
+    let client = Daemon::start(0);
+    let mut sources = vec![liar.sources()[0].clone()];
+    sources.extend(honest.sources());
+    let id = client.get_detached("o.bin", &sources, &[]);
+    let adopted = wait_until(Duration::from_secs(10), || client.download(id).identity.is_some());
+    let d = client.download(id);
+    assert!(adopted, "{d:?}");
+    assert_eq!(d.identity, Some(identity_of(&liar.export.join("o.bin"))), "{d:?}");
+    assert!(d.version.as_deref().is_some_and(|v| v.starts_with("version from 1 of 3 sources")), "{d:?}");
+    for p in &honest.ports {
+        assert!(honest.ctl(&["servers", "start", &p.to_string()]).status.success());
+    }
+    let d = client.wait_download(id, Duration::from_secs(60));
+    assert_eq!(d.state, DownloadState::Done, "{d:?}\n{}", client.log());
+    assert_eq!(sha256_file(&client.downloads.join("o.bin")), sha256_file(&honest.export.join("o.bin")));
+    assert_eq!(d.identity, Some(identity_of(&honest.export.join("o.bin"))), "{d:?}");
+    assert_eq!(source(&d, &liar.sources()[0]).state, SourceState::Excluded, "{d:?}");
+    assert!(client.log().contains("late sources out-voted the adopted version"), "{}", client.log());
+}
