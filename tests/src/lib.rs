@@ -569,6 +569,14 @@ impl Line {
     }
 }
 
+/// A loopback port nothing listens on (bound once, then released).
+pub fn dead_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("local addr").port();
+    drop(l);
+    format!("127.0.0.1:{port}")
+}
+
 /// `n` loopback ports free a moment ago (bound, then released).
 pub fn free_ports(n: usize) -> Vec<u16> {
     let ls: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind")).collect();

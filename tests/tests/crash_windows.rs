@@ -19,13 +19,9 @@ const ID: &str = "1";
 /// Restarts the crashed client daemon on the same dirs and socket, without
 /// the failpoint (the builder's environment is not carried over).
 fn restart(client: &mut Daemon, extra: &[&str]) {
-    let log = std::fs::OpenOptions::new().append(true).open(client.dir.path().join("mftd.log")).unwrap();
     let mut args: Vec<String> = vec!["--checkpoint-interval".into(), "0.1".into()];
     args.extend(extra.iter().map(|s| s.to_string()));
-    let mut cmd = client.command(0, &args);
-    cmd.stdout(std::process::Stdio::null()).stderr(log);
-    client.child = Some(cmd.spawn().unwrap());
-    client.wait_ready();
+    client.spawn_again(&args);
 }
 
 /// Names in `dir`, sorted.

@@ -7,21 +7,13 @@ use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use mftd_common::control::{DownloadInfo, DownloadState, SourceState};
-use mftd_tests::{identity_of, sha256_file, source, stderr, stdout, wait_until, warm, write_file, Daemon};
+use mftd_tests::{dead_port, identity_of, sha256_file, source, stderr, stdout, wait_until, warm, write_file, Daemon};
 
 const MIB: u64 = 1 << 20;
 
 /// The engine's election deadline (`ELECTION_DEADLINE`, the connect
 /// timeout): sources silent this long are no longer waited for.
 const DEADLINE: Duration = Duration::from_secs(5);
-
-/// A loopback port nothing listens on (bound once, then released).
-fn dead_port() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = l.local_addr().expect("local addr").port();
-    drop(l);
-    format!("127.0.0.1:{port}")
-}
 
 /// A host name no resolver can answer, rejected by the C library itself
 /// (a 64-character label is longer than DNS allows), so looking it up

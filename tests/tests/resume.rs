@@ -24,11 +24,7 @@ fn manifests(client: &Daemon) -> Vec<PathBuf> {
 
 /// Restarts a killed or stopped client daemon on the same dirs and socket.
 fn restart(client: &mut Daemon, extra: &[String]) {
-    let log = std::fs::OpenOptions::new().append(true).create(true).open(client.dir.path().join("mftd.log")).unwrap();
-    let mut cmd = client.command(0, extra);
-    cmd.stdout(std::process::Stdio::null()).stderr(log);
-    client.child = Some(cmd.spawn().unwrap());
-    client.wait_ready();
+    client.spawn_again(extra);
 }
 
 #[test]

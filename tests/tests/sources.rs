@@ -4,17 +4,9 @@
 use std::time::Duration;
 
 use mftd_common::control::{DownloadInfo, DownloadState, Event, Response, SourceInfo, SourceState};
-use mftd_tests::{sha256_file, stderr, stdout, typed_lines, wait_until, warm, write_file, Daemon, Line};
+use mftd_tests::{dead_port, sha256_file, stderr, stdout, typed_lines, wait_until, warm, write_file, Daemon, Line};
 
 const MIB: u64 = 1 << 20;
-
-/// A loopback port nothing listens on (bound once, then released).
-fn dead_port() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = l.local_addr().expect("local addr").port();
-    drop(l);
-    format!("127.0.0.1:{port}")
-}
 
 fn json_lines(out: &std::process::Output) -> Vec<Line> {
     typed_lines(&stdout(out))
