@@ -748,8 +748,12 @@ pub enum Lie {
     /// the identity never comes.
     Hashing,
     /// Announces a file of `size` bytes (with the piece size that goes
-    /// with it and no root) instead of the real one; relays the rest.
-    Size { size: u64 },
+    /// with it) instead of the real one, with the real root if `keep_root`
+    /// (else none); relays the rest.
+    Size { size: u64, keep_root: bool },
+    /// [`Lie::Flip`], but hangs up after `keep` bytes of each READ: the
+    /// rest of each piece it started comes from another source.
+    FlipCut { first: u64, every: u64, keep: u64 },
     /// Sends the right bytes in `chunk`-byte writes `every_ms` apart (a
     /// steady, slow rate) and never answers TRIM.
     Paced { chunk: usize, every_ms: u64 },
@@ -835,14 +839,16 @@ fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie) {
             // The trickler ignores TRIM: no answer, no effect.
             Frame::Trim { .. } if matches!(lie, Lie::Trickle { .. } | Lie::Paced { .. }) => {}
             Frame::Stat { .. } if matches!(lie, Lie::Size { .. }) => {
-                let Lie::Size { size } = lie else { return };
+                let Lie::Size { size, keep_root } = lie else { return };
                 up.try_send(&f);
                 let Some(answer) = up.recv() else { return };
                 let answer = match answer {
                     Frame::StatOk(mut s) => {
                         s.size = size;
                         s.piece_size = mftd_common::proto::piece_size_for(size);
-                        s.root = None;
+                        if !keep_root {
+                            s.root = None;
+                        }
                         Frame::StatOk(s)
                     }
                     other => other,
@@ -868,10 +874,11 @@ fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie) {
                 c.try_send(&answer);
             }
             Frame::Read(r) => match lie {
-                Lie::Flip { .. } | Lie::NoHashes | Lie::Hashing => {
-                    let (first, every) = match lie {
-                        Lie::Flip { first, every } => (first, every),
-                        _ => (u64::MAX, u64::MAX),
+                Lie::Flip { .. } | Lie::FlipCut { .. } | Lie::NoHashes | Lie::Hashing => {
+                    let (first, every, keep) = match lie {
+                        Lie::Flip { first, every } => (first, every, u64::MAX),
+                        Lie::FlipCut { first, every, keep } => (first, every, keep),
+                        _ => (u64::MAX, u64::MAX, u64::MAX),
                     };
                     up.try_send(&Frame::Read(r.clone()));
                     let mut got = 0u64;
@@ -888,6 +895,11 @@ fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie) {
                                     at = next;
                                 }
                                 c.try_send(&Frame::Data(h));
+                                if got + h.len > keep {
+                                    let _ = c.s.write_all(&payload[..(keep - got) as usize]);
+                                    let _ = c.s.flush();
+                                    return;
+                                }
                                 let _ = c.s.write_all(&payload);
                                 got += h.len;
                                 if h.len == 0 {

@@ -193,7 +193,7 @@ fn a_huge_size_from_a_lone_liar_does_not_fail_the_download() {
     write_file(&honest.export.join("e.bin"), size, 306);
     write_file(&upstream.export.join("e.bin"), size, 306);
     warm(&honest, "e.bin");
-    let liar = LyingServer::start(upstream.ports[0], Lie::Size { size: 1 << 40 });
+    let liar = LyingServer::start(upstream.ports[0], Lie::Size { size: 1 << 40, keep_root: false });
     let port = honest.ports[0].to_string();
     assert!(honest.ctl(&["servers", "stop", &port]).status.success());
     let client = Daemon::start(0);
@@ -238,4 +238,177 @@ fn a_slow_source_just_above_the_crawl_threshold_cannot_hold_the_download() {
     let d = client.download(2);
     println!("alone {alone:?}, with the slow source {with:?}; slow source {:?}", source(&d, &addr(&slow)));
     assert!(with <= alone.mul_f64(1.5), "with the slow source {with:?}, honest sources alone {alone:?}");
+}
+
+/// With `--identity`, the "hashing forever" source cannot hold the vote:
+/// the pinned root is adopted at once and the honest source's list verifies
+/// the pieces. (Control for the unpinned test above.)
+#[test]
+fn a_source_that_is_hashing_forever_does_not_hold_a_pinned_download() {
+    let honest = Daemon::start(1);
+    let upstream = Daemon::start(1);
+    let size = 8 * MIB;
+    write_file(&honest.export.join("f.bin"), size, 308);
+    write_file(&upstream.export.join("f.bin"), size, 308);
+    warm(&honest, "f.bin");
+    warm(&upstream, "f.bin");
+    let root = identity_of(&honest.export.join("f.bin"));
+    let hashing = LyingServer::start(upstream.ports[0], Lie::Hashing);
+    let client = Daemon::start(0);
+    let id = client.get_detached("f.bin", &[honest.sources()[0].clone(), addr(&hashing)], &["--identity", &root]);
+    let d = client.wait_download(id, Duration::from_secs(30));
+    assert_eq!(d.state, DownloadState::Done, "{d:?}");
+    assert_eq!(sha256_file(&client.downloads.join("f.bin")), sha256_file(&honest.export.join("f.bin")));
+}
+
+/// A user's pause followed at once by `downloads add-source` (before the
+/// run may have wound down): the pause holds and the source is kept for
+/// the resume. (Held in review: a suspected race between `add_sources`'
+/// restart and the pause did not show.)
+#[test]
+fn a_pause_followed_at_once_by_add_source_stays_paused() {
+    let server = Daemon::builder(1).arg("--rate-limit").arg("2M").start();
+    write_file(&server.export.join("g.bin"), 32 * MIB, 309);
+    warm(&server, "g.bin");
+    let client = Daemon::start(0);
+    let id = client.get_detached("g.bin", &server.sources(), &[]);
+    assert!(wait_until(Duration::from_secs(10), || client.download(id).bytes_done > MIB));
+    let extra = dead_port();
+    // Both commands back to back, as a script would send them.
+    let pause = client.ctl(&["downloads", "pause", &id.to_string()]);
+    let add = client.ctl(&["downloads", "add-source", &id.to_string(), &extra]);
+    println!("pause: {}{}", mftd_tests::stdout(&pause), mftd_tests::stderr(&pause));
+    println!("add: {}{}", mftd_tests::stdout(&add), mftd_tests::stderr(&add));
+    std::thread::sleep(Duration::from_secs(3));
+    let d = client.download(id);
+    assert_eq!(d.state, DownloadState::Paused, "the user's pause was undone: {d:?}");
+    assert!(d.sources.iter().any(|s| s.address == extra), "{d:?}");
+}
+
+/// Two sources of another version come up after the honest one's version
+/// was adopted and out-vote it: the download starts over with theirs (the
+/// vote's rule), once, and ends. Bounded, no relayout loop.
+#[test]
+fn two_late_sources_that_out_vote_the_adopted_version_start_it_over_once() {
+    let honest = Daemon::builder(1).arg("--rate-limit").arg("2M").start();
+    let others = Daemon::start(2);
+    let size = 8 * MIB;
+    write_file(&honest.export.join("h.bin"), size, 310);
+    write_file(&others.export.join("h.bin"), size, 311);
+    warm(&honest, "h.bin");
+    warm(&others, "h.bin");
+    for p in &others.ports {
+        assert!(others.ctl(&["servers", "stop", &p.to_string()]).status.success());
+    }
+    let client = Daemon::start(0);
+    let mut sources = honest.sources();
+    sources.extend(others.sources());
+    let id = client.get_detached("h.bin", &sources, &[]);
+    assert!(wait_until(Duration::from_secs(10), || client.download(id).bytes_done > MIB));
+    for p in &others.ports {
+        assert!(others.ctl(&["servers", "start", &p.to_string()]).status.success());
+    }
+    let d = client.wait_download(id, Duration::from_secs(60));
+    println!("{d:?}");
+    let log = client.log();
+    let overs = log.matches("out-voted the adopted version").count();
+    println!("start-overs: {overs}");
+    assert_eq!(d.state, DownloadState::Done, "{d:?}");
+    assert_eq!(d.identity, Some(identity_of(&others.export.join("h.bin"))));
+    assert_eq!(source(&d, &honest.sources()[0]).state, SourceState::Excluded, "{d:?}");
+    assert!(overs >= 1 && overs <= 3, "{overs} start-overs");
+}
+
+/// A liar flipping one byte in the middle of every piece, with two honest
+/// sources: only the liar is struck, and the download completes.
+#[test]
+fn a_liar_flipping_mid_piece_bytes_next_to_two_honest_sources() {
+    let honest = Daemon::builder(2).arg("--rate-limit").arg("6M").start();
+    let upstream = Daemon::start(1);
+    let size = 24 * MIB;
+    write_file(&honest.export.join("i.bin"), size, 312);
+    write_file(&upstream.export.join("i.bin"), size, 312);
+    warm(&honest, "i.bin");
+    warm(&upstream, "i.bin");
+    let liar = LyingServer::start(upstream.ports[0], Lie::Flip { first: 128 * 1024 + 77, every: 256 * 1024 });
+    let client = Daemon::start(0);
+    let mut sources = vec![addr(&liar)];
+    sources.extend(honest.sources());
+    let id = client.get_detached("i.bin", &sources, &[]);
+    let d = client.wait_download(id, Duration::from_secs(60));
+    for s in &d.sources {
+        println!("{} {:?} strikes {} bytes {}", s.address, s.state, s.strikes, s.bytes);
+    }
+    assert_eq!(d.state, DownloadState::Done, "{d:?}");
+    for h in honest.sources() {
+        assert_eq!(source(&d, &h).strikes, 0, "{d:?}");
+    }
+    assert_eq!(source(&d, &addr(&liar)).state, SourceState::Failed, "{d:?}");
+}
+
+/// A liar that writes the first 160 KiB of each range it is asked for, with
+/// one byte flipped, and hangs up: two honest sources finish its pieces, so
+/// the bad pieces have several authors, the liar the largest share of each.
+/// Only the liar may be struck, and the download must not stall.
+#[test]
+fn a_liar_writing_most_of_pieces_others_finish() {
+    let honest = Daemon::builder(2).arg("--rate-limit").arg("3M").start();
+    let upstream = Daemon::start(1);
+    let size = 24 * MIB;
+    write_file(&honest.export.join("j.bin"), size, 313);
+    write_file(&upstream.export.join("j.bin"), size, 313);
+    warm(&honest, "j.bin");
+    warm(&upstream, "j.bin");
+    let liar = LyingServer::start(upstream.ports[0], Lie::FlipCut { first: 1000, every: 256 * 1024, keep: 160 * 1024 });
+    let client = Daemon::start(0);
+    let mut sources = vec![addr(&liar)];
+    sources.extend(honest.sources());
+    let id = client.get_detached("j.bin", &sources, &["--connections-per-server", "4"]);
+    let ended = wait_until(Duration::from_secs(60), || client.download(id).state.is_final());
+    let d = client.download(id);
+    for s in &d.sources {
+        println!("{} {:?} strikes {} bytes {} err {:?}", s.address, s.state, s.strikes, s.bytes, s.last_error);
+    }
+    println!("{} of {} pieces verified, {} bytes", d.pieces_verified, d.pieces_total, d.bytes_done);
+    assert!(ended, "stalled: {d:?}");
+    assert_eq!(d.state, DownloadState::Done, "{d:?}");
+    for h in honest.sources() {
+        assert_eq!(source(&d, &h).strikes, 0, "{d:?}");
+    }
+}
+
+/// With `--identity ROOT`, a liar announcing the pinned root with another
+/// size (a claim it can never back: the root binds the size) while the
+/// honest source is down for a second decides the size of a pinned
+/// download; the honest source, back, is excluded for its (right) size.
+/// (When the honest source answers first, the liar is excluded: held.)
+#[test]
+#[ignore = "a lone liar claiming the pinned root with another size decides a pinned download's size and gets the honest source excluded (vote.rs Votes::layout trusts the size of any ballot with the pinned root; engine.rs exclude_others)"]
+fn a_liar_claiming_the_pinned_root_with_another_size_does_not_fail_the_download() {
+    // Slow enough that the liar's answer comes while the download runs.
+    let honest = Daemon::builder(1).arg("--rate-limit").arg("4M").start();
+    let upstream = Daemon::start(1);
+    let size = 8 * MIB;
+    write_file(&honest.export.join("k.bin"), size, 314);
+    write_file(&upstream.export.join("k.bin"), size, 314);
+    warm(&honest, "k.bin");
+    warm(&upstream, "k.bin");
+    let root = identity_of(&honest.export.join("k.bin"));
+    let liar = LyingServer::start(upstream.ports[0], Lie::Size { size: size + 4096, keep_root: true });
+    let client = Daemon::start(0);
+    for (i, sources) in [vec![honest.sources()[0].clone(), addr(&liar)], vec![addr(&liar), honest.sources()[0].clone()]]
+        .into_iter()
+        .enumerate()
+    {
+        let _ = std::fs::remove_file(client.downloads.join("k.bin"));
+        // The honest source is down for the first second: the liar answers first.
+        let port = honest.ports[0].to_string();
+        assert!(honest.ctl(&["servers", "stop", &port]).status.success());
+        let id = client.get_detached("k.bin", &sources, &["--identity", &root]);
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(honest.ctl(&["servers", "start", &port]).status.success());
+        let d = client.wait_download(id, Duration::from_secs(30));
+        println!("order {i}: {:?} {:?} {:?}", d.state, d.error, source(&d, &addr(&liar)));
+        assert_eq!(d.state, DownloadState::Done, "order {i}: {d:?}");
+    }
 }
