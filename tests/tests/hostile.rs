@@ -412,3 +412,35 @@ fn a_liar_claiming_the_pinned_root_with_another_size_does_not_fail_the_download(
         assert_eq!(d.state, DownloadState::Done, "order {i}: {d:?}");
     }
 }
+
+/// The same stall with real servers only: a server still hashing a large
+/// file answers STAT without a root and is then stopped (a server of
+/// several going down); the other server, which has hashed the file,
+/// serves all of it. No piece is verified while the stopped server is
+/// down.
+#[test]
+#[ignore = "stalls: a real server that answered 'hashing' and then went down holds the identity vote (see a_source_that_answered_hashing_and_went_down_does_not_hold_the_download)"]
+fn a_real_server_stopped_while_hashing_does_not_hold_the_download() {
+    let size = 256 * MIB;
+    let hashing = Daemon::builder(1).arg("--hash-threads").arg("1").start();
+    let honest = Daemon::start(1);
+    for d in [&hashing, &honest] {
+        let p = d.export.join("r.bin");
+        write_file(&p, MIB, 77);
+        std::fs::OpenOptions::new().write(true).open(&p).expect("open").set_len(size).expect("set_len");
+    }
+    warm(&honest, "r.bin");
+    let client = Daemon::start(0);
+    let id = client.get_detached("r.bin", &[honest.sources()[0].clone(), hashing.sources()[0].clone()], &[]);
+    // Once both answered (the hashing one cannot have a root yet, or the
+    // identity would be settled), the hashing server goes down.
+    let both = wait_until(Duration::from_secs(10), || {
+        let d = client.download(id);
+        d.vote.as_deref().is_some_and(|v| v.contains("still hashing"))
+    });
+    let d = client.download(id);
+    assert!(both, "{d:?}");
+    assert!(hashing.ctl(&["servers", "stop", &hashing.ports[0].to_string()]).status.success());
+    let d = client.wait_download(id, Duration::from_secs(90));
+    assert_eq!(d.state, DownloadState::Done, "{d:?}");
+}
