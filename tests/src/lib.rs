@@ -751,6 +751,9 @@ pub enum Lie {
     /// with it) instead of the real one, with the real root if `keep_root`
     /// (else none); relays the rest.
     Size { size: u64, keep_root: bool },
+    /// Answers STAT truthfully and hangs up right after, on every
+    /// connection: a source that flaps.
+    Flap,
     /// [`Lie::Flip`], but hangs up after `keep` bytes of each READ: the
     /// rest of each piece it started comes from another source.
     FlipCut { first: u64, every: u64, keep: u64 },
@@ -786,10 +789,18 @@ impl LyingServer {
                     continue;
                 };
                 let _ = client.set_nonblocking(false);
+                let mine = client.try_clone().ok();
                 if let Ok(c) = client.try_clone() {
                     c2.lock().unwrap_or_else(|p| p.into_inner()).push(c);
                 }
-                std::thread::spawn(move || lie_to(client, upstream, lie));
+                std::thread::spawn(move || {
+                    lie_to(client, upstream, lie);
+                    // The clone kept for `go_down` must not keep a connection
+                    // the liar hung up on open.
+                    if let Some(c) = mine {
+                        let _ = c.shutdown(std::net::Shutdown::Both);
+                    }
+                });
             }
         });
         LyingServer { port, stop, conns }
@@ -867,6 +878,12 @@ fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie) {
                     other => other,
                 };
                 c.try_send(&answer);
+            }
+            Frame::Stat { .. } if lie == Lie::Flap => {
+                up.try_send(&f);
+                let Some(answer) = up.recv() else { return };
+                c.try_send(&answer);
+                return;
             }
             Frame::Stat { .. } | Frame::Hashes { .. } | Frame::Trim { .. } => {
                 up.try_send(&f);
@@ -967,7 +984,7 @@ fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie) {
                         }
                     }
                 }
-                Lie::Size { .. } => {
+                Lie::Size { .. } | Lie::Flap => {
                     up.try_send(&Frame::Read(r.clone()));
                     let Some(answer) = up.recv() else { return };
                     c.try_send(&answer);

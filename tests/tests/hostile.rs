@@ -444,3 +444,29 @@ fn a_real_server_stopped_while_hashing_does_not_hold_the_download() {
     let d = client.wait_download(id, Duration::from_secs(90));
     assert_eq!(d.state, DownloadState::Done, "{d:?}");
 }
+
+/// A source that answers STAT (truthfully) and hangs up right after, on
+/// every connection, next to one honest source, with and without a pin:
+/// it is counted as answered and costs little.
+#[test]
+fn a_source_that_hangs_up_after_every_stat_costs_little() {
+    let honest = Daemon::builder(1).arg("--rate-limit").arg("8M").start();
+    let upstream = Daemon::start(1);
+    let size = 16 * MIB;
+    write_file(&honest.export.join("l.bin"), size, 315);
+    write_file(&upstream.export.join("l.bin"), size, 315);
+    warm(&honest, "l.bin");
+    warm(&upstream, "l.bin");
+    let root = identity_of(&honest.export.join("l.bin"));
+    let flap = LyingServer::start(upstream.ports[0], Lie::Flap);
+    let client = Daemon::start(0);
+    for (i, pin) in [vec![], vec!["--identity", root.as_str()]].into_iter().enumerate() {
+        let _ = std::fs::remove_file(client.downloads.join("l.bin"));
+        let t = Instant::now();
+        let id = client.get_detached("l.bin", &[addr(&flap), honest.sources()[0].clone()], &pin);
+        let d = client.wait_download(id, Duration::from_secs(30));
+        println!("run {i}: {:?} in {:?}; flapper {:?}", d.state, t.elapsed(), source(&d, &addr(&flap)));
+        assert_eq!(d.state, DownloadState::Done, "{d:?}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    }
+}
