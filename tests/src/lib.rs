@@ -751,6 +751,23 @@ pub enum Lie {
     /// Answers each READ with its first byte wrong, then hangs up: the
     /// rest of the piece comes from an honest source.
     OneByte,
+    /// Says it is still hashing the file (STAT_OK without a root), never
+    /// answers HASHES, and relays the real bytes: a source whose vote on
+    /// the identity never comes.
+    Hashing,
+    /// Announces a file of `size` bytes (with the piece size that goes
+    /// with it) instead of the real one, with the real root if `keep_root`
+    /// (else none); relays the rest.
+    Size { size: u64, keep_root: bool },
+    /// Answers STAT truthfully and hangs up right after, on every
+    /// connection: a source that flaps.
+    Flap,
+    /// [`Lie::Flip`], but hangs up after `keep` bytes of each READ: the
+    /// rest of each piece it started comes from another source.
+    FlipCut { first: u64, every: u64, keep: u64 },
+    /// Sends the right bytes in `chunk`-byte writes `every_ms` apart (a
+    /// steady, slow rate) and never answers TRIM.
+    Paced { chunk: usize, every_ms: u64 },
 }
 
 /// A transfer server that tells the truth about the file (it relays the
@@ -758,6 +775,8 @@ pub enum Lie {
 pub struct LyingServer {
     pub port: u16,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Every connection accepted, so [`LyingServer::go_down`] can cut them.
+    conns: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
 }
 
 impl LyingServer {
@@ -778,6 +797,8 @@ impl LyingServer {
         listener.set_nonblocking(true).expect("nonblocking");
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let s2 = stop.clone();
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let c2 = conns.clone();
         std::thread::spawn(move || {
             let start = Instant::now();
             while !s2.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(300) {
@@ -786,10 +807,31 @@ impl LyingServer {
                     continue;
                 };
                 let _ = client.set_nonblocking(false);
-                std::thread::spawn(move || lie_to(client, upstream, lie, tls));
+                let mine = client.try_clone().ok();
+                if let Ok(c) = client.try_clone() {
+                    c2.lock().unwrap_or_else(|p| p.into_inner()).push(c);
+                }
+                std::thread::spawn(move || {
+                    lie_to(client, upstream, lie, tls);
+                    // The clone kept for `go_down` must not keep a connection
+                    // the liar hung up on open.
+                    if let Some(c) = mine {
+                        let _ = c.shutdown(std::net::Shutdown::Both);
+                    }
+                });
             }
         });
-        LyingServer { port, stop }
+        LyingServer { port, stop, conns }
+    }
+
+    /// The server goes down: it stops listening (connections are refused
+    /// from the next poll, within 10 ms) and every open connection is cut.
+    pub fn go_down(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+        for c in self.conns.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
@@ -829,18 +871,54 @@ fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie, over_tls: bool) {
         let Some(f) = c.recv() else { return };
         match f {
             // The trickler ignores TRIM: no answer, no effect.
-            Frame::Trim { .. } if matches!(lie, Lie::Trickle { .. }) => {}
-            Frame::Hashes { .. } if lie == Lie::NoHashes => {}
+            Frame::Trim { .. } if matches!(lie, Lie::Trickle { .. } | Lie::Paced { .. }) => {}
+            Frame::Stat { .. } if matches!(lie, Lie::Size { .. }) => {
+                let Lie::Size { size, keep_root } = lie else { return };
+                up.try_send(&f);
+                let Some(answer) = up.recv() else { return };
+                let answer = match answer {
+                    Frame::StatOk(mut s) => {
+                        s.size = size;
+                        s.piece_size = mftd_common::proto::piece_size_for(size);
+                        if !keep_root {
+                            s.root = None;
+                        }
+                        Frame::StatOk(s)
+                    }
+                    other => other,
+                };
+                c.try_send(&answer);
+            }
+            Frame::Hashes { .. } if matches!(lie, Lie::NoHashes | Lie::Hashing) => {}
+            Frame::Stat { .. } if lie == Lie::Hashing => {
+                up.try_send(&f);
+                let Some(answer) = up.recv() else { return };
+                let answer = match answer {
+                    Frame::StatOk(mut s) => {
+                        s.root = None;
+                        Frame::StatOk(s)
+                    }
+                    other => other,
+                };
+                c.try_send(&answer);
+            }
+            Frame::Stat { .. } if lie == Lie::Flap => {
+                up.try_send(&f);
+                let Some(answer) = up.recv() else { return };
+                c.try_send(&answer);
+                return;
+            }
             Frame::Stat { .. } | Frame::Hashes { .. } | Frame::Trim { .. } => {
                 up.try_send(&f);
                 let Some(answer) = up.recv() else { return };
                 c.try_send(&answer);
             }
             Frame::Read(r) => match lie {
-                Lie::Flip { .. } | Lie::NoHashes => {
-                    let (first, every) = match lie {
-                        Lie::Flip { first, every } => (first, every),
-                        _ => (u64::MAX, u64::MAX),
+                Lie::Flip { .. } | Lie::FlipCut { .. } | Lie::NoHashes | Lie::Hashing => {
+                    let (first, every, keep) = match lie {
+                        Lie::Flip { first, every } => (first, every, u64::MAX),
+                        Lie::FlipCut { first, every, keep } => (first, every, keep),
+                        _ => (u64::MAX, u64::MAX, u64::MAX),
                     };
                     up.try_send(&Frame::Read(r.clone()));
                     let mut got = 0u64;
@@ -857,6 +935,11 @@ fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie, over_tls: bool) {
                                     at = next;
                                 }
                                 c.try_send(&Frame::Data(h));
+                                if got + h.len > keep {
+                                    let _ = c.s.write_all(&payload[..(keep - got) as usize]);
+                                    let _ = c.s.flush();
+                                    return;
+                                }
                                 let _ = c.s.write_all(&payload);
                                 got += h.len;
                                 if h.len == 0 {
@@ -904,6 +987,31 @@ fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie, over_tls: bool) {
                             std::thread::sleep(Duration::from_millis(every_ms));
                         }
                     }
+                }
+                Lie::Paced { chunk, every_ms } => {
+                    up.try_send(&Frame::Read(r.clone()));
+                    let mut got = 0u64;
+                    while got < r.len {
+                        let Some(Frame::Data(h)) = up.recv() else { return };
+                        let payload = up.read_payload(h.len);
+                        got += h.len;
+                        if h.len == 0 {
+                            break;
+                        }
+                        c.try_send(&Frame::Data(h));
+                        for b in payload.chunks(chunk.max(1)) {
+                            if c.s.write_all(b).and_then(|_| c.s.flush()).is_err() {
+                                return;
+                            }
+                            std::thread::sleep(Duration::from_millis(every_ms));
+                        }
+                    }
+                }
+                Lie::Size { .. } | Lie::Flap => {
+                    up.try_send(&Frame::Read(r.clone()));
+                    let Some(answer) = up.recv() else { return };
+                    c.try_send(&answer);
+                    return;
                 }
                 Lie::LongerRange => {
                     c.try_send(&Frame::Data(DataHeader { id: r.id, offset: r.offset, len: r.len + 4096 }));
