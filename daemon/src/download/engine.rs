@@ -224,6 +224,11 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
                     deadline_passed = true;
                     eng.stop_waiting_for_silent();
                 }
+                let overdue = lock(&eng.votes).hashing_overdue(Instant::now());
+                if overdue {
+                    debug!("sources still hashing past their deadline are no longer waited for");
+                    eng.vote_changed();
+                }
                 if fixed == 0 {
                     for (src, k) in grow.due(&eng) {
                         for _ in 0..k {
@@ -1422,9 +1427,21 @@ async fn worker(eng: Arc<Engine>, src: SourceId) {
             }
             WorkerEnd::Retry(why) => {
                 let delay = backoff.next();
-                if lock(&eng.votes).ballot(src).is_none() {
-                    eng.set_source(src, |s| s.last_error = Some(why.to_string()));
-                    eng.unreachable(src);
+                let ballot = lock(&eng.votes).ballot(src);
+                match ballot {
+                    None => {
+                        eng.set_source(src, |s| s.last_error = Some(why.to_string()));
+                        eng.unreachable(src);
+                    }
+                    // Answered "hashing", then went down: its root is no
+                    // longer waited for (it counts if it comes).
+                    Some(b) if b.root.is_none() => {
+                        let changed = lock(&eng.votes).stop_waiting_for_root(src);
+                        if changed {
+                            eng.vote_changed();
+                        }
+                    }
+                    Some(_) => {}
                 }
                 debug!(source = %addr, error = %why, retry_in = ?delay, "source connection failed");
                 eng.set_source(src, |s| {

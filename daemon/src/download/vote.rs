@@ -46,8 +46,18 @@
 //!   connection) keeps its first ballot and is excluded by the engine.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use super::scheduler::SourceId;
+
+/// How long a source that answered without a root (still hashing) is
+/// waited for: ten seconds, plus the file's size at 64 MiB/s (a slow disk;
+/// mftd hashes on every core at about 1 GB/s each). A liar saying "hashing"
+/// forever, or an honest source that went down while hashing, costs that,
+/// never the download.
+pub fn hashing_allowance(size: u64) -> Duration {
+    Duration::from_secs(10) + Duration::from_secs_f64(size as f64 / (64u64 << 20) as f64)
+}
 
 /// What one source announced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +94,12 @@ pub struct Votes {
     /// Not answered, and no longer waited for (its first connection failed
     /// or the election deadline passed). Its ballot counts if it comes.
     absent: Vec<bool>,
+    /// Answered without a root (still hashing), and its root no longer
+    /// waited for: its connection failed since, or its hashing deadline
+    /// passed. The root counts if it comes.
+    late_root: Vec<bool>,
+    /// When each source answered.
+    answered_at: Vec<Option<Instant>>,
     pin: Option<[u8; 32]>,
     /// The size the user expects: only sources announcing it count.
     size: Option<u64>,
@@ -99,6 +115,8 @@ impl Votes {
             ballots: vec![None; sources],
             gone: vec![false; sources],
             absent: vec![false; sources],
+            late_root: vec![false; sources],
+            answered_at: vec![None; sources],
             pin,
             size: None,
         }
@@ -115,7 +133,10 @@ impl Votes {
     pub fn offer(&mut self, src: SourceId, ballot: Ballot) -> Offer {
         let Some(slot) = self.ballots.get_mut(src) else { return Offer::Counted };
         match slot {
-            None => *slot = Some(ballot),
+            None => {
+                *slot = Some(ballot);
+                self.answered_at[src] = Some(Instant::now());
+            }
             Some(b) if b.size != ballot.size || b.mtime_ns != ballot.mtime_ns => return Offer::Changed(*b),
             Some(b) if b.root.is_none() => b.root = ballot.root,
             Some(_) => {}
@@ -162,6 +183,46 @@ impl Votes {
         changed
     }
 
+    /// `src` answered without a root and can no longer be waited for (its
+    /// connection failed since). Returns whether that changed anything.
+    pub fn stop_waiting_for_root(&mut self, src: SourceId) -> bool {
+        let hashing = self.ballot(src).is_some_and(|b| b.root.is_none());
+        match self.late_root.get_mut(src) {
+            Some(l) if hashing && !*l => {
+                *l = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Sources that answered without a root longer ago than hashing their
+    /// file may take ([`hashing_allowance`]) are no longer waited for.
+    /// Returns whether that changed anything.
+    pub fn hashing_overdue(&mut self, now: Instant) -> bool {
+        let mut changed = false;
+        for src in 0..self.ballots.len() {
+            let due = match (self.ballots[src], self.answered_at[src]) {
+                (Some(b), Some(at)) => {
+                    b.root.is_none() && now.saturating_duration_since(at) >= hashing_allowance(b.size)
+                }
+                _ => false,
+            };
+            if due {
+                changed |= self.stop_waiting_for_root(src);
+            }
+        }
+        changed
+    }
+
+    /// Sources that answered without a root, no longer waited for, that
+    /// may still send it (and break a tie).
+    fn late_hashers(&self) -> usize {
+        (0..self.ballots.len())
+            .filter(|&s| self.late_root[s] && !self.gone[s] && self.ballots[s].is_some_and(|b| b.root.is_none()))
+            .count()
+    }
+
     /// Sources not answered and not failed for good, whether still waited
     /// for or not (absent).
     pub fn silent(&self) -> impl Iterator<Item = SourceId> + '_ {
@@ -177,10 +238,12 @@ impl Votes {
         self.ballots.get(src).copied().flatten()
     }
 
-    /// Ballots that count, with whether their source is gone: with a pin,
-    /// those that may serve it.
+    /// Ballots that count, with whether a root they lack is no longer
+    /// waited for (the source is gone, or past its hashing deadline): with
+    /// a pin, those that may serve it.
     fn counted(&self) -> impl Iterator<Item = (Ballot, bool)> + '_ {
-        self.ballots.iter().zip(&self.gone).filter_map(|(b, g)| b.map(|b| (b, *g))).filter(|(b, _)| {
+        let stale = self.gone.iter().zip(&self.late_root).map(|(g, l)| *g || *l);
+        self.ballots.iter().zip(stale).filter_map(|(b, st)| b.map(|b| (b, st))).filter(|(b, _)| {
             self.size.is_none_or(|s| s == b.size)
                 && match (self.pin, b.root) {
                     (Some(pin), Some(root)) => pin == root,
@@ -239,11 +302,11 @@ impl Votes {
     pub fn describe(&self, size: u64) -> String {
         let mut roots: BTreeMap<[u8; 32], usize> = BTreeMap::new();
         let (mut hashing, mut other) = (0, 0);
-        for (b, gone) in self.counted() {
+        for (b, stale) in self.counted() {
             match b.root {
                 _ if b.size != size => other += 1,
                 Some(r) => *roots.entry(r).or_default() += 1,
-                None if !gone => hashing += 1,
+                None if !stale => hashing += 1,
                 None => {}
             }
         }
@@ -261,6 +324,10 @@ impl Votes {
         let absent = self.absentees();
         if absent > 0 {
             parts.push(format!("{absent} unreachable"));
+        }
+        let late = self.late_hashers();
+        if late > 0 {
+            parts.push(format!("{late} hashing but no longer waited for"));
         }
         format!(
             "identity not settled: {}; no piece is verified before one identity has a majority of the usable sources",
@@ -284,11 +351,11 @@ impl Votes {
         // Versions whose root is known, and other sizes whatever their root.
         let mut versions: BTreeMap<(u64, [u8; 32]), usize> = BTreeMap::new();
         let mut undecided = self.unanswered();
-        for (b, gone) in self.counted() {
+        for (b, stale) in self.counted() {
             match b.root {
                 Some(r) => *versions.entry((b.size, r)).or_default() += 1,
                 None if b.size != size => *versions.entry((b.size, [0; 32])).or_default() += 1,
-                None if !gone => undecided += 1,
+                None if !stale => undecided += 1,
                 None => {}
             }
         }
@@ -300,7 +367,7 @@ impl Votes {
                 return Decision::Adopt(root);
             }
         }
-        if undecided > 0 || known == 0 || self.absentees() > 0 {
+        if undecided > 0 || known == 0 || self.absentees() > 0 || self.late_hashers() > 0 {
             return Decision::Wait;
         }
         let list: Vec<String> = ranked
@@ -501,6 +568,32 @@ mod tests {
         assert!(v.describe(100).contains("1 unreachable"), "{}", v.describe(100));
         v.gone(2);
         assert!(matches!(v.root(100), Decision::Conflict(_)));
+    }
+
+    /// Hostile review: a source that answered "hashing" and went down, or
+    /// hashes forever, held the identity vote forever.
+    #[test]
+    fn a_hashing_source_is_waited_for_until_it_fails_or_its_deadline() {
+        let mut v = Votes::new(2, None);
+        v.offer(0, b(8 << 20, Some(R1)));
+        v.offer(1, b(8 << 20, None));
+        assert_eq!(v.root(8 << 20), Decision::Wait);
+        assert!(!v.hashing_overdue(Instant::now()), "not overdue at once");
+        let later = Instant::now() + hashing_allowance(8 << 20) + Duration::from_millis(1);
+        assert!(v.hashing_overdue(later));
+        assert_eq!(v.root(8 << 20), Decision::Adopt(R1));
+        // Its root, if it comes, still counts: a tie now, no overturn.
+        v.root_known(1, R2);
+        assert_eq!(v.overturned(8 << 20, R1), None);
+        // A connection failure ends the wait at once.
+        let mut v = Votes::new(2, None);
+        v.offer(0, b(100, Some(R1)));
+        v.offer(1, b(100, None));
+        assert!(v.stop_waiting_for_root(1));
+        assert!(!v.stop_waiting_for_root(1));
+        assert!(!v.stop_waiting_for_root(0), "a source with a root is not hashing");
+        assert_eq!(v.root(100), Decision::Adopt(R1));
+        assert!(hashing_allowance(1 << 30) >= Duration::from_secs(26));
     }
 
     #[test]
