@@ -240,7 +240,6 @@ fn a_file_system_too_small_for_the_file_fails_at_once() {
 /// a new one that has no space wait: it no longer continues by itself when
 /// the space is back.
 #[test]
-#[ignore = "add-source on a download paused for a full disk drops its automatic resume (download/mod.rs Downloads::add_sources builds a new stub without space_wait)"]
 fn adding_a_source_while_waiting_for_space_keeps_the_automatic_resume() {
     let server = Daemon::start(1);
     let size = 8 * MIB;

@@ -88,7 +88,6 @@ fn a_source_that_is_hashing_forever_does_not_hold_the_download() {
 /// honest source that completes each of those pieces is their only author
 /// in the new run, and is struck for the liar's bytes, then dropped.
 #[test]
-#[ignore = "honest source struck and dropped: bytes preloaded on resume carry no author (scheduler.rs Scheduler::preload; engine.rs suspect/settle blame the sole in-run author)"]
 fn a_liars_bytes_kept_across_a_pause_never_get_the_honest_source_struck() {
     let honest = Daemon::start(1);
     let upstream = Daemon::start(1);

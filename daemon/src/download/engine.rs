@@ -44,7 +44,7 @@ use super::client::{ClientError, Conn, Event, Stream};
 use super::error::{DownloadError, SourceError};
 use super::part::{open_part, rename_into_place, PartRequest};
 use super::run::{part_path, Download, SourceProgress, StopReason};
-use super::scheduler::{ConnId, Hold, Scheduler, SourceId, Ticket};
+use super::scheduler::{ConnId, Hold, Scheduler, SourceId, Ticket, FROM_DISK};
 use super::space::{self, SpaceWait};
 use super::vote::{Ballot, Decision, Offer, Votes};
 use mftd_common::manifest::{piece_runs, ManifestFile};
@@ -1178,10 +1178,18 @@ impl Engine {
         }
         let mut n = 0;
         self.set_source(src, |s| {
+            // Checked again under the lock: two verifications failing at
+            // once must not take a source past its last strike.
+            if s.dropped() || s.strikes >= MAX_STRIKES {
+                return;
+            }
             s.strikes += 1;
             n = s.strikes;
             s.last_error = Some(format!("piece {piece} failed verification"));
         });
+        if n == 0 {
+            return;
+        }
         warn!(source = %self.dl.job.sources[src], piece, strikes = n, "piece failed verification");
         if n >= MAX_STRIKES {
             self.kill_source(src, SourceState::Failed, SourceError::BadPieces(n));
@@ -2243,6 +2251,9 @@ fn hash_range(file: &File, r: Range) -> io::Result<[u8; 32]> {
 /// that wrote most of it). When a good copy is verified, [`judge`] strikes
 /// exactly the sources whose spans differ from it: an honest source that
 /// finished a piece a liar started is never struck for the liar's bytes.
+/// Bytes found on disk when the run started count as an author of their
+/// own ([`FROM_DISK`]): nobody is struck for them, and a source that only
+/// completed such a piece is not blamed for what it found there.
 /// Returns the source to fetch it from, or `None` when one source alone is
 /// to blame (a sole author, or a dropped source among the authors).
 async fn suspect(eng: &Arc<Engine>, chosen: &Arc<Chosen>, p: usize) -> Option<SourceId> {
@@ -2263,7 +2274,8 @@ async fn suspect(eng: &Arc<Engine>, chosen: &Arc<Chosen>, p: usize) -> Option<So
     .ok()?;
     debug!(piece = p, authors = ?bytes, "bad piece with several authors: fetching it again from one to tell who was wrong");
     lock(&eng.suspects).entry(p).or_default().push(hashed);
-    bytes.into_iter().max_by_key(|(s, n)| (*n, std::cmp::Reverse(*s))).map(|(s, _)| s)
+    // Bytes found on disk have no source to fetch from again.
+    bytes.into_iter().filter(|(s, _)| *s != FROM_DISK).max_by_key(|(s, n)| (*n, std::cmp::Reverse(*s))).map(|(s, _)| s)
 }
 
 /// Piece `p` verified: every source whose span of an earlier bad copy of
@@ -2276,6 +2288,10 @@ async fn judge(eng: &Arc<Engine>, chosen: &Arc<Chosen>, p: usize) {
         for copy in copies {
             let mut spoiled: Vec<SourceId> = Vec::new();
             for (s, r, bad) in copy {
+                // Bytes found on disk: nobody to strike for them.
+                if s == FROM_DISK {
+                    continue;
+                }
                 if hash_range(&file, r).is_ok_and(|good| good != bad) && !spoiled.contains(&s) {
                     spoiled.push(s);
                 }

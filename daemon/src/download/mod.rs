@@ -700,6 +700,10 @@ impl Downloads {
                 let error = dl.progress().error.clone();
                 let stub = self.build(Self::spec_from(m), state)?;
                 stub.progress().error = error;
+                // A download waiting for disk space still continues by
+                // itself when there is room.
+                *stub.space_wait.lock().unwrap_or_else(|p| p.into_inner()) =
+                    dl.space_wait.lock().unwrap_or_else(|p| p.into_inner()).take();
                 self.map().insert(id, stub.clone());
                 Ok((stub, added))
             }

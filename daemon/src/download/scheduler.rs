@@ -147,6 +147,11 @@ pub struct BadPiece {
 /// piece can be blamed on the sources whose bytes were wrong.
 pub type Spans = Vec<(SourceId, Range)>;
 
+/// The author of bytes found on disk when a run started (resume): whoever
+/// sent them, nobody can be struck for them, and nobody else is to blame
+/// for them either.
+pub const FROM_DISK: SourceId = SourceId::MAX;
+
 #[derive(Debug)]
 pub struct Scheduler {
     size: u64,
@@ -401,7 +406,7 @@ impl Scheduler {
         // of while another source is at work to fetch them instead. A whole
         // run at once: others take back its end as they come free.
         let unassigned = self.unassigned();
-        let pick = unassigned.iter().find(|r| !self.avoided(source, **r)).copied();
+        let pick = unassigned.iter().find_map(|r| self.first_not_avoided(source, *r));
         if let Some(r) = pick {
             // A fair share of what is missing, so connections starting
             // together do not split each other (splitting a range whose
@@ -558,6 +563,25 @@ impl Scheduler {
         })
     }
 
+    /// The first stretch of `r`, piece by piece, that `source` need not
+    /// leave to others: a run holding pieces avoided by different sources
+    /// is still taken, each part by a source that may fetch it.
+    fn first_not_avoided(&self, source: SourceId, r: Range) -> Option<Range> {
+        if !self.avoided(source, r) {
+            return Some(r);
+        }
+        let mut start: Option<u64> = None;
+        for p in self.pieces_of(r) {
+            let part = self.piece_range(p).intersect(&r)?;
+            match (start, self.avoided(source, part)) {
+                (None, false) => start = Some(part.start),
+                (Some(s), true) => return Some(Range::new(s, part.start)),
+                _ => {}
+            }
+        }
+        start.map(|s| Range::new(s, r.end))
+    }
+
     /// Another usable source exists that did not send a bad copy of `p`.
     fn someone_else_for(&self, _p: usize, source: SourceId, bad: &HashSet<SourceId>) -> bool {
         let by_assignment = self.assignments.values().any(|a| a.source != source && !bad.contains(&a.source));
@@ -697,6 +721,9 @@ impl Scheduler {
         self.received.insert(r);
         let mut ready = Vec::new();
         for p in self.pieces_of(r) {
+            if let Some(span) = self.piece_range(p).intersect(&r) {
+                self.spans.entry(p).or_default().push((FROM_DISK, span));
+            }
             if !self.verified[p] && !self.verifying.contains(&p) && self.received.contains_range(self.piece_range(p)) {
                 self.verifying.insert(p);
                 ready.push(p);
@@ -1250,7 +1277,6 @@ mod tests {
     /// run holding both pieces is avoided by everyone, so nobody ever
     /// fetches it (the liar dropped or not).
     #[test]
-    #[ignore = "stall: a run of unassigned bytes holding pieces avoided by different sources is taken by nobody (Scheduler::assign step 1 checks `avoided` on the whole run)"]
     fn adjacent_pieces_spoiled_with_different_honest_sources_are_still_fetched() {
         let ps = PS as u64;
         let mut s = Scheduler::new(4 * ps, PS);
