@@ -387,7 +387,6 @@ fn a_liar_writing_most_of_pieces_others_finish() {
 /// download; the honest source, back, is excluded for its (right) size.
 /// (When the honest source answers first, the liar is excluded: held.)
 #[test]
-#[ignore = "a lone liar claiming the pinned root with another size decides a pinned download's size and gets the honest source excluded (vote.rs Votes::layout trusts the size of any ballot with the pinned root; engine.rs exclude_others)"]
 fn a_liar_claiming_the_pinned_root_with_another_size_does_not_fail_the_download() {
     // Slow enough that the liar's answer comes while the download runs.
     let honest = Daemon::builder(1).arg("--rate-limit").arg("4M").start();
@@ -414,6 +413,12 @@ fn a_liar_claiming_the_pinned_root_with_another_size_does_not_fail_the_download(
         let d = client.wait_download(id, Duration::from_secs(30));
         println!("order {i}: {:?} {:?} {:?}", d.state, d.error, source(&d, &addr(&liar)));
         assert_eq!(d.state, DownloadState::Done, "order {i}: {d:?}");
+        assert_eq!(sha256_file(&client.downloads.join("k.bin")), sha256_file(&honest.export.join("k.bin")));
+        // Not a byte of the file is the liar's, and the honest source is
+        // not excluded for its (right) size.
+        let l = source(&d, &addr(&liar));
+        assert_eq!(l.bytes, 0, "order {i}: {l:?}");
+        assert_ne!(source(&d, &honest.sources()[0]).state, SourceState::Excluded, "order {i}: {d:?}");
     }
 }
 

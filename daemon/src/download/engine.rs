@@ -898,6 +898,12 @@ impl Engine {
     /// as is known.
     fn compare(&self, c: &Arc<Chosen>, src: SourceId, stat: &StatInfo) -> Result<Arc<Chosen>, ElectError> {
         let root = lock(&self.votes).ballot(src).and_then(|b| b.root).or(stat.root);
+        // The pinned root commits to one size: a source claiming it with
+        // another than the one being fetched is either lying or right (and
+        // whoever's claim decided the size lied). It proves its claim.
+        if stat.size != c.size && root.is_some() && root == self.dl.job.pin {
+            return Err(ElectError::Disputed);
+        }
         match (stat.size == c.size, root, c.root.get()) {
             (true, Some(r), Some(a)) if r != *a => Err(ElectError::Different(self.different(stat.size, Some(r), c))),
             (true, _, _) => Ok(c.clone()),
@@ -996,6 +1002,9 @@ impl Engine {
             (0..self.dl.job.sources.len())
                 .filter_map(|s| v.ballot(s).map(|b| (s, b)))
                 .filter(|(_, b)| b.size != c.size || b.root.is_some_and(|r| r != root))
+                // A claim of the pinned root with another size is settled
+                // by its proof (see `prove_pinned_size`), not by exclusion.
+                .filter(|(_, b)| !(b.root.is_some() && b.root == self.dl.job.pin))
                 .collect()
         };
         for (s, b) in others {
@@ -1362,6 +1371,9 @@ enum ElectError {
     /// The vote is still open and other connections wait for this host's
     /// budget: the ballot stays cast, the connection gives its permit back.
     Yield,
+    /// It claims the pinned root with another size than the one being
+    /// fetched: one of the claims is false, and its hash list tells which.
+    Disputed,
 }
 
 impl Engine {
@@ -1524,6 +1536,7 @@ async fn session(
         Err(ElectError::Over) => return WorkerEnd::Stopped,
         Err(ElectError::Yield) => return WorkerEnd::Yield,
         Err(ElectError::Different(e)) => return WorkerEnd::Dead(SourceState::Excluded, e),
+        Err(ElectError::Disputed) => return prove_pinned_size(eng, src, conn, &stat).await,
     };
     // Connected and serving the right file: reset the backoff.
     *backoff = Backoff::new();
@@ -1575,6 +1588,57 @@ async fn session(
     });
     eng.refresh_state();
     end
+}
+
+/// `src` claims the pinned root with another size than the one being
+/// fetched. The root commits to the size: its hash list either adds up to
+/// the pin for its size, proving its claim (then every source that claimed
+/// the pin with the size being fetched lied, and is dropped, and the
+/// download starts over with the proven size), or it does not, and this
+/// source is dropped for forged hashes.
+async fn prove_pinned_size(eng: &Arc<Engine>, src: SourceId, conn: Conn, stat: &StatInfo) -> WorkerEnd {
+    let Some(pin) = eng.dl.job.pin else { return WorkerEnd::Stopped };
+    let mut stream = conn.into_stream();
+    if let Err(e) = stream.hashes(&eng.dl.job.remote_path, stat.size, stat.mtime_ns).await {
+        return WorkerEnd::Retry(e.into());
+    }
+    // It announced a root, so it has hashed the file: the list is due in
+    // about a round trip.
+    let patience = HASHES_PATIENCE * 5;
+    let hashes = loop {
+        match tokio::time::timeout(patience, stream.next()).await {
+            Err(_) => return WorkerEnd::Retry(ClientError::Idle(patience).into()),
+            Ok(None) => return WorkerEnd::Retry(ClientError::Closed.into()),
+            Ok(Some(Event::Hashes(h))) => break h,
+            Ok(Some(Event::Failed(e))) => return WorkerEnd::Retry(e.into()),
+            Ok(Some(Event::Error { code, message, .. })) => {
+                return WorkerEnd::Retry(ClientError::Server { code, message }.into())
+            }
+            Ok(Some(_)) => return WorkerEnd::Dead(SourceState::Failed, SourceError::Protocol("unasked data".into())),
+        }
+    };
+    if hashes.len() as u64 != stat.piece_count() || root_of(stat.size, stat.piece_size, &hashes) != pin {
+        return WorkerEnd::Dead(SourceState::Failed, SourceError::ForgedHashes);
+    }
+    let liars: Vec<SourceId> = {
+        let v = lock(&eng.votes);
+        (0..eng.dl.job.sources.len())
+            .filter(|&s| v.ballot(s).is_some_and(|b| b.root == Some(pin) && b.size != stat.size))
+            .collect()
+    };
+    info!(source = %eng.dl.job.sources[src], size = stat.size, "proved the pinned identity's size: starting over with it");
+    for s in liars {
+        eng.kill_source(
+            s,
+            SourceState::Failed,
+            SourceError::Protocol(format!(
+                "claimed the pinned identity with another size than it has ({} bytes, proven by {})",
+                stat.size, eng.dl.job.sources[src]
+            )),
+        );
+    }
+    let _ = eng.outcome.try_send(Outcome::Relayout);
+    WorkerEnd::Stopped
 }
 
 /// One `READ` open on a connection.

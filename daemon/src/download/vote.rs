@@ -265,7 +265,14 @@ impl Votes {
     /// The size to fetch.
     pub fn layout(&self) -> Decision<u64> {
         if let Some(pin) = self.pin {
-            if let Some((b, _)) = self.counted().find(|(b, _)| b.root == Some(pin)) {
+            // A claimant still in the download first: one dropped may have
+            // lied about the size (the root commits to one).
+            let claims = || self.counted().filter(|(b, _)| b.root == Some(pin));
+            let live = (0..self.ballots.len())
+                .filter(|&s| !self.gone[s])
+                .filter_map(|s| self.ballots[s])
+                .find(|b| b.root == Some(pin) && self.size.is_none_or(|x| x == b.size));
+            if let Some(b) = live.or_else(|| claims().next().map(|(b, _)| b)) {
                 return Decision::Adopt(b.size);
             }
         }
@@ -339,7 +346,13 @@ impl Votes {
     pub fn root(&self, size: u64) -> Decision<[u8; 32]> {
         if let Some(pin) = self.pin {
             // The pinned version has another size: fetch that one instead.
-            if let Some((b, _)) = self.counted().find(|(b, _)| b.root == Some(pin) && b.size != size) {
+            // (A claimant dropped since, for a claim it could not prove,
+            // does not count.)
+            let other = (0..self.ballots.len())
+                .filter(|&s| !self.gone[s])
+                .filter_map(|s| self.ballots[s])
+                .find(|b| b.root == Some(pin) && b.size != size && self.size.is_none_or(|x| x == b.size));
+            if let Some(b) = other {
                 return Decision::Conflict(format!(
                     "a source serves the pinned identity {}… with {} bytes, not {size}",
                     short(&pin),
