@@ -779,16 +779,6 @@ impl Engine {
         }
     }
 
-    /// `src` could not be reached before it answered: the vote no longer
-    /// waits for it.
-    fn unreachable(self: &Arc<Self>, src: SourceId) {
-        let changed = lock(&self.votes).absent(src);
-        if changed {
-            self.vote_changed();
-        }
-        self.note_waiting();
-    }
-
     /// While no source has answered, says so and what to do; once one has,
     /// says nothing.
     fn note_waiting(&self) {
@@ -1450,8 +1440,11 @@ async fn worker(eng: Arc<Engine>, src: SourceId) {
                 let ballot = lock(&eng.votes).ballot(src);
                 match ballot {
                     None => {
+                        // Still waited for until the election deadline: a
+                        // source down for a moment (a restart) gets to vote,
+                        // so a fast liar cannot win by its absence.
                         eng.set_source(src, |s| s.last_error = Some(why.to_string()));
-                        eng.unreachable(src);
+                        eng.note_waiting();
                     }
                     // Answered "hashing", then went down: its root is no
                     // longer waited for (it counts if it comes).

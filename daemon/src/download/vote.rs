@@ -9,11 +9,13 @@
 //! the vote is open.
 //!
 //! The vote is decided by the sources that answer, and it is **live**: a
-//! source that has not answered is *absent* once its first connection
-//! failed (refused, unresolvable, timed out, a broken handshake) or once
-//! the election deadline passed (the connect timeout from the start of the
-//! run; the engine marks it), and an absent source never holds up a
-//! decision. It is **safe** among those that answered: a version wins only
+//! source that has not answered by the election deadline (the connect
+//! timeout from the start of the run; the engine marks it) is *absent*,
+//! whether it was refused, unresolvable or silent, and an absent source
+//! never holds up a decision. It is waited for until then even when its
+//! connections fail: a source down for a moment (a restart) gets its vote,
+//! so a liar cannot win by answering while an honest source is briefly
+//! away. It is **safe** among those that answered: a version wins only
 //! with a **strict majority of the usable sources**, more than half of
 //! those that answered plus those that still may (not absent, or answered
 //! but still hashing). So nobody still to answer can out-vote it, and a tie
@@ -91,8 +93,8 @@ pub struct Votes {
     ballots: Vec<Option<Ballot>>,
     /// Failed for good: if its vote is not complete, it never will be.
     gone: Vec<bool>,
-    /// Not answered, and no longer waited for (its first connection failed
-    /// or the election deadline passed). Its ballot counts if it comes.
+    /// Not answered, and no longer waited for (the election deadline
+    /// passed). Its ballot counts if it comes.
     absent: Vec<bool>,
     /// Answered without a root (still hashing), and its root no longer
     /// waited for: its connection failed since, or its hashing deadline
@@ -159,9 +161,8 @@ impl Votes {
         }
     }
 
-    /// `src` has not answered and is no longer waited for: its first
-    /// connection failed, or the election deadline passed. Returns whether
-    /// that changed anything.
+    /// `src` has not answered and is no longer waited for (the election
+    /// deadline passed). Returns whether that changed anything.
     pub fn absent(&mut self, src: SourceId) -> bool {
         let answered = self.ballot(src).is_some();
         match self.absent.get_mut(src) {
@@ -538,7 +539,7 @@ mod tests {
     #[test]
     fn absent_sources_do_not_hold_up_the_sources_that_answered() {
         // Two sources, one refused: the other decides once the refused
-        // one is absent (its first connection failed), not before.
+        // one is absent (the election deadline passed), not before.
         let mut v = Votes::new(2, None);
         v.offer(0, b(100, Some(R1)));
         assert_eq!(v.layout(), Decision::Wait);
