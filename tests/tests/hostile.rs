@@ -327,7 +327,7 @@ fn two_late_sources_that_out_vote_the_adopted_version_start_it_over_once() {
     assert_eq!(d.state, DownloadState::Done, "{d:?}");
     assert_eq!(d.identity, Some(identity_of(&others.export.join("h.bin"))));
     assert_eq!(source(&d, &honest.sources()[0]).state, SourceState::Excluded, "{d:?}");
-    assert!(overs >= 1 && overs <= 3, "{overs} start-overs");
+    assert!((1..=3).contains(&overs), "{overs} start-overs");
 }
 
 /// A liar flipping one byte in the middle of every piece, with two honest

@@ -77,6 +77,10 @@ const PROBE_CAP: Duration = Duration::from_secs(1);
 /// How long a connection waits for a `HASHES_OK` while it has nothing else
 /// to receive: the server may be hashing a large file.
 const HASHES_TIMEOUT: Duration = super::client::STAT_TIMEOUT;
+/// Least time a connection waits for the answer to its TRIM before it is
+/// replaced (see `fetch`): honest servers answer within a round trip and
+/// one paced frame.
+const TRIM_PATIENCE: Duration = Duration::from_secs(1);
 /// How long a hash list asked for from a source that announced its root
 /// (so has hashed the file) may take before another source of that root is
 /// asked as well: a source that never answers `HASHES` cannot hold up
@@ -1598,17 +1602,15 @@ async fn prove_pinned_size(eng: &Arc<Engine>, src: SourceId, conn: Conn, stat: &
     // It announced a root, so it has hashed the file: the list is due in
     // about a round trip.
     let patience = HASHES_PATIENCE * 5;
-    let hashes = loop {
-        match tokio::time::timeout(patience, stream.next()).await {
-            Err(_) => return WorkerEnd::Retry(ClientError::Idle(patience).into()),
-            Ok(None) => return WorkerEnd::Retry(ClientError::Closed.into()),
-            Ok(Some(Event::Hashes(h))) => break h,
-            Ok(Some(Event::Failed(e))) => return WorkerEnd::Retry(e.into()),
-            Ok(Some(Event::Error { code, message, .. })) => {
-                return WorkerEnd::Retry(ClientError::Server { code, message }.into())
-            }
-            Ok(Some(_)) => return WorkerEnd::Dead(SourceState::Failed, SourceError::Protocol("unasked data".into())),
+    let hashes = match tokio::time::timeout(patience, stream.next()).await {
+        Err(_) => return WorkerEnd::Retry(ClientError::Idle(patience).into()),
+        Ok(None) => return WorkerEnd::Retry(ClientError::Closed.into()),
+        Ok(Some(Event::Hashes(h))) => h,
+        Ok(Some(Event::Failed(e))) => return WorkerEnd::Retry(e.into()),
+        Ok(Some(Event::Error { code, message, .. })) => {
+            return WorkerEnd::Retry(ClientError::Server { code, message }.into())
         }
+        Ok(Some(_)) => return WorkerEnd::Dead(SourceState::Failed, SourceError::Protocol("unasked data".into())),
     };
     if hashes.len() as u64 != stat.piece_count() || root_of(stat.size, stat.piece_size, &hashes) != pin {
         return WorkerEnd::Dead(SourceState::Failed, SourceError::ForgedHashes);
@@ -1654,6 +1656,8 @@ struct OpenRead {
     frame_end: u64,
     /// Ends asked for by the TRIMs not answered yet, oldest first.
     trim_targets: VecDeque<u64>,
+    /// Since when the oldest TRIM not answered yet has been waiting.
+    trim_sent: Option<Instant>,
 }
 
 impl OpenRead {
@@ -1669,6 +1673,7 @@ impl OpenRead {
             trims: 0,
             frame_end: r.start,
             trim_targets: VecDeque::new(),
+            trim_sent: None,
         }
     }
 
@@ -1760,6 +1765,7 @@ async fn fetch(
                 if want < o.told {
                     o.told = want;
                     o.trims += 1;
+                    o.trim_sent.get_or_insert_with(Instant::now);
                     o.trim_targets.push_back(want);
                     trims.push((o.id, want));
                 }
@@ -1874,7 +1880,19 @@ async fn fetch(
             probe = Some(Box::pin(probe_path(eng.dl.job.sources[src].clone(), probe_step)));
             probe_step = (probe_step * 2).min(PROBE_CAP);
         }
+        // A server that does not answer a TRIM in time never gives the range
+        // back, and the READs queued behind its stream wait on it: replace
+        // the connection (its unreceived bytes go to others at once).
+        let trim_patience = (lock(&chosen.sched).trim_deadline(conn_id) * 2).max(TRIM_PATIENCE);
+        let oldest_trim = open.iter().filter_map(|o| o.trim_sent).min();
+        if let Some(t) = oldest_trim.filter(|t| t.elapsed() >= trim_patience) {
+            return WorkerEnd::Reconnect(SourceError::TrimIgnored(t.elapsed()));
+        }
         let next_check = if owed && probe.is_none() { stall_after.saturating_sub(quiet) } else { patience - quiet };
+        let next_check = match oldest_trim {
+            Some(t) => next_check.min(trim_patience.saturating_sub(t.elapsed()) + Duration::from_millis(1)),
+            None => next_check,
+        };
         let ev = tokio::select! {
             ev = stream.next() => match ev {
                 None => return WorkerEnd::Retry(ClientError::Closed.into()),
@@ -1957,6 +1975,8 @@ async fn fetch(
                 let Some(i) = open.iter().position(|o| o.id == id) else { continue };
                 let o = &mut open[i];
                 o.trims = o.trims.saturating_sub(1);
+                // The next TRIM in line has waited since this answer.
+                o.trim_sent = (o.trims > 0).then(Instant::now);
                 // How far past the TRIM the server had gone: at least to the
                 // end asked for if it had already finished the request.
                 let reached = if end == TRIM_NOT_OPEN { o.limit } else { end };

@@ -33,6 +33,8 @@ pub enum SourceError {
     ForgedHashes,
     #[error("no data for {0:.1?} while a new connection got through; reconnecting")]
     Stalled(Duration),
+    #[error("did not answer TRIM for {0:.1?}; reconnecting")]
+    TrimIgnored(Duration),
 }
 
 /// Why a download stopped short of its file.
