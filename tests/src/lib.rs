@@ -967,28 +967,14 @@ fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie, over_tls: bool) {
                     let _ = c.s.flush();
                     return;
                 }
-                Lie::Trickle { every_ms } => {
-                    // The real bytes, announced as one DATA frame each of up
-                    // to 1 MiB, then written a byte at a time.
-                    up.try_send(&Frame::Read(r.clone()));
-                    let mut got = 0u64;
-                    while got < r.len {
-                        let Some(Frame::Data(h)) = up.recv() else { return };
-                        let payload = up.read_payload(h.len);
-                        got += h.len;
-                        if h.len == 0 {
-                            break;
-                        }
-                        c.try_send(&Frame::Data(h));
-                        for b in payload {
-                            if c.s.write_all(&[b]).and_then(|_| c.s.flush()).is_err() {
-                                return;
-                            }
-                            std::thread::sleep(Duration::from_millis(every_ms));
-                        }
-                    }
-                }
-                Lie::Paced { chunk, every_ms } => {
+                // The real bytes, announced as DATA frames of up to 1 MiB,
+                // then written `chunk` bytes at a time (the trickler: one).
+                Lie::Paced { .. } | Lie::Trickle { .. } => {
+                    let (chunk, every_ms) = match lie {
+                        Lie::Paced { chunk, every_ms } => (chunk, every_ms),
+                        Lie::Trickle { every_ms } => (1, every_ms),
+                        _ => return,
+                    };
                     up.try_send(&Frame::Read(r.clone()));
                     let mut got = 0u64;
                     while got < r.len {

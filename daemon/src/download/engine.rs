@@ -1883,14 +1883,18 @@ async fn fetch(
         // A server that does not answer a TRIM in time never gives the range
         // back, and the READs queued behind its stream wait on it: replace
         // the connection (its unreceived bytes go to others at once).
-        let trim_patience = (lock(&chosen.sched).trim_deadline(conn_id) * 2).max(TRIM_PATIENCE);
-        let oldest_trim = open.iter().filter_map(|o| o.trim_sent).min();
-        if let Some(t) = oldest_trim.filter(|t| t.elapsed() >= trim_patience) {
-            return WorkerEnd::Reconnect(SourceError::TrimIgnored(t.elapsed()));
+        // (The scheduler is asked only while a TRIM is unanswered: this
+        // loop runs for every chunk received.)
+        let trim_wait = open.iter().filter_map(|o| o.trim_sent).min().map(|t| {
+            let patience = (lock(&chosen.sched).trim_deadline(conn_id) * 2).max(TRIM_PATIENCE);
+            (t.elapsed(), patience)
+        });
+        if let Some((waited, _)) = trim_wait.filter(|(w, p)| w >= p) {
+            return WorkerEnd::Reconnect(SourceError::TrimIgnored(waited));
         }
         let next_check = if owed && probe.is_none() { stall_after.saturating_sub(quiet) } else { patience - quiet };
-        let next_check = match oldest_trim {
-            Some(t) => next_check.min(trim_patience.saturating_sub(t.elapsed()) + Duration::from_millis(1)),
+        let next_check = match trim_wait {
+            Some((waited, p)) => next_check.min(p.saturating_sub(waited) + Duration::from_millis(1)),
             None => next_check,
         };
         let ev = tokio::select! {
