@@ -38,14 +38,34 @@
 //! A line that is not valid JSON or not a known request gets an `error`
 //! response and the connection stays open; a line longer than [`MAX_LINE`]
 //! gets an `error` and the connection is closed (the rest of the line cannot
-//! be skipped safely).
+//! be skipped safely). Requests are shorter still: at most [`MAX_REQUEST`]
+//! bytes, read into a buffer that grows only with what arrives.
+//!
+//! The socket is shared by everyone its mode admits, so the daemon holds
+//! every caller to limits (the README's security model lists them with
+//! their defaults): control connections per user and in total (root and
+//! mftd's own user keep a reserve above the total), an idle timeout for a
+//! connection with no request in flight and no `watch`, and per-user quotas
+//! on downloads, their sources and connections. A connection or request
+//! over a limit gets one `error` of code `limit` naming the limit and the
+//! `[quota]` setting that changes it:
+//!
+//! ```text
+//! ← {"type":"error","code":"limit","message":"too many control connections from uid 1001: 16 open, the most one user may hold ([quota] control_connections_per_user in mftd.toml)"}
+//! ```
+//!
+//! A download of another user is, to a restricted caller, exactly an
+//! unknown ID: same code, same message.
 
 use serde::{Deserialize, Serialize};
 
 /// Control protocol version.
 pub const PROTOCOL: u32 = 1;
-/// Longest request or response line, newline excluded.
+/// Longest response line, newline excluded.
 pub const MAX_LINE: usize = 1 << 20;
+/// Longest request line, newline excluded: the largest real request (a
+/// `get` naming 64 sources and paths of 4 KiB) is well under it.
+pub const MAX_REQUEST: usize = 64 << 10;
 
 /// A request from `mftctl`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -283,7 +303,8 @@ pub enum ErrorCode {
     BadRequest,
     /// `hello` named another protocol version; the message names both.
     VersionMismatch,
-    /// A line longer than [`MAX_LINE`]; the connection is closed.
+    /// A line longer than [`MAX_LINE`] (a request longer than
+    /// [`MAX_REQUEST`]); the connection is closed.
     LineTooLong,
     /// No listener on this port.
     UnknownPort,
@@ -305,6 +326,10 @@ pub enum ErrorCode {
     Internal,
     /// The caller may not do this (see the README's security model).
     PermissionDenied,
+    /// A limit or quota was reached (control connections, idle time,
+    /// downloads, sources, descriptors); the message names it and the
+    /// setting that changes it.
+    Limit,
 }
 
 /// `status`: the daemon at a glance.

@@ -113,7 +113,15 @@ impl Client {
     }
 
     pub fn send(&mut self, req: &Request) -> Result<(), CtlError> {
-        self.writer.write_all(&to_line(req)).map_err(|e| CtlError::Io(self.path.clone(), e))
+        match self.writer.write_all(&to_line(req)) {
+            Ok(()) => Ok(()),
+            // mftd may have said why and closed before reading (a limit
+            // reached): that sentence beats "broken pipe".
+            Err(e) => match self.recv() {
+                Ok(r @ Response::Error { .. }) => Err(CtlError::from_response(r)),
+                _ => Err(CtlError::Io(self.path.clone(), e)),
+            },
+        }
     }
 
     pub fn recv(&mut self) -> Result<Response, CtlError> {

@@ -65,6 +65,8 @@ macro_rules! settings {
             )*
             /// Per-listener settings: `[listener.5001]` with `rate_limit = "4M"`.
             pub listener: Option<std::collections::BTreeMap<String, ListenerFileConfig>>,
+            /// What one restricted user may take: `[quota]` (see [`crate::quota`]).
+            pub quota: Option<crate::quota::QuotaFileConfig>,
         }
 
         /// Every setting: the flag is `--` and the key with dashes.
@@ -84,6 +86,9 @@ macro_rules! settings {
             let ports = if from("flag") { "flag" } else if from("config file") { "config file" } else { "default" };
             origins.insert("ports", ports);
             origins.insert("listener", origin(false, file.listener.is_some()));
+            for key in file.quota.as_ref().map(|q| q.given()).unwrap_or_default() {
+                origins.insert(key, "config file");
+            }
             origins
         }
     };
@@ -305,6 +310,8 @@ pub struct Config {
     pub origins: std::collections::BTreeMap<&'static str, &'static str>,
     /// Rate limits of individual listeners, over `rate_limit`.
     pub listener_limits: std::collections::BTreeMap<u16, u64>,
+    /// Per-user quotas and control-socket limits (`[quota]`).
+    pub quota: crate::quota::Quota,
     pub config_file: Option<PathBuf>,
 }
 
@@ -500,6 +507,7 @@ impl Config {
             retention,
             index_export: args.index_export || file.index_export.unwrap_or(false),
             metrics_listen: args.metrics_listen.or(file.metrics_listen),
+            quota: crate::quota::Quota::from_file(file.quota.take())?,
             origins,
             config_file,
         })
@@ -567,6 +575,12 @@ impl Config {
         }
         for (port, t) in &self.listener_transport {
             out.push_str(&format!("\n[listener.{port}]\ntransport = \"{t}\"  # config file\n"));
+        }
+        out.push_str("\n[quota]\n");
+        for (k, v) in self.quota.describe() {
+            let from =
+                self.origins.iter().find(|(o, _)| o.strip_prefix("quota.") == Some(k)).map_or("default", |(_, f)| f);
+            out.push_str(&format!("{k} = {v}  # {from}\n"));
         }
         out
     }

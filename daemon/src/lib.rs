@@ -10,6 +10,7 @@ pub mod config;
 mod control;
 mod download;
 mod failpoint;
+mod fds;
 mod identity;
 mod jail;
 mod listener;
@@ -17,6 +18,7 @@ pub mod logging;
 mod metrics;
 pub mod node;
 mod notify;
+mod quota;
 mod ratelimit;
 mod serve;
 mod store;
@@ -49,6 +51,8 @@ pub struct Daemon {
     pub tracker: TaskTracker,
     /// This node's ID.
     pub node_id: String,
+    /// How the daemon's file descriptors are shared out.
+    pub fds: fds::Shares,
 }
 
 impl Daemon {
@@ -169,6 +173,7 @@ fn warn_restart_only(old: &Config, new: &Config) {
         ("metrics_listen", old.metrics_listen != new.metrics_listen),
         ("node_trust", old.node_trust != new.node_trust),
         ("known_nodes", old.known_nodes != new.known_nodes),
+        ("[quota]", old.quota != new.quota),
         (
             "transport of a running listener",
             new.ports.iter().any(|p| {
@@ -274,6 +279,13 @@ fn ground(config: &Config) -> anyhow::Result<Ground> {
 /// [`Ground`]), then binds the metrics endpoint and the transfer ports, in
 /// that order, so the first problem an operator reads is the one to fix.
 pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
+    // Every connection and file takes a descriptor: take what the system
+    // allows before taking any.
+    match fds::raise_limit() {
+        Ok((before, now)) if now > before => info!(before, now, "raised the open-files limit (RLIMIT_NOFILE)"),
+        Ok((_, now)) => info!(limit = now, "open-files limit (RLIMIT_NOFILE)"),
+        Err(e) => warn!(error = %e, limit = fds::limit(), "cannot raise the open-files limit"),
+    }
     // The control socket first: a second daemon on the same socket must
     // say so, not complain about ports.
     let control = control::ControlSocket::bind(&config.socket, config.socket_group.as_deref())?;
@@ -328,6 +340,15 @@ impl Daemon {
         if config.ports.is_empty() {
             info!("no transfer listeners (servers = 0): this mftd serves no files, it only downloads");
         }
+        let fds = fds::Shares::new(fds::limit());
+        let serving = config.ports.len() as u64 * u64::from(config.max_connections);
+        if serving > fds.limit / 2 {
+            warn!(
+                limit = fds.limit,
+                serving,
+                "listeners may take more than half of the open-files limit (ports × max_connections); raise LimitNOFILE or lower max_connections"
+            );
+        }
         let store = store::Store::new(&config.state_dir)
             .with_context(|| format!("cannot create {}", config.state_dir.join("manifests").display()))?;
         let downloads = Downloads::new(
@@ -346,6 +367,8 @@ impl Daemon {
                 min_free_space: config.min_free_space,
                 max_download_size: config.max_download_size,
                 retention: config.retention,
+                quota: config.quota.clone(),
+                fds,
             },
             shutdown.child_token(),
             tracker.clone(),
@@ -360,6 +383,7 @@ impl Daemon {
             shutdown,
             tracker,
             node_id: tls.id.to_string(),
+            fds,
         }))
     }
 

@@ -86,6 +86,8 @@ pub struct Daemon {
     pub ports: Vec<u16>,
     /// Network namespace the daemon runs in (`ip netns exec`), if any.
     pub netns: Option<String>,
+    /// `RLIMIT_NOFILE` (soft, hard) the daemon starts with, if set.
+    pub nofile: Option<(u64, u64)>,
 }
 
 pub struct DaemonBuilder {
@@ -93,6 +95,7 @@ pub struct DaemonBuilder {
     extra: Vec<String>,
     env: Vec<(String, String)>,
     netns: Option<String>,
+    nofile: Option<(u64, u64)>,
 }
 
 impl DaemonBuilder {
@@ -109,29 +112,41 @@ impl DaemonBuilder {
         self.netns = Some(ns.into());
         self
     }
+    /// Starts the daemon with this open-files limit (soft, hard), as a
+    /// service manager would.
+    pub fn nofile(mut self, soft: u64, hard: u64) -> Self {
+        self.nofile = Some((soft, hard));
+        self
+    }
     pub fn start(self) -> Daemon {
-        Daemon::start_with(self.listeners, &self.extra, &self.env, self.netns)
+        Daemon::start_with(self.listeners, &self.extra, &self.env, self.netns, self.nofile)
     }
 }
 
 impl Daemon {
     /// A daemon with `n` listeners on free ports.
     pub fn builder(n: usize) -> DaemonBuilder {
-        DaemonBuilder { listeners: n, extra: Vec::new(), env: Vec::new(), netns: None }
+        DaemonBuilder { listeners: n, extra: Vec::new(), env: Vec::new(), netns: None, nofile: None }
     }
 
     pub fn start(n: usize) -> Daemon {
-        Daemon::start_with(n, &[], &[], None)
+        Daemon::start_with(n, &[], &[], None, None)
     }
 
-    fn start_with(n: usize, extra: &[String], env: &[(String, String)], netns: Option<String>) -> Daemon {
+    fn start_with(
+        n: usize,
+        extra: &[String],
+        env: &[(String, String)],
+        netns: Option<String>,
+        nofile: Option<(u64, u64)>,
+    ) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let export = dir.path().join("export");
         let downloads = dir.path().join("downloads");
         std::fs::create_dir_all(&export).expect("mkdir export");
         std::fs::create_dir_all(&downloads).expect("mkdir downloads");
         let socket = dir.path().join("mftd.sock");
-        let mut d = Daemon { child: None, socket, export, downloads, ports: Vec::new(), dir, netns };
+        let mut d = Daemon { child: None, socket, export, downloads, ports: Vec::new(), dir, netns, nofile };
         d.spawn(n, extra, env);
         d
     }
@@ -162,6 +177,17 @@ impl Daemon {
             cmd.arg("--servers").arg("0");
         }
         cmd.args(extra);
+        if let Some((soft, hard)) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs
+            // between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, soft, hard)
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
         cmd
     }
 
@@ -1299,5 +1325,68 @@ fn shuttle(from: &mut Stream, to: &mut Stream, buf: &mut [u8]) -> bool {
         Ok(0) => false,
         Ok(n) => to.write_all(&buf[..n]).and_then(|_| to.flush()).is_ok(),
         Err(e) => matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+    }
+}
+
+/// Playing a second local user: uid 65534 through `setpriv`, against a
+/// daemon whose socket group is gid 65534's group (CI runs as root).
+pub mod member {
+    use std::process::{Command, Output};
+
+    use super::{mftctl_bin, Daemon, DaemonBuilder};
+
+    pub const NOBODY: u32 = 65534;
+
+    /// Why a second uid cannot be played here, if it cannot.
+    pub fn cannot_run() -> Option<&'static str> {
+        if !nix::unistd::geteuid().is_root() {
+            return Some("needs root to act as a second uid (uid 65534 through setpriv)");
+        }
+        if Command::new("setpriv").arg("--version").output().is_err() {
+            return Some("needs setpriv (util-linux)");
+        }
+        if nix::unistd::Group::from_gid(NOBODY.into()).ok().flatten().is_none() {
+            return Some("needs a group with gid 65534");
+        }
+        None
+    }
+
+    /// Returns from the test, saying so loudly, when a second uid cannot
+    /// be played here.
+    #[macro_export]
+    macro_rules! require_second_uid {
+        () => {
+            if let Some(why) = $crate::member::cannot_run() {
+                eprintln!("\n*** SKIPPED {}: {why} ***\n", module_path!());
+                return;
+            }
+        };
+    }
+
+    /// A builder for a daemon whose socket group is gid 65534's.
+    pub fn builder(n: usize) -> DaemonBuilder {
+        let group = nix::unistd::Group::from_gid(NOBODY.into()).ok().flatten().expect("group 65534").name;
+        Daemon::builder(n).arg("--socket-group").arg(group)
+    }
+
+    /// Lets uid 65534 reach the daemon's socket (its directory is a
+    /// tempdir, mode 0700).
+    pub fn open_up(d: &Daemon) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+
+    /// `program` run as uid/gid 65534 with no supplementary groups.
+    pub fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("setpriv");
+        let id = NOBODY.to_string();
+        c.args(["--reuid", &id, "--regid", &id, "--clear-groups"]).arg(program);
+        c.env_remove("MFTD_SOCKET");
+        c
+    }
+
+    /// `mftctl --socket S ARGS` as uid 65534.
+    pub fn ctl(d: &Daemon, args: &[&str]) -> Output {
+        command(mftctl_bin()).arg("--socket").arg(&d.socket).args(args).output().expect("run setpriv")
     }
 }

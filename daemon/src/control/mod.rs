@@ -3,11 +3,15 @@
 //!
 //! Owns: creating the socket safely (refusing to start if another daemon
 //! answers on it, removing only a stale *socket*, mode 0600 set before
-//! `listen()`), checking the peer's credentials, reading bounded lines, and
-//! dispatching requests. Must never: let a bad line end the daemon, or
-//! delete a file at the socket path that is not a socket.
+//! `listen()`), checking the peer's credentials, holding each caller to
+//! its connection and request limits ([`limits`]), closing idle
+//! connections, reading bounded lines, and dispatching requests. Must
+//! never: let a bad line end the daemon, let one caller's connections or
+//! requests lock out an operator, or delete a file at the socket path that
+//! is not a socket.
 
 pub(crate) mod handlers;
+mod limits;
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -23,7 +27,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, info};
 
-use mftd_common::control::{to_line, DownloadState, ErrorCode, Request, Response, MAX_LINE};
+use mftd_common::control::{to_line, DownloadState, ErrorCode, Request, Response, MAX_REQUEST};
 
 use crate::caller::Caller;
 use crate::Daemon;
@@ -131,9 +135,18 @@ impl ControlSocket {
     }
 }
 
+/// Refusals that wait (up to a second) for the client's first line, so it
+/// reads the answer rather than a broken pipe; beyond this many at once,
+/// the answer is written at once and the connection closed.
+const PATIENT_REFUSALS: usize = 64;
+
 /// Accepts control connections until shutdown.
 pub async fn serve(sock: ControlSocket, daemon: Arc<Daemon>) {
     let group = sock.group;
+    let quota = daemon.config().quota;
+    let limits = limits::Limits::new(&quota, daemon.fds.control());
+    let idle = quota.control_idle_timeout;
+    let patient = Arc::new(tokio::sync::Semaphore::new(PATIENT_REFUSALS));
     let mut backoff = crate::accept::AcceptBackoff::new("control socket");
     loop {
         let accepted = tokio::select! {
@@ -143,11 +156,40 @@ pub async fn serve(sock: ControlSocket, daemon: Arc<Daemon>) {
         match accepted {
             Ok((stream, _)) => {
                 backoff.ok();
-                let d = daemon.clone();
+                let caller = Caller::of(&stream);
+                if let Err(e) = &caller {
+                    debug!(error = %e, "cannot read the control peer's credentials");
+                }
+                // Checked here, before a task exists: a flood of
+                // connections costs an accept and a close each.
+                let admitted = match caller.ok().filter(|c| peer_allowed(c, group)) {
+                    None => Err((ErrorCode::PermissionDenied, DENIED.to_string())),
+                    Some(c) => limits.seat(&c).map(|seat| (c, seat)).map_err(|e| (ErrorCode::Limit, e)),
+                };
+                let (caller, seat) = match admitted {
+                    Ok(x) => x,
+                    Err((code, why)) => {
+                        let resp = Response::error(code, why);
+                        match patient.clone().try_acquire_owned() {
+                            Ok(p) => {
+                                daemon.tracker.spawn(async move {
+                                    refuse(stream, &resp).await;
+                                    drop(p);
+                                });
+                            }
+                            Err(_) => {
+                                let _ = stream.try_write(&to_line(&resp));
+                            }
+                        }
+                        continue;
+                    }
+                };
+                let (d, limits) = (daemon.clone(), limits.clone());
                 daemon.tracker.spawn(async move {
-                    if let Err(e) = handle_conn(stream, d, group).await {
+                    if let Err(e) = handle_conn(stream, d, caller, &limits, idle).await {
                         debug!(error = %e, "control connection ended");
                     }
+                    drop(seat);
                 });
             }
             Err(e) if backoff.failed(&e, &daemon.shutdown).await => {}
@@ -157,6 +199,8 @@ pub async fn serve(sock: ControlSocket, daemon: Arc<Daemon>) {
     drop(sock);
 }
 
+const DENIED: &str = "permission denied: only root, mftd's own user or its socket group may use this socket";
+
 /// Root, the daemon's own user, and members of the socket group (primary or
 /// supplementary, from the socket itself) may drive it. The file mode
 /// already says so; this is the second lock.
@@ -164,7 +208,8 @@ fn peer_allowed(caller: &Caller, group: Option<nix::unistd::Gid>) -> bool {
     caller.unrestricted() || group.is_some_and(|g| caller.in_group(g.as_raw()))
 }
 
-/// Reads one line of at most `MAX_LINE` bytes. `Ok(None)` on EOF,
+/// Reads one line of at most `MAX_REQUEST` bytes, into a buffer that grows
+/// only with what arrives. `Ok(None)` on EOF,
 /// `Err(LineTooLong)` when the limit is hit.
 async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> io::Result<Option<()>> {
     buf.clear();
@@ -177,7 +222,7 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<
             Some(i) => (i + 1, true),
             None => (avail.len(), false),
         };
-        if buf.len() + take > MAX_LINE + 1 {
+        if buf.len() + take > MAX_REQUEST + 1 {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "line too long"));
         }
         buf.extend_from_slice(&avail[..take]);
@@ -194,50 +239,59 @@ async fn send<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, resp: &Response) -> i
     w.flush().await
 }
 
-/// Tells a peer that may not use the socket so, and closes.
-async fn refuse(stream: UnixStream) {
+/// Tells a peer that may not use the socket, or is over a limit, why, and
+/// closes.
+async fn refuse(stream: UnixStream, resp: &Response) {
     let (r, mut w) = stream.into_split();
     // Let the client's first line arrive (bounded) so it reads our answer
     // instead of a broken pipe.
-    let mut r = BufReader::new(r);
+    let mut r = BufReader::with_capacity(1024, r);
     let mut first = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(1), read_line(&mut r, &mut first)).await;
-    let _ = send(
-        &mut w,
-        &Response::error(
-            ErrorCode::PermissionDenied,
-            "permission denied: only root, mftd's own user or its socket group may use this socket",
-        ),
-    )
-    .await;
+    let _ = send(&mut w, resp).await;
 }
 
 /// One control session: requests in, replies out, until the peer closes,
-/// a reply ends it (`watch`, `shutdown`) or the daemon stops.
-async fn handle_conn(stream: UnixStream, daemon: Arc<Daemon>, group: Option<nix::unistd::Gid>) -> io::Result<()> {
-    let caller = Caller::of(&stream);
-    if let Err(e) = &caller {
-        debug!(error = %e, "cannot read the control peer's credentials");
-    }
-    let Some(caller) = caller.ok().filter(|c| peer_allowed(c, group)) else {
-        refuse(stream).await;
-        return Ok(());
-    };
+/// stays idle too long, a reply ends it (`watch`, `shutdown`) or the
+/// daemon stops.
+async fn handle_conn(
+    stream: UnixStream,
+    daemon: Arc<Daemon>,
+    caller: Caller,
+    limits: &limits::Limits,
+    idle: Duration,
+) -> io::Result<()> {
     let (r, mut w) = stream.into_split();
-    let mut r = BufReader::new(r);
+    // Small: a request is one line, and most are a few hundred bytes.
+    let mut r = BufReader::with_capacity(4096, r);
     let mut line = Vec::new();
     loop {
         let got = tokio::select! {
             _ = daemon.shutdown.cancelled() => return Ok(()),
-            g = read_line(&mut r, &mut line) => g,
+            g = tokio::time::timeout(idle, read_line(&mut r, &mut line)) => g,
         };
+        let got = match got {
+            Ok(g) => g,
+            Err(_) => {
+                let why = format!(
+                    "closing this control connection: no request for {} s ([quota] control_idle_timeout in mftd.toml)",
+                    idle.as_secs()
+                );
+                let _ = send(&mut w, &Response::error(ErrorCode::Limit, why)).await;
+                return Ok(());
+            }
+        };
+        // A long-idle connection's buffer goes back to the allocator.
+        if line.capacity() > 64 << 10 {
+            line = Vec::new();
+        }
         match got {
             Ok(None) => return Ok(()),
             Ok(Some(())) => {}
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 let _ = send(
                     &mut w,
-                    &Response::error(ErrorCode::LineTooLong, format!("request longer than {MAX_LINE} bytes")),
+                    &Response::error(ErrorCode::LineTooLong, format!("request longer than {MAX_REQUEST} bytes")),
                 )
                 .await;
                 return Ok(());
@@ -256,11 +310,25 @@ async fn handle_conn(stream: UnixStream, daemon: Arc<Daemon>, group: Option<nix:
             }
         };
         // Handlers touch the file system (output directories, secret files,
-        // manifests): off the runtime's threads.
+        // manifests) and may wait on sources (comparing an existing file):
+        // off the runtime's threads, and a restricted user's no more than
+        // its share at once. The slot goes with the work, not the wait for
+        // it, so a handler that outlives its caller still counts.
+        let slot = match limits.request_slot(&caller, crate::quota::REQUEST_WAIT).await {
+            Ok(s) => s,
+            Err(why) => {
+                send(&mut w, &Response::error(ErrorCode::Limit, why)).await?;
+                continue;
+            }
+        };
         let (d, c) = (daemon.clone(), caller.clone());
-        let reply = tokio::task::spawn_blocking(move || handlers::handle(&d, &c, req)).await.unwrap_or_else(|e| {
-            Reply::One(Response::error(ErrorCode::Internal, format!("request handler failed: {e}")))
-        });
+        let reply = tokio::task::spawn_blocking(move || {
+            let reply = handlers::handle(&d, &c, req);
+            drop(slot);
+            reply
+        })
+        .await
+        .unwrap_or_else(|e| Reply::One(Response::error(ErrorCode::Internal, format!("request handler failed: {e}"))));
         match reply {
             Reply::One(resp) => send(&mut w, &resp).await?,
             Reply::Watch { id, interval_ms } => {

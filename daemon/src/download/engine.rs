@@ -39,7 +39,7 @@ use mftd_common::control::{DownloadState, SourceState};
 use mftd_common::proto::{root_of, ErrorCode, StatInfo, TRIM_NOT_OPEN};
 use mftd_common::range::Range;
 
-use super::budget::HostBudget;
+use super::budget::Lane;
 use super::client::{ClientError, Conn, Event, Stream};
 use super::error::{DownloadError, SourceError};
 use super::part::{open_part, rename_into_place, PartRequest};
@@ -202,7 +202,7 @@ async fn run_once(dl: Arc<Download>, votes: Votes) -> Option<Votes> {
     let mut tasks = tokio::task::JoinSet::new();
     let fixed = dl.job.connections_per_source as usize;
     for src in 0..dl.job.sources.len() {
-        for _ in 0..if fixed > 0 { fixed } else { CONNS_START } {
+        for _ in 0..if fixed > 0 { fixed } else { CONNS_START.min(dl.conns_max) } {
             eng.add_worker(&mut tasks, src);
         }
     }
@@ -832,12 +832,7 @@ impl Engine {
     /// kept waiting: with every permit of a host held by connections of
     /// different downloads, each waiting for ballots from sources that
     /// cannot get a permit, no vote would ever close.
-    async fn elect(
-        self: &Arc<Self>,
-        src: SourceId,
-        stat: &StatInfo,
-        budget: &HostBudget,
-    ) -> Result<Arc<Chosen>, ElectError> {
+    async fn elect(self: &Arc<Self>, src: SourceId, stat: &StatInfo, budget: &Lane) -> Result<Arc<Chosen>, ElectError> {
         // A file without pieces has one possible identity.
         let root = stat.root.or_else(|| (stat.size == 0).then(|| root_of(0, stat.piece_size, &[])));
         let ballot = Ballot { size: stat.size, mtime_ns: stat.mtime_ns, root };
@@ -1290,11 +1285,12 @@ impl Growth {
             while g.samples.len() > 64 {
                 g.samples.pop_front();
             }
-            if g.saturated || eng.is_dead(src) || slots[src] >= CONNS_MAX || conns[src] == 0 {
+            let most = eng.dl.conns_max;
+            if g.saturated || eng.is_dead(src) || slots[src] >= most || conns[src] == 0 {
                 continue;
             }
             let rtt = rtts[src];
-            let room = CONNS_MAX - slots[src];
+            let room = most - slots[src];
             // Every connection up and carrying data before judging.
             if conns[src] < slots[src] {
                 continue;
@@ -1397,7 +1393,15 @@ impl Engine {
 /// One connection slot to one source, for the whole download.
 async fn worker(eng: Arc<Engine>, src: SourceId) {
     let addr = eng.dl.job.sources[src].clone();
-    let budget = eng.dl.budgets.for_source(&addr);
+    let restricted = eng.dl.restricted_owner().map(|o| o.uid);
+    let budget = tokio::select! {
+        b = eng.dl.budgets.lane(&addr, restricted) => b,
+        _ = eng.workers.cancelled() => {
+            eng.live_workers.fetch_sub(1, Ordering::SeqCst);
+            eng.check_all_dead();
+            return;
+        }
+    };
     let mut backoff = Backoff::new();
     loop {
         if eng.workers.is_cancelled() || eng.is_dead(src) {
@@ -1480,13 +1484,7 @@ async fn worker(eng: Arc<Engine>, src: SourceId) {
 }
 
 /// One connection: connect, STAT, elect, fetch until it ends.
-async fn session(
-    eng: &Arc<Engine>,
-    src: SourceId,
-    addr: &str,
-    backoff: &mut Backoff,
-    budget: &HostBudget,
-) -> WorkerEnd {
+async fn session(eng: &Arc<Engine>, src: SourceId, addr: &str, backoff: &mut Backoff, budget: &Lane) -> WorkerEnd {
     let idle = eng.dl.idle_timeout;
     let secret = eng.dl.secret.as_deref().map(|s| s.as_slice());
     let (conn, stat) = match Conn::open(addr, idle, secret, &eng.dl.job.remote_path, &eng.dl.dialer).await {
@@ -1504,7 +1502,7 @@ async fn session(
     // connected by the time the version is chosen and get their shares.
     if eng.dl.job.connections_per_source == 0 {
         let first = lock(&eng.rtt_known).get_mut(src).map(|k| !std::mem::replace(k, true)).unwrap_or(false);
-        let extra = ((rtt.as_secs_f64() / 0.1) as usize).min(CONNS_MAX - CONNS_START);
+        let extra = ((rtt.as_secs_f64() / 0.1) as usize).min(eng.dl.conns_max.saturating_sub(CONNS_START));
         if first && extra > 0 {
             debug!(source = %addr, rtt_ms = rtt.as_secs_f64() * 1e3, extra, "long round trip: more connections from the start");
             let _ = eng.more_conns.send((src, extra));
@@ -1697,7 +1695,7 @@ async fn fetch(
     stat: &StatInfo,
     rtt: Duration,
     wake: &Notify,
-    budget: &HostBudget,
+    budget: &Lane,
 ) -> WorkerEnd {
     let path = eng.dl.job.remote_path.clone();
     let idle = eng.dl.idle_timeout;

@@ -59,6 +59,19 @@ pub struct DownloadDefaults {
     pub retention: Duration,
     /// TLS and node-ID rules for connecting to sources.
     pub dialer: Arc<client::Dialer>,
+    /// What one restricted user may take (`[quota]`).
+    pub quota: crate::quota::Quota,
+    /// The daemon's descriptor shares.
+    pub fds: crate::fds::Shares,
+}
+
+impl DownloadDefaults {
+    /// Downloads running at once: [`MAX_RUNNING`], or fewer when the
+    /// descriptor limit could not hold that many (each holds a part file,
+    /// a directory and its connections).
+    pub fn max_running(&self) -> usize {
+        MAX_RUNNING.min((self.fds.limit / 8) as usize).max(1)
+    }
 }
 
 /// Most sources one download may name.
@@ -131,6 +144,11 @@ pub fn parse_identity(s: &str) -> Result<[u8; 32], String> {
 
 impl Downloads {
     pub fn new(defaults: DownloadDefaults, parent: CancellationToken, tracker: TaskTracker, store: Store) -> Downloads {
+        let budgets = Arc::new(budget::Budgets::new(
+            budget::PER_HOST,
+            defaults.fds.outgoing(),
+            defaults.quota.connections_per_user,
+        ));
         Downloads {
             next_id: AtomicU64::new(1),
             map: Mutex::new(BTreeMap::new()),
@@ -139,7 +157,7 @@ impl Downloads {
             tracker,
             store,
             damaged: Mutex::new(Vec::new()),
-            budgets: Arc::new(budget::Budgets::default()),
+            budgets,
         }
     }
 
@@ -241,6 +259,11 @@ impl Downloads {
             let partial: u64 = m.received.iter().map(|r| r.len()).sum();
             progress.recorded.bytes_done = verified + partial;
         }
+        let conns_max = if spec.job.owner.unrestricted() {
+            engine::CONNS_MAX
+        } else {
+            engine::CONNS_MAX.min(self.defaults.quota.connections_per_source as usize)
+        };
         Ok(Download {
             id: spec.id,
             job: Job { secret_file, ..spec.job },
@@ -254,6 +277,7 @@ impl Downloads {
             max_size: self.defaults.max_download_size,
             token: self.parent.child_token(),
             budgets: self.budgets.clone(),
+            conns_max,
             part: Mutex::new(spec.resume.as_ref().and_then(|m| m.part)),
             resume: Mutex::new(spec.resume),
             stop: Mutex::new(None),
@@ -342,7 +366,7 @@ impl Downloads {
     /// download already writing the same file with the request's sources
     /// added. Returns whether it continued one, and the sources added.
     pub fn start(&self, req: GetRequest, caller: &Caller) -> Result<Started, Rejected> {
-        let Checked { name, sources, pin } = self.check(&req)?;
+        let Checked { name, sources, pin } = self.check(&req, caller)?;
         let dir = self.output_dir(&req, caller)?;
         let destination = dir.join(&name);
 
@@ -406,9 +430,61 @@ impl Downloads {
         Ok(Started::Download { dl, resumed: false, added: Vec::new() })
     }
 
+    /// Whether `owner` may start a download (`new`) or run a listed one
+    /// again: the daemon's running limit, the owner's quotas if it is
+    /// restricted (restricted users together leave
+    /// [`OPERATOR_RUNNING_RESERVE`] slots to operators), and room in the
+    /// descriptor budget.
+    fn admit(&self, owner: &Caller, new: bool) -> Result<(), Rejected> {
+        use crate::quota::OPERATOR_RUNNING_RESERVE;
+        let limit = |msg: String| Err(Rejected(ErrorCode::Limit, msg));
+        let most = self.defaults.max_running();
+        let q = &self.defaults.quota;
+        let (mut running, mut members, mut mine, mut listed) = (0, 0, 0, 0);
+        for d in self.map().values() {
+            let (state, member) = (d.state(), !d.job.owner.unrestricted());
+            let runs = !state.is_final() && state != DownloadState::Paused;
+            running += runs as usize;
+            members += (runs && member) as usize;
+            if d.job.owner.uid == owner.uid {
+                mine += runs as usize;
+                listed += !state.is_final() as usize;
+            }
+        }
+        if running >= most {
+            return limit(format!(
+                "{running} downloads are running, the most mftd runs at once; wait for some to finish"
+            ));
+        }
+        if !owner.unrestricted() {
+            let who = owner.describe();
+            if mine >= q.running_per_user {
+                return limit(format!(
+                    "{who} has {mine} downloads running, the most one user may ([quota] running_per_user in mftd.toml); wait for some to finish or pause one"
+                ));
+            }
+            if new && listed >= q.listed_per_user {
+                return limit(format!(
+                    "{who} has {listed} downloads listed and not ended, the most one user may ([quota] listed_per_user in mftd.toml); cancel or finish some"
+                ));
+            }
+            let share = most.saturating_sub(OPERATOR_RUNNING_RESERVE);
+            if members >= share {
+                return limit(format!(
+                    "users other than root and mftd's own have {members} downloads running, all mftd gives them (the last {OPERATOR_RUNNING_RESERVE} are kept for operators); wait for some to finish"
+                ));
+            }
+        }
+        match crate::fds::in_use() {
+            Ok(open) => self.defaults.fds.room_for_new_work(open).or_else(limit),
+            // Without /proc the budget's shares still hold.
+            Err(_) => Ok(()),
+        }
+    }
+
     /// What a `get` is refused for before anything is looked at on disk:
     /// bad paths or sources, too many of them or of running downloads.
-    fn check(&self, req: &GetRequest) -> Result<Checked, Rejected> {
+    fn check(&self, req: &GetRequest, caller: &Caller) -> Result<Checked, Rejected> {
         local_name(&req.remote_path)
             .map_err(|e| Rejected(ErrorCode::BadPath, format!("invalid remote path {:?}: {e}", req.remote_path)))?;
         let name = destination_name(&req.remote_path, req.output_name.as_deref()).map_err(|e| {
@@ -436,14 +512,18 @@ impl Downloads {
                 format!("{} sources given; a download takes at most {MAX_SOURCES}", sources.len()),
             ));
         }
-        let running =
-            self.map().values().filter(|d| !d.state().is_final() && d.state() != DownloadState::Paused).count();
-        if running >= MAX_RUNNING {
+        let most = self.defaults.quota.sources_per_download;
+        if !caller.unrestricted() && sources.len() > most {
             return Err(Rejected(
-                ErrorCode::InvalidArgument,
-                format!("{running} downloads are running, the most mftd runs at once; wait for some to finish"),
+                ErrorCode::Limit,
+                format!(
+                    "{} sources given; a download of {} takes at most {most} ([quota] sources_per_download in mftd.toml)",
+                    sources.len(),
+                    caller.describe()
+                ),
             ));
         }
+        self.admit(caller, true)?;
         if let Some(n) = req.connections_per_source.filter(|n| *n > 16) {
             return Err(Rejected(
                 ErrorCode::InvalidArgument,
@@ -623,7 +703,16 @@ impl Downloads {
         destination: &Path,
         caller: &Caller,
     ) -> Result<Started, Rejected> {
-        owned_by(&other, caller)?;
+        if !other.visible_to(caller) {
+            // Its ID and owner are not the caller's to learn.
+            return Err(Rejected(
+                ErrorCode::Exists,
+                format!(
+                    "another user's download is already writing {}; choose another directory (-o) or name (-O)",
+                    destination.display()
+                ),
+            ));
+        }
         if other.job.remote_path != req.remote_path {
             return Err(Rejected(
                 ErrorCode::Exists,
@@ -645,7 +734,7 @@ impl Downloads {
             ),
         ));
         }
-        let added = new_sources(&other, sources)?;
+        let added = new_sources(&other, sources, &self.defaults.quota)?;
         let all: Vec<String> = other.job.sources.iter().chain(&added).cloned().collect();
         let force = req.force && !other.job.force;
         let dl = match other.state() {
@@ -675,7 +764,7 @@ impl Downloads {
         if checked.is_empty() {
             return Err(Rejected(ErrorCode::InvalidArgument, "no sources given".into()));
         }
-        let added = new_sources(&dl, &checked)?;
+        let added = new_sources(&dl, &checked, &self.defaults.quota)?;
         if added.is_empty() {
             return Ok((dl, added));
         }
@@ -831,13 +920,14 @@ impl Downloads {
                 && !d.state().is_final()
                 && d.state() != DownloadState::Paused
         }) {
+            let other = if other.visible_to(&dl.job.owner) {
+                format!("download {}", other.id)
+            } else {
+                "another user's download".to_string()
+            };
             return Err(Rejected(
                 ErrorCode::Exists,
-                format!(
-                    "download {} is already writing {}; cancel one of them",
-                    other.id,
-                    dl.job.destination.display()
-                ),
+                format!("{other} is already writing {}; cancel one of them", dl.job.destination.display()),
             ));
         }
         let mut m = self.store.load(id).map_err(|d| {
@@ -850,6 +940,7 @@ impl Downloads {
                 ),
             )
         })?;
+        self.admit(&dl.job.owner, false)?;
         m.paused = false;
         let changed = sources.as_ref().is_some_and(|s| *s != m.sources) || (force && !m.force);
         if let Some(s) = sources {
@@ -1030,7 +1121,7 @@ impl Downloads {
 
 /// The sources of `new` that `dl` does not have yet, in order; an error if
 /// they would make too many.
-fn new_sources(dl: &Download, new: &[String]) -> Result<Vec<String>, Rejected> {
+fn new_sources(dl: &Download, new: &[String], quota: &crate::quota::Quota) -> Result<Vec<String>, Rejected> {
     let mut added: Vec<String> = Vec::new();
     for s in new {
         if !dl.job.sources.contains(s) && !added.contains(s) {
@@ -1048,6 +1139,19 @@ fn new_sources(dl: &Download, new: &[String]) -> Result<Vec<String>, Rejected> {
             ),
         ));
     }
+    let most = quota.sources_per_download;
+    if !dl.job.owner.unrestricted() && dl.job.sources.len() + added.len() > most {
+        return Err(Rejected(
+            ErrorCode::Limit,
+            format!(
+                "download {} has {} sources; {} more would exceed the {most} a download of {} takes ([quota] sources_per_download in mftd.toml)",
+                dl.id,
+                dl.job.sources.len(),
+                added.len(),
+                dl.job.owner.describe()
+            ),
+        ));
+    }
     Ok(added)
 }
 
@@ -1056,20 +1160,14 @@ fn cancelled_by(caller: &Caller) -> String {
     format!("cancelled by {} (`mftctl downloads cancel`); its partial file was removed", caller.describe())
 }
 
-/// A restricted caller manages only its own downloads.
+/// A restricted caller manages only its own downloads; another user's is,
+/// to it, exactly an unknown ID (same code, same words), so IDs and their
+/// owners cannot be probed.
 fn owned_by(dl: &Download, caller: &Caller) -> Result<(), Rejected> {
-    if caller.unrestricted() || dl.job.owner.uid == caller.uid {
+    if dl.visible_to(caller) {
         return Ok(());
     }
-    Err(Rejected(
-        ErrorCode::PermissionDenied,
-        format!(
-            "permission denied: download {} belongs to {}, not {}",
-            dl.id,
-            dl.job.owner.describe(),
-            caller.describe()
-        ),
-    ))
+    Err(unknown(dl.id))
 }
 
 pub fn unknown(id: u64) -> Rejected {

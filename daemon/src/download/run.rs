@@ -158,6 +158,10 @@ pub struct Download {
     pub token: CancellationToken,
     /// Connection budgets per source host, shared by all downloads.
     pub budgets: Arc<budget::Budgets>,
+    /// Most connections to one source (adaptive growth stops there): the
+    /// engine's [`super::engine::CONNS_MAX`], or less for a restricted
+    /// owner (`[quota] connections_per_source`).
+    pub conns_max: usize,
     /// TLS and node-ID rules for connecting to sources.
     pub dialer: Arc<client::Dialer>,
     /// Progress to continue from, taken by the engine when it starts.
