@@ -178,6 +178,21 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_config_shows_the_defaults() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/mftd.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let block = text.split("#[quota]\n").nth(1).expect("mftd.toml has a [quota] block");
+        let table: String = block
+            .lines()
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| format!("{}\n", l.trim_start_matches('#')))
+            .collect();
+        let q = Quota::from_file(Some(toml::from_str(&table).unwrap_or_else(|e| panic!("{e}\n{table}")))).unwrap();
+        assert_eq!(q, Quota::default(), "mftd.toml's [quota] block says other defaults than the code");
+        assert_eq!(table.lines().count(), Quota::default().describe().len(), "every key is in mftd.toml");
+    }
+
+    #[test]
     fn zero_refuses_instead_of_meaning_unlimited() {
         for key in
             ["control_connections", "control_connections_per_user", "requests_per_user", "connections_per_source"]

@@ -299,27 +299,10 @@ impl Daemon {
     /// (for commands that follow a download and would otherwise hang a
     /// test that should fail).
     pub fn ctl_within(&self, limit: Duration, args: &[&str]) -> Output {
-        let child = Command::new(mftctl_bin())
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .env_remove("MFTD_SOCKET")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run mftctl");
-        let pid = child.id() as i32;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait_with_output());
-        });
-        match rx.recv_timeout(limit) {
-            Ok(out) => out.expect("wait for mftctl"),
-            Err(_) => {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-                panic!("mftctl {args:?} did not end within {limit:?}\n{}", self.log());
-            }
-        }
+        let mut cmd = Command::new(mftctl_bin());
+        cmd.arg("--socket").arg(&self.socket).args(args).env_remove("MFTD_SOCKET");
+        output_within(&mut cmd, limit)
+            .unwrap_or_else(|| panic!("mftctl {args:?} did not end within {limit:?}\n{}", self.log()))
     }
 
     /// Runs `mftctl --json ...` and parses every stdout line into the
@@ -1328,6 +1311,34 @@ fn shuttle(from: &mut Stream, to: &mut Stream, buf: &mut [u8]) -> bool {
     }
 }
 
+/// Says loudly that a test did not run here and why (a test that needs
+/// root passes silently otherwise, and a green run would claim too much).
+pub fn say_skipped(test: &str, why: &str) {
+    eprintln!("\n*** SKIPPED {test}: {why} ***\n");
+}
+
+/// Runs `cmd` to its end, or kills it after `limit` and returns `None`
+/// (so a test that should fail does not hang instead).
+pub fn output_within(cmd: &mut Command, limit: Duration) -> Option<Output> {
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => Some(out.expect("wait for the child")),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            None
+        }
+    }
+}
+
 /// Playing a second local user: uid 65534 through `setpriv`, against a
 /// daemon whose socket group is gid 65534's group (CI runs as root).
 pub mod member {
@@ -1357,7 +1368,7 @@ pub mod member {
     macro_rules! require_second_uid {
         () => {
             if let Some(why) = $crate::member::cannot_run() {
-                eprintln!("\n*** SKIPPED {}: {why} ***\n", module_path!());
+                $crate::say_skipped(module_path!(), why);
                 return;
             }
         };

@@ -176,18 +176,19 @@ fn a_file_or_symlink_at_the_socket_path_is_refused_and_left_alone() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let target = dir.path().join("precious");
     std::fs::write(&target, b"keep me").unwrap();
+    // Bounded: a daemon that wrongly starts must fail the test, not hang it.
     let start = |socket: &std::path::Path| {
-        Command::new(mftd_bin())
-            .arg("--socket")
+        let mut cmd = Command::new(mftd_bin());
+        cmd.arg("--socket")
             .arg(socket)
             .arg("--export")
             .arg(dir.path())
             .arg("--state-dir")
             .arg(dir.path().join("state"))
             .args(["--servers", "0"])
-            .env("MFTD_CONFIG", "/dev/null")
-            .output()
-            .expect("run mftd")
+            .env("MFTD_CONFIG", "/dev/null");
+        mftd_tests::output_within(&mut cmd, Duration::from_secs(15))
+            .unwrap_or_else(|| panic!("mftd started on {} instead of refusing it", socket.display()))
     };
     let link = dir.path().join("link.sock");
     std::os::unix::fs::symlink(&target, &link).unwrap();

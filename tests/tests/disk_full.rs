@@ -18,7 +18,7 @@ impl SmallFs {
     /// `None` (with the reason printed) when not root: mounting needs it.
     fn mount(path: &Path, size: &str) -> Option<SmallFs> {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: mounting a tmpfs for a full-disk test needs root (CI runs as root)");
+            mftd_tests::say_skipped("disk_full", "mounting a tmpfs for a full-disk test needs root (CI runs as root)");
             return None;
         }
         std::fs::create_dir_all(path).unwrap();

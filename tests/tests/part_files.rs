@@ -29,7 +29,7 @@ fn as_nobody(script: &str) {
 #[test]
 fn a_part_file_planted_by_another_user_is_never_adopted() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root to act as a second user (CI runs as root)");
+        mftd_tests::say_skipped("part_files", "needs root to act as a second user (CI runs as root)");
         return;
     }
     let protected = std::fs::read_to_string("/proc/sys/fs/protected_regular").unwrap_or_default();
@@ -74,7 +74,7 @@ fn a_part_file_planted_by_another_user_is_never_adopted() {
 #[test]
 fn a_part_file_that_cannot_be_moved_aside_is_refused_with_the_reason() {
     if !nix::unistd::geteuid().is_root() || nix::unistd::Group::from_gid(NOBODY.into()).ok().flatten().is_none() {
-        eprintln!("skipped: needs root and a group with gid 65534");
+        mftd_tests::say_skipped("part_files", "needs root and a group with gid 65534");
         return;
     }
     let server = Daemon::start(1);

@@ -32,7 +32,7 @@ fn cannot_run() -> Option<&'static str> {
 macro_rules! skip_unless_possible {
     () => {
         if let Some(why) = cannot_run() {
-            eprintln!("skipped: {why}");
+            mftd_tests::say_skipped("trust", why);
             return;
         }
     };

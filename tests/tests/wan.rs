@@ -109,7 +109,7 @@ impl Drop for Testbed {
 #[test]
 fn two_sources_at_100ms_rtt_within_twice_the_ideal_time() {
     if let Some(why) = missing_prerequisite() {
-        println!("skipped: {why}");
+        mftd_tests::say_skipped("wan", &why);
         return;
     }
     let tb = Testbed::up();
