@@ -445,9 +445,11 @@ impl KnownNodes {
         match entries.get(&source.addr) {
             Some(known) if known == seen => Ok(true),
             Some(known) => Err(format!(
-                "{} presented node ID {seen}, but {} records {known} for it: refusing it; if the server's identity really changed, remove that line",
+                "{} presented node ID {seen}, but {} records {known} for it: refusing it; if the server's identity really changed, {}",
                 source.addr,
-                self.path.display()
+                self.path.display(),
+                // A user's record is the daemon's file, kept for the user.
+                if self.operator.is_some() { "ask the operator to remove that line" } else { "remove that line" }
             )),
             None => match self.mode {
                 TrustMode::Any => Ok(false),

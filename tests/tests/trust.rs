@@ -424,6 +424,7 @@ fn a_members_download_resumed_after_a_restart_keeps_its_node() {
     skip_unless_possible!();
     let mut client = daemon(&[]);
     let members_id = nobodys_node_id(&client);
+    assert_ne!(members_id, client.status().node_id, "the member is shown mftd's node ID");
     let server = Daemon::builder(1).arg("--allow-nodes").arg(&members_id).arg("--rate-limit").arg("2M").start();
     write_file(&server.export.join("r.bin"), 8 << 20, 43);
     let mine = nobodys_dir(client.dir.path(), "mine");
