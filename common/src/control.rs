@@ -349,7 +349,9 @@ pub struct StatusInfo {
     pub download_dir: String,
     /// Path of this control socket.
     pub socket: String,
-    /// This daemon's node ID (what sources are pinned with).
+    /// The node ID the caller's downloads present to servers (what their
+    /// `allow_nodes` lists): the daemon's own (what sources are pinned
+    /// with) for root and mftd's user, the caller's own for anyone else.
     #[serde(default)]
     pub node_id: String,
     /// Every listener, running or stopped, by port.

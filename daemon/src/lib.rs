@@ -353,10 +353,13 @@ impl Daemon {
             .with_context(|| format!("cannot create {}", config.state_dir.join("manifests").display()))?;
         let downloads = Downloads::new(
             DownloadDefaults {
-                dialer: Arc::new(download::client::Dialer {
-                    tls: tls.clone(),
-                    known: node::KnownNodes::load(&config.known_nodes, config.node_trust)?,
-                }),
+                dialers: Arc::new(download::dialers::Dialers::new(
+                    &config.state_dir,
+                    download::client::Dialer {
+                        tls: tls.clone(),
+                        known: Arc::new(node::KnownNodes::load(&config.known_nodes, config.node_trust)?),
+                    },
+                )),
                 download_dir: config.download_dir.clone(),
                 connections_per_server: config.connections_per_server,
                 idle_timeout: config.idle_timeout,

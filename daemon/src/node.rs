@@ -9,6 +9,12 @@
 //! the node ID of that certificate is then checked against what the user
 //! pinned (`HOST:PORT#NODEID`), the `known_nodes` file, or, on a listener,
 //! `allow_nodes`.
+//!
+//! The daemon's identity and `known_nodes` are root's and mftd's own
+//! user's. Downloads of other users (members of the socket group) present
+//! an identity of that user's own and keep a `known_nodes` of their own
+//! ([`crate::download::dialers`]), so another server's `allow_nodes` and
+//! this daemon's record mean what they say.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -355,6 +361,9 @@ pub struct KnownNodes {
     path: PathBuf,
     mode: TrustMode,
     entries: Mutex<HashMap<String, NodeId>>,
+    /// The operator's record, read before this one and never written from
+    /// here (see [`KnownNodes::beside`]).
+    operator: Option<Arc<KnownNodes>>,
 }
 
 impl KnownNodes {
@@ -384,7 +393,27 @@ impl KnownNodes {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         }
-        Ok(KnownNodes { path: path.to_path_buf(), mode, entries: Mutex::new(entries) })
+        Ok(KnownNodes { path: path.to_path_buf(), mode, entries: Mutex::new(entries), operator: None })
+    }
+
+    /// This record read after `operator`'s: an address the operator recorded
+    /// is vouched for or refused by that entry alone, and only addresses it
+    /// does not list are looked up (and, under TOFU, recorded) here. A
+    /// restricted user's record is kept this way, so what the operator
+    /// pinned protects the user too, while nothing the user's downloads
+    /// record reaches the operator's file.
+    pub fn beside(self, operator: Arc<KnownNodes>) -> KnownNodes {
+        KnownNodes { operator: Some(operator), ..self }
+    }
+
+    /// What to do with a node nothing records.
+    pub fn mode(&self) -> TrustMode {
+        self.mode
+    }
+
+    /// The node ID recorded for `addr` (`HOST:PORT`), if any.
+    fn recorded(&self, addr: &str) -> Option<NodeId> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).get(addr).cloned()
     }
 
     /// Whether `source` may be the node `seen` (the error names both IDs);
@@ -399,13 +428,28 @@ impl KnownNodes {
             }
             return Ok(true);
         }
+        if let Some(operator) = &self.operator {
+            match operator.recorded(&source.addr) {
+                Some(known) if known == *seen => return Ok(true),
+                Some(known) => {
+                    return Err(format!(
+                        "{} presented node ID {seen}, but {} records {known} for it: refusing it; if the server's identity really changed, ask the operator to remove that line",
+                        source.addr,
+                        operator.path.display()
+                    ))
+                }
+                None => {}
+            }
+        }
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         match entries.get(&source.addr) {
             Some(known) if known == seen => Ok(true),
             Some(known) => Err(format!(
-                "{} presented node ID {seen}, but {} records {known} for it: refusing it; if the server's identity really changed, remove that line",
+                "{} presented node ID {seen}, but {} records {known} for it: refusing it; if the server's identity really changed, {}",
                 source.addr,
-                self.path.display()
+                self.path.display(),
+                // A user's record is the daemon's file, kept for the user.
+                if self.operator.is_some() { "ask the operator to remove that line" } else { "remove that line" }
             )),
             None => match self.mode {
                 TrustMode::Any => Ok(false),
@@ -494,6 +538,29 @@ mod tests {
         let mode = std::fs::metadata(dir.path().join("node.key")).unwrap().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert!(TlsConfigs::new(&a).is_ok());
+    }
+
+    #[test]
+    fn a_users_record_reads_the_operators_first_and_writes_only_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ours, theirs) = (dir.path().join("known_nodes"), dir.path().join("user_known_nodes"));
+        let (a, b) = (NodeId::of(b"a"), NodeId::of(b"b"));
+        std::fs::write(&ours, format!("pinned:1 {a}\n")).unwrap();
+        let operator = Arc::new(KnownNodes::load(&ours, TrustMode::Tofu).unwrap());
+        let user = KnownNodes::load(&theirs, TrustMode::Tofu).unwrap().beside(operator.clone());
+        let pinned = SourceAddr::parse("pinned:1").unwrap();
+        assert_eq!(user.check(&pinned, &a), Ok(true), "the operator's pin vouches for the user too");
+        let e = user.check(&pinned, &b).unwrap_err();
+        assert!(e.contains(ours.to_str().unwrap()) && e.contains(a.as_str()), "{e}");
+        // A new node is recorded in the user's file only.
+        let new = SourceAddr::parse("new:1").unwrap();
+        assert_eq!(user.check(&new, &b), Ok(false));
+        assert_eq!(std::fs::read_to_string(&ours).unwrap(), format!("pinned:1 {a}\n"));
+        assert!(std::fs::read_to_string(&theirs).unwrap().contains(&format!("new:1 {b}")));
+        // The operator's own downloads are not bound by what the user saw.
+        assert_eq!(operator.check(&new, &a), Ok(false));
+        // Once the operator records the address, its entry decides for the user.
+        assert!(user.check(&new, &a).is_ok(), "the operator's record was not read first");
     }
 
     #[test]

@@ -777,6 +777,10 @@ pub enum Lie {
     /// Sends the right bytes in `chunk`-byte writes `every_ms` apart (a
     /// steady, slow rate) and never answers TRIM.
     Paced { chunk: usize, every_ms: u64 },
+    /// Claims to hold the shared secret without it: answers the client's
+    /// proof with that same proof sent back as its own (the best a server
+    /// without the secret has to offer), then serves the real file.
+    ForgedAuth,
 }
 
 /// A transfer server that tells the truth about the file (it relays the
@@ -868,12 +872,14 @@ fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie, over_tls: bool) {
     let mut c = RawConn { s };
     let mut up = RawConn::hello(upstream);
     // Handshake: answer HELLO ourselves.
+    let hello = |flags| Frame::Hello { magic: mftd_common::proto::MAGIC, version: mftd_common::proto::VERSION, flags };
     match c.recv() {
-        Some(Frame::Hello { .. }) => c.try_send(&Frame::Hello {
-            magic: mftd_common::proto::MAGIC,
-            version: mftd_common::proto::VERSION,
-            flags: 0,
-        }),
+        Some(Frame::Hello { .. }) if lie == Lie::ForgedAuth => {
+            let Some(Frame::Auth { mac }) = c.recv() else { return };
+            c.try_send(&hello(mftd_common::proto::FLAG_AUTH));
+            c.try_send(&Frame::Auth { mac });
+        }
+        Some(Frame::Hello { .. }) => c.try_send(&hello(0)),
         _ => return,
     }
     loop {
@@ -923,7 +929,7 @@ fn lie_to_inner(client: TcpStream, upstream: u16, lie: Lie, over_tls: bool) {
                 c.try_send(&answer);
             }
             Frame::Read(r) => match lie {
-                Lie::Flip { .. } | Lie::FlipCut { .. } | Lie::NoHashes | Lie::Hashing => {
+                Lie::Flip { .. } | Lie::FlipCut { .. } | Lie::NoHashes | Lie::Hashing | Lie::ForgedAuth => {
                     let (first, every, keep) = match lie {
                         Lie::Flip { first, every } => (first, every, u64::MAX),
                         Lie::FlipCut { first, every, keep } => (first, every, keep),

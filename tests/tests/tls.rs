@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use mftd_common::control::DownloadState;
 use mftd_common::proto::{ErrorCode, Frame, MAGIC, VERSION};
-use mftd_tests::{mftd_bin, sha256_file, stderr, stdout, tls, write_file, Daemon, RawConn, Relay, RelayMode};
+use mftd_tests::{
+    mftd_bin, sha256_file, stderr, stdout, tls, write_file, Daemon, Lie, LyingServer, RawConn, Relay, RelayMode,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -170,6 +172,31 @@ fn a_man_in_the_middle_cannot_carry_a_secret_across() {
     assert_eq!(out.status.code(), Some(1), "{}", said(&out));
     let text = said(&out);
     assert!(text.contains(&real) && text.contains(&tls::Identity::shared().node_id()), "{text}");
+}
+
+/// A server that cannot prove the shared secret is refused, however it
+/// answers: this one sends the client's own proof back as its own (proofs
+/// are labelled with the sender's role, so a reflection proves nothing) and
+/// would then serve the real file.
+#[test]
+fn a_server_that_forges_its_proof_of_the_secret_is_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "correct horse battery staple\n").expect("secret");
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+    let upstream = Daemon::start(1);
+    write_file(&upstream.export.join("a"), 2 * MIB, 9);
+    let liar = LyingServer::start(upstream.ports[0], Lie::ForgedAuth);
+    let source = format!("127.0.0.1:{}", liar.port);
+    let client = Daemon::builder(0).arg("--auth-secret-file").arg(secret.to_str().expect("utf-8")).start();
+    let out = client.get("a", &source, &[]);
+    assert_eq!(out.status.code(), Some(1), "a forged proof was accepted: {}", said(&out));
+    let text = said(&out);
+    assert!(text.contains("did not prove the shared secret"), "{text}");
+    assert!(!client.downloads.join("a").exists());
+    let dl = client.downloads_list().pop().expect("the download");
+    let why = mftd_tests::source_error(mftd_tests::source(&dl, &source));
+    assert!(why.contains("did not prove the shared secret"), "{why}");
 }
 
 /// One flipped bit of ciphertext breaks the TLS record: the connection

@@ -1,7 +1,9 @@
 //! The control socket is not a root shell: a member of the socket group who
 //! is neither root nor mftd's own user gets only what they could do
-//! themselves. Played from the attacker's seat with a real second uid
-//! (`setpriv`), against a real daemon running as root.
+//! themselves, and other servers see them as themselves (a node identity of
+//! their own, not mftd's; trust on first use recorded for them alone).
+//! Played from the attacker's seat with a real second uid (`setpriv`),
+//! against a real daemon running as root.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
@@ -38,10 +40,14 @@ macro_rules! skip_unless_possible {
     };
 }
 
+/// The name of gid 65534's group (the socket group of [`daemon`]).
+fn nobodys_group() -> String {
+    nix::unistd::Group::from_gid(NOBODY.into()).ok().flatten().expect("group 65534").name
+}
+
 /// A daemon whose socket group is gid 65534's group, reachable by uid 65534.
 fn daemon(extra: &[&str]) -> Daemon {
-    let group = nix::unistd::Group::from_gid(NOBODY.into()).ok().flatten().expect("group 65534").name;
-    let mut b = Daemon::builder(0).arg("--socket-group").arg(group);
+    let mut b = Daemon::builder(0).arg("--socket-group").arg(nobodys_group());
     for a in extra {
         b = b.arg(*a);
     }
@@ -357,4 +363,128 @@ fn a_resumed_download_is_checked_against_the_rights_of_now() {
     assert_ne!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).contains("cannot write to"), "{}", text(&out));
     assert_eq!(client.download(id_n).state, DownloadState::Paused);
+}
+
+/// The node ID `mftctl --json status` shows uid 65534.
+fn nobodys_node_id(d: &Daemon) -> String {
+    let out = nobody(d, &["--json", "status"]);
+    assert!(out.status.success(), "{}", text(&out));
+    match mftd_tests::typed_lines(&stdout(&out)).first().map(|l| l.response().clone()) {
+        Some(mftd_common::control::Response::Status(s)) => s.node_id,
+        other => panic!("status answered {other:?}"),
+    }
+}
+
+/// A server's `allow_nodes` means what it says: one that allows mftd's node
+/// does not serve every member of mftd's socket group through it. A member's
+/// download presents the member's own node ID (shown to it by `status`),
+/// which a server may allow in its own right.
+#[test]
+fn a_members_download_presents_its_own_node_not_mftds() {
+    skip_unless_possible!();
+    let client = daemon(&[]);
+    let daemons_id = client.status().node_id;
+    let only_mftd = Daemon::builder(1).arg("--allow-nodes").arg(&daemons_id).start();
+    write_file(&only_mftd.export.join("conf.txt"), 200 << 10, 41);
+    let from = &only_mftd.sources()[0];
+    let mine = nobodys_dir(client.dir.path(), "mine");
+    let members_id = nobodys_node_id(&client);
+    assert_eq!(members_id.len(), 26, "{members_id}");
+    assert_ne!(members_id, daemons_id, "the member is shown mftd's node ID");
+    let out = nobody(&client, &["status"]);
+    assert!(stdout(&out).contains(&members_id) && !stdout(&out).contains(&daemons_id), "{}", stdout(&out));
+    // The reproduction from the issue: refused, and the refusal names the
+    // node the member presented.
+    let out = nobody(&client, &["get", "conf.txt", "--from", from, "-o", mine.to_str().unwrap()]);
+    assert_ne!(out.status.code(), Some(0), "a member was served as mftd: {}", text(&out));
+    assert!(text(&out).contains("allow_nodes") && text(&out).contains(&members_id), "{}", text(&out));
+    assert!(!mine.join("conf.txt").exists());
+    // Root's download through the same daemon is mftd's, and allowed.
+    let out = client.ctl(&["get", "conf.txt", "--from", from, "-o", client.downloads.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(sha256_file(&client.downloads.join("conf.txt")), sha256_file(&only_mftd.export.join("conf.txt")));
+    // A server that allows the member's own node serves it.
+    let members_server = Daemon::builder(1).arg("--allow-nodes").arg(&members_id).start();
+    write_file(&members_server.export.join("conf.txt"), 200 << 10, 42);
+    let from = &members_server.sources()[0];
+    let out = nobody(&client, &["get", "conf.txt", "--from", from, "-o", mine.to_str().unwrap()]);
+    assert!(out.status.success(), "{}\n{}", text(&out), client.log());
+    assert_eq!(sha256_file(&mine.join("conf.txt")), sha256_file(&members_server.export.join("conf.txt")));
+    // ...and not root: its downloads are mftd's.
+    let out = client.ctl(&["get", "conf.txt", "--from", from, "-o", client.downloads.to_str().unwrap(), "--force"]);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("allow_nodes") && text(&out).contains(&daemons_id), "{}", text(&out));
+}
+
+/// A member's download resumed after a restart (from its manifest) still
+/// presents the member's node: a server that allows only the member keeps
+/// serving it, one that allows only mftd would not.
+#[test]
+fn a_members_download_resumed_after_a_restart_keeps_its_node() {
+    skip_unless_possible!();
+    let mut client = daemon(&[]);
+    let members_id = nobodys_node_id(&client);
+    assert_ne!(members_id, client.status().node_id, "the member is shown mftd's node ID");
+    let server = Daemon::builder(1).arg("--allow-nodes").arg(&members_id).arg("--rate-limit").arg("2M").start();
+    write_file(&server.export.join("r.bin"), 8 << 20, 43);
+    let mine = nobodys_dir(client.dir.path(), "mine");
+    let out =
+        nobody(&client, &["get", "r.bin", "--from", &server.sources()[0], "-o", mine.to_str().unwrap(), "--detach"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let id: u64 = stdout(&out).trim().parse().expect("id");
+    assert!(
+        wait_until(Duration::from_secs(10), || client.download(id).bytes_done > 1 << 20),
+        "{:?}\n{}",
+        client.download(id),
+        client.log()
+    );
+    client.kill();
+    client.spawn_again(&["--socket-group".into(), nobodys_group(), "--auto-resume".into()]);
+    let dl = client.wait_download(id, Duration::from_secs(60));
+    assert_eq!(dl.state, DownloadState::Done, "resumed as mftd's node? {dl:?}\n{}", client.log());
+    assert_eq!(sha256_file(&mine.join("r.bin")), sha256_file(&server.export.join("r.bin")));
+    assert_eq!(nobodys_node_id(&client), members_id, "the member's node changed across a restart");
+}
+
+/// Under trust on first use a member's downloads record the nodes they met
+/// in the member's own `known_nodes`: mftd's stays byte for byte as it was,
+/// so a member can neither pin nor deny an address for root.
+#[test]
+fn a_members_first_use_is_recorded_for_the_member_alone() {
+    skip_unless_possible!();
+    let client = daemon(&["--node-trust", "tofu"]);
+    let state = client.dir.path().join("state");
+    let (daemons, members) = (state.join("known_nodes"), state.join("users/65534/known_nodes"));
+    let mut first = Daemon::start(1);
+    let port = first.ports[0];
+    write_file(&first.export.join("a"), 300 << 10, 44);
+    let (first_id, addr) = (first.status().node_id, format!("127.0.0.1:{port}"));
+    // Something of the operator's own already recorded, to compare against.
+    std::fs::write(&daemons, "# the operator's\n").unwrap();
+    let before = std::fs::read(&daemons).unwrap();
+    let mine = nobodys_dir(client.dir.path(), "mine");
+    let out = nobody(&client, &["get", "a", "--from", &addr, "-o", mine.to_str().unwrap()]);
+    assert!(out.status.success(), "{}\n{}", text(&out), client.log());
+    assert_eq!(std::fs::read(&daemons).unwrap(), before, "a member's first use was recorded in mftd's known_nodes");
+    let recorded = std::fs::read_to_string(&members).expect("the member's known_nodes");
+    assert!(recorded.contains(&format!("{addr} {first_id}")), "{recorded}");
+    // Another node on the same address: the member's record refuses it...
+    first.terminate(Duration::from_secs(10)).expect("server exits");
+    let second = Daemon::builder(0).arg("--ports").arg(port.to_string()).start();
+    write_file(&second.export.join("a"), 300 << 10, 45);
+    let second_id = second.status().node_id;
+    let out = nobody(&client, &["get", "a", "--from", &addr, "-o", mine.to_str().unwrap(), "--force"]);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains(&first_id) && text(&out).contains(&second_id), "{}", text(&out));
+    // ...but binds nobody else: root meets the address for the first time.
+    let out = client.ctl(&["get", "a", "--from", &addr, "-o", client.downloads.to_str().unwrap()]);
+    assert!(out.status.success(), "root is bound by the member's record: {}", text(&out));
+    assert_eq!(sha256_file(&client.downloads.join("a")), sha256_file(&second.export.join("a")));
+    let operators = std::fs::read_to_string(&daemons).unwrap();
+    assert!(operators.contains(&format!("{addr} {second_id}")), "{operators}");
+    // What the operator recorded is read for members too, before their own.
+    let out = nobody(&client, &["get", "a", "--from", &addr, "-o", mine.to_str().unwrap(), "--force"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(sha256_file(&mine.join("a")), sha256_file(&second.export.join("a")));
+    assert_eq!(std::fs::read_to_string(&members).unwrap(), recorded, "the member's record changed");
 }

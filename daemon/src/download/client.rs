@@ -57,11 +57,12 @@ pub enum ClientError {
     Unproven { code: ErrorCode, message: String },
 }
 
-/// What a download needs to open connections: this node's TLS
-/// configuration and the rules for the node IDs of its sources.
+/// What a download needs to open connections: the TLS configuration of
+/// the node identity it presents and the rules for the node IDs of its
+/// sources (the daemon's, or its owner's: see [`super::dialers`]).
 pub struct Dialer {
     pub tls: Arc<TlsConfigs>,
-    pub known: KnownNodes,
+    pub known: Arc<KnownNodes>,
 }
 
 impl std::fmt::Debug for Dialer {

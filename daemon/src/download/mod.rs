@@ -4,6 +4,7 @@
 
 pub mod budget;
 pub mod client;
+pub mod dialers;
 pub mod engine;
 pub mod error;
 pub mod existing;
@@ -57,8 +58,8 @@ pub struct DownloadDefaults {
     pub max_download_size: Option<u64>,
     /// How long ended downloads stay listed.
     pub retention: Duration,
-    /// TLS and node-ID rules for connecting to sources.
-    pub dialer: Arc<client::Dialer>,
+    /// TLS and node-ID rules for connecting to sources, per owner.
+    pub dialers: Arc<dialers::Dialers>,
     /// What one restricted user may take (`[quota]`).
     pub quota: crate::quota::Quota,
     /// The daemon's descriptor shares.
@@ -173,6 +174,11 @@ impl Downloads {
         self.map().values().cloned().collect()
     }
 
+    /// Who `caller`'s downloads connect as.
+    pub fn dialers(&self) -> &dialers::Dialers {
+        &self.defaults.dialers
+    }
+
     /// The downloads `caller` may see.
     pub fn visible_to(&self, caller: &Caller) -> Vec<Arc<Download>> {
         self.map().values().filter(|d| d.visible_to(caller)).cloned().collect()
@@ -218,6 +224,8 @@ impl Downloads {
             .secret_file
             .clone()
             .or_else(|| restricted.is_none().then(|| self.defaults.secret_file.clone()).flatten());
+        // Never the daemon's node identity for a restricted owner.
+        let dialer = self.defaults.dialers.for_owner(&spec.job.owner).map_err(|e| Rejected(ErrorCode::Internal, e))?;
         let (state_tx, _) = watch::channel(state);
         let mut progress = new_progress(&spec.job.sources, state);
         let started = Instant::now();
@@ -268,7 +276,7 @@ impl Downloads {
             id: spec.id,
             job: Job { secret_file, ..spec.job },
             idle_timeout: self.defaults.idle_timeout,
-            dialer: self.defaults.dialer.clone(),
+            dialer,
             checkpoint_interval: self.defaults.checkpoint_interval,
             checkpoint_bytes: self.defaults.checkpoint_bytes,
             store: spec.persist.then(|| self.store.clone()),

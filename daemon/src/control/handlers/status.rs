@@ -1,12 +1,20 @@
 //! `status`: the daemon at a glance. A restricted caller sees only its own
-//! downloads; listeners and paths are everyone's to see.
+//! downloads and its own node ID (the one its downloads present);
+//! listeners and paths are everyone's to see.
 
-use mftd_common::control::{Response, StatusInfo};
+use mftd_common::control::{ErrorCode, Response, StatusInfo};
 
 use crate::caller::Caller;
 use crate::Daemon;
 
 pub(super) fn status(d: &Daemon, caller: &Caller) -> Response {
+    // The node ID the caller's downloads present: a restricted caller's own
+    // (made now if it has none yet, so it can be given to a server's
+    // `allow_nodes` before the first download), else the daemon's.
+    let node_id = match d.downloads.dialers().for_owner(caller) {
+        Ok(dialer) => dialer.tls.id.to_string(),
+        Err(e) => return Response::error(ErrorCode::Internal, e),
+    };
     let cfg = d.config();
     Response::Status(StatusInfo {
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -16,7 +24,7 @@ pub(super) fn status(d: &Daemon, caller: &Caller) -> Response {
         export_dir: cfg.export.display().to_string(),
         download_dir: cfg.download_dir.display().to_string(),
         socket: cfg.socket.display().to_string(),
-        node_id: d.node_id.clone(),
+        node_id,
         listeners: d.listeners.list(),
         downloads: d.downloads.visible_to(caller).iter().map(|x| x.info()).collect(),
         damaged_manifests: d.downloads.damaged(),
@@ -55,6 +63,9 @@ mod tests {
         match status(&t.daemon, &TestDaemon::stranger()) {
             Response::Status(s) => {
                 assert!(s.downloads.is_empty(), "a stranger sees the operator's download: {:?}", s.downloads);
+                let own = crate::node::NodeIdentity::load_or_create(&t.dir.path().join("state/users/65534"))
+                    .expect("the stranger's node identity");
+                assert_eq!(s.node_id, own.id.to_string(), "a restricted caller is shown the daemon's node ID");
                 assert_eq!(s.listeners.len(), 2);
             }
             other => panic!("{other:?}"),
