@@ -342,3 +342,43 @@ fn the_daemon_raises_its_open_files_limit_to_the_hard_one() {
     assert_eq!(nums, ["4096", "4096"], "{line}");
     assert!(d.log().contains("raised the open-files limit"), "{}", d.log());
 }
+
+#[test]
+fn a_members_slow_requests_take_only_its_own_handler_slots() {
+    require_second_uid!();
+    let d = member::builder(0).start();
+    member::open_up(&d);
+    let hosts = StallHosts::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(member::NOBODY), Some(member::NOBODY)).unwrap();
+    // A file already at the destination: each `get` compares it with the
+    // sources first, and the source never answers.
+    let present = dir.path().join("x");
+    std::fs::write(&present, b"already here").unwrap();
+    std::os::unix::fs::chown(&present, Some(member::NOBODY), Some(member::NOBODY)).unwrap();
+    let (o, from) = (dir.path().display().to_string(), hosts.addrs[0].to_string());
+    let mut gets: Vec<Child> = (0..6)
+        .map(|_| {
+            member::command(mftd_tests::mftctl_bin())
+                .arg("--socket")
+                .arg(&d.socket)
+                .args(["get", "x", "--from", &from, "-o", &o, "--detach"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("member's get")
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let probing = hosts.max_open.load(Ordering::SeqCst);
+    // Root is not held up by them.
+    let t = Instant::now();
+    assert!(d.ctl(&["status"]).status.success());
+    let took = t.elapsed();
+    for g in &mut gets {
+        let _ = g.kill();
+        let _ = g.wait();
+    }
+    assert_eq!(probing, 4, "the member's six comparing gets ran {probing} at once, not its 4 handler slots");
+    assert!(took < Duration::from_secs(1), "root's status took {took:?}");
+}
