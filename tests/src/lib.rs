@@ -16,6 +16,8 @@ use sha2::{Digest, Sha256};
 use mftd_common::control::{DownloadInfo, Event, Failure, ListenerInfo, Response, SourceInfo, StatusInfo, Summary};
 use mftd_common::proto::{Frame, HEADER_LEN};
 
+pub mod second_uid;
+
 /// Directory holding the built `mftd` and `mftctl`.
 pub fn bin_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("MFTD_BIN_DIR") {
