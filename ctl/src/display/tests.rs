@@ -8,6 +8,7 @@ use mftd_common::control::{
     DownloadInfo, DownloadState, ErrorCode, ListenerInfo, ListenerState, Response, SourceInfo, SourceState, StatusInfo,
 };
 
+use super::progress::{notice, progress_line, source_row, summary, total_line};
 use super::*;
 use crate::shown::acts_on_terminal;
 
