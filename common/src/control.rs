@@ -234,14 +234,16 @@ pub enum Response {
     },
     /// The request was carried out.
     Ok {
-        /// One sentence for the person, saying what was done; mftctl prints it as is.
+        /// One sentence for the person, saying what was done; mftctl prints it with
+        /// control characters escaped (`ctl/src/shown.rs`).
         message: String,
     },
     /// A refused or failed request, or a line that is not a known request.
     Error {
         /// What kind of failure, for programs.
         code: ErrorCode,
-        /// One sentence for the person, usually with what to do; mftctl prints it as is.
+        /// One sentence for the person, usually with what to do; mftctl prints it with
+        /// control characters escaped (`ctl/src/shown.rs`).
         message: String,
     },
     /// Answer to `status`.

@@ -6,6 +6,7 @@
 
 mod client;
 mod display;
+mod shown;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,6 +17,8 @@ use mftd_common::control::{Event, GetRequest, Request, Response};
 use mftd_common::rate::parse_rate;
 
 use client::{Client, CtlError};
+use display::{err, out};
+use shown::Shown;
 
 #[derive(Debug, Parser)]
 #[command(name = "mftctl", version, about = "Control a running mftd")]
@@ -220,7 +223,7 @@ fn main() -> ExitCode {
                     message: e.to_string(),
                 }));
             }
-            eprintln!("mftctl: {e}");
+            err(&display::failure(&e.to_string()));
             // As documented: 1 for failures, 2 for bad usage.
             if matches!(e, CtlError::Usage(_)) {
                 ExitCode::from(2)
@@ -401,7 +404,7 @@ fn get(socket: &std::path::Path, json: bool, args: GetArgs) -> Result<ExitCode, 
                 if json {
                     display::print_json(&Response::Error { code, message });
                 } else {
-                    eprintln!("mftctl: {message}");
+                    err(&display::failure(&message));
                 }
             }
             other => return Err(CtlError::from_response(other)),
@@ -416,7 +419,7 @@ fn get(socket: &std::path::Path, json: bool, args: GetArgs) -> Result<ExitCode, 
     }
     if failed > 0 {
         if !json {
-            eprintln!("mftctl: {failed} of {} downloads did not succeed", names.len());
+            err(&format!("mftctl: {failed} of {} downloads did not succeed\n", names.len()));
         }
         return Ok(ExitCode::FAILURE);
     }
@@ -436,7 +439,7 @@ fn accepted(json: bool, args: &GetArgs, remote_path: &str, resp: Response) -> Re
             } else {
                 // On stderr with the other status lines; --detach prints no ID.
                 if let Response::Identical { destination, identity } = &resp {
-                    eprintln!("{}", display::identical(destination, identity));
+                    err(&format!("{}\n", display::identical(destination, identity)));
                 }
             }
             return Ok(None);
@@ -446,15 +449,11 @@ fn accepted(json: bool, args: &GetArgs, remote_path: &str, resp: Response) -> Re
     if json {
         display::print_json(&resp);
     } else if args.detach {
-        println!("{id}");
+        out(&format!("{id}\n"));
     } else {
-        let how = if resumed { "continuing download" } else { "download" };
-        eprintln!("{how} {id}: {remote_path} -> {destination}");
-        if !added.is_empty() {
-            eprintln!("added to download {id}: {}", added.join(", "));
-        }
+        err(&display::started(id, resumed, remote_path, &destination, &added));
         if args.no_resume {
-            eprintln!("resume state is off for this download: if mftd stops, it starts over");
+            err("resume state is off for this download: if mftd stops, it starts over\n");
         }
     }
     Ok(Some(id))
@@ -506,7 +505,7 @@ fn get_resume(socket: &std::path::Path, json: bool, which: &str, args: &GetArgs)
     } else if args.detach {
         // As `get --detach`: one bare ID per line, for scripts.
         for id in &ids {
-            println!("{id}");
+            out(&format!("{id}\n"));
         }
     } else if ids.is_empty() {
         display::print_human(&resp);
@@ -517,7 +516,7 @@ fn get_resume(socket: &std::path::Path, json: bool, which: &str, args: &GetArgs)
     let mut code = ExitCode::SUCCESS;
     for id in ids {
         if !json {
-            eprintln!("resumed download {id}");
+            err(&format!("resumed download {id}\n"));
         }
         let c = follow(socket, json, id, args.interval)?;
         if c != ExitCode::SUCCESS {
@@ -542,7 +541,7 @@ fn follow(socket: &std::path::Path, json: bool, id: u64, interval: f64) -> Resul
                 let message = format!("detached; download {id} continues in mftd (see `mftctl downloads show {id}`)");
                 view.stopped(&Event::Detached { id, message: message.clone() });
                 if !json {
-                    eprintln!("mftctl: {message}");
+                    err(&format!("mftctl: {message}\n"));
                 }
                 return Ok(ExitCode::from(130));
             }
@@ -563,7 +562,8 @@ fn follow(socket: &std::path::Path, json: bool, id: u64, interval: f64) -> Resul
                     };
                     view.stopped(&Event::Paused { id, message: message.clone() });
                     if !json {
-                        eprintln!("{message}");
+                        // The reason is the daemon's, and may quote a path.
+                        err(&format!("{}\n", Shown(&message)));
                     }
                     return Ok(ExitCode::FAILURE);
                 }

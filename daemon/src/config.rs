@@ -218,6 +218,11 @@ settings! {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9105); off by default.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr> => std::net::SocketAddr,
+    /// Labels of the per-download metrics: none (download ID and source
+    /// position only) or full (also the remote path and source address,
+    /// which anyone who can reach metrics_listen then reads).
+    #[arg(long, value_name = "none|full")]
+    metrics_labels: Option<crate::metrics::MetricsLabels> => crate::metrics::MetricsLabels,
     /// Transport of the listeners: tls (default) or plain (unencrypted, for
     /// trusted networks); `[listener.PORT] transport` overrides per listener.
     #[arg(long, value_name = "tls|plain")]
@@ -306,6 +311,8 @@ pub struct Config {
     /// Hash the whole export in the background at start.
     pub index_export: bool,
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Whether the metrics carry download paths and source addresses.
+    pub metrics_labels: crate::metrics::MetricsLabels,
     /// Where each setting came from: key → "default", "config file" or "flag".
     pub origins: std::collections::BTreeMap<&'static str, &'static str>,
     /// Rate limits of individual listeners, over `rate_limit`.
@@ -508,6 +515,7 @@ impl Config {
             index_export: args.index_export || file.index_export.unwrap_or(false),
             metrics_listen: args.metrics_listen.or(file.metrics_listen),
             quota: crate::quota::Quota::from_file(file.quota.take())?,
+            metrics_labels: args.metrics_labels.or(file.metrics_labels).unwrap_or_default(),
             origins,
             config_file,
         })
@@ -563,6 +571,7 @@ impl Config {
         if let Some(m) = self.metrics_listen {
             lines.push(("metrics_listen", format!("{:?}", m.to_string())));
         }
+        lines.push(("metrics_labels", format!("{:?}", self.metrics_labels.to_string())));
         let mut out = match &self.config_file {
             Some(p) => format!("# effective mftd configuration; config file: {}\n", p.display()),
             None => "# effective mftd configuration; no config file\n".to_string(),

@@ -4,6 +4,13 @@
 //! A deliberately tiny HTTP/1 responder: one request per connection, the
 //! request head capped at 8 KiB and read with a 5 s timeout, at most 16
 //! scrapes served at once. Anything but `GET /metrics` gets a 404.
+//!
+//! The endpoint has no authentication: whoever can connect to its address
+//! reads it, which on a shared machine is every local user. So by default
+//! ([`MetricsLabels::None`]) a download's series carry its ID (and state)
+//! and a source's its position in the download, never a path, file name or
+//! source address that one user's download would tell all the others;
+//! `metrics_labels = "full"` adds them for an operator who wants them.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -18,6 +25,37 @@ use tracing::{info, warn};
 use mftd_common::control::{word, DownloadInfo, DownloadState, ListenerInfo, ListenerState, SourceInfo, SourceState};
 
 use crate::Daemon;
+
+/// Which labels the per-download and per-source series carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricsLabels {
+    /// `id` (and `state`) per download, `id` and `source_index` per source.
+    #[default]
+    None,
+    /// Also the remote `path` of a download and the `source` address.
+    Full,
+}
+
+impl std::str::FromStr for MetricsLabels {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(MetricsLabels::None),
+            "full" => Ok(MetricsLabels::Full),
+            _ => Err(format!("{s:?}: metrics_labels is one of none, full")),
+        }
+    }
+}
+
+impl std::fmt::Display for MetricsLabels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MetricsLabels::None => "none",
+            MetricsLabels::Full => "full",
+        })
+    }
+}
 
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))
@@ -111,7 +149,7 @@ pub fn render(d: &Daemon) -> String {
 
     listeners(&mut o, &d.listeners.list());
     let ds: Vec<DownloadInfo> = d.downloads.all().iter().map(|x| x.info()).collect();
-    downloads(&mut o, &ds);
+    downloads(&mut o, &ds, d.config().metrics_labels);
     o
 }
 
@@ -141,8 +179,9 @@ fn listeners(o: &mut String, ls: &[ListenerInfo]) {
 }
 
 /// Per download: state, size, progress and speed; per source of each: bytes,
-/// speed, strikes and whether it is active.
-fn downloads(o: &mut String, ds: &[DownloadInfo]) {
+/// speed, strikes and whether it is active. The path and source labels only
+/// with [`MetricsLabels::Full`].
+fn downloads(o: &mut String, ds: &[DownloadInfo], labels: MetricsLabels) {
     const STATES: [DownloadState; 8] = [
         DownloadState::Starting,
         DownloadState::Active,
@@ -164,7 +203,10 @@ fn downloads(o: &mut String, ds: &[DownloadInfo]) {
                 .map(move |st| (format!("id=\"{}\",state=\"{}\"", dl.id, word(st)), u64::from(dl.state == *st)))
         }),
     );
-    let id_path = |dl: &DownloadInfo| format!("id=\"{}\",path=\"{}\"", dl.id, esc(&dl.remote_path));
+    let id_path = |dl: &DownloadInfo| match labels {
+        MetricsLabels::Full => format!("id=\"{}\",path=\"{}\"", dl.id, esc(&dl.remote_path)),
+        MetricsLabels::None => format!("id=\"{}\"", dl.id),
+    };
     series(
         o,
         "mftd_download_size_bytes",
@@ -193,7 +235,13 @@ fn downloads(o: &mut String, ds: &[DownloadInfo]) {
             kind,
             help,
             ds.iter().flat_map(|dl| {
-                dl.sources.iter().map(move |s| (format!("id=\"{}\",source=\"{}\"", dl.id, esc(&s.address)), value(s)))
+                dl.sources.iter().enumerate().map(move |(i, s)| {
+                    let source = match labels {
+                        MetricsLabels::Full => format!("source=\"{}\"", esc(&s.address)),
+                        MetricsLabels::None => format!("source_index=\"{i}\""),
+                    };
+                    (format!("id=\"{}\",{source}", dl.id), value(s))
+                })
             }),
         );
     };
@@ -211,4 +259,65 @@ fn downloads(o: &mut String, ds: &[DownloadInfo]) {
     per_source(o, "mftd_download_source_up", "gauge", "1 if the source is active for the download.", &|s| {
         u64::from(s.state == SourceState::Active)
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn download() -> DownloadInfo {
+        let source = SourceInfo {
+            address: "files.example:5001".into(),
+            state: SourceState::Active,
+            bytes: 10,
+            bytes_received: 10,
+            speed: 1,
+            share: 1.0,
+            ranges_done: 1,
+            strikes: 0,
+            connections: 1,
+            rtt_ms: None,
+            transport: None,
+            node_id: None,
+            last_error: None,
+            recovered_from: None,
+        };
+        DownloadInfo {
+            id: 3,
+            remote_path: "hr/layoffs-2027.xlsx".into(),
+            destination: "/home/alice/secret/layoffs-2027.xlsx".into(),
+            state: DownloadState::Active,
+            size: Some(100),
+            bytes_done: 10,
+            pieces_verified: 0,
+            pieces_total: 1,
+            speed: 1,
+            eta_secs: None,
+            elapsed_ms: 1,
+            sources: vec![source],
+            found_on_disk: 0,
+            identity: None,
+            vote: None,
+            version: None,
+            waiting: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn downloads_are_named_only_when_asked() {
+        let mut quiet = String::new();
+        downloads(&mut quiet, &[download()], MetricsLabels::None);
+        for word in ["layoffs", "hr/", "alice", "files.example"] {
+            assert!(!quiet.contains(word), "{word} in:\n{quiet}");
+        }
+        assert!(quiet.contains("mftd_download_bytes_done{id=\"3\"} 10"), "{quiet}");
+        assert!(quiet.contains("mftd_download_source_up{id=\"3\",source_index=\"0\"} 1"), "{quiet}");
+        let mut full = String::new();
+        downloads(&mut full, &[download()], MetricsLabels::Full);
+        assert!(full.contains("mftd_download_bytes_done{id=\"3\",path=\"hr/layoffs-2027.xlsx\"} 10"), "{full}");
+        assert!(full.contains("mftd_download_source_up{id=\"3\",source=\"files.example:5001\"} 1"), "{full}");
+        // Where the file goes is not a label in either.
+        assert!(!full.contains("alice"), "{full}");
+    }
 }

@@ -1406,4 +1406,24 @@ pub mod member {
     pub fn ctl(d: &Daemon, args: &[&str]) -> Output {
         command(mftctl_bin()).arg("--socket").arg(&d.socket).args(args).output().expect("run setpriv")
     }
+
+    /// A daemon (no listeners) whose socket group is gid 65534's group, in
+    /// a directory uid 65534 may enter.
+    pub fn daemon(extra: &[&str]) -> Daemon {
+        let mut b = builder(0);
+        for a in extra {
+            b = b.arg(*a);
+        }
+        let d = b.start();
+        open_up(&d);
+        d
+    }
+
+    /// A directory `parent/name` owned by uid/gid 65534, mode 0755.
+    pub fn nobodys_dir(parent: &std::path::Path, name: &str) -> std::path::PathBuf {
+        let p = parent.join(name);
+        std::fs::create_dir(&p).expect("mkdir");
+        nix::unistd::chown(&p, Some(NOBODY.into()), Some(NOBODY.into())).expect("chown");
+        p
+    }
 }

@@ -218,11 +218,13 @@ fn metrics_endpoint_moves_during_a_download() {
     }
     client.wait_download(id, Duration::from_secs(20));
 
-    // The downloading side exports per-download, per-source series.
+    // The downloading side exports per-download, per-source series, by
+    // download ID and source position (names only with metrics_labels =
+    // "full": see metrics_name_no_file_or_source_unless_told_to).
     let cport = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let client2 = Daemon::builder(0).arg("--metrics-listen").arg(format!("127.0.0.1:{cport}")).start();
     let id2 = client2.get_detached("m", &server.sources(), &[]);
-    let src = format!("mftd_download_source_bytes_received_total{{id=\"{id2}\",source=\"{}\"}}", server.sources()[0]);
+    let src = format!("mftd_download_source_bytes_received_total{{id=\"{id2}\",source_index=\"0\"}}");
     assert!(wait_until(Duration::from_secs(10), || {
         let m = scrape(cport);
         has(&m, &src) && value(&m, &src) > 0
@@ -232,11 +234,11 @@ fn metrics_endpoint_moves_during_a_download() {
     let text = scrape(cport);
     assert!(value(&text, &src) > x, "source counter did not move");
     assert!(text.contains(&format!("mftd_download_state{{id=\"{id2}\",state=\"active\"}} 1")), "{text}");
-    assert_eq!(value(&text, &format!("mftd_download_size_bytes{{id=\"{id2}\",path=\"m\"}}")), 12 * MIB);
-    assert!(value(&text, &format!("mftd_download_bytes_done{{id=\"{id2}\",path=\"m\"}}")) > 0);
-    let s0 = server.sources()[0].clone();
-    assert_eq!(value(&text, &format!("mftd_download_source_up{{id=\"{id2}\",source=\"{s0}\"}}")), 1, "{text}");
-    assert_eq!(value(&text, &format!("mftd_download_source_strikes_total{{id=\"{id2}\",source=\"{s0}\"}}")), 0);
+    assert_eq!(value(&text, &format!("mftd_download_size_bytes{{id=\"{id2}\"}}")), 12 * MIB);
+    assert!(value(&text, &format!("mftd_download_bytes_done{{id=\"{id2}\"}}")) > 0);
+    let s0 = "source_index=\"0\"";
+    assert_eq!(value(&text, &format!("mftd_download_source_up{{id=\"{id2}\",{s0}}}")), 1, "{text}");
+    assert_eq!(value(&text, &format!("mftd_download_source_strikes_total{{id=\"{id2}\",{s0}}}")), 0);
     for series in ["mftd_download_speed_bytes", "mftd_download_source_speed_bytes", "mftd_uptime_seconds"] {
         assert!(text.lines().any(|l| l.starts_with(series)), "{series} missing: {text}");
     }
@@ -253,6 +255,55 @@ fn metrics_endpoint_moves_during_a_download() {
     s.read_to_string(&mut body).unwrap();
     assert!(body.starts_with("HTTP/1.1 404"));
     client2.wait_download(id2, Duration::from_secs(20));
+}
+
+/// The body of `GET /metrics` on `port`.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    body
+}
+
+/// Anyone who can connect reads the metrics, so by default they tell which
+/// downloads run by ID only: not what file, from where, or to where.
+#[test]
+fn metrics_name_no_file_or_source_unless_told_to() {
+    let server = Daemon::builder(1).arg("--rate-limit").arg("1M").start();
+    std::fs::create_dir(server.export.join("hr")).unwrap();
+    write_file(&server.export.join("hr/layoffs-2027.xlsx"), 8 * MIB, 36);
+    let from = server.sources()[0].clone();
+    let secret = ["layoffs", "hr/", &from];
+    let free_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+
+    let port = free_port();
+    let quiet = Daemon::builder(0).arg("--metrics-listen").arg(format!("127.0.0.1:{port}")).start();
+    let id = quiet.get_detached("hr/layoffs-2027.xlsx", &server.sources(), &[]);
+    let series = format!("mftd_download_source_bytes_received_total{{id=\"{id}\",source_index=\"0\"}}");
+    assert!(wait_until(Duration::from_secs(10), || scrape(port).contains(&series)), "{}", scrape(port));
+    let text = scrape(port);
+    for word in secret.iter().chain([&quiet.downloads.to_str().unwrap()]) {
+        assert!(!text.contains(word), "the default metrics name {word:?}:\n{text}");
+    }
+    assert!(text.contains(&format!("mftd_download_bytes_done{{id=\"{id}\"}}")), "{text}");
+
+    // The operator may ask for the names, in the config file.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("mftd.toml");
+    let port = free_port();
+    std::fs::write(&cfg, format!("metrics_listen = \"127.0.0.1:{port}\"\nmetrics_labels = \"full\"\n")).unwrap();
+    let told = Daemon::builder(0).arg("--config").arg(cfg.to_str().unwrap()).start();
+    let id = told.get_detached("hr/layoffs-2027.xlsx", &server.sources(), &[]);
+    let series = format!("mftd_download_source_bytes_received_total{{id=\"{id}\",source=\"{from}\"}}");
+    assert!(wait_until(Duration::from_secs(10), || scrape(port).contains(&series)), "{}", scrape(port));
+    let text = scrape(port);
+    assert!(text.contains(&format!("mftd_download_bytes_done{{id=\"{id}\",path=\"hr/layoffs-2027.xlsx\"}}")), "{text}");
+    let printed =
+        Command::new(mftd_bin()).args(["--config", cfg.to_str().unwrap(), "--print-config"]).output().unwrap();
+    assert!(stdout(&printed).contains("metrics_labels = \"full\"  # config file"), "{}", stdout(&printed));
 }
 
 #[test]

@@ -6,54 +6,25 @@
 //! against a real daemon running as root.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use mftd_common::control::{DownloadState, ListenerState};
+use mftd_tests::member::{daemon, nobodys_dir, NOBODY};
 use mftd_tests::{mftctl_bin, sha256_file, stderr, stdout, wait_until, write_file, Daemon};
 
-const NOBODY: u32 = 65534;
 /// A group nobody else uses, for "not the socket group".
 const OTHER_GID: u32 = 4711;
 
-/// Why these tests cannot run here, if they cannot.
-fn cannot_run() -> Option<&'static str> {
-    if !nix::unistd::geteuid().is_root() {
-        return Some("needs root to act as a second uid");
-    }
-    if Command::new("setpriv").arg("--version").output().is_err() {
-        return Some("needs setpriv (util-linux)");
-    }
-    if nix::unistd::Group::from_gid(NOBODY.into()).ok().flatten().is_none() {
-        return Some("needs a group with gid 65534");
-    }
-    None
-}
-
 macro_rules! skip_unless_possible {
     () => {
-        if let Some(why) = cannot_run() {
-            mftd_tests::say_skipped("trust", why);
-            return;
-        }
+        mftd_tests::require_second_uid!();
     };
 }
 
 /// The name of gid 65534's group (the socket group of [`daemon`]).
 fn nobodys_group() -> String {
     nix::unistd::Group::from_gid(NOBODY.into()).ok().flatten().expect("group 65534").name
-}
-
-/// A daemon whose socket group is gid 65534's group, reachable by uid 65534.
-fn daemon(extra: &[&str]) -> Daemon {
-    let mut b = Daemon::builder(0).arg("--socket-group").arg(nobodys_group());
-    for a in extra {
-        b = b.arg(*a);
-    }
-    let d = b.start();
-    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    d
 }
 
 /// `mftctl --socket S ARGS` as uid 65534 with primary group `gid` and
@@ -73,14 +44,6 @@ fn ctl_as(d: &Daemon, gid: u32, groups: &[u32], args: &[&str]) -> Output {
 
 fn nobody(d: &Daemon, args: &[&str]) -> Output {
     ctl_as(d, NOBODY, &[], args)
-}
-
-/// A directory under `parent` owned by uid/gid 65534, mode 0755.
-fn nobodys_dir(parent: &Path, name: &str) -> std::path::PathBuf {
-    let p = parent.join(name);
-    std::fs::create_dir(&p).expect("mkdir");
-    nix::unistd::chown(&p, Some(NOBODY.into()), Some(NOBODY.into())).expect("chown");
-    p
 }
 
 fn text(o: &Output) -> String {

@@ -170,7 +170,7 @@ impl Conn {
             let link = match timeout(idle.max(CONNECT_TIMEOUT), Link::connect(tcp, &dialer.tls)).await {
                 Err(_) => return Err(ClientError::Idle(idle)),
                 Ok(Err(crate::transport::HandshakeError::Refused(e))) => {
-                    return Err(ClientError::Unproven { code: e.code, message: printable(e.message) })
+                    return Err(ClientError::Unproven { code: e.code, message: e.message })
                 }
                 Ok(Err(e)) => return Err(ClientError::Tls(format!("{addr}: {e}"))),
                 Ok(Ok(l)) => l,
@@ -233,9 +233,9 @@ impl Conn {
             // With a secret, the server is proven only by its AUTH: until
             // then its errors are anyone's (unless a pin vouches for it).
             Frame::Error(e) if secret.is_some() && !vouched && e.code != ErrorCode::AuthFailed => {
-                Err(ClientError::Unproven { code: e.code, message: printable(e.message) })
+                Err(ClientError::Unproven { code: e.code, message: e.message })
             }
-            Frame::Error(e) => Err(ClientError::Server { code: e.code, message: printable(e.message) }),
+            Frame::Error(e) => Err(ClientError::Server { code: e.code, message: e.message }),
             _ => Err(ClientError::Protocol("expected HELLO".into())),
         }
     }
@@ -254,7 +254,7 @@ impl Conn {
     async fn stat_answer(&mut self) -> Result<StatInfo, ClientError> {
         match self.recv(STAT_TIMEOUT).await? {
             Frame::StatOk(s) => Ok(s),
-            Frame::Error(e) => Err(ClientError::Server { code: e.code, message: printable(e.message) }),
+            Frame::Error(e) => Err(ClientError::Server { code: e.code, message: e.message }),
             _ => Err(ClientError::Protocol("expected STAT_OK or ERROR".into())),
         }
     }
@@ -276,16 +276,6 @@ impl Conn {
 /// to this size (1 MiB: fewer hand-offs to the blocking pool than 256 KiB,
 /// measured at about 10 % less CPU per GiB on loopback).
 pub const BUF: usize = 1 << 20;
-
-/// A server's error text with control characters replaced, so it cannot
-/// rewrite a terminal when `mftctl` prints it.
-fn printable(s: String) -> String {
-    if s.chars().any(char::is_control) {
-        s.chars().map(|c| if c.is_control() { '\u{fffd}' } else { c }).collect()
-    } else {
-        s
-    }
-}
 
 /// Longest a received byte waits in the reader before it is handed on.
 const FLUSH_AFTER: Duration = Duration::from_millis(50);
@@ -458,21 +448,12 @@ async fn read_events(mut rd: OwnedReadHalf, tx: mpsc::Sender<Event>, mut free: m
             }
             Frame::Trimmed { id, end } => Event::Trimmed { id, end },
             Frame::HashesOk { hashes } => Event::Hashes(hashes),
-            Frame::Error(e) => Event::Error { code: e.code, message: printable(e.message) },
+            Frame::Error(e) => Event::Error { code: e.code, message: e.message },
             other => Event::Failed(ClientError::Protocol(format!("unexpected {} frame", other.name()))),
         };
         let last = matches!(ev, Event::Failed(_));
         if tx.send(ev).await.is_err() || last {
             return;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn server_text_loses_its_control_characters() {
-        assert_eq!(super::printable("plain".into()), "plain");
-        assert_eq!(super::printable("a\x1b[2Jb\nc".into()), "a\u{fffd}[2Jb\u{fffd}c");
     }
 }
