@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use mftd_common::control::{word, DownloadInfo, DownloadState, ListenerInfo, ListenerState, SourceInfo, SourceState};
 
-use crate::Daemon;
+use crate::daemon::Daemon;
 
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))

@@ -26,7 +26,7 @@ use tracing::{debug, info};
 use mftd_common::control::{to_line, DownloadState, ErrorCode, Request, Response, MAX_LINE};
 
 use crate::caller::Caller;
-use crate::Daemon;
+use crate::daemon::Daemon;
 use handlers::Reply;
 
 /// A bound control socket; unlinked when dropped.

@@ -4,7 +4,7 @@
 use mftd_common::control::{Response, StatusInfo};
 
 use crate::caller::Caller;
-use crate::Daemon;
+use crate::daemon::Daemon;
 
 pub(super) fn status(d: &Daemon, caller: &Caller) -> Response {
     let cfg = d.config();
