@@ -176,6 +176,7 @@ fn serve_settings(config: &Config, secret: Option<Vec<u8>>) -> serve::ServeSetti
         handshake_timeout: config.handshake_timeout,
         idle_timeout: config.serve_idle_timeout,
         max_per_ip: config.max_connections_per_ip,
+        handshake_rate: config.handshake_rate,
         min_rate: config.serve_min_rate,
         allow_nodes: config.allow_nodes.clone(),
         allow: config.allow.clone(),
@@ -345,7 +346,8 @@ fn open_export(config: &Config) -> anyhow::Result<jail::Jail> {
     jail::Jail::new(&config.export).with_context(|| format!("cannot open export directory {}", config.export.display()))
 }
 
-/// Samples rates every 500 ms, pings systemd's watchdog, keeps systemd's
+/// Samples rates every 500 ms, says what peers that went quiet did wrong
+/// (see [`crate::peerlog`]), pings systemd's watchdog, keeps systemd's
 /// STATUS= current and logs the periodic listener status line.
 pub(crate) fn spawn_sampler(d: &Arc<Daemon>) {
     let d = d.clone();
@@ -361,6 +363,7 @@ pub(crate) fn spawn_sampler(d: &Arc<Daemon>) {
                 _ = tick.tick() => {}
             }
             d.listeners.sample_rates();
+            d.listeners.context().peer_log.sweep();
             d.downloads.sample();
             if let Some(w) = watchdog {
                 if last_ping.elapsed() >= w {

@@ -20,6 +20,7 @@ pub mod logging;
 mod metrics;
 pub mod node;
 mod notify;
+mod peerlog;
 mod ratelimit;
 mod serve;
 mod store;

@@ -8,6 +8,7 @@
 //! ([`pace`]). Must never: read a path that the jail did not open, allocate
 //! for a frame before checking its size, or wait on a peer without a timeout.
 
+mod admit;
 mod handshake;
 mod pace;
 mod queue;
@@ -21,13 +22,14 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::debug;
 
 use mftd_common::proto::{ErrorCode, ErrorFrame, Frame, ProtoError};
 
 use crate::identity::IdentityCache;
 use crate::jail::Jail;
 use crate::node::NodeId;
+use crate::peerlog::{Failure, PeerLog};
 use crate::transport::{Conn, Transport};
 use queue::RequestQueue;
 use writer::Writer;
@@ -43,6 +45,10 @@ pub struct ServeContext {
     /// Replaced as a whole on reload; each connection reads them once.
     settings: std::sync::RwLock<Arc<ServeSettings>>,
     pub per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>,
+    /// New connections per address lately (see [`admit`]).
+    handshakes: std::sync::Mutex<admit::HandshakeRate>,
+    /// What peers did wrong, logged once per interval per address.
+    pub peer_log: PeerLog,
     /// This node's TLS configurations (for TLS listeners).
     pub tls: Option<Arc<crate::node::TlsConfigs>>,
 }
@@ -58,6 +64,8 @@ pub struct ServeSettings {
     pub idle_timeout: Duration,
     /// Connections per client address over all listeners.
     pub max_per_ip: u32,
+    /// New connections per second per client address (0: no limit).
+    pub handshake_rate: u32,
     /// Slowest a peer may take the file data it asked for, bytes/s (0: any).
     pub min_rate: u64,
     /// Node IDs TLS clients must have, if not empty.
@@ -78,6 +86,8 @@ impl ServeContext {
             identities,
             settings: std::sync::RwLock::new(Arc::new(settings)),
             per_ip: Default::default(),
+            handshakes: Default::default(),
+            peer_log: PeerLog::default(),
             tls,
         }
     }
@@ -89,6 +99,14 @@ impl ServeContext {
     /// Applies reloaded settings to connections accepted from now on.
     pub fn set_settings(&self, s: ServeSettings) {
         *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
+    }
+
+    /// Whether `ip` may open one more connection now under the handshake
+    /// rate (see [`admit`]).
+    pub fn admit(&self, ip: std::net::IpAddr) -> bool {
+        let rate = self.settings().handshake_rate;
+        let mut h = self.handshakes.lock().unwrap_or_else(|p| p.into_inner());
+        h.admit(address_key(ip), rate, std::time::Instant::now())
     }
 
     /// Counts a connection from `ip`; `None` if it is over the cap. An IPv6
@@ -171,7 +189,7 @@ pub struct Egress {
 /// out, or `token` is cancelled (listener stopped, daemon shutting down).
 pub async fn serve_connection(tcp: TcpStream, ctx: Arc<ServeContext>, egress: Arc<Egress>, token: CancellationToken) {
     let _ = tcp.set_nodelay(true);
-    let peer = tcp.peer_addr().map_or_else(|_| "unknown".to_string(), |a| a.to_string());
+    let peer = tcp.peer_addr().unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
     let settings = ctx.settings();
     let deadline = tokio::time::Instant::now() + settings.handshake_timeout;
     let result = tokio::select! {
@@ -195,9 +213,14 @@ pub async fn serve_connection(tcp: TcpStream, ctx: Arc<ServeContext>, egress: Ar
         Ok(()) | Err(ConnError::Cancelled) => {}
         Err(ConnError::Proto(ProtoError::Closed)) => debug!("peer closed"),
         Err(e @ (ConnError::TooSlow { .. } | ConnError::Stalled(_))) => {
-            info!(peer = %peer, "closed a slow reader: {e}")
+            ctx.peer_log.failed(peer, Failure::SlowReader, format_args!("closed a slow reader: {e}"))
         }
-        Err(e @ ConnError::Handshake(_)) => info!(peer = %peer, "{e}"),
+        Err(e @ ConnError::Handshake(_)) => ctx.peer_log.failed(peer, Failure::Handshake, e),
+        Err(
+            e @ ConnError::Proto(
+                ProtoError::Malformed { .. } | ProtoError::UnknownType(_) | ProtoError::TooLarge { .. },
+            ),
+        ) => ctx.peer_log.failed(peer, Failure::BadFrame, format_args!("connection ended: {e}")),
         Err(e) => debug!(error = %e, "connection ended"),
     }
 }
