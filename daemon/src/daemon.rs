@@ -347,7 +347,7 @@ fn open_export(config: &Config) -> anyhow::Result<jail::Jail> {
 }
 
 /// Samples rates every 500 ms, says what peers that went quiet did wrong
-/// (see [`crate::peerlog`]), pings systemd's watchdog, keeps systemd's
+/// (see [`crate::serve::peerlog`]), pings systemd's watchdog, keeps systemd's
 /// STATUS= current and logs the periodic listener status line.
 pub(crate) fn spawn_sampler(d: &Arc<Daemon>) {
     let d = d.clone();

@@ -20,7 +20,6 @@ pub mod logging;
 mod metrics;
 pub mod node;
 mod notify;
-mod peerlog;
 mod ratelimit;
 mod serve;
 mod store;

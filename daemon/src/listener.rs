@@ -25,8 +25,8 @@ use mftd_common::control::{ListenerInfo, ListenerState};
 use mftd_common::proto::{ErrorCode, ErrorFrame, Frame};
 
 use crate::accept::AcceptBackoff;
-use crate::peerlog::Failure;
 use crate::ratelimit::RateLimiter;
+use crate::serve::peerlog::Failure;
 use crate::serve::{serve_connection, Egress, ServeContext};
 use crate::transport::Transport;
 

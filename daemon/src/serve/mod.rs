@@ -1,7 +1,8 @@
 //! Server side of the transfer protocol: one task per accepted connection.
 //!
 //! Owns: what every connection shares ([`ServeContext`]: the jail, the
-//! identities, the settings a reload may change, the per-address count)
+//! identities, the settings a reload may change, the per-address count and
+//! handshake rate ([`admit`]), the log of what peers do wrong ([`peerlog`]))
 //! and the life of one connection, in four parts: the handshake
 //! ([`handshake`]), the request queue and its reader ([`queue`]), the
 //! writer that answers ([`writer`]) and the judgement of slow peers
@@ -11,6 +12,7 @@
 mod admit;
 mod handshake;
 mod pace;
+pub mod peerlog;
 mod queue;
 mod writer;
 
@@ -29,8 +31,8 @@ use mftd_common::proto::{ErrorCode, ErrorFrame, Frame, ProtoError};
 use crate::identity::IdentityCache;
 use crate::jail::Jail;
 use crate::node::NodeId;
-use crate::peerlog::{Failure, PeerLog};
 use crate::transport::{Conn, Transport};
+use peerlog::{Failure, PeerLog};
 use queue::RequestQueue;
 use writer::Writer;
 

@@ -200,7 +200,7 @@ impl PeerLog {
     /// Logs `what` about `peer` (at the level of `failure`), or counts it
     /// for a later summary.
     pub fn failed(&self, peer: SocketAddr, failure: Failure, what: impl Display) {
-        let key = crate::serve::address_key(peer.ip().to_canonical());
+        let key = super::address_key(peer.ip().to_canonical());
         let verdict = self.counts().note(key, failure, Instant::now());
         if verdict.full {
             match level(failure) {
