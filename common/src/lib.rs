@@ -219,7 +219,8 @@
 //!   say); each listener serves at most `max_connections` connections at once
 //!   (default 64) and each client address at most `max_connections_per_ip`
 //!   across all listeners (default 16; IPv6 clients count by their /64); the
-//!   next gets `BUSY`;
+//!   next gets `BUSY`; so does a connection over `handshake_rate` new ones a
+//!   second from its address (default 32, bursts of 64), before any TLS;
 //! * a server hashes at most two files at a time, and a connection may have
 //!   at most four `HASHES` waiting for hashing (one more closes it);
 //! * a peer that stops taking the bytes of a READ (its TCP window stays

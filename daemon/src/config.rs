@@ -166,6 +166,10 @@ settings! {
     /// Most simultaneous connections from one client address, all listeners together.
     #[arg(long, value_name = "N")]
     max_connections_per_ip: Option<u32> => u32,
+    /// New connections one client address may open per second, all
+    /// listeners together, in bursts of twice that (0 = no limit; default 32).
+    #[arg(long, value_name = "N")]
+    handshake_rate: Option<u32> => u32,
     /// Seconds a new transfer connection has to complete its handshake.
     #[arg(long, value_name = "SECS")]
     handshake_timeout: Option<u64> => u64,
@@ -283,6 +287,8 @@ pub struct Config {
     pub download_roots: Vec<PathBuf>,
     pub max_connections: u32,
     pub max_connections_per_ip: u32,
+    /// New connections per second per client address (0: no limit).
+    pub handshake_rate: u32,
     pub handshake_timeout: Duration,
     pub serve_idle_timeout: Duration,
     pub serve_min_rate: u64,
@@ -333,6 +339,9 @@ pub const DEFAULT_CONNECTIONS_PER_SERVER: u32 = 0;
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 10;
 /// Ended downloads stay listed for an hour.
 pub const DEFAULT_RETENTION_SECS: u64 = 3600;
+/// New connections per second per client address: far above a client's
+/// (a download keeps at most 16 per source), far below a handshake flood.
+pub const DEFAULT_HANDSHAKE_RATE: u32 = 32;
 
 /// Default config file location.
 pub fn default_config_path() -> Option<PathBuf> {
@@ -428,6 +437,7 @@ impl Config {
         if max_connections_per_ip == 0 {
             bail!("max_connections_per_ip must be at least 1");
         }
+        let handshake_rate = args.handshake_rate.or(file.handshake_rate).unwrap_or(DEFAULT_HANDSHAKE_RATE);
         let handshake_timeout = args.handshake_timeout.or(file.handshake_timeout).unwrap_or(10).max(1);
         let serve_idle_timeout = args.serve_idle_timeout.or(file.serve_idle_timeout).unwrap_or(60).max(1);
         let cp_secs = args.checkpoint_interval.or(file.checkpoint_interval).unwrap_or(1.0);
@@ -491,6 +501,7 @@ impl Config {
                 .collect(),
             max_connections,
             max_connections_per_ip,
+            handshake_rate,
             handshake_timeout: Duration::from_secs(handshake_timeout),
             serve_idle_timeout: Duration::from_secs(serve_idle_timeout),
             serve_min_rate,
@@ -551,6 +562,7 @@ impl Config {
             ("index_export", self.index_export.to_string()),
         ];
         lines.push(("max_connections_per_ip", self.max_connections_per_ip.to_string()));
+        lines.push(("handshake_rate", self.handshake_rate.to_string()));
         lines.push(("handshake_timeout", self.handshake_timeout.as_secs().to_string()));
         lines.push(("serve_idle_timeout", self.serve_idle_timeout.as_secs().to_string()));
         lines.push(("serve_min_rate", self.serve_min_rate.to_string()));

@@ -125,14 +125,11 @@ impl Jail {
     }
 
     /// A jail with a given resolver (tests).
+    #[cfg(test)]
     pub fn with_resolver(root_path: &Path, resolver: Resolver) -> io::Result<Jail> {
         let mut j = Jail::new(root_path)?;
         j.resolver = resolver;
         Ok(j)
-    }
-
-    pub fn resolver(&self) -> Resolver {
-        self.resolver
     }
 
     /// Walks `rel` from the root without following any symlink blindly.

@@ -1,6 +1,7 @@
 //! Transfer listeners: the set of TCP ports this daemon serves files on.
 //!
-//! Owns: binding, the accept loop with its connection cap and accept-error
+//! Owns: binding, the accept loop with its connection cap, the handshake
+//! rate and allow list it checks before any TLS work, and accept-error
 //! backoff, per-listener statistics, and stopping/starting/adding listeners
 //! at run time. Stopping a listener closes its socket *and* its open
 //! connections, so clients fail over at once instead of finishing on a port
@@ -25,6 +26,7 @@ use mftd_common::proto::{ErrorCode, ErrorFrame, Frame};
 
 use crate::accept::AcceptBackoff;
 use crate::ratelimit::RateLimiter;
+use crate::serve::peerlog::Failure;
 use crate::serve::{serve_connection, Egress, ServeContext};
 use crate::transport::Transport;
 
@@ -373,18 +375,24 @@ async fn accept_loop(
         };
         shared.stats.total_connections.fetch_add(1, Ordering::Relaxed);
         let ip = peer.ip().to_canonical();
+        let log = &ctx.peer_log;
         if !shared.admits(&ip, ctx.settings().allow.as_ref()) {
-            warn!(%peer, "address not in the allow list; refusing");
+            log.failed(peer, Failure::NotAllowed, "address not in the allow list; refusing");
             refuse(&tracker, stream, ErrorCode::NotAllowed, "your address is not allowed on this listener");
             continue;
         }
+        if !ctx.admit(ip) {
+            log.failed(peer, Failure::OverRate, "handshake rate exceeded; refusing");
+            refuse_now(stream, ErrorCode::Busy, "too many new connections from your address; slow down");
+            continue;
+        }
         let Some(ip_slot) = ctx.enter(ip) else {
-            warn!(%peer, "per-address connection cap reached; refusing");
+            log.failed(peer, Failure::OverCap, "per-address connection cap reached; refusing");
             refuse(&tracker, stream, ErrorCode::Busy, "too many connections from your address");
             continue;
         };
         let Ok(permit) = sem.clone().try_acquire_owned() else {
-            warn!(%peer, "connection cap reached; refusing");
+            log.failed(peer, Failure::ListenerFull, "connection cap reached; refusing");
             refuse(&tracker, stream, ErrorCode::Busy, "listener is at its connection cap; try another server");
             continue;
         };
@@ -411,6 +419,13 @@ async fn accept_loop(
             .instrument(span),
         );
     }
+}
+
+/// Sends one ERROR frame if the socket takes it at once, and closes: the
+/// cheapest answer, for a peer that may be opening thousands a second.
+fn refuse_now(stream: tokio::net::TcpStream, code: ErrorCode, message: &str) {
+    let frame = Frame::Error(ErrorFrame { id: 0, code, message: message.into() });
+    let _ = stream.try_write(&frame.encode());
 }
 
 /// Sends one ERROR frame (bounded to 2 s) and closes.

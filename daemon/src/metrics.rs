@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 use mftd_common::control::{word, DownloadInfo, DownloadState, ListenerInfo, ListenerState, SourceInfo, SourceState};
 
-use crate::Daemon;
+use crate::daemon::Daemon;
 
 /// Which labels the per-download and per-source series carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]

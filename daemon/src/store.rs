@@ -79,6 +79,7 @@ impl Store {
     }
 
     /// Where manifests are kept.
+    #[cfg(test)]
     pub fn dir(&self) -> &Path {
         &self.dir
     }

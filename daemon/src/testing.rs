@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::caller::Caller;
 use crate::config::{Args, Config, FileConfig};
 use crate::control::handlers::{handle, Reply};
-use crate::Daemon;
+use crate::daemon::Daemon;
 
 pub struct TestDaemon {
     pub daemon: Arc<Daemon>,
@@ -48,7 +48,7 @@ impl TestDaemon {
         let args = Args::try_parse_from(&argv).expect("test flags parse");
         let config = Config::merge(&args, FileConfig::default(), None).expect("test config");
         let transfer = ports.iter().copied().zip(sockets).collect();
-        let ground = crate::ground(&config).expect("state, export and identity open");
+        let ground = crate::daemon::ground(&config).expect("state, export and identity open");
         let daemon = Daemon::start(config, ground, transfer, CancellationToken::new()).expect("daemon starts");
         TestDaemon { daemon, dir }
     }

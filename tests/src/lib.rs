@@ -578,6 +578,24 @@ impl Line {
     }
 }
 
+/// Connects to `127.0.0.1:port` from another loopback address `src`, so
+/// a flood has its own per-address budget and the canary download keeps
+/// 127.0.0.1's. The source port is picked at `connect` (not at `bind`),
+/// so a long flood can reuse ports its earlier connections left in
+/// TIME_WAIT instead of running out of them.
+pub fn connect_from(src: &str, port: u16) -> Option<TcpStream> {
+    use nix::sys::socket::{bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::net::SocketAddr;
+    use std::os::fd::AsRawFd;
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).ok()?;
+    setsockopt(&fd, sockopt::IpBindAddressNoPort, &true).ok()?;
+    let local: SocketAddr = format!("{src}:0").parse().ok()?;
+    let SocketAddr::V4(l4) = local else { return None };
+    bind(fd.as_raw_fd(), &SockaddrIn::from(l4)).ok()?;
+    connect(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, port)).ok()?;
+    Some(TcpStream::from(fd))
+}
+
 /// A loopback port nothing listens on (bound once, then released).
 pub fn dead_port() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

@@ -2,7 +2,7 @@
 //! checking that the daemon still serves a normal download correctly.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::fs::symlink;
 use std::os::unix::net::UnixStream;
 use std::process::Command;
@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use mftd_common::control::{DownloadState, SourceState};
 use mftd_common::proto::{ErrorCode, Frame, ReadReq};
 use mftd_tests::{
-    fd_count, mftctl_bin, rss_kib, sha256_file, stderr, stdout, tls, wait_until, write_file, Daemon, Lie, LyingServer,
-    RawConn,
+    connect_from, fd_count, mftctl_bin, rss_kib, sha256_file, stderr, stdout, tls, wait_until, write_file, Daemon, Lie,
+    LyingServer, RawConn,
 };
 
 const MIB: u64 = 1 << 20;
@@ -237,22 +237,6 @@ fn lying_servers_are_dropped_and_the_others_finish() {
     assert!(stderr(&out).contains("invalid remote path"), "{}", stderr(&out));
     assert!(!client.dir.path().join(".ssh").exists());
     still_serves(&server);
-}
-
-/// Connects from another loopback address so the flood has its own
-/// per-address budget and the canary download keeps 127.0.0.1's.
-fn connect_from(src: &str, port: u16) -> Option<TcpStream> {
-    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
-    use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
-    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).ok()?;
-    let local: SocketAddr = format!("{src}:0").parse().ok()?;
-    let SocketAddr::V4(l4) = local else { return None };
-    bind(fd.as_raw_fd(), &SockaddrIn::from(l4)).ok()?;
-    let remote: SocketAddr = format!("127.0.0.1:{port}").parse().ok()?;
-    let SocketAddr::V4(r4) = remote else { return None };
-    connect(fd.as_raw_fd(), &SockaddrIn::from(r4)).ok()?;
-    // SAFETY: fresh connected socket we own.
-    Some(unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) })
 }
 
 #[test]

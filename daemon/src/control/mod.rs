@@ -30,7 +30,7 @@ use tracing::{debug, info};
 use mftd_common::control::{to_line, DownloadState, ErrorCode, Request, Response, MAX_REQUEST};
 
 use crate::caller::Caller;
-use crate::Daemon;
+use crate::daemon::Daemon;
 use handlers::Reply;
 
 /// A bound control socket; unlinked when dropped.

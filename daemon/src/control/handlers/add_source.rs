@@ -6,7 +6,7 @@ use mftd_common::control::{DownloadState, Response};
 
 use super::plural;
 use crate::caller::Caller;
-use crate::Daemon;
+use crate::daemon::Daemon;
 
 pub(super) fn add_source(d: &Daemon, caller: &Caller, id: u64, sources: &[String]) -> Response {
     let (dl, added) = match d.downloads.add_sources(id, sources, caller) {

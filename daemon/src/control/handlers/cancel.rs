@@ -4,7 +4,7 @@
 use mftd_common::control::Response;
 
 use crate::caller::Caller;
-use crate::Daemon;
+use crate::daemon::Daemon;
 
 pub(super) fn cancel(d: &Daemon, caller: &Caller, id: u64) -> Response {
     match d.downloads.cancel(id, caller) {

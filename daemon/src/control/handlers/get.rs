@@ -6,8 +6,8 @@
 use mftd_common::control::{GetRequest, Response};
 
 use crate::caller::Caller;
+use crate::daemon::Daemon;
 use crate::download::Started;
-use crate::Daemon;
 
 pub(super) fn get(d: &Daemon, caller: &Caller, g: GetRequest) -> Response {
     match d.downloads.start(g, caller) {

@@ -21,8 +21,8 @@ mod status;
 use mftd_common::control::{ErrorCode, Request, Response};
 
 use crate::caller::Caller;
+use crate::daemon::Daemon;
 use crate::download::Rejected;
-use crate::Daemon;
 
 /// What the control socket does after a request.
 #[derive(Debug)]

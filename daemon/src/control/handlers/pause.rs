@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use mftd_common::control::{DownloadState, Response};
 
 use crate::caller::Caller;
-use crate::Daemon;
+use crate::daemon::Daemon;
 
 /// Longest a `pause` waits for the download to stop before answering.
 const PAUSE_WAIT: Duration = Duration::from_secs(10);

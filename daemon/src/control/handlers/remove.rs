@@ -7,7 +7,7 @@ use mftd_common::control::Response;
 
 use super::plural;
 use crate::caller::Caller;
-use crate::Daemon;
+use crate::daemon::Daemon;
 
 pub(super) fn remove(d: &Daemon, caller: &Caller, id: u64) -> Response {
     match d.downloads.remove(id, caller) {

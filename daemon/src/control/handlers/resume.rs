@@ -5,7 +5,7 @@
 use mftd_common::control::Response;
 
 use crate::caller::Caller;
-use crate::Daemon;
+use crate::daemon::Daemon;
 
 pub(super) fn resume(d: &Daemon, caller: &Caller, id: u64) -> Response {
     match d.downloads.resume(id, caller) {

@@ -8,9 +8,9 @@ use mftd_common::control::{ErrorCode, Response};
 use mftd_common::rate::format_rate;
 
 use super::plural;
+use crate::daemon::Daemon;
 use crate::listener::ListenerError;
 use crate::transport::Transport;
-use crate::Daemon;
 
 pub(super) fn stop(d: &Daemon, port: u16) -> Response {
     match d.listeners.stop(port) {

@@ -5,7 +5,7 @@
 use mftd_common::control::Response;
 
 use crate::caller::Caller;
-use crate::Daemon;
+use crate::daemon::Daemon;
 
 pub(super) fn list(d: &Daemon, caller: &Caller) -> Response {
     Response::Downloads { downloads: d.downloads.visible_to(caller).iter().map(|x| x.info()).collect() }

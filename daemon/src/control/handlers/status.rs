@@ -5,7 +5,7 @@
 use mftd_common::control::{ErrorCode, Response, StatusInfo};
 
 use crate::caller::Caller;
-use crate::Daemon;
+use crate::daemon::Daemon;
 
 pub(super) fn status(d: &Daemon, caller: &Caller) -> Response {
     // The node ID the caller's downloads present: a restricted caller's own
