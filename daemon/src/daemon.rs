@@ -266,8 +266,24 @@ impl Daemon {
             let (ctx, stop) = (ctx.clone(), shutdown.child_token());
             tracker.spawn(async move { identity::index_export(&ctx.jail, &ctx.identities, stop).await });
         }
-        let listeners =
-            Listeners::new(config.listen, config.max_connections, ctx, shutdown.child_token(), tracker.clone());
+        let fds = fds::Shares::new(fds::limit());
+        let serving = config.ports.len() as u64 * u64::from(config.max_connections);
+        if serving > fds.serving() as u64 {
+            warn!(
+                limit = fds.limit,
+                serving,
+                share = fds.serving(),
+                "the listeners' caps (ports × max_connections) add up to more than they may serve together (1/4 of the open-files limit); raise LimitNOFILE"
+            );
+        }
+        let listeners = Listeners::new(
+            config.listen,
+            config.max_connections,
+            fds.serving(),
+            ctx,
+            shutdown.child_token(),
+            tracker.clone(),
+        );
         for (port, socket) in transfer {
             let p = listeners.adopt(
                 socket,
@@ -280,15 +296,6 @@ impl Daemon {
         }
         if config.ports.is_empty() {
             info!("no transfer listeners (servers = 0): this mftd serves no files, it only downloads");
-        }
-        let fds = fds::Shares::new(fds::limit());
-        let serving = config.ports.len() as u64 * u64::from(config.max_connections);
-        if serving > fds.limit / 2 {
-            warn!(
-                limit = fds.limit,
-                serving,
-                "listeners may take more than half of the open-files limit (ports × max_connections); raise LimitNOFILE or lower max_connections"
-            );
         }
         let store = store::Store::new(&config.state_dir)
             .with_context(|| format!("cannot create {}", config.state_dir.join("manifests").display()))?;

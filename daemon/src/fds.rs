@@ -8,6 +8,8 @@
 //! * **transfer connections out** (downloads' connections to sources): at
 //!   most 3/8 of the limit, daemon-wide; more wait their turn (see
 //!   [`crate::download::budget`]);
+//! * **connections served** by all listeners together: at most 1/4 (each
+//!   listener also has its `max_connections`);
 //! * **control connections**: at most 1/16 of the limit (and
 //!   `[quota] control_connections`);
 //! * **a reserve** of 1/8 of the limit (at least 64) for what must never
@@ -68,6 +70,11 @@ impl Shares {
         (self.limit * 3 / 8) as usize
     }
 
+    /// Connections the listeners serve, all together.
+    pub fn serving(&self) -> usize {
+        (self.limit / 4) as usize
+    }
+
     /// Control connections, all callers together (operators' reserve
     /// included).
     pub fn control(&self) -> usize {
@@ -102,7 +109,8 @@ mod tests {
     fn shares_never_exceed_the_limit_and_keep_a_reserve() {
         for limit in [256, 1024, 4096, 1 << 20] {
             let s = Shares::new(limit);
-            assert!(s.outgoing() as u64 + s.control() as u64 + s.reserve() < limit, "{limit}");
+            let shared = s.outgoing() + s.serving() + s.control();
+            assert!(shared as u64 + s.reserve() < limit, "{limit}");
             assert!(s.room_for_new_work(limit - s.reserve()).is_ok());
             let e = s.room_for_new_work(limit - s.reserve() + 1).unwrap_err();
             assert!(e.contains("LimitNOFILE"), "{e}");

@@ -96,6 +96,9 @@ pub enum ListenerError {
 pub struct Listeners {
     ip: IpAddr,
     max_connections: u32,
+    /// Connections served by all listeners together: their share of the
+    /// daemon's descriptors (see [`crate::fds`]).
+    serving: Arc<Semaphore>,
     ctx: Arc<ServeContext>,
     entries: Mutex<BTreeMap<u16, Entry>>,
     parent: CancellationToken,
@@ -158,11 +161,13 @@ impl Listeners {
     pub fn new(
         ip: IpAddr,
         max_connections: u32,
+        serving: usize,
         ctx: Arc<ServeContext>,
         parent: CancellationToken,
         tracker: TaskTracker,
     ) -> Listeners {
-        Listeners { ip, max_connections, ctx, entries: Mutex::new(BTreeMap::new()), parent, tracker }
+        let serving = Arc::new(Semaphore::new(serving.clamp(1, Semaphore::MAX_PERMITS)));
+        Listeners { ip, max_connections, serving, ctx, entries: Mutex::new(BTreeMap::new()), parent, tracker }
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, BTreeMap<u16, Entry>> {
@@ -213,7 +218,8 @@ impl Listeners {
         let tracker = self.tracker.clone();
         let t = token.clone();
         let span = info_span!("listener", port = shared.port);
-        self.tracker.spawn(accept_loop(listener, shared, ctx, sem, t, tracker).instrument(span));
+        let sems = Permits { listener: sem, all: self.serving.clone() };
+        self.tracker.spawn(accept_loop(listener, shared, ctx, sems, t, tracker).instrument(span));
         token
     }
 
@@ -351,11 +357,19 @@ impl Listeners {
     }
 }
 
+/// The connection caps a listener's connection takes a place in.
+struct Permits {
+    /// This listener's (`max_connections`).
+    listener: Arc<Semaphore>,
+    /// All listeners' (their share of the descriptors).
+    all: Arc<Semaphore>,
+}
+
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<ListenerShared>,
     ctx: Arc<ServeContext>,
-    sem: Arc<Semaphore>,
+    sems: Permits,
     token: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -391,9 +405,18 @@ async fn accept_loop(
             refuse(&tracker, stream, ErrorCode::Busy, "too many connections from your address");
             continue;
         };
-        let Ok(permit) = sem.clone().try_acquire_owned() else {
+        let Ok(permit) = sems.listener.clone().try_acquire_owned() else {
             log.failed(peer, Failure::ListenerFull, "connection cap reached; refusing");
             refuse(&tracker, stream, ErrorCode::Busy, "listener is at its connection cap; try another server");
+            continue;
+        };
+        let Ok(all_permit) = sems.all.clone().try_acquire_owned() else {
+            log.failed(
+                peer,
+                Failure::ListenerFull,
+                "all listeners together serve their share of descriptors; refusing",
+            );
+            refuse(&tracker, stream, ErrorCode::Busy, "this server is at its connection cap; try another server");
             continue;
         };
         let shared2 = shared.clone();
@@ -414,6 +437,7 @@ async fn accept_loop(
                 shared2.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&conn_id);
                 shared2.stats.connections.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
+                drop(all_permit);
                 drop(ip_slot);
             }
             .instrument(span),

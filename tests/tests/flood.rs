@@ -173,3 +173,44 @@ fn connections_over_the_handshake_rate_are_refused_and_another_address_is_served
     let log = server.log();
     assert_eq!(log.matches("handshake rate exceeded").count(), 1, "{log}");
 }
+
+#[test]
+fn all_listeners_together_serve_only_their_share_of_descriptors() {
+    // 256 descriptors: the listeners together serve 64 connections, though
+    // each of the two may take 64 (max_connections) on its own.
+    let server = Daemon::builder(2).nofile(256, 256).start();
+    assert!(server.log().contains("add up to more than they may serve together"), "{}", server.log());
+    let mut conns = Vec::new();
+    // From 8 addresses (under the per-address cap and rate), both ports.
+    for i in 0..80 {
+        let src = format!("127.0.5.{}", i % 8 + 1);
+        conns.push(connect_from(&src, server.ports[i % 2]).expect("connect"));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (mut refused, mut taken) = (0, 0);
+    for s in &mut conns {
+        s.set_nonblocking(true).expect("nonblocking");
+        let mut buf = [0u8; 256];
+        match s.read(&mut buf) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => taken += 1,
+            Ok(n) if n > 5 => {
+                let f = Frame::decode(buf[0], &buf[5..n]).expect("an ERROR frame");
+                assert!(
+                    matches!(&f, Frame::Error(e) if e.code == ErrorCode::Busy && e.message.contains("this server is at its connection cap")),
+                    "{f:?}"
+                );
+                refused += 1;
+            }
+            other => panic!("neither waiting for a ClientHello nor refused: {other:?}"),
+        }
+    }
+    println!("{taken} taken, {refused} refused");
+    assert_eq!((taken, refused), (64, 16), "the listeners took {taken} of 80 with a share of 64");
+    // Given back as they close: a download is served again.
+    drop(conns);
+    std::thread::sleep(Duration::from_millis(300));
+    write_file(&server.export.join("a.bin"), 3 * MIB, 23);
+    let client = Daemon::start(0);
+    let out = client.get("a.bin", &server.sources()[0], &[]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), server.log());
+}
