@@ -13,7 +13,8 @@ use mftd_tests::{mftctl_bin, stderr, stdout, typed_lines, Daemon};
 fn raw_request(d: &Daemon, line: &[u8]) -> (ErrorCode, String) {
     let mut s = UnixStream::connect(&d.socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(line).unwrap();
+    // mftd may answer and close before reading all of an over-long line.
+    let _ = s.write_all(line);
     let mut r = BufReader::new(s);
     let mut resp = String::new();
     r.read_line(&mut resp).unwrap();
@@ -47,7 +48,7 @@ fn malformed_requests_get_errors_and_daemon_keeps_serving() {
     assert!(l1.contains("\"error\""), "{l1}");
     assert!(l2.contains("\"servers\""), "{l2}");
     // An over-long line is refused without killing the daemon.
-    let mut big = vec![b'x'; (1 << 20) + 10];
+    let mut big = vec![b'x'; mftd_common::control::MAX_REQUEST + 10];
     big.push(b'\n');
     let (code, _) = raw_request(&d, &big);
     assert_eq!(code, ErrorCode::LineTooLong);
