@@ -142,23 +142,7 @@ fn connections_over_the_handshake_rate_are_refused_and_another_address_is_served
     let mut conns: Vec<_> = (0..40).filter_map(|_| connect_from("127.0.0.3", port)).collect();
     assert_eq!(conns.len(), 40);
     std::thread::sleep(Duration::from_millis(500));
-    let (mut refused, mut taken) = (0, 0);
-    for s in &mut conns {
-        s.set_nonblocking(true).expect("nonblocking");
-        let mut buf = [0u8; 256];
-        match s.read(&mut buf) {
-            Err(e) if e.kind() == ErrorKind::WouldBlock => taken += 1,
-            Ok(n) if n > 5 => {
-                let f = Frame::decode(buf[0], &buf[5..n]).expect("an ERROR frame");
-                assert!(
-                    matches!(&f, Frame::Error(e) if e.code == ErrorCode::Busy && e.message.contains("slow down")),
-                    "{f:?}"
-                );
-                refused += 1;
-            }
-            other => panic!("neither waiting for a ClientHello nor refused: {other:?}"),
-        }
-    }
+    let (taken, refused) = taken_and_refused(&mut conns, "slow down");
     println!("{taken} taken, {refused} refused");
     assert!((10..=13).contains(&taken), "{taken} of 40 taken at a rate of 5/s");
     assert_eq!(refused + taken, 40);
@@ -187,23 +171,7 @@ fn all_listeners_together_serve_only_their_share_of_descriptors() {
         conns.push(connect_from(&src, server.ports[i % 2]).expect("connect"));
     }
     std::thread::sleep(Duration::from_millis(500));
-    let (mut refused, mut taken) = (0, 0);
-    for s in &mut conns {
-        s.set_nonblocking(true).expect("nonblocking");
-        let mut buf = [0u8; 256];
-        match s.read(&mut buf) {
-            Err(e) if e.kind() == ErrorKind::WouldBlock => taken += 1,
-            Ok(n) if n > 5 => {
-                let f = Frame::decode(buf[0], &buf[5..n]).expect("an ERROR frame");
-                assert!(
-                    matches!(&f, Frame::Error(e) if e.code == ErrorCode::Busy && e.message.contains("this server is at its connection cap")),
-                    "{f:?}"
-                );
-                refused += 1;
-            }
-            other => panic!("neither waiting for a ClientHello nor refused: {other:?}"),
-        }
-    }
+    let (taken, refused) = taken_and_refused(&mut conns, "this server is at its connection cap");
     println!("{taken} taken, {refused} refused");
     assert_eq!((taken, refused), (64, 16), "the listeners took {taken} of 80 with a share of 64");
     // Given back as they close: a download is served again.
@@ -213,4 +181,25 @@ fn all_listeners_together_serve_only_their_share_of_descriptors() {
     let client = Daemon::start(0);
     let out = client.get("a.bin", &server.sources()[0], &[]);
     assert!(out.status.success(), "{}\n{}", stderr(&out), server.log());
+}
+
+/// How many of `conns` the server took (it waits for their ClientHello)
+/// and how many it refused with a BUSY saying `why`; panics on anything
+/// else.
+fn taken_and_refused(conns: &mut [std::net::TcpStream], why: &str) -> (usize, usize) {
+    let (mut taken, mut refused) = (0, 0);
+    for s in conns {
+        s.set_nonblocking(true).expect("nonblocking");
+        let mut buf = [0u8; 256];
+        match s.read(&mut buf) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => taken += 1,
+            Ok(n) if n > 5 => {
+                let f = Frame::decode(buf[0], &buf[5..n]).expect("an ERROR frame");
+                assert!(matches!(&f, Frame::Error(e) if e.code == ErrorCode::Busy && e.message.contains(why)), "{f:?}");
+                refused += 1;
+            }
+            other => panic!("neither waiting for a ClientHello nor refused: {other:?}"),
+        }
+    }
+    (taken, refused)
 }
