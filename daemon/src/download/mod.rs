@@ -574,6 +574,9 @@ impl Downloads {
         }
         dl.id = id;
         let dl = Arc::new(dl);
+        if let Some(owner) = dl.restricted_owner() {
+            self.forget_ended_beyond_quota(owner.uid);
+        }
         if let Some(store) = &dl.store {
             // The manifest exists before the first byte is written.
             store.save(&dl.base_manifest()).map_err(|e| {
@@ -582,6 +585,31 @@ impl Downloads {
         }
         self.spawn(dl.clone());
         Ok(dl)
+    }
+
+    /// A restricted user's ended downloads stay listed for `retention`, and
+    /// starting and cancelling one takes a few milliseconds: without a
+    /// bound, one member could list hundreds of thousands within the hour
+    /// (root's `status` and `downloads list` answer with all of them). So
+    /// a restricted user keeps at most `listed_per_user` ended ones; the
+    /// oldest make room for the next. Failed ones with data kept for a
+    /// retry stay (they are the user's to resume or remove).
+    fn forget_ended_beyond_quota(&self, uid: u32) {
+        let most = self.defaults.quota.listed_per_user.saturating_sub(1);
+        let mut map = self.map();
+        let mut ended: Vec<(Option<Instant>, u64)> = map
+            .values()
+            .filter(|d| d.job.owner.uid == uid && !d.job.owner.unrestricted() && d.state().is_final())
+            .filter(|d| !self.store.path(d.id).exists())
+            .map(|d| (d.progress().finished, d.id))
+            .collect();
+        if ended.len() <= most {
+            return;
+        }
+        ended.sort();
+        for (_, id) in &ended[..ended.len() - most] {
+            map.remove(id);
+        }
     }
 
     /// Compares the file at `dl`'s destination (opened with its owner's
