@@ -150,7 +150,6 @@ fn a_local_user_on_many_loopback_addresses_cannot_hold_a_whole_listener() {
 /// every step is checked) passes the check four times before any is added, and runs more downloads than its quota (several
 /// members together eat into the slots kept for operators the same way).
 #[test]
-#[ignore = "finding: concurrent gets of one member run more downloads than running_per_user"]
 fn a_members_concurrent_gets_stay_within_its_running_quota() {
     require_second_uid!();
     let d = member::daemon(&[]);

@@ -107,6 +107,10 @@ pub struct Downloads {
     store: Store,
     damaged: Mutex<Vec<Damaged>>,
     budgets: Arc<budget::Budgets>,
+    /// Held from a download's last quota check until it is in the map:
+    /// requests handled at once would otherwise each pass the check
+    /// before any of them counts.
+    admission: Mutex<()>,
 }
 
 /// `[plain://]HOST:PORT[#NODEID]` with a numeric port; hosts may be names,
@@ -159,6 +163,7 @@ impl Downloads {
             store,
             damaged: Mutex::new(Vec::new()),
             budgets,
+            admission: Mutex::new(()),
         }
     }
 
@@ -566,6 +571,10 @@ impl Downloads {
     /// Gives a new download its ID (never reused, not even after a
     /// restart), writes its first manifest and starts it.
     fn register(&self, mut dl: Download) -> Result<Arc<Download>, Rejected> {
+        // Checked again, now that it is sure to be added: others may have
+        // been added since the request was first checked.
+        let _admitted = self.admission.lock().unwrap_or_else(|p| p.into_inner());
+        self.admit(&dl.job.owner, true)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // IDs are never reused, not even after a restart: a script holding
         // an old ID must not act on someone else's download.
@@ -995,6 +1004,9 @@ impl Downloads {
         spec.id = id;
         self.recheck(&spec)?;
         let dl = self.build(spec, DownloadState::Starting)?;
+        // Checked again, as it starts (see `register`).
+        let _admitted = self.admission.lock().unwrap_or_else(|p| p.into_inner());
+        self.admit(&dl.job.owner, false)?;
         self.spawn(dl.clone());
         Ok(dl)
     }
