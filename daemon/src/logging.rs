@@ -59,11 +59,61 @@ impl Write for QueueWriter {
 }
 
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for QueueWriter {
-    type Writer = QueueWriter;
+    type Writer = EventWriter;
 
-    fn make_writer(&'a self) -> QueueWriter {
-        self.clone()
+    fn make_writer(&'a self) -> EventWriter {
+        EventWriter(self.clone())
     }
+}
+
+/// The writer of `tracing` events: one formatted event per write, its
+/// control characters made visible ([`escape_controls`]) so that a name
+/// someone else chose (a member's `-o` directory, a server's error text)
+/// can neither start a forged log line nor drive the terminal of whoever
+/// reads the log.
+pub struct EventWriter(QueueWriter);
+
+impl Write for EventWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(&escape_controls(buf))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `line` with C0 controls (but tab and a final newline), DEL, C1 controls
+/// and the bidirectional controls shown as escapes (`\n`, `\e`, `\x07`,
+/// `\u{9b}`, `\u{202e}`), as mftctl shows them.
+pub fn escape_controls(line: &[u8]) -> Vec<u8> {
+    let (body, newline) = match line.strip_suffix(b"\n") {
+        Some(b) => (b, true),
+        None => (line, false),
+    };
+    let text = String::from_utf8_lossy(body);
+    let bidi =
+        |c: char| matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !text.chars().any(|c| (c.is_control() && c != '\t') || bidi(c)) && text.len() == body.len() {
+        return line.to_vec();
+    }
+    let mut out = String::with_capacity(line.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\t' => out.push(c),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\x1b' => out.push_str("\\e"),
+            c if (c as u32) < 0x20 || c == '\x7f' => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if c.is_control() || bidi(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    if newline {
+        out.push('\n');
+    }
+    out.into_bytes()
 }
 
 impl QueueWriter {
@@ -141,7 +191,6 @@ fn drain(rx: Receiver<Msg>, mut out: impl Write, dropped: &AtomicU64) {
 /// through the same queue, so a stuck stderr cannot hold a panicking thread.
 /// Returns the writer, for `main`'s own messages and the flush at exit.
 pub fn init(verbose: u8) -> io::Result<QueueWriter> {
-    use std::io::IsTerminal;
     let level = match verbose {
         0 => "info",
         1 => "debug",
@@ -152,7 +201,9 @@ pub fn init(verbose: u8) -> io::Result<QueueWriter> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer.clone())
-        .with_ansi(io::stderr().is_terminal())
+        // No colours: the writer escapes every control character, theirs
+        // too.
+        .with_ansi(false)
         // Writes cannot fail; and the fallback would be `eprintln!`.
         .log_internal_errors(false)
         .init();
@@ -167,6 +218,15 @@ pub fn init(verbose: u8) -> io::Result<QueueWriter> {
 mod tests {
     use super::*;
     use std::sync::Mutex;
+
+    #[test]
+    fn control_characters_of_an_event_are_escaped_and_its_newline_kept() {
+        let line = "INFO dest=/x\n2026 WARN forged\x1b]0;t\x07\u{9b}2J\u{202e}\tend\n";
+        let out = String::from_utf8(escape_controls(line.as_bytes())).unwrap();
+        assert_eq!(out, "INFO dest=/x\\n2026 WARN forged\\e]0;t\\x07\\u{9b}2J\\u{202e}\tend\n");
+        assert_eq!(escape_controls(b"plain line\n"), b"plain line\n");
+        assert_eq!(escape_controls(b"no newline"), b"no newline");
+    }
 
     /// A writer that blocks every write until `open` is set, or fails with
     /// `error` when one is given.

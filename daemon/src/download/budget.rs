@@ -21,8 +21,9 @@
 //!
 //! Owns: the maps from host and user to semaphore. Must never: hand out
 //! more permits than a budget, key two addresses of the same host apart,
-//! or wait on a budget while holding a later one (permits are taken in
-//! one order: user, the user's share of the host, host, daemon).
+//! wait on a budget while holding a later one (permits are taken in
+//! one order: user, the user's share of the host, host, daemon), or keep
+//! the budget of a host nobody uses any more (a member may name millions).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -44,13 +45,45 @@ const RESOLVE_TIME: Duration = super::client::CONNECT_TIMEOUT;
 pub struct Budgets {
     per_host: usize,
     per_user: usize,
-    hosts: Mutex<HashMap<String, Arc<Pool>>>,
+    hosts: Mutex<Keyed<String>>,
     users: Mutex<HashMap<u32, Arc<Pool>>>,
     /// One restricted user's share of one host: half its budget, so a
     /// member's downloads never hold every connection to a host root
     /// also downloads from.
-    user_hosts: Mutex<HashMap<(u32, String), Arc<Pool>>>,
+    user_hosts: Mutex<Keyed<(u32, String)>>,
     all: Arc<Pool>,
+}
+
+/// Budgets by a key callers choose (a host): an entry nobody holds (no
+/// lane, no permit out) is the same as none, so such entries are dropped
+/// whenever the map has doubled since it was last pruned.
+#[derive(Debug)]
+struct Keyed<K> {
+    map: HashMap<K, Arc<Pool>>,
+    prune_at: usize,
+}
+
+/// Entries a keyed map holds before it is first pruned.
+const PRUNE_AT: usize = 256;
+
+impl<K: std::hash::Hash + Eq> Keyed<K> {
+    fn new() -> Mutex<Keyed<K>> {
+        Mutex::new(Keyed { map: HashMap::new(), prune_at: PRUNE_AT })
+    }
+
+    /// The budget of `key`, made with `n` permits if there is none.
+    fn get(&mut self, key: K, n: usize) -> Arc<Pool> {
+        if self.map.len() >= self.prune_at && !self.map.contains_key(&key) {
+            self.map.retain(|_, p| p.in_use());
+            self.prune_at = (self.map.len() * 2).max(PRUNE_AT);
+        }
+        self.map.entry(key).or_insert_with(|| Pool::new(n)).clone()
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.len()
+    }
 }
 
 /// One budget: permits and who waits for them.
@@ -75,6 +108,12 @@ impl Pool {
 
     fn contended(&self) -> bool {
         self.waiting.load(Ordering::SeqCst) > 0
+    }
+
+    /// Whether a lane holds this budget or a permit of it is out (only
+    /// the map holds it otherwise).
+    fn in_use(self: &Arc<Self>) -> bool {
+        Arc::strong_count(self) > 1 || Arc::strong_count(&self.permits) > 1
     }
 }
 
@@ -119,9 +158,9 @@ impl Budgets {
         Budgets {
             per_host: per_host.max(1),
             per_user: per_user.max(1),
-            hosts: Mutex::new(HashMap::new()),
+            hosts: Keyed::new(),
             users: Mutex::new(HashMap::new()),
-            user_hosts: Mutex::new(HashMap::new()),
+            user_hosts: Keyed::new(),
             all: Pool::new(outgoing.min(Semaphore::MAX_PERMITS)),
         }
     }
@@ -139,11 +178,11 @@ impl Budgets {
             drop(users);
             let mut shares = self.user_hosts.lock().unwrap_or_else(|p| p.into_inner());
             let share = (self.per_host / 2).max(1);
-            pools.push(shares.entry((uid, key.clone())).or_insert_with(|| Pool::new(share)).clone());
+            pools.push(shares.get((uid, key.clone()), share));
         }
         {
             let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
-            pools.push(hosts.entry(key).or_insert_with(|| Pool::new(self.per_host)).clone());
+            pools.push(hosts.get(key, self.per_host));
         }
         pools.push(self.all.clone());
         Lane { pools }
@@ -248,5 +287,35 @@ mod tests {
         let op2 = b.lane("10.0.0.4:1", None).await;
         assert!(tokio::time::timeout(Duration::from_millis(50), op2.acquire()).await.is_err());
         third.abort();
+    }
+
+    /// A member names a new loopback address in every source of every
+    /// download (16M of them in 127.0.0.0/8): each leaves an entry in
+    /// `hosts` and one in `user_hosts` that nothing ever removes.
+    #[tokio::test]
+    async fn budgets_of_hosts_nobody_uses_are_forgotten() {
+        let b = Budgets::new(12, 1000, 64);
+        for n in 0..10_000u32 {
+            let lane = b.lane(&format!("127.{}.{}.{}:1", 1 + (n >> 16), (n >> 8) & 255, n & 255), Some(65534)).await;
+            drop(lane.acquire().await);
+        }
+        let hosts = b.hosts.lock().unwrap().len();
+        let shares = b.user_hosts.lock().unwrap().len();
+        assert!(
+            hosts <= 1024 && shares <= 1024,
+            "{hosts} host budgets and {shares} user shares kept for lanes long gone"
+        );
+        // A budget still held (a lane, or only a permit) is never dropped:
+        // its next lane shares it.
+        let held = b.lane("10.9.9.9:1", None).await;
+        let permit = held.acquire().await.unwrap();
+        drop(held);
+        for n in 0..2_000u32 {
+            drop(b.lane(&format!("127.200.{}.{}:1", n >> 8, n & 255), None).await);
+        }
+        let again = b.lane("10.9.9.9:2", None).await;
+        assert_eq!(Arc::strong_count(&again.pools[0].permits), 2, "a budget with a permit out was dropped");
+        assert_eq!(again.pools[0].permits.available_permits(), 11);
+        drop(permit);
     }
 }

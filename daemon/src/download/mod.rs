@@ -107,6 +107,10 @@ pub struct Downloads {
     store: Store,
     damaged: Mutex<Vec<Damaged>>,
     budgets: Arc<budget::Budgets>,
+    /// Held from a download's last quota check until it is in the map:
+    /// requests handled at once would otherwise each pass the check
+    /// before any of them counts.
+    admission: Mutex<()>,
 }
 
 /// `[plain://]HOST:PORT[#NODEID]` with a numeric port; hosts may be names,
@@ -159,6 +163,7 @@ impl Downloads {
             store,
             damaged: Mutex::new(Vec::new()),
             budgets,
+            admission: Mutex::new(()),
         }
     }
 
@@ -566,6 +571,10 @@ impl Downloads {
     /// Gives a new download its ID (never reused, not even after a
     /// restart), writes its first manifest and starts it.
     fn register(&self, mut dl: Download) -> Result<Arc<Download>, Rejected> {
+        // Checked again, now that it is sure to be added: others may have
+        // been added since the request was first checked.
+        let _admitted = self.admission.lock().unwrap_or_else(|p| p.into_inner());
+        self.admit(&dl.job.owner, true)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // IDs are never reused, not even after a restart: a script holding
         // an old ID must not act on someone else's download.
@@ -574,6 +583,9 @@ impl Downloads {
         }
         dl.id = id;
         let dl = Arc::new(dl);
+        if let Some(owner) = dl.restricted_owner() {
+            self.forget_ended_beyond_quota(owner.uid);
+        }
         if let Some(store) = &dl.store {
             // The manifest exists before the first byte is written.
             store.save(&dl.base_manifest()).map_err(|e| {
@@ -582,6 +594,31 @@ impl Downloads {
         }
         self.spawn(dl.clone());
         Ok(dl)
+    }
+
+    /// A restricted user's ended downloads stay listed for `retention`, and
+    /// starting and cancelling one takes a few milliseconds: without a
+    /// bound, one member could list hundreds of thousands within the hour
+    /// (root's `status` and `downloads list` answer with all of them). So
+    /// a restricted user keeps at most `listed_per_user` ended ones; the
+    /// oldest make room for the next. Failed ones with data kept for a
+    /// retry stay (they are the user's to resume or remove).
+    fn forget_ended_beyond_quota(&self, uid: u32) {
+        let most = self.defaults.quota.listed_per_user.saturating_sub(1);
+        let mut map = self.map();
+        let mut ended: Vec<(Option<Instant>, u64)> = map
+            .values()
+            .filter(|d| d.job.owner.uid == uid && !d.job.owner.unrestricted() && d.state().is_final())
+            .filter(|d| !self.store.path(d.id).exists())
+            .map(|d| (d.progress().finished, d.id))
+            .collect();
+        if ended.len() <= most {
+            return;
+        }
+        ended.sort();
+        for (_, id) in &ended[..ended.len() - most] {
+            map.remove(id);
+        }
     }
 
     /// Compares the file at `dl`'s destination (opened with its owner's
@@ -967,6 +1004,9 @@ impl Downloads {
         spec.id = id;
         self.recheck(&spec)?;
         let dl = self.build(spec, DownloadState::Starting)?;
+        // Checked again, as it starts (see `register`).
+        let _admitted = self.admission.lock().unwrap_or_else(|p| p.into_inner());
+        self.admit(&dl.job.owner, false)?;
         self.spawn(dl.clone());
         Ok(dl)
     }
