@@ -73,7 +73,8 @@ pub struct Quota {
     /// ended).
     pub running_per_user: usize,
     /// Downloads one restricted user may have listed and not ended
-    /// (running, paused, waiting for space).
+    /// (running, paused, waiting for space), failed ones whose data is
+    /// kept for a retry included.
     pub listed_per_user: usize,
     /// Sources one download of a restricted user may name.
     pub sources_per_download: usize,

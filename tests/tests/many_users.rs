@@ -382,3 +382,50 @@ fn a_members_slow_requests_take_only_its_own_handler_slots() {
     assert_eq!(probing, 4, "the member's six comparing gets ran {probing} at once, not its 4 handler slots");
     assert!(took < Duration::from_secs(1), "root's status took {took:?}");
 }
+
+#[test]
+fn damaged_manifests_are_the_operators_to_see() {
+    require_second_uid!();
+    let state = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(state.path().join("manifests")).unwrap();
+    std::fs::write(state.path().join("manifests/7.json"), b"{ not a manifest").unwrap();
+    let d = member::builder(0).arg("--state-dir").arg(state.path().display().to_string()).start();
+    member::open_up(&d);
+    assert!(!d.status().damaged_manifests.is_empty(), "root is told of the damaged manifest");
+    let out = member::ctl(&d, &["--json", "status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status: Response = serde_json::from_str(stdout(&out).trim()).expect("status JSON");
+    match status {
+        Response::Status(s) => assert!(s.damaged_manifests.is_empty(), "a member sees {:?}", s.damaged_manifests),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_members_failed_downloads_with_kept_data_count_against_its_list() {
+    require_second_uid!();
+    let server = Daemon::builder(1).arg("--rate-limit").arg("4M").start();
+    write_file(&server.export.join("f"), 16 * MIB, 2104);
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = config(&cfg_dir, "[quota]\nrunning_per_user = 1\nlisted_per_user = 1\n");
+    let d = member::builder(0).arg("--config").arg(cfg).start();
+    member::open_up(&d);
+    let dir = member::nobodys_dir(d.dir.path(), "mine");
+    let o = dir.display().to_string();
+    let out =
+        member::ctl(&d, &["get", "f", "--from", &server.sources()[0], "-o", &o, "--give-up-after", "2s", "--detach"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id: u64 = stdout(&out).trim().parse().expect("id");
+    assert!(wait_until(Duration::from_secs(20), || d.download(id).bytes_done > 2 * MIB));
+    assert!(server.ctl(&["servers", "stop", &server.ports[0].to_string()]).status.success());
+    assert_eq!(d.wait_download(id, Duration::from_secs(30)).state, DownloadState::Failed);
+    assert!(dir.join("f.mftpart").exists(), "the failed download kept no data");
+    // Its kept data holds its place in the member's list.
+    let out = member::ctl(&d, &["get", "g", "--from", &dead_port(), "-o", &o, "--detach"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("[quota] listed_per_user"), "{}", stderr(&out));
+    // Removing it makes room.
+    assert!(member::ctl(&d, &["downloads", "remove", &id.to_string()]).status.success());
+    let out = member::ctl(&d, &["get", "g", "--from", &dead_port(), "-o", &o, "--detach"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}

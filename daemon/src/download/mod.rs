@@ -461,7 +461,10 @@ impl Downloads {
             members += (runs && member) as usize;
             if d.job.owner.uid == owner.uid {
                 mine += runs as usize;
-                listed += !state.is_final() as usize;
+                // A failed download whose data is kept for a retry holds a
+                // manifest and a part file as a paused one does.
+                let kept = state == DownloadState::Failed && self.store.path(d.id).exists();
+                listed += (!state.is_final() || kept) as usize;
             }
         }
         if running >= most {
@@ -478,7 +481,7 @@ impl Downloads {
             }
             if new && listed >= q.listed_per_user {
                 return limit(format!(
-                    "{who} has {listed} downloads listed and not ended, the most one user may ([quota] listed_per_user in mftd.toml); cancel or finish some"
+                    "{who} has {listed} downloads listed and not ended (or failed with their data kept), the most one user may ([quota] listed_per_user in mftd.toml); cancel, resume or remove some"
                 ));
             }
             let share = most.saturating_sub(OPERATOR_RUNNING_RESERVE);

@@ -1,6 +1,7 @@
 //! `status`: the daemon at a glance. A restricted caller sees only its own
-//! downloads and its own node ID (the one its downloads present);
-//! listeners and paths are everyone's to see.
+//! downloads and its own node ID (the one its downloads present), and no
+//! damaged manifests (their paths name other users' downloads); listeners
+//! and the daemon's directories are everyone's to see.
 
 use mftd_common::control::{ErrorCode, Response, StatusInfo};
 
@@ -27,7 +28,7 @@ pub(super) fn status(d: &Daemon, caller: &Caller) -> Response {
         node_id,
         listeners: d.listeners.list(),
         downloads: d.downloads.visible_to(caller).iter().map(|x| x.info()).collect(),
-        damaged_manifests: d.downloads.damaged(),
+        damaged_manifests: if caller.unrestricted() { d.downloads.damaged() } else { Vec::new() },
     })
 }
 
