@@ -61,8 +61,9 @@ use serde::{Deserialize, Serialize};
 
 /// Control protocol version.
 pub const PROTOCOL: u32 = 1;
-/// Longest response line, newline excluded.
-pub const MAX_LINE: usize = 1 << 20;
+/// Longest response line, newline excluded: `downloads list` of a busy
+/// daemon (thousands of downloads within `retention`) fits.
+pub const MAX_LINE: usize = 16 << 20;
 /// Longest request line, newline excluded: the largest real request (a
 /// `get` naming 64 sources and paths of 4 KiB) is well under it.
 pub const MAX_REQUEST: usize = 64 << 10;

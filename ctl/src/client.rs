@@ -136,7 +136,8 @@ impl Client {
                 io::Error::new(io::ErrorKind::UnexpectedEof, "mftd closed the connection"),
             ));
         }
-        serde_json::from_str(line.trim_end()).map_err(|e| CtlError::Protocol(format!("{e}: {}", line.trim_end())))
+        serde_json::from_str(line.trim_end())
+            .map_err(|e| CtlError::Protocol(format!("{e}: {}", start_of(line.trim_end()))))
     }
 
     /// Like `recv`, but returns `Ok(None)` once Ctrl-C was pressed.
@@ -173,11 +174,33 @@ impl Client {
         let text = String::from_utf8_lossy(&buf);
         serde_json::from_str(text.trim_end())
             .map(Some)
-            .map_err(|e| CtlError::Protocol(format!("{e}: {}", text.trim_end())))
+            .map_err(|e| CtlError::Protocol(format!("{e}: {}", start_of(text.trim_end()))))
     }
 
     pub fn request(&mut self, req: &Request) -> Result<Response, CtlError> {
         self.send(req)?;
         self.recv()
+    }
+}
+
+/// The first 200 characters of an answer that could not be understood:
+/// enough to tell what it was, not a screenful.
+fn start_of(text: &str) -> String {
+    match text.char_indices().nth(200) {
+        Some((i, _)) => format!("{}… ({} bytes)", &text[..i], text.len()),
+        None => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::start_of;
+
+    #[test]
+    fn an_answer_not_understood_is_quoted_by_its_start() {
+        assert_eq!(start_of("short"), "short");
+        let long = "é".repeat(5000);
+        let shown = start_of(&long);
+        assert!(shown.starts_with(&"é".repeat(200)) && shown.ends_with("… (10000 bytes)"), "{shown}");
     }
 }
