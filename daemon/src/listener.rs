@@ -49,13 +49,50 @@ pub struct ListenerShared {
     pub egress: Arc<Egress>,
     /// Address ranges this listener accepts, over the global list.
     pub allow: std::sync::RwLock<Option<Vec<ipnet::IpNet>>>,
-    /// Open connections: peer address and the token that closes them, so
-    /// a new allow list can close those it forbids.
-    live: std::sync::Mutex<std::collections::HashMap<u64, (std::net::IpAddr, CancellationToken)>>,
+    /// Open connections: peer address, the token that closes them (so a
+    /// new allow list can close those it forbids), and whether they have
+    /// completed their handshake (see [`ListenerShared::evict_for`]).
+    live: std::sync::Mutex<std::collections::HashMap<u64, Live>>,
     next_conn: std::sync::atomic::AtomicU64,
 }
 
+/// One open connection of a listener.
+#[derive(Debug)]
+struct Live {
+    ip: std::net::IpAddr,
+    token: CancellationToken,
+    /// Set once the peer has completed its handshake (TLS, HELLO, proof).
+    greeted: Arc<std::sync::atomic::AtomicBool>,
+}
+
 impl ListenerShared {
+    /// A listener at its cap makes room for a connection from `ip` by
+    /// closing one that has not completed its handshake, from the address
+    /// holding the most connections, if that address holds more than
+    /// `ip`: a few addresses holding every slot with sockets that never
+    /// speak (one local user has all of 127.0.0.0/8) cannot lock out
+    /// another address, and a connection that has greeted is never closed
+    /// for a newcomer. Returns whether one was closed.
+    fn evict_for(&self, ip: std::net::IpAddr) -> bool {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut held: std::collections::HashMap<std::net::IpAddr, usize> = std::collections::HashMap::new();
+        for l in live.values().filter(|l| !l.token.is_cancelled()) {
+            *held.entry(l.ip).or_insert(0) += 1;
+        }
+        let newcomer = held.get(&ip).copied().unwrap_or(0);
+        let victim = live
+            .iter()
+            .filter(|(_, l)| !l.token.is_cancelled() && !l.greeted.load(Ordering::SeqCst))
+            .max_by_key(|(id, l)| (held.get(&l.ip).copied().unwrap_or(0), std::cmp::Reverse(**id)));
+        match victim {
+            Some((_, l)) if held.get(&l.ip).copied().unwrap_or(0) > newcomer => {
+                l.token.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Whether `ip` may connect, by this listener's list or else `global`.
     fn admits(&self, ip: &std::net::IpAddr, global: Option<&Vec<ipnet::IpNet>>) -> bool {
         let own = self.allow.read().unwrap_or_else(|p| p.into_inner());
@@ -283,7 +320,7 @@ impl Listeners {
         let mut closed = 0;
         for e in self.entries().values() {
             let live = e.shared.live.lock().unwrap_or_else(|p| p.into_inner());
-            for (ip, token) in live.values() {
+            for Live { ip, token, .. } in live.values() {
                 if !e.shared.admits(ip, global.allow.as_ref()) && !token.is_cancelled() {
                     warn!(port = e.shared.port, %ip, "address no longer allowed; closing its connection");
                     token.cancel();
@@ -405,10 +442,16 @@ async fn accept_loop(
             refuse(&tracker, stream, ErrorCode::Busy, "too many connections from your address");
             continue;
         };
-        let Ok(permit) = sems.listener.clone().try_acquire_owned() else {
-            log.failed(peer, Failure::ListenerFull, "connection cap reached; refusing");
-            refuse(&tracker, stream, ErrorCode::Busy, "listener is at its connection cap; try another server");
-            continue;
+        let permit = match sems.listener.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            // Room was made (see `evict_for`): the slot is taken below,
+            // once the closed connection gives it back.
+            Err(_) if shared.evict_for(ip) => None,
+            Err(_) => {
+                log.failed(peer, Failure::ListenerFull, "connection cap reached; refusing");
+                refuse(&tracker, stream, ErrorCode::Busy, "listener is at its connection cap; try another server");
+                continue;
+            }
         };
         let Ok(all_permit) = sems.all.clone().try_acquire_owned() else {
             log.failed(
@@ -419,23 +462,42 @@ async fn accept_loop(
             refuse(&tracker, stream, ErrorCode::Busy, "this server is at its connection cap; try another server");
             continue;
         };
-        let shared2 = shared.clone();
-        let ctx2 = ctx.clone();
+        let (shared2, ctx2, listener_sem, tracker2) =
+            (shared.clone(), ctx.clone(), sems.listener.clone(), tracker.clone());
         let conn_token = token.child_token();
         let span = info_span!("conn", port = shared.port, %peer);
-        shared.stats.connections.fetch_add(1, Ordering::Relaxed);
-        let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-        shared.live.lock().unwrap_or_else(|p| p.into_inner()).insert(conn_id, (ip, conn_token.clone()));
-        // A reload between the check above and the registration would have
-        // missed this connection: check again now that a reload sees it.
-        if !shared.admits(&ip, ctx.settings().allow.as_ref()) {
-            conn_token.cancel();
-        }
         tracker.spawn(
             async move {
-                serve_connection(stream, ctx2, shared2.egress.clone(), conn_token).await;
-                shared2.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&conn_id);
-                shared2.stats.connections.fetch_sub(1, Ordering::Relaxed);
+                let permit = match permit {
+                    Some(p) => p,
+                    None => match tokio::time::timeout(EVICTION_WAIT, listener_sem.acquire_owned()).await {
+                        Ok(Ok(p)) => p,
+                        _ => {
+                            refuse(
+                                &tracker2,
+                                stream,
+                                ErrorCode::Busy,
+                                "listener is at its connection cap; try another server",
+                            );
+                            return;
+                        }
+                    },
+                };
+                let shared = shared2;
+                shared.stats.connections.fetch_add(1, Ordering::Relaxed);
+                let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+                let greeted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let live = Live { ip, token: conn_token.clone(), greeted: greeted.clone() };
+                shared.live.lock().unwrap_or_else(|p| p.into_inner()).insert(conn_id, live);
+                // A reload between the check above and the registration would
+                // have missed this connection: check again now that a reload
+                // sees it.
+                if !shared.admits(&ip, ctx2.settings().allow.as_ref()) {
+                    conn_token.cancel();
+                }
+                serve_connection(stream, ctx2, shared.egress.clone(), conn_token, &greeted).await;
+                shared.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&conn_id);
+                shared.stats.connections.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
                 drop(all_permit);
                 drop(ip_slot);
@@ -444,6 +506,10 @@ async fn accept_loop(
         );
     }
 }
+
+/// Longest a newcomer waits for the slot of the connection closed to make
+/// room for it.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
 
 /// Sends one ERROR frame if the socket takes it at once, and closes: the
 /// cheapest answer, for a peer that may be opening thousands a second.

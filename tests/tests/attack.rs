@@ -109,7 +109,6 @@ fn refused_from_127_0_0_1(port: u16) -> bool {
 /// handshake timeout closes them, and every other client, remote ones
 /// included, is refused.
 #[test]
-#[ignore = "finding: one local user fills a listener from a few 127.0.0.x addresses; every other peer is refused"]
 fn a_local_user_on_many_loopback_addresses_cannot_hold_a_whole_listener() {
     let d = mftd_tests::Daemon::start(1);
     let port = d.ports[0];

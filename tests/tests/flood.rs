@@ -203,3 +203,52 @@ fn taken_and_refused(conns: &mut [std::net::TcpStream], why: &str) -> (usize, us
     }
     (taken, refused)
 }
+
+#[test]
+fn addresses_holding_every_slot_with_silent_sockets_do_not_lock_out_a_download() {
+    // One listener of 16 connections; four addresses keep all 16 with
+    // sockets that never speak, replacing each one that is closed.
+    let server = Daemon::builder(1).arg("--max-connections").arg("16").start();
+    write_file(&server.export.join("a.bin"), 4 * MIB, 24);
+    let port = server.ports[0];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let held_max = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (s2, h2) = (stop.clone(), held_max.clone());
+    let flooder = std::thread::spawn(move || {
+        let mut held: Vec<std::net::TcpStream> = Vec::new();
+        let end = Instant::now() + Duration::from_secs(30);
+        while !s2.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < end {
+            held.retain(|s| {
+                let mut b = [0u8; 64];
+                s.set_nonblocking(true).expect("nonblocking");
+                matches!((&*s).read(&mut b), Err(e) if e.kind() == ErrorKind::WouldBlock)
+            });
+            h2.fetch_max(held.len(), std::sync::atomic::Ordering::SeqCst);
+            for k in 0..4 {
+                let src = format!("127.0.6.{}", k + 1);
+                let mine =
+                    held.iter().filter(|s| s.local_addr().map(|a| a.ip().to_string() == src).unwrap_or(false)).count();
+                for _ in mine..4 {
+                    if let Some(s) = connect_from(&src, port) {
+                        held.push(s);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(server.listener(port).connections, 16, "the flood holds every slot");
+    let client = Daemon::start(0);
+    let out = client.ctl_within(Duration::from_secs(30), &["get", "a.bin", "--from", &server.sources()[0]]);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    flooder.join().expect("flooder");
+    assert!(
+        out.status.success(),
+        "a download while four addresses hold every slot: {}\n{}",
+        stderr(&out),
+        server.log()
+    );
+    assert_eq!(sha256_file(&client.downloads.join("a.bin")), sha256_file(&server.export.join("a.bin")));
+    assert!(held_max.load(std::sync::atomic::Ordering::SeqCst) >= 16, "the flood never held the listener");
+}

@@ -189,7 +189,13 @@ pub struct Egress {
 
 /// Serves one connection until the peer leaves, breaks the protocol, times
 /// out, or `token` is cancelled (listener stopped, daemon shutting down).
-pub async fn serve_connection(tcp: TcpStream, ctx: Arc<ServeContext>, egress: Arc<Egress>, token: CancellationToken) {
+pub async fn serve_connection(
+    tcp: TcpStream,
+    ctx: Arc<ServeContext>,
+    egress: Arc<Egress>,
+    token: CancellationToken,
+    greeted: &std::sync::atomic::AtomicBool,
+) {
     let _ = tcp.set_nodelay(true);
     let peer = tcp.peer_addr().unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
     let settings = ctx.settings();
@@ -197,7 +203,7 @@ pub async fn serve_connection(tcp: TcpStream, ctx: Arc<ServeContext>, egress: Ar
     let result = tokio::select! {
         r = async {
             let mut conn = handshake::secure(tcp, &ctx, &egress, deadline).await?;
-            let r = run(&mut conn, &ctx, &egress, &token, deadline).await;
+            let r = run(&mut conn, &ctx, &egress, &token, deadline, greeted).await;
             if matches!(r, Err(ConnError::TooSlow { .. } | ConnError::Stalled(_))) {
                 // Reset rather than close: the data still queued for a
                 // peer that does not take it would otherwise keep the
@@ -259,9 +265,12 @@ async fn run(
     egress: &Egress,
     token: &CancellationToken,
     deadline: tokio::time::Instant,
+    greeted: &std::sync::atomic::AtomicBool,
 ) -> Result<(), ConnError> {
     let settings = ctx.settings();
     handshake::hello(stream, &settings, deadline).await?;
+    // From here on a newcomer cannot close it to make room.
+    greeted.store(true, std::sync::atomic::Ordering::SeqCst);
 
     let (rd, wr) = stream.split();
     let queue = RequestQueue::default();
