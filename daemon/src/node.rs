@@ -355,6 +355,11 @@ impl std::fmt::Display for TrustMode {
     }
 }
 
+/// Nodes a restricted user's record keeps at most: a member naming a new
+/// address for every download cannot grow a file in mftd's state
+/// directory without bound.
+pub const USER_RECORD_MAX: usize = 4096;
+
 /// The `known_nodes` file: lines of `HOST:PORT NODEID` (`#` comments),
 /// like ssh's `known_hosts`.
 pub struct KnownNodes {
@@ -459,6 +464,14 @@ impl KnownNodes {
                     self.path.display(),
                     source.addr
                 )),
+                TrustMode::Tofu if self.operator.is_some() && entries.len() >= USER_RECORD_MAX => Err(format!(
+                    "{} holds {} nodes, the most mftd records for one user (trust on first use): refusing the new node {} at {}; ask the operator to prune it or pin the node as {}#{seen}",
+                    self.path.display(),
+                    entries.len(),
+                    seen,
+                    source.addr,
+                    source.addr
+                )),
                 TrustMode::Tofu => {
                     let line = format!("{} {seen}\n", source.addr);
                     let written = std::fs::OpenOptions::new()
@@ -561,6 +574,24 @@ mod tests {
         assert_eq!(operator.check(&new, &a), Ok(false));
         // Once the operator records the address, its entry decides for the user.
         assert!(user.check(&new, &a).is_ok(), "the operator's record was not read first");
+    }
+
+    #[test]
+    fn a_users_record_stops_growing_at_its_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ours, theirs) = (dir.path().join("known_nodes"), dir.path().join("user_known_nodes"));
+        let lines: String = (0..USER_RECORD_MAX).map(|i| format!("h{i}:1 {}\n", NodeId::of(b"x"))).collect();
+        std::fs::write(&theirs, &lines).unwrap();
+        let operator = Arc::new(KnownNodes::load(&ours, TrustMode::Tofu).unwrap());
+        let user = KnownNodes::load(&theirs, TrustMode::Tofu).unwrap().beside(operator.clone());
+        let e = user.check(&SourceAddr::parse("new:1").unwrap(), &NodeId::of(b"y")).unwrap_err();
+        assert!(e.contains("the most mftd records for one user") && e.contains("#"), "{e}");
+        assert_eq!(std::fs::read_to_string(&theirs).unwrap(), lines, "nothing more was written");
+        // Recorded ones still vouch, and the operator's own record is not capped.
+        assert_eq!(user.check(&SourceAddr::parse("h7:1").unwrap(), &NodeId::of(b"x")), Ok(true));
+        std::fs::write(&ours, &lines).unwrap();
+        let operator = KnownNodes::load(&ours, TrustMode::Tofu).unwrap();
+        assert_eq!(operator.check(&SourceAddr::parse("new:1").unwrap(), &NodeId::of(b"y")), Ok(false));
     }
 
     #[test]
