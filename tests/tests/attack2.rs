@@ -38,7 +38,6 @@ fn at_once(socks: Vec<UnixStream>, line: &str) -> Vec<String> {
 /// the run the list no longer holds could be neither paused nor cancelled,
 /// nor counted against any quota.
 #[test]
-#[ignore = "finding: two resumes at once both pass the state check; the download runs twice and the unlisted run keeps going after a pause"]
 fn a_paused_download_resumed_by_requests_at_once_runs_once() {
     let server = Daemon::builder(1).arg("--rate-limit").arg("1M").start();
     write_file(&server.export.join("r.bin"), 64 * MIB, 31);
