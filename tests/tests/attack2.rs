@@ -142,7 +142,6 @@ fn refused_from_127_0_0_1(port: u16) -> bool {
 /// must a full share. (Here: 256 descriptors, a share of 64, two listeners
 /// of 64 each; four loopback addresses keep 8 silent sockets on each.)
 #[test]
-#[ignore = "finding: silent sockets holding the listeners' share of descriptors lock every other client out; only a full listener makes room"]
 fn silent_sockets_holding_the_listeners_share_do_not_lock_out_other_clients() {
     let server = Daemon::builder(2).nofile(256, 256).start();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
