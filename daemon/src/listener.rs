@@ -585,3 +585,51 @@ fn refuse(tracker: &TaskTracker, mut stream: tokio::net::TcpStream, code: ErrorC
         let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_all(&frame.encode())).await;
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener() -> ListenerShared {
+        ListenerShared {
+            port: 1,
+            stats: ListenerStats::default(),
+            egress: Arc::new(Egress {
+                transport: Transport::Plain,
+                limiter: RateLimiter::new(0),
+                bytes_sent: AtomicU64::new(0),
+            }),
+            allow: std::sync::RwLock::new(None),
+            live: Default::default(),
+        }
+    }
+
+    /// Adds a connection from `ip` that holds its places but has not
+    /// greeted; returns its token.
+    fn open(l: &ListenerShared, ip: &str) -> CancellationToken {
+        let token = CancellationToken::new();
+        let live = Live {
+            ip: ip.parse().expect("address"),
+            token: token.clone(),
+            greeted: Default::default(),
+            placed: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        };
+        l.live.lock().expect("live").insert(NEXT_CONN.fetch_add(1, Ordering::Relaxed), live);
+        token
+    }
+
+    /// An IPv6 client is one address by its /64, as the per-address cap
+    /// counts it: sixteen connections from sixteen addresses of one /64
+    /// hold more than twelve from one IPv4 address behind a NAT, and the
+    /// room is made among the sixteen.
+    #[test]
+    #[ignore = "finding: room is made by exact address, so a /64's sixteen connections count as one each and a NAT'd client's are closed instead"]
+    fn room_is_made_among_an_ipv6_clients_slash_64_as_one_address() {
+        let l = listener();
+        let nat: Vec<_> = (0..12).map(|_| open(&l, "192.0.2.1")).collect();
+        let v6: Vec<_> = (0..16).map(|k| open(&l, &format!("2001:db8::{:x}", k + 1))).collect();
+        assert!(l.evict_for("198.51.100.7".parse().expect("address")));
+        assert!(nat.iter().all(|t| !t.is_cancelled()), "a connection of the NAT'd client was closed");
+        assert_eq!(v6.iter().filter(|t| t.is_cancelled()).count(), 1);
+    }
+}
