@@ -27,7 +27,7 @@ use mftd_common::proto::{ErrorCode, ErrorFrame, Frame};
 use crate::accept::AcceptBackoff;
 use crate::ratelimit::RateLimiter;
 use crate::serve::peerlog::Failure;
-use crate::serve::{serve_connection, Egress, ServeContext};
+use crate::serve::{address_key, serve_connection, Egress, ServeContext};
 use crate::transport::Transport;
 
 /// Counters of one listener; they survive stop/start.
@@ -53,8 +53,11 @@ pub struct ListenerShared {
     /// new allow list can close those it forbids), and whether they have
     /// completed their handshake (see [`ListenerShared::evict_for`]).
     live: std::sync::Mutex<std::collections::HashMap<u64, Live>>,
-    next_conn: std::sync::atomic::AtomicU64,
 }
+
+/// Numbers every connection of every listener in the order accepted (the
+/// oldest is closed first when room is made).
+static NEXT_CONN: AtomicU64 = AtomicU64::new(0);
 
 /// One open connection of a listener.
 #[derive(Debug)]
@@ -63,6 +66,10 @@ struct Live {
     token: CancellationToken,
     /// Set once the peer has completed its handshake (TLS, HELLO, proof).
     greeted: Arc<std::sync::atomic::AtomicBool>,
+    /// Set once it holds its places (a newcomer waits for those of the
+    /// connection closed for it; it counts for its address meanwhile,
+    /// but closing it would make no room).
+    placed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ListenerShared {
@@ -74,23 +81,7 @@ impl ListenerShared {
     /// another address, and a connection that has greeted is never closed
     /// for a newcomer. Returns whether one was closed.
     fn evict_for(&self, ip: std::net::IpAddr) -> bool {
-        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        let mut held: std::collections::HashMap<std::net::IpAddr, usize> = std::collections::HashMap::new();
-        for l in live.values().filter(|l| !l.token.is_cancelled()) {
-            *held.entry(l.ip).or_insert(0) += 1;
-        }
-        let newcomer = held.get(&ip).copied().unwrap_or(0);
-        let victim = live
-            .iter()
-            .filter(|(_, l)| !l.token.is_cancelled() && !l.greeted.load(Ordering::SeqCst))
-            .max_by_key(|(id, l)| (held.get(&l.ip).copied().unwrap_or(0), std::cmp::Reverse(**id)));
-        match victim {
-            Some((_, l)) if held.get(&l.ip).copied().unwrap_or(0) > newcomer => {
-                l.token.cancel();
-                true
-            }
-            _ => false,
-        }
+        evict_among(std::iter::once(self), ip)
     }
 
     /// Whether `ip` may connect, by this listener's list or else `global`.
@@ -100,6 +91,40 @@ impl ListenerShared {
             Some(nets) => nets.iter().any(|n| n.contains(ip)),
             None => true,
         }
+    }
+}
+
+/// Closes one connection of `listeners` to make room for one from `ip`
+/// (see [`ListenerShared::evict_for`]); the listeners together when all
+/// of them hold their share of the descriptors. Returns whether one was
+/// closed.
+fn evict_among<'a>(listeners: impl Iterator<Item = &'a ListenerShared>, ip: std::net::IpAddr) -> bool {
+    // (address, closing it makes no room, id, token) of every open
+    // connection and every newcomer waiting for its places.
+    let mut open = Vec::new();
+    for l in listeners {
+        let live = l.live.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, c) in live.iter().filter(|(_, c)| !c.token.is_cancelled()) {
+            let keep = c.greeted.load(Ordering::SeqCst) || !c.placed.load(Ordering::SeqCst);
+            open.push((c.ip, keep, *id, c.token.clone()));
+        }
+    }
+    // Addresses as the per-address cap counts them (an IPv6 client by its
+    // /64), or one client on sixteen addresses would count as sixteen.
+    let mut held: std::collections::HashMap<std::net::IpAddr, usize> = std::collections::HashMap::new();
+    for (a, ..) in &open {
+        *held.entry(address_key(*a)).or_insert(0) += 1;
+    }
+    let count = |a: &std::net::IpAddr| held.get(&address_key(*a)).copied().unwrap_or(0);
+    let newcomer = count(&ip);
+    let victim =
+        open.iter().filter(|(_, keep, ..)| !keep).max_by_key(|(a, _, id, _)| (count(a), std::cmp::Reverse(*id)));
+    match victim {
+        Some((a, _, _, token)) if count(a) > newcomer => {
+            token.cancel();
+            true
+        }
+        _ => false,
     }
 }
 
@@ -136,6 +161,9 @@ pub struct Listeners {
     /// Connections served by all listeners together: their share of the
     /// daemon's descriptors (see [`crate::fds`]).
     serving: Arc<Semaphore>,
+    /// Every listener's shared part, for making room when all of them
+    /// together hold their share (see [`evict_among`]).
+    all_shared: Arc<Mutex<Vec<std::sync::Weak<ListenerShared>>>>,
     ctx: Arc<ServeContext>,
     entries: Mutex<BTreeMap<u16, Entry>>,
     parent: CancellationToken,
@@ -204,7 +232,16 @@ impl Listeners {
         tracker: TaskTracker,
     ) -> Listeners {
         let serving = Arc::new(Semaphore::new(serving.clamp(1, Semaphore::MAX_PERMITS)));
-        Listeners { ip, max_connections, serving, ctx, entries: Mutex::new(BTreeMap::new()), parent, tracker }
+        Listeners {
+            ip,
+            max_connections,
+            serving,
+            all_shared: Default::default(),
+            ctx,
+            entries: Mutex::new(BTreeMap::new()),
+            parent,
+            tracker,
+        }
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, BTreeMap<u16, Entry>> {
@@ -240,8 +277,12 @@ impl Listeners {
             }),
             allow: std::sync::RwLock::new(None),
             live: Default::default(),
-            next_conn: Default::default(),
         });
+        {
+            let mut all = self.all_shared.lock().unwrap_or_else(|p| p.into_inner());
+            all.retain(|w| w.strong_count() > 0);
+            all.push(Arc::downgrade(&shared));
+        }
         let token = self.spawn(listener, shared.clone());
         self.entries().insert(port, Entry { shared, addr, running: Some(token) });
         info!(port, %addr, rate_limit, %transport, "listener started");
@@ -255,7 +296,7 @@ impl Listeners {
         let tracker = self.tracker.clone();
         let t = token.clone();
         let span = info_span!("listener", port = shared.port);
-        let sems = Permits { listener: sem, all: self.serving.clone() };
+        let sems = Permits { listener: sem, all: self.serving.clone(), all_shared: self.all_shared.clone() };
         self.tracker.spawn(accept_loop(listener, shared, ctx, sems, t, tracker).instrument(span));
         token
     }
@@ -400,6 +441,17 @@ struct Permits {
     listener: Arc<Semaphore>,
     /// All listeners' (their share of the descriptors).
     all: Arc<Semaphore>,
+    /// All listeners, to make room among when `all` is taken.
+    all_shared: Arc<Mutex<Vec<std::sync::Weak<ListenerShared>>>>,
+}
+
+impl Permits {
+    /// Makes room among all listeners for a connection from `ip`.
+    fn evict_among_all(&self, ip: std::net::IpAddr) -> bool {
+        let all: Vec<Arc<ListenerShared>> =
+            self.all_shared.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(|w| w.upgrade()).collect();
+        evict_among(all.iter().map(|l| &**l), ip)
+    }
 }
 
 async fn accept_loop(
@@ -442,18 +494,19 @@ async fn accept_loop(
             refuse(&tracker, stream, ErrorCode::Busy, "too many connections from your address");
             continue;
         };
-        let permit = match sems.listener.clone().try_acquire_owned() {
-            Ok(p) => Some(p),
-            // Room was made (see `evict_for`): the slot is taken below,
-            // once the closed connection gives it back.
-            Err(_) if shared.evict_for(ip) => None,
-            Err(_) => {
-                log.failed(peer, Failure::ListenerFull, "connection cap reached; refusing");
-                refuse(&tracker, stream, ErrorCode::Busy, "listener is at its connection cap; try another server");
-                continue;
-            }
-        };
-        let Ok(all_permit) = sems.all.clone().try_acquire_owned() else {
+        // A full listener makes room among its own connections (the one
+        // closed gives back its place in the share too); listeners that
+        // together hold their share make room among all of theirs. The
+        // places are taken below, once the closed connection gives them
+        // back.
+        let permit = sems.listener.clone().try_acquire_owned().ok();
+        let all_permit = sems.all.clone().try_acquire_owned().ok();
+        if permit.is_none() && !shared.evict_for(ip) {
+            log.failed(peer, Failure::ListenerFull, "connection cap reached; refusing");
+            refuse(&tracker, stream, ErrorCode::Busy, "listener is at its connection cap; try another server");
+            continue;
+        }
+        if permit.is_some() && all_permit.is_none() && !sems.evict_among_all(ip) {
             log.failed(
                 peer,
                 Failure::ListenerFull,
@@ -461,34 +514,43 @@ async fn accept_loop(
             );
             refuse(&tracker, stream, ErrorCode::Busy, "this server is at its connection cap; try another server");
             continue;
-        };
-        let (shared2, ctx2, listener_sem, tracker2) =
-            (shared.clone(), ctx.clone(), sems.listener.clone(), tracker.clone());
+        }
+        // Counted for its address from now on, so that a burst from one
+        // address is not taken for a newcomer each time.
         let conn_token = token.child_token();
+        let conn_id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+        let greeted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let placed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let live = Live { ip, token: conn_token.clone(), greeted: greeted.clone(), placed: placed.clone() };
+        shared.live.lock().unwrap_or_else(|p| p.into_inner()).insert(conn_id, live);
+        let (shared, ctx2, tracker2) = (shared.clone(), ctx.clone(), tracker.clone());
+        let (listener_sem, all_sem) = (sems.listener.clone(), sems.all.clone());
         let span = info_span!("conn", port = shared.port, %peer);
         tracker.spawn(
             async move {
-                let permit = match permit {
-                    Some(p) => p,
-                    None => match tokio::time::timeout(EVICTION_WAIT, listener_sem.acquire_owned()).await {
-                        Ok(Ok(p)) => p,
-                        _ => {
-                            refuse(
-                                &tracker2,
-                                stream,
-                                ErrorCode::Busy,
-                                "listener is at its connection cap; try another server",
-                            );
-                            return;
-                        }
-                    },
+                let deadline = tokio::time::Instant::now() + EVICTION_WAIT;
+                let why = match permit {
+                    Some(_) => "this server is at its connection cap; try another server",
+                    None => "listener is at its connection cap; try another server",
                 };
-                let shared = shared2;
+                let permits = async {
+                    let p = match permit {
+                        Some(p) => p,
+                        None => listener_sem.acquire_owned().await.ok()?,
+                    };
+                    let a = match all_permit {
+                        Some(a) => a,
+                        None => all_sem.acquire_owned().await.ok()?,
+                    };
+                    Some((p, a))
+                };
+                let Ok(Some((permit, all_permit))) = tokio::time::timeout_at(deadline, permits).await else {
+                    shared.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&conn_id);
+                    refuse(&tracker2, stream, ErrorCode::Busy, why);
+                    return;
+                };
+                placed.store(true, Ordering::SeqCst);
                 shared.stats.connections.fetch_add(1, Ordering::Relaxed);
-                let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-                let greeted = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                let live = Live { ip, token: conn_token.clone(), greeted: greeted.clone() };
-                shared.live.lock().unwrap_or_else(|p| p.into_inner()).insert(conn_id, live);
                 // A reload between the check above and the registration would
                 // have missed this connection: check again now that a reload
                 // sees it.
@@ -524,4 +586,51 @@ fn refuse(tracker: &TaskTracker, mut stream: tokio::net::TcpStream, code: ErrorC
     tracker.spawn(async move {
         let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_all(&frame.encode())).await;
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener() -> ListenerShared {
+        ListenerShared {
+            port: 1,
+            stats: ListenerStats::default(),
+            egress: Arc::new(Egress {
+                transport: Transport::Plain,
+                limiter: RateLimiter::new(0),
+                bytes_sent: AtomicU64::new(0),
+            }),
+            allow: std::sync::RwLock::new(None),
+            live: Default::default(),
+        }
+    }
+
+    /// Adds a connection from `ip` that holds its places but has not
+    /// greeted; returns its token.
+    fn open(l: &ListenerShared, ip: &str) -> CancellationToken {
+        let token = CancellationToken::new();
+        let live = Live {
+            ip: ip.parse().expect("address"),
+            token: token.clone(),
+            greeted: Default::default(),
+            placed: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        };
+        l.live.lock().expect("live").insert(NEXT_CONN.fetch_add(1, Ordering::Relaxed), live);
+        token
+    }
+
+    /// An IPv6 client is one address by its /64, as the per-address cap
+    /// counts it: sixteen connections from sixteen addresses of one /64
+    /// hold more than twelve from one IPv4 address behind a NAT, and the
+    /// room is made among the sixteen.
+    #[test]
+    fn room_is_made_among_an_ipv6_clients_slash_64_as_one_address() {
+        let l = listener();
+        let nat: Vec<_> = (0..12).map(|_| open(&l, "192.0.2.1")).collect();
+        let v6: Vec<_> = (0..16).map(|k| open(&l, &format!("2001:db8::{:x}", k + 1))).collect();
+        assert!(l.evict_for("198.51.100.7".parse().expect("address")));
+        assert!(nat.iter().all(|t| !t.is_cancelled()), "a connection of the NAT'd client was closed");
+        assert_eq!(v6.iter().filter(|t| t.is_cancelled()).count(), 1);
+    }
 }

@@ -1007,8 +1007,27 @@ impl Downloads {
         spec.id = id;
         self.recheck(&spec)?;
         let dl = self.build(spec, DownloadState::Starting)?;
-        // Checked again, as it starts (see `register`).
+        // Checked again, as it starts (see `register`); and another request
+        // may have resumed it meanwhile: a second run would write the same
+        // part file, and the first, no longer listed, could be neither
+        // paused nor cancelled and would count against no quota.
         let _admitted = self.admission.lock().unwrap_or_else(|p| p.into_inner());
+        match self.get(id).map(|d| d.state()) {
+            None => return Err(unknown(id)),
+            Some(DownloadState::Paused | DownloadState::Failed) => {}
+            Some(s) if s.is_final() => {
+                return Err(Rejected(
+                    ErrorCode::InvalidArgument,
+                    format!("download {id} has already ended ({})", word(&s)),
+                ))
+            }
+            Some(_) => {
+                return Err(Rejected(
+                    ErrorCode::InvalidArgument,
+                    format!("download {id} is already running; `mftctl downloads watch {id}` follows it"),
+                ))
+            }
+        }
         self.admit(&dl.job.owner, false)?;
         self.spawn(dl.clone());
         Ok(dl)
