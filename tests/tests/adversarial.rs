@@ -362,8 +362,9 @@ fn control_socket_abuse_is_refused_and_daemon_keeps_serving() {
         ["[".repeat(100_000), "{\"type\":\"rm_rf\"}".to_string(), "{\"type\":\"get\",\"remote_path\":{}}".to_string()]
     {
         let mut s = UnixStream::connect(&server.socket).unwrap();
-        s.write_all(bad.as_bytes()).unwrap();
-        s.write_all(b"\n").unwrap();
+        // 100 KB of brackets is over the 64 KiB request limit: mftd may
+        // answer and close before reading it all.
+        let _ = s.write_all(bad.as_bytes()).and_then(|_| s.write_all(b"\n"));
         let mut r = BufReader::new(s);
         let mut line = String::new();
         r.read_line(&mut line).unwrap();
