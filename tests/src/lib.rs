@@ -596,6 +596,24 @@ pub fn connect_from(src: &str, port: u16) -> Option<TcpStream> {
     Some(TcpStream::from(fd))
 }
 
+/// Whether the listener on `port` refuses a new connection from
+/// `127.0.0.1` at once with `BUSY` (one let in gets nothing before its TLS
+/// handshake, so a read times out).
+pub fn refused_busy(port: u16) -> bool {
+    use mftd_common::proto::{ErrorCode, Frame};
+    use std::io::Read;
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return true };
+    s.set_read_timeout(Some(Duration::from_millis(700))).expect("timeout");
+    let mut buf = [0u8; 512];
+    match s.read(&mut buf) {
+        Ok(n) if n > 5 => {
+            Frame::decode(buf[0], &buf[5..n]).is_ok_and(|f| matches!(f, Frame::Error(e) if e.code == ErrorCode::Busy))
+        }
+        Ok(_) => true,
+        Err(_) => false,
+    }
+}
+
 /// A loopback port nothing listens on (bound once, then released).
 pub fn dead_port() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

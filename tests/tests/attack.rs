@@ -84,35 +84,17 @@ fn a_members_ended_downloads_do_not_lock_root_out_of_status() {
     assert!(listed.iter().any(|x| x.id == 400), "the member's latest download is gone");
 }
 
-/// Whether the listener on `port` refuses a new connection from
-/// `127.0.0.1` at once with `BUSY` (a peer that is let in gets nothing
-/// before its TLS handshake, so a read times out).
-fn refused_from_127_0_0_1(port: u16) -> bool {
-    use mftd_common::proto::{ErrorCode, Frame};
-    use std::io::Read;
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return true };
-    s.set_read_timeout(Some(Duration::from_millis(700))).unwrap();
-    let mut buf = [0u8; 512];
-    match s.read(&mut buf) {
-        Ok(n) if n > 5 => {
-            Frame::decode(buf[0], &buf[5..n]).is_ok_and(|f| matches!(f, Frame::Error(e) if e.code == ErrorCode::Busy))
-        }
-        Ok(_) => true,
-        Err(_) => false,
-    }
-}
-
 /// Any local user (no group needed: TCP) binds any of 127.0.0.0/8's
 /// sixteen million addresses. The per-address cap (16) and handshake rate
 /// then hold nothing: from four loopback addresses it holds a listener's
 /// every connection (64) with sockets that never speak, reconnecting as the
-/// handshake timeout closes them, and every other client, remote ones
-/// included, is refused.
+/// handshake timeout closes them; until a full listener made room, every
+/// other client, remote ones included, was refused.
 #[test]
 fn a_local_user_on_many_loopback_addresses_cannot_hold_a_whole_listener() {
     let d = mftd_tests::Daemon::start(1);
     let port = d.ports[0];
-    assert!(!refused_from_127_0_0_1(port), "refused before any flood");
+    assert!(!mftd_tests::refused_busy(port), "refused before any flood");
     let mut held: Vec<std::net::TcpStream> = Vec::new();
     let end = Instant::now() + Duration::from_secs(6);
     let (mut tries, mut refused) = (0, 0);
@@ -137,7 +119,7 @@ fn a_local_user_on_many_loopback_addresses_cannot_hold_a_whole_listener() {
         }
         std::thread::sleep(Duration::from_millis(200));
         tries += 1;
-        refused += usize::from(refused_from_127_0_0_1(port));
+        refused += usize::from(mftd_tests::refused_busy(port));
     }
     eprintln!("{refused} of {tries} connections from 127.0.0.1 refused while the flood held {} sockets", held.len());
     assert!(refused * 2 < tries, "{refused} of {tries} connections of another client refused");

@@ -117,24 +117,6 @@ fn hold_silent(
     })
 }
 
-/// Whether the listener on `port` refuses a new connection from
-/// `127.0.0.1` with `BUSY` (one let in gets nothing before its TLS
-/// handshake, so a read times out).
-fn refused_from_127_0_0_1(port: u16) -> bool {
-    use mftd_common::proto::{ErrorCode, Frame};
-    use std::io::Read;
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return true };
-    s.set_read_timeout(Some(Duration::from_millis(700))).expect("timeout");
-    let mut buf = [0u8; 512];
-    match s.read(&mut buf) {
-        Ok(n) if n > 5 => {
-            Frame::decode(buf[0], &buf[5..n]).is_ok_and(|f| matches!(f, Frame::Error(e) if e.code == ErrorCode::Busy))
-        }
-        Ok(_) => true,
-        Err(_) => false,
-    }
-}
-
 /// The listeners together serve at most 1/4 of the open-files limit; a
 /// daemon of several listeners reaches that share before any listener is
 /// full. Silent sockets from a few addresses that hold the share must not
@@ -153,7 +135,7 @@ fn silent_sockets_holding_the_listeners_share_do_not_lock_out_other_clients() {
     let end = Instant::now() + Duration::from_secs(6);
     while Instant::now() < end {
         tries += 1;
-        refused += usize::from(refused_from_127_0_0_1(server.ports[tries % 2]));
+        refused += usize::from(mftd_tests::refused_busy(server.ports[tries % 2]));
         std::thread::sleep(Duration::from_millis(200));
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
