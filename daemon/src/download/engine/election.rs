@@ -28,7 +28,7 @@ use mftd_common::manifest::ManifestFile;
 
 use super::worker::ElectError;
 use super::write::spawn_verify;
-use super::{lock, Chosen, Engine, Outcome, HASHES_PATIENCE};
+use super::{lock, Chosen, Engine, HashesAsked, Outcome, HASHES_PATIENCE};
 
 /// Per-source state lives in one place, the download's progress (what
 /// `downloads show` reports): whether a source was dropped and why, its
@@ -345,27 +345,27 @@ impl Engine {
     /// Whether connection of `src` should ask its server for the piece hash
     /// list: its root is not known yet (the server was still hashing), or no
     /// list adding up to its root is known or asked for.
-    pub(super) fn should_ask_hashes(&self, c: &Chosen, src: SourceId) -> Option<Option<[u8; 32]>> {
+    pub(super) fn should_ask_hashes(&self, c: &Chosen, src: SourceId) -> Option<HashesAsked> {
         if c.hashes.get().is_some() || c.piece_count() == 0 {
             return None;
         }
         let root = lock(&self.votes).ballot(src)?.root;
         let mut asked = lock(&self.asked);
-        if asked.0.contains(&src) {
+        if asked.sources.contains(&src) {
             return None;
         }
         if let Some(r) = root {
             // A source that announced its root has hashed the file: its
             // answer is due within a round trip and what is queued ahead of
             // it. Past that, another source of the same root is asked too.
-            let waited = asked.1.get(&r).map(|t| t.elapsed());
+            let waited = asked.roots.get(&r).map(|t| t.elapsed());
             if waited.is_some_and(|w| w < HASHES_PATIENCE) || lock(&self.lists).contains_key(&r) {
                 return None;
             }
-            asked.1.insert(r, Instant::now());
+            asked.roots.insert(r, Instant::now());
         }
-        asked.0.insert(src);
-        Some(root)
+        asked.sources.insert(src);
+        Some(HashesAsked { root })
     }
 
     /// Creates the part file for a file of `size` bytes.

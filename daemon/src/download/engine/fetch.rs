@@ -24,7 +24,8 @@ use crate::download::scheduler::{ConnId, Hold, SourceId, Ticket};
 use super::worker::{probe_path, WorkerEnd};
 use super::write::{write_received, PieceHasher};
 use super::{
-    lock, Chosen, Engine, Outcome, BACKOFF_START, HASHES_TIMEOUT, PREFETCH_MIN, PROBE_CAP, STALL_AFTER, TRIM_PATIENCE,
+    lock, Chosen, Engine, HashesAsked, Outcome, BACKOFF_START, HASHES_TIMEOUT, PREFETCH_MIN, PROBE_CAP, STALL_AFTER,
+    TRIM_PATIENCE,
 };
 
 /// One `READ` open on a connection.
@@ -74,22 +75,33 @@ impl OpenRead {
     }
 }
 
+/// What one connection works with for its session, from the fetch loop
+/// down to the writes of what it receives.
+#[derive(Clone, Copy)]
+pub(super) struct ConnContext<'a> {
+    pub(super) eng: &'a Arc<Engine>,
+    /// The file the vote chose.
+    pub(super) chosen: &'a Arc<Chosen>,
+    /// The source this connection is to.
+    pub(super) src: SourceId,
+    /// This connection, as the scheduler knows it.
+    pub(super) conn_id: ConnId,
+    /// The source's answer to `STAT`.
+    pub(super) stat: &'a StatInfo,
+    /// Round trip measured by the handshake.
+    pub(super) rtt: Duration,
+    /// Woken when another connection took part of this one's range.
+    pub(super) wake: &'a Notify,
+    /// The host's connection budget the session holds a permit of.
+    pub(super) budget: &'a Lane,
+}
+
 /// Fetches over one connection until there is nothing left to do: each
 /// assignment is one streamed READ; the next is asked for about one round
 /// trip before the current one ends; ranges others took over are given
 /// back with TRIM.
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn fetch(
-    eng: &Arc<Engine>,
-    chosen: &Arc<Chosen>,
-    src: SourceId,
-    conn_id: ConnId,
-    stream: &mut Stream,
-    stat: &StatInfo,
-    rtt: Duration,
-    wake: &Notify,
-    budget: &Lane,
-) -> WorkerEnd {
+pub(super) async fn fetch(cx: &ConnContext<'_>, stream: &mut Stream) -> WorkerEnd {
+    let &ConnContext { eng, chosen, src, conn_id, stat, rtt, wake, budget } = cx;
     let path = eng.dl.job.remote_path.clone();
     let idle = eng.dl.idle_timeout;
     // Quiet for longer than this while owed data counts as stalled: at
@@ -112,17 +124,17 @@ pub(super) async fn fetch(
     struct AskedHashes<'a> {
         eng: &'a Engine,
         src: SourceId,
-        /// Asked, and for which root (`None`: the source's is not known).
-        asked: Option<Option<[u8; 32]>>,
+        /// Asked, and for which root.
+        asked: Option<HashesAsked>,
         answered: bool,
     }
     impl Drop for AskedHashes<'_> {
         fn drop(&mut self) {
-            if let (Some(root), false) = (self.asked, self.answered) {
+            if let (Some(HashesAsked { root }), false) = (self.asked, self.answered) {
                 let mut a = lock(&self.eng.asked);
-                a.0.remove(&self.src);
+                a.sources.remove(&self.src);
                 if let Some(r) = root {
-                    a.1.remove(&r);
+                    a.roots.remove(&r);
                 }
             }
         }
@@ -346,7 +358,7 @@ pub(super) async fn fetch(
                 }
                 let ticket = o.ticket;
                 o.next = got.end;
-                let buf = match write_received(eng, chosen, src, conn_id, ticket, got, buf, &mut hasher).await {
+                let buf = match write_received(cx, ticket, got, buf, &mut hasher).await {
                     Ok(b) => b,
                     Err(fatal) => {
                         let _ = eng.outcome.try_send(Outcome::Fatal(fatal));

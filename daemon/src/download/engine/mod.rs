@@ -128,13 +128,33 @@ enum Outcome {
     Suspend(DownloadError),
 }
 
-/// One bad copy of a piece with several authors: each author's span and
-/// the hash of what it wrote there (see [`suspect`]).
-type BadCopy = Vec<(SourceId, Range, [u8; 32])>;
+/// One bad copy of a piece with several authors (see [`write::suspect`]).
+type BadCopy = Vec<AuthorSpan>;
 
-/// Sources asked for their hash list, and roots whose list was asked for
-/// with when (see [`Engine::should_ask_hashes`]).
-type Asked = (HashSet<SourceId>, HashMap<[u8; 32], Instant>);
+/// One author's span of a bad copy of a piece, and the hash of what it
+/// wrote there.
+struct AuthorSpan {
+    src: SourceId,
+    range: Range,
+    hash: [u8; 32],
+}
+
+/// Hash lists asked for (see [`Engine::should_ask_hashes`]).
+#[derive(Default)]
+struct HashRequests {
+    /// Sources a connection has asked for their hash list (and not failed).
+    sources: HashSet<SourceId>,
+    /// Roots whose list was asked for, with when.
+    roots: HashMap<[u8; 32], Instant>,
+}
+
+/// One connection's request for a hash list.
+#[derive(Clone, Copy)]
+struct HashesAsked {
+    /// The root the asked source announced; `None` while it was still
+    /// hashing (its root not known).
+    root: Option<[u8; 32]>,
+}
 
 struct Engine {
     dl: Arc<Download>,
@@ -146,7 +166,7 @@ struct Engine {
     lists: Mutex<HashMap<[u8; 32], Vec<[u8; 32]>>>,
     /// Sources a connection has asked for their hash list (and not failed),
     /// and the roots whose list was asked for, with when.
-    asked: Mutex<Asked>,
+    asked: Mutex<HashRequests>,
     next_conn: AtomicU64,
     live_workers: AtomicUsize,
     /// Workers started per source.
@@ -438,7 +458,7 @@ impl Engine {
             chosen: OnceCell::new(),
             votes: Mutex::new(votes),
             lists: Mutex::new(HashMap::new()),
-            asked: Mutex::new((HashSet::new(), HashMap::new())),
+            asked: Mutex::new(HashRequests::default()),
             next_conn: AtomicU64::new(1),
             live_workers: AtomicUsize::new(0),
             slots: Mutex::new(vec![0; dl.job.sources.len()]),

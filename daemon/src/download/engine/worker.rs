@@ -24,7 +24,7 @@ use crate::download::client::{ClientError, Conn, Event};
 use crate::download::error::{DownloadError, SourceError};
 use crate::download::scheduler::{ConnId, SourceId};
 
-use super::fetch::fetch;
+use super::fetch::{fetch, ConnContext};
 use super::{
     lock, Chosen, Engine, Outcome, BACKOFF_CAP, BACKOFF_START, CONNS_START, HASHES_PATIENCE, WINDOW_BOUND_BDP,
 };
@@ -64,11 +64,23 @@ pub(super) struct Growth {
 pub(super) struct SourceGrowth {
     /// Recent (time, source rate) samples, one per tick.
     samples: VecDeque<(Instant, f64)>,
-    /// Last addition: when, the source's rate and connections before it,
-    /// and how many were added.
-    added: Option<(Instant, f64, usize, usize)>,
+    /// Last addition of connections.
+    added: Option<Addition>,
     /// An addition did not help: stop adding.
     saturated: bool,
+}
+
+/// Connections added to a source, judged once they had time to ramp up.
+#[derive(Clone, Copy)]
+struct Addition {
+    /// When they were added.
+    at: Instant,
+    /// The source's rate just before (0 for a head start).
+    rate_before: f64,
+    /// The source's connections carrying data just before.
+    conns_before: usize,
+    /// How many were added.
+    count: usize,
 }
 
 impl Growth {
@@ -80,7 +92,7 @@ impl Growth {
     /// round trip; judge them like any other addition.
     pub(super) fn head_start(&mut self, src: SourceId, k: usize) {
         if let Some(g) = self.sources.get_mut(src) {
-            g.added = Some((Instant::now(), 0.0, 0, k));
+            g.added = Some(Addition { at: Instant::now(), rate_before: 0.0, conns_before: 0, count: k });
         }
     }
 
@@ -124,7 +136,7 @@ impl Growth {
             // Give new connections time to ramp up before judging them.
             let settle = Duration::from_secs_f64((rtt * 6.0).max(0.5));
             let mut next = 1;
-            if let Some((at, before, n_before, k)) = g.added {
+            if let Some(Addition { at, rate_before: before, conns_before: n_before, count: k }) = g.added {
                 if now.duration_since(at) < settle {
                     continue;
                 }
@@ -154,7 +166,7 @@ impl Growth {
             }
             let k = next.min(room);
             debug!(source = %eng.dl.job.sources[src], rate, conns = conns[src], add = k, "window-bound connections: adding");
-            g.added = Some((now, rate, conns[src], k));
+            g.added = Some(Addition { at: now, rate_before: rate, conns_before: conns[src], count: k });
             out.push((src, k));
         }
         out
@@ -424,7 +436,8 @@ pub(super) async fn session(
     }
     let guard = Open(eng, &chosen, conn_id);
     let mut stream = conn.into_stream();
-    let end = fetch(eng, &chosen, src, conn_id, &mut stream, &stat, rtt, &wake, budget).await;
+    let cx = ConnContext { eng, chosen: &chosen, src, conn_id, stat: &stat, rtt, wake: &wake, budget };
+    let end = fetch(&cx, &mut stream).await;
     drop(stream);
     drop(guard);
     eng.changed.notify_waiters();

@@ -22,23 +22,21 @@ use mftd_common::control::SourceState;
 use mftd_common::range::Range;
 
 use crate::download::error::{DownloadError, SourceError};
-use crate::download::scheduler::{ConnId, SourceId, Ticket, FROM_DISK};
+use crate::download::scheduler::{SourceId, Ticket, FROM_DISK};
 
-use super::{lock, Chosen, Engine, Outcome, MAX_STRIKES};
+use super::fetch::ConnContext;
+use super::{lock, AuthorSpan, Chosen, Engine, Outcome, MAX_STRIKES};
 
 /// Claims `got`, writes the claimed parts at their offsets, commits them and
 /// starts verification of completed pieces. Returns the buffer.
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn write_received(
-    eng: &Arc<Engine>,
-    chosen: &Arc<Chosen>,
-    src: SourceId,
-    conn_id: ConnId,
+    cx: &ConnContext<'_>,
     ticket: Ticket,
     got: Range,
     buf: Vec<u8>,
     hasher: &mut Option<PieceHasher>,
 ) -> Result<Vec<u8>, DownloadError> {
+    let &ConnContext { eng, chosen, src, conn_id, .. } = cx;
     let piece_size = chosen.piece_size as u64;
     let (claims, gens) = {
         let mut s = lock(&chosen.sched);
@@ -268,7 +266,10 @@ pub(super) async fn suspect(eng: &Arc<Engine>, chosen: &Arc<Chosen>, p: usize) -
     }
     let file = chosen.file.clone();
     let hashed = tokio::task::spawn_blocking(move || {
-        spans.into_iter().map(|(s, r)| hash_range(&file, r).map(|h| (s, r, h))).collect::<io::Result<Vec<_>>>()
+        spans
+            .into_iter()
+            .map(|(src, range)| hash_range(&file, range).map(|hash| AuthorSpan { src, range, hash }))
+            .collect::<io::Result<Vec<_>>>()
     })
     .await
     .ok()?
@@ -288,7 +289,7 @@ pub(super) async fn judge(eng: &Arc<Engine>, chosen: &Arc<Chosen>, p: usize) {
         let mut guilty = Vec::new();
         for copy in copies {
             let mut spoiled: Vec<SourceId> = Vec::new();
-            for (s, r, bad) in copy {
+            for AuthorSpan { src: s, range: r, hash: bad } in copy {
                 // Bytes found on disk: nobody to strike for them.
                 if s == FROM_DISK {
                     continue;
