@@ -431,3 +431,29 @@ fn a_members_failed_downloads_with_kept_data_count_against_its_list() {
     let out = member::ctl(&d, &["get", "g", "--from", &dead_port(), "-o", &o, "--detach"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+#[test]
+fn a_member_names_at_most_its_quota_of_sources() {
+    require_second_uid!();
+    let d = member::daemon(&[]);
+    let dir = member::nobodys_dir(d.dir.path(), "mine");
+    let o = dir.display().to_string();
+    let many: Vec<String> = (0..17).map(|_| dead_port()).collect();
+    let out = member::ctl(&d, &["get", "x", "--from", &many.join(","), "-o", &o, "--detach"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("17 sources given") && stderr(&out).contains("[quota] sources_per_download"),
+        "{}",
+        stderr(&out)
+    );
+    // Sixteen are taken; one more through add-source is not.
+    let out = member::ctl(&d, &["get", "x", "--from", &many[..16].join(","), "-o", &o, "--detach"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = stdout(&out).trim().to_string();
+    let out = member::ctl(&d, &["downloads", "add-source", &id, &many[16]]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("[quota] sources_per_download"), "{}", stderr(&out));
+    // Root is held only to the daemon's 64.
+    let out = d.ctl(&["get", "y", "--from", &many.join(","), "--detach"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}

@@ -2,6 +2,7 @@
 //! download's observable progress. The fetching itself lives in
 //! [`engine`]; who fetches what in [`scheduler`].
 
+mod admit;
 pub mod budget;
 pub mod client;
 pub mod dialers;
@@ -33,6 +34,7 @@ use tracing::{info, warn};
 use crate::caller::{self, Caller};
 use crate::store::{Damaged, Store};
 
+use admit::source_cap;
 use run::new_progress;
 pub use run::{Download, Job, StopReason};
 
@@ -64,15 +66,6 @@ pub struct DownloadDefaults {
     pub quota: crate::quota::Quota,
     /// The daemon's descriptor shares.
     pub fds: crate::fds::Shares,
-}
-
-impl DownloadDefaults {
-    /// Downloads running at once: [`MAX_RUNNING`], or fewer when the
-    /// descriptor limit could not hold that many (each holds a part file,
-    /// a directory and its connections).
-    pub fn max_running(&self) -> usize {
-        MAX_RUNNING.min((self.fds.limit / 8) as usize).max(1)
-    }
 }
 
 /// Most sources one download may name.
@@ -443,61 +436,6 @@ impl Downloads {
         Ok(Started::Download { dl, resumed: false, added: Vec::new() })
     }
 
-    /// Whether `owner` may start a download (`new`) or run a listed one
-    /// again: the daemon's running limit, the owner's quotas if it is
-    /// restricted (restricted users together leave
-    /// [`OPERATOR_RUNNING_RESERVE`] slots to operators), and room in the
-    /// descriptor budget.
-    fn admit(&self, owner: &Caller, new: bool) -> Result<(), Rejected> {
-        use crate::quota::OPERATOR_RUNNING_RESERVE;
-        let limit = |msg: String| Err(Rejected(ErrorCode::Limit, msg));
-        let most = self.defaults.max_running();
-        let q = &self.defaults.quota;
-        let (mut running, mut members, mut mine, mut listed) = (0, 0, 0, 0);
-        for d in self.map().values() {
-            let (state, member) = (d.state(), !d.job.owner.unrestricted());
-            let runs = !state.is_final() && state != DownloadState::Paused;
-            running += runs as usize;
-            members += (runs && member) as usize;
-            if d.job.owner.uid == owner.uid {
-                mine += runs as usize;
-                // A failed download whose data is kept for a retry holds a
-                // manifest and a part file as a paused one does.
-                let kept = state == DownloadState::Failed && self.store.path(d.id).exists();
-                listed += (!state.is_final() || kept) as usize;
-            }
-        }
-        if running >= most {
-            return limit(format!(
-                "{running} downloads are running, the most mftd runs at once; wait for some to finish"
-            ));
-        }
-        if !owner.unrestricted() {
-            let who = owner.describe();
-            if mine >= q.running_per_user {
-                return limit(format!(
-                    "{who} has {mine} downloads running, the most one user may ([quota] running_per_user in mftd.toml); wait for some to finish or pause one"
-                ));
-            }
-            if new && listed >= q.listed_per_user {
-                return limit(format!(
-                    "{who} has {listed} downloads listed and not ended (or failed with their data kept), the most one user may ([quota] listed_per_user in mftd.toml); cancel, resume or remove some"
-                ));
-            }
-            let share = most.saturating_sub(OPERATOR_RUNNING_RESERVE);
-            if members >= share {
-                return limit(format!(
-                    "users other than root and mftd's own have {members} downloads running, all mftd gives them (the last {OPERATOR_RUNNING_RESERVE} are kept for operators); wait for some to finish"
-                ));
-            }
-        }
-        match crate::fds::in_use() {
-            Ok(open) => self.defaults.fds.room_for_new_work(open).or_else(limit),
-            // Without /proc the budget's shares still hold.
-            Err(_) => Ok(()),
-        }
-    }
-
     /// What a `get` is refused for before anything is looked at on disk:
     /// bad paths or sources, too many of them or of running downloads.
     fn check(&self, req: &GetRequest, caller: &Caller) -> Result<Checked, Rejected> {
@@ -522,22 +460,9 @@ impl Downloads {
                 "no sources given; use --from HOST:PORT or --host with --ports".into(),
             ));
         }
-        if sources.len() > MAX_SOURCES {
-            return Err(Rejected(
-                ErrorCode::InvalidArgument,
-                format!("{} sources given; a download takes at most {MAX_SOURCES}", sources.len()),
-            ));
-        }
-        let most = self.defaults.quota.sources_per_download;
-        if !caller.unrestricted() && sources.len() > most {
-            return Err(Rejected(
-                ErrorCode::Limit,
-                format!(
-                    "{} sources given; a download of {} takes at most {most} ([quota] sources_per_download in mftd.toml)",
-                    sources.len(),
-                    caller.describe()
-                ),
-            ));
+        let (most, code, why) = source_cap(caller, &self.defaults.quota);
+        if sources.len() > most {
+            return Err(Rejected(code, format!("{} sources given; {why}", sources.len())));
         }
         self.admit(caller, true)?;
         if let Some(n) = req.connections_per_source.filter(|n| *n > 16) {
@@ -597,31 +522,6 @@ impl Downloads {
         }
         self.spawn(dl.clone());
         Ok(dl)
-    }
-
-    /// A restricted user's ended downloads stay listed for `retention`, and
-    /// starting and cancelling one takes a few milliseconds: without a
-    /// bound, one member could list hundreds of thousands within the hour
-    /// (root's `status` and `downloads list` answer with all of them). So
-    /// a restricted user keeps at most `listed_per_user` ended ones; the
-    /// oldest make room for the next. Failed ones with data kept for a
-    /// retry stay (they are the user's to resume or remove).
-    fn forget_ended_beyond_quota(&self, uid: u32) {
-        let most = self.defaults.quota.listed_per_user.saturating_sub(1);
-        let mut map = self.map();
-        let mut ended: Vec<(Option<Instant>, u64)> = map
-            .values()
-            .filter(|d| d.job.owner.uid == uid && !d.job.owner.unrestricted() && d.state().is_final())
-            .filter(|d| !self.store.path(d.id).exists())
-            .map(|d| (d.progress().finished, d.id))
-            .collect();
-        if ended.len() <= most {
-            return;
-        }
-        ended.sort();
-        for (_, id) in &ended[..ended.len() - most] {
-            map.remove(id);
-        }
     }
 
     /// Compares the file at `dl`'s destination (opened with its owner's
@@ -1198,27 +1098,15 @@ fn new_sources(dl: &Download, new: &[String], quota: &crate::quota::Quota) -> Re
             added.push(s.clone());
         }
     }
-    if dl.job.sources.len() + added.len() > MAX_SOURCES {
+    let (most, code, why) = source_cap(&dl.job.owner, quota);
+    if dl.job.sources.len() + added.len() > most {
         return Err(Rejected(
-            ErrorCode::InvalidArgument,
+            code,
             format!(
-                "download {} has {} sources; {} more would exceed the {MAX_SOURCES} a download takes",
+                "download {} has {} sources; {} more would be too many: {why}",
                 dl.id,
                 dl.job.sources.len(),
                 added.len()
-            ),
-        ));
-    }
-    let most = quota.sources_per_download;
-    if !dl.job.owner.unrestricted() && dl.job.sources.len() + added.len() > most {
-        return Err(Rejected(
-            ErrorCode::Limit,
-            format!(
-                "download {} has {} sources; {} more would exceed the {most} a download of {} takes ([quota] sources_per_download in mftd.toml)",
-                dl.id,
-                dl.job.sources.len(),
-                added.len(),
-                dl.job.owner.describe()
             ),
         ));
     }
